@@ -1,0 +1,1 @@
+"""vtap kvm driver."""

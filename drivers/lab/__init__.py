@@ -1,0 +1,1 @@
+"""vtap lab driver."""

@@ -1,0 +1,1 @@
+"""vtap linux driver."""

@@ -1,0 +1,1 @@
+"""vtap proxmox driver."""

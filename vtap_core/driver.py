@@ -1,0 +1,141 @@
+"""The small contract every platform implements.
+
+A driver turns desired sessions and flows into Bindings: the concrete things
+it puts on the platform (a tc filter on one device and direction, a VXLAN
+device, an OVS Mirror row, a VspanSession). It reads the same Bindings back
+from the platform by the marks it left on them. The core compares the two
+sets (reconcile.py) and asks the driver to apply or remove the difference,
+so every driver gets idempotency, drift repair and orphan cleanup for free.
+
+Methods (os-vif's plugin base is three; this one is six because it must also
+read the platform back and follow it):
+
+    describe()            what the driver is and which features it realizes
+    inventory()           the VMs (or interfaces) it can see
+    plan(sessions, flows) desired Bindings; refuses what it cannot realize
+    observe()             Bindings found on the platform by vtap's marks
+    apply(bindings)       create or replace these; idempotent
+    remove(bindings)      delete these; deleting what is gone is not an error
+    watch(stop)           yields hints (a VM UUID, or None for "look at everything")
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from vtap_core.errors import Unsupported
+from vtap_core.model import VM, TapFlow, TapSession
+
+
+@dataclass(frozen=True)
+class Counters:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One thing vtap keeps on a platform.
+
+    `key` is unique and stable (a driver-chosen path such as
+    "tc/vnet3/ingress/web-1"); `spec` is everything that must be true of it,
+    as a tuple of (name, value) pairs, so a changed spec means replace.
+    """
+
+    key: str
+    session: str
+    flow: str | None = None  # None for things a whole session owns (a tunnel device)
+    vm: str | None = None  # the VM UUID this binding follows, if any
+    spec: tuple = ()
+    counters: Counters | None = field(default=None, compare=False)
+    # Apply order: lower first; remove goes the other way (targets before filters).
+    order: int = field(default=1, compare=False)
+
+    def get(self, name, default=None):
+        for key, value in self.spec:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(frozen=True)
+class Features:
+    targets: frozenset = frozenset()  # target kinds: port, vm, vxlan, gre, erspan, pcap
+    sources: frozenset = frozenset({"vm"})  # vm and/or interface
+    filter: bool = False
+    sample: bool = False
+    snaplen_targets: frozenset = frozenset()  # target kinds where snaplen works
+    backends: tuple = ()
+
+
+@dataclass(frozen=True)
+class Description:
+    name: str
+    summary: str
+    features: Features
+    connection: dict = field(default_factory=dict)  # what it is connected to (no secrets)
+
+
+class Driver(abc.ABC):
+    """Base class of every platform driver (loaded through stevedore)."""
+
+    name = "?"
+    # Connection options this driver takes, as {option: (env var, help)}.
+    options: dict = {}
+
+    def __init__(self, **options):
+        self.settings = options
+
+    @abc.abstractmethod
+    def describe(self) -> Description: ...
+
+    @abc.abstractmethod
+    def inventory(self) -> list[VM]: ...
+
+    @abc.abstractmethod
+    def plan(self, sessions: Iterable[TapSession], flows: Iterable[TapFlow]) -> list[Binding]: ...
+
+    @abc.abstractmethod
+    def observe(self) -> list[Binding]: ...
+
+    @abc.abstractmethod
+    def apply(self, bindings: Iterable[Binding]) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self, bindings: Iterable[Binding]) -> None: ...
+
+    def watch(self, stop: threading.Event) -> Iterator[str | None]:
+        """Hints that something changed: a VM UUID, or None for everything.
+
+        The default has no events: the follower's periodic resync is all.
+        """
+        stop.wait()
+        return iter(())
+
+    def close(self) -> None:
+        """Release connections."""
+
+    # Shared helpers -------------------------------------------------------
+
+    def check_features(self, session: TapSession, flows: Iterable[TapFlow]) -> None:
+        """Refuse, before anything changes, what describe() says this driver cannot do."""
+        features = self.describe().features
+        if session.target.kind not in features.targets:
+            raise Unsupported(self.name, f"target {session.target.kind}:", f"targets here are {', '.join(sorted(features.targets))}")
+        if session.snaplen is not None and session.target.kind not in features.snaplen_targets:
+            where = f" (only with {', '.join(sorted(features.snaplen_targets))} targets)" if features.snaplen_targets else ""
+            raise Unsupported(self.name, "snaplen", f"this data path copies whole frames{where}")
+        if session.sample not in (None, 1) and not features.sample:
+            raise Unsupported(self.name, "sample")
+        if session.backend is not None and session.backend not in features.backends:
+            allowed = ", ".join(features.backends) or "none"
+            raise Unsupported(self.name, f"backend {session.backend}", f"allowed: {allowed}")
+        for flow in flows:
+            kind = "interface" if flow.source.interface else "vm"
+            if kind not in features.sources:
+                raise Unsupported(self.name, f"{kind} sources", f"sources here are {', '.join(sorted(features.sources))}")
+            if flow.filter and not features.filter:
+                raise Unsupported(self.name, "filter expressions")

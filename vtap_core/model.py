@@ -1,0 +1,364 @@
+"""TapSession, TapFlow, Target and sources: the words every driver shares.
+
+Everything is validated at construction; an invalid object cannot exist, so
+nothing past this module needs to re-check syntax. Whether a platform can
+realize a valid object is the driver's question (see driver.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field, fields, replace
+from urllib.parse import parse_qsl, urlsplit
+
+from vtap_core.errors import ValidationError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+NAME_RULE = "1-48 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# Linux interface names; other platforms' port names are checked by their driver.
+PORT_NAME_RE = re.compile(r"^[^\s/:#?]{1,64}$")
+
+VNI_MAX = (1 << 24) - 1
+GRE_KEY_MAX = (1 << 32) - 1
+ERSPAN_ID_MAX = (1 << 10) - 1
+SNAPLEN_MAX = 65535
+SAMPLE_MAX = 1 << 20
+VXLAN_DEFAULT_PORT = 4789
+
+
+def check_name(field_name: str, value) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(field_name, f"{value!r} is not a valid name ({NAME_RULE})")
+    return value
+
+
+def check_mac(field_name: str, value) -> str:
+    text = str(value).strip().lower().replace("-", ":")
+    if not MAC_RE.match(text):
+        raise ValidationError(field_name, f"{value!r} is not a MAC address (six hex pairs, e.g. 52:54:00:12:34:56)")
+    return text
+
+
+def parse_uuid(value) -> str | None:
+    """The canonical form of a UUID, or None when the text is not one."""
+    try:
+        return str(uuidlib.UUID(str(value)))
+    except ValueError:
+        return None
+
+
+def check_int(field_name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}") from None
+    if str(number) != str(value).strip() and not isinstance(value, int):
+        raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
+    if not low <= number <= high:
+        raise ValidationError(field_name, f"{number} is out of range {low}..{high}")
+    return number
+
+
+class Direction(str, enum.Enum):
+    """For a VM: its own point of view (out = sent by the VM).
+
+    For a host interface: the interface's point of view, as `tcpdump -Q`.
+    """
+
+    IN = "in"
+    OUT = "out"
+    BOTH = "both"
+
+    @classmethod
+    def parse(cls, value) -> "Direction":
+        try:
+            return cls(str(value))
+        except ValueError:
+            raise ValidationError("direction", f"{value!r} is not one of in, out, both") from None
+
+    def includes(self, one: "Direction") -> bool:
+        return self is Direction.BOTH or self is one
+
+    def __str__(self):
+        return self.value
+
+
+# ---------------------------------------------------------------- targets
+
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where copies go. Build one with Target.parse(text)."""
+
+    kind: str  # port | vm | vxlan | gre | erspan | pcap
+    port: str | None = None  # port: the interface (or platform port) name
+    vm: str | None = None  # vm: the monitoring VM's UUID
+    mac: str | None = None  # vm: one NIC of it
+    host: str | None = None  # tunnels: the remote end (IP address or host name)
+    udp_port: int | None = None  # vxlan
+    vni: int | None = None  # vxlan
+    key: int | None = None  # gre
+    version: int | None = None  # erspan: 2 (type II) or 3 (type III)
+    erspan_id: int | None = None  # erspan session id
+    path: str | None = None  # pcap
+
+    @property
+    def is_tunnel(self) -> bool:
+        return self.kind in ("vxlan", "gre", "erspan")
+
+    def __str__(self) -> str:
+        if self.kind == "port":
+            return f"port:{self.port}"
+        if self.kind == "vm":
+            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "")
+        if self.kind == "pcap":
+            return f"pcap:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.kind == "vxlan":
+            return f"vxlan://{host}:{self.udp_port}?vni={self.vni}"
+        if self.kind == "gre":
+            return f"gre://{host}" + (f"?key={self.key}" if self.key is not None else "")
+        return f"erspan://{host}?version={self.version}&id={self.erspan_id}"
+
+    @classmethod
+    def parse(cls, text) -> "Target":
+        if isinstance(text, Target):
+            return text
+        if not isinstance(text, str) or not text.strip():
+            raise ValidationError("target", f"{text!r} is empty; allowed: {TARGET_GRAMMAR}")
+        text = text.strip()
+        scheme, sep, rest = text.partition(":")
+        if not sep:
+            raise ValidationError("target", f"{text!r} has no scheme; allowed: {TARGET_GRAMMAR}")
+        if scheme == "port":
+            if not PORT_NAME_RE.match(rest):
+                raise ValidationError("target", f"{text!r}: port needs an interface or port name (port:IFNAME)")
+            return cls("port", port=rest)
+        if scheme == "vm":
+            vm, _, mac = rest.partition("#")
+            canonical = parse_uuid(vm)
+            if canonical is None or vm.count("-") != 4:
+                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC])")
+            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None)
+        if scheme == "pcap":
+            if not rest or "\0" in rest:
+                raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
+            return cls("pcap", path=rest)
+        if scheme in ("vxlan", "gre", "erspan"):
+            return cls._parse_tunnel(text, scheme)
+        raise ValidationError("target", f"{text!r}: unknown scheme {scheme!r}; allowed: {TARGET_GRAMMAR}")
+
+    @classmethod
+    def _parse_tunnel(cls, text: str, scheme: str) -> "Target":
+        try:
+            url = urlsplit(text)
+            host = url.hostname
+            udp_port = url.port
+        except ValueError as exc:
+            raise ValidationError("target", f"{text!r} is not a valid URL: {exc}") from None
+        if not url.netloc.startswith("//") and not text.startswith(f"{scheme}://"):
+            raise ValidationError("target", f"{text!r}: write {scheme}://HOST...")
+        if not host or not _valid_host(host):
+            raise ValidationError("target", f"{text!r}: {host or ''!r} is not an IP address or host name")
+        if url.path not in ("", "/") or url.fragment or url.username or url.password:
+            raise ValidationError("target", f"{text!r}: only HOST[:PORT] and query options are allowed")
+        try:
+            query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
+        except ValueError:
+            raise ValidationError("target", f"{text!r}: malformed query string") from None
+        allowed = {"vxlan": {"vni"}, "gre": {"key"}, "erspan": {"version", "id"}}[scheme]
+        unknown = set(query) - allowed
+        if unknown:
+            raise ValidationError("target", f"{text!r}: unknown option {sorted(unknown)[0]!r}; {scheme} takes {', '.join(sorted(allowed))}")
+        if scheme == "vxlan":
+            if "vni" not in query:
+                raise ValidationError("target", f"{text!r}: vxlan needs ?vni=N (0..{VNI_MAX})")
+            return cls(
+                "vxlan",
+                host=host,
+                udp_port=VXLAN_DEFAULT_PORT if udp_port is None else check_int("target port", udp_port, 1, 65535),
+                vni=check_int("target vni", query["vni"], 0, VNI_MAX),
+            )
+        if udp_port is not None:
+            raise ValidationError("target", f"{text!r}: {scheme} has no port")
+        if scheme == "gre":
+            key = query.get("key")
+            return cls("gre", host=host, key=None if key is None else check_int("target key", key, 0, GRE_KEY_MAX))
+        if "id" not in query:
+            raise ValidationError("target", f"{text!r}: erspan needs &id=N (0..{ERSPAN_ID_MAX})")
+        version = query.get("version", "2")
+        if version not in ("2", "3"):
+            raise ValidationError("target version", f"{version!r} is not 2 or 3 (ERSPAN type II or III)")
+        return cls("erspan", host=host, version=int(version), erspan_id=check_int("target id", query["id"], 0, ERSPAN_ID_MAX))
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(HOSTNAME_RE.match(host)) and not host.replace(".", "").isdigit()
+
+
+# ---------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a flow mirrors: a VM (UUID or name, optionally one NIC) or a host interface."""
+
+    vm: str | None = None
+    nic: str | None = None
+    interface: str | None = None
+
+    def __post_init__(self):
+        if bool(self.vm) == bool(self.interface):
+            raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
+        if self.interface is not None and not PORT_NAME_RE.match(self.interface):
+            raise ValidationError("interface", f"{self.interface!r} is not an interface name")
+        if self.interface is not None and self.nic is not None:
+            raise ValidationError("nic", "--nic goes with --vm, not with --interface")
+        if self.vm is not None:
+            canonical = parse_uuid(self.vm)
+            if canonical is not None and self.vm.count("-") == 4:
+                object.__setattr__(self, "vm", canonical)
+            elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
+                raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
+        if self.nic is not None:
+            object.__setattr__(self, "nic", check_mac("nic", self.nic))
+
+    @property
+    def vm_uuid(self) -> str | None:
+        """The VM's UUID when the user gave one (else a name to resolve)."""
+        return self.vm if self.vm and parse_uuid(self.vm) == self.vm else None
+
+    def __str__(self) -> str:
+        if self.interface:
+            return f"interface {self.interface}"
+        return f"vm {self.vm}" + (f" nic {self.nic}" if self.nic else "")
+
+
+# ---------------------------------------------------------------- session and flow
+
+
+@dataclass(frozen=True)
+class TapSession:
+    """One named mirror: one Target and its options."""
+
+    name: str
+    target: Target
+    snaplen: int | None = None
+    sample: int | None = None  # 1-in-N
+    enabled: bool = True
+    backend: str | None = None  # a driver's data path, when it has several (kvm: tc|ovs)
+
+    def __post_init__(self):
+        check_name("session name", self.name)
+        object.__setattr__(self, "target", Target.parse(self.target))
+        if self.snaplen is not None:
+            object.__setattr__(self, "snaplen", check_int("snaplen", self.snaplen, 1, SNAPLEN_MAX))
+        if self.sample is not None:
+            object.__setattr__(self, "sample", check_int("sample", self.sample, 1, SAMPLE_MAX))
+        if not isinstance(self.enabled, bool):
+            raise ValidationError("enabled", f"{self.enabled!r} is not true or false")
+        if self.backend is not None and not NAME_RE.match(str(self.backend)):
+            raise ValidationError("backend", f"{self.backend!r} is not a backend name")
+
+    def to_dict(self) -> dict:
+        data = {"name": self.name, "to": str(self.target)}
+        for key in ("snaplen", "sample", "backend"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        data["enabled"] = self.enabled
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TapSession":
+        data = dict(data)
+        return cls(name=data.pop("name", None), target=data.pop("to", None), **data)
+
+
+@dataclass(frozen=True)
+class TapFlow:
+    """One source inside a session: what to copy, which way, which packets."""
+
+    name: str
+    session: str
+    source: Source
+    direction: Direction = Direction.BOTH
+    filter: str | None = None  # a pcap filter expression (tcpdump syntax)
+
+    def __post_init__(self):
+        check_name("flow name", self.name)
+        check_name("session name", self.session)
+        object.__setattr__(self, "direction", Direction.parse(self.direction))
+        if self.filter is not None:
+            if not isinstance(self.filter, str):
+                raise ValidationError("filter", f"{self.filter!r} is not a pcap filter expression")
+            text = " ".join(self.filter.split())
+            object.__setattr__(self, "filter", text or None)
+
+    def to_dict(self) -> dict:
+        data = {"name": self.name, "session": self.session}
+        for key in ("vm", "nic", "interface"):
+            if getattr(self.source, key) is not None:
+                data[key] = getattr(self.source, key)
+        data["direction"] = self.direction.value
+        if self.filter:
+            data["filter"] = self.filter
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TapFlow":
+        data = dict(data)
+        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None))
+        return cls(source=source, **data)
+
+
+def evolve(obj, **changes):
+    """A copy of a frozen model object with some fields changed (validated again)."""
+    return replace(obj, **changes)
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+# ---------------------------------------------------------------- inventory
+
+
+@dataclass(frozen=True)
+class Nic:
+    mac: str
+    device: str | None = None  # host-side device (vnetN, tapNiM) or platform port key
+    network: str | None = None  # bridge, network, portgroup
+    details: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class VM:
+    uuid: str
+    name: str
+    state: str
+    host: str | None = None
+    nics: tuple[Nic, ...] = ()
+    details: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "state": self.state,
+            "host": self.host,
+            "nics": [{"mac": n.mac, "device": n.device, "network": n.network, **n.details} for n in self.nics],
+            **self.details,
+        }
