@@ -1,0 +1,9 @@
+# Base: the kernel tools' libraries, libpcap for filter compilation, vtap itself.
+apt_install iproute2 libpcap0.8 python3-pip
+pip_install -e .
+if [ "$VTAP_SETUP_TEST" = 1 ]; then
+    # tshark is the independent pcapng reader; iperf3 the throughput benchmark.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    apt_install tshark tcpdump iperf3
+    pip_install pytest scapy
+fi
