@@ -1,0 +1,130 @@
+"""A small pcapng writer: one section, one interface, Enhanced Packet Blocks.
+
+Follows the pcapng specification (IETF draft-ietf-opsawg-pcapng): a Section
+Header Block, one Interface Description Block (link type, snaplen, if_name,
+if_tsresol = nanoseconds) and one Enhanced Packet Block per frame with its
+captured and original lengths. Frames longer than snaplen are cut to snaplen;
+the original length is kept so readers show the truncation.
+
+Everything is written little-endian; readers find the byte order from the
+byte-order magic in the section header.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+SHB_TYPE = 0x0A0D0D0A
+IDB_TYPE = 0x00000001
+EPB_TYPE = 0x00000006
+BYTE_ORDER_MAGIC = 0x1A2B3C4D
+
+LINKTYPE_ETHERNET = 1
+
+OPT_END = 0
+SHB_USERAPPL = 4
+IF_NAME = 2
+IF_TSRESOL = 9
+TSRESOL_NANOSECONDS = 9  # 10^-9 s per timestamp unit
+
+# The block type of a section header, as its first four bytes appear in any file.
+SHB_MAGIC_BYTES = struct.pack("<I", SHB_TYPE)
+
+
+def _pad(length: int) -> int:
+    return (4 - length % 4) % 4
+
+
+def _options(options: list[tuple[int, bytes]]) -> bytes:
+    """Options as TLVs padded to 32 bits, ended by opt_endofopt (or nothing when empty)."""
+    if not options:
+        return b""
+    out = bytearray()
+    for code, value in options:
+        out += struct.pack("<HH", code, len(value)) + value + b"\0" * _pad(len(value))
+    out += struct.pack("<HH", OPT_END, 0)
+    return bytes(out)
+
+
+def _block(block_type: int, body: bytes) -> bytes:
+    """A block: type, total length, body, total length again (body is already 32-bit aligned)."""
+    total = 12 + len(body)
+    return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
+
+
+def section_header(application: str = "vtap") -> bytes:
+    # Section length -1: unknown, because the file grows while being written.
+    body = struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1)
+    return _block(SHB_TYPE, body + _options([(SHB_USERAPPL, application.encode())]))
+
+
+def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None = None, if_name: str | None = None) -> bytes:
+    # Snaplen 0 means "no limit" in pcapng.
+    options = [(IF_TSRESOL, bytes([TSRESOL_NANOSECONDS]))]
+    if if_name:
+        options.insert(0, (IF_NAME, if_name.encode()))
+    body = struct.pack("<HHI", linktype, 0, snaplen or 0)
+    return _block(IDB_TYPE, body + _options(options))
+
+
+def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0) -> bytes:
+    original = len(frame) if original_length is None else original_length
+    data = bytes(frame[:snaplen]) if snaplen else bytes(frame)
+    header = struct.pack("<IIIII", interface_id, (timestamp_ns >> 32) & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, len(data), original)
+    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)))
+
+
+class PcapngWriter:
+    """Writes frames of one interface to a binary stream.
+
+    The caller decides when to flush(); close() flushes and closes the stream.
+    """
+
+    def __init__(self, stream, snaplen: int | None = None, if_name: str | None = None, linktype: int = LINKTYPE_ETHERNET):
+        self.stream = stream
+        self.snaplen = snaplen
+        self.frames = 0
+        stream.write(section_header() + interface_description(linktype, snaplen, if_name))
+
+    @classmethod
+    def create(cls, path: str, snaplen: int | None = None, if_name: str | None = None, append: bool = False) -> "PcapngWriter":
+        """Open `path` for writing (mode 0600: captures hold other people's traffic).
+
+        With append=True an existing pcapng file keeps its contents and gets a
+        new section, which pcapng readers read as one file; a file that is not
+        pcapng is refused rather than appended to.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if append and os.fstat(fd).st_size:
+                with open(path, "rb") as existing:
+                    if existing.read(4) != SHB_MAGIC_BYTES:
+                        raise ValueError(f"{path} exists and is not a pcapng file")
+            stream = os.fdopen(fd, "wb", buffering=1 << 16)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(stream, snaplen=snaplen, if_name=if_name)
+
+    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None) -> None:
+        if timestamp_ns is None:
+            timestamp_ns = time.time_ns()
+        self.stream.write(enhanced_packet(frame, timestamp_ns, original_length, self.snaplen))
+        self.frames += 1
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self.stream.closed:
+            self.stream.flush()
+            self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
