@@ -1,0 +1,394 @@
+"""`vtap`: the command line. A thin layer over vtap_core.client.Client.
+
+Grammar is `vtap [global options] <object> <action>`; exit codes are
+0 ok, 1 operation failed, 2 usage or validation error; errors are one line on
+stderr, tracebacks only with --debug. Module imports stay cheap so that
+`vtap --help` is fast and loads no driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+
+from vtap_cli.output import FORMATS
+
+EPILOG = """\
+directions: for a VM, its own point of view (out = sent by the VM, in = received by it);
+for a host interface, the interface's (as tcpdump -Q in|out).
+targets: port:IFNAME  vm:UUID[#MAC]  vxlan://HOST[:PORT]?vni=N  gre://HOST?key=N
+         erspan://HOST?version=2|3&id=N  pcap:PATH
+exit codes: 0 ok, 1 operation failed, 2 usage or validation error
+"""
+
+PCAP_LIFE = """\
+A pcap: target is written by a capture process that vtap starts when the session is
+created (or the next reconcile finds it missing). It runs detached, owned by vtap, and
+reads only the copies the kernel mirrors for this session; it ends, closing the file,
+when the session is deleted or disabled. The file is valid pcapng while it grows."""
+
+# Driver-specific command sets living in cli/<name>.py, each with add_commands(subparsers).
+EXTENSIONS = ("kvm", "proxmox", "vsphere")
+SECRET_FLAGS = ("--password", "--token", "--token-value", "--secret")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, exit 2 (argparse's own usage dump is noise in scripts).
+        sys.stderr.write(f"vtap: error: {message} (see: {self.prog} --help)\n")
+        sys.exit(2)
+
+
+class Context:
+    """What a command handler gets: parsed args, output, and a Client on demand."""
+
+    def __init__(self, args):
+        self.args = args
+        self._client = None
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from vtap_core.config import Config
+
+            flags = {k: getattr(self.args, k, None) for k in ("driver", "state", "uri", "url", "user", "insecure", "node")}
+            self._config = Config(flags, config_path=self.args.config)
+        return self._config
+
+    def client(self, driver: str | None = None):
+        if self._client is None:
+            from vtap_core.client import Client
+
+            config = self.config
+            name = driver or config.driver
+            settings = config.driver_settings(name)
+            self._prompt_for_password(name, settings)
+            command = " ".join(shlex.quote(a) for a in sys.argv[1:])
+            self._client = Client(driver=name, state=config.state, command=command, **settings)
+        return self._client
+
+    def _prompt_for_password(self, driver, settings):
+        from vtap_core import registry
+
+        spec = registry.settings_spec(driver)
+        if "password" in spec and "password" not in settings and settings.get("user") and not settings.get("token_value"):
+            if sys.stdin.isatty():
+                import getpass
+
+                settings["password"] = getpass.getpass(f"password for {settings['user']}: ")
+
+    def emit(self, rows, columns):
+        from vtap_cli.output import emit
+
+        emit(rows, columns, self.args.output)
+
+    def say(self, text):
+        print(text)
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="vtap",
+        description="vtap: a virtual TAP. Mirror VM traffic, filtered in the kernel, to a port, VM, tunnel or pcapng file, and keep it right as VMs move.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--driver", help="platform driver: linux (default), lab, kvm, vsphere, proxmox (env VTAP_DRIVER)")
+    parser.add_argument("--state", metavar="PATH", help="store file (env VTAP_STATE; default /var/lib/vtap/state.db as root)")
+    parser.add_argument("--config", metavar="PATH", help="config file (env VTAP_CONFIG; default /etc/vtap/config.toml as root)")
+    parser.add_argument("-o", "--output", choices=FORMATS, default="table", help="listing format")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    connection = parser.add_argument_group("driver connection (also from the environment or the config file)")
+    connection.add_argument("--uri", help="kvm: libvirt URI (env VTAP_LIBVIRT_URI; default qemu:///system)")
+    connection.add_argument("--url", help="vsphere/proxmox: API URL (env VTAP_VSPHERE_URL / VTAP_PROXMOX_URL)")
+    connection.add_argument("--user", help="vsphere/proxmox: user; the password comes from the environment, the config file or a prompt, never argv")
+    connection.add_argument("--insecure", action="store_const", const=True, default=None, help="do not verify TLS certificates")
+    connection.add_argument("--node", help="proxmox: the node this runs on (default: host name)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    def listing(sub, name, **kwargs):
+        p = sub.add_parser(name, **kwargs)
+        p.add_argument("-o", "--output", choices=FORMATS, default=argparse.SUPPRESS, help="listing format")
+        return p
+
+    listing(commands, "drivers", help="list installed drivers").set_defaults(handler=cmd_drivers)
+
+    vm = commands.add_parser("vm", help="VMs the driver sees").add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    vm.required = True
+    listing(vm, "list", help="list VMs with their NICs").set_defaults(handler=cmd_vm_list)
+
+    session = commands.add_parser("session", help="mirror sessions").add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    session.required = True
+    create = session.add_parser("create", help="create a session", epilog=PCAP_LIFE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    create.add_argument("name")
+    create.add_argument("--to", required=True, metavar="TARGET", help="port:IFNAME | vm:UUID[#MAC] | vxlan://HOST[:PORT]?vni=N | gre://HOST?key=N | erspan://HOST?version=2|3&id=N | pcap:PATH")
+    create.add_argument("--snaplen", metavar="N", help="bytes kept of each frame (where the driver can)")
+    create.add_argument("--sample", metavar="N", help="mirror 1 in N packets")
+    create.add_argument("--backend", metavar="NAME", help="data path, for drivers with several (kvm: tc|ovs)")
+    create.add_argument("--disabled", action="store_true", help="record it without realizing it")
+    create.set_defaults(handler=cmd_session_create)
+    listing(session, "list", help="list sessions").set_defaults(handler=cmd_session_list)
+    show = listing(session, "show", help="show one session and its flows")
+    show.add_argument("name")
+    show.set_defaults(handler=cmd_session_show)
+    delete = session.add_parser("delete", help="delete a session and its flows")
+    delete.add_argument("name")
+    delete.set_defaults(handler=cmd_session_delete)
+    for verb, flag in (("enable", True), ("disable", False)):
+        toggle = session.add_parser(verb, help=f"{verb} a session")
+        toggle.add_argument("name")
+        toggle.set_defaults(handler=cmd_session_toggle, enabled=flag)
+
+    flow = commands.add_parser("flow", help="sources inside a session").add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    flow.required = True
+    add = flow.add_parser("add", help="add a flow to a session")
+    add.add_argument("session")
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--vm", metavar="UUID|NAME")
+    source.add_argument("--interface", metavar="IFNAME")
+    add.add_argument("--nic", metavar="MAC", help="one NIC of the VM (default: all)")
+    add.add_argument("--direction", default="both", metavar="in|out|both", help="VM: out = sent by the VM; interface: as tcpdump -Q (default both)")
+    add.add_argument("--filter", metavar="EXPR", help="pcap filter expression (tcpdump syntax)")
+    add.add_argument("--name", help="flow name (default <session>-<n>)")
+    add.set_defaults(handler=cmd_flow_add)
+    flows = listing(flow, "list", help="list flows")
+    flows.add_argument("--session")
+    flows.set_defaults(handler=cmd_flow_list)
+    remove = flow.add_parser("delete", help="delete a flow")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_flow_delete)
+
+    apply = commands.add_parser("apply", help="make the sessions in a YAML file true")
+    apply.add_argument("-f", "--file", required=True, metavar="FILE.yaml")
+    apply.add_argument("--prune", action="store_true", help="also delete this driver's sessions not in the file")
+    apply.set_defaults(handler=cmd_apply)
+    listing(commands, "status", help="each flow desired vs observed, with kernel counters").set_defaults(handler=cmd_status)
+    listing(commands, "audit", help="who changed what, when").set_defaults(handler=cmd_audit)
+
+    follow = commands.add_parser("follow", help="keep taps right as VMs start, stop and move (until SIGTERM)")
+    follow.add_argument("--interval", type=float, default=30.0, metavar="S", help="full resync period (default 30)")
+    follow.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
+    follow.add_argument("--once", action="store_true", help="one full resync, then exit")
+    follow.set_defaults(handler=cmd_follow)
+
+    capture = commands.add_parser("capture", help="terminate a VXLAN mirror stream into a pcapng file")
+    capture.add_argument("--listen", required=True, metavar="vxlan://ADDR[:PORT]")
+    capture.add_argument("-w", dest="write", required=True, metavar="FILE.pcapng")
+    capture.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    capture.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    capture.set_defaults(handler=cmd_capture)
+
+    demo = commands.add_parser("demo", help="a self-contained lab: real namespaces, real packets, a tap that follows a VM")
+    demo.add_argument("--keep", action="store_true", help="leave the lab in place afterwards")
+    demo.set_defaults(handler=cmd_demo)
+
+    for name in EXTENSIONS:
+        if importlib.util.find_spec(f"vtap_cli.{name}") is not None:
+            importlib.import_module(f"vtap_cli.{name}").add_commands(commands)
+    return parser
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def cmd_drivers(args, ctx):
+    from vtap_core import registry
+
+    rows = []
+    for name in registry.driver_names():
+        rows.append({"name": name, "settings": ", ".join(sorted(registry.settings_spec(name))) or "-"})
+    ctx.emit(rows, ["name", "settings"])
+    return 0
+
+
+def cmd_vm_list(args, ctx):
+    vms = ctx.client().vms()
+    rows = [vm.to_dict() for vm in vms]
+    if args.output == "table":
+        rows = [
+            {**row, "nics": [" ".join(str(v) for v in (n["mac"], n.get("device"), n.get("network")) if v) for n in row["nics"]]}
+            for row in rows
+        ]
+    ctx.emit(rows, ["uuid", "name", "state", "host", "nics"])
+    return 0
+
+
+def cmd_session_create(args, ctx):
+    change = ctx.client().create_session(
+        args.name, to=args.to, snaplen=args.snaplen, sample=args.sample, backend=args.backend, enabled=not args.disabled
+    )
+    ctx.say(str(change))
+    return 0
+
+
+def session_rows(client):
+    counts = {}
+    for flow in client.flows():
+        counts[flow.session] = counts.get(flow.session, 0) + 1
+    return [{**s.to_dict(), "flows": counts.get(s.name, 0)} for s in client.sessions()]
+
+
+def cmd_session_list(args, ctx):
+    ctx.emit(session_rows(ctx.client()), ["name", "to", "snaplen", "sample", "backend", "enabled", "flows"])
+    return 0
+
+
+def cmd_session_show(args, ctx):
+    client = ctx.client()
+    session = client.session(args.name).to_dict()
+    session["flows"] = [f.to_dict() for f in client.flows(args.name)]
+    if args.output == "table":
+        ctx.emit([{k: v for k, v in session.items() if k != "flows"}], ["name", "to", "snaplen", "sample", "backend", "enabled"])
+        ctx.emit(session["flows"], ["name", "vm", "nic", "interface", "direction", "filter"])
+    else:
+        from vtap_cli.output import emit
+
+        emit(session, [], args.output)
+    return 0
+
+
+def cmd_session_delete(args, ctx):
+    ctx.say(str(ctx.client().delete_session(args.name)))
+    return 0
+
+
+def cmd_session_toggle(args, ctx):
+    ctx.say(str(ctx.client().set_session_enabled(args.name, args.enabled)))
+    return 0
+
+
+def cmd_flow_add(args, ctx):
+    change = ctx.client().add_flow(
+        args.session, vm=args.vm, nic=args.nic, interface=args.interface, direction=args.direction, filter=args.filter, name=args.name
+    )
+    ctx.say(str(change))
+    return 0
+
+
+def cmd_flow_list(args, ctx):
+    rows = [f.to_dict() for f in ctx.client().flows(args.session)]
+    ctx.emit(rows, ["name", "session", "vm", "nic", "interface", "direction", "filter"])
+    return 0
+
+
+def cmd_flow_delete(args, ctx):
+    ctx.say(str(ctx.client().delete_flow(args.name)))
+    return 0
+
+
+def cmd_apply(args, ctx):
+    ctx.say(str(ctx.client().apply_file(args.file, prune=args.prune)))
+    return 0
+
+
+def cmd_status(args, ctx):
+    rows = [row.to_dict() for row in ctx.client().status()]
+    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
+    return 0
+
+
+def cmd_audit(args, ctx):
+    rows = ctx.client().audit()
+    if args.output == "table":
+        import json
+
+        rows = [{**row, "change": json.dumps(row["change"], sort_keys=True)} for row in rows]
+    ctx.emit(rows, ["id", "time", "user", "driver", "command", "change"])
+    return 0
+
+
+def cmd_follow(args, ctx):
+    import logging
+    import signal
+    import threading
+
+    from vtap_core.follow import Follower
+
+    if args.interval <= 0:
+        raise_usage("interval", f"{args.interval} must be more than 0 seconds")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vtap follow: %(message)s", stream=sys.stderr)
+    client = ctx.client()
+    metrics = None
+    if args.metrics_port is not None:
+        from vtap_core.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics(port=args.metrics_port, driver=client.driver_name)
+    follower = Follower(client, interval=args.interval, metrics=metrics)
+    if args.once:
+        plan = client.reconcile()
+        ctx.say(f"resync: {len(plan.add)} applied, {len(plan.remove)} removed, {len(plan.keep)} kept")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("vtap.follow").info("following driver %s (resync every %ss)", client.driver_name, args.interval)
+    follower.run(stop)
+    logging.getLogger("vtap.follow").info("stopped")
+    return 0
+
+
+def cmd_capture(args, ctx):
+    from vtap_drivers.linux.capture import capture_vxlan
+
+    written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
+    print(f"{written} frames written to {args.write}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args, ctx):
+    from vtap_drivers.lab.demo import run_demo
+
+    return run_demo(keep=args.keep, state=ctx.args.state)
+
+
+def raise_usage(field, rule):
+    from vtap_core.errors import ValidationError
+
+    raise ValidationError(field, rule)
+
+
+def refuse_secrets_on_argv(argv):
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in SECRET_FLAGS:
+            sys.stderr.write(
+                f"vtap: error: {flag} is not accepted on the command line (it would be visible to every user): "
+                "use the environment (e.g. VTAP_VSPHERE_PASSWORD), the config file, or the prompt\n"
+            )
+            sys.exit(2)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    refuse_secrets_on_argv(argv)
+    args = build_parser().parse_args(argv)
+    ctx = Context(args)
+    try:
+        return args.handler(args, ctx) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from vtap_core.errors import VtapError
+
+        if args.debug:
+            raise
+        if isinstance(exc, VtapError):
+            sys.stderr.write(f"vtap: {exc}\n")
+            return exc.exit_code
+        sys.stderr.write(f"vtap: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)\n")
+        return 1
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The Python SDK. The `vtap` command line is a thin layer over this class.
+
+    from vtap_core.client import Client
+
+    with Client(driver="linux") as vtap:
+        vtap.create_session("web", to="port:mon0")
+        vtap.add_flow("web", interface="eth0", direction="in", filter="tcp port 80")
+        for row in vtap.status():
+            print(row.flow, row.state, row.packets)
+        vtap.delete_session("web")
+
+Every change is validated completely (model, then the driver's plan for the
+would-be desired state) before anything is written; then the store is
+written and the platform reconciled. If the platform fails half-way, the
+store is put back and the platform reconciled to the previous state: all or
+nothing per call. Each change appends one audit row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from dataclasses import dataclass
+
+import yaml
+
+from vtap_core import reconcile, registry
+from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, ValidationError, VtapError
+from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.store import Store
+
+SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
+FLOW_KEYS = {"name", "vm", "nic", "interface", "direction", "filter"}
+
+
+@dataclass
+class FlowStatus:
+    session: str
+    flow: str
+    source: str
+    direction: str
+    target: str
+    state: str  # active | partial | missing | inactive (nothing to do here now) | disabled
+    desired: int  # platform objects this flow needs now
+    observed: int  # of those, present and right
+    packets: int
+    bytes: int
+    problem: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Change:
+    """What one call did: the plan that was executed, and a message for people."""
+
+    message: str
+    plan: reconcile.Plan
+
+    def __str__(self):
+        return self.message
+
+
+class Client:
+    def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
+        self.driver_name = registry.check_driver_name(driver)
+        self.store = Store(state, driver=self.driver_name)
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+        self.command = command or "sdk"
+        self._driver = None
+
+    # lifecycle ------------------------------------------------------------
+
+    @property
+    def driver(self):
+        if self._driver is None:
+            self._driver = registry.load_driver(self.driver_name, state_dir=self.store.state_dir, **self.settings)
+        return self._driver
+
+    def close(self):
+        if self._driver is not None:
+            self._driver.close()
+            self._driver = None
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Serializes changes and reconciles between vtap processes sharing a store."""
+        with open(self.store.path + ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # reading --------------------------------------------------------------
+
+    def sessions(self) -> list[TapSession]:
+        return self.store.sessions()
+
+    def session(self, name: str) -> TapSession:
+        return self.store.session(name)
+
+    def flows(self, session: str | None = None) -> list[TapFlow]:
+        if session is not None:
+            self.store.session(session)
+        return self.store.flows(session)
+
+    def vms(self):
+        return self.driver.inventory()
+
+    def audit(self) -> list[dict]:
+        return self.store.audit()
+
+    def describe(self):
+        return self.driver.describe()
+
+    # changing -------------------------------------------------------------
+
+    def create_session(self, name, to, snaplen=None, sample=None, backend=None, enabled=True) -> Change:
+        session = TapSession(name=name, target=Target.parse(to), snaplen=snaplen, sample=sample, backend=backend, enabled=enabled)
+        session = self._absolute_pcap_path(session)
+
+        def mutate(sessions, flows):
+            if name in sessions:
+                raise AlreadyExists(f"session {name!r} already exists")
+            sessions[name] = session
+            return {"created session": session.to_dict()}
+
+        return self._change(f"session create {name}", mutate, f"session {name} created")
+
+    def delete_session(self, name) -> Change:
+        def mutate(sessions, flows):
+            if name not in sessions:
+                raise NotFound(f"session {name!r} does not exist")
+            removed = [f.name for f in flows.values() if f.session == name]
+            for flow in removed:
+                del flows[flow]
+            return {"deleted session": sessions.pop(name).to_dict(), "deleted flows": removed}
+
+        return self._change(f"session delete {name}", mutate, f"session {name} deleted")
+
+    def set_session_enabled(self, name, enabled: bool) -> Change:
+        def mutate(sessions, flows):
+            if name not in sessions:
+                raise NotFound(f"session {name!r} does not exist")
+            old = sessions[name]
+            sessions[name] = evolve(old, enabled=enabled)
+            return {"session": name, "enabled": enabled}
+
+        verb = "enabled" if enabled else "disabled"
+        return self._change(f"session {'enable' if enabled else 'disable'} {name}", mutate, f"session {name} {verb}")
+
+    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None) -> Change:
+        source = Source(vm=vm, nic=nic, interface=interface)
+        if name is not None:
+            TapFlow(name=name, session=session, source=source, direction=direction, filter=filter)
+        created = {}
+
+        def mutate(sessions, flows):
+            if session not in sessions:
+                raise NotFound(f"session {session!r} does not exist")
+            flow_name = name or next_flow_name(session, flows)
+            if flow_name in flows:
+                raise AlreadyExists(f"flow {flow_name!r} already exists")
+            flow = TapFlow(name=flow_name, session=session, source=source, direction=direction, filter=filter)
+            flows[flow_name] = created["flow"] = flow
+            return {"added flow": flow.to_dict()}
+
+        change = self._change(f"flow add {session}", mutate, "flow {name} added to session " + session)
+        change.message = change.message.format(name=created["flow"].name)
+        change.flow = created["flow"]
+        return change
+
+    def delete_flow(self, name) -> Change:
+        def mutate(sessions, flows):
+            if name not in flows:
+                raise NotFound(f"flow {name!r} does not exist")
+            return {"deleted flow": flows.pop(name).to_dict()}
+
+        return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
+
+    def apply_file(self, path: str, prune: bool = False) -> Change:
+        try:
+            with open(path) as handle:
+                document = yaml.safe_load(handle)
+        except OSError as exc:
+            raise ValidationError("file", f"{path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return self.apply_document(document, prune=prune, source=path)
+
+    def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
+        """Declarative: the sessions in the document, each with exactly its listed flows."""
+        wanted_sessions, wanted_flows = parse_document(document)
+        wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
+
+        def mutate(sessions, flows):
+            for name in wanted_sessions:
+                for flow in [f for f in flows.values() if f.session == name]:
+                    del flows[flow.name]
+            if prune:
+                for name in [n for n in sessions if n not in wanted_sessions]:
+                    del sessions[name]
+                    for flow in [f for f in flows.values() if f.session == name]:
+                        del flows[flow.name]
+            taken = {f.name: f.session for f in flows.values()}
+            for flow in wanted_flows:
+                if flow.name in taken:
+                    raise AlreadyExists(f"flow {flow.name!r} already exists in session {taken[flow.name]!r}")
+            sessions.update(wanted_sessions)
+            flows.update({f.name: f for f in wanted_flows})
+            return {"applied": source, "sessions": sorted(wanted_sessions), "flows": len(wanted_flows), "prune": prune}
+
+        return self._change(f"apply {source}" + (" --prune" if prune else ""), mutate, f"applied {source}")
+
+    def reconcile(self, scope: str | None = None) -> reconcile.Plan:
+        with self.lock():
+            sessions, flows = self.store.snapshot()
+            return reconcile.reconcile(self.driver, sessions, flows, scope)
+
+    # status ---------------------------------------------------------------
+
+    def status(self) -> list[FlowStatus]:
+        sessions = {s.name: s for s in self.store.sessions()}
+        flows = self.store.flows()
+        problems: list = []
+        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
+        observed = {b.key: b for b in self.driver.observe()}
+        why = {(s, f): text for s, f, text in problems}
+        rows = []
+        for flow in flows:
+            session = sessions[flow.session]
+            mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
+            present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
+            counters = [b.counters for b in present if b.counters is not None]
+            if not session.enabled:
+                state = "disabled"
+            elif not mine:
+                state = "inactive"
+            elif len(present) == len(mine):
+                state = "active"
+            else:
+                state = "partial" if present else "missing"
+            rows.append(
+                FlowStatus(
+                    session=flow.session,
+                    flow=flow.name,
+                    source=str(flow.source),
+                    direction=flow.direction.value,
+                    target=str(session.target),
+                    state=state,
+                    desired=len(mine),
+                    observed=len(present),
+                    packets=sum(c.packets for c in counters),
+                    bytes=sum(c.bytes for c in counters),
+                    problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                )
+            )
+        return rows
+
+    # internals ------------------------------------------------------------
+
+    def _absolute_pcap_path(self, session: TapSession) -> TapSession:
+        if session.target.kind != "pcap" or os.path.isabs(session.target.path):
+            return session
+        return evolve(session, target=Target.parse(f"pcap:{os.path.abspath(session.target.path)}"))
+
+    def _change(self, command: str, mutate, message: str) -> Change:
+        """Validate, write, reconcile; on failure put store and platform back."""
+        with self.lock():
+            before_sessions, before_flows = self.store.snapshot()
+            sessions = {s.name: s for s in before_sessions}
+            flows = {f.name: f for f in before_flows}
+            change = mutate(sessions, flows)
+            self._validate(sessions, flows, changed=change)
+            after = (list(sessions.values()), list(flows.values()))
+            with self.store.transaction():
+                self._write(after)
+                self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            try:
+                plan = reconcile.reconcile(self.driver, *after)
+            except VtapError as exc:
+                self._roll_back(before_sessions, before_flows)
+                raise OperationFailed(f"{command} failed and was rolled back: {exc}") from exc
+            except Exception as exc:
+                self._roll_back(before_sessions, before_flows)
+                raise OperationFailed(f"{command} failed and was rolled back: {type(exc).__name__}: {exc}") from exc
+        return Change(self._describe(message, plan), plan)
+
+    def _validate(self, sessions: dict, flows: dict, changed: dict):
+        """The driver must be able to realize every session and flow this call touches."""
+        touched = _touched_sessions(changed, sessions)
+        for name in touched:
+            session = sessions[name]
+            members = [f for f in flows.values() if f.session == name]
+            self.driver.check_features(session, members)
+            self.driver.plan([session], members)
+
+    def _write(self, state):
+        sessions, flows = state
+        db = self.store.db
+        db.execute("DELETE FROM flows WHERE driver=?", (self.store.driver,))
+        db.execute("DELETE FROM sessions WHERE driver=?", (self.store.driver,))
+        for session in sessions:
+            self.store.put_session(session)
+        for flow in flows:
+            self.store.put_flow(flow)
+
+    def _roll_back(self, sessions, flows):
+        with self.store.transaction():
+            self._write((sessions, flows))
+            self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        try:
+            reconcile.reconcile(self.driver, sessions, flows)
+        except Exception as exc:  # the original error is the one to report
+            print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
+
+    @staticmethod
+    def _describe(message: str, plan: reconcile.Plan) -> str:
+        if plan.add or plan.remove:
+            return f"{message} ({len(plan.add)} platform objects added, {len(plan.remove)} removed)"
+        return f"{message} (nothing to change on this host now)"
+
+
+def _touched_sessions(change: dict, sessions: dict) -> set[str]:
+    names = set()
+    for key in ("created session", "added flow"):
+        if key in change:
+            names.add(change[key].get("session") or change[key]["name"])
+    names.update(change.get("sessions", []))
+    return {n for n in names if n in sessions}
+
+
+def next_flow_name(session: str, flows: dict) -> str:
+    """`<session>-<n>` with the smallest n not taken."""
+    n = 1
+    while f"{session}-{n}" in flows:
+        n += 1
+    return f"{session}-{n}"
+
+
+def parse_document(document) -> tuple[dict, list]:
+    """The sessions and flows of an `apply` file; unknown keys are errors."""
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ValidationError("file", "the top level must be a mapping with a 'sessions' list")
+    _no_unknown_keys("file", document, {"sessions"})
+    entries = document.get("sessions") or []
+    if not isinstance(entries, list):
+        raise ValidationError("sessions", "must be a list")
+    sessions, flows = {}, []
+    for i, entry in enumerate(entries):
+        where = f"sessions[{i}]"
+        if not isinstance(entry, dict):
+            raise ValidationError(where, "must be a mapping")
+        _no_unknown_keys(where, entry, SESSION_KEYS)
+        data = {k: v for k, v in entry.items() if k != "flows"}
+        if "name" not in data or "to" not in data:
+            raise ValidationError(where, "needs 'name' and 'to'")
+        session = _build(where, TapSession.from_dict, data)
+        if session.name in sessions:
+            raise ValidationError(where, f"session {session.name!r} is listed twice")
+        sessions[session.name] = session
+        taken: dict = {}
+        for j, flow_entry in enumerate(entry.get("flows") or []):
+            flow_where = f"{where}.flows[{j}]"
+            if not isinstance(flow_entry, dict):
+                raise ValidationError(flow_where, "must be a mapping")
+            _no_unknown_keys(flow_where, flow_entry, FLOW_KEYS)
+            flow_data = dict(flow_entry, session=session.name)
+            flow_data.setdefault("name", next_flow_name(session.name, taken))
+            flow = _build(flow_where, TapFlow.from_dict, flow_data)
+            if flow.name in taken or any(f.name == flow.name for f in flows):
+                raise ValidationError(flow_where, f"flow {flow.name!r} is listed twice")
+            taken[flow.name] = flow
+            flows.append(flow)
+    return sessions, flows
+
+
+def _build(where, factory, data):
+    try:
+        return factory(data)
+    except ValidationError as exc:
+        raise ValidationError(f"{where}.{exc.field}", exc.rule) from None
+
+
+def _no_unknown_keys(where: str, mapping: dict, allowed: set):
+    for key in mapping:
+        if key not in allowed:
+            raise ValidationError(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+

@@ -1,0 +1,107 @@
+"""Desired vs observed -> plan -> idempotent apply.
+
+The truth is always the comparison, never a remembered event: a binding that
+is desired and observed with the same spec is left alone, a missing one is
+applied, one that differs or that nobody wants any more (an orphan of a
+crashed run, a deleted session) is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from vtap_core.driver import Binding, Driver
+from vtap_core.errors import NotFound, Unsupported, ValidationError
+from vtap_core.model import TapFlow, TapSession
+
+log = logging.getLogger("vtap.reconcile")
+
+
+@dataclass
+class Plan:
+    add: list[Binding] = field(default_factory=list)
+    remove: list[Binding] = field(default_factory=list)
+    keep: list[Binding] = field(default_factory=list)
+    problems: list = field(default_factory=list)  # (session, flow, why) not realizable now
+
+    @property
+    def empty(self) -> bool:
+        return not self.add and not self.remove
+
+    def summary(self) -> dict:
+        return {"added": len(self.add), "removed": len(self.remove), "kept": len(self.keep)}
+
+
+def in_scope(binding: Binding, scope: str | None) -> bool:
+    # Session-wide bindings (targets) are always looked at: a VM's mirror needs its target.
+    return scope is None or binding.vm is None or binding.vm == scope
+
+
+def diff(desired: list[Binding], observed: list[Binding], scope: str | None = None) -> Plan:
+    plan = Plan()
+    wanted = {b.key: b for b in desired if in_scope(b, scope)}
+    found = {b.key: b for b in observed if in_scope(b, scope)}
+    for key, binding in wanted.items():
+        seen = found.get(key)
+        if seen is None:
+            plan.add.append(binding)
+        elif seen.spec != binding.spec:
+            plan.remove.append(seen)
+            plan.add.append(binding)
+        else:
+            plan.keep.append(seen)
+    plan.remove.extend(b for key, b in found.items() if key not in wanted)
+    return plan
+
+
+def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None) -> list[Binding]:
+    """What the driver should have on the platform for these enabled sessions.
+
+    A flow whose source vanished since it was added (VM undefined, interface
+    deleted) must not stop every other flow from being kept right: when the
+    whole plan fails, plan per flow and set the failing ones aside in
+    `problems` as (session, flow, error).
+    """
+    active = [s for s in sessions if s.enabled]
+    names = {s.name for s in active}
+    flows = [f for f in flows if f.session in names]
+    try:
+        return driver.plan(active, flows)
+    except (ValidationError, NotFound, Unsupported):
+        pass
+    bindings: list[Binding] = []
+    for session in active:
+        members = [f for f in flows if f.session == session.name]
+        try:
+            bindings.extend(driver.plan([session], []))
+        except (ValidationError, NotFound, Unsupported) as exc:
+            _note(problems, session.name, None, exc)
+            continue
+        for flow in members:
+            try:
+                bindings.extend(b for b in driver.plan([session], [flow]) if b.flow == flow.name)
+            except (ValidationError, NotFound, Unsupported) as exc:
+                _note(problems, session.name, flow.name, exc)
+    return bindings
+
+
+def _note(problems, session, flow, exc):
+    if problems is not None:
+        problems.append((session, flow, str(exc)))
+    log.warning("not realizable now: session %s%s: %s", session, f" flow {flow}" if flow else "", exc)
+
+
+def execute(driver: Driver, plan: Plan) -> None:
+    """Remove first (filters before their targets), then add (targets before filters)."""
+    if plan.remove:
+        driver.remove(sorted(plan.remove, key=lambda b: -b.order))
+    if plan.add:
+        driver.apply(sorted(plan.add, key=lambda b: b.order))
+
+
+def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
+    plan = diff(desired_bindings(driver, sessions, flows, problems := []), driver.observe(), scope)
+    plan.problems = problems
+    execute(driver, plan)
+    return plan
