@@ -34,8 +34,8 @@ def default_config_path() -> str:
     return os.path.join(os.path.expanduser("~"), ".config", "vtap", "config.toml")
 
 
-def load_file(path: str | None) -> dict:
-    explicit = path or os.environ.get("VTAP_CONFIG")
+def load_file(path: str | None, environ=os.environ) -> dict:
+    explicit = path or environ.get("VTAP_CONFIG")
     path = explicit or default_config_path()
     if not os.path.exists(path):
         if explicit:
@@ -65,7 +65,7 @@ class Config:
     def __init__(self, flags: dict | None = None, config_path: str | None = None, environ=None):
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
         self.environ = os.environ if environ is None else environ
-        self.file = load_file(config_path)
+        self.file = load_file(config_path, self.environ)
 
     @property
     def driver(self) -> str:
