@@ -1,0 +1,228 @@
+"""The pcap target's capture process, on a real sink device in a fresh network namespace.
+
+The sink is a veth pair (this kernel has no `dummy`): the data path transmits
+its copies on one end, which is the end the capture process reads. Frames
+are sent with AF_PACKET or mirrored with tc in the test's own setup; what the
+file holds is read back with tshark.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from vtap_core.errors import OperationFailed, ValidationError
+from vtap_drivers.linux.capture import running_captures, start_capture_process, stop_capture_process
+
+SINK, SINK_PEER = "vtcsink0", "vtcsink1"
+MATCH_ALL = "1,6 0 0 262144"  # classic BPF "ret #262144" (this kernel has cls_bpf, not matchall)
+
+
+def ip(netns, *args):
+    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
+
+
+def veth(netns, a, b):
+    """A veth pair without IPv6 addresses, so neither end sends frames of its own."""
+    ip(netns, "link", "add", a, "type", "veth", "peer", "name", b)
+    for end in (a, b):
+        ip(netns, "link", "set", end, "addrgenmode", "none")
+        ip(netns, "link", "set", end, "up")
+
+
+def packet_socket(netns, device):
+    from pyroute2 import netns as pr_netns
+
+    sock = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sock.bind((device, 0))
+    return sock
+
+
+def read_frames(path):
+    """[(raw bytes, original length)] as tshark reads the file."""
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "json", "-x"], check=True, capture_output=True, text=True).stdout
+    return [(bytes.fromhex(p["_source"]["layers"]["frame_raw"][0]), int(p["_source"]["layers"]["frame"]["frame.len"])) for p in json.loads(out)]
+
+
+def interfaces_in(path):
+    out = subprocess.run(["capinfos", str(path)], check=True, capture_output=True, text=True).stdout
+    return int(out.split("Number of interfaces in file:")[1].split()[0])
+
+
+def frames(count, seed, src=b"\x02\x00\x00\x00\x00\x01", vlan=None):
+    """Ethernet frames with the local-experimental ethertype and random payloads of varied size."""
+    rng = random.Random(seed)
+    tag = b"\x81\x00" + vlan.to_bytes(2, "big") if vlan is not None else b""
+    return [b"\xff" * 6 + src + tag + b"\x88\xb5" + rng.randbytes(rng.randint(46, 1400)) for _ in range(count)]
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def sink(netns):
+    veth(netns, SINK, SINK_PEER)
+    return netns
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    yield str(folder)
+    for name in running_captures(str(folder)):
+        stop_capture_process(name, str(folder))
+
+
+def test_frames_transmitted_on_the_sink_are_recorded_and_readable_while_running(sink, state_dir, tmp_path):
+    path = tmp_path / "web.pcapng"
+    pid = start_capture_process("web", SINK, str(path), netns=sink, state_dir=state_dir)
+    assert alive(pid)
+    assert open(os.path.join(state_dir, "capture-web.pid")).read().strip() == str(pid)
+
+    sent = frames(30, seed=1)
+    out = packet_socket(sink, SINK)
+    for frame in sent:
+        out.send(frame)
+    # The peer's frames arrive on the sink from outside: they are not copies and must not be recorded.
+    packet_socket(sink, SINK_PEER).send(frames(1, seed=9, src=b"\x02\x00\x00\x00\x00\x99")[0])
+
+    assert wait_for(lambda: len(read_frames(path)) >= len(sent)), "frames did not reach the file while the capture ran"
+    assert read_frames(path) == [(f, len(f)) for f in sent]
+
+    assert stop_capture_process("web", state_dir) is True
+    assert not alive(pid)
+    assert not os.path.exists(os.path.join(state_dir, "capture-web.pid"))
+    assert running_captures(state_dir) == {}
+    assert read_frames(path) == [(f, len(f)) for f in sent]
+    assert stop_capture_process("web", state_dir) is False
+
+
+def test_tc_mirrored_copies_keep_their_vlan_tag_and_are_cut_to_snaplen(sink, state_dir, tmp_path):
+    # A source pair whose ingress is mirrored to the sink with tc, as the data path does.
+    veth(sink, "vtcsrc0", "vtcsrc1")
+    subprocess.run(["tc", "-n", sink, "qdisc", "add", "dev", "vtcsrc1", "clsact"], check=True)
+    subprocess.run(["tc", "-n", sink, "filter", "add", "dev", "vtcsrc1", "ingress", "bpf", "bytecode", MATCH_ALL, "action", "mirred", "egress", "mirror", "dev", SINK], check=True)
+    path = tmp_path / "snap.pcapng"
+    start_capture_process("snap", SINK, str(path), snaplen=64, netns=sink, state_dir=state_dir)
+
+    # The kernel moves a received 802.1Q tag into packet metadata; the file must show it again.
+    sent = frames(10, seed=2) + frames(5, seed=3, vlan=101)
+    source = packet_socket(sink, "vtcsrc0")
+    for frame in sent:
+        source.send(frame)
+
+    assert wait_for(lambda: len(read_frames(path)) >= len(sent))
+    stop_capture_process("snap", state_dir)
+    assert read_frames(path) == [(f[:64], len(f)) for f in sent]
+    assert "Capture length = 64" in subprocess.run(["capinfos", str(path)], capture_output=True, text=True).stdout
+
+
+def test_start_is_idempotent_and_new_parameters_restart_into_a_new_section(sink, state_dir, tmp_path):
+    path = tmp_path / "again.pcapng"
+    first = start_capture_process("again", SINK, str(path), netns=sink, state_dir=state_dir)
+    assert start_capture_process("again", SINK, str(path), netns=sink, state_dir=state_dir) == first
+    assert len(running_captures(state_dir)) == 1
+
+    before = frames(3, seed=4)
+    out = packet_socket(sink, SINK)
+    for frame in before:
+        out.send(frame)
+    assert wait_for(lambda: len(read_frames(path)) == 3)
+
+    second = start_capture_process("again", SINK, str(path), snaplen=100, netns=sink, state_dir=state_dir)
+    assert second != first and not alive(first)
+    assert running_captures(state_dir) == {"again": {"pid": second, "device": SINK, "path": str(path), "snaplen": 100, "netns": sink}}
+    after = frames(3, seed=5)
+    for frame in after:
+        out.send(frame)
+    assert wait_for(lambda: len(read_frames(path)) == 6)
+    stop_capture_process("again", state_dir)
+    # Restarting appended a section: nothing captured before was lost.
+    assert read_frames(path) == [(f, len(f)) for f in before] + [(f[:100], len(f)) for f in after]
+    assert interfaces_in(path) == 2
+
+
+def test_a_process_whose_pidfile_was_lost_is_still_found_and_stopped(sink, state_dir, tmp_path):
+    pid = start_capture_process("lost", SINK, str(tmp_path / "lost.pcapng"), netns=sink, state_dir=state_dir)
+    os.unlink(os.path.join(state_dir, "capture-lost.pid"))
+    assert running_captures(state_dir)["lost"]["pid"] == pid
+    # Another state dir's view does not include it.
+    other = tmp_path / "other"
+    other.mkdir()
+    assert running_captures(str(other)) == {}
+    assert stop_capture_process("lost", state_dir) is True
+    assert not alive(pid)
+
+
+def test_after_a_crash_the_file_keeps_its_frames_and_a_new_start_appends(sink, state_dir, tmp_path):
+    path = tmp_path / "crash.pcapng"
+    pid = start_capture_process("crash", SINK, str(path), netns=sink, state_dir=state_dir)
+    sent = frames(4, seed=6)
+    out = packet_socket(sink, SINK)
+    for frame in sent:
+        out.send(frame)
+    assert wait_for(lambda: len(read_frames(path)) == 4)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not alive(pid))
+    assert running_captures(state_dir) == {}
+
+    restarted = start_capture_process("crash", SINK, str(path), netns=sink, state_dir=state_dir)
+    assert restarted != pid
+    out.send(sent[0])
+    assert wait_for(lambda: len(read_frames(path)) == 5)
+    assert read_frames(path) == [(f, len(f)) for f in sent + sent[:1]]
+
+
+def test_a_recreated_sink_is_followed_by_name(sink, state_dir, tmp_path):
+    path = tmp_path / "follow.pcapng"
+    start_capture_process("follow", SINK, str(path), netns=sink, state_dir=state_dir)
+    ip(sink, "link", "del", SINK)
+    veth(sink, SINK, SINK_PEER)
+    sent = frames(3, seed=7)
+
+    def recorded():
+        # Until the process has noticed the new device, frames sent now are not seen: keep sending.
+        packet_socket(sink, SINK).send(sent[0])
+        return len(read_frames(path)) > 0
+
+    assert wait_for(recorded, timeout=5)
+    assert {raw for raw, _ in read_frames(path)} == {sent[0]}
+
+
+def test_bad_input_is_refused_and_starts_nothing(sink, state_dir, tmp_path):
+    with pytest.raises(ValidationError, match="^target: .*folder .* does not exist"):
+        start_capture_process("bad", SINK, str(tmp_path / "missing" / "x.pcapng"), netns=sink, state_dir=state_dir)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"keep me\n")
+    with pytest.raises(ValidationError, match="^target: .*not a pcapng file"):
+        start_capture_process("bad", SINK, str(notes), netns=sink, state_dir=state_dir)
+    assert notes.read_bytes() == b"keep me\n"
+    with pytest.raises(ValidationError, match="^snaplen: "):
+        start_capture_process("bad", SINK, str(tmp_path / "x.pcapng"), snaplen=0, netns=sink, state_dir=state_dir)
+    with pytest.raises(ValidationError, match="^capture name: "):
+        start_capture_process("bad name", SINK, str(tmp_path / "x.pcapng"), netns=sink, state_dir=state_dir)
+    with pytest.raises(OperationFailed, match="device nosuch0: no such device in netns"):
+        start_capture_process("bad", "nosuch0", str(tmp_path / "x.pcapng"), netns=sink, state_dir=state_dir)
+    assert running_captures(state_dir) == {}
+    assert not (tmp_path / "x.pcapng").exists()
+    assert not os.path.exists(os.path.join(state_dir, "capture-bad.pid"))
