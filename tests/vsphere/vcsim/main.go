@@ -1,0 +1,95 @@
+// Command vtap-vcsim is the govmomi vCenter simulator (Debian's golang-github-vmware-govmomi-dev)
+// with this project's extensions where the stock simulator does not behave like vSphere:
+// distributed port mirroring (switch.go, vspan.go), port keys on NICs and FetchDVPorts criteria
+// (ports.go), NIC reconnects and VmMigratedEvent on relocation (vm.go).
+//
+// It listens on 127.0.0.1 only and prints VCSIM_URL=<url> as its first line, then runs until
+// SIGTERM/SIGINT. Credentials come from VCSIM_USERNAME / VCSIM_PASSWORD (default user / pass),
+// never from argv.
+package main
+
+import (
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"log"
+	"net/url"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
+)
+
+func main() {
+	hosts := flag.Int("hosts", 3, "ESXi hosts in the cluster")
+	vms := flag.Int("vms", 4, "virtual machines in the cluster")
+	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
+	noErspan := flag.Bool("no-erspan", false, "report a switch without ERSPAN support (vspanCapability.erspanProtocolSupported=false)")
+	verbose := flag.Bool("verbose", false, "keep the simulator's request log")
+	flag.Parse()
+	if !*verbose {
+		log.SetOutput(discard{})
+	}
+
+	model := simulator.VPX()
+	model.Host = 0 // every host is in the one cluster
+	model.ClusterHost = *hosts
+	model.Machine = *vms
+	model.Portgroup = 2
+	if err := model.Create(); err != nil {
+		fatal(err)
+	}
+	extend(!*noErspan)
+
+	model.Service.Listen = &url.URL{Host: "127.0.0.1:0"}
+	model.Service.Listen.User = url.UserPassword(envOr("VCSIM_USERNAME", "user"), envOr("VCSIM_PASSWORD", "pass"))
+	if *useTLS {
+		model.Service.TLS = new(tls.Config)
+	}
+	server := model.Service.NewServer()
+	address := *server.URL
+	address.User = nil
+	fmt.Printf("VCSIM_URL=%s\n", address.String())
+	os.Stdout.Sync()
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	<-stop
+	server.Close()
+	model.Remove()
+}
+
+// extend replaces the stock switches and VMs in the registry with their extended versions.
+func extend(erspan bool) {
+	for _, obj := range byName(simulator.Map.All("DistributedVirtualSwitch")) {
+		wrapSwitch(obj.(*simulator.DistributedVirtualSwitch), erspan)
+	}
+	// Sorted so that port keys come out the same on every run.
+	for _, obj := range byName(simulator.Map.All("VirtualMachine")) {
+		wrapVM(obj.(*simulator.VirtualMachine))
+	}
+}
+
+func byName(entities []mo.Entity) []mo.Entity {
+	sort.Slice(entities, func(i, j int) bool { return entities[i].Entity().Name < entities[j].Entity().Name })
+	return entities
+}
+
+func envOr(name, fallback string) string {
+	if value := os.Getenv(name); value != "" {
+		return value
+	}
+	return fallback
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "vtap-vcsim:", err)
+	os.Exit(1)
+}
+
+type discard struct{}
+
+func (discard) Write(p []byte) (int, error) { return len(p), nil }

@@ -1,0 +1,167 @@
+package main
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// VspanSwitch is a distributed switch that keeps port mirroring sessions and a port table.
+type VspanSwitch struct {
+	simulator.DistributedVirtualSwitch
+
+	ports       map[string]*port
+	nextPort    int
+	nextSession int
+}
+
+// switches finds a switch by UUID (NIC backings name their switch by UUID).
+var switches = map[string]*VspanSwitch{}
+
+func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
+	s := &VspanSwitch{DistributedVirtualSwitch: *stock, ports: map[string]*port{}}
+	config := s.Config.(*types.VMwareDVSConfigInfo)
+	// DVSConfigInfo.configVersion: "The version string of the configuration"; the stock
+	// simulator leaves it empty, vSphere always sets one.
+	config.ConfigVersion = "1"
+
+	// DVSCapability.featuresSupported / VMwareDVSFeatureCapability.vspanCapability
+	// (VMwareDVSVspanCapability): what a vSphere 7/8 switch reports.
+	s.Capability.FeaturesSupported = &types.VMwareDVSFeatureCapability{
+		VspanSupported: types.NewBool(true),
+		VspanCapability: &types.VMwareDVSVspanCapability{
+			MixedDestSupported:         true,
+			DvportSupported:            true,
+			RemoteSourceSupported:      true,
+			RemoteDestSupported:        true,
+			EncapRemoteSourceSupported: true,
+			ErspanProtocolSupported:    types.NewBool(erspan),
+		},
+	}
+
+	// The stock switch has an uplink portgroup without ports and no uplinkPortgroup or
+	// uplinkPortPolicy. vSphere: one uplink port per member host per uplink name
+	// (DVSNameArrayUplinkPortPolicy.uplinkPortName), in the switch's uplink portgroup.
+	config.UplinkPortPolicy = &types.DVSNameArrayUplinkPortPolicy{UplinkPortName: []string{"dvUplink1"}}
+	for _, ref := range s.Portgroup {
+		pg := simulator.Map.Get(ref).(*simulator.DistributedVirtualPortgroup)
+		if strings.Contains(pg.Name, "-DVUplinks") {
+			config.UplinkPortgroup = []types.ManagedObjectReference{ref}
+			for _, host := range s.Summary.HostMember {
+				s.nextPort++
+				p := &port{uplink: true}
+				p.Key = strconv.Itoa(s.nextPort)
+				p.DvsUuid = s.Uuid
+				p.PortgroupKey = pg.Key
+				h := host
+				p.ProxyHost = &h
+				p.Config.Name = "dvUplink1"
+				p.Connectee = &types.DistributedVirtualSwitchPortConnectee{
+					ConnectedEntity: &h,
+					NicKey:          "vmnic0",
+					Type:            string(types.DistributedVirtualSwitchPortConnecteeConnecteeTypePnic),
+				}
+				s.ports[p.Key] = p
+			}
+			s.publishPortKeys(pg.Key)
+		}
+	}
+	switches[s.Uuid] = s
+	simulator.Map.Put(s)
+}
+
+// FetchDVPorts honours its criteria (see ports.go).
+func (s *VspanSwitch) FetchDVPorts(req *types.FetchDVPorts) soap.HasFault {
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	var res []types.DistributedVirtualPort
+	for _, p := range s.sortedPorts() {
+		if s.matches(p, req.Criteria) {
+			res = append(res, s.view(p))
+		}
+	}
+	return &methods.FetchDVPortsBody{Res: &types.FetchDVPortsResponse{Returnval: res}}
+}
+
+// ReconfigureDVPortTask changes per-port settings (vSphere Web Services API reference:
+// DistributedVirtualSwitch.ReconfigureDVPort_Task with DVPortConfigSpec operation "edit").
+// Tests use it to put a port in promiscuous mode the way an administrator would.
+func (s *VspanSwitch) ReconfigureDVPortTask(ctx *simulator.Context, req *types.ReconfigureDVPort_Task) soap.HasFault {
+	task := simulator.CreateTask(s, "reconfigureDVPort", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		portsMu.Lock()
+		defer portsMu.Unlock()
+		for _, spec := range req.Port {
+			p := s.ports[spec.Key]
+			if p == nil || spec.Operation != string(types.ConfigSpecOperationEdit) {
+				return nil, &types.InvalidArgument{InvalidProperty: "port.key"}
+			}
+			if spec.Setting != nil {
+				p.Config.Setting = spec.Setting
+			}
+			if spec.Name != "" {
+				p.Config.Name = spec.Name
+			}
+		}
+		return nil, nil
+	})
+	return &methods.ReconfigureDVPort_TaskBody{Res: &types.ReconfigureDVPort_TaskResponse{Returnval: task.Run()}}
+}
+
+// ReconfigureDvsTask applies vspanConfigSpec (VMwareDVSConfigSpec.vspanConfigSpec, a list of
+// VMwareDVSVspanConfigSpec add/edit/remove) all or nothing, checks configVersion first, and
+// hands host membership changes to the stock simulator.
+func (s *VspanSwitch) ReconfigureDvsTask(ctx *simulator.Context, req *types.ReconfigureDvs_Task) soap.HasFault {
+	task := simulator.CreateTask(s, "reconfigureDvs", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		config := s.Config.(*types.VMwareDVSConfigInfo)
+		spec := req.Spec.GetDVSConfigSpec()
+		// DVSConfigSpec.configVersion: "required in reconfiguring a switch"; a spec made from an
+		// older version fails with ConcurrentAccess (listed under ReconfigureDvs_Task's faults).
+		if spec.ConfigVersion == "" {
+			return nil, &types.InvalidArgument{InvalidProperty: "spec.configVersion"}
+		}
+		if spec.ConfigVersion != config.ConfigVersion {
+			return nil, &types.ConcurrentAccess{}
+		}
+		var vspan []types.VMwareDVSVspanConfigSpec
+		if v, ok := req.Spec.(*types.VMwareDVSConfigSpec); ok {
+			vspan = v.VspanConfigSpec
+		}
+		if len(spec.Host) > 0 {
+			if fault := s.reconfigureHosts(req); fault != nil {
+				return nil, fault
+			}
+		}
+		changes := []types.PropertyChange{}
+		if len(vspan) > 0 {
+			portsMu.Lock()
+			sessions, fault := s.applyVspan(config.VspanSession, vspan)
+			portsMu.Unlock()
+			if fault != nil {
+				return nil, fault
+			}
+			config.VspanSession = sessions
+			changes = append(changes, types.PropertyChange{Name: "config.vspanSession", Val: sessions})
+		}
+		version, _ := strconv.Atoi(config.ConfigVersion)
+		config.ConfigVersion = strconv.Itoa(version + 1)
+		changes = append(changes, types.PropertyChange{Name: "config.configVersion", Val: config.ConfigVersion})
+		// Registry.Update tells the property collectors (WaitForUpdatesEx) about the change.
+		simulator.Map.Update(s, changes)
+		return nil, nil
+	})
+	return &methods.ReconfigureDvs_TaskBody{Res: &types.ReconfigureDvs_TaskResponse{Returnval: task.Run()}}
+}
+
+// reconfigureHosts runs the stock host membership change (its own task) and returns its fault.
+func (s *VspanSwitch) reconfigureHosts(req *types.ReconfigureDvs_Task) types.BaseMethodFault {
+	body := s.DistributedVirtualSwitch.ReconfigureDvsTask(req).(*methods.ReconfigureDvs_TaskBody)
+	inner := simulator.Map.Get(body.Res.Returnval).(*simulator.Task)
+	if inner.Info.Error != nil {
+		return inner.Info.Error.Fault
+	}
+	return nil
+}
