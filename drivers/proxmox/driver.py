@@ -1,0 +1,207 @@
+"""The Proxmox VE driver: VMs found through the PVE API, mirrors on this node's tap<vmid>i<n> devices.
+
+Only the node a VM runs on can touch its traffic, so plan() gives bindings only for VMs running on
+this node (`node` setting, default the host name); for the others it validates and stays silent, and
+that node's agent or hookscript realizes them. The mirror sits on the tap device itself, so it works
+the same when firewall=1 puts the tap behind fwbr/fwpr/fwln devices. The data path is the Linux tc
+dataplane shared with the kvm and lab drivers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from vtap_core.driver import Description, Driver, Features
+from vtap_core.errors import Unsupported, ValidationError
+
+from vtap_drivers.proxmox import desired
+from vtap_drivers.proxmox.api import PveApi
+from vtap_drivers.proxmox.inventory import Inventory
+from vtap_drivers.proxmox.resolve import find_vm, resolve_source, target_nic
+
+log = logging.getLogger("vtap.proxmox")
+
+# A CLI command polls the cluster once; plan() is called several times within one command.
+POLL_MAX_AGE = 5.0
+
+
+def local_node_name() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def netns_for(setting, node: str) -> str | None:
+    """netns setting: "NAME" for every node, or "node1=ns1,node2=ns2" (tests play nodes as namespaces)."""
+    if not setting:
+        return None
+    text = str(setting).strip()
+    if "=" not in text:
+        return text
+    mapping = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValidationError("netns", f"{text!r}: write NAME or node=NAME,node=NAME")
+        mapping[key.strip()] = value.strip()
+    if node not in mapping:
+        raise ValidationError("netns", f"{text!r} names no namespace for node {node!r}")
+    return mapping[node]
+
+
+class ProxmoxDriver(Driver):
+    name = "proxmox"
+
+    def __init__(self, state_dir=None, url=None, user=None, password=None, token_name=None, token_value=None,
+                 insecure=False, node=None, cafile=None, netns=None, shared_state=None, **other):
+        super().__init__(state_dir=state_dir, url=url, user=user, node=node, insecure=insecure)
+        self.state_dir = state_dir
+        self.node = node or local_node_name()
+        self.netns = netns_for(netns, self.node)
+        self.shared_state = shared_state if shared_state is not None else desired.default_path()
+        self._credentials = dict(url=url, user=user, password=password, token_name=token_name,
+                                 token_value=token_value, insecure=bool(insecure), cafile=cafile)
+        self._api = None
+        self._inventory = None
+        self._dataplane = None
+        # vmid -> node: what a hookscript knows before the API does (post-start here, pre-stop leaving).
+        self.placement_override: dict[int, str | None] = {}
+
+    # ----------------------------------------------------------- plumbing
+
+    @property
+    def api(self) -> PveApi:
+        if self._api is None:
+            self._api = PveApi(**self._credentials)
+        return self._api
+
+    @property
+    def cluster(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = Inventory(self.api, self.node, state_dir=self.state_dir)
+        return self._inventory
+
+    @property
+    def dataplane(self):
+        if self._dataplane is None:
+            from vtap_drivers.linux.dataplane import TcDataplane
+
+            self._dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir)
+        return self._dataplane
+
+    def refresh(self, force=()) -> set[int]:
+        """Poll the cluster now; returns the vmids that appeared, left or changed."""
+        return self.cluster.poll(force=set(force))
+
+    def _fresh_vms(self):
+        if self.cluster.polled_at is None or time.time() - self.cluster.polled_at > POLL_MAX_AGE:
+            self.refresh()
+        return self.cluster.vms()
+
+    def runs_here(self, vm) -> bool:
+        if vm.vmid in self.placement_override:
+            return self.placement_override[vm.vmid] == self.node
+        return vm.node == self.node and vm.running
+
+    # ------------------------------------------------------------ contract
+
+    def describe(self) -> Description:
+        return Description(
+            name=self.name,
+            summary="Proxmox VE: tc mirrors on tap<vmid>i<n> of VMs running on this node; agent and hookscript follow them",
+            features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap"}), sources=frozenset({"vm"}),
+                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"})),
+            connection={"url": self._credentials["url"], "user": self._credentials["user"], "node": self.node,
+                        "insecure": self._credentials["insecure"], "netns": self.netns},
+        )
+
+    def inventory(self):
+        return [vm.to_model() for vm in self._fresh_vms()]
+
+    def plan(self, sessions, flows):
+        vms = self._fresh_vms()
+        sessions = list(sessions)
+        flows = list(flows)
+        for session in sessions:
+            self.check_features(session, [f for f in flows if f.session == session.name])
+        present = None
+        bindings = []
+        for session in sessions:
+            members = [f for f in flows if f.session == session.name]
+            sources = []  # (flow, vm, nic, device) realizable on this node
+            for flow in members:
+                vm, nics = resolve_source(vms, flow.source)
+                if not self.runs_here(vm):
+                    continue
+                if present is None:
+                    present = self.dataplane.devices()
+                for nic in nics:
+                    device = vm.device(nic)
+                    if device in present:
+                        sources.append((flow, vm, nic, device))
+                    else:
+                        log.debug("VM %s runs here but %s is missing: not mirrored now", vm.vmid, device)
+            target = self._target_device(session, vms, bool(sources))
+            if sources:
+                bindings.extend(self._bindings(session, sources, target))
+        return bindings
+
+    def observe(self):
+        return self.dataplane.observe()
+
+    def apply(self, bindings):
+        self.dataplane.apply(bindings)
+
+    def remove(self, bindings):
+        self.dataplane.remove(bindings)
+
+    def close(self):
+        if self._dataplane is not None and hasattr(self._dataplane, "close"):
+            self._dataplane.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def _target_device(self, session, vms, needed: bool):
+        """The local device a vm: target means (the monitoring VM's tap, on this node)."""
+        target = session.target
+        if target.kind in ("gre", "erspan"):
+            raise Unsupported(self.name, f"target {target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
+        if target.kind != "vm":
+            return None
+        monitor = find_vm(vms, target.vm)
+        nic = target_nic(monitor, target.mac)
+        if needed and not self.runs_here(monitor):
+            raise Unsupported(self.name, "a vm: target on another node",
+                              f"monitoring VM {monitor.vmid} runs on {monitor.node}, sources here on {self.node}; use a vxlan:// target")
+        return monitor.device(nic)
+
+    def _bindings(self, session, sources, target_device):
+        out = []
+        for flow, vm, nic, device in sources:
+            out.extend(self.dataplane.plan_vm_device(session, flow, device, vm=vm.identity, target_device=target_device))
+        return out
+
+    # ------------------------------------------------------ node placement
+
+    def placement(self, flows) -> str:
+        """Whether flows were applied here or only recorded (for the command's message)."""
+        vms = self._fresh_vms()
+        here, elsewhere = [], []
+        for flow in flows:
+            try:
+                vm, _ = resolve_source(vms, flow.source)
+            except Exception:  # noqa: BLE001 - validation has already reported it
+                continue
+            (here if self.runs_here(vm) else elsewhere).append(vm)
+        parts = []
+        if here:
+            parts.append(f"applied on this node ({self.node}) for VM {', '.join(str(v.vmid) for v in here)}")
+        for vm in elsewhere:
+            where = f"runs on node {vm.node}" if vm.running else f"is {vm.status} (last on node {vm.node})"
+            parts.append(f"recorded only for VM {vm.vmid}: it {where}; that node's agent or hookscript applies it")
+        return "; ".join(parts)
+
+    def publish_desired(self, sessions, flows) -> None:
+        """Share the store's new desired state with every node (see desired.py)."""
+        if self.shared_state:
+            desired.publish(self.shared_state, sessions, flows, self.node)

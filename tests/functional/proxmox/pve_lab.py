@@ -1,0 +1,92 @@
+"""A fake PVE cluster (fakepve over HTTPS on loopback) for the proxmox tests, and small helpers."""
+
+import asyncio
+import subprocess
+import threading
+import uuid
+
+from fakepve import FakePve
+from fakepve.certs import make_cert
+
+PASSWORD = "secret"
+
+
+class FakeCluster:
+    """fakepve served on its own event loop in a thread; migrate() and friends run there."""
+
+    def __init__(self, folder):
+        self.cafile, keyfile, _ = make_cert(str(folder), hosts=("127.0.0.1",))
+        self.pve = FakePve(user="root@pam", password=PASSWORD, host="127.0.0.1", port=0)
+        self.pve.time_scale = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fakepve", daemon=True)
+        self.thread.start()
+        self.call(self.pve.start(self.cafile, keyfile))
+
+    @property
+    def url(self):
+        return self.pve.url
+
+    def call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def later(self, coro):
+        """Start a coroutine on the fake's loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def migrate(self, vmid, target, secs=0):
+        return self.call(self.pve.migrate(vmid, target, secs=secs))
+
+    def add_vm(self, vmid, name, node, nics=1, status="running", uuid_=True, firewall=False):
+        config = {f"net{i}": f"virtio=BC:24:11:{vmid // 100:02X}:{vmid % 100:02X}:{i:02X},bridge=vmbr0" + (",firewall=1" if firewall else "")
+                  for i in range(nics)}
+        if uuid_:
+            config["smbios1"] = f"uuid={uuid.uuid5(uuid.NAMESPACE_DNS, f'vm{vmid}')}"
+        return self.pve.add_vm(vmid, name, node=node, status=status, config=config)
+
+    def settings(self, node, **more):
+        base = dict(url=self.url, user="root@pam", password=PASSWORD, cafile=self.cafile, node=node)
+        base.update(more)
+        return base
+
+    def stop(self):
+        self.call(self.pve.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def vm_uuid(vmid):
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"vm{vmid}"))
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def cli_env(cluster, node, tmp_path, **more):
+    """The environment a `vtap --driver proxmox ...` run on `node` gets (secrets only here, never argv)."""
+    import os
+
+    config = tmp_path / "empty-config.toml"
+    config.touch()
+    env = dict(os.environ)
+    env.update(
+        VTAP_CONFIG=str(config),
+        VTAP_DRIVER="proxmox",
+        VTAP_STATE=str(tmp_path / f"state-{node}" / "state.db"),
+        VTAP_PROXMOX_URL=cluster.url,
+        VTAP_PROXMOX_USER="root@pam",
+        VTAP_PROXMOX_PASSWORD=PASSWORD,
+        VTAP_PROXMOX_CAFILE=cluster.cafile,
+        VTAP_PROXMOX_NODE=node,
+        VTAP_PROXMOX_SHARED_STATE=str(tmp_path / "pmxcfs" / "vtap" / "desired.json"),
+    )
+    env.update({k: str(v) for k, v in more.items()})
+    return env
+
+
+def vtap(env, *args, timeout=60):
+    """Run the vtap command line; returns the CompletedProcess (text)."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vtap_cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout)
