@@ -93,7 +93,7 @@ def install(driver, storage: str, vmids=None, all_vms: bool = False, strict: boo
         raise ValidationError("vm", "give --vm VMID (repeatable) or --all")
     volume = f"{storage}:snippets/{SNIPPET}"
     folder = _snippet_folder(api, storage)
-    if not os.access(folder if os.path.isdir(folder) else os.path.dirname(folder), os.W_OK):
+    if not os.access(_nearest_existing(folder), os.W_OK):
         raise ValidationError("storage", f"cannot write {folder} as this OS user: run hook install as root on the node")
     vms = driver._fresh_vms()
     if all_vms:
@@ -148,6 +148,12 @@ def _snippet_folder(api, storage: str) -> str:
     if not config.get("path"):
         raise ValidationError("storage", f"{storage!r} is a {config.get('type')} storage without a file path: choose a directory storage")
     return os.path.join(config["path"], "snippets")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _write_snippet(path: str, text: str) -> bool:
