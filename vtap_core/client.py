@@ -288,6 +288,10 @@ class Client:
                 self._write(after)
                 self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
             try:
+                # Drivers whose other hosts need the desired state too (proxmox: every node) publish it here.
+                publish = getattr(self.driver, "publish_desired", None)
+                if publish is not None:
+                    publish(*after)
                 plan = reconcile.reconcile(self.driver, *after)
             except VtapError as exc:
                 self._roll_back(before_sessions, before_flows)
@@ -295,7 +299,12 @@ class Client:
             except Exception as exc:
                 self._roll_back(before_sessions, before_flows)
                 raise OperationFailed(f"{command} failed and was rolled back: {type(exc).__name__}: {exc}") from exc
-        return Change(self._describe(message, plan), plan)
+        change_message = self._describe(message, plan)
+        # A driver that applies only where a VM runs says where this change took effect (proxmox).
+        placement = getattr(self.driver, "placement", None)
+        touched = _touched_sessions(change, sessions)
+        note = placement([f for f in flows.values() if f.session in touched]) if placement and touched else ""
+        return Change(f"{change_message}; {note}" if note else change_message, plan)
 
     def _validate(self, sessions: dict, flows: dict, changed: dict):
         """The driver must be able to realize every session and flow this call touches."""
@@ -321,6 +330,9 @@ class Client:
             self._write((sessions, flows))
             self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
         try:
+            publish = getattr(self.driver, "publish_desired", None)
+            if publish is not None:
+                publish(sessions, flows)
             reconcile.reconcile(self.driver, sessions, flows)
         except Exception as exc:  # the original error is the one to report
             print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
