@@ -1,0 +1,121 @@
+"""What vtap put in one network namespace: mark -> binding, and the clsact qdiscs it added.
+
+The kernel holds only a 16-byte mark (a tc action cookie, a device alias);
+the catalog maps each mark back to the Binding (key and spec) it stands for,
+so observe() can return what plan() returned. It is written before anything
+is put in the kernel, so whatever a killed process left is still named here.
+
+One JSON file per namespace in the state dir. The same file's flock also
+serializes apply/remove between vtap processes (a CLI command and a follower).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+
+from vtap_core.driver import Binding
+
+MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
+MARK_MAGIC = b"vtap"  # first bytes of every mark, so other tools' 16-byte cookies are never taken for ours
+
+
+def mark_of(binding: Binding) -> bytes:
+    """16 bytes naming a binding's key and spec (a changed spec is a different mark)."""
+    text = json.dumps([binding.key, binding.session, binding.flow, binding.vm, [list(p) for p in binding.spec]], sort_keys=True)
+    return MARK_MAGIC + hashlib.sha256(text.encode()).digest()[:12]
+
+
+def alias_of(binding: Binding) -> str:
+    return MARK_PREFIX + mark_of(binding).hex()
+
+
+def mark_from_alias(alias: str | None) -> bytes | None:
+    if not alias or not alias.startswith(MARK_PREFIX):
+        return None
+    try:
+        mark = bytes.fromhex(alias[len(MARK_PREFIX) :].split()[0])
+    except (ValueError, IndexError):
+        return None
+    return mark if len(mark) == 16 and mark.startswith(MARK_MAGIC) else None
+
+
+def _to_dict(binding: Binding) -> dict:
+    return {
+        "key": binding.key,
+        "session": binding.session,
+        "flow": binding.flow,
+        "vm": binding.vm,
+        "spec": [list(pair) for pair in binding.spec],
+        "order": binding.order,
+    }
+
+
+def _from_dict(data: dict) -> Binding:
+    return Binding(
+        key=data["key"],
+        session=data["session"],
+        flow=data.get("flow"),
+        vm=data.get("vm"),
+        spec=tuple((name, value) for name, value in data["spec"]),
+        order=data.get("order", 1),
+    )
+
+
+class Catalog:
+    """Marks and qdiscs of one namespace, in STATE_DIR/tc-<netns or host>.json."""
+
+    def __init__(self, state_dir: str, netns: str | None):
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, f"tc-{netns or 'host'}.json")
+        self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
+        self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
+        self._lock_fd = None
+
+    # ------------------------------------------------------------ file
+
+    def load(self) -> "Catalog":
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {}
+        except json.JSONDecodeError:
+            data = {}  # a torn file: marks found in the kernel then show up as unknown orphans
+        self.bindings = data.get("bindings", {})
+        self.qdiscs = data.get("qdiscs", {})
+        return self
+
+    def save(self) -> None:
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump({"bindings": self.bindings, "qdiscs": self.qdiscs}, f, sort_keys=True)
+        os.replace(temporary, self.path)
+
+    @contextmanager
+    def locked(self):
+        """Exclusive use of this namespace's catalog (and of vtap's changes in it)."""
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.load()
+            yield self
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ entries
+
+    def remember(self, binding: Binding) -> bytes:
+        mark = mark_of(binding)
+        self.bindings[mark.hex()] = _to_dict(binding)
+        return mark
+
+    def forget(self, mark: bytes) -> None:
+        self.bindings.pop(mark.hex(), None)
+
+    def binding(self, mark: bytes) -> Binding | None:
+        data = self.bindings.get(mark.hex())
+        return _from_dict(data) if data else None

@@ -1,0 +1,161 @@
+"""pcap filter expressions (tcpdump syntax) -> classic BPF, through libpcap.
+
+compile_filter("tcp port 80") returns a Program: a tuple of classic BPF
+instructions (code, jt, jf, k) that the kernel runs in cls_bpf. An invalid
+expression raises ValidationError("filter", <libpcap's own message>).
+
+VLAN: at the tc ingress hook the kernel has already moved an 802.1Q tag out
+of the frame into skb metadata; at the egress hook the tag is in metadata or
+in the frame, depending on who built the frame. libpcap covers both (it tests
+the SKF_AD_VLAN_TAG_PRESENT ancillary value, else the in-frame TPID) only when
+its handle has BPF_SPECIAL_VLAN_HANDLING, which libpcap sets on live Linux
+handles and never on pcap_open_dead. So we compile on a briefly activated,
+non-promiscuous handle on "lo" when we may (root), and on a dead handle
+otherwise: the dead handle is good for validation, not for the kernel.
+
+Sampling 1-in-N happens in the kernel too: with_sampling() prepends a test of
+the SKF_AD_RANDOM ancillary value (rand % N == 0) to a program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import threading
+from typing import NamedTuple
+
+from vtap_core.errors import ValidationError
+
+DLT_EN10MB = 1
+SNAPLEN = 262144  # libpcap's default: a match returns this (any non-zero means "match")
+PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
+LIVE_DEVICE = b"lo"
+LIVE_BUFFER_BYTES = 64 * 1024  # the handle never reads; keep its ring small
+
+# Classic BPF opcodes and Linux ancillary offsets (linux/filter.h).
+BPF_LD_W_ABS = 0x20
+BPF_ALU_MOD_K = 0x94
+BPF_JMP_JEQ_K = 0x15
+BPF_RET_K = 0x06
+SKF_AD_OFF = -0x1000
+SKF_AD_RANDOM = 56
+
+
+class Instruction(NamedTuple):
+    """One struct sock_filter: {u16 code; u8 jt; u8 jf; u32 k}."""
+
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+Program = tuple  # of Instruction
+
+
+class _BpfInsn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+
+class _BpfProgram(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_BpfInsn))]
+
+
+@functools.lru_cache(maxsize=1)
+def _libpcap():
+    name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError as exc:
+        raise ValidationError("filter", f"libpcap is not installed ({exc}); run scripts/setup") from None
+    lib.pcap_open_dead.restype = ctypes.c_void_p
+    lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.pcap_create.restype = ctypes.c_void_p
+    lib.pcap_create.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    for setter in ("pcap_set_snaplen", "pcap_set_promisc", "pcap_set_buffer_size", "pcap_set_timeout"):
+        getattr(lib, setter).argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.pcap_activate.argtypes = [ctypes.c_void_p]
+    lib.pcap_compile.argtypes = [ctypes.c_void_p, ctypes.POINTER(_BpfProgram), ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32]
+    lib.pcap_geterr.restype = ctypes.c_char_p
+    lib.pcap_geterr.argtypes = [ctypes.c_void_p]
+    lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
+    lib.pcap_close.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+# pcap_compile is not re-entrant in every libpcap; one compile at a time.
+_lock = threading.Lock()
+
+
+def _open_handle(lib, live: bool):
+    """A handle to compile with: live (Linux VLAN handling) or dead."""
+    if live:
+        errbuf = ctypes.create_string_buffer(256)
+        handle = lib.pcap_create(LIVE_DEVICE, errbuf)
+        if handle:
+            lib.pcap_set_snaplen(handle, SNAPLEN)
+            lib.pcap_set_promisc(handle, 0)  # never promiscuous
+            lib.pcap_set_buffer_size(handle, LIVE_BUFFER_BYTES)
+            lib.pcap_set_timeout(handle, 1)
+            if lib.pcap_activate(handle) == 0:
+                return handle
+            lib.pcap_close(handle)
+    return lib.pcap_open_dead(DLT_EN10MB, SNAPLEN)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(expression: str, live: bool) -> Program:
+    lib = _libpcap()
+    with _lock:
+        handle = _open_handle(lib, live)
+        try:
+            program = _BpfProgram()
+            if lib.pcap_compile(handle, ctypes.byref(program), expression.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+                message = lib.pcap_geterr(handle).decode(errors="replace")
+                raise ValidationError("filter", f"{expression!r}: {message}")
+            try:
+                return tuple(
+                    Instruction(i.code, i.jt, i.jf, i.k) for i in program.bf_insns[: program.bf_len]
+                )
+            finally:
+                lib.pcap_freecode(ctypes.byref(program))
+        finally:
+            lib.pcap_close(handle)
+
+
+def compile_filter(expression: str | None, live: bool | None = None) -> Program:
+    """Classic BPF for a pcap filter expression; None or "" matches everything.
+
+    live=None uses a live handle when the process may open one (root).
+    """
+    if live is None:
+        live = os.geteuid() == 0
+    if expression is not None and not isinstance(expression, str):
+        raise ValidationError("filter", f"{expression!r} is not a pcap filter expression")
+    text = " ".join((expression or "").split())
+    if "\0" in text:
+        raise ValidationError("filter", "a filter expression cannot contain NUL characters")
+    return _compile(text, bool(live))
+
+
+def check_filter(expression: str | None) -> None:
+    """Raise ValidationError when libpcap rejects the expression."""
+    compile_filter(expression, live=False)
+
+
+def with_sampling(program: Program, one_in: int | None) -> Program:
+    """The program, passing only 1 in `one_in` of the packets it would pass.
+
+    Prepended, so the relative jumps inside the original stay valid.
+    """
+    if not one_in or one_in == 1:
+        return tuple(program)
+    sampler = (
+        Instruction(BPF_LD_W_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_RANDOM) & 0xFFFFFFFF),  # A = random u32
+        Instruction(BPF_ALU_MOD_K, 0, 0, one_in),  # A %= N
+        Instruction(BPF_JMP_JEQ_K, 1, 0, 0),  # A == 0 ? go on : drop
+        Instruction(BPF_RET_K, 0, 0, 0),
+    )
+    return sampler + tuple(program)
