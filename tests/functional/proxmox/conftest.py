@@ -14,3 +14,26 @@ def cluster(tmp_path):
         yield fake
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def nodes():
+    """make(node_name) -> a NodeNamespace named uniquely; all removed afterwards."""
+    import os
+    import uuid
+
+    from pve_lab import NodeNamespace
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: plays PVE nodes as network namespaces")
+    made = []
+    tag = uuid.uuid4().hex[:6]
+
+    def make(node):
+        ns = NodeNamespace(f"vtpve-{tag}-{node}")
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.remove()

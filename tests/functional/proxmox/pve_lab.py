@@ -90,3 +90,68 @@ def vtap(env, *args, timeout=60):
     import sys
 
     return subprocess.run([sys.executable, "-m", "vtap_cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+SEND_FRAMES = r"""
+import socket, sys
+ifname, count = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+frame = bytes.fromhex("ffffffffffff" "bc2411000001" "88b5") + b"vtap-proxmox-test".ljust(46, b".")
+for _ in range(count):
+    s.send(frame)
+"""
+
+
+class NodeNamespace:
+    """One PVE node's host side: tap<vmid>i<n> devices (veth; the peer plays the VM's NIC) and a
+    monitoring port mon0 whose peer mon0p counts the copies that arrive."""
+
+    def __init__(self, name):
+        self.name = name
+        sh("ip", "netns", "add", name)
+        self.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        self.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        self.run("ip", "link", "set", "lo", "up")
+        self.run("ip", "link", "add", "mon0", "type", "veth", "peer", "name", "mon0p")
+        self.run("ip", "link", "set", "mon0", "up")
+        self.run("ip", "link", "set", "mon0p", "up")
+
+    def run(self, *args, check=True):
+        return sh("ip", "netns", "exec", self.name, *args, check=check)
+
+    def add_tap(self, vmid, index=0, firewall=False):
+        """The tap PVE makes when the VM starts here; with firewall=1, behind fwbr<vmid>i<n>."""
+        tap, peer = f"tap{vmid}i{index}", f"vm{vmid}i{index}"
+        self.run("ip", "link", "add", tap, "type", "veth", "peer", "name", peer)
+        for dev in (tap, peer):
+            self.run("ip", "link", "set", dev, "up")
+        if firewall:
+            bridge = f"fwbr{vmid}i{index}"
+            self.run("ip", "link", "add", bridge, "type", "bridge")
+            self.run("ip", "link", "set", bridge, "up")
+            self.run("ip", "link", "set", tap, "master", bridge)
+
+    def del_tap(self, vmid, index=0):
+        self.run("ip", "link", "del", f"tap{vmid}i{index}", check=False)
+        self.run("ip", "link", "del", f"fwbr{vmid}i{index}", check=False)
+
+    def send_from_vm(self, vmid, index=0, count=10):
+        """Frames the VM sends (its `out` direction): they enter the host at tap<vmid>i<n>."""
+        import sys
+
+        self.run(sys.executable, "-c", SEND_FRAMES, f"vm{vmid}i{index}", str(count))
+
+    def received(self):
+        """Frames that reached the monitoring port (mon0 sends them, mon0p receives them)."""
+        import json
+
+        info = json.loads(self.run("ip", "-s", "-j", "link", "show", "mon0p").stdout)
+        return info[0]["stats64"]["rx"]["packets"]
+
+    def filters(self, device):
+        return self.run("tc", "filter", "show", "dev", device, "ingress", check=False).stdout + \
+            self.run("tc", "filter", "show", "dev", device, "egress", check=False).stdout
+
+    def remove(self):
+        sh("ip", "netns", "del", self.name, check=False)
