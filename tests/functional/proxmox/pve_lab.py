@@ -155,3 +155,35 @@ class NodeNamespace:
 
     def remove(self):
         sh("ip", "netns", "del", self.name, check=False)
+
+
+def start_agent(env, interval):
+    """`vtap agent` as a node runs it (until SIGTERM); stderr collected in a file for the log lines."""
+    import sys
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen([sys.executable, "-m", "vtap_cli.main", "agent", "--interval", str(interval)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
+    return process
+
+
+def stop_agent(process):
+    """SIGTERM, then the agent's exit code and log text."""
+    process.terminate()
+    code = process.wait(timeout=20)
+    process.log.seek(0)
+    return code, process.log.read()
+
+
+def wait_for(predicate, timeout=15.0, step=0.05):
+    """Seconds until predicate() was true; AssertionError after timeout."""
+    import time
+
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout}s: {predicate.__doc__ or predicate}")
+        time.sleep(step)
+    return time.monotonic() - started
