@@ -1,0 +1,364 @@
+"""The vsphere driver: TapSessions as vDS port mirroring sessions (VspanSession).
+
+One TapSession becomes one VMwareVspanSession per distributed switch its
+sources are on, named vtap:<session>; sessions with other names are never
+read into vtap's state, edited or removed. See mirror.py for the mapping
+(and for which way is "in" and "out"), inventory.py for how VMs and switches
+are read, watch.py for the follower's event source.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import tenacity
+from pyVmomi import vim, vmodl
+
+from vtap_core.driver import Binding, Description, Driver, Features
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
+from vtap_core.model import Direction, TapFlow, TapSession, VM
+from vtap_drivers.vsphere import inventory, mirror, watch
+from vtap_drivers.vsphere.connection import LOST, Connection, fault_text
+
+MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than 60"
+FEATURES = Features(
+    targets=frozenset({"vm", "port", "gre", "erspan"}),
+    sources=frozenset({"vm"}),
+    filter=False,
+    sample=True,
+    snaplen_targets=frozenset({"vm", "port", "gre", "erspan"}),
+)
+
+
+class VsphereDriver(Driver):
+    name = "vsphere"
+
+    def __init__(self, url=None, user=None, password=None, insecure=False, state_dir=None, **_ignored):
+        super().__init__(url=url, user=user, insecure=insecure, state_dir=state_dir)  # no password kept here
+        self.connection = Connection(url, user, password, insecure)
+        self._views = {}  # (connection number, type) -> ContainerView
+        self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
+
+    # describe / inventory ----------------------------------------------------
+
+    def describe(self) -> Description:
+        return Description(
+            name=self.name,
+            summary="VMware vSphere: distributed switch port mirroring (VspanSession), followed through a PropertyCollector",
+            features=FEATURES,
+            connection={"url": self.connection.url, "user": self.connection.user, "insecure": self.connection.insecure},
+        )
+
+    def check_features(self, session: TapSession, flows: Iterable[TapFlow]) -> None:
+        flows = list(flows)
+        for flow in flows:
+            if flow.filter:
+                raise Unsupported(
+                    self.name,
+                    "filter expressions",
+                    f"flow {flow.name}: a vDS mirrors whole ports, so '{flow.filter}' cannot be honoured; "
+                    "vtap will not mirror more than asked (drop --filter)",
+                )
+        super().check_features(session, flows)
+
+    def inventory(self) -> list[VM]:
+        def read(content):
+            found = inventory.retrieve(content, self._view(content, vim.VirtualMachine), vim.VirtualMachine, inventory.VM_PROPERTIES, True)
+            return sorted((inventory.vm_record(ref, props).to_vm() for ref, props in found.items()), key=lambda vm: vm.name)
+
+        return self.connection.call(read)
+
+    # plan ------------------------------------------------------------------
+
+    def plan(self, sessions: Iterable[TapSession], flows: Iterable[TapFlow]) -> list[Binding]:
+        sessions, flows = list(sessions), list(flows)
+        for session in sessions:
+            self._check_session(session)
+        for flow in flows:
+            if flow.filter:
+                self.check_features(next(s for s in sessions if s.name == flow.session), [flow])
+        return self.connection.call(lambda content: self._plan(content, sessions, flows))
+
+    def _check_session(self, session: TapSession) -> None:
+        """What can be refused without asking vCenter."""
+        target = session.target
+        if session.snaplen is not None and session.snaplen < MIN_SNAPLEN:
+            raise ValidationError("snaplen", f"{session.snaplen} is below {MIN_SNAPLEN}: vDS mirroredPacketLength cannot be less than {MIN_SNAPLEN}")
+        if target.kind not in FEATURES.targets:
+            raise Unsupported(self.name, f"target {target.kind}:", "targets here are erspan, gre, port, vm")
+        if target.kind in ("gre", "erspan"):
+            try:
+                ipaddress.ip_address(target.host)
+            except ValueError:
+                raise ValidationError("target", f"{target.host!r}: vSphere sends encapsulated mirrors to an IP address, not a host name") from None
+        if target.kind == "gre" and target.key is not None:
+            raise Unsupported(self.name, "gre key", "vDS GRE mirror packets carry no key (drop ?key=)")
+
+    def _plan(self, content, sessions, flows) -> list[Binding]:
+        wanted = [f.source.vm for f in flows] + [s.target.vm for s in sessions if s.target.kind == "vm"]
+        records = self._resolve(content, wanted)
+        switches = self._switches(content)
+        bindings = []
+        checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
+        for session in sessions:
+            by_switch = defaultdict(lambda: {"transmitted": set(), "received": set()})
+            for flow in (f for f in flows if f.session == session.name):
+                record = records[flow.source.vm]
+                for nic in self._source_nics(record, flow):
+                    ports = by_switch[nic.switch_uuid]
+                    if flow.direction.includes(Direction.OUT):
+                        ports["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
+                    if flow.direction.includes(Direction.IN):
+                        ports["transmitted"].add(nic.port_key)
+                    checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
+            if session.target.kind == "vm":
+                self._target_nic(session, records)  # refuse a bad target even before flows exist
+            for uuid, ports in by_switch.items():
+                switch = switches.get(uuid)
+                if switch is None:
+                    raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
+                destination = self._destination(content, session, switch, records, ports)
+                for key in destination.get("ports", ()):
+                    checks[uuid][key] = f"target {session.target}"
+                spec = mirror.make_spec(
+                    **destination,
+                    transmitted=ports["transmitted"],
+                    received=ports["received"],
+                    snaplen=session.snaplen,
+                    sample=session.sample,
+                )
+                bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
+        for uuid, ports in checks.items():
+            self._refuse_promiscuous(switches[uuid], ports)
+        return bindings
+
+    def _source_nics(self, record, flow):
+        nics = [n for n in record.nics if flow.source.nic is None or n.mac == flow.source.nic]
+        if flow.source.nic and not nics:
+            have = ", ".join(n.mac for n in record.nics) or "none"
+            raise NotFound(f"nic {flow.source.nic}: VM {record.name} has no NIC with this MAC (it has {have})")
+        on_switch = [n for n in nics if n.switch_uuid and n.port_key]
+        if not on_switch:
+            raise ValidationError("vm", f"VM {record.name}: no NIC{' ' + flow.source.nic if flow.source.nic else ''} is on a distributed switch port; vDS port mirroring needs one")
+        return on_switch
+
+    def _target_nic(self, session, records):
+        target = session.target
+        record = records[target.vm]
+        nics = [n for n in record.nics if n.switch_uuid and n.port_key and (target.mac is None or n.mac == target.mac)]
+        if not nics:
+            raise NotFound(f"target: VM {record.name} has no NIC{' ' + target.mac if target.mac else ''} on a distributed switch port")
+        if len(nics) > 1:
+            raise ValidationError("target", f"VM {record.name} has {len(nics)} NICs on distributed switches; name one: vm:{target.vm}#MAC")
+        return record, nics[0]
+
+    def _destination(self, content, session, switch, records, sources) -> dict:
+        target = session.target
+        capability = switch.vspan
+        if capability is None:
+            raise Unsupported(self.name, f"port mirroring on switch {switch.name}", "its featuresSupported has no vspanSupported")
+        if target.kind == "vm":
+            record, nic = self._target_nic(session, records)
+            if nic.switch_uuid != switch.uuid:
+                raise ValidationError("target", f"monitoring VM {record.name} is on another switch than the sources on {switch.name}; a vDS mirror stays within one switch")
+            if nic.port_key in sources["transmitted"] | sources["received"]:
+                raise ValidationError("target", f"monitoring VM {record.name}'s port {nic.port_key} is also a source of session {session.name}")
+            self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
+            return {"session_type": mirror.DV_PORT_MIRROR, "ports": [nic.port_key]}
+        if target.kind == "port":
+            return self._port_destination(content, target.port, switch, capability)
+        self._require(capability.encapRemoteSourceSupported, switch, "encapsulated remote mirror sessions")
+        if target.kind == "gre":
+            return {"session_type": mirror.ENCAPSULATED, "ips": [target.host], "encap": "gre"}
+        self._require(capability.erspanProtocolSupported, switch, "ERSPAN")
+        return {"session_type": mirror.ENCAPSULATED, "ips": [target.host], "encap": f"erspan{target.version}", "erspan_id": target.erspan_id}
+
+    def _port_destination(self, content, name, switch, capability) -> dict:
+        """port:NAME is an uplink name (all hosts' uplinks of that name), a port key, or a port's name."""
+        if name in switch.uplink_names:
+            self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
+            return {"session_type": mirror.MIXED_DEST_MIRROR, "uplinks": [name]}
+        ports = switch.ref.FetchDVPorts(vim.dvs.PortCriteria(portKey=[name]))
+        if not ports:
+            ports = [p for p in switch.ref.FetchDVPorts(vim.dvs.PortCriteria()) if p.config and p.config.name == name]
+        if not ports:
+            raise NotFound(f"target: switch {switch.name} has no port key, port name or uplink name {name!r}")
+        if len(ports) > 1:
+            raise ValidationError("target", f"{len(ports)} ports on switch {switch.name} are named {name!r}; use a port key: {', '.join(p.key for p in ports)}")
+        port = ports[0]
+        if port.config and port.config.setting is not None and self._is_uplink(switch, port):
+            self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
+            return {"session_type": mirror.MIXED_DEST_MIRROR, "ports": [port.key]}
+        self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
+        return {"session_type": mirror.DV_PORT_MIRROR, "ports": [port.key]}
+
+    @staticmethod
+    def _is_uplink(switch, port) -> bool:
+        connectee = port.connectee
+        return connectee is not None and connectee.type == "pnic"
+
+    def _require(self, supported, switch, feature):
+        if not supported:
+            raise Unsupported(self.name, f"{feature} on switch {switch.name}", "the switch's vspanCapability does not offer it")
+
+    def _refuse_promiscuous(self, switch, ports: dict) -> None:
+        """vSphere refuses promiscuous ports in mirror sessions; vtap says which and never changes the port."""
+        for port in switch.ref.FetchDVPorts(vim.dvs.PortCriteria(portKey=sorted(ports))):
+            setting = port.config.setting if port.config else None
+            policy = getattr(setting, "securityPolicy", None)
+            allow = getattr(policy, "allowPromiscuous", None)
+            if allow is not None and allow.value:
+                raise ValidationError(
+                    f"port {port.key}",
+                    f"{ports.get(port.key, 'port')} is on port {port.key} of switch {switch.name}, which is in promiscuous mode; "
+                    "a vDS cannot mirror it and vtap never changes promiscuous mode",
+                )
+
+    # observe / apply / remove -------------------------------------------------
+
+    def observe(self) -> list[Binding]:
+        def read(content):
+            bindings = []
+            for switch in self._switches(content).values():
+                for vspan in switch.sessions:
+                    if vspan.name and vspan.name.startswith(mirror.PREFIX):
+                        session = vspan.name[len(mirror.PREFIX):]
+                        bindings.append(Binding(key=mirror.binding_key(switch.uuid, session), session=session, spec=mirror.spec_of(vspan)))
+            return bindings
+
+        return self.connection.call(read)
+
+    def apply(self, bindings: Iterable[Binding]) -> None:
+        for uuid, group in _by_switch(bindings).items():
+            self.connection.call(lambda content: self._reconfigure(content, uuid, group, self._upserts))
+
+    def remove(self, bindings: Iterable[Binding]) -> None:
+        for uuid, group in _by_switch(bindings).items():
+            self.connection.call(lambda content: self._reconfigure(content, uuid, group, self._removals))
+
+    @staticmethod
+    def _upserts(switch, group):
+        existing = {v.name: v for v in switch.sessions}
+        ops = []
+        for binding in group:
+            name = mirror.session_name(binding.session)
+            found = existing.get(name)
+            if found is not None and mirror.spec_of(found) == binding.spec:
+                continue  # already right: applying twice changes nothing
+            operation = "edit" if found is not None else "add"
+            vspan = mirror.to_vspan(name, dict(binding.spec), key=found.key if found is not None else None)
+            ops.append(mirror.VSPAN.VspanConfigSpec(operation=operation, vspanSession=vspan))
+        return ops
+
+    @staticmethod
+    def _removals(switch, group):
+        existing = {v.name: v for v in switch.sessions}
+        ops = []
+        for binding in group:
+            found = existing.get(mirror.session_name(binding.session))
+            if found is not None:  # deleting what is gone is not an error
+                ops.append(mirror.VSPAN.VspanConfigSpec(operation="remove", vspanSession=mirror.VSPAN.VspanSession(key=found.key, name=found.name)))
+        return ops
+
+    def _reconfigure(self, content, uuid, group, make_ops):
+        """One ReconfigureDvs_Task per switch, made from a fresh read; a configVersion conflict is re-read and retried."""
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TemporaryError),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1),
+            stop=tenacity.stop_after_attempt(6),
+            reraise=True,
+        ):
+            with attempt:
+                switch = self._switches(content).get(uuid)
+                if switch is None:
+                    if make_ops is self._removals:
+                        return  # the switch is gone and its sessions with it
+                    raise NotFound(f"switch {uuid}: not found in vCenter")
+                ops = make_ops(switch, group)
+                if not ops:
+                    return
+                spec = vim.dvs.VmwareDistributedVirtualSwitch.ConfigSpec(configVersion=switch.version, vspanConfigSpec=ops)
+                try:
+                    self.connection.wait(switch.ref.ReconfigureDvs_Task(spec), "reconfigure switch")
+                except vim.fault.ConcurrentAccess:
+                    raise TemporaryError(f"switch {switch.name} changed while vtap was changing it") from None
+                except vmodl.MethodFault as fault:
+                    names = ", ".join(mirror.session_name(b.session) for b in group)
+                    raise OperationFailed(f"vsphere: switch {switch.name} refused {names}: {fault_text(fault)}") from None
+
+    # watch -----------------------------------------------------------------
+
+    def watch(self, stop: threading.Event) -> Iterator[str | None]:
+        while not stop.is_set():
+            try:
+                yield from watch.updates(self.connection.content, stop)
+                return
+            except LOST:
+                self.connection.reconnect()
+                self._views.clear()
+                yield None  # events may have been missed: look at everything
+
+    def close(self) -> None:
+        self._views.clear()
+        self.connection.close()
+
+    # reading helpers -------------------------------------------------------
+
+    def _view(self, content, kind):
+        key = (self.connection.connects, kind)
+        if key not in self._views:
+            self._views[key] = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
+        return self._views[key]
+
+    def _switches(self, content) -> dict:
+        view = self._view(content, vim.DistributedVirtualSwitch)
+        found = inventory.retrieve(content, view, vim.DistributedVirtualSwitch, inventory.SWITCH_PROPERTIES, True)
+        records = (inventory.switch_record(ref, props) for ref, props in found.items())
+        return {r.uuid: r for r in records}
+
+    def _resolve(self, content, names_or_uuids) -> dict:
+        """{what the user gave: VmRecord}; a UUID is an instance UUID or a BIOS UUID."""
+        wanted = sorted(set(names_or_uuids))
+        refs = {}
+        names = [w for w in wanted if inventory.parse_uuid(w) != w]
+        for uuid in (w for w in wanted if w not in names):
+            refs[uuid] = self._vm_refs.get(uuid) or self._find_by_uuid(content, uuid)
+        if names:
+            everything = inventory.retrieve(content, self._view(content, vim.VirtualMachine), vim.VirtualMachine, ["name"], True)
+            for name in names:
+                matches = [ref for ref, props in everything.items() if props.get("name") == name]
+                if not matches:
+                    raise NotFound(f"vm {name!r}: no VM with this name in vCenter {self.connection.url}")
+                if len(matches) > 1:
+                    raise ValidationError("vm", f"{len(matches)} VMs are named {name!r}; use the UUID")
+                refs[name] = matches[0]
+        try:
+            found = inventory.retrieve(content, list(set(refs.values())), vim.VirtualMachine, inventory.VM_PROPERTIES)
+        except vmodl.fault.ManagedObjectNotFound:
+            self._vm_refs.clear()  # a cached VM was removed: look them up again
+            return self._resolve(content, names_or_uuids)
+        records = {}
+        for given, ref in refs.items():
+            if ref not in found:
+                self._vm_refs.pop(given, None)
+                raise NotFound(f"vm {given}: no longer in vCenter {self.connection.url}")
+            records[given] = inventory.vm_record(ref, found[ref])
+        return records
+
+    def _find_by_uuid(self, content, uuid):
+        index = content.searchIndex
+        ref = index.FindByUuid(uuid=uuid, vmSearch=True, instanceUuid=True) or index.FindByUuid(uuid=uuid, vmSearch=True, instanceUuid=False)
+        if ref is None:
+            raise NotFound(f"vm {uuid}: no VM with this instance or BIOS UUID in vCenter {self.connection.url}")
+        self._vm_refs[uuid] = ref
+        return ref
+
+
+def _by_switch(bindings) -> dict:
+    groups = defaultdict(list)
+    for binding in bindings:
+        groups[binding.key.split("/")[1]].append(binding)
+    return groups

@@ -1,0 +1,129 @@
+"""Reading VMs and switches from vCenter in a constant number of round trips.
+
+Flow VMs are looked up by UUID through the SearchIndex (instance UUID, then
+BIOS UUID) and their properties read in one RetrievePropertiesEx; switches
+come from one container view. Nothing here walks the inventory per VM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyVmomi import vim, vmodl
+
+from vtap_core.model import VM, Nic, parse_uuid
+
+VM_PROPERTIES = ["name", "config.uuid", "config.instanceUuid", "runtime.host", "runtime.powerState", "config.hardware.device"]
+SWITCH_PROPERTIES = ["name", "uuid", "config.configVersion", "config.vspanSession", "config.uplinkPortPolicy", "capability.featuresSupported"]
+POWER = {"poweredOn": "running", "poweredOff": "shut off", "suspended": "paused"}
+
+
+@dataclass
+class VmNic:
+    mac: str
+    device_key: int
+    label: str
+    switch_uuid: str | None = None
+    portgroup_key: str | None = None
+    port_key: str | None = None
+
+
+@dataclass
+class VmRecord:
+    ref: object
+    uuid: str  # instance UUID: what vtap follows
+    bios_uuid: str | None
+    name: str
+    host: str | None
+    power: str
+    nics: list = field(default_factory=list)
+
+    def to_vm(self) -> VM:
+        return VM(
+            uuid=self.uuid,
+            name=self.name,
+            state=POWER.get(self.power, self.power),
+            host=self.host,
+            nics=tuple(
+                Nic(mac=n.mac, device=n.port_key, network=n.portgroup_key, details={"switch": n.switch_uuid, "label": n.label})
+                for n in self.nics
+            ),
+            details={"bios_uuid": self.bios_uuid},
+        )
+
+
+@dataclass
+class SwitchRecord:
+    ref: object
+    uuid: str
+    name: str
+    version: str
+    sessions: list
+    uplink_names: tuple
+    vspan: object  # VMwareDVSVspanCapability or None
+
+
+def nics_of(devices) -> list[VmNic]:
+    nics = []
+    for device in devices or ():
+        if not isinstance(device, vim.vm.device.VirtualEthernetCard):
+            continue
+        nic = VmNic(mac=(device.macAddress or "").lower(), device_key=device.key, label=device.deviceInfo.label if device.deviceInfo else "")
+        backing = device.backing
+        if isinstance(backing, vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo) and backing.port:
+            nic.switch_uuid = backing.port.switchUuid
+            nic.portgroup_key = backing.port.portgroupKey
+            nic.port_key = backing.port.portKey
+        nics.append(nic)
+    return nics
+
+
+def retrieve(content, objects, kind, properties, traverse_view=False):
+    """{moref: {property: value}} for objects, in one RetrievePropertiesEx (+ continuations)."""
+    pc = vmodl.query.PropertyCollector
+    if traverse_view:
+        traversal = pc.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+        object_set = [pc.ObjectSpec(obj=objects, skip=True, selectSet=[traversal])]
+    else:
+        object_set = [pc.ObjectSpec(obj=obj, skip=False) for obj in objects]
+    if not object_set:
+        return {}
+    spec = pc.FilterSpec(objectSet=object_set, propSet=[pc.PropertySpec(type=kind, pathSet=properties)])
+    found = {}
+    result = content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+    while result is not None:
+        for item in result.objects:
+            found[item.obj] = {p.name: p.val for p in item.propSet}
+        if not result.token:
+            break
+        result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
+    return found
+
+
+def vm_record(ref, props) -> VmRecord:
+    instance = parse_uuid(props.get("config.instanceUuid")) if props.get("config.instanceUuid") else None
+    bios = parse_uuid(props.get("config.uuid")) if props.get("config.uuid") else None
+    host = props.get("runtime.host")
+    return VmRecord(
+        ref=ref,
+        uuid=instance or bios or ref._moId,
+        bios_uuid=bios,
+        name=props.get("name", ref._moId),
+        host=getattr(host, "_moId", None),
+        power=str(props.get("runtime.powerState", "unknown")),
+        nics=nics_of(props.get("config.hardware.device")),
+    )
+
+
+def switch_record(ref, props) -> SwitchRecord:
+    features = props.get("capability.featuresSupported")
+    policy = props.get("config.uplinkPortPolicy")
+    return SwitchRecord(
+        ref=ref,
+        uuid=props.get("uuid"),
+        name=props.get("name", ref._moId),
+        version=props.get("config.configVersion"),
+        sessions=list(props.get("config.vspanSession") or ()),
+        uplink_names=tuple(getattr(policy, "uplinkPortName", None) or ()),
+        vspan=getattr(features, "vspanCapability", None) if getattr(features, "vspanSupported", False) else None,
+    )

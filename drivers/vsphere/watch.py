@@ -1,0 +1,68 @@
+"""The follower's event source: one PropertyCollector over container views.
+
+WaitForUpdatesEx on the properties that matter (a VM's host, power state and
+NIC devices, which carry the port keys; a switch's mirror sessions). Yields a
+VM's instance UUID when one of its properties changed, None when a switch's
+sessions changed (drift: a vtap session edited or removed by someone else).
+Nothing is polled per VM.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from pyVmomi import vim, vmodl
+
+from vtap_core.model import parse_uuid
+
+VM_WATCHED = ["config.instanceUuid", "runtime.host", "runtime.powerState", "config.hardware.device"]
+SWITCH_WATCHED = ["config.vspanSession"]
+WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
+
+
+def updates(content, stop: threading.Event) -> Iterator[str | None]:
+    pc_type = vmodl.query.PropertyCollector
+    collector = content.propertyCollector.CreatePropertyCollector()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.DistributedVirtualSwitch], True)
+    try:
+        traversal = pc_type.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+        spec = pc_type.FilterSpec(
+            objectSet=[pc_type.ObjectSpec(obj=view, skip=True, selectSet=[traversal])],
+            propSet=[
+                pc_type.PropertySpec(type=vim.VirtualMachine, pathSet=VM_WATCHED),
+                pc_type.PropertySpec(type=vim.DistributedVirtualSwitch, pathSet=SWITCH_WATCHED),
+            ],
+        )
+        collector.CreateFilter(spec, partialUpdates=True)
+        uuids = {}  # VM moref id -> instance UUID (changes carry only what changed)
+        version = ""
+        options = pc_type.WaitOptions(maxWaitSeconds=WAIT_SECONDS)
+        while not stop.is_set():
+            result = collector.WaitForUpdatesEx(version, options)
+            if result is None:
+                continue
+            initial = version == ""  # the first answer is the whole current state
+            version = result.version
+            switch_changed = False
+            for filter_update in result.filterSet:
+                for update in filter_update.objectSet:
+                    if isinstance(update.obj, vim.VirtualMachine):
+                        for change in update.changeSet:
+                            if change.name == "config.instanceUuid" and change.val:
+                                uuids[update.obj._moId] = parse_uuid(change.val)
+                        uuid = uuids.get(update.obj._moId)
+                        if update.kind == "leave":
+                            uuids.pop(update.obj._moId, None)
+                        if not initial and uuid:
+                            yield uuid
+                    elif not initial:
+                        switch_changed = True
+            if switch_changed:
+                yield None
+    finally:
+        for cleanup in (collector.DestroyPropertyCollector, view.DestroyView):
+            try:
+                cleanup()
+            except Exception:  # the session may be gone; the server drops them with it
+                pass
