@@ -1,1 +1,8 @@
-"""vtap kvm driver."""
+"""vtap kvm driver: libvirt inventory and events; tc or Open vSwitch data path.
+
+Import-cheap on purpose (no libvirt here): the CLI reads SETTINGS to resolve
+--uri / $VTAP_LIBVIRT_URI / the [kvm] config section before loading anything.
+"""
+
+SETTINGS = {"uri": "VTAP_LIBVIRT_URI", "ovsdb": "VTAP_OVSDB"}  # ovsdb: for the ovs backend
+DEFAULT_URI = "qemu:///system"

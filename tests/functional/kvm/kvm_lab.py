@@ -1,0 +1,318 @@
+"""Real libvirt hosts and tiny guests for the kvm tests.
+
+LibvirtHost runs its own libvirtd in a private mount namespace: /etc/libvirt,
+/var/lib/libvirt, /run/libvirt ... are bind mounts of a temp dir, so two hosts
+(and a system libvirtd, if any) never share state; the socket lives outside
+the namespace so the tests and vtap can connect with ?socket=.
+
+The guest is a Debian kernel booted directly with a busybox initramfs whose
+/init brings every ethN up and, forever, pings a peer from eth0 and arpings
+it from every other NIC, so frames sent and received by the guest can be
+counted on the host.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "kvm"
+LIBVIRT_DIRS = {
+    "etc": "/etc/libvirt",
+    "lib": "/var/lib/libvirt",
+    "run": "/run/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+}
+GUEST_MODULES = ("virtio_pci", "virtio_net")  # with their dependencies, from modules.dep
+GUEST_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+while read -r m; do insmod "/lib/modules/$m"; done < /lib/modules/order
+arg() { sed -n "s/.*vtap\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+IP=$(arg ip); PEER=$(arg peer)
+echo "vtap-guest: ip=$IP peer=$PEER"
+while true; do
+  for dev in /sys/class/net/eth*; do
+    name=${dev##*/}
+    ip link set "$name" up 2>/dev/null
+    if [ "$name" = eth0 ]; then
+      ip addr show eth0 | grep -q "inet " || ip addr add "$IP/24" dev eth0
+      ping -c 1 -W 1 "$PEER" >/dev/null 2>&1
+    else
+      arping -c 1 -w 1 -s "$IP" -I "$name" "$PEER" >/dev/null 2>&1
+    fi
+  done
+  sleep 0.2
+done
+"""
+
+
+def kernel_path() -> Path:
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not kernels:
+        raise RuntimeError("no /boot/vmlinuz-*: run scripts/setup --test (installs linux-image-amd64)")
+    return Path(kernels[-1])
+
+
+def _cpio_newc(entries) -> bytes:
+    """A newc cpio archive of (path, mode, data) entries (what the kernel unpacks as initramfs)."""
+    out = io.BytesIO()
+    for ino, (path, mode, data) in enumerate(list(entries) + [("TRAILER!!!", 0, b"")], start=1):
+        name = path.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0]
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + name)
+        out.write(b"\0" * (-(110 + len(name)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+    return out.getvalue()
+
+
+def _load_order(release, wanted) -> list[str]:
+    """Module paths to insmod, dependencies first (modules.dep lists them deepest last)."""
+    deps = {}
+    for line in Path(f"/lib/modules/{release}/modules.dep").read_text().splitlines():
+        module, _, needs = line.partition(":")
+        deps[module] = needs.split()
+    order = []
+    for name in wanted:
+        module = next(m for m in deps if os.path.basename(m) == f"{name}.ko")
+        for path in list(reversed(deps[module])) + [module]:
+            if path not in order:
+                order.append(path)
+    return order
+
+
+def guest_image() -> tuple[str, str]:
+    """(kernel, initramfs) paths; the initramfs is built once and cached under tests/.cache/kvm."""
+    kernel = kernel_path()
+    release = kernel.name[len("vmlinuz-"):]
+    initrd = CACHE / f"initrd-{release}-{hashlib.sha256((GUEST_INIT + repr(GUEST_MODULES)).encode()).hexdigest()[:12]}.gz"
+    if not initrd.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        entries = [(d, 0o40755, b"") for d in ("bin", "proc", "sys", "dev", "lib", "lib/modules")]
+        entries.append(("init", 0o100755, GUEST_INIT.encode()))
+        entries.append(("bin/busybox", 0o100755, Path(shutil.which("busybox") or "/bin/busybox").read_bytes()))
+        entries.append(("bin/sh", 0o120777, b"busybox"))
+        order = []
+        for module in _load_order(release, GUEST_MODULES):
+            name = os.path.basename(module)
+            entries.append((f"lib/modules/{name}", 0o100644, Path(f"/lib/modules/{release}/{module}").read_bytes()))
+            order.append(name)
+        entries.append(("lib/modules/order", 0o100644, ("\n".join(order) + "\n").encode()))
+        entries.append(("dev/console", 0o20600, b""))  # the kernel needs it for /init's stdio
+        tmp = initrd.with_suffix(".tmp")
+        tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=1))
+        tmp.rename(initrd)
+    return str(kernel), str(initrd)
+
+
+def domain_xml(name, uuid, macs, bridge, ip, peer, workdir, ovs=False) -> str:
+    kernel, initrd = guest_image()
+    nics = "".join(interface_xml(mac, bridge, ovs) for mac in macs)
+    return f"""<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet mitigations=off vtap.ip={ip} vtap.peer={peer}</cmdline></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
+  <devices>{nics}
+    <serial type='file'><source path='{workdir}/{name}.console'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def interface_xml(mac, bridge, ovs=False) -> str:
+    virtualport = "<virtualport type='openvswitch'/>" if ovs else ""
+    return (f"<interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/>"
+            f"{virtualport}<model type='virtio'/><rom enabled='no'/></interface>")
+
+
+class LibvirtHost:
+    """One libvirtd with its own state, started and stopped by the tests."""
+
+    def __init__(self, workdir: Path, name: str = "host1", ovs_rundir: Path | None = None):
+        self.name = name
+        self.ovs_rundir = ovs_rundir  # libvirt runs ovs-vsctl for <virtualport type='openvswitch'/>
+        self.dir = Path(workdir) / name
+        self.socket = self.dir / "sock" / "libvirt-sock"
+        self.uri = f"qemu:///system?socket={self.socket}"
+        self.host_uuid = str(uuidlib.uuid4())
+        self.proc = None
+
+    def _write_config(self):
+        for sub in list(LIBVIRT_DIRS) + ["sock"]:
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "etc" / "libvirtd.conf").write_text(f"""
+unix_sock_dir = "{self.dir}/sock"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+log_outputs = "3:file:{self.dir}/libvirtd.log"
+host_uuid = "{self.host_uuid}"
+keepalive_interval = 2
+keepalive_count = 2
+""")
+        # QEMU as root without cgroups, namespaces or virtlogd: there is no systemd here.
+        (self.dir / "etc" / "qemu.conf").write_text("""
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+""")
+
+    def start(self, timeout=20.0):
+        self._write_config()
+        mounts = []
+        for sub, path in LIBVIRT_DIRS.items():
+            os.makedirs(path, exist_ok=True)
+            mounts.append(f"mount --bind {self.dir / sub} {path}")
+        if self.ovs_rundir:
+            os.makedirs("/run/openvswitch", exist_ok=True)
+            mounts.append(f"mount --bind {self.ovs_rundir} /run/openvswitch")
+        script = " && ".join(mounts) + f" && exec libvirtd --config {self.dir}/etc/libvirtd.conf --pid-file {self.dir}/libvirtd.pid"
+        log = open(self.dir / "libvirtd.out", "ab")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"libvirtd exited: see {self.dir}/libvirtd.log")
+            if self.socket.exists():
+                try:
+                    self.connect().close()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"libvirtd did not start in {timeout}s: see {self.dir}/libvirtd.log")
+
+    def connect(self):
+        import libvirt
+
+        return libvirt.open(self.uri)
+
+    def stop(self):
+        """Stop libvirtd only: running guests (QEMU processes) stay up, as with a daemon restart."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.socket.exists():
+            self.socket.unlink()
+
+    def destroy_all(self):
+        """Destroy and undefine every domain of this host (teardown)."""
+        if not self.proc:
+            return
+        conn = self.connect()
+        try:
+            for dom in conn.listAllDomains():
+                try:
+                    if dom.isActive():
+                        dom.destroy()
+                except Exception:
+                    pass
+                try:
+                    dom.undefine()
+                except Exception:
+                    pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.destroy_all()
+        self.stop()
+
+
+class OvsDaemons:
+    """ovsdb-server + ovs-vswitchd (userspace datapath) with everything in one temp dir."""
+
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir) / "ovs"
+        self.remote = f"unix:{self.dir}/db.sock"
+        self.env = dict(os.environ, OVS_RUNDIR=str(self.dir), OVS_LOGDIR=str(self.dir), OVS_DBDIR=str(self.dir))
+
+    def start(self):
+        # One userspace datapath per network namespace: its device is "ovs-netdev".
+        if os.path.exists("/sys/class/net/ovs-netdev"):
+            raise RuntimeError("another ovs-vswitchd (netdev datapath) runs in this namespace")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        db = self.dir / "conf.db"
+        if not db.exists():
+            subprocess.run(["ovsdb-tool", "create", str(db), "/usr/share/openvswitch/vswitch.ovsschema"], check=True)
+        common = ["--detach", "--no-chdir", "--log-file", "-vconsole:off"]
+        subprocess.run(["ovsdb-server", str(db), f"--remote=punix:{self.dir}/db.sock", f"--pidfile={self.dir}/ovsdb-server.pid", *common], check=True, env=self.env)
+        self.vsctl("--no-wait", "init")
+        subprocess.run(["ovs-vswitchd", self.remote, f"--pidfile={self.dir}/ovs-vswitchd.pid", *common], check=True, env=self.env)
+        return self
+
+    def vsctl(self, *args) -> str:
+        out = subprocess.run(["ovs-vsctl", f"--db={self.remote}", "--timeout=10", *args], check=True, capture_output=True, text=True, env=self.env)
+        return out.stdout.strip()
+
+    def stop(self):
+        # Userspace-datapath ports are persistent tap devices: delete bridges while vswitchd runs.
+        try:
+            for bridge in self.vsctl("list-br").split():
+                self.vsctl("--if-exists", "del-br", bridge)
+        except subprocess.CalledProcessError:
+            pass
+        for name in ("ovs-vswitchd", "ovsdb-server"):
+            pidfile = self.dir / f"{name}.pid"
+            if pidfile.exists():
+                try:
+                    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        time.sleep(0.5)
+        subprocess.run(["ip", "link", "del", "ovs-netdev"], capture_output=True)
+
+
+def count_frames(ifname: str, mac: str, seconds: float) -> dict:
+    """Frames arriving on ifname for `seconds`, split by the guest's point of view:
+    out = sent by mac, in = addressed to mac (unicast)."""
+    import socket
+
+    counts = {"out": 0, "in": 0, "other": 0}
+    raw = bytes(int(x, 16) for x in mac.split(":"))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        sock.bind((ifname, 0))
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                frame, addr = sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            if frame[6:12] == raw:
+                counts["out"] += 1
+            elif frame[0:6] == raw:
+                counts["in"] += 1
+            else:
+                counts["other"] += 1
+    finally:
+        sock.close()
+    return counts

@@ -1,0 +1,53 @@
+"""The ovs backend: a guest NIC on an Open vSwitch bridge (userspace datapath),
+mirrored by an OVS Mirror row; copies counted on the output port; the row goes
+away with the session."""
+
+import json
+
+import pytest
+
+from conftest import host_devices, wait_for, wait_sending
+import kvm_lab as lab
+
+
+def vtap_mirrors(ovs):
+    rows = json.loads(ovs.vsctl("--format=json", "--columns=name,external_ids,select_src_port,select_dst_port", "list", "Mirror"))
+    return [row for row in rows["data"] if "vtap-binding" in json.dumps(row)]
+
+
+def test_ovs_mirror_counts_guest_frames_and_goes_away(libvirt_host, ovs, ovs_lan, guests, tmp_path):
+    from vtap_core.client import Client
+
+    dom, (mac,) = guests.start(ovs_lan, 10, ovs=True)
+    (device,) = host_devices(dom)
+    assert ovs.vsctl("port-to-br", device) == ovs_lan.bridge
+    wait_sending(device)
+    with Client(driver="kvm", state=str(tmp_path / "vtap.db"), uri=libvirt_host.uri, ovsdb=ovs.remote) as vtap:
+        vtap.create_session("ovsmon", to=f"port:{ovs_lan.monitor}", backend="ovs")
+        vtap.add_flow("ovsmon", vm=dom.UUIDString(), direction="out")
+        (row,) = vtap_mirrors(ovs)
+        assert row  # one Mirror row, marked
+        counts = lab.count_frames(ovs_lan.counter, mac, 3.0)
+        # The guest pings every ~0.2 s: its requests are copied; what it receives is not (direction out).
+        assert counts["out"] >= 5, counts
+        assert counts["in"] == 0, counts
+        status = {row.flow: row for row in vtap.status()}
+        assert status["ovsmon-1"].state == "active"
+
+        vtap.delete_session("ovsmon")
+        assert vtap_mirrors(ovs) == []
+        counts = lab.count_frames(ovs_lan.counter, mac, 1.5)
+        assert counts["out"] == 0, counts
+
+
+def test_ovs_backend_refuses_filters_and_changes_nothing(libvirt_host, ovs, ovs_lan, guests, tmp_path):
+    from vtap_core.client import Client
+    from vtap_core.errors import Unsupported
+
+    dom, _ = guests.start(ovs_lan, 11, ovs=True)
+    with Client(driver="kvm", state=str(tmp_path / "vtap.db"), uri=libvirt_host.uri, ovsdb=ovs.remote) as vtap:
+        vtap.create_session("ovsf", to=f"port:{ovs_lan.monitor}", backend="ovs")
+        with pytest.raises(Unsupported, match="filter expressions with backend ovs"):
+            vtap.add_flow("ovsf", vm=dom.name(), filter="icmp")
+        assert vtap.flows() == []
+        assert vtap_mirrors(ovs) == []
