@@ -282,7 +282,7 @@ def capture_vxlan(listen: str, path: str, count: int | None = None, duration: fl
         count = check_int("count", count, 1, 1 << 62)
     if duration is not None and not (isinstance(duration, (int, float)) and duration > 0):
         raise ValidationError("duration", f"{duration!r} is not a positive number of seconds")
-    check_capture_path(path, field="write")
+    check_capture_path(path, field="-w")
     stop = stop or threading.Event()
     deadline = None if duration is None else time.monotonic() + duration
     sock = open_vxlan_socket(address, port, netns)

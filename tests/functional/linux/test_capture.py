@@ -226,3 +226,18 @@ def test_bad_input_is_refused_and_starts_nothing(sink, state_dir, tmp_path):
     assert running_captures(state_dir) == {}
     assert not (tmp_path / "x.pcapng").exists()
     assert not os.path.exists(os.path.join(state_dir, "capture-bad.pid"))
+
+
+def test_the_sink_going_down_and_up_does_not_end_the_capture(sink, state_dir, tmp_path):
+    path = tmp_path / "downup.pcapng"
+    pid = start_capture_process("downup", SINK, str(path), netns=sink, state_dir=state_dir)
+    ip(sink, "link", "set", SINK, "down")
+    time.sleep(0.3)  # the socket reports ENETDOWN in the meantime
+    ip(sink, "link", "set", SINK, "up")
+    sent = frames(2, seed=8)
+    out = packet_socket(sink, SINK)
+    for frame in sent:
+        out.send(frame)
+    assert wait_for(lambda: len(read_frames(path)) == 2)
+    assert alive(pid)
+    assert read_frames(path) == [(f, len(f)) for f in sent]
