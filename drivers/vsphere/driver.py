@@ -69,7 +69,7 @@ class VsphereDriver(Driver):
             found = inventory.retrieve(content, self._view(content, vim.VirtualMachine), vim.VirtualMachine, inventory.VM_PROPERTIES, True)
             return sorted((inventory.vm_record(ref, props).to_vm() for ref, props in found.items()), key=lambda vm: vm.name)
 
-        return self.connection.call(read)
+        return self._call(read)
 
     # plan ------------------------------------------------------------------
 
@@ -80,7 +80,7 @@ class VsphereDriver(Driver):
         for flow in flows:
             if flow.filter:
                 self.check_features(next(s for s in sessions if s.name == flow.session), [flow])
-        return self.connection.call(lambda content: self._plan(content, sessions, flows))
+        return self._call(lambda content: self._plan(content, sessions, flows))
 
     def _check_session(self, session: TapSession) -> None:
         """What can be refused without asking vCenter."""
@@ -229,15 +229,15 @@ class VsphereDriver(Driver):
                         bindings.append(Binding(key=mirror.binding_key(switch.uuid, session), session=session, spec=mirror.spec_of(vspan)))
             return bindings
 
-        return self.connection.call(read)
+        return self._call(read)
 
     def apply(self, bindings: Iterable[Binding]) -> None:
         for uuid, group in _by_switch(bindings).items():
-            self.connection.call(lambda content: self._reconfigure(content, uuid, group, self._upserts))
+            self._call(lambda content: self._reconfigure(content, uuid, group, self._upserts))
 
     def remove(self, bindings: Iterable[Binding]) -> None:
         for uuid, group in _by_switch(bindings).items():
-            self.connection.call(lambda content: self._reconfigure(content, uuid, group, self._removals))
+            self._call(lambda content: self._reconfigure(content, uuid, group, self._removals))
 
     @staticmethod
     def _upserts(switch, group):
@@ -306,6 +306,16 @@ class VsphereDriver(Driver):
         self.connection.close()
 
     # reading helpers -------------------------------------------------------
+
+    def _call(self, action):
+        """connection.call, plus: a view that vanished with a lost session is made again."""
+        try:
+            return self.connection.call(action)
+        except vmodl.fault.ManagedObjectNotFound as fault:
+            if not isinstance(fault.obj, vim.view.ContainerView):
+                raise
+            self._views.clear()
+            return self.connection.call(action)
 
     def _view(self, content, kind):
         key = (self.connection.connects, kind)
