@@ -77,6 +77,9 @@ class Connection:
                 user=self.user,
                 pwd=self._password,
                 disableSslCertValidation=self.insecure,
+                # Always a verifying context unless insecure: given none, pyVmomi skips
+                # verification for localhost on its own.
+                sslContext=None if self.insecure or self.scheme != "https" else ssl.create_default_context(),
                 httpConnectionTimeout=self.timeout,
             )
         except ssl.SSLCertVerificationError as exc:
