@@ -56,6 +56,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from dataclasses import replace
 
 from pyroute2 import IPRoute
@@ -87,6 +88,7 @@ FILTER_PRIO = 7
 VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
+RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
@@ -460,6 +462,17 @@ class TcDataplane:
             self._remove(bindings, catalog)
             catalog.save()
 
+    def _wait_released(self, marks: set) -> None:
+        """Wait until the kernel has let go of deleted filters' actions.
+
+        cls_bpf frees a deleted filter's actions after an RCU grace period, and
+        until then the action dump still lists them: observe() or apply() right
+        after a remove would take a deleted mirror for a present one.
+        """
+        deadline = time.monotonic() + RELEASE_TIMEOUT
+        while marks & self._mirred_actions().keys() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def _remove(self, bindings, catalog: Catalog) -> None:
         mirrors: dict[str, list[Binding]] = {}
         for binding in bindings:
@@ -470,6 +483,8 @@ class TcDataplane:
                 self._remove_unknown_filter(bytes.fromhex(binding.get("mark")), catalog)
         for device, group in mirrors.items():
             self._remove_mirrors(device, group, catalog)
+        if mirrors:
+            self._wait_released({mark_of(b) for group in mirrors.values() for b in group})
         for binding in bindings:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):

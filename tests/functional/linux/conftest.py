@@ -1,0 +1,135 @@
+"""A small lab in the test's own namespace: veth pairs, a sender, a counter on the target side.
+
+    peer0 ---- src0          the mirrored interface (frames sent on peer0 arrive at src0: its "in";
+                             frames sent on src0 leave it: its "out")
+    mon0  ---- mon1          a port: target; copies are transmitted on mon0 and counted on mon1
+
+Every frame a test sends carries a marker in its payload, so only the test's
+own frames are counted. veths get no IPv6 address, so they send nothing of their own.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import subprocess
+import time
+import uuid
+
+import pytest
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 1 << 4
+AUXDATA = struct.Struct("IIIHHHH")
+QUIET = 0.25  # seconds without a frame: everything that was coming has come
+
+
+class Lab:
+    def __init__(self, netns: str, state_dir: str):
+        self.netns = netns
+        self.state_dir = state_dir
+        self._drivers = []
+
+    # ---------------------------------------------------------------- setup (CLI tools: tests may)
+
+    def ip(self, *args, check=True):
+        return subprocess.run(["ip", "-n", self.netns, *args], check=check, capture_output=True, text=True)
+
+    def tc(self, *args, check=True):
+        return subprocess.run(["tc", "-n", self.netns, *args], check=check, capture_output=True, text=True)
+
+    def veth(self, a: str, b: str) -> None:
+        self.ip("link", "add", a, "type", "veth", "peer", "name", b)
+        for end in (a, b):
+            self.ip("link", "set", end, "addrgenmode", "none")
+            self.ip("link", "set", end, "up")
+
+    def standard(self) -> "Lab":
+        self.veth("src0", "peer0")
+        self.veth("mon0", "mon1")
+        return self
+
+    def driver(self, **settings):
+        from vtap_drivers.linux.driver import LinuxDriver
+
+        driver = LinuxDriver(state_dir=self.state_dir, netns=self.netns, **settings)
+        self._drivers.append(driver)
+        return driver
+
+    def dataplane(self):
+        from vtap_drivers.linux.dataplane import TcDataplane
+
+        dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir)
+        self._drivers.append(dataplane)
+        return dataplane
+
+    def close(self):
+        for driver in self._drivers:
+            driver.close()
+
+    # ---------------------------------------------------------------- kernel read-back
+
+    def filter_handles(self, device: str, hook: str) -> list[str]:
+        """One line per filter (not per priority header) on a device's hook, as tc shows them."""
+        out = self.tc("filter", "show", "dev", device, hook, check=False).stdout
+        return [line for line in out.splitlines() if line.startswith("filter") and " handle " in line]
+
+    def qdiscs(self, device: str) -> str:
+        return self.tc("qdisc", "show", "dev", device).stdout
+
+    # ---------------------------------------------------------------- frames
+
+    def packet_socket(self, device: str) -> socket.socket:
+        from pyroute2 import netns as pr_netns
+
+        sock = pr_netns.create_socket(self.netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL), flags=0)
+        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((device, ETH_P_ALL))
+        return sock
+
+    def send(self, device: str, frames) -> None:
+        sock = self.packet_socket(device)
+        try:
+            for frame in frames:
+                sock.send(frame)
+        finally:
+            sock.close()
+
+
+def receive(sock: socket.socket, marker: bytes, quiet: float = QUIET, timeout: float = 5.0) -> list[bytes]:
+    """Frames received (not sent) on the socket's device that carry `marker`, VLAN tag put back."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], quiet)
+        if not ready:
+            break
+        data, ancdata, _flags, address = sock.recvmsg(65535, socket.CMSG_SPACE(AUXDATA.size))
+        if address[2] == socket.PACKET_OUTGOING or marker not in data:
+            continue
+        for level, kind, aux in ancdata:
+            if level == SOL_PACKET and kind == PACKET_AUXDATA:
+                status, _len, _snap, _mac, _net, tci, tpid = AUXDATA.unpack(aux[: AUXDATA.size])
+                if status & TP_STATUS_VLAN_VALID:
+                    data = data[:12] + struct.pack("!HH", tpid or 0x8100, tci) + data[12:]
+        out.append(data)
+    return out
+
+
+def new_marker() -> bytes:
+    return b"VTAPT" + uuid.uuid4().bytes[:7]
+
+
+@pytest.fixture
+def lab(netns, tmp_path):
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+    lab = Lab(netns, str(tmp_path / "state"))
+    lab.ip("link", "set", "lo", "up")
+    try:
+        yield lab
+    finally:
+        lab.close()
