@@ -67,7 +67,7 @@ class Context:
             name = driver or config.driver
             settings = config.driver_settings(name)
             self._prompt_for_password(name, settings)
-            command = " ".join(shlex.quote(a) for a in sys.argv[1:])
+            command = "vtap " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             self._client = Client(driver=name, state=config.state, command=command, **settings)
         return self._client
 

@@ -1,0 +1,66 @@
+"""A netns with a source and a monitor port, and helpers to run `vtap` inside it and read the kernel."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vtap_core.store import Store
+
+
+class Host:
+    """One network namespace acting as a host, with the vtap CLI run inside it."""
+
+    def __init__(self, name, state):
+        self.name = name
+        self.state = state
+
+    def sh(self, *args, check=True):
+        return subprocess.run(["ip", "netns", "exec", self.name, *args], capture_output=True, text=True, check=check)
+
+    def vtap(self, *args, **kwargs):
+        command = ["ip", "netns", "exec", self.name, sys.executable, "-m", "vtap_cli.main", "--state", self.state, *args]
+        return subprocess.run(command, capture_output=True, text=True, **kwargs)
+
+    def vtap_ok(self, *args):
+        result = self.vtap(*args)
+        assert result.returncode == 0, f"vtap {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def links(self):
+        return {link["ifname"]: link for link in json.loads(self.sh("ip", "-j", "-d", "link", "show").stdout)}
+
+    def filters(self, dev, hook):
+        result = self.sh("tc", "-j", "filter", "show", "dev", dev, hook, check=False)
+        return json.loads(result.stdout or "[]") if result.returncode == 0 else []
+
+    def kernel(self):
+        """Everything vtap could have touched: links with kinds and aliases, qdiscs, filters."""
+        links = self.links()
+        state = {"links": sorted((n, l.get("linkinfo", {}).get("info_kind"), l.get("ifalias")) for n, l in links.items())}
+        state["qdiscs"] = json.loads(self.sh("tc", "-j", "qdisc", "show").stdout)
+        for name in links:
+            for hook in ("ingress", "egress"):
+                state[f"{name}/{hook}"] = self.filters(name, hook)
+        return state
+
+    def store(self):
+        store = Store(self.state, driver="linux")
+        try:
+            return [s.to_dict() for s in store.sessions()], [f.to_dict() for f in store.flows()]
+        finally:
+            store.close()
+
+
+@pytest.fixture
+def host(netns, tmp_path):
+    """eth0 (peer: wire0) as the source, mon0 (peer: monpeer) as the monitor port."""
+    h = Host(netns, str(tmp_path / "vtap.db"))
+    for a, b in (("eth0", "wire0"), ("mon0", "monpeer")):
+        h.sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        h.sh("ip", "link", "set", a, "up")
+        h.sh("ip", "link", "set", b, "up")
+    h.sh("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    return h

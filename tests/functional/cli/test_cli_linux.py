@@ -1,0 +1,178 @@
+"""The `vtap` command line with the linux driver, against a real kernel in a fresh namespace."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from vtap_drivers.lab.traffic import Sniffer, send, tcp_frame, udp_frame
+
+A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+
+
+def frames(n, dport, maker=tcp_frame):
+    return [maker(A, B, "10.1.0.1", "10.1.0.2", 40000 + i, dport) for i in range(n)]
+
+
+def test_filtered_mirror_end_to_end(host):
+    out = host.vtap_ok("session", "create", "web", "--to", "port:mon0")
+    assert "session web created" in out
+    out = host.vtap_ok("flow", "add", "web", "--interface", "eth0", "--direction", "in", "--filter", "tcp dst port 80")
+    assert "flow web-1 added" in out
+    sniffer = Sniffer(host.name, "monpeer")
+    try:
+        # Sent into wire0 = received by eth0 = direction in of eth0.
+        send(host.name, "wire0", frames(7, 80) + frames(5, 443) + frames(4, 80, udp_frame))
+        counts = sniffer.settle()
+    finally:
+        sniffer.close()
+    assert counts[(A, "tcp/80")] == 7
+    assert sum(counts.values()) == 7
+    status = json.loads(host.vtap_ok("-o", "json", "status"))
+    assert status[0]["state"] == "active" and status[0]["packets"] == 7
+    assert json.loads(host.vtap_ok("flow", "list", "-o", "json"))[0]["filter"] == "tcp dst port 80"
+    audit = json.loads(host.vtap_ok("-o", "json", "audit"))
+    assert [row["command"].split("vtap.db ", 1)[1] for row in audit] == [
+        "session create web --to port:mon0",
+        "flow add web --interface eth0 --direction in --filter 'tcp dst port 80'",
+    ]
+    assert audit[0]["user"] == "root" and audit[1]["change"]["added flow"]["filter"] == "tcp dst port 80"
+    host.vtap_ok("session", "delete", "web")
+    assert host.filters("eth0", "ingress") == []
+    assert "clsact" not in json.dumps(host.kernel()["qdiscs"])
+
+
+BAD_INPUTS = [
+    (["flow", "add", "base", "--interface", "eth0", "--filter", "tcp port eighty"], "filter"),
+    (["flow", "add", "base", "--interface", "nosuch0"], "nosuch0"),
+    (["session", "create", "s2", "--to", "vxlan://10.0.0.1:port?vni=1"], "target"),
+    (["session", "create", "s2", "--to", "vxlan://10.0.0.1?vni=16777216"], "vni"),
+    (["session", "create", "s2", "--to", "port:mon0", "--snaplen", "96"], "snaplen"),
+    (["session", "create", "base", "--to", "port:mon0"], "already exists"),
+    (["flow", "add", "base", "--interface", "eth0", "--name", "base-1"], "already exists"),
+    (["session", "delete", "nosuch"], "does not exist"),
+    (["flow", "delete", "nosuch"], "does not exist"),
+    (["flow", "add", "nosuch", "--interface", "eth0"], "does not exist"),
+    (["flow", "add", "base", "--interface", "eth0", "--direction", "sideways"], "direction"),
+    (["session", "create", "s2", "--to", "gre://10.0.0.1?key=1"], "gre"),
+]
+
+
+def test_bad_input_changes_nothing(host, tmp_path):
+    host.vtap_ok("session", "create", "base", "--to", "port:mon0")
+    host.vtap_ok("flow", "add", "base", "--interface", "eth0", "--filter", "udp")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("sessions:\n  - name: y\n    to: port:mon0\n    colour: red\n")
+    cases = BAD_INPUTS + [(["apply", "-f", str(bad_yaml)], "colour")]
+    store, kernel = host.store(), host.kernel()
+    for args, words in cases:
+        result = host.vtap(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (args, result.stderr)
+        assert host.store() == store, args
+        assert host.kernel() == kernel, args
+    assert len(json.loads(host.vtap_ok("-o", "json", "audit"))) == 2
+
+
+def write_yaml(path, sessions):
+    path.write_text(yaml.safe_dump({"sessions": sessions}))
+    return str(path)
+
+
+def test_apply_three_times_is_idempotent(host, tmp_path):
+    doc = write_yaml(
+        tmp_path / "taps.yaml",
+        [{"name": "web", "to": "port:mon0", "flows": [
+            {"name": "in80", "interface": "eth0", "direction": "in", "filter": "tcp port 80"},
+            {"name": "both", "interface": "wire0", "direction": "both"},
+        ]}],
+    )
+    for _ in range(3):
+        host.vtap_ok("apply", "-f", doc)
+    assert _bpf_count(host, "eth0", "ingress") == 1 and _bpf_count(host, "eth0", "egress") == 0
+    assert _bpf_count(host, "wire0", "ingress") == 1 and _bpf_count(host, "wire0", "egress") == 1
+    assert {row["state"] for row in json.loads(host.vtap_ok("-o", "json", "status"))} == {"active"}
+    # --prune with an empty file removes everything vtap made.
+    empty = write_yaml(tmp_path / "empty.yaml", [])
+    host.vtap_ok("apply", "-f", empty, "--prune")
+    assert _bpf_count(host, "eth0", "ingress") == 0 and _bpf_count(host, "wire0", "egress") == 0
+
+
+def _bpf_count(host, dev, hook):
+    """Installed classifiers (tc -j lists a chain header entry without options as well)."""
+    return sum(1 for f in host.filters(dev, hook) if f.get("kind") == "bpf" and "options" in f)
+
+
+def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
+    for i in range(100):
+        host.sh("ip", "link", "add", f"d{i}", "type", "ifb")  # this kernel has no dummy
+        host.sh("ip", "link", "set", f"d{i}", "up")
+    doc = write_yaml(
+        tmp_path / "many.yaml",
+        [{"name": "many", "to": "vxlan://10.9.9.9?vni=77", "flows": [
+            {"name": f"f{i}", "interface": f"d{i}", "direction": "in", "filter": f"udp port {1000 + i}"} for i in range(100)
+        ]}],
+    )
+    command = ["ip", "netns", "exec", host.name, sys.executable, "-m", "vtap_cli.main", "--state", host.state, "apply", "-f", doc]
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_bpf_count(host, f"d{i}", "ingress") for i in range(0, 100, 10)) < 2:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    applied_before = sum(_bpf_count(host, f"d{i}", "ingress") for i in range(100))
+    assert 0 < applied_before < 100, "the kill should land part way"
+    host.vtap_ok("apply", "-f", doc)
+    assert [_bpf_count(host, f"d{i}", "ingress") for i in range(100)] == [1] * 100
+    assert sum(_bpf_count(host, f"d{i}", "egress") for i in range(100)) == 0
+    vxlans = [n for n, l in host.links().items() if l.get("linkinfo", {}).get("info_kind") == "vxlan"]
+    assert len(vxlans) == 1
+    status = json.loads(host.vtap_ok("-o", "json", "status"))
+    assert len(status) == 100 and {row["state"] for row in status} == {"active"}
+    host.vtap_ok("session", "delete", "many")
+    assert sum(_bpf_count(host, f"d{i}", "ingress") for i in range(100)) == 0
+    assert not [n for n, l in host.links().items() if l.get("linkinfo", {}).get("info_kind") == "vxlan"]
+    assert "clsact" not in json.dumps(host.kernel()["qdiscs"])
+
+
+def test_follow_repairs_a_filter_deleted_by_hand(host):
+    host.vtap_ok("session", "create", "web", "--to", "port:mon0")
+    host.vtap_ok("flow", "add", "web", "--interface", "eth0", "--direction", "in")
+    assert _bpf_count(host, "eth0", "ingress") == 1
+    follower = subprocess.Popen(
+        ["ip", "netns", "exec", host.name, sys.executable, "-m", "vtap_cli.main", "--state", host.state, "follow", "--interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.0)
+        host.sh("tc", "filter", "del", "dev", "eth0", "ingress")
+        assert _bpf_count(host, "eth0", "ingress") == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _bpf_count(host, "eth0", "ingress") == 0:
+            time.sleep(0.1)
+        assert _bpf_count(host, "eth0", "ingress") == 1
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        _, err = follower.communicate(timeout=15)
+    assert follower.returncode == 0, err
+    assert "stopped" in err
+
+
+def test_readme_sdk_example_runs_as_written(host, tmp_path):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "README.md")).read()
+    script = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.py"
+    path.write_text(script)
+    env = {**os.environ, "VTAP_STATE": host.state}
+    result = subprocess.run(["ip", "netns", "exec", host.name, sys.executable, str(path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ["web-in", "active"]
+    assert _bpf_count(host, "eth0", "ingress") == 0
+    audit = json.loads(host.vtap_ok("-o", "json", "audit"))
+    assert [row["command"] for row in audit] == ["sdk: session create web", "sdk: flow add web", "sdk: session delete web"]
