@@ -19,7 +19,7 @@ from vtap_core.errors import Unsupported, ValidationError
 from vtap_drivers.proxmox import desired
 from vtap_drivers.proxmox.api import PveApi
 from vtap_drivers.proxmox.inventory import Inventory
-from vtap_drivers.proxmox.resolve import find_vm, resolve_source, target_nic
+from vtap_drivers.proxmox.resolve import find_vm, resolve_source, split_reference, target_nic
 
 log = logging.getLogger("vtap.proxmox")
 
@@ -93,7 +93,8 @@ class ProxmoxDriver(Driver):
         """Poll the cluster now; returns the vmids that appeared, left or changed."""
         return self.cluster.poll(force=set(force))
 
-    def _fresh_vms(self):
+    def current_vms(self):
+        """The cluster's VMs, polled at most POLL_MAX_AGE seconds ago."""
         if self.cluster.polled_at is None or time.time() - self.cluster.polled_at > POLL_MAX_AGE:
             self.refresh()
         return self.cluster.vms()
@@ -116,10 +117,10 @@ class ProxmoxDriver(Driver):
         )
 
     def inventory(self):
-        return [vm.to_model() for vm in self._fresh_vms()]
+        return [vm.to_model() for vm in self.current_vms()]
 
     def plan(self, sessions, flows):
-        vms = self._fresh_vms()
+        vms = self.current_vms()
         sessions = list(sessions)
         flows = list(flows)
         for session in sessions:
@@ -130,7 +131,7 @@ class ProxmoxDriver(Driver):
             members = [f for f in flows if f.session == session.name]
             sources = []  # (flow, vm, nic, device) realizable on this node
             for flow in members:
-                vm, nics = resolve_source(vms, flow.source)
+                vm, nics = self._resolve(vms, flow.source)
                 if not self.runs_here(vm):
                     continue
                 if present is None:
@@ -161,6 +162,20 @@ class ProxmoxDriver(Driver):
 
     # ------------------------------------------------------------ helpers
 
+    def _resolve(self, vms, source):
+        """resolve_source, reading the VM's config again before saying a NIC is not there.
+
+        A NIC added by a synchronous config change leaves no trace in the lists a poll reads.
+        """
+        try:
+            return resolve_source(vms, source)
+        except ValidationError as exc:
+            if exc.field != "nic":
+                raise
+            vm = find_vm(vms, split_reference(source.vm)[0])
+        self.refresh(force={vm.vmid})
+        return resolve_source(self.cluster.vms(), source)
+
     def _target_device(self, session, vms, needed: bool):
         """The local device a vm: target means (the monitoring VM's tap, on this node)."""
         target = session.target
@@ -185,7 +200,7 @@ class ProxmoxDriver(Driver):
 
     def placement(self, flows) -> str:
         """Whether flows were applied here or only recorded (for the command's message)."""
-        vms = self._fresh_vms()
+        vms = self.current_vms()
         here, elsewhere = [], []
         for flow in flows:
             try:

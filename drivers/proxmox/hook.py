@@ -95,7 +95,7 @@ def install(driver, storage: str, vmids=None, all_vms: bool = False, strict: boo
     folder = _snippet_folder(api, storage)
     if not os.access(_nearest_existing(folder), os.W_OK):
         raise ValidationError("storage", f"cannot write {folder} as this OS user: run hook install as root on the node")
-    vms = driver._fresh_vms()
+    vms = driver.current_vms()
     if all_vms:
         chosen = [vm for vm in vms if not vm.template]
     else:

@@ -183,8 +183,9 @@ class Inventory:
             del self.entries[vmid]
         self.resources = resources
         self.polled_at = started
-        self._warn_without_uuid()
-        self._save_cache()
+        if changed:
+            self._warn_without_uuid()
+            self._save_cache()
         return changed
 
     def _touched_by_tasks(self) -> set[int]:

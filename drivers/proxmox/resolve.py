@@ -33,12 +33,17 @@ def find_vm(vms, reference: str):
     return found[0]
 
 
+def split_reference(text: str) -> tuple[str, int | None]:
+    """("101", 1) for "101/net1"; (text, None) when there is no /netN suffix."""
+    match = NIC_SUFFIX.match(text)
+    if match and not parse_uuid(text):
+        return match.group("vm"), int(match.group("index"))
+    return text, None
+
+
 def resolve_source(vms, source):
     """(vm, nics) for a flow's Source."""
-    reference, index = source.vm, None
-    match = NIC_SUFFIX.match(source.vm)
-    if match and not parse_uuid(source.vm):
-        reference, index = match.group("vm"), int(match.group("index"))
+    reference, index = split_reference(source.vm)
     vm = find_vm(vms, reference)
     nics = list(vm.nics)
     have = ", ".join(n.key for n in nics) or "none"

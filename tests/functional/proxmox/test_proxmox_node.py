@@ -59,3 +59,14 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(cluster, nodes, tmp_pa
     assert pve1.filters("tap100i0") == ""
     result = vtap(env, "session", "create", "gre", "--to", "gre://192.0.2.1?key=1")
     assert result.returncode == 2 and "driver proxmox cannot do" in result.stderr
+
+
+def test_a_nic_added_without_a_task_is_found_before_refusing(cluster, nodes, tmp_path):
+    vm = cluster.add_vm(100, "web", "pve2")
+    pve1 = nodes("pve1")
+    env = cli_env(cluster, "pve1", tmp_path, VTAP_PROXMOX_NETNS=pve1.name)
+    assert vtap(env, "vm", "list").returncode == 0  # the node's inventory cache now knows net0 only
+    vm.config["net1"] = "virtio=BC:24:11:01:00:01,bridge=vmbr1"  # a synchronous config change: no task
+    assert vtap(env, "session", "create", "web", "--to", "port:mon0").returncode == 0
+    result = vtap(env, "flow", "add", "web", "--vm", "100/net1")
+    assert result.returncode == 0, result.stderr
