@@ -25,10 +25,13 @@ exit codes: 0 ok, 1 operation failed, 2 usage or validation error
 """
 
 PCAP_LIFE = """\
-A pcap: target is written by a capture process that vtap starts when the session is
-created (or the next reconcile finds it missing). It runs detached, owned by vtap, and
-reads only the copies the kernel mirrors for this session; it ends, closing the file,
-when the session is deleted or disabled. The file is valid pcapng while it grows."""
+pcap:PATH targets: vtap starts one capture process per session, detached and owned by
+vtap (pid and log in the state dir). It reads only the copies the kernel mirrors to a
+vtap-owned sink device (never promiscuous), writes pcapng (mode 0600; frames cut to
+--snaplen, original length kept) and flushes whenever idle, so the file can be read
+while it grows. Deleting or disabling the session stops it with SIGTERM and the file
+is closed cleanly; a process orphaned by a crash is found and stopped by the next
+reconcile. Nothing rotates the file: it grows until the session ends."""
 
 # Driver-specific command sets living in cli/<name>.py, each with add_commands(subparsers).
 EXTENSIONS = ("kvm", "proxmox", "vsphere")

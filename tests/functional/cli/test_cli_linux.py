@@ -176,3 +176,54 @@ def test_readme_sdk_example_runs_as_written(host, tmp_path):
     assert _bpf_count(host, "eth0", "ingress") == 0
     audit = json.loads(host.vtap_ok("-o", "json", "audit"))
     assert [row["command"] for row in audit] == ["sdk: session create web", "sdk: flow add web", "sdk: session delete web"]
+
+
+def tshark_frames(path):
+    """Frames as an independent reader (tshark) sees them: hex of the captured bytes."""
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.cap_len", "-e", "frame.len"], capture_output=True, text=True, check=True).stdout
+    return [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+
+
+def test_pcap_target_from_the_command_line(host, tmp_path):
+    path = tmp_path / "web.pcapng"
+    host.vtap_ok("session", "create", "rec", "--to", f"pcap:{path}", "--snaplen", "60")
+    host.vtap_ok("flow", "add", "rec", "--interface", "eth0", "--direction", "in", "--filter", "tcp dst port 80")
+    sent = [tcp_frame(A, B, "10.1.0.1", "10.1.0.2", 40000 + i, 80, payload=b"x" * 100) for i in range(6)]
+    send(host.name, "wire0", sent + frames(3, 443))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not path.exists() or len(tshark_frames(path)) < 6):
+        time.sleep(0.2)
+    host.vtap_ok("session", "delete", "rec")
+    assert tshark_frames(path) == [(60, len(sent[0]))] * 6
+    from scapy.utils import rdpcap
+
+    assert [bytes(p) for p in rdpcap(str(path))] == [f[:60] for f in sent]
+
+
+def test_vtap_capture_terminates_a_vxlan_stream(host, tmp_path):
+    # The collector is another host: a namespace of its own behind monpeer.
+    collector = f"{host.name}-col"
+    subprocess.run(["ip", "netns", "add", collector], check=True)
+    try:
+        host.sh("ip", "link", "set", "monpeer", "netns", collector)
+        host.sh("ip", "addr", "add", "10.5.0.1/24", "dev", "mon0")
+        for command in (["ip", "addr", "add", "10.5.0.2/24", "dev", "monpeer"], ["ip", "link", "set", "monpeer", "up"]):
+            subprocess.run(["ip", "netns", "exec", collector, *command], check=True)
+        path = tmp_path / "stream.pcapng"
+        capture = subprocess.Popen(
+            ["ip", "netns", "exec", collector, sys.executable, "-m", "vtap_cli.main", "capture", "--listen", "vxlan://10.5.0.2:4790", "-w", str(path), "--count", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(1.0)
+        host.vtap_ok("session", "create", "tun", "--to", "vxlan://10.5.0.2:4790?vni=99")
+        host.vtap_ok("flow", "add", "tun", "--interface", "eth0", "--direction", "in", "--filter", "udp")
+        sent = frames(5, 53, udp_frame)
+        send(host.name, "wire0", sent + frames(4, 80))
+        _, err = capture.communicate(timeout=20)
+        assert capture.returncode == 0, err
+        assert "5 frames written" in err
+        from scapy.utils import rdpcap
+
+        assert [bytes(p) for p in rdpcap(str(path))] == sent
+    finally:
+        subprocess.run(["ip", "netns", "del", collector])
