@@ -436,6 +436,8 @@ class TcDataplane:
                 ) from None
             raise OperationFailed(f"cannot create {kind} device {name}: {os.strerror(exc.code)}") from None
         done.append(binding)
+        # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
+        self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
         self.ipr.link("set", ifname=name, ifalias=alias, state="up")
 
     def _ensure_vxlan(self, binding: Binding, done: list) -> None:
