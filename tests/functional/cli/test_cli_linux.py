@@ -204,6 +204,7 @@ def test_vtap_capture_terminates_a_vxlan_stream(host, tmp_path):
     # The collector is another host: a namespace of its own behind monpeer.
     collector = f"{host.name}-col"
     subprocess.run(["ip", "netns", "add", collector], check=True)
+    capture = None
     try:
         host.sh("ip", "link", "set", "monpeer", "netns", collector)
         host.sh("ip", "addr", "add", "10.5.0.1/24", "dev", "mon0")
@@ -226,4 +227,7 @@ def test_vtap_capture_terminates_a_vxlan_stream(host, tmp_path):
 
         assert [bytes(p) for p in rdpcap(str(path))] == sent
     finally:
+        if capture is not None and capture.poll() is None:
+            capture.kill()
+            capture.wait()
         subprocess.run(["ip", "netns", "del", collector])
