@@ -108,10 +108,19 @@ class Catalog:
 
     # ------------------------------------------------------------ entries
 
-    def remember(self, binding: Binding) -> bytes:
+    def remember(self, binding: Binding, ifindex: int | None = None) -> bytes:
+        """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
         mark = mark_of(binding)
-        self.bindings[mark.hex()] = _to_dict(binding)
+        self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
         return mark
+
+    def entries(self):
+        """(mark, binding, ifindex or None) of everything named here."""
+        for mark, data in self.bindings.items():
+            yield bytes.fromhex(mark), _from_dict(data), data.get("ifindex")
+
+    def marks(self) -> set[bytes]:
+        return {bytes.fromhex(mark) for mark in self.bindings}
 
     def forget(self, mark: bytes) -> None:
         self.bindings.pop(mark.hex(), None)

@@ -58,6 +58,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
@@ -82,6 +83,17 @@ from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.catalog import MARK_MAGIC, Catalog, alias_of, mark_from_alias, mark_of
 
 HOOKS = ("ingress", "egress")
+ETH_HLEN = 14
+
+
+class TcFilter(NamedTuple):
+    prio: int
+    handle: int
+    mark: bytes | None  # None: not vtap's
+    to_index: int
+    packets: int
+    bytes: int
+
 # vtap's filters share one priority, low so they see packets before most others'
 # (their verdict is "continue", so the others still run afterwards).
 FILTER_PRIO = 7
@@ -266,19 +278,23 @@ class TcDataplane:
     def _links_of_kind(self, kind: str):
         return [m for m in self._request(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP) if m.kind() == kind]
 
-    def _mirred_actions(self) -> dict[bytes, tuple[int, int, int]]:
-        """vtap's mirred actions in the namespace: mark -> (target ifindex, packets, bytes). One dump."""
-        found = {}
+    def _mirred_marks(self) -> set[bytes]:
+        """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
+
+        A deleted filter's action stays listed until the kernel releases it
+        (after an RCU grace period), so this says "maybe there", never "there".
+        """
+        found = set()
         for msg in self._request(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
             table = msg.get_attr("TCA_ROOT_TAB")
             for _, act in table["attrs"] if table is not None else ():
                 state = tcnl.mirred_state(act)
                 if state is not None and state[0].startswith(MARK_MAGIC):
-                    found[state[0]] = state[1:]
+                    found.add(state[0])
         return found
 
-    def _filters(self, ifindex: int, hook: str) -> list[tuple[int, int, bytes | None]]:
-        """(prio, handle, vtap mark or None) of every filter on a device's hook."""
+    def _filters(self, ifindex: int, hook: str) -> list[TcFilter]:
+        """Every filter on a device's hook (vtap's have a mark). One dump."""
         out = []
         try:
             messages = self._request(tcnl.filter_query(ifindex, hook), RTM_GETTFILTER, DUMP)
@@ -290,13 +306,17 @@ class TcDataplane:
             if not msg["handle"]:
                 continue  # the per-priority header entry, not a filter
             state = tcnl.mirror_of(msg)
-            mark = state[0] if state and state[0].startswith(MARK_MAGIC) else None
-            out.append((msg["info"] >> 16, msg["handle"], mark))
+            if state and state[0].startswith(MARK_MAGIC):
+                mark, to_index, packets, nbytes = state
+                out.append(TcFilter(msg["info"] >> 16, msg["handle"], mark, to_index, packets, nbytes))
+            else:
+                out.append(TcFilter(msg["info"] >> 16, msg["handle"], None, 0, 0, 0))
         return out
 
     # ------------------------------------------------------------ observe
 
     def observe(self) -> list[Binding]:
+        """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
         with self._lock:
             catalog = self.catalog.load()
             names: dict[int, str | None] = {}
@@ -307,17 +327,25 @@ class TcDataplane:
                     names[index] = link.get_attr("IFLA_IFNAME") if link is not None else None
                 return names[index]
 
+            hooks: dict[tuple[int, str], dict[bytes, Binding]] = {}
+            for mark, binding, ifindex in catalog.entries():
+                if binding.get("type") == "mirror" and ifindex:
+                    hooks.setdefault((ifindex, binding.get("hook")), {})[mark] = binding
             out = []
-            for mark, (to_index, packets, nbytes) in self._mirred_actions().items():
-                binding = catalog.binding(mark)
-                if binding is None:
-                    out.append(self._unknown(mark))
-                    continue
-                # The target device may have gone or been recreated: then the spec shows it.
-                actual = name_of(to_index) or ""
-                if actual != binding.get("to"):
-                    binding = _with(binding, to=actual)
-                out.append(replace(binding, counters=Counters(packets, nbytes)))
+            for (ifindex, hook), wanted in hooks.items():
+                for found in self._filters(ifindex, hook):
+                    binding = wanted.get(found.mark)
+                    if binding is None:
+                        continue
+                    # The target device may have gone or been recreated: then the spec shows it.
+                    actual = name_of(found.to_index) or ""
+                    if actual != binding.get("to"):
+                        binding = _drifted(binding, found.mark, to=actual)
+                    # At ingress the kernel counts from the network header; count whole frames.
+                    nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" else 0)
+                    out.append(replace(binding, counters=Counters(found.packets, nbytes)))
+            known = catalog.marks()
+            out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))
             return out
 
@@ -339,15 +367,20 @@ class TcDataplane:
                     continue  # not working: apply brings it up
                 if kind == "vxlan":
                     data = link.vxlan_data()
-                    remote = data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6")
-                    binding = _with(binding, remote=remote, port=data.get_attr("IFLA_VXLAN_PORT"), vni=data.get_attr("IFLA_VXLAN_ID"))
+                    actual = {
+                        "remote": data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6"),
+                        "port": data.get_attr("IFLA_VXLAN_PORT"),
+                        "vni": data.get_attr("IFLA_VXLAN_ID"),
+                    }
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
                     process = captures.get(binding.get("device"))
                     if process is None:
                         continue  # the sink without its capture process: apply starts it
-                    binding = _with(binding, path=process["path"], snaplen=process["snaplen"])
+                    actual = {"path": process["path"], "snaplen": process["snaplen"]}
+                if any(binding.get(name) != value for name, value in actual.items()):
+                    binding = _drifted(binding, mark, **actual)
                 out.append(binding)
         return out
 
@@ -360,30 +393,51 @@ class TcDataplane:
 
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
+        for binding in bindings:
+            if binding.get("type") not in ("mirror", "vxlan", "capture"):
+                raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
         with self._lock, self.catalog.locked() as catalog:
-            for binding in bindings:
-                catalog.remember(binding)
-            catalog.save()  # before the kernel: a crash leaves nothing unnamed
             done = []
             try:
-                present = self._mirred_actions()
-                indexes: dict[str, int] = {}
-                for binding in bindings:
-                    kind = binding.get("type")
-                    if kind == "vxlan":
+                targets = [b for b in bindings if b.get("type") != "mirror"]
+                for binding in targets:
+                    catalog.remember(binding)
+                catalog.save()  # before the kernel: a crash leaves nothing unnamed
+                for binding in targets:
+                    if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
-                    elif kind == "capture":
+                    else:
                         self._ensure_capture(binding, done)
-                    elif kind == "mirror" and mark_of(binding) not in present:
-                        self._add_mirror(binding, catalog, indexes)
-                        done.append(binding)
-                    elif kind not in ("mirror", "vxlan", "capture"):
-                        raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {kind!r} binding")
+                self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
             except Exception:
                 self._remove(list(reversed(done)), catalog)
                 catalog.save()
                 raise
             catalog.save()
+
+    def _apply_mirrors(self, bindings: list[Binding], catalog: Catalog, done: list) -> None:
+        indexes: dict[str, int] = {}
+        for binding in bindings:
+            ifindex = self._resolve(binding.get("device"), indexes, "interface")
+            self._resolve(binding.get("to"), indexes, "target device")
+            catalog.remember(binding, ifindex)
+        catalog.save()  # before the kernel: a crash leaves nothing unnamed
+        by_device: dict[str, list[Binding]] = {}
+        for binding in bindings:
+            by_device.setdefault(binding.get("device"), []).append(binding)
+        for device, group in by_device.items():
+            ifindex = indexes[device]
+            fresh = self._ensure_clsact(ifindex, device, catalog)
+            for hook in HOOKS:
+                wanted = [b for b in group if b.get("hook") == hook]
+                present = set() if fresh or not wanted else {f.mark for f in self._filters(ifindex, hook)}
+                for binding in wanted:
+                    mark = mark_of(binding)
+                    if mark in present:
+                        continue
+                    self._add_filter(binding, ifindex, indexes[binding.get("to")], mark)
+                    present.add(mark)
+                    done.append(binding)
 
     def _resolve(self, name: str, indexes: dict, what: str) -> int:
         if name not in indexes:
@@ -393,26 +447,24 @@ class TcDataplane:
             raise OperationFailed(f"{what} {name} does not exist{where}")
         return indexes[name]
 
-    def _add_mirror(self, binding: Binding, catalog: Catalog, indexes: dict) -> None:
-        device, hook = binding.get("device"), binding.get("hook")
-        ifindex = self._resolve(device, indexes, "interface")
-        to_index = self._resolve(binding.get("to"), indexes, "target device")
-        self._ensure_clsact(ifindex, device, catalog)
-        msg = tcnl.mirror_filter_request(ifindex, hook, FILTER_PRIO, program_for(binding), to_index, mark_of(binding))
+    def _add_filter(self, binding: Binding, ifindex: int, to_index: int, mark: bytes) -> None:
+        msg = tcnl.mirror_filter_request(ifindex, binding.get("hook"), FILTER_PRIO, program_for(binding), to_index, mark)
         try:
             self._request(msg, RTM_NEWTFILTER, CREATE)
         except NetlinkError as exc:
             raise OperationFailed(f"{binding.key}: the kernel refused the filter: {os.strerror(exc.code)}") from None
 
-    def _ensure_clsact(self, ifindex: int, device: str, catalog: Catalog) -> None:
+    def _ensure_clsact(self, ifindex: int, device: str, catalog: Catalog) -> bool:
+        """True when vtap added the clsact just now (so it holds no filters yet)."""
         msg = tcnl.qdisc_request(ifindex)
         try:
             self._request(msg, RTM_NEWQDISC, CREATE)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
-                return  # someone's (or ours from before): use it as it is
+                return False  # someone's (or ours from before): use it as it is
             raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {os.strerror(exc.code)}") from None
         catalog.qdiscs[device] = ifindex
+        return True
 
     def _ensure_device(self, binding: Binding, kind: str, create, done: list) -> None:
         """A vtap-owned device with this binding's mark, up; replaced when its mark differs."""
@@ -472,7 +524,7 @@ class TcDataplane:
         after a remove would take a deleted mirror for a present one.
         """
         deadline = time.monotonic() + RELEASE_TIMEOUT
-        while marks & self._mirred_actions().keys() and time.monotonic() < deadline:
+        while marks & self._mirred_marks() and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def _remove(self, bindings, catalog: Catalog) -> None:
@@ -486,13 +538,13 @@ class TcDataplane:
         for device, group in mirrors.items():
             self._remove_mirrors(device, group, catalog)
         if mirrors:
-            self._wait_released({mark_of(b) for group in mirrors.values() for b in group})
+            self._wait_released({real_mark(b) for group in mirrors.values() for b in group})
         for binding in bindings:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
             if kind != "unknown":
-                catalog.forget(mark_of(binding))
+                catalog.forget(real_mark(binding))
 
     def _remove_mirrors(self, device: str, group: list[Binding], catalog: Catalog) -> None:
         ifindex = self.ifindex(device)
@@ -500,13 +552,13 @@ class TcDataplane:
             catalog.qdiscs.pop(device, None)
             return  # the device is gone, and its filters with it
         for hook in {b.get("hook") for b in group}:
-            wanted = {mark_of(b) for b in group if b.get("hook") == hook}
+            wanted = {real_mark(b) for b in group if b.get("hook") == hook}
             self._delete_filters(ifindex, hook, wanted)
         self._drop_clsact_if_unused(ifindex, device, catalog)
 
     def _delete_filters(self, ifindex: int, hook: str, marks: set) -> bool:
         found = False
-        for prio, handle, mark in self._filters(ifindex, hook):
+        for prio, handle, mark, *_ in self._filters(ifindex, hook):
             if mark in marks:
                 found = True
                 try:
@@ -539,7 +591,7 @@ class TcDataplane:
 
     def _remove_device(self, binding: Binding) -> None:
         name = binding.get("device")
-        wanted = binding.get("mark") if binding.get("type") == "unknown" else mark_of(binding).hex()
+        wanted = real_mark(binding).hex()
         if binding.get("type") == "capture" or name.startswith(SINK_PREFIX):
             from vtap_drivers.linux.capture import stop_capture_process
 
@@ -557,7 +609,13 @@ class TcDataplane:
                 raise
 
 
-def _with(binding: Binding, **values) -> Binding:
-    """The binding with some spec values replaced (what the kernel really holds)."""
-    spec = tuple((name, values.get(name, value)) for name, value in binding.spec)
+def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:
+    """The binding as the kernel really holds it: some spec values differ, and the mark it carries."""
+    spec = tuple((name, actual.get(name, value)) for name, value in binding.spec) + (("mark", mark.hex()),)
     return replace(binding, spec=spec)
+
+
+def real_mark(binding: Binding) -> bytes:
+    """The mark a binding has in the kernel: its own digest, or the one observe() found on it."""
+    found = binding.get("mark")
+    return bytes.fromhex(found) if found else mark_of(binding)
