@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import yaml
 
 from vtap_core import reconcile, registry
-from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, ValidationError, VtapError
+from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
 from vtap_core.store import Store
 
@@ -307,13 +307,25 @@ class Client:
         return Change(f"{change_message}; {note}" if note else change_message, plan)
 
     def _validate(self, sessions: dict, flows: dict, changed: dict):
-        """The driver must be able to realize every session and flow this call touches."""
+        """The driver must be able to realize what this call touches, beside everything else."""
         touched = _touched_sessions(changed, sessions)
+        if not touched:
+            return
+        mine = [f for f in flows.values() if f.session in touched]
         for name in touched:
-            session = sessions[name]
-            members = [f for f in flows.values() if f.session == name]
-            self.driver.check_features(session, members)
-            self.driver.plan([session], members)
+            self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
+        self.driver.plan([sessions[n] for n in touched], mine)
+        try:
+            self.driver.plan(list(sessions.values()), list(flows.values()))
+        except (ValidationError, NotFound, Unsupported) as conflict:
+            # Either the change clashes with the rest (a VNI used twice), or the rest
+            # cannot be planned on its own (a source vanished): only the first is this call's fault.
+            others = [s for s in sessions.values() if s.name not in touched]
+            try:
+                self.driver.plan(others, [f for f in flows.values() if f.session not in touched])
+            except (ValidationError, NotFound, Unsupported):
+                return
+            raise conflict
 
     def _write(self, state):
         sessions, flows = state

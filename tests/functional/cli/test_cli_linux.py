@@ -231,3 +231,11 @@ def test_vtap_capture_terminates_a_vxlan_stream(host, tmp_path):
             capture.kill()
             capture.wait()
         subprocess.run(["ip", "netns", "del", collector])
+
+
+def test_a_second_session_on_the_same_vni_is_refused(host):
+    host.vtap_ok("session", "create", "t1", "--to", "vxlan://10.9.9.9?vni=7")
+    store, kernel = host.store(), host.kernel()
+    result = host.vtap("session", "create", "t2", "--to", "vxlan://10.9.9.8?vni=7")
+    assert result.returncode == 2 and "vni 7" in result.stderr
+    assert host.store() == store and host.kernel() == kernel
