@@ -67,6 +67,15 @@ func extend(erspan bool) {
 	for _, obj := range byName(simulator.Map.All("DistributedVirtualSwitch")) {
 		wrapSwitch(obj.(*simulator.DistributedVirtualSwitch), erspan)
 	}
+	// Debian's govmomi 0.24 ships a VmMigratedEvent message template that does not parse
+	// ("{{.SourceHost.Name}," ...), which panics the first time the event is posted. The
+	// message of vSphere's VmMigratedEvent, without the datastore parts this simulator lacks:
+	events := simulator.Map.EventManager()
+	for i := range events.Description.EventInfo {
+		if events.Description.EventInfo[i].Key == "VmMigratedEvent" {
+			events.Description.EventInfo[i].FullFormat = "Migration of virtual machine {{.Vm.Name}} from {{.SourceHost.Name}} to {{.Host.Name}} completed"
+		}
+	}
 	// Sorted so that port keys come out the same on every run.
 	for _, obj := range byName(simulator.Map.All("VirtualMachine")) {
 		wrapVM(obj.(*simulator.VirtualMachine))

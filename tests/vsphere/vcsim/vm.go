@@ -175,9 +175,11 @@ func (vm *VM) RelocateVMTask(ctx *simulator.Context, req *types.RelocateVM_Task)
 
 func (vm *VM) event() types.VmEvent {
 	host := simulator.Map.Get(*vm.Runtime.Host).(*simulator.HostSystem)
+	dc := simulator.Map.Any("Datacenter") // the model has one
 	return types.VmEvent{Event: types.Event{
-		Vm:   &types.VmEventArgument{EntityEventArgument: types.EntityEventArgument{Name: vm.Name}, Vm: vm.Self},
-		Host: &types.HostEventArgument{EntityEventArgument: types.EntityEventArgument{Name: host.Name}, Host: host.Self},
+		Vm:         &types.VmEventArgument{EntityEventArgument: types.EntityEventArgument{Name: vm.Name}, Vm: vm.Self},
+		Host:       &types.HostEventArgument{EntityEventArgument: types.EntityEventArgument{Name: host.Name}, Host: host.Self},
+		Datacenter: &types.DatacenterEventArgument{EntityEventArgument: types.EntityEventArgument{Name: dc.Entity().Name}, Datacenter: dc.Reference()},
 	}}
 }
 

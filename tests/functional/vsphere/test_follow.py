@@ -1,0 +1,132 @@
+"""`vtap follow` on vSphere: taps stay right while VMs move, NICs reconnect and sessions drift."""
+
+import threading
+import time
+
+import pytest
+from pyVmomi import vim
+
+from simulator import Simulator, available
+from vtap_core.client import Client
+from vtap_core.follow import Follower, NoMetrics
+
+VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
+
+
+@pytest.fixture(scope="module")
+def vcsim():
+    why = available()
+    if why:
+        pytest.skip(why)
+    with Simulator(hosts=3, vms=6) as sim:
+        yield sim
+
+
+class Reactions(NoMetrics):
+    """Counts the follower's per-VM reconciles (what the metrics exporter would see)."""
+
+    def __init__(self):
+        self.latencies = []
+
+    def observe_latency(self, seconds):
+        self.latencies.append(seconds)
+
+
+def connect(vcsim, state):
+    return Client(driver="vsphere", state=state, url=vcsim.url, user=vcsim.user, password=vcsim.password)
+
+
+@pytest.fixture
+def tapped(vcsim, vc, tmp_path):
+    """Session web: VM0 and VM1 mirrored to the monitoring VM5, with `follow` running."""
+    state = str(tmp_path / "vtap.db")
+    with connect(vcsim, state) as client:
+        client.create_session("web", to=f"vm:{vc.vm(5).config.instanceUuid}")
+        client.add_flow("web", vm=vc.vm(0).config.instanceUuid, direction="both")
+        client.add_flow("web", vm=vc.vm(1).name, direction="out")
+    reactions, stop, started = Reactions(), threading.Event(), threading.Event()
+
+    def follow():
+        with connect(vcsim, state) as client:
+            follower = Follower(client, interval=300, metrics=reactions)
+            threading.Thread(target=lambda: (wait_for(lambda: follower.resyncs >= 1), started.set()), daemon=True).start()
+            follower.run(stop)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    assert started.wait(20), "the follower did not finish its first resync"
+    time.sleep(0.5)  # let the watch take its first (initial-state) update
+    yield reactions
+    stop.set()
+    thread.join(timeout=15)
+    with connect(vcsim, state) as client:
+        client.delete_session("web")
+    assert "vtap:web" not in vc.sessions()
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def received(vc):
+    """The mirrored ports; none while the core replaces the session (remove, then add)."""
+    session = vc.sessions().get("vtap:web")
+    return sorted(session.sourcePortReceived.portKey) if session else []
+
+
+def reverted(vc):
+    session = vc.sessions().get("vtap:web")
+    return session is not None and not session.mirroredPacketLength
+
+
+def test_relocated_vm_is_verified_not_rebuilt(vc, si, tapped):
+    vm = vc.vm(0)
+    session, version = vc.sessions()["vtap:web"], vc.version()
+    source_host = vm.runtime.host
+    destination = next(h for h in vc.hosts() if h != source_host)
+    reactions_before = len(tapped.latencies)
+
+    vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
+
+    assert vm.runtime.host == destination
+    assert wait_for(lambda: len(tapped.latencies) > reactions_before), "the follower did not react to the migration"
+    events = si.content.eventManager.QueryEvents(vim.event.EventFilterSpec(eventTypeId=["VmMigratedEvent"]))
+    assert any(e.vm.vm == vm and e.sourceHost.host == source_host for e in events)
+    # Same switch, same port: the session was verified and left as it was.
+    assert vc.version() == version
+    assert vc.sessions()["vtap:web"].key == session.key
+    assert received(vc) == sorted([vc.port_key(vc.vm(0)), vc.port_key(vc.vm(1))])
+
+
+def test_nic_moved_to_another_port_is_re_realized(vc, tapped):
+    vm = vc.vm(1)
+    old = vc.port_key(vm)
+    vc.move_nic(vm, vc.portgroup("DC0_DVPG1"))
+    new = vc.port_key(vm)
+    assert new != old
+    assert wait_for(lambda: new in received(vc)), f"session still mirrors {received(vc)}, not the new port {new}"
+    assert old not in received(vc)
+    assert sorted(vc.sessions()["vtap:web"].sourcePortTransmitted.portKey) == [vc.port_key(vc.vm(0))]  # VM1 is out only
+
+
+def test_session_deleted_behind_vtaps_back_is_restored(vc, tapped):
+    before = vc.sessions()["vtap:web"]
+    vc.reconfigure_vspan("remove", VSPAN.VspanSession(key=before.key))
+    assert "vtap:web" not in vc.sessions()
+    assert wait_for(lambda: "vtap:web" in vc.sessions()), "the deleted session was not restored"
+    after = vc.sessions()["vtap:web"]
+    assert after.key != before.key
+    assert received(vc) == sorted(before.sourcePortReceived.portKey)
+
+
+def test_session_edited_behind_vtaps_back_is_put_right(vc, tapped):
+    edited = vc.sessions()["vtap:web"]
+    edited.mirroredPacketLength = 64
+    vc.reconfigure_vspan("edit", edited)
+    # The core replaces a binding whose spec differs (remove, then add): wait for the new one.
+    assert wait_for(lambda: reverted(vc)), "the edit was not reverted"
