@@ -104,6 +104,13 @@ class ProxmoxDriver(Driver):
             return self.placement_override[vm.vmid] == self.node
         return vm.node == self.node and vm.running
 
+    def may_run_here(self, vm) -> bool:
+        """runs_here, or a live migration in flight: then both ends have a QEMU and a tap, and the
+        one whose tap exists here is mirrored (the destination's before the switch-over)."""
+        if vm.vmid in self.placement_override:
+            return self.runs_here(vm)
+        return self.runs_here(vm) or (vm.lock == "migrate" and vm.running)
+
     # ------------------------------------------------------------ contract
 
     def describe(self) -> Description:
@@ -132,7 +139,7 @@ class ProxmoxDriver(Driver):
             sources = []  # (flow, vm, nic, device) realizable on this node
             for flow in members:
                 vm, nics = self._resolve(vms, flow.source)
-                if not self.runs_here(vm):
+                if not self.may_run_here(vm):
                     continue
                 if present is None:
                     present = self.dataplane.devices()

@@ -89,14 +89,18 @@ def test_node_offline_then_back(cluster, running, caplog):
     assert len(lines) == 1 and "595" in lines[0], lines
 
 
-def test_slow_migration_keeps_the_tap_until_the_vm_has_moved(cluster, running, caplog):
+def test_slow_migration_mirrors_both_ends_until_the_vm_has_moved(cluster, running, caplog):
     pve1, agent = running
     wait_for(lambda: tapped(pve1, 100))
-    cluster.pve.time_scale = 0.05  # the migration task holds lock=migrate for 20 PVE seconds = 1 s
+    assert not tapped(pve1, 101)  # db runs on pve2
+    cluster.pve.time_scale = 0.05  # a migration task holds lock=migrate for 20 PVE seconds = 1 s
     cluster.later(cluster.pve.migrate(100, "pve2", secs=20))
-    wait_for(lambda: cluster.pve.vm(100).lock == "migrate")
-    threading.Event().wait(3 * INTERVAL)
-    assert tapped(pve1, 100) and cluster.pve.vm(100).node == "pve1"  # still running here
+    cluster.later(cluster.pve.migrate(101, "pve1", secs=20))  # its incoming QEMU's tap101i0 is here
+    wait_for(lambda: cluster.pve.vm(101).lock == "migrate")
+    wait_for(lambda: tapped(pve1, 101))
+    assert cluster.pve.vm(101).node == "pve2"  # mirrored here before the switch-over
+    assert tapped(pve1, 100) and cluster.pve.vm(100).node == "pve1"  # the source keeps its tap meanwhile
     wait_for(lambda: cluster.pve.vm(100).node == "pve2")
     wait_for(lambda: not tapped(pve1, 100))
+    assert tapped(pve1, 101)
     assert trouble_lines(caplog) == []
