@@ -41,6 +41,8 @@ class Agent:
 
     def cycle(self):
         """One poll + reconcile; returns the executed plan."""
+        if self.cycles == 0:
+            self.driver.check_node()
         self.driver.refresh()
         sessions, flows = self.desired.load()
         if self.lock is not None:

@@ -93,6 +93,12 @@ class ProxmoxDriver(Driver):
         """Poll the cluster now; returns the vmids that appeared, left or changed."""
         return self.cluster.poll(force=set(force))
 
+    def check_node(self) -> None:
+        """Refuse a node name the cluster does not have (a typo would leave an agent doing nothing)."""
+        names = sorted(str(n.get("node")) for n in self.api.get("nodes"))
+        if self.node not in names:
+            raise ValidationError("node", f"{self.node!r} is not a node of this cluster (nodes: {', '.join(names)}); set --node or VTAP_PROXMOX_NODE")
+
     def current_vms(self):
         """The cluster's VMs, polled at most POLL_MAX_AGE seconds ago."""
         if self.cluster.polled_at is None or time.time() - self.cluster.polled_at > POLL_MAX_AGE:

@@ -70,3 +70,11 @@ def test_a_nic_added_without_a_task_is_found_before_refusing(cluster, nodes, tmp
     assert vtap(env, "session", "create", "web", "--to", "port:mon0").returncode == 0
     result = vtap(env, "flow", "add", "web", "--vm", "100/net1")
     assert result.returncode == 0, result.stderr
+
+
+def test_agent_refuses_a_node_the_cluster_does_not_have(cluster, nodes, tmp_path):
+    cluster.add_vm(100, "web", "pve1")
+    pve1 = nodes("pve1")
+    result = vtap(cli_env(cluster, "pve1", tmp_path, VTAP_PROXMOX_NETNS=pve1.name), "agent", "--once", "--node", "pve9")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "vtap: node: 'pve9' is not a node of this cluster (nodes: pve1); set --node or VTAP_PROXMOX_NODE"
