@@ -1,0 +1,60 @@
+"""End to end through the `vtap` command line, as a user runs it against vCenter."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def vtap(vcsim, tmp_path):
+    (tmp_path / "empty.toml").write_text("")  # no machine-wide /etc/vtap/config.toml in the way
+    env = dict(os.environ, VTAP_VSPHERE_PASSWORD=vcsim.password, VTAP_STATE=str(tmp_path / "vtap.db"), VTAP_CONFIG=str(tmp_path / "empty.toml"))
+    base = [sys.executable, "-m", "vtap_cli.main", "--driver", "vsphere", "--url", vcsim.url, "--user", vcsim.user, "--insecure"]
+
+    def run(*args, expect=0):
+        done = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        assert done.returncode == expect, f"vtap {' '.join(args)} -> {done.returncode}\n{done.stdout}{done.stderr}"
+        assert vcsim.password not in done.stdout + done.stderr
+        return done
+
+    return run
+
+
+def test_vm_list_shows_uuid_host_and_port_keys(vtap, vc):
+    listed = json.loads(vtap("-o", "json", "vm", "list").stdout)
+    by_uuid = {row["uuid"]: row for row in listed}
+    vm = vc.vm(0)
+    row = by_uuid[vm.config.instanceUuid]
+    assert row["name"] == vm.name
+    assert row["host"] == vm.runtime.host._moId
+    assert vc.port_key(vm) in json.dumps(row)
+
+
+def test_session_create_flow_add_and_delete(vtap, vc):
+    vm = vc.vm(2)
+    vtap("session", "create", "cli", "--to", "erspan://192.0.2.99?version=2&id=9", "--snaplen", "200")
+    vtap("flow", "add", "cli", "--vm", vm.config.instanceUuid, "--direction", "in")
+    made = vc.sessions()["vtap:cli"]
+    assert made.encapType == "erspan2" and made.erspanId == 9 and made.mirroredPacketLength == 200
+    assert list(made.sourcePortTransmitted.portKey) == [vc.port_key(vm)]
+    assert not made.sourcePortReceived.portKey
+    vtap("session", "delete", "cli")
+    assert "vtap:cli" not in vc.sessions()
+
+
+def test_filter_is_refused_and_nothing_changes(vtap, vc):
+    vtap("session", "create", "nofilter", "--to", "gre://192.0.2.98")
+    version = vc.version()
+    done = vtap("flow", "add", "nofilter", "--vm", vc.vm(0).name, "--filter", "tcp port 443", expect=2)
+    assert "whole ports" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert vc.version() == version
+    assert json.loads(vtap("-o", "json", "flow", "list").stdout) == []
+    vtap("session", "delete", "nofilter")
+
+
+def test_password_on_argv_is_refused(vtap, vcsim):
+    done = vtap("--password", vcsim.password, "vm", "list", expect=2)
+    assert "password" in done.stderr
