@@ -78,3 +78,21 @@ def test_agent_refuses_a_node_the_cluster_does_not_have(cluster, nodes, tmp_path
     result = vtap(cli_env(cluster, "pve1", tmp_path, VTAP_PROXMOX_NETNS=pve1.name), "agent", "--once", "--node", "pve9")
     assert result.returncode == 2
     assert result.stderr.strip() == "vtap: node: 'pve9' is not a node of this cluster (nodes: pve1); set --node or VTAP_PROXMOX_NODE"
+
+
+def test_vxlan_target_is_made_on_the_node_that_mirrors(cluster, nodes, tmp_path):
+    cluster.add_vm(100, "web", "pve1")
+    pve1 = nodes("pve1")
+    pve1.add_tap(100)
+    pve1.run("ip", "addr", "add", "192.0.2.1/24", "dev", "mon0")
+    env = cli_env(cluster, "pve1", tmp_path, VTAP_PROXMOX_NETNS=pve1.name)
+    assert vtap(env, "session", "create", "tun", "--to", "vxlan://192.0.2.9?vni=42").returncode == 0
+    result = vtap(env, "flow", "add", "tun", "--vm", "web", "--direction", "out")
+    assert result.returncode == 0, result.stderr
+    links = json.loads(pve1.run("ip", "-s", "-d", "-j", "link", "show", "type", "vxlan").stdout)
+    assert len(links) == 1 and links[0]["linkinfo"]["info_data"]["id"] == 42
+    pve1.send_from_vm(100, count=5)
+    links = json.loads(pve1.run("ip", "-s", "-j", "link", "show", links[0]["ifname"]).stdout)
+    assert links[0]["stats64"]["tx"]["packets"] == 5  # each copy left encapsulated towards 192.0.2.9
+    assert vtap(env, "session", "delete", "tun").returncode == 0
+    assert json.loads(pve1.run("ip", "-j", "link", "show", "type", "vxlan").stdout) == []
