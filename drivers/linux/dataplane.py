@@ -69,8 +69,6 @@ from pyroute2.netlink.rtnl import (
     RTM_GETACTION,
     RTM_GETLINK,
     RTM_GETTFILTER,
-    RTM_NEWACTION,
-    RTM_NEWLINK,
     RTM_NEWQDISC,
     RTM_NEWTFILTER,
 )
@@ -81,6 +79,7 @@ from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.catalog import MARK_MAGIC, Catalog, alias_of, mark_from_alias, mark_of
+from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
@@ -162,6 +161,7 @@ class TcDataplane:
         self.catalog = Catalog(self.state_dir, netns)
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
+        self._nl = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ planning
@@ -231,40 +231,45 @@ class TcDataplane:
     # ------------------------------------------------------------ netlink plumbing
 
     @property
+    def nl(self) -> RtnlSocket:
+        """The fast socket: tc and link dumps, batched tc requests."""
+        if self._nl is None:
+            try:
+                self._nl = RtnlSocket(self.netns)
+            except FileNotFoundError:
+                raise NotFound(f"netns {self.netns}: no such network namespace") from None
+        return self._nl
+
+    @property
     def ipr(self) -> IPRoute:
+        """pyroute2's socket: creating, changing and deleting vtap's own devices (rare)."""
         if self._ipr is None:
             try:
                 # flags=0: use the namespace, never create it
-                ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
+                self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
             except FileNotFoundError:
                 raise NotFound(f"netns {self.netns}: no such network namespace") from None
-            ipr.asyncore.status["nlm_generator"] = False  # pyroute2 0.9's IPRoute leaves this unset
-            ipr.register_policy({
-                RTM_NEWTFILTER: tcnl.filtermsg,
-                RTM_NEWACTION: tcnl.actionmsg,
-                RTM_GETACTION: tcnl.actionmsg,
-                RTM_NEWLINK: tcnl.linkmsg,
-            })
-            self._ipr = ipr
         return self._ipr
-
-    def _request(self, msg, msg_type, flags=REQUEST):
-        return self.ipr.nlm_request(msg, msg_type, flags)
 
     def close(self) -> None:
         with self._lock:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+            for sock in (self._nl, self._ipr):
+                if sock is not None:
+                    sock.close()
+            self._nl = self._ipr = None
 
-    def _link(self, name: str | None = None, index: int = 0):
+    def _link(self, name: str | None = None, index: int = 0) -> dict | None:
         try:
-            found = self._request(tcnl.link_query(name=name, index=index), RTM_GETLINK, REQUEST)
-        except NetlinkError as exc:
+            return tcnl.read_link(*self.nl.get(tcnl.link_query(name=name, index=index), RTM_GETLINK, REQUEST))
+        except NetlinkFailure as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 return None
             raise
-        return next((m for m in found if m.get("index")), None)
+
+    def _links(self, kind: str | None = None) -> list[dict]:
+        """Every link, or those of one kind (the kernel filters by kind)."""
+        links = [tcnl.read_link(*reply) for reply in self.nl.dump(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
+        return [link for link in links if kind is None or link["kind"] == kind]
 
     def ifindex(self, name: str) -> int | None:
         with self._lock:
@@ -273,10 +278,7 @@ class TcDataplane:
 
     def devices(self) -> set[str]:
         with self._lock:
-            return {m.get_attr("IFLA_IFNAME") for m in self._request(tcnl.link_query(), RTM_GETLINK, DUMP)}
-
-    def _links_of_kind(self, kind: str):
-        return [m for m in self._request(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP) if m.kind() == kind]
+            return {link["name"] for link in self._links()}
 
     def _mirred_marks(self) -> set[bytes]:
         """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
@@ -285,32 +287,27 @@ class TcDataplane:
         (after an RCU grace period), so this says "maybe there", never "there".
         """
         found = set()
-        for msg in self._request(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
-            table = msg.get_attr("TCA_ROOT_TAB")
-            for _, act in table["attrs"] if table is not None else ():
-                state = tcnl.mirred_state(act)
-                if state is not None and state[0].startswith(MARK_MAGIC):
-                    found.add(state[0])
+        for reply in self.nl.dump(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
+            found.update(c for c in tcnl.read_action_cookies(*reply) if c.startswith(MARK_MAGIC))
         return found
 
     def _filters(self, ifindex: int, hook: str) -> list[TcFilter]:
         """Every filter on a device's hook (vtap's have a mark). One dump."""
-        out = []
         try:
-            messages = self._request(tcnl.filter_query(ifindex, hook), RTM_GETTFILTER, DUMP)
-        except NetlinkError as exc:
+            replies = self.nl.dump(tcnl.filter_query(ifindex, hook), RTM_GETTFILTER, DUMP)
+        except NetlinkFailure as exc:
             if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 return []  # no clsact (or no device): no filters
             raise
-        for msg in messages:
-            if not msg["handle"]:
+        out = []
+        for reply in replies:
+            prio, handle, mirred = tcnl.read_filter(*reply)
+            if not handle:
                 continue  # the per-priority header entry, not a filter
-            state = tcnl.mirror_of(msg)
-            if state and state[0].startswith(MARK_MAGIC):
-                mark, to_index, packets, nbytes = state
-                out.append(TcFilter(msg["info"] >> 16, msg["handle"], mark, to_index, packets, nbytes))
+            if mirred is not None and mirred[0].startswith(MARK_MAGIC):
+                out.append(TcFilter(prio, handle, *mirred))
             else:
-                out.append(TcFilter(msg["info"] >> 16, msg["handle"], None, 0, 0, 0))
+                out.append(TcFilter(prio, handle, None, 0, 0, 0))
         return out
 
     # ------------------------------------------------------------ observe
@@ -324,7 +321,7 @@ class TcDataplane:
             def name_of(index):
                 if index not in names:
                     link = self._link(index=index) if index else None
-                    names[index] = link.get_attr("IFLA_IFNAME") if link is not None else None
+                    names[index] = link["name"] if link is not None else None
                 return names[index]
 
             hooks: dict[tuple[int, str], dict[bytes, Binding]] = {}
@@ -355,23 +352,18 @@ class TcDataplane:
         out = []
         captures = None
         for kind in ("vxlan", "ifb"):
-            for link in self._links_of_kind(kind):
-                mark = mark_from_alias(link.get_attr("IFLA_IFALIAS"))
+            for link in self._links(kind):
+                mark = mark_from_alias(link["alias"])
                 if mark is None:
                     continue
                 binding = catalog.binding(mark)
                 if binding is None:
-                    out.append(self._unknown(mark, link.get_attr("IFLA_IFNAME")))
+                    out.append(self._unknown(mark, link["name"]))
                     continue
                 if not link["flags"] & IFF_UP:
                     continue  # not working: apply brings it up
                 if kind == "vxlan":
-                    data = link.vxlan_data()
-                    actual = {
-                        "remote": data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6"),
-                        "port": data.get_attr("IFLA_VXLAN_PORT"),
-                        "vni": data.get_attr("IFLA_VXLAN_ID"),
-                    }
+                    actual = {"remote": link["vxlan"]["remote"], "port": link["vxlan"]["port"], "vni": link["vxlan"]["vni"]}
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
@@ -397,7 +389,7 @@ class TcDataplane:
             if binding.get("type") not in ("mirror", "vxlan", "capture"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
         with self._lock, self.catalog.locked() as catalog:
-            done = []
+            done: list[Binding] = []
             try:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
                 for binding in targets:
@@ -415,56 +407,51 @@ class TcDataplane:
                 raise
             catalog.save()
 
+    def _indexes(self, names: set) -> dict[str, int]:
+        """ifindex by name for these devices: a few gets, or one dump when there are many."""
+        if len(names) > 8:
+            return {link["name"]: link["index"] for link in self._links() if link["name"] in names}
+        found = {name: self._link(name=name) for name in names}
+        return {name: link["index"] for name, link in found.items() if link is not None}
+
     def _apply_mirrors(self, bindings: list[Binding], catalog: Catalog, done: list) -> None:
-        indexes: dict[str, int] = {}
+        if not bindings:
+            return
+        where = f" in netns {self.netns}" if self.netns else ""
+        indexes = self._indexes({b.get("device") for b in bindings} | {b.get("to") for b in bindings})
         for binding in bindings:
-            ifindex = self._resolve(binding.get("device"), indexes, "interface")
-            self._resolve(binding.get("to"), indexes, "target device")
-            catalog.remember(binding, ifindex)
+            for name, what in ((binding.get("device"), "interface"), (binding.get("to"), "target device")):
+                if name not in indexes:
+                    raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
+            catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
-        by_device: dict[str, list[Binding]] = {}
+        devices = sorted({b.get("device") for b in bindings})
+        added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
+        fresh = set()
+        for device, failure in zip(devices, added):
+            if failure is None:
+                fresh.add(device)  # vtap added it, so it holds no filters yet
+                catalog.qdiscs[device] = indexes[device]
+            elif failure.code != errno.EEXIST:  # EEXIST: someone's (or ours from before): use it
+                raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {failure}")
+        present: dict[tuple[str, str], set] = {}
+        requests, pending = [], []
         for binding in bindings:
-            by_device.setdefault(binding.get("device"), []).append(binding)
-        for device, group in by_device.items():
-            ifindex = indexes[device]
-            fresh = self._ensure_clsact(ifindex, device, catalog)
-            for hook in HOOKS:
-                wanted = [b for b in group if b.get("hook") == hook]
-                present = set() if fresh or not wanted else {f.mark for f in self._filters(ifindex, hook)}
-                for binding in wanted:
-                    mark = mark_of(binding)
-                    if mark in present:
-                        continue
-                    self._add_filter(binding, ifindex, indexes[binding.get("to")], mark)
-                    present.add(mark)
-                    done.append(binding)
-
-    def _resolve(self, name: str, indexes: dict, what: str) -> int:
-        if name not in indexes:
-            indexes[name] = self.ifindex(name)
-        if indexes[name] is None:
-            where = f" in netns {self.netns}" if self.netns else ""
-            raise OperationFailed(f"{what} {name} does not exist{where}")
-        return indexes[name]
-
-    def _add_filter(self, binding: Binding, ifindex: int, to_index: int, mark: bytes) -> None:
-        msg = tcnl.mirror_filter_request(ifindex, binding.get("hook"), FILTER_PRIO, program_for(binding), to_index, mark)
-        try:
-            self._request(msg, RTM_NEWTFILTER, CREATE)
-        except NetlinkError as exc:
-            raise OperationFailed(f"{binding.key}: the kernel refused the filter: {os.strerror(exc.code)}") from None
-
-    def _ensure_clsact(self, ifindex: int, device: str, catalog: Catalog) -> bool:
-        """True when vtap added the clsact just now (so it holds no filters yet)."""
-        msg = tcnl.qdisc_request(ifindex)
-        try:
-            self._request(msg, RTM_NEWQDISC, CREATE)
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                return False  # someone's (or ours from before): use it as it is
-            raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {os.strerror(exc.code)}") from None
-        catalog.qdiscs[device] = ifindex
-        return True
+            device, hook = binding.get("device"), binding.get("hook")
+            if (device, hook) not in present:
+                present[device, hook] = set() if device in fresh else {f.mark for f in self._filters(indexes[device], hook)}
+            mark = mark_of(binding)
+            if mark in present[device, hook]:
+                continue
+            present[device, hook].add(mark)
+            program = program_for(binding)
+            requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
+            pending.append(binding)
+        failures = self.nl.requests(requests)
+        done.extend(b for b, failure in zip(pending, failures) if failure is None)
+        for binding, failure in zip(pending, failures):
+            if failure is not None:
+                raise OperationFailed(f"{binding.key}: the kernel refused the filter: {failure}")
 
     def _ensure_device(self, binding: Binding, kind: str, create, done: list) -> None:
         """A vtap-owned device with this binding's mark, up; replaced when its mark differs."""
@@ -472,11 +459,11 @@ class TcDataplane:
         alias = alias_of(binding)
         link = self._link(name=name)
         if link is not None:
-            if link.get_attr("IFLA_IFALIAS") == alias and link.kind() == kind:
+            if link["alias"] == alias and link["kind"] == kind:
                 if not link["flags"] & IFF_UP:
                     self.ipr.link("set", index=link["index"], state="up")
                 return
-            if mark_from_alias(link.get_attr("IFLA_IFALIAS")) is None:
+            if mark_from_alias(link["alias"]) is None:
                 raise OperationFailed(f"device {name} exists and is not vtap's; remove it or rename it")
             self.ipr.link("del", index=link["index"])  # an older spec of ours
         try:
@@ -516,29 +503,15 @@ class TcDataplane:
             self._remove(bindings, catalog)
             catalog.save()
 
-    def _wait_released(self, marks: set) -> None:
-        """Wait until the kernel has let go of deleted filters' actions.
-
-        cls_bpf frees a deleted filter's actions after an RCU grace period, and
-        until then the action dump still lists them: observe() or apply() right
-        after a remove would take a deleted mirror for a present one.
-        """
-        deadline = time.monotonic() + RELEASE_TIMEOUT
-        while marks & self._mirred_marks() and time.monotonic() < deadline:
-            time.sleep(0.005)
-
     def _remove(self, bindings, catalog: Catalog) -> None:
-        mirrors: dict[str, list[Binding]] = {}
-        for binding in bindings:
-            kind = binding.get("type")
-            if kind == "mirror":
-                mirrors.setdefault(binding.get("device"), []).append(binding)
-            elif kind == "unknown" and binding.get("device") is None:
-                self._remove_unknown_filter(bytes.fromhex(binding.get("mark")), catalog)
-        for device, group in mirrors.items():
-            self._remove_mirrors(device, group, catalog)
+        mirrors = [b for b in bindings if b.get("type") == "mirror"]
+        unknown_marks = {bytes.fromhex(b.get("mark")) for b in bindings if b.get("type") == "unknown" and not b.get("device")}
         if mirrors:
-            self._wait_released({real_mark(b) for group in mirrors.values() for b in group})
+            self._remove_mirrors(mirrors, catalog)
+        if unknown_marks:
+            self._remove_unknown_filters(unknown_marks, catalog)
+        if mirrors or unknown_marks:
+            self._wait_released({real_mark(b) for b in mirrors} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
@@ -546,27 +519,42 @@ class TcDataplane:
             if kind != "unknown":
                 catalog.forget(real_mark(binding))
 
-    def _remove_mirrors(self, device: str, group: list[Binding], catalog: Catalog) -> None:
-        ifindex = self.ifindex(device)
-        if ifindex is None:
-            catalog.qdiscs.pop(device, None)
-            return  # the device is gone, and its filters with it
-        for hook in {b.get("hook") for b in group}:
-            wanted = {real_mark(b) for b in group if b.get("hook") == hook}
-            self._delete_filters(ifindex, hook, wanted)
-        self._drop_clsact_if_unused(ifindex, device, catalog)
+    def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
+        indexes = self._indexes({b.get("device") for b in bindings})
+        wanted: dict[tuple[int, str], set] = {}
+        for binding in bindings:
+            device = binding.get("device")
+            if device not in indexes:
+                catalog.qdiscs.pop(device, None)
+                continue  # the device is gone, and its filters with it
+            wanted.setdefault((indexes[device], binding.get("hook")), set()).add(real_mark(binding))
+        self._delete_filters(wanted)
+        for device in {b.get("device") for b in bindings} & indexes.keys():
+            self._drop_clsact_if_unused(indexes[device], device, catalog)
 
-    def _delete_filters(self, ifindex: int, hook: str, marks: set) -> bool:
-        found = False
-        for prio, handle, mark, *_ in self._filters(ifindex, hook):
-            if mark in marks:
-                found = True
-                try:
-                    self._request(tcnl.filter_query(ifindex, hook, prio, handle), RTM_DELTFILTER, REQUEST)
-                except NetlinkError as exc:
-                    if exc.code not in (errno.ENOENT, errno.EINVAL):
-                        raise OperationFailed(f"cannot delete a vtap filter on ifindex {ifindex}: {os.strerror(exc.code)}") from None
-        return found
+    def _delete_filters(self, wanted: dict) -> set:
+        """Delete the filters with these marks: {(ifindex, hook): marks}. Returns the ifindexes touched."""
+        requests, touched = [], set()
+        for (ifindex, hook), marks in wanted.items():
+            for found in self._filters(ifindex, hook):
+                if found.mark in marks:
+                    requests.append((tcnl.filter_query(ifindex, hook, found.prio, found.handle), RTM_DELTFILTER, REQUEST))
+                    touched.add(ifindex)
+        for failure in self.nl.requests(requests):
+            if failure is not None and failure.code not in (errno.ENOENT, errno.EINVAL):
+                raise OperationFailed(f"cannot delete a vtap filter: {failure}")
+        return touched
+
+    def _wait_released(self, marks: set) -> None:
+        """Wait until the kernel has let go of deleted filters' actions.
+
+        cls_bpf frees a deleted filter's actions after an RCU grace period; until
+        then the action dump (how orphans without a catalog entry are found)
+        still lists them.
+        """
+        deadline = time.monotonic() + RELEASE_TIMEOUT
+        while marks & self._mirred_marks() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _drop_clsact_if_unused(self, ifindex: int, device: str, catalog: Catalog) -> None:
         """Remove the clsact vtap added on this device once nothing (of anyone's) is left on it."""
@@ -575,33 +563,29 @@ class TcDataplane:
             return
         if any(self._filters(ifindex, hook) for hook in HOOKS):
             return
-        try:
-            self._request(tcnl.qdisc_request(ifindex), RTM_DELQDISC, REQUEST)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.EINVAL):
-                raise
+        (failure,) = self.nl.requests([(tcnl.qdisc_request(ifindex), RTM_DELQDISC, REQUEST)])
+        if failure is not None and failure.code not in (errno.ENOENT, errno.EINVAL):
+            raise OperationFailed(f"interface {device}: cannot remove vtap's clsact qdisc: {failure}")
         catalog.qdiscs.pop(device, None)
 
-    def _remove_unknown_filter(self, mark: bytes, catalog: Catalog) -> None:
-        """Find an uncatalogued mark: look at every device's hooks (rare, slow path)."""
-        for link in self._request(tcnl.link_query(), RTM_GETLINK, DUMP):
-            for hook in HOOKS:
-                if self._delete_filters(link["index"], hook, {mark}):
-                    self._drop_clsact_if_unused(link["index"], link.get_attr("IFLA_IFNAME"), catalog)
+    def _remove_unknown_filters(self, marks: set, catalog: Catalog) -> None:
+        """Find uncatalogued marks: look at every device's hooks (rare, slow path)."""
+        links = self._links()
+        touched = self._delete_filters({(link["index"], hook): marks for link in links for hook in HOOKS})
+        for link in links:
+            if link["index"] in touched:
+                self._drop_clsact_if_unused(link["index"], link["name"], catalog)
 
     def _remove_device(self, binding: Binding) -> None:
         name = binding.get("device")
-        wanted = real_mark(binding).hex()
+        wanted = real_mark(binding)
         if binding.get("type") == "capture" or name.startswith(SINK_PREFIX):
             from vtap_drivers.linux.capture import stop_capture_process
 
             stop_capture_process(name, self.state_dir)
         link = self._link(name=name)
-        if link is None:
-            return
-        mark = mark_from_alias(link.get_attr("IFLA_IFALIAS"))
-        if mark is None or mark.hex() != wanted:
-            return  # someone else's, or a newer spec of ours
+        if link is None or mark_from_alias(link["alias"]) != wanted:
+            return  # gone, someone else's, or a newer spec of ours
         try:
             self.ipr.link("del", index=link["index"])
         except NetlinkError as exc:

@@ -17,6 +17,8 @@ from pyroute2.netlink import nla, nlmsg
 from pyroute2.netlink.rtnl.ifinfmsg.plugins.vxlan import vxlan
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
+from vtap_drivers.linux.nlsock import attributes, string, u32, u64
+
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
 TC_H_CLSACT = 0xFFFFFFF1
 HOOK_PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -302,3 +304,94 @@ def link_query(name: str | None = None, index: int = 0, kind: str | None = None)
     if kind is not None:
         msg["attrs"].append(["IFLA_LINKINFO", {"attrs": [["IFLA_INFO_KIND", kind]]}])
     return msg
+
+
+# ---------------------------------------------------------------- reading replies (nlsock's walker)
+# Attribute numbers from linux/rtnetlink.h, pkt_cls.h, tc_act/tc_mirred.h, gen_stats.h, if_link.h.
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_ACT = 1
+TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
+TCA_MIRRED_PARMS = 2
+TCA_STATS_BASIC, TCA_STATS_PKT64 = 1, 8
+TCA_ROOT_TAB = 1
+TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
+TCAMSG_SIZE = 4
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_IFALIAS = 3, 18, 20
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_PORT, IFLA_VXLAN_GROUP6 = 1, 2, 15, 16
+
+
+def read_mirred(data, span):
+    """(cookie, target ifindex, packets, bytes) of one action's attributes, if it is a cookied mirred."""
+    act = attributes(data, *span)
+    if TCA_ACT_KIND not in act or string(data, act[TCA_ACT_KIND]) != "mirred" or TCA_ACT_COOKIE not in act:
+        return None
+    cookie = bytes(data[act[TCA_ACT_COOKIE][0] : act[TCA_ACT_COOKIE][1]])
+    if len(cookie) != COOKIE_BYTES or TCA_ACT_OPTIONS not in act:
+        return None
+    options = attributes(data, *act[TCA_ACT_OPTIONS])
+    if TCA_MIRRED_PARMS not in options:
+        return None
+    to_index = struct.unpack_from("=7I", data, options[TCA_MIRRED_PARMS][0])[6]
+    packets = nbytes = 0
+    if TCA_ACT_STATS in act:
+        stats = attributes(data, *act[TCA_ACT_STATS])
+        if TCA_STATS_BASIC in stats:
+            nbytes, packets = struct.unpack_from("=QI", data, stats[TCA_STATS_BASIC][0])
+        if TCA_STATS_PKT64 in stats:
+            packets = u64(data, stats[TCA_STATS_PKT64])
+    return cookie, to_index, packets, nbytes
+
+
+def read_filter(data, start: int, end: int):
+    """(prio, handle, (cookie, target ifindex, packets, bytes) or None) of a filter reply."""
+    _family, _p1, _p2, _index, handle, _parent, info = TCMSG.unpack_from(data, start)
+    found = attributes(data, start + TCMSG.size, end)
+    mirred = None
+    if handle and TCA_KIND in found and string(data, found[TCA_KIND]) == "bpf" and TCA_OPTIONS in found:
+        options = attributes(data, *found[TCA_OPTIONS])
+        if TCA_BPF_ACT in options:
+            for span in attributes(data, *options[TCA_BPF_ACT]).values():
+                mirred = read_mirred(data, span)
+                if mirred is not None:
+                    break
+    return info >> 16, handle, mirred
+
+
+def read_action_cookies(data, start: int, end: int) -> list[bytes]:
+    """Cookies of the mirred actions in one RTM_GETACTION dump reply."""
+    found = attributes(data, start + TCAMSG_SIZE, end)
+    if TCA_ROOT_TAB not in found:
+        return []
+    out = []
+    for span in attributes(data, *found[TCA_ROOT_TAB]).values():
+        mirred = read_mirred(data, span)
+        if mirred is not None:
+            out.append(mirred[0])
+    return out
+
+
+def read_link(data, start: int, end: int) -> dict:
+    """{index, flags, name, alias, kind, vxlan: {id, remote, port} or None} of a link reply."""
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
+    found = attributes(data, start + IFINFOMSG.size, end)
+    link = {"index": index, "flags": flags, "name": None, "alias": None, "kind": None, "vxlan": None}
+    if IFLA_IFNAME in found:
+        link["name"] = string(data, found[IFLA_IFNAME])
+    if IFLA_IFALIAS in found:
+        link["alias"] = string(data, found[IFLA_IFALIAS])
+    if IFLA_LINKINFO in found:
+        info = attributes(data, *found[IFLA_LINKINFO])
+        if IFLA_INFO_KIND in info:
+            link["kind"] = string(data, info[IFLA_INFO_KIND])
+        if link["kind"] == "vxlan" and IFLA_INFO_DATA in info:
+            vx = attributes(data, *info[IFLA_INFO_DATA])
+            remote = None
+            if IFLA_VXLAN_GROUP in vx:
+                remote = socket.inet_ntop(socket.AF_INET, bytes(data[vx[IFLA_VXLAN_GROUP][0] : vx[IFLA_VXLAN_GROUP][1]]))
+            elif IFLA_VXLAN_GROUP6 in vx:
+                remote = socket.inet_ntop(socket.AF_INET6, bytes(data[vx[IFLA_VXLAN_GROUP6][0] : vx[IFLA_VXLAN_GROUP6][1]]))
+            port = struct.unpack_from("!H", data, vx[IFLA_VXLAN_PORT][0])[0] if IFLA_VXLAN_PORT in vx else None
+            link["vxlan"] = {"vni": u32(data, vx[IFLA_VXLAN_ID]) if IFLA_VXLAN_ID in vx else None, "remote": remote, "port": port}
+    return link
