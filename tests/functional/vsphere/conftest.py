@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vsphere"))
-from simulator import Simulator, available  # noqa: E402
+from vcsim_simulator import Simulator, available  # noqa: E402
 
 pyVmomi = pytest.importorskip("pyVmomi", reason="pyvmomi missing: run scripts/setup --test")
 from pyVmomi import vim  # noqa: E402

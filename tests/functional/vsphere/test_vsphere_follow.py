@@ -6,7 +6,7 @@ import time
 import pytest
 from pyVmomi import vim
 
-from simulator import Simulator, available
+from vcsim_simulator import Simulator, available
 from vtap_core.client import Client
 from vtap_core.follow import Follower, NoMetrics
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from simulator import Simulator, available
+from vcsim_simulator import Simulator, available
 from vtap_core.errors import OperationFailed, Unsupported
 from vtap_core.model import Source, TapFlow, TapSession
 
