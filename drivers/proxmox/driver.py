@@ -15,6 +15,7 @@ import time
 
 from vtap_core.driver import Description, Driver, Features
 from vtap_core.errors import Unsupported, ValidationError
+from vtap_core.filters import compile_filter
 
 from vtap_drivers.proxmox import desired
 from vtap_drivers.proxmox.api import PveApi
@@ -146,6 +147,8 @@ class ProxmoxDriver(Driver):
             for flow in members:
                 vm, nics = self._resolve(vms, flow.source)
                 if not self.may_run_here(vm):
+                    # Another node realizes it: refuse here and now what would fail there.
+                    compile_filter(flow.filter)
                     continue
                 if present is None:
                     present = self.dataplane.devices()
@@ -156,6 +159,8 @@ class ProxmoxDriver(Driver):
                     else:
                         log.debug("VM %s runs here but %s is missing: not mirrored now", vm.vmid, device)
             target = self._target_device(session, vms, bool(sources))
+            if not sources and session.target.kind in ("vxlan", "pcap"):
+                self.dataplane.session_target(session)  # a tunnel host that does not resolve, a bad path
             if sources:
                 bindings.extend(self._bindings(session, sources, target))
         return bindings

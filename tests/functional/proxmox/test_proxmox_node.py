@@ -55,6 +55,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(cluster, nodes, tmp_pa
         result = vtap(env, "flow", "add", "web", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith(line) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    cluster.add_vm(101, "db", "pve2")  # realized by another node: still checked here
+    result = vtap(env, "flow", "add", "web", "--vm", "db", "--filter", "tcp port")
+    assert result.returncode == 2 and result.stderr.startswith("vtap: filter:"), result.stderr
     assert json.loads(vtap(env, "flow", "list", "-o", "json").stdout) == []
     assert pve1.filters("tap100i0") == ""
     result = vtap(env, "session", "create", "gre", "--to", "gre://192.0.2.1?key=1")
