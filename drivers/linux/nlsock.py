@@ -88,18 +88,18 @@ class RtnlSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def _frame(self, message, msg_type: int, flags: int) -> tuple[int, bytes]:
-        """A pyroute2 message, encoded, with our header."""
-        message.reset()
-        message["header"] = {"type": msg_type, "flags": flags}
-        message.encode()
-        data = bytearray(message.data[: message["header"]["length"]])
+    def _frame(self, body, msg_type: int, flags: int) -> tuple[int, bytes]:
+        """A request with our header; body: packed bytes, or a pyroute2 message to encode."""
+        if not isinstance(body, (bytes, bytearray)):
+            body.reset()
+            body["header"] = {"type": msg_type, "flags": flags}
+            body.encode()
+            body = bytes(body.data[HEADER.size : body["header"]["length"]])
         sequence = next(self._sequence)
-        HEADER.pack_into(data, 0, len(data), msg_type, flags, sequence, 0)
-        return sequence, bytes(data)
+        return sequence, HEADER.pack(HEADER.size + len(body), msg_type, flags, sequence, 0) + body
 
     def requests(self, items) -> list[NetlinkFailure | None]:
-        """Send [(message, type, flags)] (flags with NLM_F_ACK), a chunk per send; the error of each, in order."""
+        """Send [(body, type, flags)] (flags with NLM_F_ACK), a chunk per send; the error of each, in order."""
         framed = [self._frame(message, msg_type, flags) for message, msg_type, flags in items]
         results: dict[int, NetlinkFailure | None] = {}
         chunk = b""
