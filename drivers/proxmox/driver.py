@@ -112,11 +112,14 @@ class ProxmoxDriver(Driver):
         return vm.node == self.node and vm.running
 
     def may_run_here(self, vm) -> bool:
-        """runs_here, or a live migration in flight: then both ends have a QEMU and a tap, and the
-        one whose tap exists here is mirrored (the destination's before the switch-over)."""
+        """Whether plan() looks for the VM's taps here (a tap that exists is then mirrored).
+
+        Placed here whatever its status says (a lagging or "unknown" status must not stop a mirror:
+        a stopped VM has no tap anyway), or in a live migration: then both ends have a QEMU and a
+        tap, and the destination's is mirrored before the switch-over."""
         if vm.vmid in self.placement_override:
             return self.runs_here(vm)
-        return self.runs_here(vm) or (vm.lock == "migrate" and vm.running)
+        return vm.node == self.node or (vm.lock == "migrate" and vm.running)
 
     # ------------------------------------------------------------ contract
 

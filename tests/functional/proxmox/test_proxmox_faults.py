@@ -89,6 +89,15 @@ def test_node_offline_then_back(cluster, running, caplog):
     assert len(lines) == 1 and "595" in lines[0], lines
 
 
+def test_a_status_the_api_cannot_tell_keeps_the_tap(cluster, running, caplog):
+    pve1, agent = running
+    wait_for(lambda: tapped(pve1, 100))
+    cluster.pve.vm(100).status = "unknown"  # what /cluster/resources says when pvestatd lags or hangs
+    cycles = agent.cycles
+    wait_for(lambda: agent.cycles >= cycles + 3)
+    assert tapped(pve1, 100)
+
+
 def test_slow_migration_mirrors_both_ends_until_the_vm_has_moved(cluster, running, caplog):
     pve1, agent = running
     wait_for(lambda: tapped(pve1, 100))
