@@ -70,6 +70,8 @@ class Follower:
         self.resyncs = 0
 
     def run(self, stop: threading.Event) -> None:
+        if hasattr(self.client.driver, "metrics"):
+            self.client.driver.metrics = self.metrics  # drivers that reconnect (kvm) count it there
         watcher = threading.Thread(target=self._watch, args=(stop,), name="vtap-watch", daemon=True)
         watcher.start()
         self._work(EVERYTHING, time.monotonic())

@@ -17,18 +17,20 @@ refused before anything changes.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
+import libvirt
+
 from vtap_core.driver import Binding, Description, Driver, Features
-from vtap_core.errors import NotFound, Unsupported, ValidationError
-from vtap_core.model import VM, Direction, TapFlow, TapSession
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
+from vtap_core.model import VM, TapFlow, TapSession
 from vtap_drivers.kvm import DEFAULT_URI
 from vtap_drivers.kvm.connection import Libvirt
 from vtap_drivers.kvm.domains import vm_of
 from vtap_drivers.kvm.ovs import Ovs, mirror_binding, tunnel_binding
 
-OVS_TARGETS = {"port", "vm", "gre", "erspan", "vxlan"}
+OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
+TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
 
 
 class KvmDriver(Driver):
@@ -54,19 +56,18 @@ class KvmDriver(Driver):
     @property
     def tc(self):
         if self._tc is None:
-            from vtap_drivers.kvm.tc import TcBackend
+            from vtap_drivers.linux.dataplane import TcDataplane
 
-            self._tc = TcBackend(state_dir=self.state_dir)
+            self._tc = TcDataplane(state_dir=self.state_dir or ".")
         return self._tc
 
     def describe(self) -> Description:
-        tc = self.tc.features
         features = Features(
-            targets=tc.targets | OVS_TARGETS,
+            targets=TC_TARGETS | OVS_TARGETS,
             sources=frozenset({"vm"}),
-            filter=True,
-            sample=tc.sample,
-            snaplen_targets=tc.snaplen_targets | OVS_TARGETS,
+            filter=True,  # tc only (plan refuses filters with backend ovs)
+            sample=True,  # tc only
+            snaplen_targets=frozenset({"pcap"}) | OVS_TARGETS,  # pcap with tc; any with ovs
             backends=("tc", "ovs"),
         )
         return Description(self.name, "KVM/libvirt guests; tc or Open vSwitch data path", features, {"uri": self.uri})
@@ -80,9 +81,9 @@ class KvmDriver(Driver):
             for dom in conn.listAllDomains():
                 try:
                     vms.append(vm_of(dom.UUIDString(), dom.name(), dom.state()[0], dom.XMLDesc(), host))
-                except Exception as exc:  # undefined between list and read: skip it
-                    if getattr(exc, "get_error_code", lambda: None)() != 42:  # VIR_ERR_NO_DOMAIN
-                        raise
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise  # else: undefined between list and read, so not there
             return vms
 
         return self.libvirt.call(read)
@@ -90,52 +91,33 @@ class KvmDriver(Driver):
     # plan ------------------------------------------------------------------
 
     def plan(self, sessions, flows) -> list[Binding]:
-        sessions = list(sessions)
-        flows = list(flows)
-        if not flows and not any(s.target.kind == "vm" for s in sessions):
-            return self._session_bindings(sessions, {}, flows)
+        from vtap_drivers.linux.dataplane import unique
+
+        sessions, flows = list(sessions), list(flows)
         vms = self.inventory()
         by_uuid = {vm.uuid: vm for vm in vms}
-        by_name = {}
+        by_name: dict[str, list[VM]] = {}
         for vm in vms:
             by_name.setdefault(vm.name, []).append(vm)
-        bindings = []
+        bindings: list[Binding] = []
         for session in sessions:
             members = [f for f in flows if f.session == session.name]
-            target_device = self._target_device(session, by_uuid)
             backend = self._backend(session, members)
-            output = None
+            target_device = self._target_device(session, by_uuid)
+            if backend == "tc" and target_device is not False:
+                bindings.extend(self.tc.session_target(session, target_device)[0])
             for flow in members:
                 vm = self._source_vm(flow, by_uuid, by_name)
                 if session.target.kind == "vm" and session.target.vm == vm.uuid:
                     raise ValidationError("target", f"{session.target} is the source of flow {flow.name} itself; mirror to another VM")
-                nics = self._source_nics(flow, vm)
-                if target_device is False:
-                    continue  # the monitoring VM is not running: nowhere to deliver now
-                for nic in nics:
-                    if not nic.device:
-                        continue  # not running: no device now
+                for nic in self._source_nics(flow, vm):
+                    if not nic.device or target_device is False:
+                        continue  # a VM not running has no device; the follower applies it when it starts
                     if backend == "ovs":
-                        bridge = self.ovs.bridge_of(nic.device)
-                        if bridge is None:
-                            raise Unsupported(self.name, "backend ovs for this NIC", f"{nic.device} of VM {vm.name} is not on an Open vSwitch bridge (use --backend tc)")
-                        output = self._ovs_output(session, bridge, target_device, bindings)
-                        bindings.append(mirror_binding(session.name, flow.name, vm.uuid, bridge, nic.device, flow.direction.value, output, session.snaplen))
+                        bindings.extend(self._ovs_mirror(session, flow, vm, nic.device, target_device))
                     else:
-                        bindings.extend(self.tc.plan_flow(session, flow, nic.device, target_device, vm.uuid))
-            if backend == "tc" and target_device is not False:
-                bindings = [b for b in bindings if b.session != session.name or b.flow is not None] + [
-                    b for b in self.tc.plan_session(session, target_device) if b.session == session.name
-                ] + [b for b in bindings if b.session == session.name and b.flow is None]
-        return _unique(bindings)
-
-    def _session_bindings(self, sessions, by_uuid, flows):
-        bindings = []
-        for session in sessions:
-            self._backend(session, [])
-            if self._backend(session, []) == "tc":
-                bindings.extend(self.tc.plan_session(session, None))
-        return bindings
+                        bindings.extend(self.tc.plan_vm_device(session, flow, nic.device, vm=vm.uuid, target_device=target_device))
+        return unique(bindings)
 
     def _source_vm(self, flow: TapFlow, by_uuid: dict, by_name: dict) -> VM:
         name = flow.source.vm
@@ -163,6 +145,8 @@ class KvmDriver(Driver):
         """The host device copies go to: a port name, a monitoring VM's vnetN, None for tunnels/pcap, False if that VM is down."""
         target = session.target
         if target.kind == "port":
+            if session.backend != "ovs" and target.port not in self.tc.devices():
+                raise NotFound(f"target: interface {target.port} does not exist on this host")
             return target.port
         if target.kind != "vm":
             return None
@@ -189,31 +173,42 @@ class KvmDriver(Driver):
                 if flow.filter:
                     raise Unsupported(self.name, "filter expressions with backend ovs", "an OVS mirror selects whole ports (use --backend tc)")
         elif backend == "tc":
-            self.tc.check_session(session)
+            if session.target.kind not in TC_TARGETS:
+                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", "this kernel has no gretap/erspan devices (use --backend ovs for NICs on OVS, or vxlan://)")
+            if session.snaplen is not None and session.target.kind != "pcap":
+                raise Unsupported(self.name, "snaplen with backend tc", "tc copies whole frames; snaplen works with pcap targets or --backend ovs")
         else:
             raise Unsupported(self.name, f"backend {backend}", "allowed: tc, ovs")
         return backend
 
-    def _ovs_output(self, session: TapSession, bridge: str, target_device, bindings: list) -> str:
+    def _ovs_mirror(self, session: TapSession, flow: TapFlow, vm: VM, device: str, target_device) -> list[Binding]:
+        bridge = self.ovs.bridge_of(device)
+        if bridge is None:
+            raise Unsupported(self.name, "backend ovs for this NIC", f"{device} of VM {vm.name} is not on an Open vSwitch bridge (use --backend tc)")
+        out = []
         if session.target.is_tunnel:
             tunnel = tunnel_binding(session.name, bridge, session.target)
-            bindings.append(tunnel)
-            return tunnel.get("port")
-        if self.ovs.bridge_of(target_device) != bridge:
+            out.append(tunnel)
+            output = tunnel.get("port")
+        elif self.ovs.bridge_of(target_device) == bridge:
+            output = target_device
+        else:
             raise ValidationError("target", f"{session.target}: with backend ovs the target must be a port on bridge {bridge}")
-        return target_device
+        out.append(mirror_binding(session.name, flow.name, vm.uuid, bridge, device, flow.direction.value, output, session.snaplen))
+        return out
 
     # observe / apply / remove ----------------------------------------------
 
     def observe(self) -> list[Binding]:
-        devices = {}
-        for vm in self.inventory():
-            for nic in vm.nics:
-                if nic.device:
-                    devices[nic.device] = vm.uuid
-        found = [b for b in self.tc.observe(devices) if b.vm is None or b.vm in devices.values()]
+        """vtap's objects on this libvirt's guests' devices, and the session targets this store made.
+
+        Another vtap (another libvirtd on this machine, or the linux driver)
+        has its own catalog: its filters show up as unknown marks here and are
+        left alone, never removed as orphans.
+        """
+        devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
-            # Only mirrors on this libvirt's devices (another libvirtd on this machine has its own).
             found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices)
         return found
 
@@ -221,8 +216,15 @@ class KvmDriver(Driver):
         for binding in bindings:
             if binding.key.startswith("ovs/"):
                 self.ovs.apply(binding)
-            else:
+                continue
+            try:
                 self.tc.apply([binding])
+            except OperationFailed as exc:
+                device = binding.get("device")
+                if device and self.tc.ifindex(device) is None:
+                    # The guest stopped or lost that NIC since we looked: look again.
+                    raise TemporaryError(f"{device} went away while applying: {exc}", delay=0.2) from exc
+                raise
 
     def remove(self, bindings) -> None:
         for binding in bindings:
@@ -237,10 +239,5 @@ class KvmDriver(Driver):
     def close(self) -> None:
         self.libvirt.close()
         self.ovs.close()
-
-
-def _unique(bindings: list[Binding]) -> list[Binding]:
-    seen = {}
-    for binding in bindings:
-        seen.setdefault(binding.key, binding)
-    return list(seen.values())
+        if self._tc is not None:
+            self._tc.close()

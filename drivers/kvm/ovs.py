@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import OperationFailed, TemporaryError
@@ -92,6 +93,8 @@ class Ovs:
         return self._api
 
     def available(self) -> bool:
+        if self._api is None and self.remote.startswith("unix:") and not os.path.exists(self.remote[5:]):
+            return False  # no Open vSwitch on this host: don't try (and log) a connection each time
         try:
             self.api
             return True

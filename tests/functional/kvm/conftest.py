@@ -3,6 +3,7 @@ per test a bridge with a peer to ping, a monitor port to count copies on, and gu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -72,40 +73,51 @@ def _veth(a: str, b: str):
         sh(f"sysctl -qw net.ipv6.conf.{name}.disable_ipv6=1 || true")
 
 
-@pytest.fixture
-def lan(netns):
+@contextlib.contextmanager
+def make_lan(ovs=None):
+    """A bridge (Linux, or OVS with the userspace datapath), a peer in a namespace of its own
+    that the guests ping, and a monitor veth pair: copies sent to `monitor` come out of `counter`."""
+    from pyroute2 import netns as pr_netns
+
     tag = uuidlib.uuid4().hex[:6]
-    subnet = f"10.233.{next(_subnets) % 250}"
-    bridge, peer, monitor, counter = f"vtkb{tag}", f"vtkp{tag}", f"vtkm{tag}", f"vtkc{tag}"
-    sh(f"ip link add {bridge} type bridge && ip link set {bridge} up")
-    sh(f"sysctl -qw net.ipv6.conf.{bridge}.disable_ipv6=1 || true")
-    _veth(peer, "vtkpeer0")
-    sh(f"ip link set vtkpeer0 netns {netns} && ip link set {peer} master {bridge} up")
-    sh(f"ip -n {netns} addr add {subnet}.1/24 dev vtkpeer0 && ip -n {netns} link set vtkpeer0 up")
-    _veth(monitor, counter)
-    sh(f"ip link set {monitor} up && ip link set {counter} up")
-    yield Lan(bridge, subnet, monitor, counter, netns)
-    for name in (bridge, peer, monitor):
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    netns = f"vtapt-kvm{tag}"
+    subnet = f"10.{234 if ovs else 233}.{next(_subnets) % 250}"
+    bridge, peer, monitor, counter = f"vtk{'o' if ovs else 'b'}{tag}", f"vtkp{tag}", f"vtkm{tag}", f"vtkc{tag}"
+    pr_netns.create(netns)
+    try:
+        if ovs:
+            ovs.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")
+        else:
+            sh(f"ip link add {bridge} type bridge && ip link set {bridge} up")
+            sh(f"sysctl -qw net.ipv6.conf.{bridge}.disable_ipv6=1 || true")
+        _veth(peer, "vtkpeer0")
+        sh(f"ip link set vtkpeer0 netns {netns} && ip link set {peer} up")
+        sh(f"ip -n {netns} addr add {subnet}.1/24 dev vtkpeer0 && ip -n {netns} link set vtkpeer0 up")
+        _veth(monitor, counter)
+        sh(f"ip link set {monitor} up && ip link set {counter} up")
+        if ovs:
+            ovs.vsctl("add-port", bridge, peer, "--", "add-port", bridge, monitor)
+        else:
+            sh(f"ip link set {peer} master {bridge}")
+        yield Lan(bridge, subnet, monitor, counter, netns)
+    finally:
+        if ovs:
+            ovs.vsctl("--if-exists", "del-br", bridge)
+        for name in (bridge, peer, monitor):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+        pr_netns.remove(netns)
 
 
 @pytest.fixture
-def ovs_lan(netns, ovs):
-    """The same shape on an Open vSwitch bridge (userspace datapath); the monitor port is on the bridge."""
-    tag = uuidlib.uuid4().hex[:6]
-    subnet = f"10.234.{next(_subnets) % 250}"
-    bridge, peer, monitor, counter = f"vtko{tag}", f"vtkp{tag}", f"vtkm{tag}", f"vtkc{tag}"
-    ovs.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")
-    _veth(peer, "vtkpeer0")
-    sh(f"ip link set vtkpeer0 netns {netns} && ip link set {peer} up")
-    sh(f"ip -n {netns} addr add {subnet}.1/24 dev vtkpeer0 && ip -n {netns} link set vtkpeer0 up")
-    _veth(monitor, counter)
-    sh(f"ip link set {monitor} up && ip link set {counter} up")
-    ovs.vsctl("add-port", bridge, peer, "--", "add-port", bridge, monitor)
-    yield Lan(bridge, subnet, monitor, counter, netns)
-    ovs.vsctl("--if-exists", "del-br", bridge)
-    for name in (peer, monitor):
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
+def lan(kvm_workdir):
+    with make_lan() as made:
+        yield made
+
+
+@pytest.fixture
+def ovs_lan(ovs):
+    with make_lan(ovs) as made:
+        yield made
 
 
 class Guests:
@@ -124,8 +136,7 @@ class Guests:
         xml = lab.domain_xml(name, uuid, macs, lan.bridge, lan.ip(n), lan.ip(1), self.workdir, ovs=ovs)
         dom = self.conn.defineXML(xml)
         self.uuids.append(uuid)
-        if nics or True:
-            dom.create()
+        dom.create()
         return dom, macs
 
     def define_without_nics(self, lan: Lan):
@@ -149,6 +160,14 @@ class Guests:
 
 @pytest.fixture
 def guests(libvirt_host, kvm_workdir):
+    made = Guests(libvirt_host, kvm_workdir)
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def module_guests(libvirt_host, kvm_workdir):
+    """Guests shared by the tests of one module (a boot under TCG takes 10-20 s)."""
     made = Guests(libvirt_host, kvm_workdir)
     yield made
     made.close()

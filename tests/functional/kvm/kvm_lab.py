@@ -125,12 +125,12 @@ def domain_xml(name, uuid, macs, bridge, ip, peer, workdir, ovs=False) -> str:
   <memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet mitigations=off vtap.ip={ip} vtap.peer={peer}</cmdline></os>
+    <cmdline>console=ttyS0 quiet mitigations=off no_timer_check i8042.noaux i8042.nokbd vtap.ip={ip} vtap.peer={peer}</cmdline></os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
   <devices>{nics}
     <serial type='file'><source path='{workdir}/{name}.console'/></serial>
-    <memballoon model='none'/>
+    <controller type='usb' model='none'/><memballoon model='none'/>
   </devices>
 </domain>"""
 
@@ -288,9 +288,9 @@ class OvsDaemons:
         subprocess.run(["ip", "link", "del", "ovs-netdev"], capture_output=True)
 
 
-def count_frames(ifname: str, mac: str, seconds: float) -> dict:
-    """Frames arriving on ifname for `seconds`, split by the guest's point of view:
-    out = sent by mac, in = addressed to mac (unicast)."""
+def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] | None = None) -> dict:
+    """Frames arriving on ifname for `seconds` (or until counts[until[0]] reaches until[1]),
+    split by the guest's point of view: out = sent by mac, in = addressed to mac (unicast)."""
     import socket
 
     counts = {"out": 0, "in": 0, "other": 0}
@@ -313,6 +313,8 @@ def count_frames(ifname: str, mac: str, seconds: float) -> dict:
                 counts["in"] += 1
             else:
                 counts["other"] += 1
+            if until and counts[until[0]] >= until[1]:
+                break
     finally:
         sock.close()
     return counts

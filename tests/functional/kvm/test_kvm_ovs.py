@@ -27,7 +27,7 @@ def test_ovs_mirror_counts_guest_frames_and_goes_away(libvirt_host, ovs, ovs_lan
         vtap.add_flow("ovsmon", vm=dom.UUIDString(), direction="out")
         (row,) = vtap_mirrors(ovs)
         assert row  # one Mirror row, marked
-        counts = lab.count_frames(ovs_lan.counter, mac, 3.0)
+        counts = lab.count_frames(ovs_lan.counter, mac, 15, until=("out", 5))
         # The guest pings every ~0.2 s: its requests are copied; what it receives is not (direction out).
         assert counts["out"] >= 5, counts
         assert counts["in"] == 0, counts
