@@ -216,3 +216,25 @@ def test_two_sessions_on_one_hook_both_get_copies_and_others_filters_still_run(l
     finally:
         for counter in counters:
             counter.close()
+
+
+def test_sampling_one_in_n_happens_in_the_kernel(lab):
+    """1-in-10 of 3000 matching frames: binomial mean 300, sd ~16.4; accept +-6 sd."""
+    lab.standard()
+    driver = lab.driver()
+    session = TapSession("s", "port:mon0", sample=10)
+    flow = TapFlow("f", "s", Source(interface="src0"), "in", "udp")
+    driver.apply(driver.plan([session], [flow]))
+    marker = new_marker()
+    matching = [with_marker(eth() / ip4() / UDP(dport=9), marker, i % 256) for i in range(3000)]
+    others = [with_marker(eth() / ip4() / TCP(dport=9), marker, 1)] * 300  # never copied, sampled or not
+    counter = lab.packet_socket("mon1")
+    try:
+        lab.send("peer0", matching + others)
+        arrived = receive(counter, marker)
+    finally:
+        counter.close()
+    assert 300 - 99 <= len(arrived) <= 300 + 99
+    assert all(UDP in Ether(frame) for frame in arrived)
+    (observed,) = driver.observe()
+    assert observed.counters.packets == len(arrived)
