@@ -213,25 +213,25 @@ class KvmDriver(Driver):
         return found
 
     def apply(self, bindings) -> None:
-        for binding in bindings:
-            if binding.key.startswith("ovs/"):
-                self.ovs.apply(binding)
-                continue
+        ovs, tc = _split(bindings)
+        if tc:
             try:
-                self.tc.apply([binding])
+                self.tc.apply(tc)  # one call: the dataplane reads the kernel and its catalog once
             except OperationFailed as exc:
-                device = binding.get("device")
-                if device and self.tc.ifindex(device) is None:
-                    # The guest stopped or lost that NIC since we looked: look again.
-                    raise TemporaryError(f"{device} went away while applying: {exc}", delay=0.2) from exc
+                gone = sorted({b.get("device") for b in tc if b.get("device") and self.tc.ifindex(b.get("device")) is None})
+                if gone:
+                    # A guest stopped or lost a NIC since plan() looked: look again.
+                    raise TemporaryError(f"{', '.join(gone)} went away while applying: {exc}", delay=0.2) from exc
                 raise
+        for binding in ovs:
+            self.ovs.apply(binding)
 
     def remove(self, bindings) -> None:
-        for binding in bindings:
-            if binding.key.startswith("ovs/"):
-                self.ovs.remove(binding)
-            else:
-                self.tc.remove([binding])
+        ovs, tc = _split(bindings)
+        for binding in ovs:
+            self.ovs.remove(binding)
+        if tc:
+            self.tc.remove(tc)
 
     def watch(self, stop: threading.Event):
         return self.libvirt.watch(stop)
@@ -241,3 +241,9 @@ class KvmDriver(Driver):
         self.ovs.close()
         if self._tc is not None:
             self._tc.close()
+
+
+def _split(bindings) -> tuple[list[Binding], list[Binding]]:
+    """(ovs bindings, tc bindings), each in the order given."""
+    bindings = list(bindings)
+    return [b for b in bindings if b.key.startswith("ovs/")], [b for b in bindings if not b.key.startswith("ovs/")]
