@@ -55,8 +55,11 @@ def median(values):
 
 
 def git_commit() -> str:
-    result = run("git", "-C", os.path.dirname(RESULTS), "rev-parse", "--short", "HEAD", check=False)
-    return result.stdout.strip() or "?"
+    """HEAD, with "+changes" when the product's files differ from it (others' work in progress)."""
+    repo = os.path.dirname(os.path.dirname(RESULTS))
+    head = run("git", "-C", repo, "rev-parse", "--short", "HEAD", check=False).stdout.strip() or "?"
+    dirty = run("git", "-C", repo, "diff", "--quiet", "HEAD", "--", "vtap_core", "drivers", "cli", check=False).returncode
+    return head + ("+changes" if dirty else "")
 
 
 def environment() -> dict:
