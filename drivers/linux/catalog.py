@@ -60,7 +60,7 @@ def _from_dict(data: dict) -> Binding:
         session=data["session"],
         flow=data.get("flow"),
         vm=data.get("vm"),
-        spec=tuple((name, value) for name, value in data["spec"]),
+        spec=tuple(map(tuple, data["spec"])),
         order=data.get("order", 1),
     )
 
@@ -114,10 +114,18 @@ class Catalog:
         self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
         return mark
 
-    def entries(self):
-        """(mark, binding, ifindex or None) of everything named here."""
+    def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, dict]]:
+        """{(ifindex, hook): {mark: entry}} of the mirrors named here (read with binding_of)."""
+        hooks: dict = {}
         for mark, data in self.bindings.items():
-            yield bytes.fromhex(mark), _from_dict(data), data.get("ifindex")
+            spec = dict(data["spec"])
+            if spec.get("type") == "mirror" and data.get("ifindex"):
+                hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = data
+        return hooks
+
+    @staticmethod
+    def binding_of(entry: dict) -> Binding:
+        return _from_dict(entry)
 
     def marks(self) -> set[bytes]:
         return {bytes.fromhex(mark) for mark in self.bindings}

@@ -324,16 +324,12 @@ class TcDataplane:
                     names[index] = link["name"] if link is not None else None
                 return names[index]
 
-            hooks: dict[tuple[int, str], dict[bytes, Binding]] = {}
-            for mark, binding, ifindex in catalog.entries():
-                if binding.get("type") == "mirror" and ifindex:
-                    hooks.setdefault((ifindex, binding.get("hook")), {})[mark] = binding
             out = []
-            for (ifindex, hook), wanted in hooks.items():
+            for (ifindex, hook), wanted in catalog.mirror_hooks().items():
                 for found in self._filters(ifindex, hook):
-                    binding = wanted.get(found.mark)
-                    if binding is None:
+                    if found.mark not in wanted:
                         continue
+                    binding = catalog.binding_of(wanted[found.mark])
                     # The target device may have gone or been recreated: then the spec shows it.
                     actual = name_of(found.to_index) or ""
                     if actual != binding.get("to"):
