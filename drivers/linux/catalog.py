@@ -123,6 +123,11 @@ class Catalog:
                 hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = data
         return hooks
 
+    def entries(self):
+        """(mark, binding, device ifindex or None) of everything named here."""
+        for mark, data in list(self.bindings.items()):
+            yield bytes.fromhex(mark), _from_dict(data), data.get("ifindex")
+
     @staticmethod
     def binding_of(entry: dict) -> Binding:
         return _from_dict(entry)

@@ -497,7 +497,20 @@ class TcDataplane:
         bindings = sorted(unique(bindings), key=lambda b: -b.order)
         with self._lock, self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
+            self._forget_what_is_gone(catalog)
             catalog.save()
+
+    def _forget_what_is_gone(self, catalog: Catalog) -> None:
+        """Catalog entries of devices that no longer exist name nothing in the kernel: drop them."""
+        links = self._links()
+        indexes = {link["index"] for link in links}
+        names = {link["name"] for link in links}
+        for mark, binding, ifindex in list(catalog.entries()):
+            if (ifindex is not None and ifindex not in indexes) or (binding.get("type") != "mirror" and binding.get("device") not in names):
+                catalog.forget(mark)
+        for device, ifindex in list(catalog.qdiscs.items()):
+            if ifindex not in indexes:
+                catalog.qdiscs.pop(device)
 
     def _remove(self, bindings, catalog: Catalog) -> None:
         mirrors = [b for b in bindings if b.get("type") == "mirror"]

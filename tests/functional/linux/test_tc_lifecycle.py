@@ -1,5 +1,6 @@
 """Apply, observe and remove against a real kernel: idempotency, drift, orphans, other people's tc state."""
 
+import json
 import os
 import shutil
 import signal
@@ -245,3 +246,45 @@ def test_two_sessions_on_one_vni_and_port_are_refused(lab):
     sessions = [TapSession("a", "vxlan://192.0.2.1?vni=5"), TapSession("b", "vxlan://192.0.2.2?vni=5")]
     with pytest.raises(ValidationError, match="vni 5 on UDP port 4789 is already the target of session a"):
         driver.plan(sessions, [])
+
+
+def test_the_catalog_forgets_mirrors_of_devices_that_are_gone(lab):
+    lab.standard()
+    lab.veth("tmp0", "tmp1")
+    driver = lab.driver()
+    session = TapSession("web", "port:mon0")
+    flows = [TapFlow("f1", "web", Source(interface="src0"), "in"), TapFlow("f2", "web", Source(interface="tmp0"), "in")]
+    bindings = driver.plan([session], flows)
+    driver.apply(bindings)
+    lab.ip("link", "del", "tmp0")
+    assert [b.key for b in driver.observe()] == [bindings[0].key]
+    driver.remove([bindings[0]])
+    with open(os.path.join(lab.state_dir, f"tc-{lab.netns}.json")) as f:
+        assert json.load(f) == {"bindings": {}, "qdiscs": {}}
+
+
+def test_watch_hints_when_a_device_appears_or_goes(lab):
+    import threading
+    import time
+
+    driver = lab.driver()
+    stop = threading.Event()
+    hints = []
+
+    def follow():
+        for hint in driver.watch(stop):
+            hints.append(hint)
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    try:
+        time.sleep(0.3)
+        lab.veth("new0", "new1")
+        deadline = time.monotonic() + 5
+        while not hints and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert hints and set(hints) == {None}
+    assert not watcher.is_alive()
