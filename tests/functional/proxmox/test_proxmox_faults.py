@@ -98,6 +98,20 @@ def test_a_status_the_api_cannot_tell_keeps_the_tap(cluster, running, caplog):
     assert tapped(pve1, 100)
 
 
+def test_unreadable_desired_state_keeps_the_last_copy(cluster, running, caplog, tmp_path):
+    pve1, agent = running
+    wait_for(lambda: tapped(pve1, 100) and agent.cycles > 0)
+    shared = tmp_path / "pmxcfs" / "desired.json"
+    good = shared.read_text()
+    shared.write_text('{"sessions": [')  # a damaged document
+    cycles = agent.cycles
+    wait_for(lambda: agent.cycles >= cycles + 3)
+    assert tapped(pve1, 100)
+    shared.write_text(good)
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and "keeping the last copy read" in warnings[0]
+
+
 def test_slow_migration_mirrors_both_ends_until_the_vm_has_moved(cluster, running, caplog):
     pve1, agent = running
     wait_for(lambda: tapped(pve1, 100))
