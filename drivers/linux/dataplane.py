@@ -3,15 +3,17 @@
 Every Linux-host driver (linux, lab, kvm, proxmox) ends up here with resolved
 device names. What it puts in the kernel, per mirrored device and hook:
 
-    clsact qdisc on DEVICE
-      -> bpf classifier (classic BPF from the pcap filter expression, sampling prepended)
-      -> mirred egress mirror to TARGET DEVICE, verdict "continue",
-         cookie = vtap's 16-byte mark (so other filters on the hook still run,
-         and observe() finds vtap's filters and nothing else)
+    clsact qdisc on DEVICE (added if missing; removed with vtap's last filter,
+                            only if vtap added it and nobody else's filter is on it)
+      -> bpf classifier, priority 7 (classic BPF from the pcap filter expression,
+         the 1-in-N sampling test prepended, the tunnel's own packets excluded)
+      -> mirred egress mirror to TARGET DEVICE, verdict "continue" (other
+         filters on the hook still run), cookie = "vtap" + 12 bytes of digest
 
-Target devices vtap owns (alias "vtap:<mark>"): a VXLAN device per session and
-tunnel (vtapx<hash>), an ifb sink per pcap session (vtapc<hash>) read by the
-capture process (capture.py). A port or vm target is a device that exists.
+Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
+VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
+port in a namespace), an ifb sink per pcap session (vtapc<hash>) read by the
+capture process of capture.py. A port: or vm: target is a device that exists.
 
 API (all names are device names in this namespace):
 
@@ -20,34 +22,39 @@ API (all names are device names in this namespace):
     # planning: pure, nothing changes; ValidationError for bad filters/targets
     dp.plan_interface(session, flow, device=None)            -> [Binding]  host interface semantics
     dp.plan_vm_device(session, flow, device, vm=None,
-                      target_device=None)                    -> [Binding]  VM's host-side device
-        session: TapSession, flow: TapFlow. device defaults to flow.source.interface.
+                      target_device=None)                    -> [Binding]  a VM's host-side device
+        session: TapSession, flow: TapFlow; device defaults to flow.source.interface.
         target_device: the device for a port:/vm: target (default: the port: name).
         The session's target binding (vxlan device, pcap sink) comes first in every
-        result; it is equal each time, so unique(list) of several results is safe.
-    dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
+        result and is equal each time: pass several results through unique().
     dp.session_target(session, target_device=None) -> ([Binding], device to mirror to, guard or None)
+        what a session needs even with no flow (reconcile plans a session alone)
+    dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
     dp.vxlan_target(session, remote, port, vni)  -> (Binding, device name, guard expression)
     dp.capture_target(session, path, snaplen)     -> (Binding, device name)
     hooks_for(direction, vm_port=False)           -> ("ingress",) / ("egress",) / both
         host interface: in = ingress, out = egress (as tcpdump -Q);
         a VM's host-side device (tap/vnet/veth host end) is the reverse: the VM's
         out (sent by the VM) is what the device receives = ingress.
+    unique(bindings)                              -> bindings without repeated keys
 
-    # kernel
-    dp.observe()          -> [Binding] found by vtap's marks (with Counters), orphans included
+    # kernel (one netlink socket; safe to share between threads)
+    dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes);
+                             drifted ones (target device recreated, vxlan changed) differ in spec;
+                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
-    dp.remove(bindings)   deleting what is gone is fine; drops a clsact vtap added once it is empty
+    dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
     dp.ifindex(name)      -> int or None
     dp.close()
 
 Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE",
-"pcap/[NETNS/]DEVICE". The mark in the kernel is a digest of key+spec; the
-catalog (catalog.py, in state_dir) maps it back, so observe() returns exactly
-what plan returned, and a changed spec is a new mark (remove + apply).
+"pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
+is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
+so observe() returns exactly what plan returned, and a changed spec is a new
+mark (remove + apply). observe() reads one filter dump per (device, hook)
+vtap uses and one dump of mirred actions (for orphans the catalog lost).
 """
-
 from __future__ import annotations
 
 import errno
