@@ -14,7 +14,7 @@ import socket
 import time
 
 from vtap_core.driver import Description, Driver, Features
-from vtap_core.errors import Unsupported, ValidationError
+from vtap_core.errors import TemporaryError, Unsupported, ValidationError
 from vtap_core.filters import compile_filter
 
 from vtap_drivers.proxmox import desired
@@ -26,6 +26,7 @@ log = logging.getLogger("vtap.proxmox")
 
 # A CLI command polls the cluster once; plan() is called several times within one command.
 POLL_MAX_AGE = 5.0
+WATCH_INTERVAL = 10.0
 
 
 def local_node_name() -> str:
@@ -176,6 +177,18 @@ class ProxmoxDriver(Driver):
 
     def remove(self, bindings):
         self.dataplane.remove(bindings)
+
+    def watch(self, stop):
+        """Hints for `vtap follow` (the agent polls by itself): VMs that changed since the last poll."""
+        while not stop.wait(WATCH_INTERVAL):
+            try:
+                changed = self.refresh()
+            except TemporaryError as exc:
+                log.debug("poll failed, trying again: %s", exc)
+                continue
+            for vmid in sorted(changed):
+                vm = self.cluster.vm(vmid)
+                yield vm.identity if vm is not None else None  # gone: look at everything
 
     def close(self):
         if self._dataplane is not None and hasattr(self._dataplane, "close"):

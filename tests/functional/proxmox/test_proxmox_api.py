@@ -97,3 +97,26 @@ def test_missing_settings_name_the_setting():
         PveApi(url="https://127.0.0.1:8006", user="root@pam")
     with pytest.raises(ValidationError, match="^url: needed"):
         PveApi(url=None, user="root@pam", password="x")
+
+
+def test_watch_hints_at_the_vm_that_moved(cluster, tmp_path, monkeypatch):
+    import threading
+
+    from vtap_drivers.proxmox import driver as proxmox_driver
+    from pve_lab import vm_uuid, wait_for
+
+    monkeypatch.setattr(proxmox_driver, "WATCH_INTERVAL", 0.05)
+    cluster.add_vm(100, "web", "pve1")
+    cluster.add_vm(101, "db", "pve2")
+    driver = proxmox_driver.ProxmoxDriver(state_dir=str(tmp_path), **cluster.settings("pve1"))
+    driver.refresh()
+    stop, hints = threading.Event(), []
+    thread = threading.Thread(target=lambda: hints.extend(driver.watch(stop)), daemon=True)
+    thread.start()
+    try:
+        cluster.migrate(101, "pve1")
+        wait_for(lambda: driver.cluster.vm(101).node == "pve1")
+    finally:
+        stop.set()
+        thread.join(5)
+    assert hints == [vm_uuid(101)]
