@@ -14,6 +14,8 @@ ratio is measured under the same machine load; pairs alternate their order):
     mirror-all      a vtap flow without filter, to port:mon0
     relay           no vtap; a userspace sniffer: an AF_PACKET socket on vh1
                     re-sends every frame to mon0 (the way a sniffer-based tap works)
+    pcap            a vtap flow without filter, to pcap:FILE with snaplen 128 (the
+                    capture process); completeness counts the frames in the file
 
 Figures: median throughput, the median of the paired ratios to no-tap, and completeness: the
 fraction of vh1's packets (rx + tx, kernel counters) that arrived at mon1.
@@ -39,8 +41,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
-SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "relay")
+SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "relay", "pcap")
+PCAP_SNAPLEN = 128
 MATCH_NOTHING = "udp port 7"
+COMPLETE_KINDS = ("mirror-all", "relay", "pcap")  # scenarios that should deliver every packet
 TARGETS = {"match-nothing": 0.98, "mirror-all": 0.90}
 COMPLETENESS_TARGET = 0.999
 # The machine is shared: a higher priority for iperf3 keeps other people's work from dominating the noise.
@@ -119,13 +123,18 @@ def relay(source: str, target: str) -> None:
 class Scenario:
     """Puts one scenario in place in namespace H and takes it away again."""
 
-    def __init__(self, name: str, client):
+    def __init__(self, name: str, client, workdir: str):
         self.name, self.client, self.relay = name, client, None
+        self.pcap = os.path.join(workdir, "bench.pcapng")
+        self.file_frames = None
 
     def __enter__(self):
         if self.name in ("match-nothing", "mirror-all"):
             self.client.create_session("bench", to="port:mon0")
             self.client.add_flow("bench", interface="vh1", direction="both", filter=MATCH_NOTHING if self.name == "match-nothing" else None)
+        elif self.name == "pcap":
+            self.client.create_session("bench", to=f"pcap:{self.pcap}", snaplen=PCAP_SNAPLEN)
+            self.client.add_flow("bench", interface="vh1", direction="both")
         elif self.name == "relay":
             self.relay = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--relay", "vh1", "mon0"], stdout=subprocess.PIPE, text=True)
             time.sleep(0.3)
@@ -135,8 +144,12 @@ class Scenario:
         if self.relay is not None:
             self.relay.terminate()
             self.relay_counts = json.loads(self.relay.communicate(timeout=10)[0] or "{}")
-        if self.name in ("match-nothing", "mirror-all"):
+        if self.name in ("match-nothing", "mirror-all", "pcap"):
             self.client.delete_session("bench")
+        if self.name == "pcap":  # deleting the session stopped the capture and closed the file
+            info = benchlib.run("capinfos", "-c", "-M", self.pcap).stdout
+            self.file_frames = int(info.split("Number of packets:")[1].split()[0])
+            os.unlink(self.pcap)
 
 
 def iperf3(topology: Topology, seconds: float) -> float:
@@ -149,15 +162,15 @@ def iperf3(topology: Topology, seconds: float) -> float:
     raise RuntimeError(f"iperf3 failed: {result.stdout[-500:]} {result.stderr[-500:]}")
 
 
-def measure(topology: Topology, client, name: str, seconds: float) -> dict:
-    with Scenario(name, client) as scenario:
+def measure(topology: Topology, client, name: str, seconds: float, workdir: str) -> dict:
+    with Scenario(name, client, workdir) as scenario:
         time.sleep(0.2)
         before_src, before_mon = benchlib.link_counters("vh1"), benchlib.link_counters("mon1", topology.mon)
         gbps = iperf3(topology, seconds)
         time.sleep(0.3)  # copies still in flight
         after_src, after_mon = benchlib.link_counters("vh1"), benchlib.link_counters("mon1", topology.mon)
     source = (after_src["rx"] - before_src["rx"]) + (after_src["tx"] - before_src["tx"])
-    mirrored = after_mon["rx"] - before_mon["rx"]
+    mirrored = after_mon["rx"] - before_mon["rx"] if scenario.file_frames is None else scenario.file_frames
     row = {"gbps": gbps, "source_packets": source, "mirrored_packets": mirrored, "completeness": mirrored / source if source else None}
     if scenario.relay is not None:
         row["relay"] = scenario.relay_counts
@@ -182,8 +195,8 @@ def summarize(rows: dict) -> dict:
             "ratio_to_no_tap": benchlib.median(ratios) if name != "no-tap" else 1.0,
             "paired_ratios": ratios,
             "ratio_quartiles": _quartiles(ratios),
-            "median_completeness": benchlib.median(r["completeness"] for r in rows[name]) if name in ("mirror-all", "relay") else None,
-            "min_completeness": min((r["completeness"] for r in rows[name] if r["completeness"] is not None), default=None) if name in ("mirror-all", "relay") else None,
+            "median_completeness": benchlib.median(r["completeness"] for r in rows[name]) if name in COMPLETE_KINDS else None,
+            "min_completeness": min((r["completeness"] for r in rows[name] if r["completeness"] is not None), default=None) if name in COMPLETE_KINDS else None,
             "mirrored_packets_total": sum(r["mirrored_packets"] for r in rows[name]),
         }
     return summary
@@ -244,12 +257,12 @@ def main() -> int:
                     # Each tap run is paired with a no-tap run next to it (order alternating by round):
                     # the ratio within a pair is what the machine's changing load disturbs least.
                     pair = ("no-tap", name) if round_number % 2 == 0 else (name, "no-tap")
-                    result = {n: measure(topology, client, n, args.seconds) for n in pair}
+                    result = {n: measure(topology, client, n, args.seconds, workdir) for n in pair}
                     result[name]["paired_no_tap_gbps"] = result["no-tap"]["gbps"]
                     for n in pair:
                         rows[n].append(result[n])
                     row = result[name]
-                    complete = f", {100 * row['completeness']:.2f}% complete" if name in ("mirror-all", "relay") else ""
+                    complete = f", {100 * row['completeness']:.2f}% complete" if name in COMPLETE_KINDS else ""
                     print(f"round {round_number + 1} {name:<14} {row['gbps']:6.2f} Gbit/s vs no-tap {result['no-tap']['gbps']:6.2f}: {row['gbps'] / result['no-tap']['gbps']:.3f}{complete}", flush=True)
         summary = summarize(rows)
         text = report(summary, env, args.rounds, args.seconds)
