@@ -12,12 +12,13 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
 from vtap_core.errors import OperationFailed, ValidationError
-from vtap_drivers.linux.capture import running_captures, start_capture_process, stop_capture_process
+from vtap_drivers.linux.capture import capture_device, running_captures, start_capture_process, stop_capture_process
 
 SINK, SINK_PEER = "vtcsink0", "vtcsink1"
 MATCH_ALL = "1,6 0 0 262144"  # classic BPF "ret #262144" (this kernel has cls_bpf, not matchall)
@@ -241,3 +242,18 @@ def test_the_sink_going_down_and_up_does_not_end_the_capture(sink, state_dir, tm
     assert wait_for(lambda: len(read_frames(path)) == 2)
     assert alive(pid)
     assert read_frames(path) == [(f, len(f)) for f in sent]
+
+
+def test_capture_device_in_process_stops_after_count(sink, tmp_path):
+    path = tmp_path / "inline.pcapng"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(n=capture_device(SINK, str(path), netns=sink, count=3)))
+    worker.start()
+    assert wait_for(lambda: path.exists())
+    sent = frames(5, seed=10)
+    out = packet_socket(sink, SINK)
+    for frame in sent:
+        out.send(frame)
+    worker.join(timeout=5)
+    assert result == {"n": 3}
+    assert read_frames(path) == [(f, len(f)) for f in sent[:3]]
