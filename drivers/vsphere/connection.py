@@ -52,6 +52,7 @@ class Connection:
         self.insecure = as_bool(insecure)
         self.timeout = timeout
         self._si = None
+        self._content = None
         self.connects = 0
 
     def __repr__(self):  # no password here, ever
@@ -65,7 +66,10 @@ class Connection:
 
     @property
     def content(self):
-        return self.si.RetrieveContent()
+        # RetrieveContent is a round trip each time; the ServiceContent does not change.
+        if self._content is None:
+            self._content = self.si.RetrieveContent()
+        return self._content
 
     def _connect(self):
         try:
@@ -136,6 +140,7 @@ class Connection:
             except Exception:  # the session may be gone already
                 pass
             self._si = None
+            self._content = None
 
 
 def fault_text(fault) -> str:

@@ -41,6 +41,8 @@ class VsphereDriver(Driver):
         self.connection = Connection(url, user, password, insecure)
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
+        self._vms = inventory.vm_reader()
+        self._switch_reader = inventory.switch_reader()
 
     # describe / inventory ----------------------------------------------------
 
@@ -66,7 +68,7 @@ class VsphereDriver(Driver):
 
     def inventory(self) -> list[VM]:
         def read(content):
-            found = inventory.retrieve(content, self._view(content, vim.VirtualMachine), vim.VirtualMachine, inventory.VM_PROPERTIES, True)
+            found = self._vms.read(content, self._view(content, vim.VirtualMachine), True)
             return sorted((inventory.vm_record(ref, props).to_vm() for ref, props in found.items()), key=lambda vm: vm.name)
 
         return self._call(read)
@@ -132,7 +134,10 @@ class VsphereDriver(Driver):
                 )
                 bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
         for uuid, ports in checks.items():
-            self._refuse_promiscuous(switches[uuid], ports)
+            # vSphere keeps a port that is in a mirror session from turning promiscuous
+            # (VspanPortPromiscChangeFault), so only ports new to mirroring need a look.
+            mirrored = {key for vspan in switches[uuid].sessions for key in mirror.port_keys(vspan)}
+            self._refuse_promiscuous(switches[uuid], {k: v for k, v in ports.items() if k not in mirrored})
         return bindings
 
     def _source_nics(self, record, flow):
@@ -206,6 +211,8 @@ class VsphereDriver(Driver):
 
     def _refuse_promiscuous(self, switch, ports: dict) -> None:
         """vSphere refuses promiscuous ports in mirror sessions; vtap says which and never changes the port."""
+        if not ports:
+            return
         for port in switch.ref.FetchDVPorts(vim.dvs.PortCriteria(portKey=sorted(ports))):
             setting = port.config.setting if port.config else None
             policy = getattr(setting, "securityPolicy", None)
@@ -303,6 +310,8 @@ class VsphereDriver(Driver):
 
     def close(self) -> None:
         self._views.clear()
+        self._vms.forget()
+        self._switch_reader.forget()
         self.connection.close()
 
     # reading helpers -------------------------------------------------------
@@ -325,7 +334,7 @@ class VsphereDriver(Driver):
 
     def _switches(self, content) -> dict:
         view = self._view(content, vim.DistributedVirtualSwitch)
-        found = inventory.retrieve(content, view, vim.DistributedVirtualSwitch, inventory.SWITCH_PROPERTIES, True)
+        found = self._switch_reader.read(content, view, True)
         records = (inventory.switch_record(ref, props) for ref, props in found.items())
         return {r.uuid: r for r in records}
 
@@ -346,7 +355,7 @@ class VsphereDriver(Driver):
                     raise ValidationError("vm", f"{len(matches)} VMs are named {name!r}; use the UUID")
                 refs[name] = matches[0]
         try:
-            found = inventory.retrieve(content, list(set(refs.values())), vim.VirtualMachine, inventory.VM_PROPERTIES)
+            found = self._vms.read(content, list(set(refs.values())))
         except vmodl.fault.ManagedObjectNotFound:
             self._vm_refs.clear()  # a cached VM was removed: look them up again
             return self._resolve(content, names_or_uuids)

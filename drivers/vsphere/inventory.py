@@ -13,8 +13,8 @@ from pyVmomi import vim, vmodl
 
 from vtap_core.model import VM, Nic, parse_uuid
 
-VM_PROPERTIES = ["name", "config.uuid", "config.instanceUuid", "runtime.host", "runtime.powerState", "config.hardware.device"]
-SWITCH_PROPERTIES = ["name", "uuid", "config.configVersion", "config.vspanSession", "config.uplinkPortPolicy", "capability.featuresSupported"]
+VM_PROPERTIES = ["name", "config.uuid", "config.instanceUuid", "runtime.host", "runtime.powerState"]
+SWITCH_PROPERTIES = ["name", "uuid", "config.uplinkPortPolicy", "capability.featuresSupported"]
 POWER = {"poweredOn": "running", "poweredOff": "shut off", "suspended": "paused"}
 
 
@@ -98,6 +98,42 @@ def retrieve(content, objects, kind, properties, traverse_view=False):
             break
         result = content.propertyCollector.ContinueRetrievePropertiesEx(result.token)
     return found
+
+
+class Reader:
+    """Reads objects' properties; the heavy ones only for objects whose version changed.
+
+    Every read asks vCenter (level-triggered: the answer is always today's), but a VM's
+    device list or a switch's session list is parsed again only when its version property
+    (VirtualMachineConfigInfo.changeVersion, DVSConfigInfo.configVersion: "each change to the
+    configuration updates this value") moved. Parsing them is most of the cost at scale.
+    """
+
+    def __init__(self, kind, light, version, heavy):
+        self.kind, self.light, self.version, self.heavy = kind, light, version, heavy
+        self._seen = {}  # moref id -> (version, heavy properties)
+
+    def read(self, content, objects, traverse_view=False) -> dict:
+        found = retrieve(content, objects, self.kind, self.light + [self.version], traverse_view)
+        stale = [ref for ref, props in found.items() if props.get(self.version) is None or self._seen.get(ref._moId, (None,))[0] != props[self.version]]
+        if stale:
+            heavy = retrieve(content, stale, self.kind, self.heavy)
+            for ref in stale:
+                self._seen[ref._moId] = (found[ref].get(self.version), heavy.get(ref, {}))
+        for ref, props in found.items():
+            props.update(self._seen[ref._moId][1])
+        return found
+
+    def forget(self):
+        self._seen.clear()
+
+
+def vm_reader() -> Reader:
+    return Reader(vim.VirtualMachine, VM_PROPERTIES, "config.changeVersion", ["config.hardware.device"])
+
+
+def switch_reader() -> Reader:
+    return Reader(vim.DistributedVirtualSwitch, SWITCH_PROPERTIES, "config.configVersion", ["config.vspanSession"])
 
 
 def vm_record(ref, props) -> VmRecord:

@@ -85,6 +85,14 @@ def spec_of(session) -> tuple:
     return tuple(spec.items())
 
 
+def port_keys(session) -> set:
+    """Every distributed port a session uses, as source or destination."""
+    keys = set()
+    for ports in (session.sourcePortTransmitted, session.sourcePortReceived, session.destinationPort):
+        keys.update(getattr(ports, "portKey", None) or () if ports is not None else ())
+    return keys
+
+
 def to_vspan(name: str, spec: dict, key: str | None = None):
     """A VMwareVspanSession carrying exactly this spec."""
     session = VSPAN.VspanSession(

@@ -100,7 +100,14 @@ func (s *VspanSwitch) ReconfigureDVPortTask(ctx *simulator.Context, req *types.R
 				return nil, &types.InvalidArgument{InvalidProperty: "port.key"}
 			}
 			if spec.Setting != nil {
+				previous := p.Config.Setting
 				p.Config.Setting = spec.Setting
+				// VspanPortPromiscChangeFault: "Thrown when changing a port to promiscuous mode
+				// if the port is used as transmitted source or destination" of a mirror session.
+				if s.promiscuous(p.Key) && s.inSession(p.Key) {
+					p.Config.Setting = previous
+					return nil, &types.VspanPortPromiscChangeFault{PortKey: p.Key}
+				}
 			}
 			if spec.Name != "" {
 				p.Config.Name = spec.Name
@@ -109,6 +116,16 @@ func (s *VspanSwitch) ReconfigureDVPortTask(ctx *simulator.Context, req *types.R
 		return nil, nil
 	})
 	return &methods.ReconfigureDVPort_TaskBody{Res: &types.ReconfigureDVPort_TaskResponse{Returnval: task.Run()}}
+}
+
+func (s *VspanSwitch) inSession(key string) bool {
+	for _, session := range s.Config.(*types.VMwareDVSConfigInfo).VspanSession {
+		ports := append(portKeys(session.SourcePortTransmitted), portKeys(session.SourcePortReceived)...)
+		if contains(append(ports, portKeys(session.DestinationPort)...), key) {
+			return true
+		}
+	}
+	return false
 }
 
 // ReconfigureDvsTask applies vspanConfigSpec (VMwareDVSConfigSpec.vspanConfigSpec, a list of

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"reflect"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -41,7 +42,19 @@ func wrapVM(stock *simulator.VirtualMachine) {
 		}
 	}
 	vm.Config.Hardware.Device = devices
+	vm.Config.ChangeVersion = changeVersion()
 	simulator.Map.Put(vm)
+}
+
+// changeVersion: VirtualMachineConfigInfo.changeVersion, "a unique identifier for a given version
+// of the configuration. Each change to the configuration updates this value" (the stock
+// simulator never sets it). vCenter uses a timestamp.
+func changeVersion() string {
+	return time.Now().UTC().Format("2006-01-02T15:04:05.000000000Z")
+}
+
+func (vm *VM) bumpChangeVersion() {
+	simulator.Map.Update(vm, []types.PropertyChange{{Name: "config.changeVersion", Val: changeVersion()}})
 }
 
 // ReconfigVMTask handles edits of distributed-switch NICs itself (the stock simulator does not
@@ -59,7 +72,11 @@ func (vm *VM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task)
 		}
 	}
 	if len(nics) == 0 {
-		return vm.VirtualMachine.ReconfigVMTask(ctx, req)
+		body := vm.VirtualMachine.ReconfigVMTask(ctx, req).(*methods.ReconfigVM_TaskBody)
+		if task := simulator.Map.Get(body.Res.Returnval).(*simulator.Task); task.Info.Error == nil {
+			vm.bumpChangeVersion()
+		}
+		return body
 	}
 	task := simulator.CreateTask(vm, "reconfigVm", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		if len(nics) != len(req.Spec.DeviceChange) {
@@ -126,6 +143,7 @@ func (vm *VM) reconnect(ctx *simulator.Context, req *types.ReconfigVM_Task, nics
 	simulator.Map.Update(vm, []types.PropertyChange{
 		{Name: "config.hardware.device", Val: devices},
 		{Name: "network", Val: networks},
+		{Name: "config.changeVersion", Val: changeVersion()},
 	})
 	vm.post(ctx, &types.VmReconfiguredEvent{VmEvent: vm.event(), ConfigSpec: req.Spec})
 	return nil
