@@ -1,9 +1,10 @@
 """The pcap target's capture process, on a real sink device in a fresh network namespace.
 
-The sink is a veth pair (this kernel has no `dummy`): the data path transmits
-its copies on one end, which is the end the capture process reads. Frames
-are sent with AF_PACKET or mirrored with tc in the test's own setup; what the
-file holds is read back with tshark.
+Most tests use a veth pair as the sink (this kernel has no `dummy`): copies
+are transmitted on one end, which is the end the capture process reads.
+Frames are sent with AF_PACKET or mirrored with tc in the test's own setup.
+The last test drives a pcap: session end to end (SDK, linux driver, its ifb
+sink). What the file holds is read back with tshark.
 """
 
 import json
@@ -17,15 +18,18 @@ import time
 
 import pytest
 
+from vtap_core.client import Client
 from vtap_core.errors import OperationFailed, ValidationError
 from vtap_drivers.linux.capture import capture_device, running_captures, start_capture_process, stop_capture_process
 
 SINK, SINK_PEER = "vtcsink0", "vtcsink1"
 MATCH_ALL = "1,6 0 0 262144"  # classic BPF "ret #262144" (this kernel has cls_bpf, not matchall)
+# Long enough for a new sink with an IPv6 address to send its router solicitation (seen at ~3.3 s).
+IPV6_CHATTER_WINDOW = 5.0
 
 
 def ip(netns, *args):
-    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
+    return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, text=True).stdout
 
 
 def veth(netns, a, b):
@@ -257,3 +261,57 @@ def test_capture_device_in_process_stops_after_count(sink, tmp_path):
     worker.join(timeout=5)
     assert result == {"n": 3}
     assert read_frames(path) == [(f, len(f)) for f in sent[:3]]
+
+
+def test_pcap_session_records_exactly_the_mirrored_frames_for_as_long_as_it_lives(netns, tmp_path):
+    # src0 is the mirrored interface: frames sent on peer0 arrive at src0, its "in".
+    veth(netns, "src0", "peer0")
+    peer = packet_socket(netns, "peer0")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    path = tmp_path / "web.pcapng"
+
+    def client():
+        return Client(driver="linux", state=str(state_dir / "vtap.db"), netns=netns)
+
+    def send(batch):
+        for frame in batch:
+            peer.send(frame)
+
+    with client() as vtap:
+        vtap.create_session("web", to=f"pcap:{path}", snaplen=64)
+        vtap.add_flow("web", interface="src0", direction="in")
+        (first_pid,) = [c["pid"] for c in running_captures(str(state_dir)).values()]
+        first = frames(5, seed=11) + frames(2, seed=12, vlan=7)
+        send(first)
+        assert wait_for(lambda: len(read_frames(path)) == len(first))
+        (row,) = vtap.status()
+        assert (row.state, row.packets) == ("active", len(first))
+    # The capture belongs to the session, not to the command that created it.
+    assert alive(first_pid)
+
+    with client() as vtap:
+        vtap.set_session_enabled("web", False)
+        assert not alive(first_pid) and running_captures(str(state_dir)) == {}
+        send(frames(2, seed=13))  # disabled: not recorded
+
+        vtap.set_session_enabled("web", True)
+        sink_created = time.monotonic()
+        (second_pid,) = [c["pid"] for c in running_captures(str(state_dir)).values()]
+        os.kill(second_pid, signal.SIGKILL)
+        assert wait_for(lambda: not alive(second_pid))
+        plan = vtap.reconcile()  # what `vtap follow` does periodically
+        assert [b.key for b in plan.add] == [b.key for b in vtap.driver.observe() if b.get("type") == "capture"]
+        (third_pid,) = [c["pid"] for c in running_captures(str(state_dir)).values()]
+        assert third_pid != second_pid
+        second = frames(4, seed=14)
+        send(second)
+        assert wait_for(lambda: len(read_frames(path)) == len(first) + len(second))
+
+        time.sleep(max(0.0, IPV6_CHATTER_WINDOW - (time.monotonic() - sink_created)))
+        vtap.delete_session("web")
+        assert not alive(third_pid) and running_captures(str(state_dir)) == {}
+    assert "vtap" not in ip(netns, "-o", "link", "show", "type", "ifb")
+
+    # Nothing but the copies: no frame the sink sent of its own, none from the disabled time.
+    assert read_frames(path) == [(f[:64], len(f)) for f in first + second]
