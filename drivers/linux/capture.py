@@ -282,8 +282,8 @@ def capture_vxlan(listen: str, path: str, count: int | None = None, duration: fl
     of another VNI are ignored. Returns the number of frames written.
     """
     address, port, vni = parse_vxlan_listen(listen)
-    if count is not None:
-        count = check_int("count", count, 1, 1 << 62)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValidationError("count", f"{count!r} is not a number of frames (1 or more)")
     if duration is not None and not (isinstance(duration, (int, float)) and duration > 0):
         raise ValidationError("duration", f"{duration!r} is not a positive number of seconds")
     check_capture_path(path, field="-w")

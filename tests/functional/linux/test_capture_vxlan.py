@@ -186,3 +186,11 @@ def test_a_port_in_use_is_reported(link, tmp_path):
     with pytest.raises(OperationFailed, match="UDP port 4789 .* already in use"):
         capture_vxlan("vxlan://0.0.0.0", str(tmp_path / "busy.pcapng"), duration=0.1, netns=sender)
     assert not (tmp_path / "busy.pcapng").exists()
+
+
+@pytest.mark.parametrize("options, message", [({"count": 0}, "^count: "), ({"duration": -1}, "^duration: "), ({"count": "5"}, "^count: ")])
+def test_bad_count_or_duration_is_refused_and_writes_no_file(netns, tmp_path, options, message):
+    path = tmp_path / "never.pcapng"
+    with pytest.raises(ValidationError, match=message):
+        capture_vxlan("vxlan://0.0.0.0", str(path), netns=netns, **options)
+    assert not path.exists()
