@@ -47,7 +47,8 @@ MATCH_NOTHING = "udp port 7"
 COMPLETE_KINDS = ("mirror-all", "relay", "pcap")  # scenarios that should deliver every packet
 TARGETS = {"match-nothing": 0.98, "mirror-all": 0.90}
 COMPLETENESS_TARGET = 0.999
-# The machine is shared: a higher priority for iperf3 keeps other people's work from dominating the noise.
+# The machine is shared: a higher priority for iperf3 (and the relay and capture processes, which
+# are part of the data path measured) keeps other people's work from dominating the noise.
 NICE = ("nice", "-n", "-10")
 
 
@@ -135,8 +136,12 @@ class Scenario:
         elif self.name == "pcap":
             self.client.create_session("bench", to=f"pcap:{self.pcap}", snaplen=PCAP_SNAPLEN)
             self.client.add_flow("bench", interface="vh1", direction="both")
+            from vtap_drivers.linux.capture import running_captures
+
+            for capture in running_captures(self.client.store.state_dir).values():
+                benchlib.run("renice", "-n", NICE[-1], "-p", str(capture["pid"]))
         elif self.name == "relay":
-            self.relay = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--relay", "vh1", "mon0"], stdout=subprocess.PIPE, text=True)
+            self.relay = subprocess.Popen([*NICE, sys.executable, os.path.abspath(__file__), "--relay", "vh1", "mon0"], stdout=subprocess.PIPE, text=True)
             time.sleep(0.3)
         return self
 
