@@ -90,16 +90,6 @@ from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
-
-
-class TcFilter(NamedTuple):
-    prio: int
-    handle: int
-    mark: bytes | None  # None: not vtap's
-    to_index: int
-    packets: int
-    bytes: int
-
 # vtap's filters share one priority, low so they see packets before most others'
 # (their verdict is "continue", so the others still run afterwards).
 FILTER_PRIO = 7
@@ -110,6 +100,17 @@ RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseco
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
+
+
+class TcFilter(NamedTuple):
+    """One filter on a hook, as a dump shows it."""
+
+    prio: int
+    handle: int
+    mark: bytes | None  # None: not vtap's
+    to_index: int  # where its mirred action copies to
+    packets: int
+    bytes: int
 
 
 def hooks_for(direction, vm_port: bool = False) -> tuple[str, ...]:
@@ -273,6 +274,10 @@ class TcDataplane:
                 return None
             raise
 
+    def _clsact_indexes(self) -> set[int]:
+        """ifindexes of the devices that have a clsact qdisc (one dump)."""
+        return {q["index"] for q in self.ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+
     def _links(self, kind: str | None = None) -> list[dict]:
         """Every link, or those of one kind (the kernel filters by kind)."""
         links = [tcnl.read_link(*reply) for reply in self.nl.dump(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
@@ -428,14 +433,19 @@ class TcDataplane:
                     raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
             catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
-        devices = sorted({b.get("device") for b in bindings})
+        with_clsact = self._clsact_indexes()
+        devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
+        for device in devices:
+            catalog.qdiscs[device] = indexes[device]
+        catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
         added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
         fresh = set()
         for device, failure in zip(devices, added):
             if failure is None:
                 fresh.add(device)  # vtap added it, so it holds no filters yet
-                catalog.qdiscs[device] = indexes[device]
-            elif failure.code != errno.EEXIST:  # EEXIST: someone's (or ours from before): use it
+            elif failure.code == errno.EEXIST:  # someone added one meanwhile: theirs, use it
+                catalog.qdiscs.pop(device, None)
+            else:
                 raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {failure}")
         present: dict[tuple[str, str], set] = {}
         requests, pending = [], []

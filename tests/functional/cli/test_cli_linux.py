@@ -109,6 +109,47 @@ def _bpf_count(host, dev, hook):
     return sum(1 for f in host.filters(dev, hook) if f.get("kind") == "bpf" and "options" in f)
 
 
+def kernel_progress(namespace, devices):
+    """clsact qdiscs plus bpf classifiers on the ingress hooks of devices, read over netlink."""
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=namespace) as ipr:
+        index = {link.get("ifname"): link["index"] for link in ipr.get_links()}
+        count = sum(1 for q in ipr.get_qdiscs() if q.get("kind") == "clsact")
+        for device in devices:
+            try:
+                found = ipr.get_filters(index=index[device], parent=0xFFFFFFF2)
+            except Exception:  # no clsact yet
+                continue
+            count += sum(1 for f in found if f.get("kind") == "bpf" and f.get("options") is not None)
+        return count
+
+
+def kill_part_way(command, count, total, started, timeout=60):
+    """Run command; once started() is true, let it run in slices of ~1 ms between
+    SIGSTOPs and SIGKILL it as soon as 0 < count() < total.
+
+    A stopped process makes the kernel's state exact while it is counted, so
+    the kill lands part way however fast the apply is.
+    """
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and victim.poll() is None and not started():
+            time.sleep(0.0005)
+        while time.monotonic() < deadline and victim.poll() is None:
+            os.kill(victim.pid, signal.SIGSTOP)
+            found = count()
+            if 0 < found < total:
+                return found
+            os.kill(victim.pid, signal.SIGCONT)
+            time.sleep(0.001)
+        return count()
+    finally:
+        victim.kill()
+        victim.wait()
+
+
 def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
     for i in range(100):
         host.sh("ip", "link", "add", f"d{i}", "type", "ifb")  # this kernel has no dummy
@@ -120,14 +161,10 @@ def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
         ]}],
     )
     command = ["ip", "netns", "exec", host.name, sys.executable, "-m", "vtap_cli.main", "--state", host.state, "apply", "-f", doc]
-    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(_bpf_count(host, f"d{i}", "ingress") for i in range(0, 100, 10)) < 2:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    applied_before = sum(_bpf_count(host, f"d{i}", "ingress") for i in range(100))
-    assert 0 < applied_before < 100, "the kill should land part way"
+    # The dataplane writes its catalog of marks just before it touches the kernel.
+    catalog = os.path.join(os.path.dirname(host.state), "tc-host.json")
+    progress = kill_part_way(command, lambda: kernel_progress(host.name, [f"d{i}" for i in range(100)]), 200, lambda: os.path.exists(catalog))
+    assert 0 < progress < 200, "the kill should land part way (qdiscs and filters)"
     host.vtap_ok("apply", "-f", doc)
     assert [_bpf_count(host, f"d{i}", "ingress") for i in range(100)] == [1] * 100
     assert sum(_bpf_count(host, f"d{i}", "egress") for i in range(100)) == 0
