@@ -263,12 +263,11 @@ def test_capture_device_in_process_stops_after_count(sink, tmp_path):
     assert read_frames(path) == [(f, len(f)) for f in sent[:3]]
 
 
-def test_pcap_session_records_exactly_the_mirrored_frames_for_as_long_as_it_lives(netns, tmp_path):
+def test_pcap_session_records_exactly_the_mirrored_frames_for_as_long_as_it_lives(netns, state_dir, tmp_path):
     # src0 is the mirrored interface: frames sent on peer0 arrive at src0, its "in".
     veth(netns, "src0", "peer0")
     peer = packet_socket(netns, "peer0")
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
+    state_dir = tmp_path / "state"  # the fixture's folder: it stops what a failing test leaves running
     path = tmp_path / "web.pcapng"
 
     def client():
