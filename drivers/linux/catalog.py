@@ -18,6 +18,7 @@ import os
 from contextlib import contextmanager
 
 from vtap_core.driver import Binding
+from vtap_core.errors import OperationFailed
 
 MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vtap"  # first bytes of every mark, so other tools' 16-byte cookies are never taken for ours
@@ -73,20 +74,34 @@ class Catalog:
         self.path = os.path.join(state_dir, f"tc-{netns or 'host'}.json")
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
-        self._lock_fd = None
+        self._loaded = None  # (inode, mtime, size) of the file as last read or written
+        self._hooks = None  # mirror_hooks(), computed once per content
 
     # ------------------------------------------------------------ file
 
+    def _stamp(self):
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
     def load(self) -> "Catalog":
+        """Read the file (unless what is in memory is what the file holds: observe runs often)."""
+        stamp = self._stamp()
+        if stamp is not None and stamp == self._loaded:
+            return self
         try:
             with open(self.path) as f:
                 data = json.load(f)
         except FileNotFoundError:
             data = {}
-        except json.JSONDecodeError:
-            data = {}  # a torn file: marks found in the kernel then show up as unknown orphans
+        except json.JSONDecodeError as exc:
+            raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
         self.bindings = data.get("bindings", {})
         self.qdiscs = data.get("qdiscs", {})
+        self._loaded = stamp
+        self._hooks = None
         return self
 
     def save(self) -> None:
@@ -94,6 +109,7 @@ class Catalog:
         with open(temporary, "w") as f:
             json.dump({"bindings": self.bindings, "qdiscs": self.qdiscs}, f, sort_keys=True)
         os.replace(temporary, self.path)
+        self._loaded = self._stamp()
 
     @contextmanager
     def locked(self):
@@ -103,6 +119,9 @@ class Catalog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self.load()
             yield self
+        except BaseException:
+            self._loaded = None  # memory may hold changes the file does not: read it again next time
+            raise
         finally:
             os.close(fd)
 
@@ -112,31 +131,32 @@ class Catalog:
         """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
         mark = mark_of(binding)
         self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
+        self._hooks = None
         return mark
 
-    def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, dict]]:
-        """{(ifindex, hook): {mark: entry}} of the mirrors named here (read with binding_of)."""
-        hooks: dict = {}
-        for mark, data in self.bindings.items():
-            spec = dict(data["spec"])
-            if spec.get("type") == "mirror" and data.get("ifindex"):
-                hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = data
-        return hooks
+    def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, Binding]]:
+        """{(ifindex, hook): {mark: binding}} of the mirrors named here."""
+        if self._hooks is None:
+            hooks: dict = {}
+            for mark, data in self.bindings.items():
+                spec = dict(data["spec"])
+                if spec.get("type") == "mirror" and data.get("ifindex"):
+                    hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = _from_dict(data)
+            self._hooks = hooks
+        return self._hooks
 
     def entries(self):
         """(mark, binding, device ifindex or None) of everything named here."""
         for mark, data in list(self.bindings.items()):
             yield bytes.fromhex(mark), _from_dict(data), data.get("ifindex")
 
-    @staticmethod
-    def binding_of(entry: dict) -> Binding:
-        return _from_dict(entry)
 
     def marks(self) -> set[bytes]:
         return {bytes.fromhex(mark) for mark in self.bindings}
 
     def forget(self, mark: bytes) -> None:
         self.bindings.pop(mark.hex(), None)
+        self._hooks = None
 
     def binding(self, mark: bytes) -> Binding | None:
         data = self.bindings.get(mark.hex())

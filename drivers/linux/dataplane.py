@@ -341,14 +341,14 @@ class TcDataplane:
                 for found in self._filters(ifindex, hook):
                     if found.mark not in wanted:
                         continue
-                    binding = catalog.binding_of(wanted[found.mark])
+                    binding = wanted[found.mark]
                     # The target device may have gone or been recreated: then the spec shows it.
                     actual = name_of(found.to_index) or ""
                     if actual != binding.get("to"):
                         binding = _drifted(binding, found.mark, to=actual)
                     # At ingress the kernel counts from the network header; count whole frames.
                     nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" else 0)
-                    out.append(replace(binding, counters=Counters(found.packets, nbytes)))
+                    out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, Counters(found.packets, nbytes), binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))

@@ -29,6 +29,8 @@ HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 ATTR = struct.Struct("=HH")  # struct nlattr
 SEND_CHUNK = 64 * 1024
 RECEIVE_BUFFER = 8 << 20
+# Dump replies come in skbs of at most 32 KiB (the kernel sizes them by our reads, capped there).
+RECEIVE_SIZE = 64 * 1024
 
 
 class NetlinkFailure(Exception):
@@ -117,7 +119,7 @@ class RtnlSocket:
     def _send_and_collect(self, chunk: bytes, pending: set, results: dict) -> None:
         self.sock.send(chunk)
         while pending:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(RECEIVE_SIZE)
             for msg_type, _flags, sequence, start, end in _messages(data):
                 if msg_type == NLMSG_ERROR and sequence in pending:
                     results[sequence] = _error(data, start, end)
@@ -129,7 +131,7 @@ class RtnlSocket:
         self.sock.send(data)
         out = []
         while True:
-            data = memoryview(self.sock.recv(1 << 20))
+            data = memoryview(self.sock.recv(RECEIVE_SIZE))
             for reply_type, _flags, reply_sequence, start, end in _messages(data):
                 if reply_sequence != sequence:
                     continue
@@ -147,7 +149,7 @@ class RtnlSocket:
         sequence, data = self._frame(message, msg_type, flags)
         self.sock.send(data)
         while True:
-            data = memoryview(self.sock.recv(1 << 20))
+            data = memoryview(self.sock.recv(RECEIVE_SIZE))
             for reply_type, _flags, reply_sequence, start, end in _messages(data):
                 if reply_sequence != sequence:
                     continue
