@@ -59,6 +59,7 @@ class Lan:
 
     bridge: str
     subnet: str  # first three octets
+    peer: str  # the bridge port towards the peer
     monitor: str  # the target port (port:monitor)
     counter: str  # where copies come out, to count
     netns: str
@@ -99,7 +100,7 @@ def make_lan(ovs=None):
             ovs.vsctl("add-port", bridge, peer, "--", "add-port", bridge, monitor)
         else:
             sh(f"ip link set {peer} master {bridge}")
-        yield Lan(bridge, subnet, monitor, counter, netns)
+        yield Lan(bridge, subnet, peer, monitor, counter, netns)
     finally:
         if ovs:
             ovs.vsctl("--if-exists", "del-br", bridge)

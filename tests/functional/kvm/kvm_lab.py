@@ -288,9 +288,10 @@ class OvsDaemons:
         subprocess.run(["ip", "link", "del", "ovs-netdev"], capture_output=True)
 
 
-def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] | None = None) -> dict:
+def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] | None = None, outgoing: bool = False) -> dict:
     """Frames arriving on ifname for `seconds` (or until counts[until[0]] reaches until[1]),
-    split by the guest's point of view: out = sent by mac, in = addressed to mac (unicast)."""
+    split by the guest's point of view: out = sent by mac, in = addressed to mac (unicast).
+    outgoing: count the frames ifname sends (a bridge port towards a peer) instead of those it receives."""
     import socket
 
     counts = {"out": 0, "in": 0, "other": 0}
@@ -305,7 +306,7 @@ def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] |
                 frame, addr = sock.recvfrom(65535)
             except socket.timeout:
                 continue
-            if addr[2] == socket.PACKET_OUTGOING:
+            if (addr[2] == socket.PACKET_OUTGOING) != outgoing:
                 continue
             if frame[6:12] == raw:
                 counts["out"] += 1
