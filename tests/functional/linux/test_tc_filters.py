@@ -11,7 +11,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from conftest import new_marker, receive
+from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from vtap_core.model import Source, TapFlow, TapSession
 
 SRC_MAC = "02:00:00:00:00:01"

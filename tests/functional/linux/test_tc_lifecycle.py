@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import new_marker, receive
+from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from vtap_core import reconcile
 from vtap_core.errors import NotFound, Unsupported, ValidationError
 from vtap_core.model import Source, TapFlow, TapSession

@@ -14,7 +14,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Dot1Q, Ether
 
-from conftest import new_marker
+from tc_lab import lab, new_marker  # noqa: F401 (lab: the fixture)
 from vtap_core import reconcile
 from vtap_core.model import Source, TapFlow, TapSession
 

@@ -1,4 +1,4 @@
-"""A small lab in the test's own namespace: veth pairs, a sender, a counter on the target side.
+"""Helpers of the tc tests: a small lab in the test's own namespace: veth pairs, a sender, a counter on the target side.
 
     peer0 ---- src0          the mirrored interface (frames sent on peer0 arrive at src0: its "in";
                              frames sent on src0 leave it: its "out")
@@ -6,6 +6,10 @@
 
 Every frame a test sends carries a marker in its payload, so only the test's
 own frames are counted. veths get no IPv6 address, so they send nothing of their own.
+
+Test modules import the `lab` fixture from here (`from tc_lab import lab`): this
+folder has no conftest.py, since tests elsewhere do `from conftest import ...`
+and a second conftest module would shadow theirs.
 """
 
 from __future__ import annotations
