@@ -43,9 +43,8 @@ def tunnel_options(target) -> dict:
         if target.key is not None:
             options["key"] = str(target.key)
     else:
-        options.update(erspan_ver=str(target.version), key=str(target.erspan_id))
-        if target.version == 2:
-            options["erspan_dir"] = "flow"  # ERSPAN type II carries no direction bit
+        # vtap says ERSPAN type II or III; OVS numbers them erspan_ver 1 and 2. key = session id.
+        options.update(erspan_ver=str(target.version - 1), key=str(target.erspan_id))
     return options
 
 

@@ -51,3 +51,30 @@ def test_ovs_backend_refuses_filters_and_changes_nothing(libvirt_host, ovs, ovs_
             vtap.add_flow("ovsf", vm=dom.name(), filter="icmp")
         assert vtap.flows() == []
         assert vtap_mirrors(ovs) == []
+
+
+@pytest.mark.parametrize(
+    "target, kind, options",
+    [
+        ("gre://{peer}?key=7", "gre", {"key": "7"}),
+        ("erspan://{peer}?version=3&id=5", "erspan", {"erspan_ver": "2", "key": "5"}),
+    ],
+)
+def test_ovs_tunnel_target_is_a_tunnel_port(libvirt_host, ovs, ovs_lan, guests, tmp_path, target, kind, options):
+    """gre/erspan targets (no such kernel devices here) are OVS tunnel ports, chosen automatically."""
+    from vtap_core.client import Client
+
+    dom, _ = guests.start(ovs_lan, 12, ovs=True)
+    target = target.format(peer=ovs_lan.ip(1))  # the lab's peer: nothing leaves this machine
+    with Client(driver="kvm", state=str(tmp_path / "vtap.db"), uri=libvirt_host.uri, ovsdb=ovs.remote) as vtap:
+        vtap.create_session("tun", to=target)
+        vtap.add_flow("tun", vm=dom.UUIDString())
+        rows = json.loads(ovs.vsctl("--format=json", "--columns=name,type,options,error", "find", "Interface", f"type={kind}"))["data"]
+        (name, _, (_, opts), error) = rows[0]
+        assert dict(opts) == {"remote_ip": ovs_lan.ip(1), **options}
+        assert error == ["set", []], error  # vswitchd accepted it
+        (mirror,) = vtap_mirrors(ovs)
+        assert ovs.vsctl("get", "Mirror", mirror[0], "output_port") == ovs.vsctl("get", "Port", name, "_uuid")
+        vtap.delete_session("tun")
+        assert vtap_mirrors(ovs) == []
+        assert ovs.vsctl("--columns=name", "find", "Interface", f"type={kind}") == ""

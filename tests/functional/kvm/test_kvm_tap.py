@@ -107,3 +107,17 @@ def test_bad_input_is_refused_and_changes_nothing(libvirt_host, guest, module_gu
     # A libvirtd that is not there is a failure of the platform (exit 1), not of the input.
     run = subprocess.run(["vtap", "--driver", "kvm", "--uri", f"qemu:///system?socket={tmp_path}/none", "--state", str(state), "vm", "list"], capture_output=True, text=True)
     assert run.returncode == 1 and "cannot connect to libvirt" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_vm_target_delivers_copies_to_the_monitoring_vms_nic(libvirt_host, guest, module_guests, tmp_path):
+    state = tmp_path / "s.db"
+    with make_lan() as quiet:  # the monitoring VM alone on a bridge: whatever reaches it of the guest is a copy
+        monitor, (monitor_mac,) = module_guests.start(quiet, 40)
+        (monitor_device,) = host_devices(monitor)
+        vtap(libvirt_host, state, "session", "create", "tovm", "--to", f"vm:{monitor.UUIDString()}#{monitor_mac}")
+        vtap(libvirt_host, state, "flow", "add", "tovm", "--vm", guest.uuid, "--direction", "out")
+        counts = lab.count_frames(monitor_device, guest.mac, 15, until=("out", 5), outgoing=True)
+        assert counts["out"] >= 5, counts
+        vtap(libvirt_host, state, "session", "delete", "tovm")
+        assert "mirred" not in tc_filters(guest.device)
+        monitor.destroy()
