@@ -121,7 +121,7 @@ class Connection:
             self.reconnect()
             return action(self.content)
 
-    def wait(self, task, what: str):
+    def wait(self, task):
         """Wait for a vCenter task; returns its result or raises its fault."""
         delay = 0.02
         while True:

@@ -36,12 +36,13 @@ FEATURES = Features(
 class VsphereDriver(Driver):
     name = "vsphere"
 
-    def __init__(self, url=None, user=None, password=None, insecure=False, state_dir=None, **_ignored):
+    def __init__(self, url=None, user=None, password=None, insecure=False, state_dir=None):
         super().__init__(url=url, user=user, insecure=insecure, state_dir=state_dir)  # no password kept here
         self.connection = Connection(url, user, password, insecure)
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
         self._vms = inventory.vm_reader()
+        self._listing = inventory.vm_reader(with_host=True)
         self._switch_reader = inventory.switch_reader()
 
     # describe / inventory ----------------------------------------------------
@@ -56,6 +57,10 @@ class VsphereDriver(Driver):
 
     def check_features(self, session: TapSession, flows: Iterable[TapFlow]) -> None:
         flows = list(flows)
+        self._refuse_filters(flows)
+        super().check_features(session, flows)
+
+    def _refuse_filters(self, flows) -> None:
         for flow in flows:
             if flow.filter:
                 raise Unsupported(
@@ -64,11 +69,10 @@ class VsphereDriver(Driver):
                     f"flow {flow.name}: a vDS mirrors whole ports, so '{flow.filter}' cannot be honoured; "
                     "vtap will not mirror more than asked (drop --filter)",
                 )
-        super().check_features(session, flows)
 
     def inventory(self) -> list[VM]:
         def read(content):
-            found = self._vms.read(content, self._view(content, vim.VirtualMachine), True)
+            found = self._listing.read(content, self._view(content, vim.VirtualMachine), True)
             return sorted((inventory.vm_record(ref, props).to_vm() for ref, props in found.items()), key=lambda vm: vm.name)
 
         return self._call(read)
@@ -79,9 +83,7 @@ class VsphereDriver(Driver):
         sessions, flows = list(sessions), list(flows)
         for session in sessions:
             self._check_session(session)
-        for flow in flows:
-            if flow.filter:
-                self.check_features(next(s for s in sessions if s.name == flow.session), [flow])
+        self._refuse_filters(flows)
         return self._call(lambda content: self._plan(content, sessions, flows))
 
     def _check_session(self, session: TapSession) -> None:
@@ -289,7 +291,7 @@ class VsphereDriver(Driver):
                     return
                 spec = vim.dvs.VmwareDistributedVirtualSwitch.ConfigSpec(configVersion=switch.version, vspanConfigSpec=ops)
                 try:
-                    self.connection.wait(switch.ref.ReconfigureDvs_Task(spec), "reconfigure switch")
+                    self.connection.wait(switch.ref.ReconfigureDvs_Task(spec))
                 except vim.fault.ConcurrentAccess:
                     raise TemporaryError(f"switch {switch.name} changed while vtap was changing it") from None
                 except vmodl.MethodFault as fault:
@@ -311,6 +313,7 @@ class VsphereDriver(Driver):
     def close(self) -> None:
         self._views.clear()
         self._vms.forget()
+        self._listing.forget()
         self._switch_reader.forget()
         self.connection.close()
 

@@ -13,8 +13,13 @@ from pyVmomi import vim, vmodl
 
 from vtap_core.model import VM, Nic, parse_uuid
 
-VM_PROPERTIES = ["name", "config.uuid", "config.instanceUuid", "runtime.host", "runtime.powerState"]
-SWITCH_PROPERTIES = ["name", "uuid", "config.uplinkPortPolicy", "capability.featuresSupported"]
+# Read every time (small): what tells whether the rest changed.
+VM_VERSION = ["config.changeVersion", "runtime.powerState"]
+SWITCH_VERSION = ["config.configVersion"]
+# Read again only when those moved (a rename or a NIC change moves changeVersion; the switch's
+# capability, uplink names and sessions change with its configVersion).
+VM_DETAILS = ["name", "config.uuid", "config.instanceUuid", "config.hardware.device"]
+SWITCH_DETAILS = ["name", "config.uplinkPortPolicy", "capability.featuresSupported", "config.vspanSession"]
 POWER = {"poweredOn": "running", "poweredOff": "shut off", "suspended": "paused"}
 
 
@@ -109,17 +114,21 @@ class Reader:
     configuration updates this value") moved. Parsing them is most of the cost at scale.
     """
 
-    def __init__(self, kind, light, version, heavy):
-        self.kind, self.light, self.version, self.heavy = kind, light, version, heavy
-        self._seen = {}  # moref id -> (version, heavy properties)
+    def __init__(self, kind, light, versions, heavy):
+        self.kind, self.light, self.versions, self.heavy = kind, light, versions, heavy
+        self._seen = {}  # moref id -> (versions, heavy properties)
 
     def read(self, content, objects, traverse_view=False) -> dict:
-        found = retrieve(content, objects, self.kind, self.light + [self.version], traverse_view)
-        stale = [ref for ref, props in found.items() if props.get(self.version) is None or self._seen.get(ref._moId, (None,))[0] != props[self.version]]
+        found = retrieve(content, objects, self.kind, sorted(set(self.light + self.versions)), traverse_view)
+
+        def version(props):
+            return tuple(str(props.get(name)) for name in self.versions)
+
+        stale = [ref for ref, props in found.items() if props.get(self.versions[0]) is None or self._seen.get(ref._moId, (None,))[0] != version(props)]
         if stale:
             heavy = retrieve(content, stale, self.kind, self.heavy)
             for ref in stale:
-                self._seen[ref._moId] = (found[ref].get(self.version), heavy.get(ref, {}))
+                self._seen[ref._moId] = (version(found[ref]), heavy.get(ref, {}))
         for ref, props in found.items():
             props.update(self._seen[ref._moId][1])
         return found
@@ -128,12 +137,14 @@ class Reader:
         self._seen.clear()
 
 
-def vm_reader() -> Reader:
-    return Reader(vim.VirtualMachine, VM_PROPERTIES, "config.changeVersion", ["config.hardware.device"])
+def vm_reader(with_host=False) -> Reader:
+    # Power state too: a port of an ephemeral portgroup is bound at power-on. A migration
+    # keeps the ports, so planning does not need the host; `vm list` does (with_host).
+    return Reader(vim.VirtualMachine, ["runtime.host"] if with_host else [], VM_VERSION, VM_DETAILS)
 
 
 def switch_reader() -> Reader:
-    return Reader(vim.DistributedVirtualSwitch, SWITCH_PROPERTIES, "config.configVersion", ["config.vspanSession"])
+    return Reader(vim.DistributedVirtualSwitch, ["uuid"], SWITCH_VERSION, SWITCH_DETAILS)
 
 
 def vm_record(ref, props) -> VmRecord:

@@ -227,3 +227,12 @@ def test_lost_session_is_re_established(driver, vc):
     driver.connection.si.content.sessionManager.Logout()  # vCenter drops vtap's session
     assert len(driver.inventory()) == len(vc.vms())
     assert driver.connection.connects == before + 1
+
+
+def test_vm_list_follows_a_migration(driver, vc):
+    vm = vc.vm(3)
+    driver.inventory()  # cached details must not hide the move
+    destination = next(h for h in vc.hosts() if h != vm.runtime.host)
+    vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
+    listed = {v.uuid: v for v in driver.inventory()}
+    assert listed[vm.config.instanceUuid].host == destination._moId
