@@ -108,16 +108,20 @@ class VsphereDriver(Driver):
         bindings = []
         checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
         for session in sessions:
-            by_switch = defaultdict(lambda: {"transmitted": set(), "received": set()})
+            by_switch = defaultdict(lambda: {"transmitted": set(), "received": set(), "flows": []})
             for flow in (f for f in flows if f.session == session.name):
                 record = records[flow.source.vm]
+                mine = defaultdict(lambda: {"transmitted": set(), "received": set()})  # this flow's ports per switch
                 for nic in self._source_nics(record, flow):
-                    ports = by_switch[nic.switch_uuid]
                     if flow.direction.includes(Direction.OUT):
-                        ports["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
+                        mine[nic.switch_uuid]["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
                     if flow.direction.includes(Direction.IN):
-                        ports["transmitted"].add(nic.port_key)
+                        mine[nic.switch_uuid]["transmitted"].add(nic.port_key)
                     checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
+                for uuid, ports in mine.items():
+                    by_switch[uuid]["transmitted"] |= ports["transmitted"]
+                    by_switch[uuid]["received"] |= ports["received"]
+                    by_switch[uuid]["flows"].append(mirror.flow_entry(flow.name, record.uuid, ports["transmitted"], ports["received"]))
             if session.target.kind == "vm":
                 self._target_nic(session, records)  # refuse a bad target even before flows exist
             for uuid, ports in by_switch.items():
@@ -133,14 +137,24 @@ class VsphereDriver(Driver):
                     received=ports["received"],
                     snaplen=session.snaplen,
                     sample=session.sample,
+                    flows=ports["flows"],
                 )
                 bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
+                bindings.extend(self._flow_marks(uuid, session.name, spec))
         for uuid, ports in checks.items():
             # vSphere keeps a port that is in a mirror session from turning promiscuous
             # (VspanPortPromiscChangeFault), so only ports new to mirroring need a look.
             mirrored = {key for vspan in switches[uuid].sessions for key in mirror.port_keys(vspan)}
             self._refuse_promiscuous(switches[uuid], {k: v for k, v in ports.items() if k not in mirrored})
         return bindings
+
+    @staticmethod
+    def _flow_marks(uuid, session, spec) -> list[Binding]:
+        """Per-flow bindings (marks for `vtap status`; the session binding carries the ports)."""
+        return [
+            Binding(key=key, session=session, flow=flow, vm=vm, spec=flow_spec, order=2)
+            for key, flow, vm, flow_spec in mirror.flow_bindings(uuid, session, dict(spec))
+        ]
 
     def _source_nics(self, record, flow):
         nics = [n for n in record.nics if flow.source.nic is None or n.mac == flow.source.nic]
@@ -235,7 +249,9 @@ class VsphereDriver(Driver):
                 for vspan in switch.sessions:
                     if vspan.name and vspan.name.startswith(mirror.PREFIX):
                         session = vspan.name[len(mirror.PREFIX):]
-                        bindings.append(Binding(key=mirror.binding_key(switch.uuid, session), session=session, spec=mirror.spec_of(vspan)))
+                        spec = mirror.spec_of(vspan)
+                        bindings.append(Binding(key=mirror.binding_key(switch.uuid, session), session=session, spec=spec))
+                        bindings.extend(self._flow_marks(switch.uuid, session, spec))
             return bindings
 
         return self._call(read)
@@ -380,7 +396,9 @@ class VsphereDriver(Driver):
 
 
 def _by_switch(bindings) -> dict:
+    """Session bindings by switch UUID; flow marks need no call of their own."""
     groups = defaultdict(list)
     for binding in bindings:
-        groups[binding.key.split("/")[1]].append(binding)
+        if binding.flow is None:
+            groups[binding.key.split("/")[1]].append(binding)
     return groups

@@ -19,6 +19,12 @@ and is refused "on the transmit side": receive is what enters the switch.)
 A Binding's spec is everything vtap sets on the session, read back from the
 session itself by observe(): a session edited by someone else no longer
 matches and is put right.
+
+Which flow brought which ports is written in the session's description
+("vtap flows: web-1 vm=UUID tx=12 rx=12; ..."), so that each flow has a binding
+of its own that `vtap status` can show: observed when the description names it
+and the session really mirrors its ports. Those flow bindings are marks only;
+the session binding is what gets applied.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pyVmomi import vim
 
 PREFIX = "vtap:"  # the mark: vtap only ever touches sessions named vtap:<session>
 DESCRIPTION = "managed by vtap; changes are reverted"
+FLOWS_MARK = " | vtap flows: "
 VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
 
 DV_PORT_MIRROR = "dvPortMirror"
@@ -42,7 +49,15 @@ def binding_key(switch_uuid: str, session: str) -> str:
     return f"vspan/{switch_uuid}/{session}"
 
 
-def make_spec(session_type, transmitted=(), received=(), ports=(), uplinks=(), ips=(), encap=None, erspan_id=None, snaplen=None, sample=None):
+def flow_key(switch_uuid: str, session: str, flow: str) -> str:
+    return f"vspan/{switch_uuid}/{session}/{flow}"
+
+
+def flow_entry(flow: str, vm: str, transmitted, received) -> tuple:
+    return (flow, vm, tuple(sorted(transmitted)), tuple(sorted(received)))
+
+
+def make_spec(session_type, transmitted=(), received=(), ports=(), uplinks=(), ips=(), encap=None, erspan_id=None, snaplen=None, sample=None, flows=()):
     return (
         ("type", session_type),
         ("transmitted", tuple(sorted(transmitted))),
@@ -56,7 +71,34 @@ def make_spec(session_type, transmitted=(), received=(), ports=(), uplinks=(), i
         ("sample", sample if sample and sample > 1 else None),
         ("enabled", True),
         ("normal_traffic", False),
+        ("flows", tuple(sorted(flows))),
     )
+
+
+def describe_flows(flows) -> str:
+    return "; ".join(f"{name} vm={vm} tx={','.join(tx)} rx={','.join(rx)}" for name, vm, tx, rx in flows)
+
+
+def parse_flows(description) -> tuple:
+    """The flow entries written by describe_flows; () when the text is not vtap's."""
+    text = (description or "").partition(FLOWS_MARK)[2]
+    entries = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        words = part.split()
+        fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+        if len(words) != 4 or set(fields) != {"vm", "tx", "rx"}:
+            return ()
+        entries.append(flow_entry(words[0], fields["vm"], filter(None, fields["tx"].split(",")), filter(None, fields["rx"].split(","))))
+    return tuple(sorted(entries))
+
+
+def flow_bindings(switch_uuid: str, session: str, spec: dict) -> list:
+    """The flow marks of a session: (key, flow, vm, flow spec) for each flow it really mirrors."""
+    marks = []
+    for name, vm, tx, rx in spec["flows"]:
+        if set(tx) <= set(spec["transmitted"]) and set(rx) <= set(spec["received"]):
+            marks.append((flow_key(switch_uuid, session, name), name, vm, (("transmitted", tx), ("received", rx))))
+    return marks
 
 
 def spec_of(session) -> tuple:
@@ -78,6 +120,7 @@ def spec_of(session) -> tuple:
             erspan_id=session.erspanId or 0,  # 0 is omitted on the wire
             snaplen=session.mirroredPacketLength,
             sample=session.samplingRate,
+            flows=parse_flows(session.description),
         )
     )
     spec["enabled"] = bool(session.enabled)
@@ -97,7 +140,7 @@ def to_vspan(name: str, spec: dict, key: str | None = None):
     """A VMwareVspanSession carrying exactly this spec."""
     session = VSPAN.VspanSession(
         name=name,
-        description=DESCRIPTION,
+        description=DESCRIPTION + FLOWS_MARK + describe_flows(spec["flows"]),
         enabled=spec["enabled"],
         sessionType=spec["type"],
         normalTrafficAllowed=spec["normal_traffic"],

@@ -41,6 +41,8 @@ def test_session_create_flow_add_and_delete(vtap, vc):
     assert made.encapType == "erspan2" and made.erspanId == 9 and made.mirroredPacketLength == 200
     assert list(made.sourcePortTransmitted.portKey) == [vc.port_key(vm)]
     assert not made.sourcePortReceived.portKey
+    (row,) = json.loads(vtap("-o", "json", "status").stdout)
+    assert (row["session"], row["state"], row["direction"]) == ("cli", "active", "in")
     vtap("session", "delete", "cli")
     assert "vtap:cli" not in vc.sessions()
 

@@ -6,7 +6,7 @@ from vtap_core.model import Source, TapFlow, TapSession
 
 
 def bindings(items):
-    return [{"key": b.key, "session": b.session, "spec": [[k, list(v) if isinstance(v, tuple) else v] for k, v in b.spec]} for b in items]
+    return [{"key": b.key, "session": b.session, "flow": b.flow, "vm": b.vm, "spec": repr(b.spec)} for b in items]
 
 
 def create_erspan(driver, meta):
