@@ -13,7 +13,9 @@ counted on the host.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import itertools
 import gzip
 import hashlib
 import io
@@ -23,6 +25,7 @@ import signal
 import subprocess
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "kvm"
@@ -319,3 +322,128 @@ def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] |
     finally:
         sock.close()
     return counts
+
+
+# ---------------------------------------------------------------- test topology helpers
+
+_subnets = itertools.count(1)
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Lan:
+    """A bridge the guests plug into, a peer they ping, and a monitor port copies go to."""
+
+    bridge: str
+    subnet: str  # first three octets
+    peer: str  # the bridge port towards the peer
+    monitor: str  # the target port (port:monitor)
+    counter: str  # where copies come out, to count
+    netns: str
+
+    def ip(self, n: int) -> str:
+        return f"{self.subnet}.{n}"
+
+
+def _veth(a: str, b: str):
+    sh(f"ip link add {a} type veth peer name {b}")
+    for name in (a, b):
+        sh(f"sysctl -qw net.ipv6.conf.{name}.disable_ipv6=1 || true")
+
+
+@contextlib.contextmanager
+def make_lan(ovs=None):
+    """A bridge (Linux, or OVS with the userspace datapath), a peer in a namespace of its own
+    that the guests ping, and a monitor veth pair: copies sent to `monitor` come out of `counter`."""
+    from pyroute2 import netns as pr_netns
+
+    tag = uuidlib.uuid4().hex[:6]
+    netns = f"vtapt-kvm{tag}"
+    subnet = f"10.{234 if ovs else 233}.{next(_subnets) % 250}"
+    bridge, peer, monitor, counter = f"vtk{'o' if ovs else 'b'}{tag}", f"vtkp{tag}", f"vtkm{tag}", f"vtkc{tag}"
+    pr_netns.create(netns)
+    try:
+        if ovs:
+            ovs.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")
+        else:
+            sh(f"ip link add {bridge} type bridge && ip link set {bridge} up")
+            sh(f"sysctl -qw net.ipv6.conf.{bridge}.disable_ipv6=1 || true")
+        _veth(peer, "vtkpeer0")
+        sh(f"ip link set vtkpeer0 netns {netns} && ip link set {peer} up")
+        sh(f"ip -n {netns} addr add {subnet}.1/24 dev vtkpeer0 && ip -n {netns} link set vtkpeer0 up")
+        _veth(monitor, counter)
+        sh(f"ip link set {monitor} up && ip link set {counter} up")
+        if ovs:
+            ovs.vsctl("add-port", bridge, peer, "--", "add-port", bridge, monitor)
+        else:
+            sh(f"ip link set {peer} master {bridge}")
+        yield Lan(bridge, subnet, peer, monitor, counter, netns)
+    finally:
+        if ovs:
+            ovs.vsctl("--if-exists", "del-br", bridge)
+        for name in (bridge, peer, monitor):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+        pr_netns.remove(netns)
+
+
+class Guests:
+    """Defines and starts tiny guests on one host; destroys and undefines them afterwards."""
+
+    def __init__(self, host: LibvirtHost, workdir):
+        self.host = host
+        self.workdir = workdir
+        self.conn = host.connect()
+        self.uuids = []
+
+    def start(self, lan: Lan, n: int, nics: int = 1, ovs: bool = False, name: str | None = None):
+        uuid = str(uuidlib.uuid4())
+        name = name or f"vtk-{uuid[:8]}"
+        macs = [f"52:54:00:{n:02x}:{int(lan.subnet.split('.')[2]):02x}:{i:02x}" for i in range(nics)]
+        xml = domain_xml(name, uuid, macs, lan.bridge, lan.ip(n), lan.ip(1), self.workdir, ovs=ovs)
+        dom = self.conn.defineXML(xml)
+        self.uuids.append(uuid)
+        dom.create()
+        return dom, macs
+
+    def define_without_nics(self, lan: Lan):
+        uuid = str(uuidlib.uuid4())
+        dom = self.conn.defineXML(domain_xml(f"vtk-{uuid[:8]}", uuid, [], lan.bridge, lan.ip(9), lan.ip(1), self.workdir))
+        self.uuids.append(uuid)
+        return dom
+
+    def close(self):
+        conn = self.host.connect()
+        for uuid in self.uuids:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+            except Exception:
+                pass
+        conn.close()
+
+
+def host_devices(dom) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    return [t.get("dev") for t in ET.fromstring(dom.XMLDesc()).findall("./devices/interface/target")]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_sending(device: str, timeout: float = 60.0):
+    """Until the guest behind this host device has sent frames (it has booted)."""
+    path = f"/sys/class/net/{device}/statistics/rx_packets"
+    wait_for(lambda: os.path.exists(path) and int(open(path).read()) > 2, timeout, f"guest traffic on {device}", 0.2)

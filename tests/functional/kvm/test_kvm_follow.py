@@ -13,8 +13,8 @@ import urllib.request
 
 import libvirt
 
-from conftest import host_devices, sh, wait_for, wait_sending
-import kvm_lab as lab
+from .kvm_lab import host_devices, sh, wait_for, wait_sending
+from . import kvm_lab as lab
 
 
 def vtap(host, state, *args):

@@ -14,8 +14,8 @@ import time
 import libvirt
 import pytest
 
-from conftest import host_devices, sh, wait_for, wait_sending
-import kvm_lab as lab
+from .kvm_lab import host_devices, sh, wait_for, wait_sending
+from . import kvm_lab as lab
 
 
 def mirrored(device: str) -> bool:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from conftest import host_devices, wait_for, wait_sending
-import kvm_lab as lab
+from .kvm_lab import host_devices, wait_for, wait_sending
+from . import kvm_lab as lab
 
 
 def vtap_mirrors(ovs):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import host_devices, make_lan, sh, wait_sending
-import kvm_lab as lab
+from .kvm_lab import host_devices, make_lan, sh, wait_sending
+from . import kvm_lab as lab
 
 
 @dataclass

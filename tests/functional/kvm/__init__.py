@@ -1,0 +1,1 @@
+"""kvm functional tests: a package, so that its conftest never shadows another area's."""
