@@ -23,6 +23,7 @@ from vtap_core.model import Direction, TapFlow, TapSession, VM
 from vtap_drivers.vsphere import inventory, mirror, watch
 from vtap_drivers.vsphere.connection import LOST, Connection, fault_text
 
+PLAN_READ_AGE = 1.0  # seconds a VM's version read serves further plans (see inventory.Reader)
 MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than 60"
 FEATURES = Features(
     targets=frozenset({"vm", "port", "gre", "erspan"}),
@@ -41,7 +42,7 @@ class VsphereDriver(Driver):
         self.connection = Connection(url, user, password, insecure)
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
-        self._vms = inventory.vm_reader()
+        self._vms = inventory.vm_reader(max_age=PLAN_READ_AGE)
         self._listing = inventory.vm_reader(with_host=True)
         self._switch_reader = inventory.switch_reader()
 
@@ -319,11 +320,12 @@ class VsphereDriver(Driver):
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         while not stop.is_set():
             try:
-                yield from watch.updates(self.connection.content, stop)
+                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate)
                 return
             except LOST:
                 self.connection.reconnect()
                 self._views.clear()
+                self._vms.invalidate()
                 yield None  # events may have been missed: look at everything
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ come from one container view. Nothing here walks the inventory per VM.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from pyVmomi import vim, vmodl
@@ -114,12 +115,28 @@ class Reader:
     configuration updates this value") moved. Parsing them is most of the cost at scale.
     """
 
-    def __init__(self, kind, light, versions, heavy):
+    def __init__(self, kind, light, versions, heavy, max_age=0.0):
         self.kind, self.light, self.versions, self.heavy = kind, light, versions, heavy
         self._seen = {}  # moref id -> (versions, heavy properties)
+        # A light read younger than max_age seconds is reused: one vtap command plans the
+        # same state three times within milliseconds. The follower's watch invalidates a VM
+        # the moment vCenter reports a change to it, so no hint is ever served stale.
+        self.max_age = max_age
+        self._fresh = {}  # moref id -> (time of the light read, light properties)
+
+    def invalidate(self, moref_id=None):
+        if moref_id is None:
+            self._fresh.clear()
+        else:
+            self._fresh.pop(moref_id, None)
 
     def read(self, content, objects, traverse_view=False) -> dict:
-        found = retrieve(content, objects, self.kind, sorted(set(self.light + self.versions)), traverse_view)
+        found = None if traverse_view else self._recent(objects)
+        if found is None:
+            found = retrieve(content, objects, self.kind, sorted(set(self.light + self.versions)), traverse_view)
+            now = time.monotonic()
+            for ref, props in found.items():
+                self._fresh[ref._moId] = (now, dict(props))
 
         def version(props):
             return tuple(str(props.get(name)) for name in self.versions)
@@ -133,14 +150,24 @@ class Reader:
             props.update(self._seen[ref._moId][1])
         return found
 
+    def _recent(self, objects):
+        if not self.max_age or not objects:
+            return None
+        now = time.monotonic()
+        reads = [self._fresh.get(ref._moId) for ref in objects]
+        if any(read is None or now - read[0] > self.max_age for read in reads):
+            return None
+        return {ref: dict(read[1]) for ref, read in zip(objects, reads)}
+
     def forget(self):
         self._seen.clear()
+        self._fresh.clear()
 
 
-def vm_reader(with_host=False) -> Reader:
+def vm_reader(with_host=False, max_age=0.0) -> Reader:
     # Power state too: a port of an ephemeral portgroup is bound at power-on. A migration
     # keeps the ports, so planning does not need the host; `vm list` does (with_host).
-    return Reader(vim.VirtualMachine, ["runtime.host"] if with_host else [], VM_VERSION, VM_DETAILS)
+    return Reader(vim.VirtualMachine, ["runtime.host"] if with_host else [], VM_VERSION, VM_DETAILS, max_age)
 
 
 def switch_reader() -> Reader:

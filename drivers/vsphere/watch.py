@@ -25,7 +25,8 @@ SWITCH_WATCHED = ["config.vspanSession"]
 WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
 
 
-def updates(content, stop: threading.Event) -> Iterator[str | None]:
+def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> Iterator[str | None]:
+    """Hints; changed(moref id) is called for a VM before its hint is yielded."""
     pc_type = vmodl.query.PropertyCollector
     collector = content.propertyCollector.CreatePropertyCollector()
     view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.DistributedVirtualSwitch], True)
@@ -58,8 +59,10 @@ def updates(content, stop: threading.Event) -> Iterator[str | None]:
                         uuid = uuids.get(update.obj._moId)
                         if update.kind == "leave":
                             uuids.pop(update.obj._moId, None)
-                        if not initial and uuid:
-                            yield uuid
+                        if not initial:
+                            changed(update.obj._moId)
+                            if uuid:
+                                yield uuid
                     elif not initial:
                         switch_changed = True
             if switch_changed:
