@@ -10,7 +10,6 @@ import uuid
 import pytest
 from pyroute2 import netns as pr_netns
 
-from conftest import IS_ROOT
 from vtap_core.client import Client
 from vtap_core.errors import NotFound, ValidationError
 from vtap_core.follow import Follower
@@ -18,7 +17,7 @@ from vtap_drivers.lab import traffic
 from vtap_drivers.lab.demo import frames_from
 from vtap_drivers.lab.topology import Lab, vm_mac, vm_uuid
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: builds network namespaces and tc filters")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces and tc filters")
 
 
 @pytest.fixture
