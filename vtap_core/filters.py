@@ -36,11 +36,16 @@ LIVE_BUFFER_BYTES = 64 * 1024  # the handle never reads; keep its ring small
 
 # Classic BPF opcodes and Linux ancillary offsets (linux/filter.h).
 BPF_LD_W_ABS = 0x20
+BPF_LD_H_ABS = 0x28
 BPF_ALU_MOD_K = 0x94
 BPF_JMP_JEQ_K = 0x15
 BPF_RET_K = 0x06
 SKF_AD_OFF = -0x1000
+SKF_AD_PKTTYPE = 4
 SKF_AD_RANDOM = 56
+BPF_MAXINSNS = 4096  # classic BPF programs the kernel accepts
+SAMPLER_LENGTH = 4  # instructions with_sampling() prepends
+MAX_EXPRESSION = 8192  # characters
 
 
 class Instruction(NamedTuple):
@@ -114,7 +119,7 @@ def _compile(expression: str, live: bool) -> Program:
             program = _BpfProgram()
             if lib.pcap_compile(handle, ctypes.byref(program), expression.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
                 message = lib.pcap_geterr(handle).decode(errors="replace")
-                raise ValidationError("filter", f"{expression!r}: {message}")
+                raise ValidationError("filter", f"{_shown(expression)}: {message}")
             try:
                 return tuple(
                     Instruction(i.code, i.jt, i.jf, i.k) for i in program.bf_insns[: program.bf_len]
@@ -123,6 +128,11 @@ def _compile(expression: str, live: bool) -> Program:
                 lib.pcap_freecode(ctypes.byref(program))
         finally:
             lib.pcap_close(handle)
+
+
+def _shown(expression: str) -> str:
+    """The expression as an error message quotes it (long ones cut)."""
+    return repr(expression if len(expression) <= 80 else expression[:77] + "...")
 
 
 def compile_filter(expression: str | None, live: bool | None = None) -> Program:
@@ -137,7 +147,17 @@ def compile_filter(expression: str | None, live: bool | None = None) -> Program:
     text = " ".join((expression or "").split())
     if "\0" in text:
         raise ValidationError("filter", "a filter expression cannot contain NUL characters")
-    return _compile(text, bool(live))
+    if len(text) > MAX_EXPRESSION:
+        # libpcap's optimizer takes minutes on some long expressions; nobody types these.
+        raise ValidationError("filter", f"{_shown(text)} is longer than {MAX_EXPRESSION} characters")
+    program = _compile(text, bool(live))
+    if any(i.code == BPF_LD_H_ABS and i.k == (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF for i in program):
+        # libpcap tests "not PACKET_OUTGOING", a type only packet sockets see: at tc hooks
+        # inbound would match everything and outbound nothing.
+        raise ValidationError("filter", f"{_shown(text)}: inbound/outbound do not work in the kernel's filters; use the flow's direction (in, out, both)")
+    if len(program) > BPF_MAXINSNS - SAMPLER_LENGTH:
+        raise ValidationError("filter", f"{_shown(text)} compiles to {len(program)} instructions; the kernel takes at most {BPF_MAXINSNS - SAMPLER_LENGTH} here")
+    return program
 
 
 def check_filter(expression: str | None) -> None:

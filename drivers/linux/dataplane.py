@@ -177,7 +177,6 @@ class TcDataplane:
     def mirror(self, session: str, flow: str, device: str, hook: str, to_device: str, filter: str | None = None, sample: int | None = None, vm: str | None = None, guard: str | None = None) -> Binding:
         if hook not in HOOKS:
             raise ValidationError("hook", f"{hook!r} is not ingress or egress")
-        compile_filter(filter)  # refuse a bad expression now, with libpcap's message
         spec = (
             ("type", "mirror"),
             ("device", device),
@@ -187,7 +186,9 @@ class TcDataplane:
             ("sample", sample or 1),
             ("guard", guard or ""),
         )
-        return Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
+        binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
+        program_for(binding)  # refuse a bad expression now, with libpcap's message
+        return binding
 
     def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)

@@ -87,3 +87,23 @@ def test_a_live_handle_also_looks_at_the_tag_the_kernel_moved_into_metadata():
     program = compile_filter("vlan 100 and tcp port 80", live=True)
     assert loads_vlan_metadata(program)
     assert compile_filter("vlan 100 and tcp port 80") == program  # root: live by default
+
+
+@pytest.mark.parametrize("expression", ["inbound", "outbound and tcp port 22"])
+def test_inbound_and_outbound_are_refused_with_a_hint(expression):
+    """libpcap tests for PACKET_OUTGOING, which no packet has at a tc hook."""
+    with pytest.raises(ValidationError, match="use the flow's direction"):
+        check_filter(expression)
+
+
+def test_a_program_too_long_for_the_kernel_is_refused_and_the_message_stays_short():
+    expression = " and ".join(["vlan"] * 900)  # each level of tags adds a dozen instructions
+    with pytest.raises(ValidationError) as caught:
+        check_filter(expression)
+    assert "the kernel takes at most" in str(caught.value)
+    assert len(str(caught.value)) < 200
+
+
+def test_an_expression_longer_than_8_kib_is_refused_before_libpcap_sees_it():
+    with pytest.raises(ValidationError, match="longer than 8192 characters"):
+        check_filter(" or ".join(f"host 10.0.{i // 250}.{i % 250}" for i in range(1200)))
