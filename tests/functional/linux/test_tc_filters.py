@@ -238,3 +238,29 @@ def test_sampling_one_in_n_happens_in_the_kernel(lab):
     assert set(arrived) == {matching[0]}
     (observed,) = driver.observe()
     assert observed.counters.packets == len(arrived)
+
+
+def test_why_filters_are_compiled_on_a_live_handle(lab):
+    """At the ingress hook the tag is already skb metadata: a dead handle's `vlan 100` misses it.
+
+    Both programs are installed with tc itself, side by side, each mirroring to its own port.
+    """
+    from vtap_core.filters import compile_filter
+
+    lab.standard()
+    lab.veth("mon2", "mon3")
+    lab.tc("qdisc", "add", "dev", "src0", "clsact")
+    for port, live in (("mon0", True), ("mon2", False)):
+        program = compile_filter("vlan 100", live=live)
+        bytecode = ",".join([str(len(program))] + [f"{i.code} {i.jt} {i.jf} {i.k}" for i in program])
+        lab.tc("filter", "add", "dev", "src0", "ingress", "bpf", "bytecode", bytecode, "action", "mirred", "egress", "mirror", "dev", port, "continue")
+    marker = new_marker()
+    tagged = with_marker(eth() / Dot1Q(vlan=100) / ip4() / UDP(dport=1), marker, 1)
+    live_port, dead_port = lab.packet_socket("mon1"), lab.packet_socket("mon3")
+    try:
+        lab.send("peer0", [tagged])
+        assert receive(live_port, marker) == [tagged]
+        assert receive(dead_port, marker) == []
+    finally:
+        live_port.close()
+        dead_port.close()
