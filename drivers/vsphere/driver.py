@@ -109,45 +109,56 @@ class VsphereDriver(Driver):
         bindings = []
         checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
         for session in sessions:
-            by_switch = defaultdict(lambda: {"transmitted": set(), "received": set(), "flows": []})
-            for flow in (f for f in flows if f.session == session.name):
-                record = records[flow.source.vm]
-                mine = defaultdict(lambda: {"transmitted": set(), "received": set()})  # this flow's ports per switch
-                for nic in self._source_nics(record, flow):
-                    if flow.direction.includes(Direction.OUT):
-                        mine[nic.switch_uuid]["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
-                    if flow.direction.includes(Direction.IN):
-                        mine[nic.switch_uuid]["transmitted"].add(nic.port_key)
-                    checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
-                for uuid, ports in mine.items():
-                    by_switch[uuid]["transmitted"] |= ports["transmitted"]
-                    by_switch[uuid]["received"] |= ports["received"]
-                    by_switch[uuid]["flows"].append(mirror.flow_entry(flow.name, record.uuid, ports["transmitted"], ports["received"]))
-            if session.target.kind == "vm":
-                self._target_nic(session, records)  # refuse a bad target even before flows exist
-            for uuid, ports in by_switch.items():
-                switch = switches.get(uuid)
-                if switch is None:
-                    raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
-                destination = self._destination(content, session, switch, records, ports)
-                for key in destination.get("ports", ()):
-                    checks[uuid][key] = f"target {session.target}"
-                spec = mirror.make_spec(
-                    **destination,
-                    transmitted=ports["transmitted"],
-                    received=ports["received"],
-                    snaplen=session.snaplen,
-                    sample=session.sample,
-                    flows=ports["flows"],
-                )
-                bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
-                bindings.extend(self._flow_marks(uuid, session.name, spec))
+            members = [f for f in flows if f.session == session.name]
+            bindings.extend(self._session_bindings(content, session, members, records, switches, checks))
         for uuid, ports in checks.items():
             # vSphere keeps a port that is in a mirror session from turning promiscuous
             # (VspanPortPromiscChangeFault), so only ports new to mirroring need a look.
             mirrored = {key for vspan in switches[uuid].sessions for key in mirror.port_keys(vspan)}
             self._refuse_promiscuous(switches[uuid], {k: v for k, v in ports.items() if k not in mirrored})
         return bindings
+
+    def _session_bindings(self, content, session, flows, records, switches, checks) -> list[Binding]:
+        """One session binding (and its flow marks) per switch the session's sources are on."""
+        by_switch = defaultdict(lambda: {"transmitted": set(), "received": set(), "flows": []})
+        for flow in flows:
+            record = records[flow.source.vm]
+            for uuid, ports in self._flow_ports(record, flow, checks).items():
+                by_switch[uuid]["transmitted"] |= ports["transmitted"]
+                by_switch[uuid]["received"] |= ports["received"]
+                by_switch[uuid]["flows"].append(mirror.flow_entry(flow.name, record.uuid, ports["transmitted"], ports["received"]))
+        if session.target.kind == "vm":
+            self._target_nic(session, records)  # refuse a bad target even before flows exist
+        bindings = []
+        for uuid, ports in by_switch.items():
+            switch = switches.get(uuid)
+            if switch is None:
+                raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
+            destination = self._destination(content, session, switch, records, ports)
+            for key in destination.get("ports", ()):
+                checks[uuid][key] = f"target {session.target}"
+            spec = mirror.make_spec(
+                **destination,
+                transmitted=ports["transmitted"],
+                received=ports["received"],
+                snaplen=session.snaplen,
+                sample=session.sample,
+                flows=ports["flows"],
+            )
+            bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
+            bindings.extend(self._flow_marks(uuid, session.name, spec))
+        return bindings
+
+    def _flow_ports(self, record, flow, checks) -> dict:
+        """{switch uuid: {"transmitted": port keys, "received": port keys}} of one flow."""
+        ports = defaultdict(lambda: {"transmitted": set(), "received": set()})
+        for nic in self._source_nics(record, flow):
+            if flow.direction.includes(Direction.OUT):
+                ports[nic.switch_uuid]["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
+            if flow.direction.includes(Direction.IN):
+                ports[nic.switch_uuid]["transmitted"].add(nic.port_key)
+            checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
+        return ports
 
     @staticmethod
     def _flow_marks(uuid, session, spec) -> list[Binding]:
