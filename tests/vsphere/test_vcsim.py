@@ -1,0 +1,194 @@
+"""The extended simulator behaves as the vSphere API reference says (read through pyVmomi).
+
+These are the behaviours the vsphere driver's tests rely on; each one is cited in the Go code.
+"""
+
+import pytest
+
+from vcsim_simulator import Simulator, available
+
+pytest.importorskip("pyVmomi", reason="pyvmomi missing: run scripts/setup --test")
+from pyVmomi import vim, vmodl  # noqa: E402
+
+VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
+
+
+@pytest.fixture(scope="module")
+def vc():
+    why = available()
+    if why:
+        pytest.skip(why)
+    with Simulator(hosts=3, vms=4) as sim:
+        yield Vc(sim.connect())
+
+
+class Vc:
+    def __init__(self, si):
+        self.content = si.RetrieveContent()
+
+    def all(self, kind):
+        return list(self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind], True).view)
+
+    @property
+    def switch(self):
+        return self.all(vim.DistributedVirtualSwitch)[0]
+
+    def vms(self):
+        return sorted(self.all(vim.VirtualMachine), key=lambda vm: vm.name)
+
+    def port(self, vm):
+        nic = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard))
+        return nic.backing.port.portKey
+
+    def wait(self, task):
+        while task.info.state not in ("success", "error"):
+            pass
+        if task.info.state == "error":
+            raise task.info.error
+        return task.info.result
+
+    def vspan(self, *ops, version=None):
+        spec = VSPAN.ConfigSpec(
+            configVersion=version or self.switch.config.configVersion,
+            vspanConfigSpec=[VSPAN.VspanConfigSpec(operation=op, vspanSession=session) for op, session in ops],
+        )
+        return self.wait(self.switch.ReconfigureDvs_Task(spec))
+
+    def sessions(self):
+        return {s.name: s for s in self.switch.config.vspanSession or ()}
+
+
+def mirror(name, source, destination, kind="dvPortMirror"):
+    return VSPAN.VspanSession(
+        name=name, enabled=True, sessionType=kind,
+        sourcePortReceived=VSPAN.VspanPorts(portKey=[source]),
+        destinationPort=VSPAN.VspanPorts(portKey=[destination]),
+    )
+
+
+def test_nics_have_their_own_ports_and_macs(vc):
+    vms = vc.vms()
+    ports = [vc.port(vm) for vm in vms]
+    assert all(ports) and len(set(ports)) == len(vms)
+    macs = {next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)).macAddress for vm in vms}
+    assert len(macs) == len(vms)
+
+
+def test_switch_reports_vspan_capability_and_uplinks(vc):
+    features = vc.switch.capability.featuresSupported
+    assert features.vspanSupported and features.vspanCapability.dvportSupported
+    assert features.vspanCapability.encapRemoteSourceSupported and features.vspanCapability.erspanProtocolSupported
+    assert list(vc.switch.config.uplinkPortPolicy.uplinkPortName) == ["dvUplink1"]
+
+
+def test_fetch_dv_ports_honours_its_criteria(vc):
+    vms = vc.vms()
+    everything = vc.switch.FetchDVPorts(vim.dvs.PortCriteria())
+    uplinks = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(uplinkPort=True))
+    assert len(uplinks) == 3 and all(p.connectee.type == "pnic" for p in uplinks)
+    (one,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[vc.port(vms[0])]))
+    assert one.connectee.connectedEntity == vms[0] and one.proxyHost == vms[0].runtime.host
+    on_host = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(host=[vms[0].runtime.host], uplinkPort=False))
+    assert vc.port(vms[0]) in [p.key for p in on_host]
+    assert all(p.proxyHost == vms[0].runtime.host for p in on_host)
+    key = next(p.portgroupKey for p in everything if p.key == vc.port(vms[0]))
+    assert {p.key for p in vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portgroupKey=[key], inside=False))} == {p.key for p in everything} - {
+        p.key for p in vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portgroupKey=[key]))
+    }
+
+
+def test_vspan_add_edit_remove_with_keys_and_config_versions(vc):
+    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+    start = int(vc.switch.config.configVersion)
+    vc.vspan(("add", mirror("one", a, b)))
+    made = vc.sessions()["one"]
+    assert made.key and int(vc.switch.config.configVersion) == start + 1
+    made.mirroredPacketLength = 100
+    vc.vspan(("edit", made))
+    assert vc.sessions()["one"].mirroredPacketLength == 100 and vc.sessions()["one"].key == made.key
+    vc.vspan(("remove", VSPAN.VspanSession(key=made.key)))
+    assert "one" not in vc.sessions() and int(vc.switch.config.configVersion) == start + 3
+
+
+def no_ip(a, b, c):
+    return [VSPAN.VspanSession(name="noip", enabled=True, sessionType="encapsulatedRemoteMirrorSource",
+                               sourcePortReceived=VSPAN.VspanPorts(portKey=[a]))]
+
+
+def too_short(a, b, c):
+    session = mirror("short", a, b)
+    session.mirroredPacketLength = 59
+    return [session]
+
+
+@pytest.mark.parametrize(
+    "sessions, fault",
+    [
+        (lambda a, b, c: [mirror("dup", a, b), mirror("dup", c, a)], vim.fault.DuplicateName),
+        (lambda a, b, c: [mirror("same", a, a)], vim.fault.VspanSameSessionPortConflict),
+        (lambda a, b, c: [mirror("d1", a, c), mirror("d2", b, c)], vim.fault.VspanDestPortConflict),
+        (no_ip, vmodl.fault.InvalidArgument),
+        (too_short, vmodl.fault.InvalidArgument),
+    ],
+)
+def test_vspan_refusals_change_nothing(vc, sessions, fault):
+    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+    version, before = vc.switch.config.configVersion, set(vc.sessions())
+    with pytest.raises(fault):
+        vc.vspan(*[("add", s) for s in sessions(a, b, c)])
+    assert vc.switch.config.configVersion == version and set(vc.sessions()) == before
+
+
+def test_stale_config_version_is_concurrent_access(vc):
+    a, b, _ = (vc.port(vm) for vm in vc.vms()[:3])
+    old = vc.switch.config.configVersion
+    vc.vspan(("add", mirror("first", a, b)))
+    with pytest.raises(vim.fault.ConcurrentAccess):
+        vc.vspan(("add", mirror("second", b, a)), version=old)
+    vc.vspan(("remove", VSPAN.VspanSession(key=vc.sessions()["first"].key)))
+
+
+def test_promiscuous_ports_and_mirrors_exclude_each_other(vc):
+    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+
+    def promiscuous(key, allow):
+        setting = VSPAN.VmwarePortConfigPolicy(securityPolicy=VSPAN.SecurityPolicy(allowPromiscuous=vim.BoolPolicy(value=allow)))
+        vc.wait(vc.switch.ReconfigureDVPort_Task([vim.dvs.DistributedVirtualPort.ConfigSpec(operation="edit", key=key, setting=setting)]))
+
+    promiscuous(a, True)
+    with pytest.raises(vim.fault.VspanPromiscuousPortNotSupported):
+        vc.vspan(("add", mirror("p", a, b)))
+    promiscuous(a, False)
+    vc.vspan(("add", mirror("p", a, b)))
+    with pytest.raises(vim.fault.VspanPortPromiscChangeFault):
+        promiscuous(a, True)
+    vc.vspan(("remove", VSPAN.VspanSession(key=vc.sessions()["p"].key)))
+
+
+def test_relocate_moves_the_vm_and_posts_vm_migrated_event(vc):
+    vm = vc.vms()[3]
+    source = vm.runtime.host
+    destination = next(h for h in vc.all(vim.HostSystem) if h != source)
+    port = vc.port(vm)
+    vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
+    assert vm.runtime.host == destination
+    assert vm in destination.vm and vm not in source.vm
+    assert vc.port(vm) == port  # a move within the switch keeps the port
+    events = vc.content.eventManager.QueryEvents(vim.event.EventFilterSpec(eventTypeId=["VmMigratedEvent"]))
+    event = [e for e in events if e.vm.vm == vm][-1]
+    assert event.sourceHost.host == source and event.host.host == destination
+    assert source.name in event.fullFormattedMessage
+
+
+def test_nic_reconnect_gets_a_new_port_and_bumps_change_version(vc):
+    vm = vc.vms()[2]
+    nic = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard))
+    old_port, old_version = nic.backing.port.portKey, vm.config.changeVersion
+    other = next(pg for pg in vc.switch.portgroup if pg.name == "DC0_DVPG1")
+    nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+        port=vim.dvs.PortConnection(switchUuid=vc.switch.uuid, portgroupKey=other.key))
+    vc.wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=nic)])))
+    assert vc.port(vm) != old_port and vc.port(vm) in other.portKeys
+    assert vm.config.changeVersion != old_version
+    (freed,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[old_port]))
+    assert freed.connectee is None
