@@ -75,6 +75,7 @@ from pyroute2.netlink.rtnl import (
     RTM_DELTFILTER,
     RTM_GETACTION,
     RTM_GETLINK,
+    RTM_GETQDISC,
     RTM_GETTFILTER,
     RTM_NEWQDISC,
     RTM_NEWTFILTER,
@@ -277,7 +278,8 @@ class TcDataplane:
 
     def _clsact_indexes(self) -> set[int]:
         """ifindexes of the devices that have a clsact qdisc (one dump)."""
-        return {q["index"] for q in self.ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+        replies = self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP)
+        return {index for index, kind in (tcnl.read_qdisc(*reply) for reply in replies) if kind == "clsact"}
 
     def _links(self, kind: str | None = None) -> list[dict]:
         """Every link, or those of one kind (the kernel filters by kind)."""

@@ -168,6 +168,11 @@ def qdisc_request(ifindex: int) -> bytes:
     return TCMSG.pack(0, 0, 0, ifindex, CLSACT_HANDLE, TC_H_CLSACT, 0) + pack_attr(TCA_KIND, b"clsact\0")
 
 
+def qdisc_dump_query() -> bytes:
+    """Body of a dump of every qdisc in the namespace."""
+    return TCMSG.pack(0, 0, 0, 0, 0, 0, 0)
+
+
 def filter_query(ifindex: int, hook: str, prio: int = 0, handle: int = 0) -> bytes:
     """Body of a filter dump (prio 0) or of deleting one filter (prio and handle)."""
     if not prio:
@@ -219,6 +224,13 @@ def read_filter(data, start: int, end: int):
             if mirred is not None:
                 return info >> 16, handle, mirred
     return info >> 16, handle, None
+
+
+def read_qdisc(data, start: int, end: int) -> tuple[int, str | None]:
+    """(ifindex, kind) of a qdisc reply."""
+    _family, _p1, _p2, index, _handle, _parent, _info = TCMSG.unpack_from(data, start)
+    found = attributes(data, start + TCMSG.size, end)
+    return index, string(data, found[TCA_KIND]) if TCA_KIND in found else None
 
 
 def read_action_cookies(data, start: int, end: int) -> list[bytes]:
