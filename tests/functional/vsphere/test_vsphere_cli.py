@@ -2,19 +2,27 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 
 @pytest.fixture
-def vtap(vcsim, tmp_path):
+def env(vcsim, tmp_path):
     (tmp_path / "empty.toml").write_text("")  # no machine-wide /etc/vtap/config.toml in the way
-    env = dict(os.environ, VTAP_VSPHERE_PASSWORD=vcsim.password, VTAP_STATE=str(tmp_path / "vtap.db"), VTAP_CONFIG=str(tmp_path / "empty.toml"))
+    return dict(os.environ, VTAP_VSPHERE_PASSWORD=vcsim.password, VTAP_STATE=str(tmp_path / "vtap.db"), VTAP_CONFIG=str(tmp_path / "empty.toml"))
+
+
+@pytest.fixture
+def vtap(vcsim, env):
     base = [sys.executable, "-m", "vtap_cli.main", "--driver", "vsphere", "--url", vcsim.url, "--user", vcsim.user, "--insecure"]
 
-    def run(*args, expect=0):
+    def run(*args, expect=0, background=False):
+        if background:
+            return subprocess.Popen([*base, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
         done = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
         assert done.returncode == expect, f"vtap {' '.join(args)} -> {done.returncode}\n{done.stdout}{done.stderr}"
         assert vcsim.password not in done.stdout + done.stderr
@@ -60,3 +68,25 @@ def test_filter_is_refused_and_nothing_changes(vtap, vc):
 def test_password_on_argv_is_refused(vtap, vcsim):
     done = vtap("--password", vcsim.password, "vm", "list", expect=2)
     assert "password" in done.stderr
+
+
+def test_follow_restores_a_deleted_session_and_stops_on_sigterm(vtap, vc, vcsim):
+    from pyVmomi import vim
+
+    vtap("session", "create", "kept", "--to", "gre://192.0.2.97")
+    vtap("flow", "add", "kept", "--vm", vc.vm(3).config.instanceUuid)
+    follower = vtap("follow", "--interval", "300", background=True)
+    try:
+        time.sleep(3)  # python start, first resync, the watch's first answer
+        key = vc.sessions()["vtap:kept"].key
+        vc.reconfigure_vspan("remove", vim.dvs.VmwareDistributedVirtualSwitch.VspanSession(key=key))
+        deadline = time.monotonic() + 10
+        while "vtap:kept" not in vc.sessions() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "vtap:kept" in vc.sessions(), "vtap follow did not restore the session"
+    finally:
+        os.killpg(follower.pid, signal.SIGTERM)
+        out, err = follower.communicate(timeout=15)
+    assert follower.returncode == 0, err
+    assert vcsim.password not in out + err
+    vtap("session", "delete", "kept")
