@@ -204,7 +204,9 @@ class TcDataplane:
         from vtap_drivers.linux.capture import check_capture_path
 
         path = check_capture_path(path)
-        device = SINK_PREFIX + _short_hash(self.netns, session)
+        # Named by everything in its spec (as a VXLAN device is): a changed path or snaplen is a
+        # new sink, so the mirrors pointing at the old one are replaced in the same reconcile.
+        device = SINK_PREFIX + _short_hash(self.netns, session, path, snaplen)
         spec = (("type", "capture"), ("device", device), ("path", path), ("snaplen", snaplen))
         return Binding(key=f"pcap/{self._ns_key}{device}", session=session, spec=spec, order=0), device
 

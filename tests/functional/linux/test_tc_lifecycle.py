@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -288,3 +289,32 @@ def test_watch_hints_when_a_device_appears_or_goes(lab):
         watcher.join(timeout=5)
     assert hints and set(hints) == {None}
     assert not watcher.is_alive()
+
+
+def test_a_pcap_session_whose_snaplen_changes_is_right_after_one_reconcile(lab, tmp_path):
+    from scapy.utils import rdpcap
+
+    from vtap_drivers.linux.capture import running_captures
+
+    lab.standard()
+    driver = lab.driver()
+    path = str(tmp_path / "web.pcapng")
+    flow = TapFlow("f1", "web", Source(interface="src0"), "in")
+    try:
+        reconcile.reconcile(driver, [TapSession("web", f"pcap:{path}", snaplen=64)], [flow])
+        session = TapSession("web", f"pcap:{path}", snaplen=128)
+        reconcile.reconcile(driver, [session], [flow])
+        assert reconcile.reconcile(driver, [session], [flow]).empty
+        (process,) = running_captures(lab.state_dir).values()
+        assert process["snaplen"] == 128
+        marker = new_marker()
+        frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + marker + bytes(300)
+        lab.send("peer0", [frame])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(marker in bytes(p) for p in rdpcap(path)):
+            time.sleep(0.1)
+        assert [bytes(p) for p in rdpcap(path) if marker in bytes(p)] == [frame[:128]]
+    finally:
+        reconcile.reconcile(driver, [], [])
+    assert running_captures(lab.state_dir) == {}
+    assert lab.ip("link", "show", "type", "ifb").stdout == ""
