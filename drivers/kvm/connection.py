@@ -20,7 +20,7 @@ import threading
 import libvirt
 import tenacity
 
-from vtap_core.errors import TemporaryError
+from vtap_core.errors import OperationFailed, TemporaryError
 
 log = logging.getLogger("vtap.kvm")
 CLOSED = object()  # queued by the close callback
@@ -75,21 +75,20 @@ class Libvirt:
             raise TemporaryError(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}") from None
 
     def call(self, fn):
-        """fn(conn) on a live connection; reconnects once if libvirtd went away."""
-        with self._lock:
-            if self._conn is None:
-                self._conn = self._open()
-            conn = self._conn
-        try:
-            return fn(conn)
-        except libvirt.libvirtError as exc:
-            if not is_connection_error(exc) and conn.isAlive():
-                raise
-        self.reset()
-        with self._lock:
-            self._conn = self._open()
-            conn = self._conn
-        return fn(conn)
+        """fn(conn) on a live connection; reopened once if libvirtd went away meanwhile."""
+        for attempt in (1, 2):
+            with self._lock:
+                if self._conn is None:
+                    self._conn = self._open()
+                conn = self._conn
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as exc:
+                if not (is_connection_error(exc) or not _alive(conn)):
+                    raise OperationFailed(f"libvirt at {self.uri}: {exc.get_error_message()}") from None
+                self.reset()
+                if attempt == 2:
+                    raise TemporaryError(f"lost the connection to libvirt at {self.uri}: {exc.get_error_message()}") from None
 
     def reset(self):
         with self._lock:
@@ -155,7 +154,7 @@ class Libvirt:
                 try:
                     hint = hints.get(timeout=0.5)
                 except queue.Empty:
-                    if not conn.isAlive():
+                    if not _alive(conn):
                         break
                     continue
                 if hint is CLOSED:
@@ -181,6 +180,13 @@ def _state(attempt: int):
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
     state.attempt_number = attempt
     return state
+
+
+def _alive(conn) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _close_quietly(conn):

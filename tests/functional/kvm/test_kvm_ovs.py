@@ -36,8 +36,8 @@ def test_ovs_mirror_counts_guest_frames_and_goes_away(libvirt_host, ovs, ovs_lan
 
         vtap.delete_session("ovsmon")
         assert vtap_mirrors(ovs) == []
-        counts = lab.count_frames(ovs_lan.counter, mac, 1.5)
-        assert counts["out"] == 0, counts
+        # vswitchd revalidates its datapath flows in the background: copies stop within a moment.
+        wait_for(lambda: lab.count_frames(ovs_lan.counter, mac, 1.0)["out"] == 0, 10, "copies to stop")
 
 
 def test_ovs_backend_refuses_filters_and_changes_nothing(libvirt_host, ovs, ovs_lan, guests, tmp_path):
