@@ -5,57 +5,18 @@ These are the behaviours the vsphere driver's tests rely on; each one is cited i
 
 import pytest
 
-from vcsim_simulator import Simulator, available
+from vcsim_simulator import module_simulator
 
 pytest.importorskip("pyVmomi", reason="pyvmomi missing: run scripts/setup --test")
 from pyVmomi import vim, vmodl  # noqa: E402
+from vcenter import VSPAN, Vcenter  # noqa: E402
 
-VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
 
 
 @pytest.fixture(scope="module")
 def vc():
-    why = available()
-    if why:
-        pytest.skip(why)
-    with Simulator(hosts=3, vms=4) as sim:
-        yield Vc(sim.connect())
-
-
-class Vc:
-    def __init__(self, si):
-        self.content = si.RetrieveContent()
-
-    def all(self, kind):
-        return list(self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind], True).view)
-
-    @property
-    def switch(self):
-        return self.all(vim.DistributedVirtualSwitch)[0]
-
-    def vms(self):
-        return sorted(self.all(vim.VirtualMachine), key=lambda vm: vm.name)
-
-    def port(self, vm):
-        nic = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard))
-        return nic.backing.port.portKey
-
-    def wait(self, task):
-        while task.info.state not in ("success", "error"):
-            pass
-        if task.info.state == "error":
-            raise task.info.error
-        return task.info.result
-
-    def vspan(self, *ops, version=None):
-        spec = VSPAN.ConfigSpec(
-            configVersion=version or self.switch.config.configVersion,
-            vspanConfigSpec=[VSPAN.VspanConfigSpec(operation=op, vspanSession=session) for op, session in ops],
-        )
-        return self.wait(self.switch.ReconfigureDvs_Task(spec))
-
-    def sessions(self):
-        return {s.name: s for s in self.switch.config.vspanSession or ()}
+    for sim in module_simulator(hosts=3, vms=4):
+        yield Vcenter(sim.connect())
 
 
 def mirror(name, source, destination, kind="dvPortMirror"):
@@ -68,7 +29,7 @@ def mirror(name, source, destination, kind="dvPortMirror"):
 
 def test_nics_have_their_own_ports_and_macs(vc):
     vms = vc.vms()
-    ports = [vc.port(vm) for vm in vms]
+    ports = [vc.port_key(vm) for vm in vms]
     assert all(ports) and len(set(ports)) == len(vms)
     macs = {next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)).macAddress for vm in vms}
     assert len(macs) == len(vms)
@@ -86,19 +47,19 @@ def test_fetch_dv_ports_honours_its_criteria(vc):
     everything = vc.switch.FetchDVPorts(vim.dvs.PortCriteria())
     uplinks = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(uplinkPort=True))
     assert len(uplinks) == 3 and all(p.connectee.type == "pnic" for p in uplinks)
-    (one,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[vc.port(vms[0])]))
+    (one,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[vc.port_key(vms[0])]))
     assert one.connectee.connectedEntity == vms[0] and one.proxyHost == vms[0].runtime.host
     on_host = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(host=[vms[0].runtime.host], uplinkPort=False))
-    assert vc.port(vms[0]) in [p.key for p in on_host]
+    assert vc.port_key(vms[0]) in [p.key for p in on_host]
     assert all(p.proxyHost == vms[0].runtime.host for p in on_host)
-    key = next(p.portgroupKey for p in everything if p.key == vc.port(vms[0]))
+    key = next(p.portgroupKey for p in everything if p.key == vc.port_key(vms[0]))
     assert {p.key for p in vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portgroupKey=[key], inside=False))} == {p.key for p in everything} - {
         p.key for p in vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portgroupKey=[key]))
     }
 
 
 def test_vspan_add_edit_remove_with_keys_and_config_versions(vc):
-    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+    a, b, c = (vc.port_key(vm) for vm in vc.vms()[:3])
     start = int(vc.switch.config.configVersion)
     vc.vspan(("add", mirror("one", a, b)))
     made = vc.sessions()["one"]
@@ -132,7 +93,7 @@ def too_short(a, b, c):
     ],
 )
 def test_vspan_refusals_change_nothing(vc, sessions, fault):
-    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+    a, b, c = (vc.port_key(vm) for vm in vc.vms()[:3])
     version, before = vc.switch.config.configVersion, set(vc.sessions())
     with pytest.raises(fault):
         vc.vspan(*[("add", s) for s in sessions(a, b, c)])
@@ -140,7 +101,7 @@ def test_vspan_refusals_change_nothing(vc, sessions, fault):
 
 
 def test_stale_config_version_is_concurrent_access(vc):
-    a, b, _ = (vc.port(vm) for vm in vc.vms()[:3])
+    a, b, _ = (vc.port_key(vm) for vm in vc.vms()[:3])
     old = vc.switch.config.configVersion
     vc.vspan(("add", mirror("first", a, b)))
     with pytest.raises(vim.fault.ConcurrentAccess):
@@ -149,7 +110,7 @@ def test_stale_config_version_is_concurrent_access(vc):
 
 
 def test_promiscuous_ports_and_mirrors_exclude_each_other(vc):
-    a, b, c = (vc.port(vm) for vm in vc.vms()[:3])
+    a, b, c = (vc.port_key(vm) for vm in vc.vms()[:3])
 
     def promiscuous(key, allow):
         setting = VSPAN.VmwarePortConfigPolicy(securityPolicy=VSPAN.SecurityPolicy(allowPromiscuous=vim.BoolPolicy(value=allow)))
@@ -169,11 +130,11 @@ def test_relocate_moves_the_vm_and_posts_vm_migrated_event(vc):
     vm = vc.vms()[3]
     source = vm.runtime.host
     destination = next(h for h in vc.all(vim.HostSystem) if h != source)
-    port = vc.port(vm)
+    port = vc.port_key(vm)
     vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
     assert vm.runtime.host == destination
     assert vm in destination.vm and vm not in source.vm
-    assert vc.port(vm) == port  # a move within the switch keeps the port
+    assert vc.port_key(vm) == port  # a move within the switch keeps the port
     events = vc.content.eventManager.QueryEvents(vim.event.EventFilterSpec(eventTypeId=["VmMigratedEvent"]))
     event = [e for e in events if e.vm.vm == vm][-1]
     assert event.sourceHost.host == source and event.host.host == destination
@@ -188,7 +149,7 @@ def test_nic_reconnect_gets_a_new_port_and_bumps_change_version(vc):
     nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
         port=vim.dvs.PortConnection(switchUuid=vc.switch.uuid, portgroupKey=other.key))
     vc.wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=nic)])))
-    assert vc.port(vm) != old_port and vc.port(vm) in other.portKeys
+    assert vc.port_key(vm) != old_port and vc.port_key(vm) in other.portKeys
     assert vm.config.changeVersion != old_version
     (freed,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[old_port]))
     assert freed.connectee is None

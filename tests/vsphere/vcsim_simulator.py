@@ -24,6 +24,17 @@ def available() -> str | None:
     return None
 
 
+def module_simulator(**options):
+    """The body of a module-scoped pytest fixture: a running simulator, or a skip saying why not."""
+    import pytest
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    with Simulator(**options) as sim:
+        yield sim
+
+
 class Simulator:
     def __init__(self, hosts=3, vms=6, tls=False, erspan=True, user="vtap-test", password="vcsim-secret"):
         self.args = ["--hosts", str(hosts), "--vms", str(vms)] + (["--tls"] if tls else []) + ([] if erspan else ["--no-erspan"])

@@ -6,7 +6,7 @@ import time
 import pytest
 from pyVmomi import vim
 
-from vcsim_simulator import Simulator, available
+from vcsim_simulator import module_simulator
 from vtap_core.client import Client
 from vtap_core.follow import Follower, NoMetrics
 
@@ -15,11 +15,7 @@ VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
 
 @pytest.fixture(scope="module")
 def vcsim():
-    why = available()
-    if why:
-        pytest.skip(why)
-    with Simulator(hosts=3, vms=6) as sim:
-        yield sim
+    yield from module_simulator(hosts=3, vms=6)
 
 
 class Reactions(NoMetrics):

@@ -2,18 +2,14 @@
 
 import pytest
 
-from vcsim_simulator import Simulator, available
+from vcsim_simulator import module_simulator
 from vtap_core.errors import OperationFailed, Unsupported
 from vtap_core.model import Source, TapFlow, TapSession
 
 
 @pytest.fixture(scope="module")
 def tls_vcsim():
-    why = available()
-    if why:
-        pytest.skip(why)
-    with Simulator(hosts=2, vms=2, tls=True, erspan=False) as sim:
-        yield sim
+    yield from module_simulator(hosts=2, vms=2, tls=True, erspan=False)
 
 
 def make_driver(sim, tmp_path, **settings):
