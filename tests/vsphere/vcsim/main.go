@@ -26,6 +26,7 @@ import (
 func main() {
 	hosts := flag.Int("hosts", 3, "ESXi hosts in the cluster")
 	vms := flag.Int("vms", 4, "virtual machines in the cluster")
+	datacenters := flag.Int("datacenters", 1, "datacenters, each with its cluster, VMs and distributed switch")
 	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
 	noErspan := flag.Bool("no-erspan", false, "report a switch without ERSPAN support (vspanCapability.erspanProtocolSupported=false)")
 	verbose := flag.Bool("verbose", false, "keep the simulator's request log")
@@ -35,6 +36,7 @@ func main() {
 	}
 
 	model := simulator.VPX()
+	model.Datacenter = *datacenters
 	model.Host = 0 // every host is in the one cluster
 	model.ClusterHost = *hosts
 	model.Machine = *vms
@@ -83,7 +85,10 @@ func extend(erspan bool) {
 }
 
 func byName(entities []mo.Entity) []mo.Entity {
-	sort.Slice(entities, func(i, j int) bool { return entities[i].Entity().Name < entities[j].Entity().Name })
+	sort.Slice(entities, func(i, j int) bool {
+		a, b := entities[i].Entity(), entities[j].Entity()
+		return a.Name < b.Name || a.Name == b.Name && a.Self.Value < b.Self.Value
+	})
 	return entities
 }
 

@@ -4,6 +4,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/google/uuid"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/soap"
@@ -19,12 +20,23 @@ type VspanSwitch struct {
 	nextSession int
 }
 
-// switches finds a switch by UUID (NIC backings name their switch by UUID).
-var switches = map[string]*VspanSwitch{}
+// switches finds a switch by UUID (NIC backings name their switch by UUID), byPortgroup by
+// the key of one of its portgroups.
+var (
+	switches    = map[string]*VspanSwitch{}
+	byPortgroup = map[string]*VspanSwitch{}
+)
 
 func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
 	s := &VspanSwitch{DistributedVirtualSwitch: *stock, ports: map[string]*port{}}
 	config := s.Config.(*types.VMwareDVSConfigInfo)
+	// The stock simulator derives a switch's UUID from its name, and names every
+	// datacenter's switch DVS0; vCenter's switch UUIDs are unique.
+	if _, taken := switches[s.Uuid]; taken {
+		s.Uuid = uuid.NewSHA1(uuid.NameSpaceURL, []byte("vtap-vcsim:"+s.Self.Value)).String()
+		s.Summary.Uuid = s.Uuid
+		config.Uuid = s.Uuid
+	}
 	// DVSConfigInfo.configVersion: "The version string of the configuration"; the stock
 	// simulator leaves it empty, vSphere always sets one.
 	config.ConfigVersion = "1"
@@ -49,6 +61,7 @@ func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
 	config.UplinkPortPolicy = &types.DVSNameArrayUplinkPortPolicy{UplinkPortName: []string{"dvUplink1"}}
 	for _, ref := range s.Portgroup {
 		pg := simulator.Map.Get(ref).(*simulator.DistributedVirtualPortgroup)
+		byPortgroup[pg.Key] = s
 		if strings.Contains(pg.Name, "-DVUplinks") {
 			config.UplinkPortgroup = []types.ManagedObjectReference{ref}
 			for _, host := range s.Summary.HostMember {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -32,6 +33,9 @@ func wrapVM(stock *simulator.VirtualMachine) {
 		device = copyDevice(device)
 		backing = &types.VirtualEthernetCardDistributedVirtualPortBackingInfo{Port: backing.Port}
 		device.GetVirtualDevice().Backing = backing
+		if s := byPortgroup[backing.Port.PortgroupKey]; s != nil {
+			backing.Port.SwitchUuid = s.Uuid // (see wrapSwitch: UUIDs made unique)
+		}
 		// ... which also gives every VM the same MAC; vCenter assigns unique ones (00:50:56 prefix).
 		nextMAC++
 		device.(types.BaseVirtualEthernetCard).GetVirtualEthernetCard().MacAddress =
@@ -193,12 +197,26 @@ func (vm *VM) RelocateVMTask(ctx *simulator.Context, req *types.RelocateVM_Task)
 
 func (vm *VM) event() types.VmEvent {
 	host := simulator.Map.Get(*vm.Runtime.Host).(*simulator.HostSystem)
-	dc := simulator.Map.Any("Datacenter") // the model has one
+	dc := datacenterOf(vm)
 	return types.VmEvent{Event: types.Event{
 		Vm:         &types.VmEventArgument{EntityEventArgument: types.EntityEventArgument{Name: vm.Name}, Vm: vm.Self},
 		Host:       &types.HostEventArgument{EntityEventArgument: types.EntityEventArgument{Name: host.Name}, Host: host.Self},
 		Datacenter: &types.DatacenterEventArgument{EntityEventArgument: types.EntityEventArgument{Name: dc.Entity().Name}, Datacenter: dc.Reference()},
 	}}
+}
+
+func datacenterOf(entity mo.Entity) mo.Entity {
+	for entity != nil {
+		if dc, ok := entity.(*simulator.Datacenter); ok {
+			return dc
+		}
+		parent := entity.Entity().Parent
+		if parent == nil {
+			break
+		}
+		entity, _ = simulator.Map.Get(*parent).(mo.Entity)
+	}
+	return simulator.Map.Any("Datacenter")
 }
 
 func (vm *VM) post(ctx *simulator.Context, event types.BaseEvent) {
