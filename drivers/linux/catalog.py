@@ -21,20 +21,27 @@ from vtap_core.driver import Binding
 from vtap_core.errors import OperationFailed
 
 MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
-MARK_MAGIC = b"vtap"  # first bytes of every mark, so other tools' 16-byte cookies are never taken for ours
+MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
 
 
-def mark_of(binding: Binding) -> bytes:
-    """16 bytes naming a binding's key and spec (a changed spec is a different mark)."""
+def store_prefix(state_dir: str) -> bytes:
+    """The first 4 bytes of every mark this state dir makes.
+
+    Two vtap stores on one host (or tests running side by side) then never take
+    each other's filters for orphans, and other tools' 16-byte cookies are never
+    taken for vtap's.
+    """
+    return MARK_MAGIC + hashlib.sha256(os.path.realpath(state_dir).encode()).digest()[:2]
+
+
+def digest_of(binding: Binding) -> bytes:
+    """12 bytes naming a binding's key and spec (a changed spec is a different mark)."""
     text = json.dumps([binding.key, binding.session, binding.flow, binding.vm, [list(p) for p in binding.spec]], sort_keys=True)
-    return MARK_MAGIC + hashlib.sha256(text.encode()).digest()[:12]
-
-
-def alias_of(binding: Binding) -> str:
-    return MARK_PREFIX + mark_of(binding).hex()
+    return hashlib.sha256(text.encode()).digest()[:12]
 
 
 def mark_from_alias(alias: str | None) -> bytes | None:
+    """The mark in a device alias "vtap:<hex>" (any vtap store's), else None."""
     if not alias or not alias.startswith(MARK_PREFIX):
         return None
     try:
@@ -72,6 +79,7 @@ class Catalog:
     def __init__(self, state_dir: str, netns: str | None):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, f"tc-{netns or 'host'}.json")
+        self.prefix = store_prefix(state_dir)
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
         self._loaded = None  # (inode, mtime, size) of the file as last read or written
@@ -125,11 +133,24 @@ class Catalog:
         finally:
             os.close(fd)
 
+    # ------------------------------------------------------------ marks
+
+    def mark_of(self, binding: Binding) -> bytes:
+        """The 16 bytes this store puts in the kernel for a binding."""
+        return self.prefix + digest_of(binding)
+
+    def alias_of(self, binding: Binding) -> str:
+        return MARK_PREFIX + self.mark_of(binding).hex()
+
+    def owns(self, mark: bytes | None) -> bool:
+        """Whether a mark found in the kernel was made by this store."""
+        return mark is not None and len(mark) == 16 and mark.startswith(self.prefix)
+
     # ------------------------------------------------------------ entries
 
     def remember(self, binding: Binding, ifindex: int | None = None) -> bytes:
         """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
-        mark = mark_of(binding)
+        mark = self.mark_of(binding)
         self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
         self._hooks = None
         return mark

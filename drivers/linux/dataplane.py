@@ -8,7 +8,9 @@ device names. What it puts in the kernel, per mirrored device and hook:
       -> bpf classifier, priority 7 (classic BPF from the pcap filter expression,
          the 1-in-N sampling test prepended, the tunnel's own packets excluded)
       -> mirred egress mirror to TARGET DEVICE, verdict "continue" (other
-         filters on the hook still run), cookie = "vtap" + 12 bytes of digest
+         filters on the hook still run), cookie = the mark: "vt", 2 bytes naming
+         the state dir (two stores never take each other's for orphans), 12 bytes
+         of digest of the binding's key and spec
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
@@ -86,7 +88,7 @@ from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
-from vtap_drivers.linux.catalog import MARK_MAGIC, Catalog, alias_of, mark_from_alias, mark_of
+from vtap_drivers.linux.catalog import Catalog, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 
 HOOKS = ("ingress", "egress")
@@ -305,7 +307,7 @@ class TcDataplane:
         """
         found = set()
         for reply in self.nl.dump(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
-            found.update(c for c in tcnl.read_action_cookies(*reply) if c.startswith(MARK_MAGIC))
+            found.update(c for c in tcnl.read_action_cookies(*reply) if self.catalog.owns(c))
         return found
 
     def _filters(self, ifindex: int, hook: str) -> list[TcFilter]:
@@ -321,7 +323,7 @@ class TcDataplane:
             prio, handle, mirred = tcnl.read_filter(*reply)
             if not handle:
                 continue  # the per-priority header entry, not a filter
-            if mirred is not None and mirred[0].startswith(MARK_MAGIC):
+            if mirred is not None and self.catalog.owns(mirred[0]):
                 out.append(TcFilter(prio, handle, *mirred))
             else:
                 out.append(TcFilter(prio, handle, None, 0, 0, 0))
@@ -367,7 +369,7 @@ class TcDataplane:
         for kind in ("vxlan", "ifb"):
             for link in self._links(kind):
                 mark = mark_from_alias(link["alias"])
-                if mark is None:
+                if not catalog.owns(mark):
                     continue
                 binding = catalog.binding(mark)
                 if binding is None:
@@ -458,7 +460,7 @@ class TcDataplane:
             device, hook = binding.get("device"), binding.get("hook")
             if (device, hook) not in present:
                 present[device, hook] = set() if device in fresh else {f.mark for f in self._filters(indexes[device], hook)}
-            mark = mark_of(binding)
+            mark = catalog.mark_of(binding)
             if mark in present[device, hook]:
                 continue
             present[device, hook].add(mark)
@@ -474,15 +476,15 @@ class TcDataplane:
     def _ensure_device(self, binding: Binding, kind: str, create, done: list) -> None:
         """A vtap-owned device with this binding's mark, up; replaced when its mark differs."""
         name = binding.get("device")
-        alias = alias_of(binding)
+        alias = self.catalog.alias_of(binding)
         link = self._link(name=name)
         if link is not None:
             if link["alias"] == alias and link["kind"] == kind:
                 if not link["flags"] & IFF_UP:
                     self.ipr.link("set", index=link["index"], state="up")
                 return
-            if mark_from_alias(link["alias"]) is None:
-                raise OperationFailed(f"device {name} exists and is not vtap's; remove it or rename it")
+            if not self.catalog.owns(mark_from_alias(link["alias"])):
+                raise OperationFailed(f"device {name} exists and is not this vtap's (state dir {self.state_dir}); remove or rename it")
             self.ipr.link("del", index=link["index"])  # an older spec of ours
         try:
             create(name)
@@ -522,6 +524,11 @@ class TcDataplane:
             self._forget_what_is_gone(catalog)
             catalog.save()
 
+    def _real_mark(self, binding: Binding) -> bytes:
+        """The mark a binding has in the kernel: its own, or the one observe() found on it."""
+        found = binding.get("mark")
+        return bytes.fromhex(found) if found else self.catalog.mark_of(binding)
+
     def _forget_what_is_gone(self, catalog: Catalog) -> None:
         """Catalog entries of devices that no longer exist name nothing in the kernel: drop them."""
         links = self._links()
@@ -542,13 +549,13 @@ class TcDataplane:
         if unknown_marks:
             self._remove_unknown_filters(unknown_marks, catalog)
         if mirrors or unknown_marks:
-            self._wait_released({real_mark(b) for b in mirrors} | unknown_marks)
+            self._wait_released({self._real_mark(b) for b in mirrors} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
             if kind != "unknown":
-                catalog.forget(real_mark(binding))
+                catalog.forget(self._real_mark(binding))
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
         indexes = self._indexes({b.get("device") for b in bindings})
@@ -558,7 +565,7 @@ class TcDataplane:
             if device not in indexes:
                 catalog.qdiscs.pop(device, None)
                 continue  # the device is gone, and its filters with it
-            wanted.setdefault((indexes[device], binding.get("hook")), set()).add(real_mark(binding))
+            wanted.setdefault((indexes[device], binding.get("hook")), set()).add(self._real_mark(binding))
         self._delete_filters(wanted)
         for device in {b.get("device") for b in bindings} & indexes.keys():
             self._drop_clsact_if_unused(indexes[device], device, catalog)
@@ -609,7 +616,7 @@ class TcDataplane:
 
     def _remove_device(self, binding: Binding) -> None:
         name = binding.get("device")
-        wanted = real_mark(binding)
+        wanted = self._real_mark(binding)
         if binding.get("type") == "capture" or name.startswith(SINK_PREFIX):
             from vtap_drivers.linux.capture import stop_capture_process
 
@@ -628,9 +635,3 @@ def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:
     """The binding as the kernel really holds it: some spec values differ, and the mark it carries."""
     spec = tuple((name, actual.get(name, value)) for name, value in binding.spec) + (("mark", mark.hex()),)
     return replace(binding, spec=spec)
-
-
-def real_mark(binding: Binding) -> bytes:
-    """The mark a binding has in the kernel: its own digest, or the one observe() found on it."""
-    found = binding.get("mark")
-    return bytes.fromhex(found) if found else mark_of(binding)

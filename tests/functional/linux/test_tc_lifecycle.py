@@ -318,3 +318,24 @@ def test_a_pcap_session_whose_snaplen_changes_is_right_after_one_reconcile(lab, 
         reconcile.reconcile(driver, [], [])
     assert running_captures(lab.state_dir) == {}
     assert lab.ip("link", "show", "type", "ifb").stdout == ""
+
+
+def test_two_state_dirs_on_one_host_never_touch_each_others_mirrors(lab, tmp_path):
+    from vtap_drivers.linux.driver import LinuxDriver
+
+    lab.standard()
+    lab.veth("mon2", "mon3")
+    ours, theirs = lab.driver(), LinuxDriver(state_dir=str(tmp_path / "other"), netns=lab.netns)
+    try:
+        mine = ours.plan([TapSession("web", "port:mon0")], [TapFlow("f1", "web", Source(interface="src0"), "in")])
+        other = theirs.plan([TapSession("db", "vxlan://192.0.2.9?vni=3")], [TapFlow("f1", "db", Source(interface="src0"), "in")])
+        ours.apply(mine)
+        theirs.apply(other)
+        assert sorted(b.key for b in ours.observe()) == [b.key for b in mine]
+        assert reconcile.reconcile(ours, [], []).summary()["removed"] == 1
+        assert sorted(b.key for b in theirs.observe()) == sorted(b.key for b in other)
+        assert len(lab.filter_handles("src0", "ingress")) == 1
+    finally:
+        reconcile.reconcile(theirs, [], [])
+        theirs.close()
+    assert lab.filter_handles("src0", "ingress") == []
