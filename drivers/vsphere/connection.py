@@ -43,10 +43,9 @@ def as_bool(value) -> bool:
 
 class Connection:
     def __init__(self, url: str, user: str | None, password: str | None, insecure=False, timeout: float = 30):
+        # Checked when first used, so that a missing setting is a usage error of the
+        # command that needs vCenter, not a failure to load the driver.
         self.url = url
-        self.scheme, self.host, self.port, self.path = parse_url(url)
-        if not user:
-            raise ValidationError("user", "the vsphere driver needs --user (or VTAP_VSPHERE_USER)")
         self.user = user
         self._password = password or ""
         self.insecure = as_bool(insecure)
@@ -72,23 +71,26 @@ class Connection:
         return self._content
 
     def _connect(self):
+        scheme, host, port, path = parse_url(self.url)
+        if not self.user:
+            raise ValidationError("user", "the vsphere driver needs --user (or VTAP_VSPHERE_USER)")
         try:
             self._si = SmartConnect(
-                protocol=self.scheme,
-                host=self.host,
-                port=self.port,
-                path=self.path,
+                protocol=scheme,
+                host=host,
+                port=port,
+                path=path,
                 user=self.user,
                 pwd=self._password,
                 disableSslCertValidation=self.insecure,
                 # Always a verifying context unless insecure: given none, pyVmomi skips
                 # verification for localhost on its own.
-                sslContext=None if self.insecure or self.scheme != "https" else ssl.create_default_context(),
+                sslContext=None if self.insecure or scheme != "https" else ssl.create_default_context(),
                 httpConnectionTimeout=self.timeout,
             )
         except ssl.SSLCertVerificationError as exc:
             raise OperationFailed(
-                f"vsphere: TLS certificate of {self.host}:{self.port} is not trusted ({exc.verify_message}); "
+                f"vsphere: TLS certificate of {host}:{port} is not trusted ({exc.verify_message}); "
                 "install its CA certificate, or pass --insecure to skip verification"
             ) from None
         except vim.fault.InvalidLogin:

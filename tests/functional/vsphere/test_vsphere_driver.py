@@ -237,3 +237,16 @@ def test_vm_list_follows_a_migration(driver, vc):
     vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
     listed = {v.uuid: v for v in driver.inventory()}
     assert listed[vm.config.instanceUuid].host == destination._moId
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [({"url": None, "user": "u"}, "url"), ({"url": "ftp://vc/sdk", "user": "u"}, "url"), ({"url": "https://u:p@vc/sdk", "user": "u"}, "url"), ({"url": "https://vc/sdk", "user": None}, "user")],
+)
+def test_missing_or_bad_connection_settings_are_usage_errors(tmp_path, settings, field):
+    from vtap_drivers.vsphere.driver import VsphereDriver
+
+    driver = VsphereDriver(password="secret", state_dir=str(tmp_path), **settings)  # loading never fails
+    with pytest.raises(ValidationError) as raised:
+        driver.inventory()
+    assert str(raised.value).startswith(f"{field}:") and "secret" not in str(raised.value)
