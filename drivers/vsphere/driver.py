@@ -365,7 +365,7 @@ class VsphereDriver(Driver):
         return self._views[key]
 
     def _switches(self, content) -> dict:
-        view = self._view(content, vim.DistributedVirtualSwitch)
+        view = self._view(content, vim.dvs.VmwareDistributedVirtualSwitch)
         found = self._switch_reader.read(content, view, True)
         records = (inventory.switch_record(ref, props) for ref, props in found.items())
         return {r.uuid: r for r in records}

@@ -171,7 +171,9 @@ def vm_reader(with_host=False, max_age=0.0) -> Reader:
 
 
 def switch_reader() -> Reader:
-    return Reader(vim.DistributedVirtualSwitch, ["uuid"], SWITCH_VERSION, SWITCH_DETAILS)
+    # VmwareDistributedVirtualSwitch, not DistributedVirtualSwitch: vCenter checks a path against
+    # the PropertySpec's type, and vspanSession exists only on VMwareDVSConfigInfo.
+    return Reader(vim.dvs.VmwareDistributedVirtualSwitch, ["uuid"], SWITCH_VERSION, SWITCH_DETAILS)
 
 
 def vm_record(ref, props) -> VmRecord:

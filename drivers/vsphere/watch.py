@@ -29,14 +29,14 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
     """Hints; changed(moref id) is called for a VM before its hint is yielded."""
     pc_type = vmodl.query.PropertyCollector
     collector = content.propertyCollector.CreatePropertyCollector()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.DistributedVirtualSwitch], True)
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.dvs.VmwareDistributedVirtualSwitch], True)
     try:
         traversal = pc_type.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
         spec = pc_type.FilterSpec(
             objectSet=[pc_type.ObjectSpec(obj=view, skip=True, selectSet=[traversal])],
             propSet=[
                 pc_type.PropertySpec(type=vim.VirtualMachine, pathSet=VM_WATCHED),
-                pc_type.PropertySpec(type=vim.DistributedVirtualSwitch, pathSet=SWITCH_WATCHED),
+                pc_type.PropertySpec(type=vim.dvs.VmwareDistributedVirtualSwitch, pathSet=SWITCH_WATCHED),
             ],
         )
         collector.CreateFilter(spec, partialUpdates=True)

@@ -36,6 +36,7 @@ def test_nics_have_their_own_ports_and_macs(vc):
 
 
 def test_switch_reports_vspan_capability_and_uplinks(vc):
+    assert isinstance(vc.switch, VSPAN)  # a VmwareDistributedVirtualSwitch, as in vCenter
     features = vc.switch.capability.featuresSupported
     assert features.vspanSupported and features.vspanCapability.dvportSupported
     assert features.vspanCapability.encapRemoteSourceSupported and features.vspanCapability.erspanProtocolSupported

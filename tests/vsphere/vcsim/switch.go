@@ -84,7 +84,27 @@ func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
 		}
 	}
 	switches[s.Uuid] = s
+	retype(stock.Self, s)
+}
+
+// retype registers the switch as what vCenter's distributed switches are: VmwareDistributedVirtualSwitch
+// objects (the stock simulator files them as DistributedVirtualSwitch). vCenter checks a property
+// path against the PropertySpec's type, and config.vspanSession exists only on VMwareDVSConfigInfo,
+// so a client must ask for it on VmwareDistributedVirtualSwitch; here it has to work the same way.
+func retype(old types.ManagedObjectReference, s *VspanSwitch) {
+	s.Self.Type = "VmwareDistributedVirtualSwitch"
+	simulator.Map.Remove(old)
 	simulator.Map.Put(s)
+	folder := simulator.Map.Get(*s.Parent).(*simulator.Folder)
+	for i, ref := range folder.ChildEntity {
+		if ref == old {
+			folder.ChildEntity[i] = s.Self
+		}
+	}
+	for _, ref := range s.Portgroup {
+		self := s.Self
+		simulator.Map.Get(ref).(*simulator.DistributedVirtualPortgroup).Config.DistributedVirtualSwitch = &self
+	}
 }
 
 // FetchDVPorts honours its criteria (see ports.go).
