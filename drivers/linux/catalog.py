@@ -115,7 +115,7 @@ class Catalog:
     def save(self) -> None:
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
-            json.dump({"bindings": self.bindings, "qdiscs": self.qdiscs}, f, sort_keys=True)
+            f.write(json.dumps({"bindings": self.bindings, "qdiscs": self.qdiscs}))  # dumps: the C encoder
         os.replace(temporary, self.path)
         self._loaded = self._stamp()
 

@@ -3,9 +3,9 @@
 pyroute2 0.9 runs an asyncio loop and decodes every attribute of every
 message for each request: about a millisecond each, which is seconds for a
 thousand mirrors. Here the socket is still made by pyroute2 (inside the
-namespace), requests are still pyroute2 messages (tcnl.py encodes them), but
-acks are read for a whole batch at once and replies are decoded by a small
-attribute walker that reads only the few attributes vtap needs.
+namespace), but requests are packed bodies (tcnl.py), acks are read for a
+whole batch at once, and replies are decoded by a small attribute walker
+that reads only the few attributes vtap needs.
 """
 
 from __future__ import annotations
@@ -90,13 +90,8 @@ class RtnlSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def _frame(self, body, msg_type: int, flags: int) -> tuple[int, bytes]:
-        """A request with our header; body: packed bytes, or a pyroute2 message to encode."""
-        if not isinstance(body, (bytes, bytearray)):
-            body.reset()
-            body["header"] = {"type": msg_type, "flags": flags}
-            body.encode()
-            body = bytes(body.data[HEADER.size : body["header"]["length"]])
+    def _frame(self, body: bytes, msg_type: int, flags: int) -> tuple[int, bytes]:
+        """A request: our header, then the packed body."""
         sequence = next(self._sequence)
         return sequence, HEADER.pack(HEADER.size + len(body), msg_type, flags, sequence, 0) + body
 

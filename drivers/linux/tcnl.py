@@ -1,12 +1,11 @@
-"""Netlink messages for the one tc shape vtap uses: cls_bpf (classic ops) + mirred, with a cookie.
+"""Netlink bodies for the one tc shape vtap uses: cls_bpf (classic ops) + mirred, with a cookie.
 
-Requests. The filter itself is a pyroute2 message: pyroute2's own tcmsg
-plugin declares TCA_BPF_OPS as a uint32, but classic ops are an array of
-struct sock_filter {u16 code; u8 jt; u8 jf; u32 k} with their count in
-TCA_BPF_OPS_LEN (u16), and its action map stops before TCA_ACT_COOKIE, where
-vtap keeps its mark; so filtermsg declares exactly that shape. Bodies with no
-nesting (dumps, deletes, qdiscs, link gets) are packed directly: they are
-sent a thousand times per observe.
+Requests are packed here attribute by attribute (struct tcmsg / ifinfomsg,
+then type-length-value attributes): classic ops are an array of struct
+sock_filter {u16 code; u8 jt; u8 jf; u32 k} with their count in
+TCA_BPF_OPS_LEN (u16), which pyroute2's tcmsg plugin declares as a uint32,
+and pyroute2's action map stops before TCA_ACT_COOKIE, where vtap keeps its
+mark. Packing by hand is also what keeps a thousand filters fast.
 
 Replies are read by nlsock's attribute walker (read_* below): only the few
 attributes vtap needs are decoded.
@@ -16,8 +15,6 @@ from __future__ import annotations
 
 import socket
 import struct
-
-from pyroute2.netlink import nla, nlmsg
 
 from vtap_drivers.linux.nlsock import attributes, string, u32, u64
 
@@ -29,10 +26,11 @@ ETH_P_ALL = 0x0003
 TC_ACT_UNSPEC = -1  # "continue": later filters on the hook still see the packet
 TCA_EGRESS_MIRROR = 2
 COOKIE_BYTES = 16  # TC_COOKIE_MAX_SIZE
+NLA_F_NESTED = 0x8000
 
 # Attribute numbers (linux/rtnetlink.h, pkt_cls.h, tc_act/tc_mirred.h, gen_stats.h, if_link.h).
 TCA_KIND, TCA_OPTIONS = 1, 2
-TCA_BPF_ACT = 1
+TCA_BPF_ACT, TCA_BPF_OPS_LEN, TCA_BPF_OPS = 1, 4, 5
 TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_MIRRED_PARMS = 2
 TCA_STATS_BASIC, TCA_STATS_PKT64 = 1, 8
@@ -61,106 +59,30 @@ def pack_attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
 
 
-# ---------------------------------------------------------------- the filter request (nested)
+# ---------------------------------------------------------------- requests
 
 
-class mirred_options(nla):
-    nla_map = (
-        ("TCA_MIRRED_UNSPEC", "none"),
-        ("TCA_MIRRED_TM", "hex"),
-        ("TCA_MIRRED_PARMS", "parms"),
-    )
-
-    class parms(nla):
-        fields = (("index", "I"), ("capab", "I"), ("action", "i"), ("refcnt", "i"), ("bindcnt", "i"), ("eaction", "i"), ("ifindex", "I"))
-
-
-class action(nla):
-    nla_map = (
-        ("TCA_ACT_UNSPEC", "none"),
-        ("TCA_ACT_KIND", "asciiz"),
-        ("TCA_ACT_OPTIONS", "mirred_options"),
-        ("TCA_ACT_INDEX", "uint32"),
-        ("TCA_ACT_STATS", "hex"),
-        ("TCA_ACT_PAD", "hex"),
-        ("TCA_ACT_COOKIE", "cdata"),
-    )
-    mirred_options = mirred_options
-
-
-class actions(nla):
-    nla_map = tuple((f"TCA_ACT_PRIO_{i}", "action") for i in range(33))
-    action = action
-
-
-class bpf_options(nla):
-    nla_map = (
-        ("TCA_BPF_UNSPEC", "none"),
-        ("TCA_BPF_ACT", "actions"),
-        ("TCA_BPF_POLICE", "hex"),
-        ("TCA_BPF_CLASSID", "uint32"),
-        ("TCA_BPF_OPS_LEN", "uint16"),
-        ("TCA_BPF_OPS", "cdata"),
-    )
-    actions = actions
-
-
-class filtermsg(nlmsg):
-    """struct tcmsg + TCA_KIND "bpf" + the vtap-shaped TCA_OPTIONS."""
-
-    fields = (("family", "B"), ("pad1", "B"), ("pad2", "H"), ("index", "i"), ("handle", "I"), ("parent", "I"), ("info", "I"))
-    nla_map = (
-        ("TCA_UNSPEC", "none"),
-        ("TCA_KIND", "asciiz"),
-        ("TCA_OPTIONS", "bpf_options"),
-    )
-    bpf_options = bpf_options
-
-
-def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes) -> filtermsg:
+def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes) -> bytes:
     """RTM_NEWTFILTER body: bpf(program) -> mirred egress mirror to_ifindex, cookie, continue."""
-    msg = filtermsg()
-    msg["index"] = ifindex
-    msg["parent"] = HOOK_PARENT[hook]
-    msg["info"] = filter_info(prio)
-    parms = {"eaction": TCA_EGRESS_MIRROR, "ifindex": to_ifindex, "action": TC_ACT_UNSPEC}
-    mirred = {
-        "attrs": [
-            ["TCA_ACT_KIND", "mirred"],
-            ["TCA_ACT_OPTIONS", {"attrs": [["TCA_MIRRED_PARMS", parms]]}],
-            ["TCA_ACT_COOKIE", cookie],
-        ]
-    }
-    options = [
-        ["TCA_BPF_ACT", {"attrs": [["TCA_ACT_PRIO_1", mirred]]}],
-        ["TCA_BPF_OPS_LEN", len(program)],
-        ["TCA_BPF_OPS", pack_ops(program)],
-    ]
-    msg["attrs"] = [["TCA_KIND", "bpf"], ["TCA_OPTIONS", {"attrs": options}]]
-    return msg
+    parms = MIRRED_PARMS.pack(0, 0, TC_ACT_UNSPEC, 0, 0, TCA_EGRESS_MIRROR, to_ifindex)
+    mirred = (
+        pack_attr(TCA_ACT_KIND, b"mirred\0")
+        + pack_attr(TCA_ACT_OPTIONS | NLA_F_NESTED, pack_attr(TCA_MIRRED_PARMS, parms))
+        + pack_attr(TCA_ACT_COOKIE, cookie)
+    )
+    options = (
+        pack_attr(TCA_BPF_ACT | NLA_F_NESTED, pack_attr(1 | NLA_F_NESTED, mirred))  # the first (and only) action
+        + pack_attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(program)))
+        + pack_attr(TCA_BPF_OPS, pack_ops(program))
+    )
+    header = TCMSG.pack(0, 0, 0, ifindex, 0, HOOK_PARENT[hook], filter_info(prio))
+    return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
 
 
-class tab(nla):
-    nla_map = tuple((f"TCA_ACT_PRIO_{i}", "action") for i in range(33))
-    action = action
-
-
-class actionmsg(nlmsg):
-    """struct tcamsg with an action table: a dump of one action kind."""
-
-    fields = (("family", "B"), ("pad1", "B"), ("pad2", "H"))
-    nla_map = (("TCA_ROOT_UNSPEC", "none"), ("TCA_ROOT_TAB", "tab"))
-    tab = tab
-
-
-def mirred_dump_request() -> actionmsg:
-    """RTM_GETACTION dump of every mirred action (32 per reply; filter-bound ones included)."""
-    msg = actionmsg()
-    msg["attrs"] = [["TCA_ROOT_TAB", {"attrs": [["TCA_ACT_PRIO_1", {"attrs": [["TCA_ACT_KIND", "mirred"]]}]]}]]
-    return msg
-
-
-# ---------------------------------------------------------------- flat bodies, packed directly
+def mirred_dump_request() -> bytes:
+    """RTM_GETACTION body: a dump of every mirred action (32 per reply; filter-bound ones included)."""
+    kind = pack_attr(1 | NLA_F_NESTED, pack_attr(TCA_ACT_KIND, b"mirred\0"))
+    return struct.pack("=BBH", 0, 0, 0) + pack_attr(TCA_ROOT_TAB | NLA_F_NESTED, kind)
 
 
 def qdisc_request(ifindex: int) -> bytes:
