@@ -56,10 +56,6 @@ def string(data, span) -> str:
     return bytes(data[span[0] : span[1]]).split(b"\0", 1)[0].decode(errors="replace")
 
 
-def u16(data, span) -> int:
-    return struct.unpack_from("=H", data, span[0])[0]
-
-
 def u32(data, span) -> int:
     return struct.unpack_from("=I", data, span[0])[0]
 

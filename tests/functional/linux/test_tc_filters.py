@@ -4,8 +4,6 @@ Each case sends a mix of frames through src0 (received by it, or sent by it)
 with a mirror to port:mon0, and counts on mon1 which of them arrived.
 """
 
-import subprocess
-
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
