@@ -23,7 +23,7 @@ from vtap_core.model import Direction, TapFlow, TapSession, VM
 from vtap_drivers.vsphere import inventory, mirror, watch
 from vtap_drivers.vsphere.connection import LOST, Connection, fault_text
 
-PLAN_READ_AGE = 1.0  # seconds a VM's version read serves further plans (see inventory.Reader)
+PLAN_READ_AGE = 2.0  # at most, seconds a VM's version read serves further plans (see inventory.Reader)
 MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than 60"
 FEATURES = Features(
     targets=frozenset({"vm", "port", "gre", "erspan"}),
@@ -119,35 +119,38 @@ class VsphereDriver(Driver):
         return bindings
 
     def _session_bindings(self, content, session, flows, records, switches, checks) -> list[Binding]:
-        """One session binding (and its flow marks) per switch the session's sources are on."""
-        by_switch = defaultdict(lambda: {"transmitted": set(), "received": set(), "flows": []})
+        """One binding per flow and switch: the session's options on that switch plus the flow's ports."""
+        per_flow = []  # (flow, VM record, {switch uuid: ports})
+        sources = defaultdict(lambda: {"transmitted": set(), "received": set()})
         for flow in flows:
             record = records[flow.source.vm]
-            for uuid, ports in self._flow_ports(record, flow, checks).items():
-                by_switch[uuid]["transmitted"] |= ports["transmitted"]
-                by_switch[uuid]["received"] |= ports["received"]
-                by_switch[uuid]["flows"].append(mirror.flow_entry(flow.name, record.uuid, ports["transmitted"], ports["received"]))
+            ports = self._flow_ports(record, flow, checks)
+            per_flow.append((flow, record, ports))
+            for uuid, keys in ports.items():
+                sources[uuid]["transmitted"] |= keys["transmitted"]
+                sources[uuid]["received"] |= keys["received"]
         if session.target.kind == "vm":
             self._target_nic(session, records)  # refuse a bad target even before flows exist
-        bindings = []
-        for uuid, ports in by_switch.items():
+        options = {}
+        for uuid, ports in sources.items():
             switch = switches.get(uuid)
             if switch is None:
                 raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
             destination = self._destination(content, session, switch, records, ports)
             for key in destination.get("ports", ()):
                 checks[uuid][key] = f"target {session.target}"
-            spec = mirror.make_spec(
-                **destination,
-                transmitted=ports["transmitted"],
-                received=ports["received"],
-                snaplen=session.snaplen,
-                sample=session.sample,
-                flows=ports["flows"],
+            options[uuid] = mirror.make_options(**destination, snaplen=session.snaplen, sample=session.sample)
+        return [
+            Binding(
+                key=mirror.flow_key(uuid, session.name, flow.name),
+                session=session.name,
+                flow=flow.name,
+                vm=record.uuid,
+                spec=mirror.flow_spec(options[uuid], keys["transmitted"], keys["received"]),
             )
-            bindings.append(Binding(key=mirror.binding_key(uuid, session.name), session=session.name, spec=spec))
-            bindings.extend(self._flow_marks(uuid, session.name, spec))
-        return bindings
+            for flow, record, ports in per_flow
+            for uuid, keys in ports.items()
+        ]
 
     def _flow_ports(self, record, flow, checks) -> dict:
         """{switch uuid: {"transmitted": port keys, "received": port keys}} of one flow."""
@@ -159,14 +162,6 @@ class VsphereDriver(Driver):
                 ports[nic.switch_uuid]["transmitted"].add(nic.port_key)
             checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
         return ports
-
-    @staticmethod
-    def _flow_marks(uuid, session, spec) -> list[Binding]:
-        """Per-flow bindings (marks for `vtap status`; the session binding carries the ports)."""
-        return [
-            Binding(key=key, session=session, flow=flow, vm=vm, spec=flow_spec, order=2)
-            for key, flow, vm, flow_spec in mirror.flow_bindings(uuid, session, dict(spec))
-        ]
 
     def _source_nics(self, record, flow):
         nics = [n for n in record.nics if flow.source.nic is None or n.mac == flow.source.nic]
@@ -255,15 +250,15 @@ class VsphereDriver(Driver):
     # observe / apply / remove -------------------------------------------------
 
     def observe(self) -> list[Binding]:
+        self._vms.invalidate()  # what was read for planning ends here (see inventory.Reader)
+
         def read(content):
             bindings = []
             for switch in self._switches(content).values():
                 for vspan in switch.sessions:
                     if vspan.name and vspan.name.startswith(mirror.PREFIX):
-                        session = vspan.name[len(mirror.PREFIX):]
-                        spec = mirror.spec_of(vspan)
-                        bindings.append(Binding(key=mirror.binding_key(switch.uuid, session), session=session, spec=spec))
-                        bindings.extend(self._flow_marks(switch.uuid, session, spec))
+                        for key, session, flow, vm, spec in mirror.observed_flows(switch.uuid, vspan):
+                            bindings.append(Binding(key=key, session=session, flow=flow, vm=vm, spec=spec))
             return bindings
 
         return self._call(read)
@@ -278,25 +273,37 @@ class VsphereDriver(Driver):
 
     @staticmethod
     def _upserts(switch, group):
+        """Ops that make each session carry these flows (and keep its other flows)."""
         existing = {v.name: v for v in switch.sessions}
         ops = []
-        for binding in group:
-            name = mirror.session_name(binding.session)
+        for session, members in _by_session(group).items():
+            name = mirror.session_name(session)
             found = existing.get(name)
-            if found is not None and mirror.spec_of(found) == binding.spec:
+            mine = {b.flow for b in members}
+            kept = [e for e in (mirror.parse_flows(found.description) if found is not None else ()) if e[0] not in mine]
+            entries = kept + [mirror.entry(b.flow, b.vm, b.get("transmitted"), b.get("received")) for b in members]
+            options = mirror.options_of_spec(members[0].spec)
+            if found is not None and mirror.same(found, options, entries):
                 continue  # already right: applying twice changes nothing
-            operation = "edit" if found is not None else "add"
-            vspan = mirror.to_vspan(name, dict(binding.spec), key=found.key if found is not None else None)
-            ops.append(mirror.VSPAN.VspanConfigSpec(operation=operation, vspanSession=vspan))
+            vspan = mirror.to_vspan(name, options, entries, key=found.key if found is not None else None)
+            ops.append(mirror.VSPAN.VspanConfigSpec(operation="edit" if found is not None else "add", vspanSession=vspan))
         return ops
 
     @staticmethod
     def _removals(switch, group):
+        """Ops that take these flows out of their sessions; a session left without flows goes."""
         existing = {v.name: v for v in switch.sessions}
         ops = []
-        for binding in group:
-            found = existing.get(mirror.session_name(binding.session))
-            if found is not None:  # deleting what is gone is not an error
+        for session, members in _by_session(group).items():
+            found = existing.get(mirror.session_name(session))
+            if found is None:
+                continue  # deleting what is gone is not an error
+            gone = {b.flow for b in members}
+            entries = [e for e in mirror.parse_flows(found.description) if e[0] not in gone]
+            if entries:
+                vspan = mirror.to_vspan(found.name, mirror.options_of(found), entries, key=found.key)
+                ops.append(mirror.VSPAN.VspanConfigSpec(operation="edit", vspanSession=vspan))
+            else:
                 ops.append(mirror.VSPAN.VspanConfigSpec(operation="remove", vspanSession=mirror.VSPAN.VspanSession(key=found.key, name=found.name)))
         return ops
 
@@ -323,7 +330,7 @@ class VsphereDriver(Driver):
                 except vim.fault.ConcurrentAccess:
                     raise TemporaryError(f"switch {switch.name} changed while vtap was changing it") from None
                 except vmodl.MethodFault as fault:
-                    names = ", ".join(mirror.session_name(b.session) for b in group)
+                    names = ", ".join(sorted({mirror.session_name(b.session) for b in group}))
                     raise OperationFailed(f"vsphere: switch {switch.name} refused {names}: {fault_text(fault)}") from None
 
     # watch -----------------------------------------------------------------
@@ -409,9 +416,14 @@ class VsphereDriver(Driver):
 
 
 def _by_switch(bindings) -> dict:
-    """Session bindings by switch UUID; flow marks need no call of their own."""
     groups = defaultdict(list)
     for binding in bindings:
-        if binding.flow is None:
-            groups[binding.key.split("/")[1]].append(binding)
+        groups[mirror.split_key(binding.key)[0]].append(binding)
+    return groups
+
+
+def _by_session(bindings) -> dict:
+    groups = defaultdict(list)
+    for binding in bindings:
+        groups[binding.session].append(binding)
     return groups

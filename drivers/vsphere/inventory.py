@@ -118,9 +118,10 @@ class Reader:
     def __init__(self, kind, light, versions, heavy, max_age=0.0):
         self.kind, self.light, self.versions, self.heavy = kind, light, versions, heavy
         self._seen = {}  # moref id -> (versions, heavy properties)
-        # A light read younger than max_age seconds is reused: one vtap command plans the
-        # same state three times within milliseconds. The follower's watch invalidates a VM
-        # the moment vCenter reports a change to it, so no hint is ever served stale.
+        # A light read is reused until invalidate() (at most max_age seconds): one vtap command
+        # plans the same state three times in a row before it observes and applies; the driver
+        # invalidates whenever it observes, and the follower's watch whenever vCenter reports a
+        # change to a VM, so a command or a hint always starts from a fresh read.
         self.max_age = max_age
         self._fresh = {}  # moref id -> (time of the light read, light properties)
 

@@ -16,15 +16,14 @@ the port's point of view, which is the reverse of the VM's:
 (The same reference says a wildcard source "has its receive traffic mirrored"
 and is refused "on the transmit side": receive is what enters the switch.)
 
-A Binding's spec is everything vtap sets on the session, read back from the
-session itself by observe(): a session edited by someone else no longer
-matches and is put right.
-
-Which flow brought which ports is written in the session's description
-("vtap flows: web-1 vm=UUID tx=12 rx=12; ..."), so that each flow has a binding
-of its own that `vtap status` can show: observed when the description names it
-and the session really mirrors its ports. Those flow bindings are marks only;
-the session binding is what gets applied.
+Bindings are per flow and switch: the session's options (type, destination,
+encapsulation, snaplen, sample) plus the ports that flow brings. Which flow
+brought which ports is written in the session's description ("vtap flows:
+web-1 vm=UUID tx=12 rx=12; ..."). A flow's binding is observed when the
+description names it and the session really mirrors its ports, with the
+options read back from the session itself, so a session edited by someone
+else no longer matches and is put right. One flow whose VM vanished is one
+binding set aside; the session's other flows stay as they are.
 """
 
 from __future__ import annotations
@@ -39,29 +38,27 @@ VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
 DV_PORT_MIRROR = "dvPortMirror"
 MIXED_DEST_MIRROR = "mixedDestMirror"
 ENCAPSULATED = "encapsulatedRemoteMirrorSource"
+PORT_FIELDS = ("transmitted", "received", "exact")
 
 
 def session_name(session: str) -> str:
     return PREFIX + session
 
 
-def binding_key(switch_uuid: str, session: str) -> str:
-    return f"vspan/{switch_uuid}/{session}"
-
-
 def flow_key(switch_uuid: str, session: str, flow: str) -> str:
     return f"vspan/{switch_uuid}/{session}/{flow}"
 
 
-def flow_entry(flow: str, vm: str, transmitted, received) -> tuple:
-    return (flow, vm, tuple(sorted(transmitted)), tuple(sorted(received)))
+def split_key(key: str) -> tuple:
+    """(switch uuid, session, flow) of a flow_key."""
+    _, uuid, session, flow = key.split("/", 3)
+    return uuid, session, flow
 
 
-def make_spec(session_type, transmitted=(), received=(), ports=(), uplinks=(), ips=(), encap=None, erspan_id=None, snaplen=None, sample=None, flows=()):
+def make_options(session_type, ports=(), uplinks=(), ips=(), encap=None, erspan_id=None, snaplen=None, sample=None) -> tuple:
+    """What a session is apart from its sources."""
     return (
         ("type", session_type),
-        ("transmitted", tuple(sorted(transmitted))),
-        ("received", tuple(sorted(received))),
         ("destination_ports", tuple(sorted(ports))),
         ("destination_uplinks", tuple(sorted(uplinks))),
         ("destination_ips", tuple(sorted(ips))),
@@ -71,12 +68,24 @@ def make_spec(session_type, transmitted=(), received=(), ports=(), uplinks=(), i
         ("sample", sample if sample and sample > 1 else None),
         ("enabled", True),
         ("normal_traffic", False),
-        ("flows", tuple(sorted(flows))),
     )
 
 
-def describe_flows(flows) -> str:
-    return "; ".join(f"{name} vm={vm} tx={','.join(tx)} rx={','.join(rx)}" for name, vm, tx, rx in flows)
+def flow_spec(options: tuple, transmitted, received, exact=True) -> tuple:
+    """A flow binding's spec; exact: the session mirrors no port that no flow asked for."""
+    return options + (("transmitted", tuple(sorted(transmitted))), ("received", tuple(sorted(received))), ("exact", exact))
+
+
+def options_of_spec(spec: tuple) -> tuple:
+    return tuple((k, v) for k, v in spec if k not in PORT_FIELDS)
+
+
+def entry(flow: str, vm: str, transmitted, received) -> tuple:
+    return (flow, vm, tuple(sorted(transmitted)), tuple(sorted(received)))
+
+
+def describe_flows(entries) -> str:
+    return "; ".join(f"{name} vm={vm} tx={','.join(tx)} rx={','.join(rx)}" for name, vm, tx, rx in sorted(entries))
 
 
 def parse_flows(description) -> tuple:
@@ -88,65 +97,68 @@ def parse_flows(description) -> tuple:
         fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
         if len(words) != 4 or set(fields) != {"vm", "tx", "rx"}:
             return ()
-        entries.append(flow_entry(words[0], fields["vm"], filter(None, fields["tx"].split(",")), filter(None, fields["rx"].split(","))))
+        entries.append(entry(words[0], fields["vm"], filter(None, fields["tx"].split(",")), filter(None, fields["rx"].split(","))))
     return tuple(sorted(entries))
 
 
-def flow_bindings(switch_uuid: str, session: str, spec: dict) -> list:
-    """The flow marks of a session: (key, flow, vm, flow spec) for each flow it really mirrors."""
-    marks = []
-    for name, vm, tx, rx in spec["flows"]:
-        if set(tx) <= set(spec["transmitted"]) and set(rx) <= set(spec["received"]):
-            marks.append((flow_key(switch_uuid, session, name), name, vm, (("transmitted", tx), ("received", rx))))
-    return marks
+def _keys(ports, attr="portKey") -> tuple:
+    return tuple(getattr(ports, attr, None) or ()) if ports is not None else ()
 
 
-def spec_of(session) -> tuple:
-    """The spec a VMwareVspanSession realizes (the inverse of to_vspan)."""
-
-    def keys(ports, attr):
-        return tuple(getattr(ports, attr, None) or ()) if ports is not None else ()
-
+def options_of(session) -> tuple:
+    """The options a VMwareVspanSession realizes (the inverse of to_vspan's)."""
     encap = session.encapType or ("gre" if session.sessionType == ENCAPSULATED else None)
-    spec = dict(
-        make_spec(
+    options = dict(
+        make_options(
             session.sessionType,
-            transmitted=keys(session.sourcePortTransmitted, "portKey"),
-            received=keys(session.sourcePortReceived, "portKey"),
-            ports=keys(session.destinationPort, "portKey"),
-            uplinks=keys(session.destinationPort, "uplinkPortName"),
-            ips=keys(session.destinationPort, "ipAddress"),
+            ports=_keys(session.destinationPort),
+            uplinks=_keys(session.destinationPort, "uplinkPortName"),
+            ips=_keys(session.destinationPort, "ipAddress"),
             encap=encap,
             erspan_id=session.erspanId or 0,  # 0 is omitted on the wire
             snaplen=session.mirroredPacketLength,
             sample=session.samplingRate,
-            flows=parse_flows(session.description),
         )
     )
-    spec["enabled"] = bool(session.enabled)
-    spec["normal_traffic"] = bool(session.normalTrafficAllowed)
-    return tuple(spec.items())
+    options["enabled"] = bool(session.enabled)
+    options["normal_traffic"] = bool(session.normalTrafficAllowed)
+    return tuple(options.items())
+
+
+def observed_flows(switch_uuid: str, session) -> list:
+    """(key, session, flow, vm, spec) for each flow this vtap session really mirrors."""
+    name = session.name[len(PREFIX):]
+    options = options_of(session)
+    transmitted, received = set(_keys(session.sourcePortTransmitted)), set(_keys(session.sourcePortReceived))
+    entries = parse_flows(session.description)
+    exact = transmitted == {k for e in entries for k in e[2]} and received == {k for e in entries for k in e[3]}
+    return [
+        (flow_key(switch_uuid, name, flow), name, flow, vm, flow_spec(options, tx, rx, exact))
+        for flow, vm, tx, rx in entries
+        if set(tx) <= transmitted and set(rx) <= received
+    ]
 
 
 def port_keys(session) -> set:
     """Every distributed port a session uses, as source or destination."""
     keys = set()
     for ports in (session.sourcePortTransmitted, session.sourcePortReceived, session.destinationPort):
-        keys.update(getattr(ports, "portKey", None) or () if ports is not None else ())
+        keys.update(_keys(ports))
     return keys
 
 
-def to_vspan(name: str, spec: dict, key: str | None = None):
-    """A VMwareVspanSession carrying exactly this spec."""
+def to_vspan(name: str, options: tuple, entries, key: str | None = None):
+    """A VMwareVspanSession with these options mirroring exactly these flows' ports."""
+    spec = dict(options)
     session = VSPAN.VspanSession(
         name=name,
-        description=DESCRIPTION + FLOWS_MARK + describe_flows(spec["flows"]),
+        description=DESCRIPTION + FLOWS_MARK + describe_flows(entries),
         enabled=spec["enabled"],
         sessionType=spec["type"],
         normalTrafficAllowed=spec["normal_traffic"],
         stripOriginalVlan=False,
-        sourcePortTransmitted=VSPAN.VspanPorts(portKey=list(spec["transmitted"])),
-        sourcePortReceived=VSPAN.VspanPorts(portKey=list(spec["received"])),
+        sourcePortTransmitted=VSPAN.VspanPorts(portKey=sorted({k for e in entries for k in e[2]})),
+        sourcePortReceived=VSPAN.VspanPorts(portKey=sorted({k for e in entries for k in e[3]})),
         destinationPort=VSPAN.VspanPorts(
             portKey=list(spec["destination_ports"]),
             uplinkPortName=list(spec["destination_uplinks"]),
@@ -164,3 +176,14 @@ def to_vspan(name: str, spec: dict, key: str | None = None):
     if spec["erspan_id"] is not None:
         session.erspanId = spec["erspan_id"]
     return session
+
+
+def same(session, options: tuple, entries) -> bool:
+    """Whether a VMwareVspanSession already is exactly to_vspan(options, entries)."""
+    return (
+        options_of(session) == options
+        and parse_flows(session.description) == tuple(sorted(entries))
+        and set(_keys(session.sourcePortTransmitted)) == {k for e in entries for k in e[2]}
+        and set(_keys(session.sourcePortReceived)) == {k for e in entries for k in e[3]}
+        and session.description == DESCRIPTION + FLOWS_MARK + describe_flows(entries)
+    )

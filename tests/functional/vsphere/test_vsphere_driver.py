@@ -159,8 +159,7 @@ def test_config_version_conflict_is_reread_and_retried(driver, vc):
         return driver._upserts(switch, group)
 
     try:
-        sessions = [b for b in bindings if b.flow is None]  # (flow bindings are marks, not applied)
-        driver.connection.call(lambda content: driver._reconfigure(content, vc.switch.uuid, sessions, upserts_racing_someone))
+        driver.connection.call(lambda content: driver._reconfigure(content, vc.switch.uuid, bindings, upserts_racing_someone))
         assert len(attempts) == 2 and attempts[0] != attempts[1]
         assert driver.observe() == bindings
     finally:

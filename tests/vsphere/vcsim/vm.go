@@ -195,6 +195,19 @@ func (vm *VM) RelocateVMTask(ctx *simulator.Context, req *types.RelocateVM_Task)
 	return &methods.RelocateVM_TaskBody{Res: &types.RelocateVM_TaskResponse{Returnval: task.Run()}}
 }
 
+// DestroyTask frees the VM's distributed ports before the stock simulator removes it (vCenter
+// releases a deleted VM's ports; the stock simulator keeps no port table to release).
+func (vm *VM) DestroyTask(ctx *simulator.Context, req *types.Destroy_Task) soap.HasFault {
+	portsMu.Lock()
+	for _, d := range vm.Config.Hardware.Device {
+		if b := dvsBacking(d); b != nil && switches[b.Port.SwitchUuid] != nil {
+			switches[b.Port.SwitchUuid].releasePort(b.Port.PortKey)
+		}
+	}
+	portsMu.Unlock()
+	return vm.VirtualMachine.DestroyTask(ctx, req)
+}
+
 func (vm *VM) event() types.VmEvent {
 	host := simulator.Map.Get(*vm.Runtime.Host).(*simulator.HostSystem)
 	dc := datacenterOf(vm)
