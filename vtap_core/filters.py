@@ -10,7 +10,8 @@ in the frame, depending on who built the frame. libpcap covers both (it tests
 the SKF_AD_VLAN_TAG_PRESENT ancillary value, else the in-frame TPID) only when
 its handle has BPF_SPECIAL_VLAN_HANDLING, which libpcap sets on live Linux
 handles and never on pcap_open_dead. So we compile on a briefly activated,
-non-promiscuous handle on "lo" when we may (root), and on a dead handle
+non-promiscuous handle on "lo" when we may (root; if "lo" is down here, as in
+a fresh namespace, on "lo" of a throwaway namespace), and on a dead handle
 otherwise: the dead handle is good for validation, not for the kernel.
 
 Sampling 1-in-N happens in the kernel too: with_sampling() prepends a test of
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import functools
 import os
+import socket
+import struct
 import threading
 from typing import NamedTuple
 
@@ -33,6 +37,8 @@ SNAPLEN = 262144  # libpcap's default: a match returns this (any non-zero means 
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 LIVE_DEVICE = b"lo"
 LIVE_BUFFER_BYTES = 64 * 1024  # the handle never reads; keep its ring small
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 # Classic BPF opcodes and Linux ancillary offsets (linux/filter.h).
 BPF_LD_W_ABS = 0x20
@@ -94,19 +100,57 @@ def _libpcap():
 _lock = threading.Lock()
 
 
+def _activate(lib):
+    """A live, non-promiscuous handle on "lo" of this thread's namespace, or None."""
+    errbuf = ctypes.create_string_buffer(256)
+    handle = lib.pcap_create(LIVE_DEVICE, errbuf)
+    if not handle:
+        return None
+    lib.pcap_set_snaplen(handle, SNAPLEN)
+    lib.pcap_set_promisc(handle, 0)  # never promiscuous
+    lib.pcap_set_buffer_size(handle, LIVE_BUFFER_BYTES)
+    lib.pcap_set_timeout(handle, 1)
+    if lib.pcap_activate(handle) == 0:
+        return handle
+    lib.pcap_close(handle)
+    return None
+
+
+def _activate_in_a_namespace_of_its_own(lib):
+    """The same, from a helper thread in a private, throwaway namespace with "lo" up.
+
+    libpcap refuses to activate on a device that is down, and a fresh namespace
+    (`ip netns exec`) has "lo" down. Only the handle's flags matter for
+    compiling, not where its socket lives; unshare() moves just that thread,
+    and the namespace goes when the handle is closed.
+    """
+    found = []
+
+    def helper():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            return
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                request = struct.pack("16sH14x", LIVE_DEVICE, 0)
+                flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+                fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", LIVE_DEVICE, flags | IFF_UP))
+        except OSError:
+            return
+        found.append(_activate(lib))
+
+    thread = threading.Thread(target=helper, name="vtap-libpcap-handle")
+    thread.start()
+    thread.join()
+    return found[0] if found else None
+
+
 def _open_handle(lib, live: bool):
     """A handle to compile with: live (Linux VLAN handling) or dead."""
     if live:
-        errbuf = ctypes.create_string_buffer(256)
-        handle = lib.pcap_create(LIVE_DEVICE, errbuf)
+        handle = _activate(lib) or _activate_in_a_namespace_of_its_own(lib)
         if handle:
-            lib.pcap_set_snaplen(handle, SNAPLEN)
-            lib.pcap_set_promisc(handle, 0)  # never promiscuous
-            lib.pcap_set_buffer_size(handle, LIVE_BUFFER_BYTES)
-            lib.pcap_set_timeout(handle, 1)
-            if lib.pcap_activate(handle) == 0:
-                return handle
-            lib.pcap_close(handle)
+            return handle
     return lib.pcap_open_dead(DLT_EN10MB, SNAPLEN)
 
 

@@ -262,3 +262,14 @@ def test_why_filters_are_compiled_on_a_live_handle(lab):
     finally:
         live_port.close()
         dead_port.close()
+
+
+def test_filters_compile_with_vlan_handling_even_where_lo_is_down(netns):
+    """libpcap will not activate on a down device; vtap then uses a throwaway namespace, never this one's lo."""
+    import subprocess
+    import sys
+
+    probe = "from vtap_core.filters import compile_filter; print(any(i.k == 0xFFFFF030 for i in compile_filter('vlan 100')))"
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+    assert "state DOWN" in subprocess.run(["ip", "-n", netns, "link", "show", "lo"], capture_output=True, text=True, check=True).stdout
