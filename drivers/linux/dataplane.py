@@ -66,6 +66,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -84,7 +85,7 @@ from pyroute2.netlink.rtnl import (
 )
 
 from vtap_core.driver import Binding, Counters
-from vtap_core.errors import NotFound, OperationFailed, ValidationError
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
@@ -103,6 +104,7 @@ RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseco
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
+BUSY = (errno.ENOBUFS, errno.EBUSY, errno.EAGAIN, errno.EINTR)  # worth another try
 
 
 class TcFilter(NamedTuple):
@@ -265,6 +267,22 @@ class TcDataplane:
                 raise NotFound(f"netns {self.netns}: no such network namespace") from None
         return self._ipr
 
+    @contextmanager
+    def _kernel(self):
+        """The sockets, one caller at a time; what netlink reports becomes a vtap error."""
+        with self._lock:
+            try:
+                yield
+            except (NetlinkFailure, NetlinkError, OSError) as exc:
+                code = getattr(exc, "code", None) if isinstance(exc, (NetlinkFailure, NetlinkError)) else exc.errno
+                if not isinstance(exc, (NetlinkFailure, NetlinkError)) and code not in BUSY:
+                    raise
+                self.close()  # a socket may hold half a reply now: start afresh next time
+                where = f" in netns {self.netns}" if self.netns else ""
+                if code in BUSY:
+                    raise TemporaryError(f"netlink{where}: {exc}") from None
+                raise OperationFailed(f"netlink{where}: {exc}") from None
+
     def close(self) -> None:
         with self._lock:
             for sock in (self._nl, self._ipr):
@@ -291,12 +309,12 @@ class TcDataplane:
         return [link for link in links if kind is None or link["kind"] == kind]
 
     def ifindex(self, name: str) -> int | None:
-        with self._lock:
+        with self._kernel():
             link = self._link(name=name)
             return link["index"] if link is not None else None
 
     def devices(self) -> set[str]:
-        with self._lock:
+        with self._kernel():
             return {link["name"] for link in self._links()}
 
     def _mirred_marks(self) -> set[bytes]:
@@ -333,7 +351,7 @@ class TcDataplane:
 
     def observe(self) -> list[Binding]:
         """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
-        with self._lock:
+        with self._kernel():
             catalog = self.catalog.load()
             names: dict[int, str | None] = {}
 
@@ -403,7 +421,7 @@ class TcDataplane:
         for binding in bindings:
             if binding.get("type") not in ("mirror", "vxlan", "capture"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
-        with self._lock, self.catalog.locked() as catalog:
+        with self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
             try:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
@@ -519,7 +537,7 @@ class TcDataplane:
 
     def remove(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: -b.order)
-        with self._lock, self.catalog.locked() as catalog:
+        with self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
             catalog.save()
