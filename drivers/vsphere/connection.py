@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import tenacity
 from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
 from vtap_core.errors import OperationFailed, TemporaryError, ValidationError
 
@@ -123,10 +123,12 @@ class Connection:
             self.reconnect()
             return action(self.content)
 
-    def wait(self, task):
+    def wait(self, task, timeout: float = 300):
         """Wait for a vCenter task; returns its result or raises its fault."""
-        delay = 0.02
+        delay, deadline = 0.02, time.monotonic() + timeout
         while True:
+            if time.monotonic() > deadline:
+                raise TemporaryError(f"vsphere: task {task._moId} still running after {timeout:.0f} s")
             info = task.info
             if info.state == vim.TaskInfo.State.success:
                 return info.result
@@ -157,5 +159,3 @@ def fault_text(fault) -> str:
     text = name + (f" ({', '.join(details)})" if details else "")
     return f"{text}: {message}" if message and message != name else text
 
-
-__all__ = ["Connection", "fault_text", "vmodl"]
