@@ -209,7 +209,9 @@ class KvmDriver(Driver):
         devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
         found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
-            found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices)
+            # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
+            ports = self.ovs.port_names()
+            found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices or b.get("device") not in ports)
         return found
 
     def apply(self, bindings) -> None:

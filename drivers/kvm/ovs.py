@@ -100,6 +100,9 @@ class Ovs:
         except TemporaryError:
             return False
 
+    def port_names(self) -> set[str]:
+        return {port.name for port in self._rows("Port")}
+
     def bridge_of(self, port: str) -> str | None:
         """The bridge a port (e.g. a guest's vnetN) is on, or None."""
         for bridge in self._rows("Bridge"):

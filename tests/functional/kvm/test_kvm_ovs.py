@@ -34,6 +34,15 @@ def test_ovs_mirror_counts_guest_frames_and_goes_away(libvirt_host, ovs, ovs_lan
         status = {row.flow: row for row in vtap.status()}
         assert status["ovsmon-1"].state == "active"
 
+        # The VM stops: libvirt deletes its port, and the next reconcile (the follower's) drops the stale Mirror.
+        dom.destroy()
+        vtap.reconcile()
+        assert vtap_mirrors(ovs) == []
+        dom.create()
+        vtap.reconcile()
+        (row,) = vtap_mirrors(ovs)
+        assert host_devices(dom)[0] in json.dumps(row)
+
         vtap.delete_session("ovsmon")
         assert vtap_mirrors(ovs) == []
         # vswitchd revalidates its datapath flows in the background: copies stop within a moment.
