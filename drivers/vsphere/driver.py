@@ -110,7 +110,7 @@ class VsphereDriver(Driver):
         checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
         for session in sessions:
             members = [f for f in flows if f.session == session.name]
-            bindings.extend(self._session_bindings(content, session, members, records, switches, checks))
+            bindings.extend(self._session_bindings(session, members, records, switches, checks))
         for uuid, ports in checks.items():
             # vSphere keeps a port that is in a mirror session from turning promiscuous
             # (VspanPortPromiscChangeFault), so only ports new to mirroring need a look.
@@ -118,7 +118,7 @@ class VsphereDriver(Driver):
             self._refuse_promiscuous(switches[uuid], {k: v for k, v in ports.items() if k not in mirrored})
         return bindings
 
-    def _session_bindings(self, content, session, flows, records, switches, checks) -> list[Binding]:
+    def _session_bindings(self, session, flows, records, switches, checks) -> list[Binding]:
         """One binding per flow and switch: the session's options on that switch plus the flow's ports."""
         per_flow = []  # (flow, VM record, {switch uuid: ports})
         sources = defaultdict(lambda: {"transmitted": set(), "received": set()})
@@ -136,7 +136,7 @@ class VsphereDriver(Driver):
             switch = switches.get(uuid)
             if switch is None:
                 raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
-            destination = self._destination(content, session, switch, records, ports)
+            destination = self._destination(session, switch, records, ports)
             for key in destination.get("ports", ()):
                 checks[uuid][key] = f"target {session.target}"
             options[uuid] = mirror.make_options(**destination, snaplen=session.snaplen, sample=session.sample)
@@ -183,7 +183,7 @@ class VsphereDriver(Driver):
             raise ValidationError("target", f"VM {record.name} has {len(nics)} NICs on distributed switches; name one: vm:{target.vm}#MAC")
         return record, nics[0]
 
-    def _destination(self, content, session, switch, records, sources) -> dict:
+    def _destination(self, session, switch, records, sources) -> dict:
         target = session.target
         capability = switch.vspan
         if capability is None:
@@ -197,14 +197,17 @@ class VsphereDriver(Driver):
             self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
             return {"session_type": mirror.DV_PORT_MIRROR, "ports": [nic.port_key]}
         if target.kind == "port":
-            return self._port_destination(content, target.port, switch, capability)
+            destination = self._port_destination(target.port, switch, capability)
+            if set(destination.get("ports", ())) & (sources["transmitted"] | sources["received"]):
+                raise ValidationError("target", f"port {target.port} is also a source of session {session.name}")
+            return destination
         self._require(capability.encapRemoteSourceSupported, switch, "encapsulated remote mirror sessions")
         if target.kind == "gre":
             return {"session_type": mirror.ENCAPSULATED, "ips": [target.host], "encap": "gre"}
         self._require(capability.erspanProtocolSupported, switch, "ERSPAN")
         return {"session_type": mirror.ENCAPSULATED, "ips": [target.host], "encap": f"erspan{target.version}", "erspan_id": target.erspan_id}
 
-    def _port_destination(self, content, name, switch, capability) -> dict:
+    def _port_destination(self, name, switch, capability) -> dict:
         """port:NAME is an uplink name (all hosts' uplinks of that name), a port key, or a port's name."""
         if name in switch.uplink_names:
             self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
@@ -217,16 +220,11 @@ class VsphereDriver(Driver):
         if len(ports) > 1:
             raise ValidationError("target", f"{len(ports)} ports on switch {switch.name} are named {name!r}; use a port key: {', '.join(p.key for p in ports)}")
         port = ports[0]
-        if port.config and port.config.setting is not None and self._is_uplink(switch, port):
+        if port.connectee is not None and port.connectee.type == "pnic":  # an uplink port
             self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
             return {"session_type": mirror.MIXED_DEST_MIRROR, "ports": [port.key]}
         self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
         return {"session_type": mirror.DV_PORT_MIRROR, "ports": [port.key]}
-
-    @staticmethod
-    def _is_uplink(switch, port) -> bool:
-        connectee = port.connectee
-        return connectee is not None and connectee.type == "pnic"
 
     def _require(self, supported, switch, feature):
         if not supported:
@@ -269,7 +267,7 @@ class VsphereDriver(Driver):
 
     def remove(self, bindings: Iterable[Binding]) -> None:
         for uuid, group in _by_switch(bindings).items():
-            self._call(lambda content: self._reconfigure(content, uuid, group, self._removals))
+            self._call(lambda content: self._reconfigure(content, uuid, group, self._removals, missing_ok=True))
 
     @staticmethod
     def _upserts(switch, group):
@@ -307,7 +305,7 @@ class VsphereDriver(Driver):
                 ops.append(mirror.VSPAN.VspanConfigSpec(operation="remove", vspanSession=mirror.VSPAN.VspanSession(key=found.key, name=found.name)))
         return ops
 
-    def _reconfigure(self, content, uuid, group, make_ops):
+    def _reconfigure(self, content, uuid, group, make_ops, missing_ok=False):
         """One ReconfigureDvs_Task per switch, made from a fresh read; a configVersion conflict is re-read and retried."""
         for attempt in tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TemporaryError),
@@ -318,7 +316,7 @@ class VsphereDriver(Driver):
             with attempt:
                 switch = self._switches(content).get(uuid)
                 if switch is None:
-                    if make_ops is self._removals:
+                    if missing_ok:
                         return  # the switch is gone and its sessions with it
                     raise NotFound(f"switch {uuid}: not found in vCenter")
                 ops = make_ops(switch, group)

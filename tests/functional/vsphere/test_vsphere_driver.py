@@ -193,6 +193,7 @@ def test_promiscuous_source_port_is_refused_and_left_alone(driver, vc):
         (lambda vc: (TapSession("bad", "vxlan://192.0.2.80?vni=5"), [flow("bad", vc.vm(0))]), Unsupported, "vxlan"),
         (lambda vc: (TapSession("bad", f"vm:{vc.vm(0).config.instanceUuid}"), [flow("bad", vc.vm(0))]), ValidationError, "also a source"),
         (lambda vc: (TapSession("bad", "port:no-such-port"), [flow("bad", vc.vm(0))]), NotFound, "no-such-port"),
+        (lambda vc: (TapSession("bad", f"port:{vc.port_key(vc.vm(0))}"), [flow("bad", vc.vm(0))]), ValidationError, "also a source"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_changes_nothing(driver, vc, make, error, words):
