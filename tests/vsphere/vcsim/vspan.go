@@ -179,9 +179,10 @@ func (s *VspanSwitch) hasUplinkName(name string) bool {
 	return false
 }
 
+// portKeys is a copy: callers append to it.
 func portKeys(ports *types.VMwareVspanPort) []string {
 	if ports == nil {
 		return nil
 	}
-	return ports.PortKey
+	return append([]string(nil), ports.PortKey...)
 }
