@@ -42,12 +42,12 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
         collector.CreateFilter(spec, partialUpdates=True)
         uuids = {}  # VM moref id -> instance UUID (changes carry only what changed)
         version = ""
+        initial = True  # the first answer (in parts when vCenter truncates it) is the whole current state
         options = pc_type.WaitOptions(maxWaitSeconds=WAIT_SECONDS)
         while not stop.is_set():
             result = collector.WaitForUpdatesEx(version, options)
             if result is None:
                 continue
-            initial = version == ""  # the first answer is the whole current state
             version = result.version
             switch_changed = False
             for filter_update in result.filterSet:
@@ -67,6 +67,7 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
                         switch_changed = True
             if switch_changed:
                 yield None
+            initial = initial and bool(result.truncated)
     finally:
         for cleanup in (collector.DestroyPropertyCollector, view.DestroyView):
             try:
