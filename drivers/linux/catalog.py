@@ -22,6 +22,8 @@ from vtap_core.errors import OperationFailed
 
 MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
+GENERATION_HEAD = '{"generation": "'
+GENERATION_LENGTH = 16
 
 
 def store_prefix(state_dir: str) -> bytes:
@@ -82,25 +84,19 @@ class Catalog:
         self.prefix = store_prefix(state_dir)
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
-        self._loaded = None  # (inode, mtime, size) of the file as last read or written
+        self._generation = None  # of the file as last read or written
         self._hooks = None  # mirror_hooks(), computed once per content
 
     # ------------------------------------------------------------ file
 
-    def _stamp(self):
-        try:
-            info = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
-
     def load(self) -> "Catalog":
-        """Read the file (unless what is in memory is what the file holds: observe runs often)."""
-        stamp = self._stamp()
-        if stamp is not None and stamp == self._loaded:
-            return self
+        """Read the file, unless memory holds what it holds (its generation; observe runs often)."""
         try:
             with open(self.path) as f:
+                head = f.read(len(GENERATION_HEAD) + GENERATION_LENGTH)
+                if self._generation and head == GENERATION_HEAD + self._generation:
+                    return self
+                f.seek(0)
                 data = json.load(f)
         except FileNotFoundError:
             data = {}
@@ -108,27 +104,34 @@ class Catalog:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
         self.bindings = data.get("bindings", {})
         self.qdiscs = data.get("qdiscs", {})
-        self._loaded = stamp
+        self._generation = data.get("generation")
         self._hooks = None
         return self
 
     def save(self) -> None:
+        generation = os.urandom(GENERATION_LENGTH // 2).hex()
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
-            f.write(json.dumps({"bindings": self.bindings, "qdiscs": self.qdiscs}))  # dumps: the C encoder
+            # The generation first, so load() can tell an unchanged file from its first bytes.
+            f.write(json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
         os.replace(temporary, self.path)
-        self._loaded = self._stamp()
+        self._generation = generation
 
     @contextmanager
-    def locked(self):
-        """Exclusive use of this namespace's catalog (and of vtap's changes in it)."""
+    def locked(self, shared: bool = False):
+        """This namespace's catalog, read fresh, with vtap's changes in the namespace held still.
+
+        apply/remove take it exclusively; observe shared, so it never reads the
+        kernel half way through another process's apply (and takes that one's
+        new mirrors for orphans).
+        """
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             self.load()
             yield self
         except BaseException:
-            self._loaded = None  # memory may hold changes the file does not: read it again next time
+            self._generation = None  # memory may hold changes the file does not: read it again next time
             raise
         finally:
             os.close(fd)
@@ -170,7 +173,6 @@ class Catalog:
         """(mark, binding, device ifindex or None) of everything named here."""
         for mark, data in list(self.bindings.items()):
             yield bytes.fromhex(mark), _from_dict(data), data.get("ifindex")
-
 
     def marks(self) -> set[bytes]:
         return {bytes.fromhex(mark) for mark in self.bindings}

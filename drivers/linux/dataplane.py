@@ -351,8 +351,7 @@ class TcDataplane:
 
     def observe(self) -> list[Binding]:
         """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
-        with self._kernel():
-            catalog = self.catalog.load()
+        with self._kernel(), self.catalog.locked(shared=True) as catalog:
             names: dict[int, str | None] = {}
 
             def name_of(index):
