@@ -56,6 +56,9 @@ is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
 mark (remove + apply). observe() reads one filter dump per (device, hook)
 vtap uses and one dump of mirred actions (for orphans the catalog lost).
+Between processes, apply/remove hold the catalog's flock exclusively and
+observe holds it shared. Marks name their state dir: two stores on one host
+never take each other's mirrors for orphans.
 """
 from __future__ import annotations
 
