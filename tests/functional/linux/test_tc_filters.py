@@ -4,6 +4,9 @@ Each case sends a mix of frames through src0 (received by it, or sent by it)
 with a mirror to port:mon0, and counts on mon1 which of them arrived.
 """
 
+import socket
+import subprocess
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -266,10 +269,48 @@ def test_why_filters_are_compiled_on_a_live_handle(lab):
 
 def test_filters_compile_with_vlan_handling_even_where_lo_is_down(netns):
     """libpcap will not activate on a down device; vtap then uses a throwaway namespace, never this one's lo."""
-    import subprocess
     import sys
 
     probe = "from vtap_core.filters import compile_filter; print(any(i.k == 0xFFFFF030 for i in compile_filter('vlan 100')))"
     result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
     assert "state DOWN" in subprocess.run(["ip", "-n", netns, "link", "show", "lo"], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_vms_direction_is_the_vms_own_on_its_host_side_device(lab):
+    """plan_vm_device: out = sent by the VM = what vnet0 receives; in = received by the VM = what vnet0 sends."""
+    from pyroute2 import netns as pr_netns
+
+    from vtap_drivers.linux.dataplane import unique
+
+    vm_ns = f"{lab.netns}-vm"
+    pr_netns.create(vm_ns)
+    try:
+        lab.veth("mon0", "mon1")
+        lab.ip("link", "add", "vnet0", "type", "veth", "peer", "name", "eth0", "netns", vm_ns)
+        lab.ip("link", "set", "vnet0", "addrgenmode", "none")
+        lab.ip("link", "set", "vnet0", "up")
+        subprocess.run(["ip", "-n", vm_ns, "link", "set", "eth0", "addrgenmode", "none"], check=True)
+        subprocess.run(["ip", "-n", vm_ns, "link", "set", "eth0", "up"], check=True)
+        dataplane = lab.dataplane()
+        session = TapSession("s", "port:mon0")
+        marker = new_marker()
+        sent_by_vm = with_marker(eth() / ip4() / UDP(dport=1), marker, 1)
+        sent_to_vm = with_marker(eth() / ip4() / UDP(dport=2), marker, 2)
+        seen = {}
+        for direction in ("out", "in"):
+            bindings = unique(dataplane.plan_vm_device(session, TapFlow("f", "s", Source(vm="web-1"), direction), "vnet0", vm="6b1c6a6e-0c39-4c36-9a3e-1d8d3b0a4f21"))
+            dataplane.apply(bindings)
+            counter = lab.packet_socket("mon1")
+            try:
+                with pr_netns.create_socket(vm_ns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0) as guest:
+                    guest.bind(("eth0", 0))
+                    guest.send(sent_by_vm)
+                lab.send("vnet0", [sent_to_vm])
+                seen[direction] = receive(counter, marker)
+            finally:
+                counter.close()
+            dataplane.remove(bindings)
+        assert seen == {"out": [sent_by_vm], "in": [sent_to_vm]}
+    finally:
+        pr_netns.remove(vm_ns)
