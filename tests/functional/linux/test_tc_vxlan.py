@@ -79,7 +79,8 @@ def test_copies_reach_host_and_port_with_the_vni_inner_frames_identical(lab, col
     marker = new_marker()
     sent = [
         bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=5, dport=6) / (marker + b"\x01" * 30)),
-        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=300) / IP() / TCP() / (marker + b"\x02" * 900)),
+        # A full-size tagged frame: the copy plus VXLAN overhead is over the underlay's MTU (fragmented).
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=300) / IP() / TCP() / (marker + b"\x02" * 1448)),
         bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / TCP(dport=80) / (marker + b"\x03" * 30)),  # not matched
     ]
     lab.send("peer0", sent)
