@@ -508,16 +508,19 @@ class TcDataplane:
             self.ipr.link("del", index=link["index"])  # an older spec of ours
         try:
             create(name)
+            done.append(binding)
+            # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
+            self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
+            self.ipr.link("set", ifname=name, ifalias=alias, state="up")
         except NetlinkError as exc:
             if binding.get("type") == "vxlan" and exc.code == errno.EEXIST:
                 raise OperationFailed(
                     f"vxlan target vni {binding.get('vni')} port {binding.get('port')}: another VXLAN device here already uses that VNI and port"
                 ) from None
+            if binding.get("type") == "vxlan" and exc.code == errno.EADDRINUSE:
+                # A VXLAN device listens on its port too: a collector on this same host holds it.
+                raise OperationFailed(f"vxlan target port {binding.get('port')}: the UDP port is in use on this host, and a VXLAN device needs it") from None
             raise OperationFailed(f"cannot create {kind} device {name}: {os.strerror(exc.code)}") from None
-        done.append(binding)
-        # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
-        self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
-        self.ipr.link("set", ifname=name, ifalias=alias, state="up")
 
     def _ensure_vxlan(self, binding: Binding, done: list) -> None:
         remote = binding.get("remote")

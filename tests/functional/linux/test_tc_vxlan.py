@@ -127,3 +127,23 @@ def test_hostnames_are_resolved_at_plan_time(lab, collector):
     driver = lab.driver()
     (binding,) = driver.plan([TapSession("tun", "vxlan://localhost?vni=1")], [])
     assert binding.get("remote") in ("127.0.0.1", "::1")
+
+
+def test_a_port_taken_on_this_host_fails_clearly_and_leaves_nothing(lab):
+    from pyroute2 import netns as pr_netns
+
+    from vtap_core.errors import OperationFailed
+
+    lab.standard()
+    taken = pr_netns.create_socket(lab.netns, socket.AF_INET, socket.SOCK_DGRAM, 0, flags=0)
+    try:
+        taken.bind(("0.0.0.0", 4789))
+        driver = lab.driver()
+        session = TapSession("tun", f"vxlan://{COLLECTOR}?vni=5")
+        with pytest.raises(OperationFailed, match="UDP port is in use on this host"):
+            driver.apply(driver.plan([session], [TapFlow("f", "tun", Source(interface="src0"), "in")]))
+    finally:
+        taken.close()
+    assert lab.ip("link", "show", "type", "vxlan").stdout == ""
+    assert lab.filter_handles("src0", "ingress") == []
+    assert driver.observe() == []
