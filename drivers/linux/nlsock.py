@@ -116,40 +116,39 @@ class RtnlSocket:
                     results[sequence] = _error(data, start, end)
                     pending.discard(sequence)
 
-    def dump(self, message, msg_type: int, flags: int) -> list[tuple[memoryview, int, int]]:
-        """A dump's replies as (buffer, payload start, payload end), until NLMSG_DONE."""
-        sequence, data = self._frame(message, msg_type, flags)
+    def _replies(self, body: bytes, msg_type: int, flags: int):
+        """(type, buffer, payload start, payload end) of each message answering this request, as they come."""
+        sequence, data = self._frame(body, msg_type, flags)
         self.sock.send(data)
-        out = []
         while True:
             data = memoryview(self.sock.recv(RECEIVE_SIZE))
             for reply_type, _flags, reply_sequence, start, end in _messages(data):
-                if reply_sequence != sequence:
-                    continue
-                if reply_type == NLMSG_DONE:
-                    return out
-                if reply_type == NLMSG_ERROR:
-                    failure = _error(data, start, end)
-                    if failure is None:
-                        return out
-                    raise failure
-                out.append((data, start, end))
+                if reply_sequence == sequence:  # others are acks left over from earlier gets
+                    yield reply_type, data, start, end
 
-    def get(self, message, msg_type: int, flags: int):
-        """A single reply (buffer, start, end) to a get request, or raise NetlinkFailure."""
-        sequence, data = self._frame(message, msg_type, flags)
-        self.sock.send(data)
-        while True:
-            data = memoryview(self.sock.recv(RECEIVE_SIZE))
-            for reply_type, _flags, reply_sequence, start, end in _messages(data):
-                if reply_sequence != sequence:
-                    continue
-                if reply_type == NLMSG_ERROR:
-                    failure = _error(data, start, end)
-                    if failure is not None:
-                        raise failure
-                    continue
+    def dump(self, body: bytes, msg_type: int, flags: int) -> list[tuple[memoryview, int, int]]:
+        """A dump's replies as (buffer, payload start, payload end), until NLMSG_DONE."""
+        out = []
+        for reply_type, data, start, end in self._replies(body, msg_type, flags):
+            if reply_type == NLMSG_DONE:
+                return out
+            if reply_type == NLMSG_ERROR:
+                failure = _error(data, start, end)
+                if failure is not None:
+                    raise failure
+                return out
+            out.append((data, start, end))
+        return out
+
+    def get(self, body: bytes, msg_type: int, flags: int) -> tuple[memoryview, int, int]:
+        """The one reply (buffer, start, end) to a get request, or raise NetlinkFailure."""
+        for reply_type, data, start, end in self._replies(body, msg_type, flags):
+            if reply_type != NLMSG_ERROR:
                 return data, start, end
+            failure = _error(data, start, end)
+            if failure is not None:
+                raise failure
+        raise NetlinkFailure(errno.EIO, "no reply")
 
 
 def _messages(data):
