@@ -257,6 +257,8 @@ class TcDataplane:
                 self._nl = RtnlSocket(self.netns)
             except FileNotFoundError:
                 raise NotFound(f"netns {self.netns}: no such network namespace") from None
+            except PermissionError:
+                raise OperationFailed(f"netns {self.netns}: entering a network namespace needs root") from None
         return self._nl
 
     @property
@@ -284,6 +286,8 @@ class TcDataplane:
                 where = f" in netns {self.netns}" if self.netns else ""
                 if code in BUSY:
                     raise TemporaryError(f"netlink{where}: {exc}") from None
+                if code == errno.EPERM:
+                    raise OperationFailed(f"netlink{where}: {exc}: changing tc and links needs root (CAP_NET_ADMIN)") from None
                 raise OperationFailed(f"netlink{where}: {exc}") from None
 
     def close(self) -> None:
