@@ -75,9 +75,11 @@ def test_follow_restores_a_deleted_session_and_stops_on_sigterm(vtap, vc, vcsim)
 
     vtap("session", "create", "kept", "--to", "gre://192.0.2.97")
     vtap("flow", "add", "kept", "--vm", vc.vm(3).config.instanceUuid)
-    follower = vtap("follow", "--interval", "300", background=True)
+    # A short resync period: whether the watch or the resync sees the deletion first, it is restored
+    # (the watch itself is tested in test_vsphere_follow.py).
+    follower = vtap("follow", "--interval", "2", background=True)
     try:
-        time.sleep(3)  # python start, first resync, the watch's first answer
+        time.sleep(2)
         key = vc.sessions()["vtap:kept"].key
         vc.reconfigure_vspan("remove", vim.dvs.VmwareDistributedVirtualSwitch.VspanSession(key=key))
         deadline = time.monotonic() + 10

@@ -50,8 +50,14 @@ def tapped(vcsim, vc, tmp_path):
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
-    assert started.wait(20), "the follower did not finish its first resync"
-    time.sleep(0.5)  # let the watch take its first (initial-state) update
+    assert started.wait(30), "the follower did not finish its first resync"
+    # The watch is live once a change to some VM brings a reaction: touch an untapped VM until one does.
+    bystander = vc.vm(4)
+    for attempt in range(20):
+        vc.wait(bystander.ReconfigVM_Task(vim.vm.ConfigSpec(annotation=f"watch check {attempt}")))
+        if wait_for(lambda: reactions.latencies, timeout=1.0):
+            break
+    assert reactions.latencies, "the follower's watch never reported a change"
     yield reactions
     stop.set()
     thread.join(timeout=15)
