@@ -375,8 +375,10 @@ class VsphereDriver(Driver):
         records = (inventory.switch_record(ref, props) for ref, props in found.items())
         return {r.uuid: r for r in records}
 
-    def _resolve(self, content, names_or_uuids) -> dict:
+    def _resolve(self, content, names_or_uuids, fresh=False) -> dict:
         """{what the user gave: VmRecord}; a UUID is an instance UUID or a BIOS UUID."""
+        if fresh:
+            self._vm_refs.clear()
         wanted = sorted(set(names_or_uuids))
         refs = {}
         names = [w for w in wanted if inventory.parse_uuid(w) != w]
@@ -394,12 +396,12 @@ class VsphereDriver(Driver):
         try:
             found = self._vms.read(content, list(set(refs.values())))
         except vmodl.fault.ManagedObjectNotFound:
-            self._vm_refs.clear()  # a cached VM was removed: look them up again
-            return self._resolve(content, names_or_uuids)
+            found = {}
+        if not fresh and any(ref not in found for ref in refs.values()):
+            return self._resolve(content, names_or_uuids, fresh=True)  # a remembered VM is gone: look again
         records = {}
         for given, ref in refs.items():
             if ref not in found:
-                self._vm_refs.pop(given, None)
                 raise NotFound(f"vm {given}: no longer in vCenter {self.connection.url}")
             records[given] = inventory.vm_record(ref, found[ref])
         return records
