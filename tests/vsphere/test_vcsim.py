@@ -77,6 +77,12 @@ def no_ip(a, b, c):
                                sourcePortReceived=VSPAN.VspanPorts(portKey=[a]))]
 
 
+def transmitted_source_elsewhere_destination(a, b, c):
+    first = mirror("tx", a, b)
+    first.sourcePortTransmitted, first.sourcePortReceived = first.sourcePortReceived, None
+    return [first, mirror("rx", c, a)]
+
+
 def too_short(a, b, c):
     session = mirror("short", a, b)
     session.mirroredPacketLength = 59
@@ -89,6 +95,7 @@ def too_short(a, b, c):
         (lambda a, b, c: [mirror("dup", a, b), mirror("dup", c, a)], vim.fault.DuplicateName),
         (lambda a, b, c: [mirror("same", a, a)], vim.fault.VspanSameSessionPortConflict),
         (lambda a, b, c: [mirror("d1", a, c), mirror("d2", b, c)], vim.fault.VspanDestPortConflict),
+        (transmitted_source_elsewhere_destination, vim.fault.VspanPortConflict),
         (no_ip, vmodl.fault.InvalidArgument),
         (too_short, vmodl.fault.InvalidArgument),
     ],
