@@ -28,7 +28,9 @@ SOL_PACKET = 263
 PACKET_AUXDATA = 8
 TP_STATUS_VLAN_VALID = 1 << 4
 AUXDATA = struct.Struct("IIIHHHH")
-QUIET = 0.25  # seconds without a frame: everything that was coming has come
+FIRST = 2.0  # seconds to wait for the first copy
+QUIET = 0.25  # seconds without a frame after that: everything that was coming has come
+LONGEST = 10.0  # seconds, whatever else the device sees
 
 
 class Lab:
@@ -104,17 +106,23 @@ class Lab:
             sock.close()
 
 
-def receive(sock: socket.socket, marker: bytes, quiet: float = QUIET, timeout: float = 5.0) -> list[bytes]:
-    """Frames received (not sent) on the socket's device that carry `marker`, VLAN tag put back."""
+def receive(sock: socket.socket, marker: bytes, first: float = FIRST, quiet: float = QUIET) -> list[bytes]:
+    """Frames received (not sent) on the socket's device that carry `marker`, VLAN tag put back.
+
+    Waits up to `first` seconds for the first frame (a busy machine delays
+    softirqs), then until nothing more comes for `quiet` seconds.
+    """
     out = []
-    deadline = time.monotonic() + timeout
+    wait = first
+    deadline = time.monotonic() + LONGEST
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([sock], [], [], quiet)
+        ready, _, _ = select.select([sock], [], [], wait)
         if not ready:
-            break
+            return out
         data, ancdata, _flags, address = sock.recvmsg(65535, socket.CMSG_SPACE(AUXDATA.size))
         if address[2] == socket.PACKET_OUTGOING or marker not in data:
             continue
+        wait = quiet
         for level, kind, aux in ancdata:
             if level == SOL_PACKET and kind == PACKET_AUXDATA:
                 status, _len, _snap, _mac, _net, tci, tpid = AUXDATA.unpack(aux[: AUXDATA.size])
