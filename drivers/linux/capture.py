@@ -1,9 +1,11 @@
 """Userspace capture: a device's frames into pcapng, and `vtap capture` for VXLAN streams.
 
 These are the only places where vtap reads packets in userspace. The kernel
-data path copies the mirrored frames to a vtap-owned sink device (it
-transmits them there); the capture process reads them from there with an AF_PACKET socket (never in
-promiscuous mode) and writes them to the pcap target's file.
+data path transmits the mirrored frames on a vtap-owned sink device (an ifb);
+the capture process reads them there with an AF_PACKET socket (never in
+promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
+what mirred produces), restores 802.1Q tags the kernel kept in metadata, and
+writes them to the pcap target's file.
 
 How a pcap target's capture process lives and ends
 --------------------------------------------------
