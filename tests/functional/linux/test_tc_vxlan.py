@@ -43,7 +43,6 @@ def collector(lab):
         def listen(port):
             sock = pr_netns.create_socket(name, socket.AF_INET, socket.SOCK_DGRAM, 0, flags=0)
             sock.bind(("0.0.0.0", port))
-            sock.settimeout(0.5)
             sockets.append(sock)
             return sock
 
@@ -55,7 +54,9 @@ def collector(lab):
 
 
 def datagrams(sock, marker):
+    """The datagrams carrying `marker`: up to 2 s for the first, then until 0.5 s pass quietly."""
     out = []
+    sock.settimeout(2.0)
     while True:
         try:
             data = sock.recv(65535)
@@ -63,6 +64,7 @@ def datagrams(sock, marker):
             return out
         if marker in data:
             out.append(data)
+            sock.settimeout(0.5)
 
 
 def decapsulate(datagram):
