@@ -124,7 +124,7 @@ class Driver(abc.ABC):
         """Refuse, before anything changes, what describe() says this driver cannot do."""
         features = self.describe().features
         if session.target.kind not in features.targets:
-            raise Unsupported(self.name, f"target {session.target.kind}:", f"targets here are {', '.join(sorted(features.targets))}")
+            raise Unsupported(self.name, f"{session.target.kind} targets", f"targets here are {', '.join(sorted(features.targets))}")
         if session.snaplen is not None and session.target.kind not in features.snaplen_targets:
             where = f" (only with {', '.join(sorted(features.snaplen_targets))} targets)" if features.snaplen_targets else ""
             raise Unsupported(self.name, "snaplen", f"this data path copies whole frames{where}")
