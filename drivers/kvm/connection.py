@@ -107,12 +107,13 @@ class Libvirt:
         """Yield VM UUIDs that had a lifecycle or device event; None after every reconnect."""
         start_event_loop()
         backoff = tenacity.wait_exponential(multiplier=0.2, max=5)
-        attempt, connected_before = 0, False
+        attempt, connected_before, missed_events = 0, False, False
         while not stop.is_set():
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 attempt += 1
+                missed_events = True
                 delay = backoff(_state(attempt))
                 log.warning("libvirt at %s unreachable (%s), retrying in %.1fs", self.uri, exc.get_error_message(), delay)
                 stop.wait(delay)
@@ -123,8 +124,9 @@ class Libvirt:
                 if self.metrics is not None:
                     self.metrics.count_reconnect()
                 self.reset()  # the call() connection died with the same daemon
-                yield None
-            connected_before = True
+            if missed_events:
+                yield None  # whatever happened while we were not listening: look at everything
+            connected_before, missed_events = True, True
             yield from self._events(conn, stop)
 
     def _events(self, conn, stop: threading.Event):
@@ -143,7 +145,10 @@ class Libvirt:
             ):
                 callbacks.append(conn.domainEventRegisterAny(None, event, domain_event, None))
             conn.registerCloseCallback(lambda *_: hints.put(CLOSED), None)
-            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            try:
+                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            except libvirt.libvirtError:
+                pass  # in-process drivers (test:///) have no keepalive, and no daemon to lose
         except libvirt.libvirtError as exc:
             log.warning("subscribing to libvirt events failed: %s", exc.get_error_message())
             _close_quietly(conn)
