@@ -215,14 +215,20 @@ def cmd_drivers(args, ctx):
 
 def cmd_vm_list(args, ctx):
     vms = ctx.client().vms()
-    rows = [vm.to_dict() for vm in vms]
-    if args.output == "table":
-        rows = [
-            {**row, "nics": [" ".join(str(v) for v in (n["mac"], n.get("device"), n.get("network")) if v) for n in row["nics"]]}
-            for row in rows
-        ]
-    ctx.emit(rows, ["uuid", "name", "state", "host", "nics"])
+    if args.output != "table":
+        ctx.emit([vm.to_dict() for vm in vms], [])
+        return 0
+    rows = []
+    for vm in vms:
+        nics = [" ".join(str(v) for v in (n.mac, n.device, n.network, *_pairs(n.details)) if v) for n in vm.nics]
+        rows.append({"uuid": vm.uuid or "-", "name": vm.name, "state": vm.state, "host": vm.host, "nics": nics, "details": " ".join(_pairs(vm.details))})
+    ctx.emit(rows, ["uuid", "name", "state", "host", "nics", "details"])
     return 0
+
+
+def _pairs(details: dict) -> list[str]:
+    """Driver-specific facts (vmid, virtualport, VLAN tag...) as key=value, leaving out empty ones."""
+    return [f"{k}={v}" for k, v in details.items() if v not in (None, False, "")]
 
 
 def cmd_session_create(args, ctx):
