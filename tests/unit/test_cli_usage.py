@@ -47,3 +47,14 @@ def test_listing_formats(tmp_path):
     assert run("--state", state, "session", "list", "-o", "yaml").stdout.strip() == "[]"
     drivers = json.loads(run("drivers", "-o", "json").stdout)
     assert {"linux", "lab", "kvm", "vsphere", "proxmox"} <= {d["name"] for d in drivers}
+
+
+def test_a_driver_that_cannot_load_is_a_clear_error(tmp_path):
+    # libvirt made unimportable in this process only: the kvm driver's module fails to import.
+    code = (
+        "import sys; sys.modules['libvirt'] = None; from vtap_cli.main import main; "
+        f"sys.exit(main(['--driver', 'kvm', '--state', {str(tmp_path / 's.db')!r}, 'vm', 'list']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vtap: driver kvm failed to load: missing Python module 'libvirt'"
