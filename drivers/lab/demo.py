@@ -21,7 +21,7 @@ from vtap_core.follow import Follower
 from vtap_drivers.lab import traffic
 from vtap_drivers.lab.topology import Lab, vm_ip, vm_mac, vm_uuid
 
-PREFIX = "vtapdemo"
+PREFIX = Lab().prefix  # the lab driver's default: `vtap --driver lab` sees a kept demo lab
 PLACEMENT = {"vm1": "host1", "vm2": "host1", "vm3": "host2"}
 BURST = 20
 FILTER = "tcp dst port 80 or udp dst port 53"

@@ -29,7 +29,7 @@ WATCH_POLL = 0.1  # seconds: the lab has no event bus, so it looks often (cheap:
 class LabDriver(Driver):
     name = "lab"
 
-    def __init__(self, state_dir: str = ".", prefix: str = "vtaplab", **options):
+    def __init__(self, state_dir: str = ".", prefix: str = "vtapdemo", **options):
         super().__init__(state_dir=state_dir, prefix=prefix, **options)
         self.lab = Lab(prefix)
         self.state_dir = state_dir

@@ -38,7 +38,7 @@ def vm_ip(index: int) -> str:
 
 
 class Lab:
-    def __init__(self, prefix: str = "vtaplab"):
+    def __init__(self, prefix: str = "vtapdemo"):
         self.prefix = prefix
 
     def ns(self, part: str) -> str:
