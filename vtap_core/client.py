@@ -285,7 +285,7 @@ class Client:
             self._validate(sessions, flows, changed=change)
             after = (list(sessions.values()), list(flows.values()))
             with self.store.transaction():
-                self._write(after)
+                self.store.replace_all(*after)
                 self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
             try:
                 # Drivers whose other hosts need the desired state too (proxmox: every node) publish it here.
@@ -327,19 +327,9 @@ class Client:
                 return
             raise conflict
 
-    def _write(self, state):
-        sessions, flows = state
-        db = self.store.db
-        db.execute("DELETE FROM flows WHERE driver=?", (self.store.driver,))
-        db.execute("DELETE FROM sessions WHERE driver=?", (self.store.driver,))
-        for session in sessions:
-            self.store.put_session(session)
-        for flow in flows:
-            self.store.put_flow(flow)
-
     def _roll_back(self, sessions, flows):
         with self.store.transaction():
-            self._write((sessions, flows))
+            self.store.replace_all(sessions, flows)
             self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
         try:
             publish = getattr(self.driver, "publish_desired", None)

@@ -98,12 +98,6 @@ class Store:
             (self.driver, session.name, json.dumps(session.to_dict())),
         )
 
-    def delete_session(self, name: str):
-        """Delete a session and its flows."""
-        self.session(name)
-        self.db.execute("DELETE FROM flows WHERE driver=? AND session=?", (self.driver, name))
-        self.db.execute("DELETE FROM sessions WHERE driver=? AND name=?", (self.driver, name))
-
     # flows ----------------------------------------------------------------
 
     def flows(self, session: str | None = None) -> list[TapFlow]:
@@ -112,12 +106,6 @@ class Store:
         else:
             rows = self.db.execute("SELECT data FROM flows WHERE driver=? AND session=? ORDER BY name", (self.driver, session))
         return [TapFlow.from_dict(json.loads(data)) for (data,) in rows]
-
-    def flow(self, name: str) -> TapFlow:
-        row = self.db.execute("SELECT data FROM flows WHERE driver=? AND name=?", (self.driver, name)).fetchone()
-        if row is None:
-            raise NotFound(f"flow {name!r} does not exist")
-        return TapFlow.from_dict(json.loads(row[0]))
 
     def has_flow(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM flows WHERE driver=? AND name=?", (self.driver, name)).fetchone() is not None
@@ -131,19 +119,17 @@ class Store:
             (self.driver, flow.name, flow.session, json.dumps(flow.to_dict())),
         )
 
-    def delete_flow(self, name: str):
-        self.flow(name)
-        self.db.execute("DELETE FROM flows WHERE driver=? AND name=?", (self.driver, name))
-
-    def next_flow_name(self, session: str) -> str:
-        """`<session>-<n>` with the smallest n not taken."""
-        n = 1
-        while self.has_flow(f"{session}-{n}"):
-            n += 1
-        return f"{session}-{n}"
-
     def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
         return self.sessions(), self.flows()
+
+    def replace_all(self, sessions: list[TapSession], flows: list[TapFlow]):
+        """This driver's whole desired state becomes exactly these (call inside a transaction)."""
+        self.db.execute("DELETE FROM flows WHERE driver=?", (self.driver,))
+        self.db.execute("DELETE FROM sessions WHERE driver=?", (self.driver,))
+        for session in sessions:
+            self.put_session(session)
+        for flow in flows:
+            self.put_flow(flow)
 
     # audit ----------------------------------------------------------------
 
