@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .kvm_lab import host_devices, make_lan, sh, wait_sending
+from .kvm_lab import host_devices, make_lan, sh, wait_for, wait_sending
 from . import kvm_lab as lab
 
 
@@ -121,3 +121,23 @@ def test_vm_target_delivers_copies_to_the_monitoring_vms_nic(libvirt_host, guest
         vtap(libvirt_host, state, "session", "delete", "tovm")
         assert "mirred" not in tc_filters(guest.device)
         monitor.destroy()
+
+
+def test_pcap_target_records_the_guests_frames(libvirt_host, guest, tmp_path):
+    from scapy.utils import rdpcap
+
+    state, path = tmp_path / "s.db", tmp_path / "guest.pcapng"
+    vtap(libvirt_host, state, "session", "create", "rec", "--to", f"pcap:{path}")
+    vtap(libvirt_host, state, "flow", "add", "rec", "--vm", guest.uuid, "--direction", "out")
+    src = bytes(int(x, 16) for x in guest.mac.split(":"))
+
+    def recorded():
+        try:
+            return [bytes(p) for p in rdpcap(str(path))]
+        except Exception:  # not written yet, or a block still being written
+            return []
+
+    wait_for(lambda: sum(frame[6:12] == src for frame in recorded()) >= 5, 20, "5 of the guest's frames in the pcapng file")
+    assert all(frame[6:12] == src for frame in recorded())  # out only: nothing addressed to it
+    vtap(libvirt_host, state, "session", "delete", "rec")
+    assert "mirred" not in tc_filters(guest.device)
