@@ -11,7 +11,9 @@ import subprocess
 import time
 import urllib.request
 
-import libvirt
+import pytest
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: run scripts/setup --test")
 
 from .kvm_lab import host_devices, sh, wait_for, wait_sending
 from . import kvm_lab as lab

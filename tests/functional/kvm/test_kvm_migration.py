@@ -11,8 +11,9 @@ import subprocess
 import threading
 import time
 
-import libvirt
 import pytest
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: run scripts/setup --test")
 
 from .kvm_lab import host_devices, sh, wait_for, wait_sending
 from . import kvm_lab as lab
