@@ -297,7 +297,7 @@ def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] |
     outgoing: count the frames ifname sends (a bridge port towards a peer) instead of those it receives."""
     import socket
 
-    counts = {"out": 0, "in": 0, "other": 0}
+    counts = {"out": 0, "in": 0, "other": 0, "ipv4_out": 0, "longest": 0}  # longest: of the IPv4 frames mac sent
     raw = bytes(int(x, 16) for x in mac.split(":"))
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     try:
@@ -313,6 +313,9 @@ def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] |
                 continue
             if frame[6:12] == raw:
                 counts["out"] += 1
+                if frame[12:14] == b"\x08\x00":
+                    counts["ipv4_out"] += 1
+                    counts["longest"] = max(counts["longest"], len(frame))
             elif frame[0:6] == raw:
                 counts["in"] += 1
             else:

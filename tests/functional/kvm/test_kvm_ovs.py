@@ -21,16 +21,19 @@ def test_ovs_mirror_counts_guest_frames_and_goes_away(libvirt_host, ovs, ovs_lan
     dom, (mac,) = guests.start(ovs_lan, 10, ovs=True)
     (device,) = host_devices(dom)
     assert ovs.vsctl("port-to-br", device) == ovs_lan.bridge
-    wait_sending(device)
     with Client(driver="kvm", state=str(tmp_path / "vtap.db"), uri=libvirt_host.uri, ovsdb=ovs.remote) as vtap:
-        vtap.create_session("ovsmon", to=f"port:{ovs_lan.monitor}", backend="ovs")
+        # Tapped while the guest boots: OVS 3.1's userspace datapath does not re-translate a flow it
+        # already caches when a Mirror is added (see drivers/kvm/README.md, known limits).
+        vtap.create_session("ovsmon", to=f"port:{ovs_lan.monitor}", backend="ovs", snaplen=64)
         vtap.add_flow("ovsmon", vm=dom.UUIDString(), direction="out")
         (row,) = vtap_mirrors(ovs)
         assert row  # one Mirror row, marked
-        counts = lab.count_frames(ovs_lan.counter, mac, 15, until=("out", 5))
+        wait_sending(device)
+        counts = lab.count_frames(ovs_lan.counter, mac, 30, until=("ipv4_out", 5))
         # The guest pings every ~0.2 s: its requests are copied; what it receives is not (direction out).
-        assert counts["out"] >= 5, counts
+        assert counts["ipv4_out"] >= 5, counts
         assert counts["in"] == 0, counts
+        assert counts["longest"] == 64, counts  # echo requests are 98 bytes: cut to the snaplen
         status = {row.flow: row for row in vtap.status()}
         assert status["ovsmon-1"].state == "active"
 
