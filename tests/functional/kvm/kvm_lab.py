@@ -258,7 +258,9 @@ class OvsDaemons:
     def start(self):
         # One userspace datapath per network namespace: its device is "ovs-netdev".
         if os.path.exists("/sys/class/net/ovs-netdev"):
-            raise RuntimeError("another ovs-vswitchd (netdev datapath) runs in this namespace")
+            if _running("ovs-vswitchd"):
+                raise RuntimeError("another ovs-vswitchd (netdev datapath) runs in this namespace")
+            subprocess.run(["ip", "link", "del", "ovs-netdev"], capture_output=True)  # left by a killed run
         self.dir.mkdir(parents=True, exist_ok=True)
         db = self.dir / "conf.db"
         if not db.exists():
@@ -289,6 +291,16 @@ class OvsDaemons:
                     pass
         time.sleep(0.5)
         subprocess.run(["ip", "link", "del", "ovs-netdev"], capture_output=True)
+
+
+def _running(command: str) -> bool:
+    for comm in glob.glob("/proc/[0-9]*/comm"):
+        try:
+            if Path(comm).read_text().strip() == command:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def count_frames(ifname: str, mac: str, seconds: float, until: tuple[str, int] | None = None, outgoing: bool = False) -> dict:
