@@ -225,7 +225,7 @@ def test_orphans_are_found_even_when_the_state_dir_is_lost(lab):
         (TapSession("s", "gre://192.0.2.1?key=1"), TapFlow("f", "s", Source(interface="src0")), Unsupported, "gre"),
         (TapSession("s", "erspan://192.0.2.1?id=1"), TapFlow("f", "s", Source(interface="src0")), Unsupported, "erspan"),
         (TapSession("s", "port:mon0", snaplen=128), TapFlow("f", "s", Source(interface="src0")), Unsupported, "snaplen"),
-        (TapSession("s", "vm:6b1c6a6e-0c39-4c36-9a3e-1d8d3b0a4f21"), TapFlow("f", "s", Source(interface="src0")), Unsupported, "target vm"),
+        (TapSession("s", "vm:6b1c6a6e-0c39-4c36-9a3e-1d8d3b0a4f21"), TapFlow("f", "s", Source(interface="src0")), Unsupported, "vm targets"),
         (TapSession("s", "port:src0"), TapFlow("f", "s", Source(interface="src0")), ValidationError, "mirrored device src0 itself"),
         (TapSession("s", "port:mon0"), TapFlow("f", "s", Source(vm="web-1")), Unsupported, "vm sources"),
     ],
