@@ -5,6 +5,7 @@ pip_install -e .
 if [ "$VTAP_SETUP_TEST" = 1 ]; then
     # tshark is the independent pcapng reader; iperf3 the throughput benchmark.
     echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
-    apt_install tshark tcpdump iperf3
+    # procps: sysctl, which the tests use to keep IPv6 chatter out of their namespaces.
+    apt_install tshark tcpdump iperf3 procps
     pip_install pytest scapy
 fi
