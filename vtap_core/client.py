@@ -282,33 +282,33 @@ class Client:
             sessions = {s.name: s for s in before_sessions}
             flows = {f.name: f for f in before_flows}
             change = mutate(sessions, flows)
-            self._validate(sessions, flows, changed=change)
+            touched = _touched_sessions(change, sessions)
+            self._validate(sessions, flows, touched)
             after = (list(sessions.values()), list(flows.values()))
             with self.store.transaction():
                 self.store.replace_all(*after)
                 self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
             try:
-                # Drivers whose other hosts need the desired state too (proxmox: every node) publish it here.
-                publish = getattr(self.driver, "publish_desired", None)
-                if publish is not None:
-                    publish(*after)
-                plan = reconcile.reconcile(self.driver, *after)
-            except VtapError as exc:
-                self._roll_back(before_sessions, before_flows)
-                raise OperationFailed(f"{command} failed and was rolled back: {exc}") from exc
+                plan = self._realize(*after)
             except Exception as exc:
                 self._roll_back(before_sessions, before_flows)
-                raise OperationFailed(f"{command} failed and was rolled back: {type(exc).__name__}: {exc}") from exc
+                why = str(exc) if isinstance(exc, VtapError) else f"{type(exc).__name__}: {exc}"
+                raise OperationFailed(f"{command} failed and was rolled back: {why}") from exc
         change_message = self._describe(message, plan)
         # A driver that applies only where a VM runs says where this change took effect (proxmox).
         placement = getattr(self.driver, "placement", None)
-        touched = _touched_sessions(change, sessions)
         note = placement([f for f in flows.values() if f.session in touched]) if placement and touched else ""
         return Change(f"{change_message}; {note}" if note else change_message, plan)
 
-    def _validate(self, sessions: dict, flows: dict, changed: dict):
+    def _realize(self, sessions, flows) -> reconcile.Plan:
+        # Drivers whose other hosts need the desired state too (proxmox: every node) publish it first.
+        publish = getattr(self.driver, "publish_desired", None)
+        if publish is not None:
+            publish(sessions, flows)
+        return reconcile.reconcile(self.driver, sessions, flows)
+
+    def _validate(self, sessions: dict, flows: dict, touched: set[str]):
         """The driver must be able to realize what this call touches, beside everything else."""
-        touched = _touched_sessions(changed, sessions)
         if not touched:
             return
         mine = [f for f in flows.values() if f.session in touched]
@@ -332,10 +332,7 @@ class Client:
             self.store.replace_all(sessions, flows)
             self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
         try:
-            publish = getattr(self.driver, "publish_desired", None)
-            if publish is not None:
-                publish(sessions, flows)
-            reconcile.reconcile(self.driver, sessions, flows)
+            self._realize(sessions, flows)
         except Exception as exc:  # the original error is the one to report
             print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
 
