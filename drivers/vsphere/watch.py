@@ -4,7 +4,9 @@ WaitForUpdatesEx on the properties that matter (a VM's host, power state and
 configuration version, which moves whenever its NICs' port keys do; a switch's
 mirror sessions). Yields a
 VM's instance UUID when one of its properties changed, None when a switch's
-sessions changed (drift: a vtap session edited or removed by someone else).
+sessions changed (drift: a vtap session edited or removed by someone else) or
+a VM changed host: whether a dvPortMirror session delivers depends on the hosts
+of its source and monitoring VMs together, and the moved VM may be either.
 Nothing is polled per VM.
 """
 
@@ -49,13 +51,14 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
             if result is None:
                 continue
             version = result.version
-            switch_changed = False
+            look_at_everything = False
             for filter_update in result.filterSet:
                 for update in filter_update.objectSet:
                     if isinstance(update.obj, vim.VirtualMachine):
                         for change in update.changeSet:
                             if change.name == "config.instanceUuid" and change.val:
                                 uuids[update.obj._moId] = parse_uuid(change.val)
+                            look_at_everything |= change.name == "runtime.host" and not initial
                         uuid = uuids.get(update.obj._moId)
                         if update.kind == "leave":
                             uuids.pop(update.obj._moId, None)
@@ -64,8 +67,8 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
                             if uuid:
                                 yield uuid
                     elif not initial:
-                        switch_changed = True
-            if switch_changed:
+                        look_at_everything = True
+            if look_at_everything:
                 yield None
             initial = initial and bool(result.truncated)
     finally:

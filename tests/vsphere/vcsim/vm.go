@@ -47,7 +47,39 @@ func wrapVM(stock *simulator.VirtualMachine) {
 	}
 	vm.Config.Hardware.Device = devices
 	vm.Config.ChangeVersion = changeVersion()
+	placeOnFirstHost(vm)
 	simulator.Map.Put(vm)
+}
+
+// placeOnFirstHost moves the VM to its cluster's first host by name. The stock simulator picks
+// a random host, and where a VM runs decides whether a mirror delivers: a dvPortMirror session
+// works only when its source and destination ports are on one ESXi host (vSphere Networking
+// guide, "Port Mirroring Interoperability" and the "Distributed Port Mirroring" session type).
+// A port is on its VM's host (FetchDVPorts' proxyHost, see ports.go); tests move VMs with
+// RelocateVM_Task, so they know where every VM runs.
+func placeOnFirstHost(vm *VM) {
+	current, ok := simulator.Map.Get(*vm.Runtime.Host).(*simulator.HostSystem)
+	if !ok || current.Parent == nil {
+		return
+	}
+	cluster, ok := simulator.Map.Get(*current.Parent).(*simulator.ClusterComputeResource)
+	if !ok || len(cluster.Host) == 0 {
+		return
+	}
+	var first *simulator.HostSystem
+	for _, ref := range cluster.Host {
+		if h, ok := simulator.Map.Get(ref).(*simulator.HostSystem); ok && (first == nil || h.Name < first.Name) {
+			first = h
+		}
+	}
+	if first == nil || first.Self == current.Self {
+		return
+	}
+	simulator.Map.RemoveReference(current, &current.Vm, vm.Self)
+	simulator.Map.AddReference(first, &first.Vm, vm.Self)
+	host := first.Self
+	vm.Runtime.Host = &host
+	vm.Summary.Runtime.Host = &host
 }
 
 // changeVersion: VirtualMachineConfigInfo.changeVersion, "a unique identifier for a given version
