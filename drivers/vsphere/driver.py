@@ -144,9 +144,11 @@ class VsphereDriver(Driver):
                 raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
             destination = self._destination(session, switch, records, ports)
             host = destination.pop("host", None)
-            for flow, record, flow_ports in per_flow:
-                if uuid in flow_ports:
-                    self._check_same_host(session, record, host)
+            apart = [record for flow, record, flow_ports in per_flow if uuid in flow_ports and not _same_host(record, host)]
+            if apart and session.target.encap == "erspan":
+                destination = self._erspan_to_monitor(session, switch, records)
+            for record in apart if destination["session_type"] == mirror.DV_PORT_MIRROR else ():
+                self._refuse_other_host(session, record, host)
             for key in destination.get("ports", ()):
                 checks[uuid][key] = f"target {session.target}"
             options[uuid] = mirror.make_options(**destination, snaplen=session.snaplen, sample=session.sample)
@@ -247,24 +249,42 @@ class VsphereDriver(Driver):
         host = getattr(port.proxyHost, "_moId", None)
         return {"session_type": mirror.DV_PORT_MIRROR, "ports": [port.key], "host": (host, f"target port {port.key}")}
 
-    def _check_same_host(self, session, record, host) -> None:
+    def _refuse_other_host(self, session, record, host) -> None:
         """A dvPortMirror session delivers only between ports on one ESXi host.
 
         vSphere accepts a session whose source and destination ports are on different hosts,
         and after a vMotion an existing one silently stops delivering (vSphere Networking guide,
         "Port Mirroring Interoperability"). Such a flow is refused here; in `status` and in the
-        follower it becomes a problem of that flow and its ports leave the session.
+        follower it becomes a problem of that flow and its ports leave the session, unless the
+        target allows ERSPAN (vm:UUID?encap=erspan, see _erspan_to_monitor).
         """
-        if host is None:
-            return
         target_host, what = host
-        if record.host and target_host and record.host != target_host:
+        allow = f"{session.target}?encap=erspan" if session.target.kind == "vm" else "erspan:// or gre:// to the monitoring VM's IP"
+        raise ValidationError(
+            "target",
+            f"VM {record.name} runs on host {self._host_name(record.ref, record.host)} and {what} on host "
+            f"{self._host_name(record.ref, target_host)}: a dvPortMirror session delivers only within one ESXi host; "
+            f"move one of them, or let session {session.name} use ERSPAN ({allow})",
+        )
+
+    def _erspan_to_monitor(self, session, switch, records) -> dict:
+        """An encapsulated session (ERSPAN type II, session id 0) to the monitoring VM NIC's IP address.
+
+        The address comes from the guest's own report (GuestInfo.net: "Guest information about
+        network adapters", VMware Tools); without it there is nowhere to send the copies.
+        """
+        record, nic = self._target_nic(session, records)
+        self._require(switch.vspan.encapRemoteSourceSupported, switch, "encapsulated remote mirror sessions")
+        self._require(switch.vspan.erspanProtocolSupported, switch, "ERSPAN")
+        addresses = [a for n in (record.ref.guest.net or ()) if (n.macAddress or "").lower() == nic.mac for a in (n.ipAddress or ())]
+        ipv4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+        if not addresses:
             raise ValidationError(
                 "target",
-                f"VM {record.name} runs on host {self._host_name(record.ref, record.host)} and {what} on host "
-                f"{self._host_name(record.ref, target_host)}: a dvPortMirror session delivers only within one ESXi host; "
-                f"move one of them, or mirror session {session.name} to erspan:// or gre:// the monitoring VM's IP",
+                f"monitoring VM {record.name} reports no IP address for NIC {nic.mac} (VMware Tools guest info); "
+                f"session {session.name} cannot reach it by ERSPAN from another host",
             )
+        return {"session_type": mirror.ENCAPSULATED, "ips": [(ipv4 or addresses)[0]], "encap": "erspan2", "erspan_id": 0}
 
     @staticmethod
     def _host_name(ref, moid) -> str:
@@ -486,6 +506,11 @@ class VsphereDriver(Driver):
             raise NotFound(f"vm {uuid}: no VM with this instance or BIOS UUID in vCenter {self.connection.url}")
         self._vm_refs[uuid] = ref
         return ref
+
+
+def _same_host(record, host) -> bool:
+    """Whether a source VM runs where the dvPortMirror destination is (True when either is unknown)."""
+    return host is None or not record.host or not host[0] or record.host == host[0]
 
 
 def _by_switch(bindings) -> dict:

@@ -189,3 +189,34 @@ def test_session_edited_behind_vtaps_back_is_put_right(vc, tapped):
     vc.reconfigure_vspan("edit", edited)
     # The core replaces a binding whose spec differs (remove, then add): wait for the new one.
     assert wait_for(lambda: reverted(vc)), "the edit was not reverted"
+
+
+def test_flow_moved_away_from_a_monitoring_vm_that_allows_erspan_is_re_realized_as_erspan(vc, vcsim, tapped):
+    source, target = vc.vm(2), vc.vm(3)
+    home, away = source.runtime.host, vc.hosts()[1]
+    assert home == target.runtime.host
+    (address,) = [a for n in target.guest.net if n.macAddress == vc.nic(target).macAddress for a in n.ipAddress]
+    with connect(vcsim, tapped.state) as client:
+        client.create_session("roam", to=f"vm:{target.config.instanceUuid}?encap=erspan")
+        client.add_flow("roam", vm=source.config.instanceUuid, direction="both")
+    local = vc.sessions()["vtap:roam"]
+    assert local.sessionType == "dvPortMirror" and list(local.destinationPort.portKey) == [vc.port_key(target)]
+
+    relocate(vc, source, away)
+
+    def session_type():
+        session = vc.sessions().get("vtap:roam")  # none while the core replaces it (remove, then add)
+        return session.sessionType if session is not None else None
+
+    assert wait_for(lambda: session_type() == "encapsulatedRemoteMirrorSource"), "the session was not switched to ERSPAN"
+    made = vc.sessions()["vtap:roam"]
+    assert made.encapType == "erspan2" and list(made.destinationPort.ipAddress) == [address]
+    assert not made.destinationPort.portKey
+    assert list(made.sourcePortReceived.portKey) == [vc.port_key(source)]
+    roam = [row for row in status_rows(vcsim, tapped) if row.session == "roam"]
+    assert [row.state for row in roam] == ["active"]
+
+    relocate(vc, source, home)
+    assert wait_for(lambda: session_type() == "dvPortMirror"), "back on one host, the session did not return to dvPortMirror"
+    with connect(vcsim, tapped.state) as client:
+        client.delete_session("roam")

@@ -189,3 +189,24 @@ def test_missing_vspan_privilege_is_one_line_naming_it(denied, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and "privilege DVSwitch.Vspan" in done.stderr
     assert denied.password not in done.stdout + done.stderr
     assert not vc.sessions()
+
+
+def test_vm_target_takes_encap_erspan_and_nothing_else():
+    from vtap_core.model import Target
+
+    uuid = "4210a1b2-0000-4000-8000-000000000001"
+    allowed = Target.parse(f"vm:{uuid}#00:50:56:00:00:01?encap=erspan")
+    assert (allowed.vm, allowed.mac, allowed.encap) == (uuid, "00:50:56:00:00:01", "erspan")
+    assert Target.parse(str(allowed)) == allowed and Target.parse(f"vm:{uuid}").encap is None
+    for bad in (f"vm:{uuid}?encap=gre", f"vm:{uuid}?encap=erspan&id=3", f"vm:{uuid}?"):
+        with pytest.raises(ValidationError, match="encap=erspan"):
+            Target.parse(bad)
+
+
+def test_vm_target_with_encap_on_another_host_plans_erspan_to_its_guest_ip(driver, vc):
+    source, target = vc.vm(0), vc.vm(5)
+    with moved(vc, source, vc.hosts()[1]):
+        bindings = driver.plan([TapSession("enc", f"vm:{target.config.instanceUuid}?encap=erspan")], [flow("enc", source)])
+        assert bindings[0].get("type") == "encapsulatedRemoteMirrorSource"
+        (address,) = bindings[0].get("destination_ips")
+        assert address in [a for n in target.guest.net for a in n.ipAddress]
