@@ -44,7 +44,7 @@ class VsphereDriver(Driver):
         self.connection = Connection(url, user, password, insecure)
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
-        self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _check_same_host
+        self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _refuse_other_host
         self._listing = inventory.vm_reader(with_host=True)
         self._switch_reader = inventory.switch_reader()
 
@@ -110,7 +110,7 @@ class VsphereDriver(Driver):
         wanted = [f.source.vm for f in flows] + [s.target.vm for s in sessions if s.target.kind == "vm"]
         records = self._resolve(content, wanted)
         switches = self._switches(content)
-        self._refuse_ephemeral(content, records.values())
+        self._refuse_ephemeral(content, records, sessions, flows)
         bindings = []
         checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
         for session in sessions:
@@ -276,7 +276,7 @@ class VsphereDriver(Driver):
         record, nic = self._target_nic(session, records)
         self._require(switch.vspan.encapRemoteSourceSupported, switch, "encapsulated remote mirror sessions")
         self._require(switch.vspan.erspanProtocolSupported, switch, "ERSPAN")
-        addresses = [a for n in (record.ref.guest.net or ()) if (n.macAddress or "").lower() == nic.mac for a in (n.ipAddress or ())]
+        addresses = [a for n in (record.ref.guest.net or ()) if (n.macAddress or "").lower() == nic.mac for a in (n.ipAddress or ()) if _is_ip(a)]
         ipv4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
         if not addresses:
             raise ValidationError(
@@ -293,14 +293,16 @@ class VsphereDriver(Driver):
         except vmodl.MethodFault:
             return moid
 
-    def _refuse_ephemeral(self, content, records) -> None:
+    def _refuse_ephemeral(self, content, records, sessions, flows) -> None:
         """Ports of ephemeral portgroups exist only while their VM is powered on.
 
         DistributedVirtualPortgroupPortgroupType ephemeral: a port "will be created and assigned to a
         VirtualMachine when the VirtualMachine is powered on and will be deleted when the
         VirtualMachine is powered off". A session naming such a port loses it at the next power cycle.
         """
-        used = {n.portgroup_key: (r, n) for r in records for n in r.nics if n.portgroup_key}
+        nics = [(records[f.source.vm], f.source.nic) for f in flows]
+        nics += [(records[s.target.vm], s.target.mac) for s in sessions if s.target.kind == "vm"]
+        used = {n.portgroup_key: (r, n) for r, mac in nics for n in r.nics if n.portgroup_key and mac in (None, n.mac)}
         if not used:
             return
         kinds = inventory.retrieve(content, self._view(content, vim.dvs.DistributedVirtualPortgroup), vim.dvs.DistributedVirtualPortgroup, ["key", "config.type", "name"], True)
@@ -506,6 +508,13 @@ class VsphereDriver(Driver):
             raise NotFound(f"vm {uuid}: no VM with this instance or BIOS UUID in vCenter {self.connection.url}")
         self._vm_refs[uuid] = ref
         return ref
+
+
+def _is_ip(text) -> bool:
+    try:
+        return not ipaddress.ip_address(text).is_link_local  # a link-local address is not reachable from another host
+    except ValueError:
+        return False
 
 
 def _same_host(record, host) -> bool:

@@ -26,7 +26,7 @@ def flow(session, vm, direction="both", name="f1"):
     return TapFlow(name=name, session=session, source=Source(vm=vm.config.instanceUuid), direction=direction)
 
 
-def monitor(vc, vm):
+def monitor(vm):
     return f"vm:{vm.config.instanceUuid}"
 
 
@@ -44,7 +44,7 @@ def moved(vc, vm, host):
 def test_vm_target_on_another_host_is_refused_and_same_host_is_mirrored(driver, vc):
     source, target = vc.vm(2), vc.vm(5)
     assert source.runtime.host == target.runtime.host
-    session = TapSession("local", monitor(vc, target))
+    session = TapSession("local", monitor(target))
     driver.apply(driver.plan([session], [flow("local", source)]))
     assert list(vc.sessions()["vtap:local"].sourcePortReceived.portKey) == [vc.port_key(source)]
     driver.remove(driver.observe())
@@ -52,7 +52,7 @@ def test_vm_target_on_another_host_is_refused_and_same_host_is_mirrored(driver, 
     version = vc.version()
     with moved(vc, source, vc.hosts()[1]):
         with pytest.raises(ValidationError) as error:
-            driver.plan([TapSession("far", monitor(vc, target))], [flow("far", source)])
+            driver.plan([TapSession("far", monitor(target))], [flow("far", source)])
         text = str(error.value)
         assert "one ESXi host" in text and vc.hosts()[1].name in text and vc.hosts()[0].name in text
         assert "\n" not in text
@@ -102,7 +102,7 @@ def test_ports_of_an_ephemeral_portgroup_are_refused(driver, vc):
         with pytest.raises(ValidationError, match="ephemeral portgroup DC0_DVPG1"):
             driver.plan([TapSession("eph", "gre://192.0.2.42")], [flow("eph", vm)])
         with pytest.raises(ValidationError, match="ephemeral portgroup DC0_DVPG1"):
-            driver.plan([TapSession("eph", monitor(vc, vm))], [flow("eph", vc.vm(0))])
+            driver.plan([TapSession("eph", monitor(vm))], [flow("eph", vc.vm(0))])
         assert vc.version() == version and "vtap:eph" not in vc.sessions()
     finally:
         vc.move_nic(vm, home)
@@ -210,3 +210,18 @@ def test_vm_target_with_encap_on_another_host_plans_erspan_to_its_guest_ip(drive
         assert bindings[0].get("type") == "encapsulatedRemoteMirrorSource"
         (address,) = bindings[0].get("destination_ips")
         assert address in [a for n in target.guest.net for a in n.ipAddress]
+
+
+def test_an_ephemeral_nic_that_is_not_mirrored_does_not_matter(driver, vc):
+    """Only the NICs a flow or target uses are checked: another NIC's portgroup is not the flow's business."""
+    vm = vc.vm(3)
+    ephemeral = vc.portgroup("DC0_DVPG1")
+    set_portgroup_type(vc, ephemeral, "ephemeral")
+    vc.move_nic(vm, ephemeral)
+    try:
+        # vm(0)'s NIC is not on the ephemeral portgroup; vm(3) is neither source nor target here.
+        driver.apply(driver.plan([TapSession("fine", "gre://192.0.2.46")], [flow("fine", vc.vm(0))]))
+        assert list(vc.sessions()["vtap:fine"].sourcePortReceived.portKey) == [vc.port_key(vc.vm(0))]
+    finally:
+        vc.move_nic(vm, vc.portgroup("DC0_DVPG0"))
+        set_portgroup_type(vc, ephemeral, "earlyBinding")
