@@ -47,6 +47,9 @@ class VsphereDriver(Driver):
         self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _refuse_other_host
         self._listing = inventory.vm_reader(with_host=True)
         self._switch_reader = inventory.switch_reader()
+        # Instance UUIDs of every VM planned as a vm: target (read by watch). Only added to: plans
+        # come per flow too, and a VM that stopped being one costs at most a needless resync.
+        self._monitoring = frozenset()
 
     # describe / inventory ----------------------------------------------------
 
@@ -109,6 +112,7 @@ class VsphereDriver(Driver):
     def _plan(self, content, sessions, flows) -> list[Binding]:
         wanted = [f.source.vm for f in flows] + [s.target.vm for s in sessions if s.target.kind == "vm"]
         records = self._resolve(content, wanted)
+        self._monitoring |= {records[s.target.vm].uuid for s in sessions if s.target.kind == "vm"}
         switches = self._switches(content)
         self._refuse_ephemeral(content, records, sessions, flows)
         bindings = []
@@ -431,7 +435,7 @@ class VsphereDriver(Driver):
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         while not stop.is_set():
             try:
-                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate)
+                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate, monitoring=lambda uuid: uuid in self._monitoring)
                 return
             except LOST:
                 self.connection.reconnect()
