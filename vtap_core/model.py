@@ -92,7 +92,7 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Target:
     version: int | None = None  # erspan: 2 (type II) or 3 (type III)
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
+    encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
 
     @property
     def is_tunnel(self) -> bool:
@@ -119,7 +120,7 @@ class Target:
         if self.kind == "port":
             return f"port:{self.port}"
         if self.kind == "vm":
-            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "")
+            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "") + (f"?encap={self.encap}" if self.encap else "")
         if self.kind == "pcap":
             return f"pcap:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -144,11 +145,14 @@ class Target:
                 raise ValidationError("target", f"{text!r}: port needs an interface or port name (port:IFNAME)")
             return cls("port", port=rest)
         if scheme == "vm":
+            rest, query, options = rest.partition("?")
             vm, _, mac = rest.partition("#")
             canonical = parse_uuid(vm)
             if canonical is None or vm.count("-") != 4:
-                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC])")
-            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None)
+                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC][?encap=erspan])")
+            if query and options != "encap=erspan":
+                raise ValidationError("target", f"{text!r}: the only vm option is ?encap=erspan (ERSPAN to a monitoring VM on another host)")
+            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None, encap="erspan" if options else None)
         if scheme == "pcap":
             if not rest or "\0" in rest:
                 raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
