@@ -29,6 +29,7 @@ import yaml
 from vtap_core import reconcile, registry
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
@@ -95,7 +96,7 @@ class Client:
     @contextlib.contextmanager
     def lock(self):
         """Serializes changes and reconciles between vtap processes sharing a store."""
-        with open(self.store.path + ".lock", "a") as handle:
+        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
