@@ -29,6 +29,7 @@ import yaml
 from vtap_core import reconcile, registry
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.redact import check_url_settings, redact
 from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
@@ -68,9 +69,10 @@ class Change:
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
-        self.store = Store(state, driver=self.driver_name)
         self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.command = command or "sdk"
+        check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
+        self.store = Store(state, driver=self.driver_name)
+        self.command = redact(command or "sdk")
         self._driver = None
 
     # lifecycle ------------------------------------------------------------
@@ -198,7 +200,7 @@ class Client:
             raise ValidationError("file", f"{path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return self.apply_document(document, prune=prune, source=path)
+        return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
