@@ -24,9 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-import yaml
-
-from vtap_core import reconcile, registry
+from vtap_core import reconcile, registry, yamlfile
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
 from vtap_core.redact import check_url_settings, redact
@@ -193,13 +191,7 @@ class Client:
         return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
-        try:
-            with open(path) as handle:
-                document = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ValidationError("file", f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
         return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
@@ -387,7 +379,10 @@ def parse_document(document) -> tuple[dict, list]:
             raise ValidationError(where, f"session {session.name!r} is listed twice")
         sessions[session.name] = session
         taken: dict = {}
-        for j, flow_entry in enumerate(entry.get("flows") or []):
+        flow_entries = entry.get("flows")
+        if flow_entries is not None and not isinstance(flow_entries, list):
+            raise ValidationError(f"{where}.flows", "must be a list of flows")
+        for j, flow_entry in enumerate(flow_entries or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")

@@ -47,10 +47,10 @@ import subprocess
 import sys
 import threading
 import time
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from vtap_core.errors import NotFound, OperationFailed, ValidationError, VtapError
-from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name
+from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name, query_options
 from vtap_core.safefile import check_capture_path, open_private, private_dirs, write_private
 from vtap_drivers.linux.pcapng import PcapngWriter
 
@@ -250,10 +250,10 @@ def parse_vxlan_listen(text: str) -> tuple[str, int, int | None]:
     try:
         url = urlsplit(text)
         host, port = url.hostname, url.port
-        query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
         ipaddress.ip_address(host or "")
     except ValueError:
         raise ValidationError("listen", f"{text!r}: {rule}") from None
+    query = query_options(text, url.query, "listen")  # vni=5&vni=6 is refused, not "the last one wins"
     if url.path not in ("", "/") or url.fragment or url.username or set(query) - {"vni"}:
         raise ValidationError("listen", f"{text!r}: {rule}")
     port = VXLAN_DEFAULT_PORT if port is None else check_int("listen port", port, 1, 65535)
