@@ -31,10 +31,11 @@ class _UniqueKeyLoader(_BASE_LOADER):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _value in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            # Compared as written (tag and text): constructing every key twice would double the load time.
+            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key in seen:
+                raise _DuplicateKey(key_node.value, key_node.start_mark.line + 1)
+            if key is not None:
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

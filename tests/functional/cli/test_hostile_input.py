@@ -80,3 +80,15 @@ def test_hostile_arguments_are_refused_and_change_nothing(busy_host, case):
     before = state(busy_host)
     refused(run_vtap(busy_host, [os.fsencode(a) if isinstance(a, str) else a for a in args]), words)
     assert state(busy_host) == before
+
+
+def test_audit_rows_never_hold_a_password_from_a_url(busy_host):
+    """Defense in depth: whatever URL reaches the audit log as part of a command is scrubbed."""
+    from vtap_core.client import Client
+
+    command = "vtap --config https://admin:s3cretPW@config.example/vtap.toml session create w --to port:mon0"
+    with Client(driver="linux", state=busy_host.state, command=command, netns=busy_host.name) as vtap:
+        vtap.create_session("w", to="port:mon0")
+    rows = json.loads(busy_host.vtap_ok("-o", "json", "audit"))
+    assert "s3cretPW" not in json.dumps(rows)
+    assert rows[-1]["command"] == "vtap --config https://***@config.example/vtap.toml session create w --to port:mon0"
