@@ -115,6 +115,7 @@ def test_every_file_vtap_writes_is_private_and_unreadable_to_other_users(host):
     os.chmod(parent, 0o755)
     state_dir = os.path.join(parent, "new", "sub")
     host.state = os.path.join(state_dir, "vtap.db")
+    umask = os.umask(0)  # vtap's modes must not depend on the umask it was started with
     try:
         host.vtap_ok("session", "create", "rec", "--to", f"pcap:{parent}/cap.pcapng")
         host.vtap_ok("flow", "add", "rec", "--interface", "eth0")
@@ -131,4 +132,5 @@ def test_every_file_vtap_writes_is_private_and_unreadable_to_other_users(host):
             assert as_nobody("cat", os.path.join(state_dir, name), check=False).returncode != 0, name
         host.vtap_ok("session", "delete", "rec")
     finally:
+        os.umask(umask)
         shutil.rmtree(parent)
