@@ -86,7 +86,7 @@ def check_int(field_name: str, value, low: int, high: int) -> int:
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML's .inf
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}") from None
     if str(number) != str(value).strip() and not isinstance(value, int):
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")

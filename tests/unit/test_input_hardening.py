@@ -26,6 +26,7 @@ UNDECODABLE = b"eth\xff".decode("utf-8", "surrogateescape")  # what Python makes
         (lambda: Target.parse("vxlan://192.0.2.1?vni=5&vni=6"), "target"),
         (lambda: Target.parse("vxlan://[fe80::1%eth0]?vni=5"), "target"),
         (lambda: Target.parse("vxlan://[fe80::1%25eth0]:4789?vni=5"), "target"),
+        (lambda: TapSession(name="web", target="port:mon0", snaplen=float("inf")), "snaplen"),
     ],
     ids=lambda value: "" if callable(value) else value,
 )
