@@ -69,6 +69,7 @@ PLANTS = [
     ("fifo", "not a regular file"),
     ("world-readable file", "belongs to uid 65534"),
     ("symlinked folder", "symbolic link another user controls"),
+    ("root's own file that is not pcapng", "not a pcapng file"),  # used to be refused after the store write
 ]
 
 
@@ -76,6 +77,8 @@ PLANTS = [
 def test_pcap_target_planted_by_another_user_is_refused_before_anything_changes(host, tmp_path, sticky_dir, victim, kind, words):
     host.vtap_ok("session", "create", "base", "--to", "port:mon0")
     target = os.path.join(sticky_dir, "sub" if kind == "symlinked folder" else "", "cap.pcapng")
+    if kind == "root's own file that is not pcapng":
+        target = str(victim)
     plant(kind, target, victim)
     doc = tmp_path / "taps.yaml"
     doc.write_text(yaml.safe_dump({"sessions": [{"name": "rec", "to": f"pcap:{target}", "flows": [{"interface": "eth0"}]}]}))
