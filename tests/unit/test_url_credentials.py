@@ -56,3 +56,14 @@ def test_a_user_name_alone_is_fine_in_a_libvirt_uri(tmp_path):
 )
 def test_redact_scrubs_userinfo_and_secret_query_values_only(text, expected):
     assert redact(text) == expected
+
+
+def test_follow_log_lines_are_scrubbed(caplog):
+    """`vtap follow` puts this filter on its log handlers: a platform's own error text may carry a URL."""
+    import logging
+
+    from vtap_core.redact import RedactingFilter
+
+    caplog.handler.addFilter(RedactingFilter())
+    logging.getLogger("vtap.follow").warning("reconcile failed: %s", f"cannot reach https://root:{SECRET}@pve:8006")
+    assert SECRET not in caplog.text and "https://***@pve:8006" in caplog.text
