@@ -24,11 +24,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-import yaml
-
-from vtap_core import reconcile, registry
+from vtap_core import reconcile, registry, yamlfile
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.redact import check_url_settings, redact
+from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
@@ -67,9 +67,10 @@ class Change:
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
-        self.store = Store(state, driver=self.driver_name)
         self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.command = command or "sdk"
+        check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
+        self.store = Store(state, driver=self.driver_name)
+        self.command = redact(command or "sdk")
         self._driver = None
 
     # lifecycle ------------------------------------------------------------
@@ -95,7 +96,7 @@ class Client:
     @contextlib.contextmanager
     def lock(self):
         """Serializes changes and reconciles between vtap processes sharing a store."""
-        with open(self.store.path + ".lock", "a") as handle:
+        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -190,14 +191,8 @@ class Client:
         return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
-        try:
-            with open(path) as handle:
-                document = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ValidationError("file", f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return self.apply_document(document, prune=prune, source=path)
+        document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
+        return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
@@ -384,7 +379,10 @@ def parse_document(document) -> tuple[dict, list]:
             raise ValidationError(where, f"session {session.name!r} is listed twice")
         sessions[session.name] = session
         taken: dict = {}
-        for j, flow_entry in enumerate(entry.get("flows") or []):
+        flow_entries = entry.get("flows")
+        if flow_entries is not None and not isinstance(flow_entries, list):
+            raise ValidationError(f"{where}.flows", "must be a list of flows")
+        for j, flow_entry in enumerate(flow_entries or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")
