@@ -24,7 +24,8 @@ API (all names are device names in this namespace):
     # planning: pure, nothing changes; ValidationError for bad filters/targets
     dp.plan_interface(session, flow, device=None)            -> [Binding]  host interface semantics
     dp.plan_vm_device(session, flow, device, vm=None,
-                      target_device=None)                    -> [Binding]  a VM's host-side device
+                      target_device=None, macvtap=False)     -> [Binding]  a VM's host-side device
+        macvtap=True: the device is a macvtap, whose egress carries what the VM sends.
         session: TapSession, flow: TapFlow; device defaults to flow.source.interface.
         target_device: the device for a port:/vm: target (default: the port: name).
         The session's target binding (vxlan device, pcap sink) comes first in every
@@ -47,6 +48,7 @@ API (all names are device names in this namespace):
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
+    dp.device_kinds()     -> {device name: IFLA_INFO_KIND or None}
     dp.ifindex(name)      -> int or None
     dp.close()
 
@@ -220,8 +222,9 @@ class TcDataplane:
     def plan_interface(self, session: TapSession, flow: TapFlow, device: str | None = None) -> list[Binding]:
         return self._plan(session, flow, device or flow.source.interface, vm_port=False, vm=None, target_device=None)
 
-    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None) -> list[Binding]:
-        return self._plan(session, flow, device, vm_port=True, vm=vm, target_device=target_device)
+    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None, macvtap: bool = False) -> list[Binding]:
+        # A macvtap device transmits what its VM sends (towards the lower NIC): the hooks of a host interface.
+        return self._plan(session, flow, device, vm_port=not macvtap, vm=vm, target_device=target_device)
 
     def session_target(self, session: TapSession, target_device: str | None = None) -> tuple[list[Binding], str, str | None]:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
@@ -323,6 +326,11 @@ class TcDataplane:
     def devices(self) -> set[str]:
         with self._kernel():
             return {link["name"] for link in self._links()}
+
+    def device_kinds(self) -> dict[str, str | None]:
+        """{device name: IFLA_INFO_KIND} (None for a device without one, e.g. a physical NIC)."""
+        with self._kernel():
+            return {link["name"]: link["kind"] for link in self._links()}
 
     def _mirred_marks(self) -> set[bytes]:
         """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
