@@ -43,7 +43,9 @@ def domain(name, uuid_, nics):
     return f"<domain type='test'><name>{name}</name><uuid>{uuid_}</uuid><memory>65536</memory><os><type>hvm</type></os><devices>{nics}</devices></domain>"
 
 
-def direct_nic(mac, lower, device):
+def direct_nic(mac, lower, device, via_network=False):
+    if via_network:  # a libvirt network in macvtap mode (forward mode='bridge'): the XML says network, the kernel macvtap
+        return f"<interface type='network'><mac address='{mac}'/><source network='direct-net'/><target dev='{device}'/></interface>"
     return f"<interface type='direct'><mac address='{mac}'/><source dev='{lower}' mode='bridge'/><target dev='{device}'/></interface>"
 
 
@@ -79,8 +81,8 @@ class MacvtapLab:
             ip("link", "set", end, "addrgenmode", "none")
             ip("link", "set", end, "up")
 
-    def write_domains(self, extra_nic: str) -> None:
-        src = domain("src", SRC_UUID, direct_nic(GUEST_MAC, self.phys, self.guest) + extra_nic)
+    def write_domains(self, extra_nic: str, via_network: bool = False) -> None:
+        src = domain("src", SRC_UUID, direct_nic(GUEST_MAC, self.phys, self.guest, via_network) + extra_nic)
         mon = domain("mon", MON_UUID, direct_nic(MON_MAC, self.phys, self.mon_nic))
         self.node.write_text(f"<node>{src}{mon}</node>")
 
@@ -146,7 +148,9 @@ def drain(fd: int, marker: bytes) -> int:
         n += marker in data
 
 
-def test_macvtap_nic_out_is_what_the_guest_writes_and_in_what_it_reads(mlab, tmp_path):
+@pytest.mark.parametrize("via_network", [False, True], ids=["type-direct", "type-network"])
+def test_macvtap_nic_out_is_what_the_guest_writes_and_in_what_it_reads(mlab, tmp_path, via_network):
+    mlab.write_domains(extra_nic="", via_network=via_network)
     guest = mlab.open_guest()
     (to_sent, count_sent), (to_received, count_received) = mlab.targets["a"], mlab.targets["b"]
     sent_copies, received_copies = listen(count_sent), listen(count_received)
