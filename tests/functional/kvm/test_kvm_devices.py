@@ -221,4 +221,8 @@ def test_passthrough_nic_is_refused_at_flow_add_and_a_problem_in_status(mlab, tm
     rows = {row["flow"]: row for row in json.loads(run_vtap(mlab, state, "status", "-o", "json").stdout)}
     assert "NIC passthrough: no host-side device for NIC " + PASSTHROUGH_MAC in rows["whole"]["problem"]
     assert rows["whole"]["state"] != "active"
+    assert tc_on(mlab.guest)  # the mirror made before the passthrough NIC came ...
+    with Client(driver="kvm", state=state, uri=mlab.uri) as vtap:
+        vtap.reconcile()
+    assert tc_on(mlab.guest) == []  # ... is gone: it would have looked like the whole VM's traffic
     assert run_vtap(mlab, state, "session", "delete", "s").returncode == 0
