@@ -97,7 +97,7 @@ from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.catalog import Catalog, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
-from vtap_drivers.linux.targethealth import health as target_health
+from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
@@ -445,11 +445,11 @@ class TcDataplane:
         return target_health(source, target, underlays.get(remote))
 
     def _underlay(self, remote: str) -> tuple[str, int] | None:
-        """(device, MTU) of the route to a tunnel's remote end; None without a route."""
+        """(device, MTU) of the route to a tunnel's remote end; NO_ROUTE without one; None if unknown."""
         try:
             (route,) = self.ipr.route("get", dst=remote)
-        except NetlinkError:
-            return None  # unreachable now: the tunnel device counts what it cannot send
+        except NetlinkError as exc:
+            return NO_ROUTE if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH) else None
         link = self._link(index=route.get_attr("RTA_OIF") or 0)
         if link is None:
             return None

@@ -1,6 +1,6 @@
 """targethealth: what the link read-back says about copies reaching the target (pure: link dicts as tcnl.read_link gives)."""
 
-from vtap_drivers.linux.targethealth import health
+from vtap_drivers.linux.targethealth import NO_ROUTE, health
 
 UP = 0x1 | 0x40
 
@@ -25,3 +25,9 @@ def test_vxlan_is_judged_by_its_underlay_ipv4_and_ipv6():
     assert "eth0 MTU 1500 < 1568 bytes" in health(link("vnet0", 1500), vxlan4, ("eth0", 1500)).note
     assert "< 1588 bytes" in health(link("vnet0", 1500), vxlan6, ("eth0", 1500)).note
     assert health(link("vnet0", 1500), vxlan4, ("eth0", 1500)).cut == ""  # fragments arrive: not a cut
+
+
+def test_a_vxlan_remote_without_a_route_is_a_cut():
+    vxlan = link("vtapx1", 1500, "vxlan", remote="192.0.2.9")
+    assert "no route to VXLAN remote 192.0.2.9" in health(link("vnet0", 1500), vxlan, NO_ROUTE).cut
+    assert health(link("vnet0", 1500), vxlan, None).cut == ""  # unknown is not a verdict

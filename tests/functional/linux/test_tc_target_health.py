@@ -120,3 +120,13 @@ def test_vxlan_copies_larger_than_the_underlay_mtu_arrive_whole_and_status_notes
     row = status(lab)["f"]
     assert row["state"] == "active" and row["dropped"] == 0
     assert "VXLAN underlay u0 MTU 1400 < 1568 bytes" in row["problem"] and "IP fragments" in row["problem"]
+
+
+def test_a_vxlan_target_without_a_route_to_its_remote_is_degraded(lab):
+    lab.standard()  # no address, no route: 10.79.0.2 is unreachable from this namespace
+    vtap(lab, "session", "create", "t", "--to", "vxlan://10.79.0.2?vni=78")
+    vtap(lab, "flow", "add", "t", "--interface", "src0", "--direction", "in", "--name", "f")
+    lab.send("peer0", frames(new_marker(), 100, 3))
+    row = status(lab)["f"]
+    assert row["state"] == "degraded" and "no route to VXLAN remote 10.79.0.2" in row["problem"]
+    assert row["packets"] == 3 and row["target_tx_dropped"] + row["target_tx_errors"] >= 3
