@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from vtap_core import reconcile, registry, yamlfile
+from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
 from vtap_core.redact import check_url_settings, redact
@@ -42,12 +43,15 @@ class FlowStatus:
     source: str
     direction: str
     target: str
-    state: str  # active | partial | missing | inactive (nothing to do here now) | disabled
+    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled
     desired: int  # platform objects this flow needs now
     observed: int  # of those, present and right
     packets: int
     bytes: int
     problem: str = ""
+    dropped: int = 0  # copies the target did not take (packets counts every copy made)
+    target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
+    target_tx_errors: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -246,6 +250,10 @@ class Client:
                 state = "active"
             else:
                 state = "partial" if present else "missing"
+            dropped, target, trouble = _target_side(counters)
+            if state == "active" and target.cut:
+                state = "degraded"  # active means delivered: some of these copies cannot be
+            problem = why.get((flow.session, flow.name), why.get((flow.session, None), ""))
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -258,7 +266,10 @@ class Client:
                     observed=len(present),
                     packets=sum(c.packets for c in counters),
                     bytes=sum(c.bytes for c in counters),
-                    problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                    problem="; ".join(p for p in (problem, *trouble) if p),
+                    dropped=dropped,
+                    target_tx_dropped=target.tx_dropped,
+                    target_tx_errors=target.tx_errors,
                 )
             )
         return rows
@@ -409,3 +420,15 @@ def _no_unknown_keys(where: str, mapping: dict, allowed: set):
         if key not in allowed:
             raise ValidationError(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
 
+
+def _target_side(counters) -> tuple[int, TargetHealth, list[str]]:
+    """(copies dropped, the flow's target devices with their counters summed, problem texts)."""
+    targets = {c.target.device: c.target for c in counters if c.target is not None}  # one per device, however many hooks
+    dropped = sum(c.dropped for c in counters)
+    device = ", ".join(sorted(targets))
+    cut = "; ".join(dict.fromkeys(t.cut for t in targets.values() if t.cut))
+    notes = list(dict.fromkeys(t.note for t in targets.values() if t.note))
+    # dropped counts since the mirror was made: shown, but only a cut that holds now makes the flow degraded
+    trouble = ([cut] if cut else []) + ([f"{dropped} copies dropped at target {device} since the mirror was made"] if dropped else []) + notes
+    total = TargetHealth(device, sum(t.tx_dropped for t in targets.values()), sum(t.tx_errors for t in targets.values()), cut=cut)
+    return dropped, total, trouble
