@@ -97,7 +97,7 @@ def cmd_hook(args, ctx):
         client = ctx.client(DRIVER)
         desired_state = _desired_state(client)
     except Exception as exc:  # noqa: BLE001 - even a broken configuration must not fail a VM start
-        if strict:
+        if strict and args.phase == "pre-start":  # the only phase whose failure PVE acts on
             raise
         import sys
 

@@ -70,6 +70,7 @@ def cli_env(cluster, node, tmp_path, **more):
     config = tmp_path / "empty-config.toml"
     config.touch()
     env = dict(os.environ)
+    env["PATH"] = f"{vtap_command(tmp_path).parent}:{env['PATH']}"
     env.update(
         VTAP_CONFIG=str(config),
         VTAP_DRIVER="proxmox",
@@ -83,6 +84,19 @@ def cli_env(cluster, node, tmp_path, **more):
     )
     env.update({k: str(v) for k, v in more.items()})
     return env
+
+
+def vtap_command(tmp_path):
+    """A `vtap` command running this checkout with this interpreter: the hookscript looks vtap up on PATH."""
+    import sys
+    from pathlib import Path
+
+    path = Path(tmp_path) / "bin" / "vtap"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"#!/bin/sh\nexec {sys.executable} -m vtap_cli.main \"$@\"\n")
+        path.chmod(0o755)
+    return path
 
 
 def vtap(env, *args, timeout=60):
