@@ -137,7 +137,7 @@ def install(driver, storage: str, vmids=None, all_vms: bool = False, strict: boo
             if vmid not in known:
                 raise NotFound(f"vm: PVE lists no VM {vmid}")
             chosen.append(known[vmid])
-    configs = {vm.vmid: api.get(f"nodes/{vm.node}/qemu/{vm.vmid}/config") for vm in chosen}
+    configs = {vm.vmid: api.get(f"nodes/{vm.node}/{vm.kind}/{vm.vmid}/config") for vm in chosen}
     for vm in chosen:
         current = configs[vm.vmid].get("hookscript")
         if current and current != volume:
@@ -149,12 +149,12 @@ def install(driver, storage: str, vmids=None, all_vms: bool = False, strict: boo
     try:
         for vm in chosen:
             if configs[vm.vmid].get("hookscript") != volume:
-                api.put(f"nodes/{vm.node}/qemu/{vm.vmid}/config", hookscript=volume)
+                api.put(f"nodes/{vm.node}/{vm.kind}/{vm.vmid}/config", hookscript=volume)
                 done.append(vm)
     except VtapError as exc:
         for vm in done:
             try:
-                api.put(f"nodes/{vm.node}/qemu/{vm.vmid}/config", delete="hookscript")
+                api.put(f"nodes/{vm.node}/{vm.kind}/{vm.vmid}/config", delete="hookscript")
             except VtapError:
                 pass
         if created:

@@ -44,6 +44,12 @@ class FakeCluster:
             config["smbios1"] = f"uuid={uuid.uuid5(uuid.NAMESPACE_DNS, f'vm{vmid}')}"
         return self.pve.add_vm(vmid, name, node=node, status=status, config=config)
 
+    def add_ct(self, vmid, name, node, nics=1, status="running"):
+        """An LXC container (no smbios1: its identity is the vmid), NICs as pve-container writes them."""
+        config = {f"net{i}": f"name=eth{i},bridge=vmbr0,hwaddr=BC:24:11:{vmid // 100:02X}:{vmid % 100:02X}:{i:02X},ip=dhcp,type=veth"
+                  for i in range(nics)}
+        return self.pve.add_ct(vmid, name, node=node, status=status, config=config)
+
     def settings(self, node, **more):
         base = dict(url=self.url, user="root@pam", password=PASSWORD, cafile=self.cafile, node=node)
         base.update(more)
@@ -134,9 +140,10 @@ class NodeNamespace:
     def run(self, *args, check=True):
         return sh("ip", "netns", "exec", self.name, *args, check=check)
 
-    def add_tap(self, vmid, index=0, firewall=False):
-        """The tap PVE makes when the VM starts here; with firewall=1, behind fwbr<vmid>i<n>."""
-        tap, peer = f"tap{vmid}i{index}", f"vm{vmid}i{index}"
+    def add_tap(self, vmid, index=0, firewall=False, prefix="tap"):
+        """The tap PVE makes when the VM starts here (prefix "veth": a container's veth); with firewall=1,
+        behind fwbr<vmid>i<n>."""
+        tap, peer = f"{prefix}{vmid}i{index}", f"vm{vmid}i{index}"
         self.run("ip", "link", "add", tap, "type", "veth", "peer", "name", peer)
         for dev in (tap, peer):
             self.run("ip", "link", "set", dev, "up")

@@ -40,10 +40,10 @@ def test_migrated_vm_loses_its_tap_on_the_source_and_gets_it_on_the_destination(
     assert "node pve2: applied 1, removed 0" in logs["pve2"][1]
 
 
-def install_snippet(cluster, tmp_path, env):
+def install_snippet(cluster, tmp_path, env, vmid=100):
     folder = tmp_path / "snip-storage"
     cluster.pve.storages["snip"] = {"type": "dir", "path": str(folder), "content": "snippets", "active": 1, "files": set()}
-    result = vtap(env, "hook", "install", "--vm", "100", "--storage", "snip")
+    result = vtap(env, "hook", "install", "--vm", str(vmid), "--storage", "snip")
     assert result.returncode == 0, result.stderr
     return str(folder / "snippets" / "vtap-hook.sh")
 
