@@ -48,11 +48,11 @@ def run_hook(driver, desired_state, vmid: int, phase: str) -> str:
         return f"VM {vmid} pre-start: ready (taps follow at post-start)"
     sessions, flows = desired_state.load()
     resolved = getattr(desired_state, "resolved", None)
-    if resolved is not None:  # the published document: no API request
+    if resolved or (resolved is not None and not flows):  # the published document: no API request
         from vtap_drivers.proxmox.hook_plan import apply_guest, remove_guest
 
         plan = apply_guest(driver, resolved, sessions, flows, vmid) if phase == "post-start" else remove_guest(driver, resolved, vmid)
-    else:  # a single node without a shared document: ask the API
+    else:  # a single node without a shared document (or one an older vtap wrote): ask the API
         # PVE calls us before /cluster/resources shows the change: trust the phase for this VM.
         driver.placement_override[vmid] = driver.node if phase == "post-start" else None
         driver.refresh(force={vmid})
