@@ -191,3 +191,21 @@ def test_ovs_33rd_session_on_a_bridge_is_refused(libvirt_host, ovs, ovs_lan, gue
         for i in range(33):
             vtap.delete_session(f"s{i:02}")
         assert mirror_rows(ovs, ovs_lan.bridge) == {}
+
+
+def test_ovs_direction_in_is_select_dst_port_and_copies_what_the_guest_receives(libvirt_host, ovs, ovs_lan, guests, tmp_path):
+    """OVS's select_dst_port = packets the bridge sends out of the port = what the VM receives (`in`)."""
+    from vtap_core.client import Client
+
+    dom, (mac,) = guests.start(ovs_lan, 13, ovs=True)
+    (device,) = host_devices(dom)
+    with Client(driver="kvm", state=str(tmp_path / "vtap.db"), uri=libvirt_host.uri, ovsdb=ovs.remote) as vtap:
+        vtap.create_session("ovsin", to=f"port:{ovs_lan.monitor}", backend="ovs")  # tapped while it boots (see above)
+        vtap.add_flow("ovsin", vm=dom.UUIDString(), direction="in")
+        ((src, dst, _),) = mirror_rows(ovs, ovs_lan.bridge).values()
+        assert (src, dst) == (set(), {device})
+        wait_sending(device)
+        counts = lab.count_frames(ovs_lan.counter, mac, 30, until=("in", 5))
+        assert counts["in"] >= 5, counts  # the peer's echo replies to the guest
+        assert counts["out"] == 0, counts  # nothing the guest sent
+        vtap.delete_session("ovsin")
