@@ -13,6 +13,7 @@ import logging
 
 from vtap_core import reconcile
 from vtap_core.errors import NotFound, Unsupported, ValidationError
+from vtap_drivers.proxmox.resolve import find_vm, target_nic
 
 log = logging.getLogger("vtap.proxmox.hook")
 
@@ -27,14 +28,11 @@ def resolution(vms, sessions, flows, resolve) -> dict:
         except (NotFound, ValidationError):
             continue  # not realizable now: the agent reports it
         by_flow[flow.name] = {"vmid": vm.vmid, "identity": vm.identity, "devices": [vm.device(n) for n in nics]}
-    by_name = {vm.vmid: vm for vm in vms}
     for session in sessions:
         if session.target.kind == "vm":
-            from vtap_drivers.proxmox.resolve import find_vm, target_nic
-
             try:
                 monitor = find_vm(vms, session.target.vm)
-                targets[session.name] = {"vmid": monitor.vmid, "device": by_name[monitor.vmid].device(target_nic(monitor, session.target.mac))}
+                targets[session.name] = {"vmid": monitor.vmid, "device": monitor.device(target_nic(monitor, session.target.mac))}
             except (NotFound, ValidationError):
                 continue
     return {"flows": by_flow, "targets": targets}
@@ -71,9 +69,9 @@ def guest_bindings(dataplane, resolved: dict, sessions, flows, vmid: int, proble
 
 def apply_guest(driver, resolved: dict, sessions, flows, vmid: int) -> reconcile.Plan:
     """post-start: add this guest's missing bindings (and replace wrong ones); nothing else is removed."""
-    problems: list = []
     from vtap_drivers.linux.dataplane import unique
 
+    problems: list = []
     wanted = unique(guest_bindings(driver.dataplane, resolved, sessions, flows, vmid, problems))
     plan = reconcile.diff(wanted, driver.observe())
     keys = {b.key for b in wanted}

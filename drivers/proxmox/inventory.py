@@ -1,11 +1,12 @@
 """What runs where on a PVE cluster, kept cheap to poll.
 
-One poll costs /cluster/resources?type=vm plus this node's task list. That list has VMs (type qemu) and
-LXC containers (type lxc) alike; a config is read from /nodes/{node}/qemu|lxc/{vmid}/config. A VM's config (smbios1 UUID,
-netN NICs) is fetched only when the VM is new, when its line in /cluster/resources changed (node,
-status, lock, name, sizes), when a task on this node touched it (qmstart, qmconfig, qmigrate...), or
-when this node's copy is older than `config_refresh` seconds (catches a synchronous config PUT, the
-one change that leaves no trace in either list). So an unchanged cycle is 2 requests, not O(VMs).
+One poll costs /cluster/resources?type=vm plus this node's task list. That list has VMs (type qemu)
+and LXC containers (type lxc) alike; a guest's config comes from /nodes/{node}/qemu|lxc/{vmid}/config.
+A guest's config (smbios1 UUID, netN NICs) is fetched only when the guest is new, when its line in
+/cluster/resources changed (node, status, lock, name, sizes), when a task on this node touched it
+(qmstart, qmconfig, qmigrate...), or when this node's copy is older than `config_refresh` seconds
+(catches a synchronous config PUT, the one change that leaves no trace in either list). So an
+unchanged cycle is 2 requests, not O(VMs).
 
 The cache is also kept on disk in the state folder, so a short-lived `vtap hook` or `vtap vm list`
 does not fetch every config again.
