@@ -28,7 +28,7 @@ from vtap_drivers.kvm import DEFAULT_URI
 from vtap_drivers.kvm.connection import Libvirt
 from vtap_drivers.kvm.devices import MACVTAP, PASSTHROUGH, device_kind, no_host_device
 from vtap_drivers.kvm.domains import vm_of
-from vtap_drivers.kvm.ovs import Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_binding
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
 TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
@@ -124,7 +124,32 @@ class KvmDriver(Driver):
                         bindings.extend(self._ovs_mirror(session, flow, vm, nic.device, target_device))
                     else:
                         bindings.extend(self.tc.plan_vm_device(session, flow, nic.device, vm=vm.uuid, target_device=target_device, macvtap=kind == MACVTAP))
+        self._check_mirror_limit(sessions, bindings)
         return unique(bindings)
+
+    def _check_mirror_limit(self, sessions, bindings) -> None:
+        """One OVS Mirror per session and bridge: refuse a plan that needs more than a bridge can hold.
+
+        Counted per bridge: mirrors that are not vtap's, vtap's mirrors of sessions this plan does
+        not cover (the others, when a change is validated alone), and this plan's sessions there.
+        """
+        planned: dict[str, set[str]] = {}
+        for binding in bindings:
+            if binding.key.startswith("ovs/") and binding.flow is not None:
+                planned.setdefault(binding.get("bridge"), set()).add(binding.session)
+        if not planned:
+            return
+        names = {s.name for s in sessions}
+        use = self.ovs.mirror_use()
+        for bridge, mine in sorted(planned.items()):
+            foreign, existing = use.get(bridge, (0, set()))
+            needed = foreign + len(existing - names) + len(mine)
+            if needed > MAX_MIRRORS:
+                raise ValidationError(
+                    "session",
+                    f"Open vSwitch bridge {bridge} would need {needed} mirrors ({foreign} not vtap's), at most {MAX_MIRRORS} are allowed: "
+                    f"vtap uses one per session and bridge, so add these flows to an existing session or use --backend tc",
+                )
 
     def _source_vm(self, flow: TapFlow, by_uuid: dict, by_name: dict) -> VM:
         name = flow.source.vm

@@ -76,20 +76,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELQDISC,
-    RTM_DELTFILTER,
-    RTM_GETACTION,
-    RTM_GETLINK,
-    RTM_GETQDISC,
-    RTM_GETTFILTER,
-    RTM_NEWQDISC,
-    RTM_NEWTFILTER,
-)
-
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
 from vtap_core.filters import compile_filter, with_sampling
@@ -108,6 +94,21 @@ VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
+# linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
+# family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
+# post-start, inside PVE's `qm start`, must stay fast.
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 18, 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER, RTM_GETACTION = 44, 45, 46, 50
+
+
+def _netlink_error():
+    """pyroute2's NetlinkError class (imported when an error is being handled, not before)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
@@ -268,9 +269,11 @@ class TcDataplane:
         return self._nl
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self):
         """pyroute2's socket: creating, changing and deleting vtap's own devices (rare)."""
         if self._ipr is None:
+            from pyroute2 import IPRoute
+
             try:
                 # flags=0: use the namespace, never create it
                 self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
@@ -284,9 +287,10 @@ class TcDataplane:
         with self._lock:
             try:
                 yield
-            except (NetlinkFailure, NetlinkError, OSError) as exc:
-                code = getattr(exc, "code", None) if isinstance(exc, (NetlinkFailure, NetlinkError)) else exc.errno
-                if not isinstance(exc, (NetlinkFailure, NetlinkError)) and code not in BUSY:
+            except (NetlinkFailure, OSError, _netlink_error()) as exc:
+                netlink = isinstance(exc, (NetlinkFailure, _netlink_error()))
+                code = getattr(exc, "code", None) if netlink else exc.errno
+                if not netlink and code not in BUSY:
                     raise
                 self.close()  # a socket may hold half a reply now: start afresh next time
                 where = f" in netns {self.netns}" if self.netns else ""
@@ -559,7 +563,7 @@ class TcDataplane:
             # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
             self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
             self.ipr.link("set", ifname=name, ifalias=alias, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if binding.get("type") == "vxlan" and exc.code == errno.EEXIST:
                 raise OperationFailed(
                     f"vxlan target vni {binding.get('vni')} port {binding.get('port')}: another VXLAN device here already uses that VNI and port"
@@ -696,7 +700,7 @@ class TcDataplane:
             return  # gone, someone else's, or a newer spec of ours
         try:
             self.ipr.link("del", index=link["index"])
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
 
