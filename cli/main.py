@@ -326,6 +326,7 @@ def cmd_follow(args, ctx):
         raise_usage("interval", f"{args.interval} must be more than 0 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vtap follow: %(message)s", stream=sys.stderr)
     client = ctx.client()
+    client.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
     metrics = None
     if args.metrics_port is not None:
         from vtap_core.metrics import PrometheusMetrics
