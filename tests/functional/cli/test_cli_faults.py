@@ -189,6 +189,22 @@ def test_a_delete_killed_before_its_qdiscs_leaves_no_empty_clsact(host, tmp_path
     assert status(host) == []
 
 
+def test_a_flow_delete_killed_after_its_store_write_is_finished_by_deleting_again(host):
+    host.vtap_ok("session", "create", "web", "--to", "port:mon0")
+    host.vtap_ok("flow", "add", "web", "--interface", "eth0", "--direction", "in", "--name", "eth")
+    host.vtap_ok("flow", "add", "web", "--interface", "wire0", "--direction", "in", "--name", "wire")
+    victim = step_until(vtap_command(host, "flow", "delete", "eth"), lambda: audit_rows(host) == 4, slice=0.0001)
+    assert victim is not None
+    kill(victim)
+    assert [f["name"] for f in host.store()[1]] == ["wire"]
+    assert vtap_filters(host, ["eth0"]), "the kill should land before the kernel lost the filter"
+    assert {(row["flow"], row["state"]) for row in status(host)} == {("eth", "orphan"), ("wire", "active")}
+    assert "already deleted" in host.vtap_ok("flow", "delete", "eth")
+    assert vtap_filters(host, ["eth0"]) == {}
+    assert len(vtap_filters(host, ["wire0"])) == 1
+    assert [(row["flow"], row["state"]) for row in status(host)] == [("wire", "active")]
+
+
 # ---------------------------------------------------------------- 7: a full disk
 
 
