@@ -489,9 +489,17 @@ class TcDataplane:
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
             except Exception:
                 self._remove(list(reversed(done)), catalog)
+                self._forget_qdiscs_never_added(catalog)
                 catalog.save_or_keep()
                 raise
             catalog.save()
+
+    def _forget_qdiscs_never_added(self, catalog: Catalog) -> None:
+        """prepare() named clsact qdiscs this failed apply did not get to add: they are not vtap's."""
+        present = self._clsact_indexes()
+        for device, ifindex in list(catalog.qdiscs.items()):
+            if ifindex not in present:
+                catalog.qdiscs.pop(device)
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
