@@ -5,7 +5,7 @@ driver's events are only hints about where to look. Hints are coalesced per
 VM (a burst of ten events for one VM is one reconcile) and worked off by a
 single worker, so work for one VM is serialized. Temporary errors are
 retried with backoff; anything else is logged and the next resync tries
-again, except a store replaced, deleted or emptied under the follower: that
+again, except a store replaced, deleted, emptied or upgraded under the follower: that
 stops it (StoreChanged) with the platform left as it is, since following
 either file could remove mirrors someone still wants.
 """

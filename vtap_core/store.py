@@ -132,7 +132,7 @@ class Store:
         return status.st_dev, status.st_ino
 
     def check_identity(self) -> None:
-        """Raise StoreChanged unless the path still names the file this store opened, with content."""
+        """Raise StoreChanged unless the path still names the file this store opened, with content of a schema we know."""
         try:
             status = os.stat(self.path)
         except FileNotFoundError:
@@ -141,6 +141,9 @@ class Store:
             raise StoreChanged(f"store {self.path} was replaced by another file while vtap had it open; nothing was changed")
         if status.st_size == 0:
             raise StoreChanged(f"store {self.path} was emptied (0 bytes) while vtap had it open; nothing was changed")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreChanged(f"store {self.path} was upgraded to schema version {version} by a newer vtap while this one had it open; nothing was changed")
 
     def check_writable(self) -> None:
         if self.read_only:

@@ -75,7 +75,7 @@ def test_a_damaged_store_names_its_path_and_what_to_do(state_path):
     assert state_path in str(caught.value)
 
 
-@pytest.mark.parametrize("how", ["replaced", "deleted", "emptied"])
+@pytest.mark.parametrize("how", ["replaced", "deleted", "emptied", "upgraded"])
 def test_a_store_replaced_deleted_or_emptied_is_noticed(state_path, tmp_path, how):
     store = Store(state_path)
     store.check_identity()
@@ -84,7 +84,10 @@ def test_a_store_replaced_deleted_or_emptied_is_noticed(state_path, tmp_path, ho
         os.rename(tmp_path / "other.db", state_path)
     elif how == "deleted":
         os.unlink(state_path)
-    else:
+    elif how == "emptied":
         os.truncate(state_path, 0)
+    else:
+        with sqlite3.connect(state_path) as db:
+            db.execute("PRAGMA user_version=2")
     with pytest.raises(StoreChanged, match=f"was {how}"):
         store.check_identity()
