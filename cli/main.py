@@ -332,6 +332,7 @@ def cmd_follow(args, ctx):
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     client = ctx.client()
+    client.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
     metrics = None
     if args.metrics_port is not None:
         from vtap_core.metrics import PrometheusMetrics

@@ -10,10 +10,14 @@
         vtap.delete_session("web")
 
 Every change is validated completely (model, then the driver's plan for the
-would-be desired state) before anything is written; then the store is
-written and the platform reconciled. If the platform fails half-way, the
-store is put back and the platform reconciled to the previous state: all or
-nothing per call. Each change appends one audit row.
+would-be desired state) before anything is written. Then the writes that need
+disk space come first, while nothing has changed yet: the driver's own record
+of what it will add (the tc catalog), then the store. Only then is the
+platform reconciled; if it fails half-way, the store is put back and the
+platform reconciled to the previous state: all or nothing per call, and a
+write that fails never costs a working mirror. Each change appends one audit
+row. Whatever an interrupted run left that no desired flow wants (an orphan)
+is shown by status and removed by every reconcile.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class FlowStatus:
     source: str
     direction: str
     target: str
-    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled
+    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled | orphan
     desired: int  # platform objects this flow needs now
     observed: int  # of those, present and right
     packets: int
@@ -144,6 +148,9 @@ class Client:
         return self._change(f"session create {name}", mutate, f"session {name} created")
 
     def delete_session(self, name) -> Change:
+        if not self.store.has_session(name):
+            return self._remove_leftovers("session", name, lambda b: b.session == name)
+
         def mutate(sessions, flows):
             if name not in sessions:
                 raise NotFound(f"session {name!r} does not exist")
@@ -187,6 +194,9 @@ class Client:
         return change
 
     def delete_flow(self, name) -> Change:
+        if not self.store.has_flow(name):
+            return self._remove_leftovers("flow", name, lambda b: b.flow == name)
+
         def mutate(sessions, flows):
             if name not in flows:
                 raise NotFound(f"flow {name!r} does not exist")
@@ -223,7 +233,9 @@ class Client:
         return self._change(f"apply {source}" + (" --prune" if prune else ""), mutate, f"applied {source}")
 
     def reconcile(self, scope: str | None = None) -> reconcile.Plan:
+        self.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
         with self.lock():
+            self.store.check_identity()
             sessions, flows = self.store.snapshot()
             return reconcile.reconcile(self.driver, sessions, flows, scope)
 
@@ -237,6 +249,11 @@ class Client:
         observed = {b.key: b for b in self.driver.observe()}
         why = {(s, f): text for s, f, text in problems}
         rows = []
+        wanted = {b.key for b in desired}
+        orphans: dict = {}
+        for binding in observed.values():
+            if binding.key not in wanted:
+                orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
         for flow in flows:
             session = sessions[flow.session]
             mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
@@ -272,6 +289,7 @@ class Client:
                     target_tx_errors=target.tx_errors,
                 )
             )
+        rows.extend(_orphan_row(session, flow, found) for (session, flow), found in sorted(orphans.items()))
         return rows
 
     # internals ------------------------------------------------------------
@@ -283,17 +301,24 @@ class Client:
 
     def _change(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
+        self.store.check_writable()
         with self.lock():
+            self.store.check_identity()
             before_sessions, before_flows = self.store.snapshot()
             sessions = {s.name: s for s in before_sessions}
             flows = {f.name: f for f in before_flows}
             change = mutate(sessions, flows)
             touched = _touched_sessions(change, sessions)
-            self._validate(sessions, flows, touched)
+            self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
-            with self.store.transaction():
-                self.store.replace_all(*after)
-                self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            try:
+                # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
+                self._prepare(*after)
+                with self.store.transaction():
+                    self.store.replace_all(*after)
+                    self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            except OperationFailed as exc:
+                raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
                 plan = self._realize(*after)
             except Exception as exc:
@@ -313,40 +338,111 @@ class Client:
             publish(sessions, flows)
         return reconcile.reconcile(self.driver, sessions, flows)
 
-    def _validate(self, sessions: dict, flows: dict, touched: set[str]):
-        """The driver must be able to realize what this call touches, beside everything else."""
+    def _validate(self, sessions: dict, flows: dict, touched: set[str], before: dict):
+        """The driver must be able to realize what this call touches, beside everything else.
+
+        Flows already in the store that cannot be realized now (their interface was
+        deleted since) are problems shown by status, not this call's fault: they never
+        block adding or changing other flows.
+        """
         if not touched:
             return
         mine = [f for f in flows.values() if f.session in touched]
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
-        self.driver.plan([sessions[n] for n in touched], mine)
+        new = {f.name for f in mine if before.get(f.name) != f}
+        self.driver.plan([sessions[n] for n in touched], [f for f in mine if f.name in new])
+        everything = list(flows.values())
         try:
-            self.driver.plan(list(sessions.values()), list(flows.values()))
-        except (ValidationError, NotFound, Unsupported) as conflict:
-            # Either the change clashes with the rest (a VNI used twice), or the rest
-            # cannot be planned on its own (a source vanished): only the first is this call's fault.
-            others = [s for s in sessions.values() if s.name not in touched]
-            try:
-                self.driver.plan(others, [f for f in flows.values() if f.session not in touched])
-            except (ValidationError, NotFound, Unsupported):
-                return
-            raise conflict
+            self.driver.plan(list(sessions.values()), everything)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        realizable = [f for f in everything if f.name in new or self._plans(sessions[f.session], f)]
+        try:
+            self.driver.plan(list(sessions.values()), realizable)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        # Either the change clashes with the rest (a VNI used twice), or the rest
+        # cannot be planned on its own (a target vanished): only the first is this call's fault.
+        others = [s for s in sessions.values() if s.name not in touched]
+        try:
+            self.driver.plan(others, [f for f in realizable if f.session not in touched])
+        except (ValidationError, NotFound, Unsupported):
+            return
+        raise conflict
+
+    def _plans(self, session: TapSession, flow: TapFlow) -> bool:
+        try:
+            self.driver.plan([session], [flow])
+        except (ValidationError, NotFound, Unsupported):
+            return False
+        return True
+
+    def _prepare(self, sessions, flows):
+        """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now."""
+        prepare = getattr(self.driver, "prepare", None)
+        if prepare is not None:
+            prepare(reconcile.desired_bindings(self.driver, sessions, flows))
 
     def _roll_back(self, sessions, flows):
-        with self.store.transaction():
-            self.store.replace_all(sessions, flows)
-            self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        try:
+            with self.store.transaction():
+                self.store.replace_all(sessions, flows)
+                self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        except OperationFailed as exc:
+            # The platform still goes back to the previous state: a failed write must not cost working mirrors.
+            print(f"vtap: the store could not be put back and still holds the failed change ({exc}): free the space, then run `vtap apply` or `vtap follow`", file=sys.stderr)
         try:
             self._realize(sessions, flows)
         except Exception as exc:  # the original error is the one to report
             print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
+
+    def _remove_leftovers(self, kind: str, name: str, belongs) -> Change:
+        """Delete of a name the store no longer has: a run killed part way may have left its mirrors.
+
+        Removing them is a reconcile (which removes every orphan of this store);
+        without any, the name simply does not exist.
+        """
+        # Only a name the audit log knows can have left something (a plain typo reads nothing).
+        if not self.store.in_audit(name) or not any(belongs(b) for b in self.driver.observe()):
+            raise NotFound(f"{kind} {name!r} does not exist")
+        self.store.check_writable()
+        with self.lock():
+            self.store.check_identity()
+            sessions, flows = self.store.snapshot()
+            plan = self._realize(sessions, flows)
+            with self.store.transaction():
+                self.store.record(
+                    self.command if self.command != "sdk" else f"sdk: {kind} delete {name}",
+                    {f"removed leftovers of {kind}": name, "removed": len(plan.remove)},
+                )
+        return Change(f"{kind} {name} was already deleted; removed what an interrupted run left ({len(plan.remove)} platform objects removed)", plan)
 
     @staticmethod
     def _describe(message: str, plan: reconcile.Plan) -> str:
         if plan.add or plan.remove:
             return f"{message} ({len(plan.add)} platform objects added, {len(plan.remove)} removed)"
         return f"{message} (nothing to change on this host now)"
+
+
+def _orphan_row(session: str, flow: str, found: list) -> FlowStatus:
+    counters = [b.counters for b in found if b.counters is not None]
+    devices = sorted({str(b.get("device")) for b in found if b.get("device")})
+    return FlowStatus(
+        session=session,
+        flow=flow,
+        source=", ".join(devices) or "-",
+        direction="-",
+        target="-",
+        state="orphan",
+        desired=0,
+        observed=len(found),
+        packets=sum(c.packets for c in counters),
+        bytes=sum(c.bytes for c in counters),
+        problem="left by an interrupted vtap run, wanted by nothing in the store: the next vtap change or `vtap follow` removes it",
+    )
 
 
 def _touched_sessions(change: dict, sessions: dict) -> set[str]:

@@ -4,6 +4,9 @@ The kernel holds only a 16-byte mark (a tc action cookie, a device alias);
 the catalog maps each mark back to the Binding (key and spec) it stands for,
 so observe() can return what plan() returned. It is written before anything
 is put in the kernel, so whatever a killed process left is still named here.
+A command names everything it will add first (TcDataplane.prepare), so a full
+disk fails it before the kernel is touched; saving unchanged content writes
+nothing, and a file naming more than the kernel holds is always safe.
 
 One JSON file per namespace in the state dir. The same file's flock also
 serializes apply/remove between vtap processes (a CLI command and a follower).
@@ -11,9 +14,11 @@ serializes apply/remove between vtap processes (a CLI command and a follower).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from contextlib import contextmanager
 
@@ -25,6 +30,7 @@ MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
 GENERATION_HEAD = '{"generation": "'
 GENERATION_LENGTH = 16
+log = logging.getLogger("vtap.catalog")
 
 
 def store_prefix(state_dir: str) -> bytes:
@@ -86,6 +92,8 @@ class Catalog:
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
         self._generation = None  # of the file as last read or written
+        self._changed = False  # bindings differ from the file's
+        self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
         self._hooks = None  # mirror_hooks(), computed once per content
 
     # ------------------------------------------------------------ file
@@ -106,14 +114,27 @@ class Catalog:
         self.bindings = data.get("bindings", {})
         self.qdiscs = data.get("qdiscs", {})
         self._generation = data.get("generation")
+        self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
         self._hooks = None
         return self
 
     def save(self) -> None:
+        """Write the file if its content changed; a failed write leaves the old file and no temporary."""
+        if not self._changed and self.qdiscs == self._saved_qdiscs:
+            return
         generation = os.urandom(GENERATION_LENGTH // 2).hex()
         # The generation first, so load() can tell an unchanged file from its first bytes.
         write_private(self.path, json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
         self._generation = generation
+        self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
+
+    def save_or_keep(self) -> None:
+        """save(), after the kernel lost things: if the write fails, the old file names more, which is safe."""
+        try:
+            self.save()
+        except OSError as exc:
+            self._generation = None  # memory differs from the file: read it again next time
+            log.warning("%s: kept as it was (%s); it still names mirrors already removed", self.path, exc.strerror or exc)
 
     @contextmanager
     def locked(self, shared: bool = False):
@@ -123,16 +144,30 @@ class Catalog:
         kernel half way through another process's apply (and takes that one's
         new mirrors for orphans).
         """
-        fd = open_private(self.path + ".lock", os.O_RDWR | os.O_CREAT)
+        fd = self._open_lock(shared)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             self.load()
             yield self
         except BaseException:
             self._generation = None  # memory may hold changes the file does not: read it again next time
             raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+
+    def _open_lock(self, shared: bool) -> int | None:
+        try:
+            return open_private(self.path + ".lock", os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            if not shared or exc.errno not in (errno.EROFS, errno.EACCES):
+                raise
+        # A read-only state dir (status of a read-only store): nobody can change the catalog, so reading needs no lock.
+        try:
+            return open_private(self.path + ".lock", os.O_RDONLY)
+        except OSError:
+            return None
 
     # ------------------------------------------------------------ marks
 
@@ -152,8 +187,10 @@ class Catalog:
     def remember(self, binding: Binding, ifindex: int | None = None) -> bytes:
         """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
         mark = self.mark_of(binding)
-        self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
-        self._hooks = None
+        entry = dict(_to_dict(binding), ifindex=ifindex)
+        if self.bindings.get(mark.hex()) != entry:
+            self.bindings[mark.hex()] = entry
+            self._changed, self._hooks = True, None
         return mark
 
     def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, Binding]]:
@@ -176,8 +213,8 @@ class Catalog:
         return {bytes.fromhex(mark) for mark in self.bindings}
 
     def forget(self, mark: bytes) -> None:
-        self.bindings.pop(mark.hex(), None)
-        self._hooks = None
+        if self.bindings.pop(mark.hex(), None) is not None:
+            self._changed, self._hooks = True, None
 
     def binding(self, mark: bytes) -> Binding | None:
         data = self.bindings.get(mark.hex())

@@ -45,7 +45,10 @@ API (all names are device names in this namespace):
     dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes,
                              copies the target refused, the target's health: targethealth.py);
                              drifted ones (target device recreated, vxlan changed) differ in spec;
-                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
+                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
+                             a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
+    dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
+                          fails here, before anything in the kernel changed
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
@@ -390,10 +393,12 @@ class TcDataplane:
             if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
                 links.update((link["index"], link) for link in self._links())
             out = []
+            used = set()  # devices holding a vtap filter
             for (ifindex, hook), wanted in hooks.items():
                 for found in self._filters(ifindex, hook):
                     if found.mark not in wanted:
                         continue
+                    used.add(ifindex)
                     binding = wanted[found.mark]
                     # The target device may have gone or been recreated: then the spec shows it.
                     actual = name_of(found.to_index) or ""
@@ -407,7 +412,24 @@ class TcDataplane:
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))
+            out.extend(self._unused_clsacts(catalog, used))
             return out
+
+    def _unused_clsacts(self, catalog, used: set) -> list[Binding]:
+        """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
+
+        Only devices without a vtap filter are looked at, so this costs nothing while mirrors are in place.
+        """
+        candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used}
+        if not candidates:
+            return []
+        present = self._clsact_indexes()
+        out = []
+        for device, ifindex in sorted(candidates.items()):
+            if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):
+                spec = (("type", "clsact"), ("device", device), ("ifindex", ifindex))
+                out.append(Binding(key=f"clsact/{self._ns_key}{device}", session="?", spec=spec, order=0))
+        return out
 
     def _observe_devices(self, catalog) -> list[Binding]:
         from vtap_drivers.linux.capture import running_captures
@@ -469,6 +491,31 @@ class TcDataplane:
 
     # ------------------------------------------------------------ apply
 
+    def prepare(self, bindings) -> None:
+        """Name now, in the catalog, every mark and clsact qdisc apply(bindings) would add.
+
+        The catalog is the only file apply writes. Written here, before the store
+        and the kernel, a full disk fails the command while nothing has changed;
+        apply then finds nothing new to write. Naming more than the kernel holds is safe.
+        """
+        bindings = unique(bindings)
+        mirrors = [b for b in bindings if b.get("type") == "mirror"]
+        with self._kernel(), self.catalog.locked() as catalog:
+            indexes = self._indexes({b.get("device") for b in mirrors}) if mirrors else {}
+            for binding in bindings:
+                if binding.get("type") in ("vxlan", "capture"):
+                    catalog.remember(binding)
+                elif binding.get("type") == "mirror" and binding.get("device") in indexes:
+                    catalog.remember(binding, indexes[binding.get("device")])
+            with_clsact = self._clsact_indexes() if indexes else set()
+            for device, ifindex in indexes.items():
+                if ifindex not in with_clsact:
+                    catalog.qdiscs[device] = ifindex
+            try:
+                catalog.save()
+            except OSError as exc:
+                raise OperationFailed(f"catalog {catalog.path}: cannot write ({exc.strerror or exc})") from None
+
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
         for binding in bindings:
@@ -489,9 +536,17 @@ class TcDataplane:
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
             except Exception:
                 self._remove(list(reversed(done)), catalog)
-                catalog.save()
+                self._forget_qdiscs_never_added(catalog)
+                catalog.save_or_keep()
                 raise
             catalog.save()
+
+    def _forget_qdiscs_never_added(self, catalog: Catalog) -> None:
+        """prepare() named clsact qdiscs this failed apply did not get to add: they are not vtap's."""
+        present = self._clsact_indexes()
+        for device, ifindex in list(catalog.qdiscs.items()):
+            if ifindex not in present:
+                catalog.qdiscs.pop(device)
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
@@ -596,7 +651,7 @@ class TcDataplane:
         with self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
-            catalog.save()
+            catalog.save_or_keep()
 
     def _real_mark(self, binding: Binding) -> bytes:
         """The mark a binding has in the kernel: its own, or the one observe() found on it."""
@@ -628,7 +683,9 @@ class TcDataplane:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
-            if kind != "unknown":
+            if kind == "clsact":
+                self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
+            elif kind != "unknown":
                 catalog.forget(self._real_mark(binding))
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:

@@ -96,6 +96,9 @@ class LinuxDriver(Driver):
     def observe(self) -> list[Binding]:
         return self.dataplane.observe()
 
+    def prepare(self, bindings: Iterable[Binding]) -> None:
+        self.dataplane.prepare(bindings)
+
     def apply(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.apply(bindings)
 
