@@ -89,6 +89,7 @@ from pyroute2.netlink.rtnl import (
 
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
@@ -159,13 +160,13 @@ def _short_hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:10]
 
 
-def program_for(binding: Binding):
+def program_for(binding: Binding, cache: FilterCache | None = None):
     """Classic BPF ops for a mirror binding: filter, minus the tunnel's own packets, sampled."""
     expression = binding.get("filter") or ""
     guard = binding.get("guard") or ""
     if guard:
         expression = f"({expression}) and not ({guard})" if expression else f"not ({guard})"
-    return with_sampling(compile_filter(expression), binding.get("sample"))
+    return with_sampling(compile_filter(expression, cache=cache), binding.get("sample"))
 
 
 class TcDataplane:
@@ -175,6 +176,7 @@ class TcDataplane:
         self.netns = netns
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
+        self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -195,7 +197,7 @@ class TcDataplane:
             ("guard", guard or ""),
         )
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        program_for(binding)  # refuse a bad expression now, with libpcap's message
+        program_for(binding, self.filter_cache)  # refuse a bad expression now, with libpcap's message
         return binding
 
     def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
@@ -290,7 +292,15 @@ class TcDataplane:
                     raise OperationFailed(f"netlink{where}: {exc}: changing tc and links needs root (CAP_NET_ADMIN)") from None
                 raise OperationFailed(f"netlink{where}: {exc}") from None
 
+    def save_filter_cache(self) -> None:
+        """Keep what this process compiled for the next one; a cache that cannot be written only costs time."""
+        try:
+            self.filter_cache.save()
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self.save_filter_cache()
         with self._lock:
             for sock in (self._nl, self._ipr):
                 if sock is not None:
@@ -445,6 +455,7 @@ class TcDataplane:
                 catalog.save()
                 raise
             catalog.save()
+        self.save_filter_cache()
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
@@ -488,7 +499,7 @@ class TcDataplane:
             if mark in present[device, hook]:
                 continue
             present[device, hook].add(mark)
-            program = program_for(binding)
+            program = program_for(binding, self.filter_cache)
             requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
