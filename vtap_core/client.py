@@ -205,14 +205,14 @@ class Client:
         wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
 
         def mutate(sessions, flows):
-            for name in wanted_sessions:
-                for flow in [f for f in flows.values() if f.session == name]:
-                    del flows[flow.name]
+            replaced = set(wanted_sessions)
             if prune:
+                replaced.update(n for n in sessions if n not in wanted_sessions)
                 for name in [n for n in sessions if n not in wanted_sessions]:
                     del sessions[name]
-                    for flow in [f for f in flows.values() if f.session == name]:
-                        del flows[flow.name]
+            # One pass over the flows (not one per session): files hold tens of thousands.
+            for flow in [f for f in flows.values() if f.session in replaced]:
+                del flows[flow.name]
             taken = {f.name: f.session for f in flows.values()}
             for flow in wanted_flows:
                 if flow.name in taken:
@@ -237,10 +237,13 @@ class Client:
         desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
         observed = {b.key: b for b in self.driver.observe()}
         why = {(s, f): text for s, f, text in problems}
+        by_flow: dict = {}
+        for binding in desired:
+            by_flow.setdefault((binding.session, binding.flow), []).append(binding)
         rows = []
         for flow in flows:
             session = sessions[flow.session]
-            mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
+            mine = by_flow.get((flow.session, flow.name), [])
             present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
             counters = [b.counters for b in present if b.counters is not None]
             if not session.enabled:
@@ -315,6 +318,8 @@ class Client:
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
         self.driver.plan([sessions[n] for n in touched], mine)
+        if len(touched) == len(sessions):
+            return  # that was the whole desired state
         try:
             self.driver.plan(list(sessions.values()), list(flows.values()))
         except (ValidationError, NotFound, Unsupported) as conflict:
@@ -371,6 +376,7 @@ def parse_document(document) -> tuple[dict, list]:
     if not isinstance(entries, list):
         raise ValidationError("sessions", "must be a list")
     sessions, flows = {}, []
+    every_flow: set = set()  # names across sessions: flow names are unique in a store
     for i, entry in enumerate(entries):
         where = f"sessions[{i}]"
         if not isinstance(entry, dict):
@@ -384,16 +390,21 @@ def parse_document(document) -> tuple[dict, list]:
             raise ValidationError(where, f"session {session.name!r} is listed twice")
         sessions[session.name] = session
         taken: dict = {}
+        unnamed = 1  # the smallest n that may be free for "<session>-<n>"; only grows as names are taken
         for j, flow_entry in enumerate(entry.get("flows") or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")
             _no_unknown_keys(flow_where, flow_entry, FLOW_KEYS)
             flow_data = dict(flow_entry, session=session.name)
-            flow_data.setdefault("name", next_flow_name(session.name, taken))
+            if "name" not in flow_data:
+                while f"{session.name}-{unnamed}" in taken:
+                    unnamed += 1
+                flow_data["name"] = f"{session.name}-{unnamed}"
             flow = _build(flow_where, TapFlow.from_dict, flow_data)
-            if flow.name in taken or any(f.name == flow.name for f in flows):
+            if flow.name in every_flow:
                 raise ValidationError(flow_where, f"flow {flow.name!r} is listed twice")
+            every_flow.add(flow.name)
             taken[flow.name] = flow
             flows.append(flow)
     return sessions, flows

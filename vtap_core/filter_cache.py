@@ -11,8 +11,9 @@ the cached program afterwards, a pure function of program and N.
 
 The file is root's and private: written 0600 through a fresh temporary file
 and rename, read only when it is a regular file of ours (O_NOFOLLOW, owner,
-mode). Each entry carries a digest of key and program; an entry that fails
-it, or is not a well-formed program, is ignored and compiled again.
+mode). A program is stored as the hex of its struct sock_filter array, with
+a digest of key and program; an entry that fails the digest, or is not a
+well-formed program, is ignored and compiled again (and rewritten on save).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import hashlib
 import json
 import os
 import stat
+import struct
 
 from vtap_core import filters
 
 FILE_NAME = "filter-programs.json"
 MAX_ENTRIES = 50_000  # beyond this, a save keeps only what this process used
+INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter
+BPF_RET_CLASS = 0x06
 
 
 def _key(expression: str, live: bool) -> str:
@@ -33,21 +37,24 @@ def _key(expression: str, live: bool) -> str:
     return f"{filters.libpcap_version()}|dlt {filters.DLT_EN10MB}|{handle}|snaplen {filters.SNAPLEN}|{expression}"
 
 
-def _digest(key: str, program: list) -> str:
-    return hashlib.sha256(json.dumps([key, program]).encode()).hexdigest()
+def _digest(key: str, program: str) -> str:
+    return hashlib.sha256(f"{key}\n{program}".encode()).hexdigest()
 
 
-def _well_formed(program) -> bool:
-    """A list of 1..BPF_MAXINSNS (code, jt, jf, k) in range, ending in a return."""
-    if not isinstance(program, list) or not 0 < len(program) <= filters.BPF_MAXINSNS:
-        return False
-    for insn in program:
-        if not (isinstance(insn, list) and len(insn) == 4 and all(type(v) is int for v in insn)):
-            return False
-        code, jt, jf, k = insn
-        if not (0 <= code <= 0xFFFF and 0 <= jt <= 0xFF and 0 <= jf <= 0xFF and 0 <= k <= 0xFFFFFFFF):
-            return False
-    return program[-1][0] & 0x07 == 0x06  # BPF_RET class
+def _encoded(program) -> str:
+    return b"".join(INSTRUCTION.pack(*insn) for insn in program).hex()
+
+
+def _decoded(text) -> tuple | None:
+    """The instructions in a stored program, or None unless 1..BPF_MAXINSNS of them ending in a return."""
+    try:
+        raw = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        return None
+    if not raw or len(raw) % INSTRUCTION.size or len(raw) > filters.BPF_MAXINSNS * INSTRUCTION.size:
+        return None
+    program = tuple(filters.Instruction(*insn) for insn in INSTRUCTION.iter_unpack(raw))
+    return program if program[-1].code & 0x07 == BPF_RET_CLASS else None
 
 
 class FilterCache:
@@ -69,18 +76,19 @@ class FilterCache:
         entry = self._fresh.get(name) or self._read().get(name)
         if not isinstance(entry, dict) or entry.get("key") != key:
             return None
-        program = entry.get("program")
-        if not _well_formed(program) or entry.get("digest") != _digest(key, program):
+        text = entry.get("program")
+        program = _decoded(text) if entry.get("digest") == _digest(key, str(text)) else None
+        if program is None:
             return None  # damaged: compile again (and overwrite it on save)
         self._used.add(name)
-        self._verified[key] = tuple(filters.Instruction(*insn) for insn in program)
-        return self._verified[key]
+        self._verified[key] = program
+        return program
 
     def put(self, expression: str, live: bool, program) -> None:
         key = _key(expression, live)
-        insns = [list(insn) for insn in program]
+        text = _encoded(program)
         name = hashlib.sha256(key.encode()).hexdigest()
-        self._fresh[name] = {"key": key, "program": insns, "digest": _digest(key, insns)}
+        self._fresh[name] = {"key": key, "program": text, "digest": _digest(key, text)}
         self._used.add(name)
         self._verified[key] = tuple(program)
 
@@ -97,7 +105,7 @@ class FilterCache:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, separators=(",", ":"))
+                f.write(json.dumps(entries, separators=(",", ":")))
             os.replace(temporary, self.path)
         except BaseException:
             if os.path.lexists(temporary):
@@ -119,7 +127,7 @@ class FilterCache:
                 if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
                     return self._entries
                 try:
-                    data = json.load(f)
+                    data = json.loads(f.read())
                 except (ValueError, UnicodeDecodeError):
                     return self._entries
             if isinstance(data, dict):

@@ -104,6 +104,7 @@ def _libpcap():
     return lib
 
 
+@functools.lru_cache(maxsize=1)
 def libpcap_version() -> str:
     """libpcap's own version line: a different libpcap may compile differently."""
     return _libpcap().pcap_lib_version().decode(errors="replace")

@@ -177,6 +177,7 @@ class TcDataplane:
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
         self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
+        self._programs: dict[tuple, tuple] = {}  # (filter, guard, sample) -> program, checked, for this process
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -197,8 +198,15 @@ class TcDataplane:
             ("guard", guard or ""),
         )
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        program_for(binding, self.filter_cache)  # refuse a bad expression now, with libpcap's message
+        self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
         return binding
+
+    def _program(self, binding: Binding, what: tuple | None = None):
+        """program_for(binding), once per (filter, guard, sample) in this process: plans ask for it per flow."""
+        what = what or (binding.get("filter"), binding.get("guard"), binding.get("sample"))
+        if what not in self._programs:
+            self._programs[what] = program_for(binding, self.filter_cache)
+        return self._programs[what]
 
     def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
@@ -332,7 +340,12 @@ class TcDataplane:
 
     def devices(self) -> set[str]:
         with self._kernel():
-            return {link["name"] for link in self._links()}
+            return set(self._link_indexes())
+
+    def _link_indexes(self) -> dict[str, int]:
+        """{name: ifindex} of every link (one dump, names only: plans ask for it every time)."""
+        replies = self.nl.dump(tcnl.link_names_query(), RTM_GETLINK, DUMP)
+        return dict(tcnl.read_link_name(*reply) for reply in replies)
 
     def _mirred_marks(self) -> set[bytes]:
         """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
@@ -443,7 +456,8 @@ class TcDataplane:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
                 for binding in targets:
                     catalog.remember(binding)
-                catalog.save()  # before the kernel: a crash leaves nothing unnamed
+                if targets:
+                    catalog.save()  # before the kernel: a crash leaves nothing unnamed
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
@@ -460,7 +474,7 @@ class TcDataplane:
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
         if len(names) > 8:
-            return {link["name"]: link["index"] for link in self._links() if link["name"] in names}
+            return {name: index for name, index in self._link_indexes().items() if name in names}
         found = {name: self._link(name=name) for name in names}
         return {name: link["index"] for name, link in found.items() if link is not None}
 
@@ -479,7 +493,8 @@ class TcDataplane:
         devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
-        catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
+        if devices:
+            catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
         added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
         fresh = set()
         for device, failure in zip(devices, added):
@@ -499,7 +514,7 @@ class TcDataplane:
             if mark in present[device, hook]:
                 continue
             present[device, hook].add(mark)
-            program = program_for(binding, self.filter_cache)
+            program = self._program(binding)
             requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)

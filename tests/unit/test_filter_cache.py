@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from vtap_core import filters
+from vtap_core import filter_cache, filters
 from vtap_core.filter_cache import FILE_NAME, FilterCache
 from vtap_core.filters import compile_filter
 
@@ -65,13 +65,14 @@ def test_a_damaged_entry_is_compiled_again_not_trusted(tmp_path, damage):
     path = tmp_path / FILE_NAME
     data = entries(str(tmp_path))
     (name,) = data
+    entry = data[name]
     if damage == "program":
-        data[name]["program"][0][3] ^= 1  # one changed constant, digest kept
+        entry["program"] = entry["program"][:-1] + ("1" if entry["program"][-1] == "0" else "0")  # one changed bit, digest kept
     elif damage == "digest":
-        data[name]["digest"] = "0" * 64
+        entry["digest"] = "0" * 64
     elif damage == "not-a-return":
-        data[name]["program"][-1] = [0x15, 0, 0, 0]
-        data[name]["digest"] = __import__("vtap_core.filter_cache", fromlist=["_digest"])._digest(data[name]["key"], data[name]["program"])
+        entry["program"] = entry["program"][:-16] + "1500000000000000"  # last instruction a jump, digest made to fit
+        entry["digest"] = filter_cache._digest(entry["key"], entry["program"])
     text = json.dumps(data)
     path.write_text(text[: len(text) // 2] if damage == "truncate" else text)
     filters._compile.cache_clear()
