@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ class Client:
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
         try:
-            with open(path) as handle:
+            with open(path) as handle, paused_gc():
                 document = yaml.safe_load(handle)
         except OSError as exc:
             raise ValidationError("file", f"{path}: {exc.strerror}") from None
@@ -201,7 +202,8 @@ class Client:
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
-        wanted_sessions, wanted_flows = parse_document(document)
+        with paused_gc():
+            wanted_sessions, wanted_flows = parse_document(document)
         wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
 
         def mutate(sessions, flows):
@@ -363,6 +365,19 @@ def next_flow_name(session: str, flows: dict) -> str:
     while f"{session}-{n}" in flows:
         n += 1
     return f"{session}-{n}"
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic GC off for a while: loading a large file makes millions of objects, none of them
+    in a cycle, and the collector's passes over them double the time of a 40,000-flow apply file."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def parse_document(document) -> tuple[dict, list]:

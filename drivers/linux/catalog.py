@@ -24,6 +24,7 @@ MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
 GENERATION_HEAD = '{"generation": "'
 GENERATION_LENGTH = 16
+MARKS_REMEMBERED = 100_000
 
 
 def store_prefix(state_dir: str) -> bytes:
@@ -86,6 +87,7 @@ class Catalog:
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
         self._generation = None  # of the file as last read or written
         self._hooks = None  # mirror_hooks(), computed once per content
+        self._marks: dict = {}  # (key, session, flow, vm, spec) -> mark: apply asks per binding, twice
 
     # ------------------------------------------------------------ file
 
@@ -140,7 +142,16 @@ class Catalog:
 
     def mark_of(self, binding: Binding) -> bytes:
         """The 16 bytes this store puts in the kernel for a binding."""
-        return self.prefix + digest_of(binding)
+        named = (binding.key, binding.session, binding.flow, binding.vm, binding.spec)
+        try:
+            mark = self._marks.get(named)
+        except TypeError:  # a spec value that cannot be hashed: just compute it
+            return self.prefix + digest_of(binding)
+        if mark is None:
+            if len(self._marks) > MARKS_REMEMBERED:
+                self._marks.clear()
+            mark = self._marks[named] = self.prefix + digest_of(binding)
+        return mark
 
     def alias_of(self, binding: Binding) -> str:
         return MARK_PREFIX + self.mark_of(binding).hex()

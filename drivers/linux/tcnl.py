@@ -162,8 +162,15 @@ def read_action_cookies(data, start: int, end: int) -> list[bytes]:
     found = attributes(data, start + TCAMSG_SIZE, end)
     if TCA_ROOT_TAB not in found:
         return []
-    cookies = (read_mirred(data, span) for span in attributes(data, *found[TCA_ROOT_TAB]).values())
-    return [mirred[0] for mirred in cookies if mirred is not None]
+    cookies = []
+    for span in attributes(data, *found[TCA_ROOT_TAB]).values():
+        # Only the cookie: this dump lists every mirred action in the namespace (thousands).
+        act = attributes(data, *span)
+        if TCA_ACT_COOKIE in act and TCA_ACT_KIND in act and string(data, act[TCA_ACT_KIND]) == "mirred":
+            start, end = act[TCA_ACT_COOKIE]
+            if end - start == COOKIE_BYTES:
+                cookies.append(bytes(data[start:end]))
+    return cookies
 
 
 def read_link(data, start: int, end: int) -> dict:

@@ -34,3 +34,16 @@ def test_ten_thousand_flows_come_back_in_file_order():
     _, flows = parse_document(doc(("s", entries)))
     assert [f.name for f in flows] == [f"s-{i + 1}" for i in range(10_000)]
     assert flows[-1].filter == "tcp port 10000"
+
+
+def test_the_gc_pause_of_a_large_load_ends_with_it_even_on_an_error():
+    import gc
+
+    from vtap_core.client import paused_gc
+
+    assert gc.isenabled()
+    with pytest.raises(ValidationError):
+        with paused_gc():
+            assert not gc.isenabled()
+            parse_document({"sessions": "not a list"})
+    assert gc.isenabled()
