@@ -76,6 +76,24 @@ def _from_dict(data: dict) -> Binding:
     )
 
 
+def _compact(bindings: dict) -> dict:
+    """The entries, each spec as tuples of shared words: JSON gives every entry its own copy of
+    "type", "mirror", "hook", the target's name..., which for 20,000 mirrors is tens of MiB."""
+    words: dict = {}
+
+    def share(value):
+        try:
+            return words.setdefault(value, value)
+        except TypeError:  # not hashable: keep its own
+            return value
+
+    for data in bindings.values():
+        if isinstance(data, dict) and isinstance(data.get("spec"), list):
+            data["spec"] = tuple(share(tuple(map(share, pair))) if isinstance(pair, list) else pair for pair in data["spec"])
+            data["session"] = share(data.get("session"))
+    return bindings
+
+
 class Catalog:
     """Marks and qdiscs of one namespace, in STATE_DIR/tc-<netns or host>.json."""
 
@@ -104,7 +122,7 @@ class Catalog:
             data = {}
         except json.JSONDecodeError as exc:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
-        self.bindings = data.get("bindings", {})
+        self.bindings = _compact(data.get("bindings", {}))
         self.qdiscs = data.get("qdiscs", {})
         self._generation = data.get("generation")
         self._hooks = None
