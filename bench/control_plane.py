@@ -68,6 +68,17 @@ def timed(action):
     return time.perf_counter() - started, result
 
 
+CPU: dict = {}  # name -> CPU seconds (user + system) this process spent: less disturbed by other load than wall time
+
+
+def timed_cpu(name: str, action):
+    """timed(), and the CPU time it took recorded as CPU[name] (the kernel's netlink work counts as ours)."""
+    started = time.process_time()
+    seconds, result = timed(action)
+    CPU[name] = time.process_time() - started
+    return seconds, result
+
+
 def tc_bytecode(expression: str) -> str:
     """The expression as tc's `bpf bytecode` argument, compiled by tcpdump (not by vtap)."""
     lines = benchlib.run("tcpdump", "-ddd", "-i", "lo", expression).stdout.split("\n")
@@ -102,11 +113,11 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
     document = {"sessions": [{"name": "cp", "to": "port:mon0", "flows": flows}]}
     state = os.path.join(workdir, "vtap.db")
     with Client(driver="linux", state=state, command="bench") as client:
-        apply_s, _ = timed(lambda: client.apply_document(document))
+        apply_s, _ = timed_cpu("apply", lambda: client.apply_document(document))
         print(f"vtap apply of {len(devices)} flows: {apply_s:.2f} s", flush=True)
     filters._compile.cache_clear()  # nothing compiled in memory: status as a new process would run it
     with Client(driver="linux", state=state, command="bench") as client:
-        status_s, rows = timed(client.status)
+        status_s, rows = timed_cpu("status", client.status)
         compiled_by_status = filters._compile.cache_info().misses
         active = sum(r.state == "active" for r in rows)
         sample = random.Random(1).sample(devices, min(10, len(devices)))
@@ -114,17 +125,18 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
         print(f"vtap status: {status_s:.2f} s, {active}/{len(rows)} flows active, {compiled_by_status} expressions compiled; tc shows {sampled_filters}/{2 * len(sample)} filters on {len(sample)} sampled devices", flush=True)
         cli_s, cli_active = cli_status_s(state)
         print(f"`vtap status` process: {cli_s:.2f} s, {cli_active} flows active", flush=True)
-        add_s, _ = timed(lambda: client.add_flow("cp", interface=spare, direction="both", filter=filter_of(len(devices), filters_kind), name="added"))
+        add_s, _ = timed_cpu("flow_add", lambda: client.add_flow("cp", interface=spare, direction="both", filter=filter_of(len(devices), filters_kind), name="added"))
         print(f"flow add into {len(devices)} flows: {add_s:.3f} s", flush=True)
         client.delete_flow("added")
-        noop = []
+        noop, noop_cpu = [], []
         changes = []
         for _ in range(repeats):
-            seconds, plan = timed(client.reconcile)
+            seconds, plan = timed_cpu("noop_reconcile", client.reconcile)
             noop.append(seconds)
+            noop_cpu.append(CPU["noop_reconcile"])
             changes.append(len(plan.add) + len(plan.remove))
         print(f"no-op reconcile: median {benchlib.median(noop):.3f} s over {repeats} (changes made: {sum(changes)})", flush=True)
-        remove_s, _ = timed(lambda: client.delete_session("cp"))
+        remove_s, _ = timed_cpu("delete", lambda: client.delete_session("cp"))
         left = sum(tc_filters_on(d) for d in sample)
         print(f"vtap session delete: {remove_s:.2f} s; filters left on sampled devices: {left}", flush=True)
     return {
@@ -143,6 +155,7 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
         "noop_reconcile_s": benchlib.median(noop),
         "noop_reconcile_runs_s": noop,
         "noop_reconcile_changes": sum(changes),
+        "cpu_s": dict(CPU, noop_reconcile=benchlib.median(noop_cpu)),
         "delete_s": remove_s,
     }
 
@@ -206,10 +219,14 @@ def curve(args, env) -> int:
         f"vtap control plane scaling: N flows (direction both, filters {args.filters}) on N interfaces, one session to port:mon0, through the SDK",
         f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
         "",
-        "   flows      apply     status   flow add   no-op reconcile     delete   peak RSS",
+        "wall time (CPU time of the vtap process, user + system, in brackets: less disturbed by other load)",
+        "",
+        "   flows             apply            status          flow add   no-op reconcile            delete   peak RSS",
     ]
     for r in rows:
-        lines.append(f"{r['flows']:8d} {r['apply_s']:8.2f} s {r['status_s']:8.2f} s {r['flow_add_s']:8.3f} s {r['noop_reconcile_s']:13.3f} s   {r['delete_s']:8.2f} s {r['peak_rss_mib']:6.0f} MiB")
+        c = r["cpu_s"]
+        figures = "".join(f"{r[k + '_s']:7.2f} ({c[k]:5.2f}) s " for k in ("apply", "status", "flow_add", "noop_reconcile", "delete"))
+        lines.append(f"{r['flows']:8d}   {figures}{r['peak_rss_mib']:6.0f} MiB")
     top = next((r for r in rows if r["flows"] == t["flows"]), None)
     if top:
         lines += [
@@ -257,6 +274,7 @@ def main() -> int:
         f"flow add into {args.flows:<6d}      {vtap['flow_add_s']:8.3f} s" + (f"   {met(vtap['flow_add_s'], targets['flow_add_s'])}" if "flow_add_s" in targets else ""),
         f"vtap session delete        {vtap['delete_s']:8.2f} s",
         f"peak RSS                   {vtap['peak_rss_mib']:8.0f} MiB",
+        "CPU time of the vtap process (user + system; less disturbed by other load): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in vtap["cpu_s"].items()),
     ]
     if tc:
         scaled = f", timed on {tc['timed_devices']} devices and scaled x{tc['scaled_by']:.1f}" if tc["scaled_by"] > 1 else ""
