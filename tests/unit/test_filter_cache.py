@@ -123,3 +123,36 @@ def test_a_cached_program_still_gets_the_kernel_checks(tmp_path):
     cache.put("inbound", False, fresh_compile("inbound", False))
     with pytest.raises(filters.ValidationError, match="use the flow's direction"):
         compile_filter("inbound", live=False, cache=cache)
+
+
+def packet_sockets_open_here() -> int:
+    """This process's AF_PACKET sockets (libpcap's live handles), from /proc."""
+    inodes = set()
+    for name in ("/proc/net/packet",):
+        with open(name) as f:
+            next(f)
+            inodes.update(line.split()[-1] for line in f if line.strip())
+    mine = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            mine += 1
+    return mine
+
+
+@pytest.mark.skipif(not LIVE, reason="needs root: libpcap's live handle")
+def test_one_live_handle_serves_a_run_of_compiles_and_is_closed_when_idle():
+    import time
+
+    time.sleep(filters.HANDLE_IDLE + 1.0)  # a handle an earlier test used is closed by now
+    before = packet_sockets_open_here()
+    filters._compile.cache_clear()
+    for port in range(40000, 40050):  # fifty distinct expressions
+        compile_filter(f"vlan 100 and tcp port {port}", live=True)
+        assert packet_sockets_open_here() <= before + 1
+    assert packet_sockets_open_here() == before + 1
+    time.sleep(filters.HANDLE_IDLE + 1.0)
+    assert packet_sockets_open_here() == before  # closed once idle: no socket left on lo
