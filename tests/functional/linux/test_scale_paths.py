@@ -51,3 +51,23 @@ def test_apply_with_prune_drops_other_sessions_and_their_flows(lab):
         assert [(row.flow, row.state) for row in vtap.status()] == [("k2", "active")]
     assert lab.filter_handles("src0", "ingress") == []
     assert len(lab.filter_handles("src0", "egress")) == 1
+
+
+def test_a_plan_reused_within_a_change_still_sees_a_device_that_went(lab):
+    """The second plan of a change reuses the first only for the same sessions, flows and devices."""
+    import pytest
+
+    from vtap_core.errors import NotFound
+    from vtap_core.model import Source, TapFlow, TapSession
+
+    lab.standard()
+    lab.veth("src1", "peer1")
+    driver = lab.driver()
+    session = TapSession("s", "port:mon0")
+    flows = [TapFlow("a", "s", Source(interface="src0"), "in"), TapFlow("b", "s", Source(interface="src1"), "in")]
+    first = driver.plan([session], flows)
+    assert driver.plan([session], flows) == first
+    assert [b.flow for b in driver.plan([session], flows[:1])] == ["a"]  # other flows: planned anew
+    lab.ip("link", "del", "src1")
+    with pytest.raises(NotFound, match="src1"):
+        driver.plan([session], flows)
