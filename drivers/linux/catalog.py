@@ -60,7 +60,7 @@ def _to_dict(binding: Binding) -> dict:
         "session": binding.session,
         "flow": binding.flow,
         "vm": binding.vm,
-        "spec": [list(pair) for pair in binding.spec],
+        "spec": binding.spec,  # a tuple of pairs, shared with the binding; JSON writes it as lists
         "order": binding.order,
     }
 
