@@ -30,6 +30,7 @@ MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
 GENERATION_HEAD = '{"generation": "'
 GENERATION_LENGTH = 16
+MARKS_REMEMBERED = 100_000
 log = logging.getLogger("vtap.catalog")
 
 
@@ -66,7 +67,7 @@ def _to_dict(binding: Binding) -> dict:
         "session": binding.session,
         "flow": binding.flow,
         "vm": binding.vm,
-        "spec": [list(pair) for pair in binding.spec],
+        "spec": binding.spec,  # a tuple of pairs, shared with the binding; JSON writes it as lists
         "order": binding.order,
     }
 
@@ -82,6 +83,20 @@ def _from_dict(data: dict) -> Binding:
     )
 
 
+def _compact(bindings: dict) -> dict:
+    """The entries, each spec a tuple of shared pairs: JSON gives every entry its own copy of
+    ["type", "mirror"], ["to", "mon0"]..., which for 20,000 mirrors is tens of MiB."""
+    pairs: dict = {}
+    for data in bindings.values():
+        spec = data.get("spec") if isinstance(data, dict) else None
+        if isinstance(spec, list):
+            try:
+                data["spec"] = tuple([pairs.setdefault(pair, pair) for pair in map(tuple, spec)])
+            except TypeError:  # a value that cannot be hashed: keep the entry as it came
+                pass
+    return bindings
+
+
 class Catalog:
     """Marks and qdiscs of one namespace, in STATE_DIR/tc-<netns or host>.json."""
 
@@ -95,6 +110,7 @@ class Catalog:
         self._changed = False  # bindings differ from the file's
         self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
         self._hooks = None  # mirror_hooks(), computed once per content
+        self._marks: dict = {}  # (key, session, flow, vm, spec) -> mark: apply asks per binding, twice
 
     # ------------------------------------------------------------ file
 
@@ -111,7 +127,7 @@ class Catalog:
             data = {}
         except json.JSONDecodeError as exc:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
-        self.bindings = data.get("bindings", {})
+        self.bindings = _compact(data.get("bindings", {}))
         self.qdiscs = data.get("qdiscs", {})
         self._generation = data.get("generation")
         self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
@@ -173,7 +189,16 @@ class Catalog:
 
     def mark_of(self, binding: Binding) -> bytes:
         """The 16 bytes this store puts in the kernel for a binding."""
-        return self.prefix + digest_of(binding)
+        named = (binding.key, binding.session, binding.flow, binding.vm, binding.spec)
+        try:
+            mark = self._marks.get(named)
+        except TypeError:  # a spec value that cannot be hashed: just compute it
+            return self.prefix + digest_of(binding)
+        if mark is None:
+            if len(self._marks) > MARKS_REMEMBERED:
+                self._marks.clear()
+            mark = self._marks[named] = self.prefix + digest_of(binding)
+        return mark
 
     def alias_of(self, binding: Binding) -> str:
         return MARK_PREFIX + self.mark_of(binding).hex()

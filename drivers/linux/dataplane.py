@@ -81,6 +81,7 @@ from typing import NamedTuple
 
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
@@ -168,13 +169,13 @@ def _short_hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:10]
 
 
-def program_for(binding: Binding):
+def program_for(binding: Binding, cache: FilterCache | None = None):
     """Classic BPF ops for a mirror binding: filter, minus the tunnel's own packets, sampled."""
     expression = binding.get("filter") or ""
     guard = binding.get("guard") or ""
     if guard:
         expression = f"({expression}) and not ({guard})" if expression else f"not ({guard})"
-    return with_sampling(compile_filter(expression), binding.get("sample"))
+    return with_sampling(compile_filter(expression, cache=cache), binding.get("sample"))
 
 
 class TcDataplane:
@@ -184,6 +185,8 @@ class TcDataplane:
         self.netns = netns
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
+        self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
+        self._programs: dict[tuple, tuple] = {}  # (filter, guard, sample) -> program, checked, for this process
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -204,8 +207,15 @@ class TcDataplane:
             ("guard", guard or ""),
         )
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        program_for(binding)  # refuse a bad expression now, with libpcap's message
+        self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
         return binding
+
+    def _program(self, binding: Binding, what: tuple | None = None):
+        """program_for(binding), once per (filter, guard, sample) in this process: plans ask for it per flow."""
+        what = what or (binding.get("filter"), binding.get("guard"), binding.get("sample"))
+        if what not in self._programs:
+            self._programs[what] = program_for(binding, self.filter_cache)
+        return self._programs[what]
 
     def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
@@ -303,7 +313,15 @@ class TcDataplane:
                     raise OperationFailed(f"netlink{where}: {exc}: changing tc and links needs root (CAP_NET_ADMIN)") from None
                 raise OperationFailed(f"netlink{where}: {exc}") from None
 
+    def save_filter_cache(self) -> None:
+        """Keep what this process compiled for the next one; a cache that cannot be written only costs time."""
+        try:
+            self.filter_cache.save()
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self.save_filter_cache()
         with self._lock:
             for sock in (self._nl, self._ipr):
                 if sock is not None:
@@ -335,7 +353,12 @@ class TcDataplane:
 
     def devices(self) -> set[str]:
         with self._kernel():
-            return {link["name"] for link in self._links()}
+            return set(self._link_indexes())
+
+    def _link_indexes(self) -> dict[str, int]:
+        """{name: ifindex} of every link (one dump, names only: plans ask for it every time)."""
+        replies = self.nl.dump(tcnl.link_names_query(), RTM_GETLINK, DUMP)
+        return dict(tcnl.read_link_name(*reply) for reply in replies)
 
     def device_kinds(self) -> dict[str, str | None]:
         """{device name: IFLA_INFO_KIND} (None for a device without one, e.g. a physical NIC)."""
@@ -527,7 +550,8 @@ class TcDataplane:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
                 for binding in targets:
                     catalog.remember(binding)
-                catalog.save()  # before the kernel: a crash leaves nothing unnamed
+                if targets:
+                    catalog.save()  # before the kernel: a crash leaves nothing unnamed
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
@@ -540,6 +564,7 @@ class TcDataplane:
                 catalog.save_or_keep()
                 raise
             catalog.save()
+        self.save_filter_cache()
 
     def _forget_qdiscs_never_added(self, catalog: Catalog) -> None:
         """prepare() named clsact qdiscs this failed apply did not get to add: they are not vtap's."""
@@ -551,7 +576,7 @@ class TcDataplane:
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
         if len(names) > 8:
-            return {link["name"]: link["index"] for link in self._links() if link["name"] in names}
+            return {name: index for name, index in self._link_indexes().items() if name in names}
         found = {name: self._link(name=name) for name in names}
         return {name: link["index"] for name, link in found.items() if link is not None}
 
@@ -570,7 +595,8 @@ class TcDataplane:
         devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
-        catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
+        if devices:
+            catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
         added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
         fresh = set()
         for device, failure in zip(devices, added):
@@ -590,7 +616,7 @@ class TcDataplane:
             if mark in present[device, hook]:
                 continue
             present[device, hook].add(mark)
-            program = program_for(binding)
+            program = self._program(binding)
             requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
