@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name
 from vtap_drivers.linux.pcapng import SHB_MAGIC_BYTES, PcapngWriter
+from vtap_drivers.linux.ring import PacketRing
 
 MODULE = "vtap_drivers.linux.capture"
 
@@ -186,49 +187,48 @@ def capture_device(device: str, path: str, snaplen: int | None = None, netns: st
 
     Returns the number of frames written.
     """
-    sock = open_packet_socket(device, netns)
+    ring = PacketRing(device, netns, snaplen)
     try:
         writer = PcapngWriter.create(path, snaplen=snaplen, if_name=device, append=append)
     except BaseException:
-        sock.close()
+        ring.close()
         raise
     try:
-        return record_frames(sock, writer, device, stop, count)
+        return record_frames(ring, writer, stop, count)
     finally:
         writer.close()
-        sock.close()
+        ring.close()
 
 
-def record_frames(sock: socket.socket, writer: PcapngWriter, device: str, stop: threading.Event | None = None, count: int | None = None) -> int:
-    """Copy frames from a bound packet socket into `writer` (flushed when idle).
+def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event | None = None, count: int | None = None, on_idle=None) -> int:
+    """Copy the frames a device transmits from its ring into `writer` (flushed when idle).
 
-    If the device disappears and comes back under the same name (a recreated
-    sink), the socket follows it.
+    After `stop` is set, what the ring still holds is written too. If the
+    device disappears and comes back under the same name (a recreated sink),
+    the ring follows it.
     """
     stop = stop or threading.Event()
-    bound = _ifindex(sock, device)
     last_check = time.monotonic()
 
-    def on_idle():
-        nonlocal bound, last_check
+    def idle():
+        nonlocal last_check
         writer.flush()
         if time.monotonic() - last_check >= DEVICE_CHECK_INTERVAL:
             last_check = time.monotonic()
-            now = _ifindex(sock, device)
-            if now is not None and now != bound:
-                sock.bind((device, ETH_P_ALL))
-                bound = now
+            ring.rebind_if_recreated()
+            if on_idle is not None:
+                on_idle()
 
-    def should_stop():
-        return stop.is_set() or (count is not None and writer.frames >= count)
-
-    # With a snaplen the kernel need not copy more than that (the length on the wire still comes back).
-    size = writer.snaplen or FRAME_BUFFER
-    for view, nbytes, ancdata, address in _datagrams(sock, should_stop, on_idle, size):
-        if address[2] != socket.PACKET_OUTGOING:
-            continue
-        frame, original = _frame_with_vlan_tag(view, nbytes, ancdata)
-        writer.write(frame, _timestamp_ns(ancdata), original)
+    if count is not None:
+        should_stop = lambda: stop.is_set() or writer.frames >= count  # noqa: E731
+    else:
+        should_stop = stop.is_set
+    write = writer.write
+    for block in ring.blocks(should_stop, idle):
+        for frame, timestamp_ns, original in block:
+            if count is not None and writer.frames >= count:
+                break
+            write(frame, timestamp_ns, original)
     return writer.frames
 
 
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
     args = _argument_parser().parse_args(argv)
     status = os.fdopen(args.status_fd, "w") if args.status_fd is not None else sys.stdout
     try:
-        sock = open_packet_socket(args.device, args.netns)
+        ring = PacketRing(args.device, args.netns, args.snaplen)
     except Exception as exc:
         status.write(f"error: {exc}\n")
         _log(f"failed: {exc}")
@@ -540,7 +540,7 @@ def main(argv=None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        frames = _run_detached(args, sock, stop, status)
+        frames = _run_detached(args, ring, stop, status)
     except Exception as exc:  # the log is all anyone will see of a detached process
         _log(f"failed: {exc}")
         return 1
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run_detached(args, sock, stop, status) -> int:
+def _run_detached(args, ring, stop, status) -> int:
     # The file is opened here so it exists (with its header) before the starter hears "ready".
     try:
         writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True)
@@ -558,20 +558,20 @@ def _run_detached(args, sock, stop, status) -> int:
     except (OSError, ValueError) as exc:
         status.write(f"error: {exc}\n")
         status.close()
-        sock.close()
+        ring.close()
         raise
     _write_pidfile(args.state_dir, args.name)
     status.write(f"ready {os.getpid()}\n")
     status.close()
     _log(f"capturing {args.device}{' in netns ' + args.netns if args.netns else ''} to {args.path}")
     try:
-        frames = record_frames(sock, writer, args.device, stop)
-        received, dropped = kernel_drops(sock)
-        _log(f"{received} frames reached the socket, {dropped} of them dropped by the kernel (socket buffer full)")
+        frames = record_frames(ring, writer, stop)
+        received, dropped, _full = ring.statistics()
+        _log(f"{received} frames reached the ring, {dropped} of them dropped by the kernel (ring full)")
         return frames
     finally:
         writer.close()
-        sock.close()
+        ring.close()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ TSRESOL_NANOSECONDS = 9  # 10^-9 s per timestamp unit
 SHB_MAGIC_BYTES = struct.pack("<I", SHB_TYPE)
 
 
+# An Enhanced Packet Block around a frame: type, length, interface, timestamp, lengths | frame | padding, length.
+_EPB_HEAD = struct.Struct("<7I")
+_EPB_TAILS = [struct.Struct(f"<{padding}xI") for padding in range(4)]
+
+
 def _pad(length: int) -> int:
     return (4 - length % 4) % 4
 
@@ -110,9 +115,19 @@ class PcapngWriter:
         return cls(stream, snaplen=snaplen, if_name=if_name)
 
     def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None) -> None:
+        """One Enhanced Packet Block, written without copying the frame (it may be a view into a ring)."""
         if timestamp_ns is None:
             timestamp_ns = time.time_ns()
-        self.stream.write(enhanced_packet(frame, timestamp_ns, original_length, self.snaplen))
+        captured = len(frame)
+        original = captured if original_length is None else original_length
+        if self.snaplen and captured > self.snaplen:
+            frame, captured = frame[: self.snaplen], self.snaplen
+        padding = -captured & 3
+        total = 32 + captured + padding
+        write = self.stream.write
+        write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
+        write(frame)
+        write(_EPB_TAILS[padding].pack(total))
         self.frames += 1
 
     def flush(self) -> None:
