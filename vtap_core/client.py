@@ -48,6 +48,7 @@ class FlowStatus:
     packets: int
     bytes: int
     problem: str = ""
+    capture_dropped: int = 0  # pcap target: copies that did not reach the file (ring full, sink drops)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -243,6 +244,8 @@ class Client:
             mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
             present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
             counters = [b.counters for b in present if b.counters is not None]
+            # The session's own target bindings (a pcap sink) count what was lost for all its flows.
+            targets = [observed[b.key] for b in desired if b.session == flow.session and b.flow is None and b.key in observed]
             if not session.enabled:
                 state = "disabled"
             elif not mine:
@@ -264,6 +267,7 @@ class Client:
                     packets=sum(c.packets for c in counters),
                     bytes=sum(c.bytes for c in counters),
                     problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                    capture_dropped=sum(b.counters.dropped for b in targets if b.counters is not None),
                 )
             )
         return rows

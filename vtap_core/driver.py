@@ -34,6 +34,7 @@ from vtap_core.model import VM, TapFlow, TapSession
 class Counters:
     packets: int = 0
     bytes: int = 0
+    dropped: int = 0  # copies lost on the way to the target (a pcap target: ring full, sink drops)
 
 
 @dataclass(frozen=True)

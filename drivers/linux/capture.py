@@ -38,6 +38,7 @@ import argparse
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import select
 import signal
@@ -200,24 +201,27 @@ def capture_device(device: str, path: str, snaplen: int | None = None, netns: st
         ring.close()
 
 
-def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event | None = None, count: int | None = None, on_idle=None) -> int:
+def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event | None = None, count: int | None = None, every_second=None) -> int:
     """Copy the frames a device transmits from its ring into `writer` (flushed when idle).
 
     After `stop` is set, what the ring still holds is written too. If the
     device disappears and comes back under the same name (a recreated sink),
-    the ring follows it.
+    the ring follows it. every_second() runs about once a second, busy or not.
     """
     stop = stop or threading.Event()
     last_check = time.monotonic()
 
-    def idle():
+    def housekeeping():
         nonlocal last_check
-        writer.flush()
         if time.monotonic() - last_check >= DEVICE_CHECK_INTERVAL:
             last_check = time.monotonic()
             ring.rebind_if_recreated()
-            if on_idle is not None:
-                on_idle()
+            if every_second is not None:
+                every_second()
+
+    def idle():
+        writer.flush()
+        housekeeping()
 
     if count is not None:
         should_stop = lambda: stop.is_set() or writer.frames >= count  # noqa: E731
@@ -229,7 +233,40 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
             if count is not None and writer.frames >= count:
                 break
             write(frame, timestamp_ns, original)
+        housekeeping()
     return writer.frames
+
+
+class CaptureCounts:
+    """What a capture process has written and what the kernel dropped, kept in STATE_DIR/capture-NAME.stats.
+
+    The kernel's counts reset when read, so they are added up here; the file
+    is replaced whole each time (status reads it while the capture runs).
+    """
+
+    def __init__(self, ring: PacketRing, writer: PcapngWriter, state_dir: str, name: str):
+        self.ring, self.writer, self.path = ring, writer, _statsfile(state_dir, name)
+        self.received = self.dropped = 0
+
+    def update(self) -> None:
+        received, dropped, _times_full = self.ring.statistics()
+        self.received += received
+        self.dropped += dropped
+        counts = {"frames": self.writer.frames, "received": self.received, "ring_dropped": self.dropped}
+        temporary = self.path + ".tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(counts, f)
+        os.replace(temporary, self.path)
+
+
+def capture_counts(state_dir: str, name: str) -> dict | None:
+    """{frames, received, ring_dropped} of capture `name` as it last wrote them, or None."""
+    try:
+        with open(_statsfile(state_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def kernel_drops(sock: socket.socket) -> tuple[int, int]:
@@ -339,6 +376,10 @@ def _is_pcapng_or_empty(path: str) -> bool:
 
 def _pidfile(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, f"capture-{name}.pid")
+
+
+def _statsfile(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, f"capture-{name}.stats")
 
 
 def _logfile(state_dir: str, name: str) -> str:
@@ -497,6 +538,10 @@ def _stop(name: str, state_dir: str, pid: int) -> None:
         # It did not finish in time: the file may lack its last frames, never its earlier ones.
         os.kill(pid, signal.SIGKILL)
     _remove_pidfile(state_dir, name)
+    try:
+        os.unlink(_statsfile(state_dir, name))  # the counts of a process that is gone
+    except FileNotFoundError:
+        pass
 
 
 def _remove_pidfile(state_dir: str, name: str, pid: int | None = None) -> None:
@@ -564,10 +609,11 @@ def _run_detached(args, ring, stop, status) -> int:
     status.write(f"ready {os.getpid()}\n")
     status.close()
     _log(f"capturing {args.device}{' in netns ' + args.netns if args.netns else ''} to {args.path}")
+    counts = CaptureCounts(ring, writer, args.state_dir, args.name)
     try:
-        frames = record_frames(ring, writer, stop)
-        received, dropped, _full = ring.statistics()
-        _log(f"{received} frames reached the ring, {dropped} of them dropped by the kernel (ring full)")
+        frames = record_frames(ring, writer, stop, every_second=counts.update)
+        counts.update()
+        _log(f"{counts.received} frames reached the ring, {counts.dropped} of them dropped by the kernel (ring full)")
         return frames
     finally:
         writer.close()

@@ -102,6 +102,7 @@ ETH_HLEN = 14
 FILTER_PRIO = 7
 VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
+TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
@@ -412,8 +413,20 @@ class TcDataplane:
                     actual = {"path": process["path"], "snaplen": process["snaplen"]}
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, mark, **actual)
+                if kind == "ifb":
+                    binding = replace(binding, counters=self._capture_counters(binding.get("device"), link["index"]))
                 out.append(binding)
         return out
+
+    def _capture_counters(self, device: str, index: int) -> Counters:
+        """Frames in the pcap file, and every copy lost on the way: the ring full, the sink's own drops."""
+        from vtap_drivers.linux.capture import capture_counts
+
+        counts = capture_counts(self.state_dir, device) or {}
+        (link,) = self.ipr.get_links(index)
+        sink = link.get_attr("IFLA_STATS64") or {}
+        dropped = counts.get("ring_dropped", 0) + sink.get("tx_dropped", 0)
+        return Counters(packets=counts.get("frames", 0), dropped=dropped)
 
     def _unknown(self, mark: bytes, device: str | None = None) -> Binding:
         """Something vtap marked but no catalog names (the state dir was lost): an orphan."""
@@ -540,6 +553,9 @@ class TcDataplane:
 
         self._ensure_device(binding, "ifb", lambda name: self.ipr.link("add", ifname=name, kind="ifb"), done)
         device = binding.get("device")
+        # No queue on the sink: an ifb's default one holds 32 frames and drops the rest silently;
+        # without it each copy goes straight to the capture's ring, whose drops are counted.
+        self.ipr.tc("replace", kind="noqueue", index=self.ipr.link_lookup(ifname=device)[0], handle=0, parent=TC_H_ROOT)
         start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir)
 
     # ------------------------------------------------------------ remove
