@@ -277,7 +277,7 @@ class Client:
     def _absolute_pcap_path(self, session: TapSession) -> TapSession:
         if session.target.kind != "pcap" or os.path.isabs(session.target.path):
             return session
-        return evolve(session, target=Target.parse(f"pcap:{os.path.abspath(session.target.path)}"))
+        return evolve(session, target=evolve(session.target, path=os.path.abspath(session.target.path)))
 
     def _change(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""

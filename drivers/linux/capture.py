@@ -2,8 +2,8 @@
 
 These are the only places where vtap reads packets in userspace. The kernel
 data path transmits the mirrored frames on a vtap-owned sink device (an ifb);
-the capture process reads them there with an AF_PACKET socket (never in
-promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
+the capture process reads them there through a memory-mapped AF_PACKET ring
+(ring.py; never in promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
 what mirred produces), restores 802.1Q tags the kernel kept in metadata, and
 writes them to the pcap target's file.
 
@@ -20,12 +20,18 @@ How a pcap target's capture process lives and ends
 * The file is flushed whenever no frame is waiting, so it can be read (tshark,
   tcpdump -r, Wireshark) while the capture runs.
 * Deleting the session (or disabling it) stops the process with SIGTERM: it
-  writes what it holds, closes the file and removes its pidfile. Kernel drop
-  counts are written to the log.
+  writes what it holds and what is still in the ring, closes the file and
+  removes its pidfile. Kernel drop counts are written to the log.
 * A process left behind by a crash is still found (by its command line, which
   names the state dir) and stopped by the next reconcile. If the sink device
   is recreated, the process follows it by name.
-* Nothing rotates or limits the file: it grows until the session ends.
+* Without rotation the file grows until the session ends. With
+  pcap:PATH?max_size=BYTES&max_files=K it is closed before it would grow beyond
+  BYTES and kept as PATH.1 (PATH.1 becomes PATH.2, ...; the oldest beyond K
+  files in all is deleted); a new PATH starts (created exclusively, 0600).
+* Every copy the ring had no room for is counted; the counts are in
+  STATE_DIR/capture-NAME.stats (updated every second) and `status` shows them.
+* The sink has no queue (noqueue qdisc): a copy goes straight to the ring.
 
 `capture_vxlan` terminates a VXLAN stream (RFC 7348) on a UDP port and writes
 the inner Ethernet frames unchanged to pcapng: `vtap capture --listen
@@ -392,6 +398,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--snaplen", type=int)
+    parser.add_argument("--max-size", type=int, help="rotate the file before it grows beyond this many bytes")
+    parser.add_argument("--max-files", type=int, help="with --max-size: keep at most this many files (PATH, PATH.1, ...)")
     parser.add_argument("--netns")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--status-fd", type=int, help="where to say 'ready PID' or 'error: ...' once")
@@ -438,6 +446,8 @@ def running_captures(state_dir: str) -> dict[str, dict]:
         if os.path.realpath(args.state_dir) != state_dir or _is_gone(int(entry)):
             continue
         found[args.name] = {"pid": int(entry), "device": args.device, "path": args.path, "snaplen": args.snaplen, "netns": args.netns}
+        if args.max_size is not None:
+            found[args.name].update(max_size=args.max_size, max_files=args.max_files)
     return found
 
 
@@ -455,11 +465,12 @@ class _NameLock:
         os.close(self.fd)
 
 
-def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".") -> int:
+def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".", max_size: int | None = None, max_files: int | None = None) -> int:
     """Start (or keep) the capture process `name`; returns its pid once the file is open.
 
     Already running with the same parameters: nothing changes. Running with
-    other parameters: it is stopped and started again.
+    other parameters: it is stopped and started again. max_size and max_files
+    (both or neither) rotate the file: see PcapngWriter.rotate.
     """
     check_name("capture name", name)
     path = check_capture_path(path)
@@ -468,23 +479,28 @@ def start_capture_process(name: str, device: str, path: str, snaplen: int | None
     if snaplen is not None:
         snaplen = check_int("snaplen", snaplen, 1, SNAPLEN_MAX)
     os.makedirs(state_dir, exist_ok=True)
-    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns}
+    rotation = {}
+    if max_size is not None or max_files is not None:
+        rotation = {"max_size": check_int("max_size", max_size, 4096, 2**50), "max_files": check_int("max_files", max_files, 1, 10**5)}
+    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns, **rotation}
     with _NameLock(state_dir, name):
         current = running_captures(state_dir).get(name)
         if current is not None:
-            if {key: current[key] for key in wanted} == wanted:
+            if {key: value for key, value in current.items() if key != "pid"} == wanted:
                 return current["pid"]
             _stop(name, state_dir, current["pid"])
-        return _spawn(name, device, path, snaplen, netns, state_dir)
+        return _spawn(name, device, path, snaplen, netns, state_dir, rotation)
 
 
-def _spawn(name, device, path, snaplen, netns, state_dir) -> int:
+def _spawn(name, device, path, snaplen, netns, state_dir, rotation) -> int:
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", MODULE, "--name", name, "--device", device, "--path", path, "--state-dir", os.path.abspath(state_dir), "--status-fd", str(write_end)]
     if snaplen is not None:
         command += ["--snaplen", str(snaplen)]
     if netns is not None:
         command += ["--netns", netns]
+    if rotation:
+        command += ["--max-size", str(rotation["max_size"]), "--max-files", str(rotation["max_files"])]
     try:
         with open(_logfile(state_dir, name), "ab") as log:
             starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write_end,), start_new_session=True, cwd="/")
@@ -598,7 +614,7 @@ def main(argv=None) -> int:
 def _run_detached(args, ring, stop, status) -> int:
     # The file is opened here so it exists (with its header) before the starter hears "ready".
     try:
-        writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True)
+        writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True, max_size=args.max_size, max_files=args.max_files)
         writer.flush()
     except (OSError, ValueError) as exc:
         status.write(f"error: {exc}\n")

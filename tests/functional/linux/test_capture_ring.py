@@ -105,3 +105,28 @@ def test_a_pcap_sessions_sink_has_no_queue_and_every_lost_copy_is_counted_in_sta
         finally:
             for name in running_captures(str(state)):
                 stop_capture_process(name, str(state))
+
+
+def test_a_rotating_pcap_session_keeps_at_most_max_files_of_at_most_max_size(netns, tmp_path):
+    veth(netns, "src0", "peer0")
+    peer = packet_socket(netns, "peer0")
+    state = tmp_path / "state"
+    path = tmp_path / "rot.pcapng"
+    sent = numbered(200, size=1000)
+    with Client(driver="linux", state=str(state / "vtap.db"), netns=netns) as vtap:
+        try:
+            vtap.create_session("rot", to=f"pcap:{path}?max_size=20000&max_files=3")
+            assert str(vtap.store.sessions()[0].target) == f"pcap:{path}?max_size=20000&max_files=3"
+            vtap.add_flow("rot", interface="src0", direction="in")
+            for frame in sent:
+                peer.send(frame)
+            vtap.delete_session("rot")
+        finally:
+            for name in running_captures(str(state)):
+                stop_capture_process(name, str(state))
+    kept = [path, tmp_path / "rot.pcapng.1", tmp_path / "rot.pcapng.2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rot")) == sorted(p.name for p in kept)
+    assert all(p.stat().st_size <= 20000 and p.stat().st_mode & 0o777 == 0o600 for p in kept)
+    # Each file is a pcapng file of its own; oldest first, they hold the newest frames, none missing.
+    together = [raw for p in reversed(kept) for raw, _length in read_frames(p)]
+    assert len(together) >= 2 * 19 and together == sent[-len(together) :]
