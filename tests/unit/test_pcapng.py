@@ -128,26 +128,23 @@ def test_rotation_keeps_at_most_max_files_each_a_valid_pcapng_no_bigger_than_max
     assert len(together) >= 2 * 9  # two full files at least (9 frames of 1032 bytes fit in 10,000)
 
 
-def test_rotation_refuses_a_symlink_planted_at_the_path(tmp_path):
+def test_rotation_refuses_a_symlink_planted_at_the_path(tmp_path, monkeypatch):
+    import os
+
     path = tmp_path / "x.pcapng"
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     writer = PcapngWriter.create(str(path), max_size=4096, max_files=2)
     writer.write(b"a" * 3000, timestamp_ns=1)
-    writer.flush()
-    real_replace = __import__("os").replace
+    real_replace = os.replace
 
     def replace_then_plant(src, dst):
         real_replace(src, dst)
         if str(src) == str(path):
-            path.symlink_to(victim)  # someone races the rotation
+            path.symlink_to(victim)  # someone races the rotation: a link where the new file goes
 
-    import os as os_module
-
-    os_module.replace = replace_then_plant
-    try:
-        with pytest.raises(FileExistsError):
-            writer.write(b"b" * 3000, timestamp_ns=2)
-    finally:
-        os_module.replace = real_replace
+    monkeypatch.setattr(os, "replace", replace_then_plant)
+    with pytest.raises(FileExistsError):
+        writer.write(b"b" * 3000, timestamp_ns=2)
     assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "x.pcapng.1").stat().st_size > 3000  # the full file was kept
