@@ -63,18 +63,10 @@ from vtap_drivers.linux.ring import PacketRing
 
 MODULE = "vtap_drivers.linux.capture"
 
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_AUXDATA = 8
-PACKET_STATISTICS = 6
 SO_TIMESTAMPNS = 35  # also SCM_TIMESTAMPNS
 SO_RCVBUFFORCE = 33
-SIOCGIFINDEX = 0x8933
-TP_STATUS_VLAN_VALID = 1 << 4
-TP_STATUS_VLAN_TPID_VALID = 1 << 6
-AUXDATA = struct.Struct("IIIHHHH")  # struct tpacket_auxdata
 TIMESPEC = struct.Struct("qq")
-ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size) + socket.CMSG_SPACE(AUXDATA.size)
+ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 
 # Big enough for a GSO super-frame, which is what AF_PACKET sees of a TSO stream.
 FRAME_BUFFER = 256 * 1024
@@ -113,39 +105,6 @@ def _enlarge_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
-def _ifindex(sock: socket.socket, device: str) -> int | None:
-    """The index of `device` in the socket's own namespace, or None when there is none."""
-    request = struct.pack("16sI12x", device.encode(), 0)
-    try:
-        return struct.unpack("16sI12x", fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, request))[1]
-    except OSError:
-        return None
-
-
-def open_packet_socket(device: str, netns: str | None = None) -> socket.socket:
-    """An AF_PACKET socket bound to `device`, seeing the frames it sends and receives.
-
-    No promiscuous membership is ever added: the data path transmits its
-    copies on the sink device, and a packet socket sees transmitted frames
-    (PACKET_OUTGOING) without it. record_frames keeps only those, so whatever
-    reaches the sink from elsewhere (a veth peer's own traffic) is not recorded.
-    """
-    sock = _socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    try:
-        # VLAN tags the kernel moved into metadata come back through aux data.
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        _enlarge_receive_buffer(sock)
-        sock.bind((device, ETH_P_ALL))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.ENODEV:
-            where = f" in netns {netns}" if netns else ""
-            raise NotFound(f"device {device}: no such device{where}") from None
-        raise
-    return sock
-
-
 def _datagrams(sock: socket.socket, should_stop, on_idle, size: int = FRAME_BUFFER):
     """Yield (buffer view, length on the wire, ancillary data, sender address) until should_stop().
 
@@ -175,18 +134,6 @@ def _timestamp_ns(ancdata) -> int:
             seconds, nanoseconds = TIMESPEC.unpack(data[: TIMESPEC.size])
             return seconds * 1_000_000_000 + nanoseconds
     return time.time_ns()
-
-
-def _frame_with_vlan_tag(view: memoryview, nbytes: int, ancdata) -> tuple[bytes | memoryview, int]:
-    """The frame as it was on the wire: put back an 802.1Q tag the kernel kept aside."""
-    captured = view[: min(nbytes, len(view))]
-    for level, kind, data in ancdata:
-        if level == SOL_PACKET and kind == PACKET_AUXDATA:
-            status, _len, _snap, _mac, _net, tci, tpid = AUXDATA.unpack(data[: AUXDATA.size])
-            if status & TP_STATUS_VLAN_VALID:
-                tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
-                return bytes(captured[:12]) + struct.pack("!HH", tpid, tci) + bytes(captured[12:]), nbytes + 4
-    return captured, nbytes
 
 
 def capture_device(device: str, path: str, snaplen: int | None = None, netns: str | None = None, stop: threading.Event | None = None, count: int | None = None, append: bool = True) -> int:
@@ -273,12 +220,6 @@ def capture_counts(state_dir: str, name: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def kernel_drops(sock: socket.socket) -> tuple[int, int]:
-    """(frames received, frames dropped) by this packet socket since the last call (reading resets them)."""
-    received, dropped = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
-    return received, dropped
 
 
 # ---------------------------------------------------------------- vtap capture --listen vxlan://
