@@ -32,6 +32,8 @@ How a pcap target's capture process lives and ends
 * Every copy the ring had no room for is counted; the counts are in
   STATE_DIR/capture-NAME.stats (updated every second) and `status` shows them.
 * The sink has no queue (noqueue qdisc): a copy goes straight to the ring.
+  The ring takes 64 MB of kernel memory per pcap session (ring.py), what the
+  socket buffer it replaced could grow to.
 
 `capture_vxlan` terminates a VXLAN stream (RFC 7348) on a UDP port and writes
 the inner Ethernet frames unchanged to pcapng: `vtap capture --listen
@@ -567,6 +569,7 @@ def _run_detached(args, ring, stop, status) -> int:
     status.close()
     _log(f"capturing {args.device}{' in netns ' + args.netns if args.netns else ''} to {args.path}")
     counts = CaptureCounts(ring, writer, args.state_dir, args.name)
+    counts.update()  # zeros now: counts a killed predecessor left are not this process's
     try:
         frames = record_frames(ring, writer, stop, every_second=counts.update)
         counts.update()
