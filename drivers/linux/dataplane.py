@@ -425,8 +425,11 @@ class TcDataplane:
         from vtap_drivers.linux.capture import capture_counts
 
         counts = capture_counts(self.state_dir, device) or {}
-        (link,) = self.ipr.get_links(index)
-        sink = link.get_attr("IFLA_STATS64") or {}
+        try:
+            (link,) = self.ipr.get_links(index)
+            sink = link.get_attr("IFLA_STATS64") or {}
+        except NetlinkError:
+            sink = {}  # the sink went away since the dump: the next observe sees it gone
         dropped = counts.get("ring_dropped", 0) + sink.get("tx_dropped", 0)
         return Counters(packets=counts.get("frames", 0), dropped=dropped)
 
