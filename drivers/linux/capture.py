@@ -178,16 +178,14 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
         writer.flush()
         housekeeping()
 
-    if count is not None:
-        should_stop = lambda: stop.is_set() or writer.frames >= count  # noqa: E731
-    else:
-        should_stop = stop.is_set
     write = writer.write
-    for block in ring.blocks(should_stop, idle):
+    for block in ring.blocks(stop.is_set, idle):
         for frame, timestamp_ns, original in block:
             if count is not None and writer.frames >= count:
-                break
+                return writer.frames  # the count was asked for: nothing after it, no draining
             write(frame, timestamp_ns, original)
+        if count is not None and writer.frames >= count:
+            return writer.frames
         housekeeping()
     return writer.frames
 

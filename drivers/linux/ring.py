@@ -144,25 +144,25 @@ class PacketRing:
 
     def _frames(self, offset: int):
         ring, view = self.map, self.view
-        try:
-            _status, count, position = BLOCK_HEADER.unpack_from(ring, offset + BLOCK_STATUS_OFFSET)
-            position += offset
-            unpack = FRAME_HEADER.unpack_from
-            for _ in range(count):
-                following, sec, nsec, captured, length, status, mac, _net, _hash, tci, tpid = unpack(ring, position)
-                start = position + mac
-                frame = view[start : start + captured]
-                if status & TP_STATUS_VLAN_VALID:
-                    # The frame as it was on the wire: the tag back after the two MAC addresses.
-                    tag = struct.pack("!HH", tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100, tci)
-                    frame = bytes(frame[:12]) + tag + bytes(frame[12:])
-                    length += 4
-                yield frame, sec * 1_000_000_000 + nsec, length
-                position += following
-        finally:
-            # Give the block back to the kernel.
-            struct.pack_into("I", ring, offset + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
-            self.next_block = (self.next_block + 1) % self.block_count
+        _status, count, position = BLOCK_HEADER.unpack_from(ring, offset + BLOCK_STATUS_OFFSET)
+        position += offset
+        unpack = FRAME_HEADER.unpack_from
+        for _ in range(count):
+            following, sec, nsec, captured, length, status, mac, _net, _hash, tci, tpid = unpack(ring, position)
+            start = position + mac
+            frame = view[start : start + captured]
+            if status & TP_STATUS_VLAN_VALID:
+                # The frame as it was on the wire: the tag back after the two MAC addresses.
+                tag = struct.pack("!HH", tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100, tci)
+                frame = bytes(frame[:12]) + tag + bytes(frame[12:])
+                length += 4
+            yield frame, sec * 1_000_000_000 + nsec, length
+            position += following
+
+    def _release(self, offset: int) -> None:
+        """Give the block back to the kernel; the next one in the ring is the next to read."""
+        struct.pack_into("I", self.map, offset + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
+        self.next_block = (self.next_block + 1) % self.block_count
 
     def blocks(self, should_stop, on_idle=lambda: None, drain_quiet: float = 5 * RETIRE_MS / 1000, drain_limit: float = 3.0):
         """Yield blocks (iterables of (frame, timestamp ns, length on the wire)) until should_stop().
@@ -176,16 +176,20 @@ class PacketRing:
         poller.register(self.sock, select.POLLIN | select.POLLERR)
         drain_until = quiet_until = None
         while True:
+            now = time.monotonic()
+            # Asked on every block, too: a ring that is never empty must still stop.
+            if drain_until is None and should_stop():
+                drain_until, quiet_until = now + drain_limit, now + drain_quiet
+            if drain_until is not None and now >= drain_until:
+                return
             offset = self._ready_block()
             if offset is not None:
                 yield self._frames(offset)
+                self._release(offset)  # read or not: the caller has asked for the next block
                 if drain_until is not None:
                     quiet_until = time.monotonic() + drain_quiet
                 continue
-            now = time.monotonic()
-            if drain_until is None and should_stop():
-                drain_until, quiet_until = now + drain_limit, now + drain_quiet
-            if drain_until is not None and (now >= quiet_until or now >= drain_until):
+            if drain_until is not None and now >= quiet_until:
                 return
             on_idle()
             for _fd, events in poller.poll(RETIRE_MS * 10 if drain_until is None else RETIRE_MS):

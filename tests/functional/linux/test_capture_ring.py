@@ -130,3 +130,37 @@ def test_a_rotating_pcap_session_keeps_at_most_max_files_of_at_most_max_size(net
     # Each file is a pcapng file of its own; oldest first, they hold the newest frames, none missing.
     together = [raw for p in reversed(kept) for raw, _length in read_frames(p)]
     assert len(together) >= 2 * 19 and together == sent[-len(together) :]
+
+
+def test_a_capture_stops_even_while_frames_keep_coming(sink, tmp_path):
+    import threading
+
+    from vtap_drivers.linux.capture import capture_device
+
+    source = mirrored_source(sink, SINK)
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood():
+        frame = numbered(1)[0]
+        while flooding.is_set():
+            source.send(frame)
+
+    stop = threading.Event()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(n=capture_device(SINK, str(tmp_path / "busy.pcapng"), netns=sink, stop=stop)))
+    sender = threading.Thread(target=flood)
+    worker.start()
+    sender.start()
+    try:
+        time.sleep(1.0)
+        stop.set()
+        # The ring is never empty, yet the capture ends: it drains for at most a few seconds.
+        worker.join(timeout=6)
+        assert not worker.is_alive()
+    finally:
+        flooding.clear()
+        sender.join()
+        stop.set()
+        worker.join()
+    assert result["n"] > 0 and frames_in(tmp_path / "busy.pcapng") == result["n"]
