@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import yaml
 
-from vtap_core import reconcile, registry
+from vtap_core import reconcile, registry, selectors
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
-from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
-FLOW_KEYS = {"name", "vm", "nic", "interface", "direction", "filter"}
+FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter"}
 
 
 @dataclass
@@ -48,9 +48,13 @@ class FlowStatus:
     packets: int
     bytes: int
     problem: str = ""
+    members: list | None = None  # selector flows: each VM/NIC tapped now, with its own state and counters
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if self.members is None:
+            del data["members"]
+        return data
 
 
 @dataclass
@@ -160,8 +164,8 @@ class Client:
         verb = "enabled" if enabled else "disabled"
         return self._change(f"session {'enable' if enabled else 'disable'} {name}", mutate, f"session {name} {verb}")
 
-    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None) -> Change:
-        source = Source(vm=vm, nic=nic, interface=interface)
+    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None, select=None) -> Change:
+        source = Source(vm=vm, nic=nic, interface=interface, select=select)
         if name is not None:
             TapFlow(name=name, session=session, source=source, direction=direction, filter=filter)
         created = {}
@@ -226,7 +230,19 @@ class Client:
     def reconcile(self, scope: str | None = None) -> reconcile.Plan:
         with self.lock():
             sessions, flows = self.store.snapshot()
-            return reconcile.reconcile(self.driver, sessions, flows, scope)
+            plan = reconcile.reconcile(self.driver, sessions, flows, scope)
+            self._record_membership(plan.members, flows)
+            return plan
+
+    def flow_members(self, name: str) -> list[selectors.Member]:
+        """Who a selector flow taps now and why (`vtap flow show`)."""
+        flow = next((f for f in self.store.flows() if f.name == name), None)
+        if flow is None:
+            raise NotFound(f"flow {name!r} does not exist")
+        if not flow.source.select:
+            return []
+        session = self.store.session(flow.session)
+        return selectors.members_of(flow, session, self.driver.inventory(), cap=1 << 62)
 
     # status ---------------------------------------------------------------
 
@@ -234,23 +250,24 @@ class Client:
         sessions = {s.name: s for s in self.store.sessions()}
         flows = self.store.flows()
         problems: list = []
-        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
+        members: dict = {}
+        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems, members)
         observed = {b.key: b for b in self.driver.observe()}
-        why = {(s, f): text for s, f, text in problems}
+        why = {(s, parent_of(f)): text for s, f, text in problems}
+        by_flow: dict = {}
+        for binding in desired:
+            by_flow.setdefault((binding.session, binding.flow), []).append(binding)
         rows = []
         for flow in flows:
             session = sessions[flow.session]
-            mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
-            present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
-            counters = [b.counters for b in present if b.counters is not None]
-            if not session.enabled:
-                state = "disabled"
-            elif not mine:
-                state = "inactive"
-            elif len(present) == len(mine):
-                state = "active"
-            else:
-                state = "partial" if present else "missing"
+            row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed)
+            if flow.source.select is not None:
+                member_rows = [
+                    {"vm": m.vm, "name": m.vm_name, "nic": m.nic, "host": m.host,
+                     **_flow_state(session, by_flow.get((flow.session, f"{flow.name}@{m.vm}" + (f"#{m.nic}" if m.nic else "")), []), observed)}
+                    for m in members.get(flow.name, [])
+                ]
+                row = _sum_members(session, member_rows)
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -258,12 +275,9 @@ class Client:
                     source=str(flow.source),
                     direction=flow.direction.value,
                     target=str(session.target),
-                    state=state,
-                    desired=len(mine),
-                    observed=len(present),
-                    packets=sum(c.packets for c in counters),
-                    bytes=sum(c.bytes for c in counters),
                     problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                    members=member_rows if flow.source.select is not None else None,
+                    **row,
                 )
             )
         return rows
@@ -305,7 +319,24 @@ class Client:
         publish = getattr(self.driver, "publish_desired", None)
         if publish is not None:
             publish(sessions, flows)
-        return reconcile.reconcile(self.driver, sessions, flows)
+        plan = reconcile.reconcile(self.driver, sessions, flows)
+        self._record_membership(plan.members, flows)
+        return plan
+
+    def _record_membership(self, members: dict, flows) -> None:
+        """One audit row per VM that joined or left a selector flow since the last reconcile."""
+        path = os.path.join(self.store.state_dir, f"selectors-{self.driver_name}.json")
+        selector_flows = {f.name for f in flows if f.source.select}
+        before = {k: v for k, v in _read_private_json(path).items() if k in selector_flows or k in members}
+        after = {flow: {f"{m.vm}#{m.nic}": f"{m.vm_name}: {m.why}" for m in found} for flow, found in members.items()}
+        # Flows deleted since: their members left with them (the deletion is audited already).
+        after.update({flow: {} for flow in before if flow not in selector_flows})
+        changes = selectors.membership_changes(before, after)
+        if not changes:
+            return
+        with self.store.transaction():
+            self.store.record(f"{self.command}: selector membership" if self.command != "sdk" else "sdk: selector membership", {"members": changes})
+        _write_private_json(path, {k: v for k, v in after.items() if k in selector_flows})
 
     def _validate(self, sessions: dict, flows: dict, touched: set[str]):
         """The driver must be able to realize what this call touches, beside everything else."""
@@ -314,15 +345,22 @@ class Client:
         mine = [f for f in flows.values() if f.session in touched]
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
+        # Selector flows are planned as the members they have now; over the cap is this call's fault.
+        expanded = selectors.expand(list(sessions.values()), list(flows.values()), self.driver.inventory, selectors.cap())
+        for session, flow, why in expanded.problems:
+            if session in touched:
+                raise ValidationError("select", f"flow {flow}: {why.split(': ', 1)[-1]}")
+        every = expanded.flows
+        mine = [f for f in every if f.session in touched]
         self.driver.plan([sessions[n] for n in touched], mine)
         try:
-            self.driver.plan(list(sessions.values()), list(flows.values()))
+            self.driver.plan(list(sessions.values()), every)
         except (ValidationError, NotFound, Unsupported) as conflict:
             # Either the change clashes with the rest (a VNI used twice), or the rest
             # cannot be planned on its own (a source vanished): only the first is this call's fault.
             others = [s for s in sessions.values() if s.name not in touched]
             try:
-                self.driver.plan(others, [f for f in flows.values() if f.session not in touched])
+                self.driver.plan(others, [f for f in every if f.session not in touched])
             except (ValidationError, NotFound, Unsupported):
                 return
             raise conflict
@@ -343,6 +381,37 @@ class Client:
         return f"{message} (nothing to change on this host now)"
 
 
+def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
+    """state, desired, observed and counters of one flow's bindings."""
+    present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
+    counters = [b.counters for b in present if b.counters is not None]
+    if not session.enabled:
+        state = "disabled"
+    elif not mine:
+        state = "inactive"
+    elif len(present) == len(mine):
+        state = "active"
+    else:
+        state = "partial" if present else "missing"
+    return {"state": state, "desired": len(mine), "observed": len(present),
+            "packets": sum(c.packets for c in counters), "bytes": sum(c.bytes for c in counters)}
+
+
+def _sum_members(session: TapSession, members: list[dict]) -> dict:
+    """A selector flow's own row: its members added up (active when every member is)."""
+    total = {key: sum(m[key] for m in members) for key in ("desired", "observed", "packets", "bytes")}
+    states = {m["state"] for m in members if m["state"] != "inactive"}
+    if not session.enabled:
+        state = "disabled"
+    elif not states:
+        state = "inactive"
+    elif states == {"active"}:
+        state = "active"
+    else:
+        state = "partial" if "active" in states or "partial" in states else "missing"
+    return {"state": state, **total}
+
+
 def _touched_sessions(change: dict, sessions: dict) -> set[str]:
     names = set()
     for key in ("created session", "added flow"):
@@ -350,6 +419,37 @@ def _touched_sessions(change: dict, sessions: dict) -> set[str]:
             names.add(change[key].get("session") or change[key]["name"])
     names.update(change.get("sessions", []))
     return {n for n in names if n in sessions}
+
+
+def _read_private_json(path: str) -> dict:
+    import json
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd) as handle:
+        try:
+            data = json.load(handle)
+        except ValueError:
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_private_json(path: str, data: dict) -> None:
+    """Written whole to a fresh 0600 file, then renamed over (never through a symlink)."""
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".selectors-")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def next_flow_name(session: str, flows: dict) -> str:

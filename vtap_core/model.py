@@ -218,23 +218,29 @@ def _valid_host(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Source:
-    """What a flow mirrors: a VM (UUID or name, optionally one NIC) or a host interface."""
+    """What a flow mirrors: a VM (UUID or name, optionally one NIC), a host interface,
+    or every VM a selector expression matches (see selectors.py)."""
 
     vm: str | None = None
     nic: str | None = None
     interface: str | None = None
+    select: str | None = None
 
     def __post_init__(self):
-        if bool(self.vm) == bool(self.interface):
-            raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
+        if sum(bool(x) for x in (self.vm, self.interface, self.select)) != 1:
+            raise ValidationError("source", "give exactly one of --vm UUID|NAME, --interface IFNAME or --select EXPR")
         if self.interface is not None and not PORT_NAME_RE.match(self.interface):
             raise ValidationError("interface", f"{self.interface!r} is not an interface name")
-        if self.interface is not None and self.nic is not None:
-            raise ValidationError("nic", "--nic goes with --vm, not with --interface")
+        if self.nic is not None and not self.vm:
+            raise ValidationError("nic", "--nic goes with --vm only")
+        if self.select is not None:
+            from vtap_core.selectors import canonical
+
+            object.__setattr__(self, "select", canonical(self.select))
         if self.vm is not None:
-            canonical = parse_uuid(self.vm)
-            if canonical is not None and self.vm.count("-") == 4:
-                object.__setattr__(self, "vm", canonical)
+            canonical_uuid = parse_uuid(self.vm)
+            if canonical_uuid is not None and self.vm.count("-") == 4:
+                object.__setattr__(self, "vm", canonical_uuid)
             elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
                 raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
         if self.nic is not None:
@@ -248,6 +254,8 @@ class Source:
     def __str__(self) -> str:
         if self.interface:
             return f"interface {self.interface}"
+        if self.select:
+            return f"select {self.select}"
         return f"vm {self.vm}" + (f" nic {self.nic}" if self.nic else "")
 
 
@@ -313,7 +321,7 @@ class TapFlow:
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "session": self.session}
-        for key in ("vm", "nic", "interface"):
+        for key in ("vm", "nic", "interface", "select"):
             if getattr(self.source, key) is not None:
                 data[key] = getattr(self.source, key)
         data["direction"] = self.direction.value
@@ -324,8 +332,32 @@ class TapFlow:
     @classmethod
     def from_dict(cls, data: dict) -> "TapFlow":
         data = dict(data)
-        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None))
+        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None), select=data.pop("select", None))
         return cls(source=source, **data)
+
+
+@dataclass(frozen=True)
+class MemberFlow(TapFlow):
+    """One (VM, NIC) a selector flow taps now: planned like a single-VM flow.
+
+    Its name, FLOW@UUID[#MAC], is made here, never typed by a user, so it is not
+    held to the name rule; `parent` is the selector flow's name.
+    """
+
+    parent: str = ""
+
+    def __post_init__(self):
+        pass  # built from a validated flow and an inventory UUID/MAC
+
+
+def member_flow(flow: TapFlow, vm_uuid: str, mac: str | None) -> MemberFlow:
+    name = f"{flow.name}@{vm_uuid}" + (f"#{mac}" if mac else "")
+    return MemberFlow(name=name, session=flow.session, source=Source(vm=vm_uuid, nic=mac), direction=flow.direction, filter=flow.filter, parent=flow.name)
+
+
+def parent_of(flow_name: str | None) -> str | None:
+    """The selector flow a member flow's name belongs to (the name itself otherwise)."""
+    return flow_name.split("@", 1)[0] if flow_name else flow_name
 
 
 def evolve(obj, **changes):
@@ -356,6 +388,20 @@ class VM:
     host: str | None = None
     nics: tuple[Nic, ...] = ()
     details: dict = field(default_factory=dict, compare=False, hash=False)
+    tags: tuple[str, ...] = ()  # vSphere tags/custom attributes, libvirt vtap metadata, Proxmox tags
+    folder: str | None = None  # vsphere: inventory path of the VM's folder
+    pool: str | None = None  # proxmox: resource pool
+
+    def facts(self) -> dict:
+        """What a selector can match (selectors.py): key -> values."""
+        return {
+            "name": [self.name],
+            "tag": list(self.tags),
+            "folder": [self.folder] if self.folder else [],
+            "pool": [self.pool] if self.pool else [],
+            "host": [self.host] if self.host else [],
+            "network": [n.network for n in self.nics if n.network],
+        }
 
     def to_dict(self) -> dict:
         return {
@@ -364,5 +410,8 @@ class VM:
             "state": self.state,
             "host": self.host,
             "nics": [{"mac": n.mac, "device": n.device, "network": n.network, **n.details} for n in self.nics],
+            **({"tags": list(self.tags)} if self.tags else {}),
+            **({"folder": self.folder} if self.folder else {}),
+            **({"pool": self.pool} if self.pool else {}),
             **self.details,
         }
