@@ -69,6 +69,7 @@ class KvmDriver(Driver):
             sample=True,  # tc only
             snaplen_targets=frozenset({"pcap"}) | OVS_TARGETS,  # pcap with tc; any with ovs
             backends=("tc", "ovs"),
+            selector_keys=frozenset({"name", "tag", "host", "network"}),
         )
         return Description(self.name, "KVM/libvirt guests; tc or Open vSwitch data path", features, {"uri": self.uri})
 
