@@ -225,8 +225,10 @@ def cmd_vm_list(args, ctx):
     rows = []
     for vm in vms:
         nics = [" ".join(str(v) for v in (n.mac, n.device, n.network, *_pairs(n.details)) if v) for n in vm.nics]
-        rows.append({"uuid": vm.uuid or "-", "name": vm.name, "state": vm.state, "host": vm.host, "nics": nics, "details": " ".join(_pairs(vm.details))})
-    ctx.emit(rows, ["uuid", "name", "state", "host", "nics", "details"])
+        place = " ".join(f"{k}={v}" for k, v in (("folder", vm.folder), ("pool", vm.pool)) if v)
+        rows.append({"uuid": vm.uuid or "-", "name": vm.name, "state": vm.state, "host": vm.host, "nics": nics, "tags": ",".join(vm.tags),
+                     "details": " ".join(filter(None, [place, *_pairs(vm.details)]))})
+    ctx.emit(rows, ["uuid", "name", "state", "host", "nics", "tags", "details"])
     return 0
 
 

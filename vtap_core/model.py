@@ -392,6 +392,11 @@ class VM:
     folder: str | None = None  # vsphere: inventory path of the VM's folder
     pool: str | None = None  # proxmox: resource pool
 
+    @property
+    def ref(self) -> str:
+        """What a flow names this VM by: its UUID, else the platform's own id (a Proxmox vmid), else its name."""
+        return self.uuid or str(self.details.get("vmid") or self.name)
+
     def facts(self) -> dict:
         """What a selector can match (selectors.py): key -> values."""
         return {

@@ -136,14 +136,14 @@ def members_of(flow, session, vms, cap: int) -> list[Member]:
     target_vm = session.target.vm if session.target.kind == "vm" else None
     out = []
     for vm in sorted(vms, key=lambda v: (v.name, v.uuid)):
-        if target_vm and vm.uuid == target_vm:
+        if target_vm and target_vm in (vm.uuid, vm.ref):
             continue  # never mirror the target into itself
         why = None
         for nic in matching(terms, vm):
             if target_vm and session.target.mac == nic.mac:
                 continue
             why = why or reasons(terms, vm)
-            out.append(Member(vm.uuid, vm.name, nic.mac, vm.host, why))
+            out.append(Member(vm.ref, vm.name, nic.mac or None, vm.host, why))
     if len(out) > cap:
         raise ValidationError("select", f"{flow.source.select!r} matches {len(out)} NICs, more than the cap of {cap} (raise it with VTAP_SELECTOR_CAP)")
     return out
