@@ -380,6 +380,11 @@ class Nic:
     details: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def nic_networks(nic: Nic) -> list[str]:
+    """The names a NIC's network goes by (id, and a display name where the platform has one)."""
+    return [v for v in (nic.network, nic.details.get("network_name")) if v]
+
+
 @dataclass(frozen=True)
 class VM:
     uuid: str
@@ -398,14 +403,18 @@ class VM:
         return self.uuid or str(self.details.get("vmid") or self.name)
 
     def facts(self) -> dict:
-        """What a selector can match (selectors.py): key -> values."""
+        """What a selector can match (selectors.py): key -> values.
+
+        A platform that knows hosts and networks by id and by name (vsphere) puts the
+        names in details["host_name"] and the NIC's details["network_name"]: both match.
+        """
         return {
             "name": [self.name],
             "tag": list(self.tags),
             "folder": [self.folder] if self.folder else [],
             "pool": [self.pool] if self.pool else [],
-            "host": [self.host] if self.host else [],
-            "network": [n.network for n in self.nics if n.network],
+            "host": [v for v in (self.host, self.details.get("host_name")) if v],
+            "network": [v for n in self.nics for v in nic_networks(n)],
         }
 
     def to_dict(self) -> dict:

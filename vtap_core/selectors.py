@@ -113,11 +113,13 @@ class Expansion:
 
 def matching(terms, vm) -> list:
     """The NICs of `vm` a selector taps (empty: no match)."""
+    from vtap_core.model import nic_networks
+
     facts = vm.facts()
     if not all(term.holds(facts.get(term.key, ())) for term in terms):
         return []
     networks = [t for t in terms if t.key == "network" and not t.negate]
-    return [nic for nic in vm.nics if all(t.holds([nic.network]) for t in networks)]
+    return [nic for nic in vm.nics if all(t.holds(nic_networks(nic)) for t in networks)]
 
 
 def reasons(terms, vm) -> str:
