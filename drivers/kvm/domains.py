@@ -21,8 +21,8 @@ STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 
 ACTIVE_STATES = {"running", "blocked", "paused"}
 
 
-def nics_of(xml: str) -> tuple[Nic, ...]:
-    root = ET.fromstring(xml)
+def nics_of(xml) -> tuple[Nic, ...]:
+    root = ET.fromstring(xml) if isinstance(xml, str) else xml
     nics = []
     for iface in root.findall("./devices/interface"):
         mac = iface.find("mac")
@@ -51,9 +51,9 @@ def nics_of(xml: str) -> tuple[Nic, ...]:
     return tuple(nics)
 
 
-def tags_of(xml: str) -> tuple[str, ...]:
+def tags_of(xml) -> tuple[str, ...]:
     """Tags from vtap's metadata element, then #tags in the title and description (in order, once each)."""
-    root = ET.fromstring(xml)
+    root = ET.fromstring(xml) if isinstance(xml, str) else xml
     found = [(el.text or "").strip() for el in root.iterfind(f"./metadata//{{{VTAP_NS}}}tag")]
     for part in ("title", "description"):
         found.extend(HASHTAG_RE.findall(root.findtext(part) or ""))
@@ -62,8 +62,9 @@ def tags_of(xml: str) -> tuple[str, ...]:
 
 def vm_of(uuid: str, name: str, state: int, xml: str, host: str | None = None) -> VM:
     word = STATES.get(state, "unknown")
-    nics = nics_of(xml)
+    root = ET.fromstring(xml)
+    nics = nics_of(root)
     if word not in ACTIVE_STATES:
         # An inactive domain's XML may still name an old vnetN: it is not its device now.
         nics = tuple(Nic(mac=n.mac, device=None, network=n.network, details=n.details) for n in nics)
-    return VM(uuid=uuid, name=name, state=word, host=host, nics=nics, tags=tags_of(xml))
+    return VM(uuid=uuid, name=name, state=word, host=host, nics=nics, tags=tags_of(root))

@@ -18,6 +18,7 @@ refused before anything changes.
 from __future__ import annotations
 
 import threading
+import time
 
 import libvirt
 
@@ -31,6 +32,9 @@ from vtap_drivers.kvm.ovs import Ovs, mirror_binding, tunnel_binding
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
 TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
+# Seconds one inventory read serves: a reconcile reads it for expand, plan and observe, and a
+# command plans several times before it applies. Events and the end of observe() drop it.
+INVENTORY_REUSE = 1.0
 
 
 class KvmDriver(Driver):
@@ -43,6 +47,8 @@ class KvmDriver(Driver):
         self.libvirt = Libvirt(self.uri)
         self.ovs = Ovs(ovsdb)
         self._tc = None
+        self._parsed: dict = {}  # uuid -> (XML, state, VM) of the last inventory
+        self._memo = None  # (time, VMs): one reconcile's expand, plan and observe share one read
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
     @property
@@ -76,18 +82,31 @@ class KvmDriver(Driver):
     # inventory -------------------------------------------------------------
 
     def inventory(self) -> list[VM]:
+        memo = self._memo
+        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE:
+            return memo[1]
+
         def read(conn):
             host = conn.getHostname()
-            vms = []
+            vms, parsed = [], {}
             for dom in conn.listAllDomains():
                 try:
-                    vms.append(vm_of(dom.UUIDString(), dom.name(), dom.state()[0], dom.XMLDesc(), host))
+                    uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
+                    # Every read asks libvirt; parsing is the cost at thousands of VMs, and
+                    # the same XML in the same state is the same VM.
+                    known = self._parsed.get(uuid)
+                    vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
+                    parsed[uuid] = (xml, state, vm)
+                    vms.append(vm)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise  # else: undefined between list and read, so not there
+            self._parsed = parsed
             return vms
 
-        return self.libvirt.call(read)
+        vms = self.libvirt.call(read)
+        self._memo = (time.monotonic(), vms)
+        return vms
 
     # plan ------------------------------------------------------------------
 
@@ -207,7 +226,10 @@ class KvmDriver(Driver):
         has its own catalog: its filters show up as unknown marks here and are
         left alone, never removed as orphans.
         """
-        devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        try:
+            devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        finally:
+            self._memo = None  # observe ends a reconcile (and status): the next one reads afresh
         found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
             # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
@@ -237,7 +259,9 @@ class KvmDriver(Driver):
             self.tc.remove(tc)
 
     def watch(self, stop: threading.Event):
-        return self.libvirt.watch(stop)
+        for hint in self.libvirt.watch(stop):
+            self._memo = None  # something changed: the reconcile it causes must read it
+            yield hint
 
     def close(self) -> None:
         self.libvirt.close()
