@@ -24,11 +24,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-import yaml
-
-from vtap_core import reconcile, registry, selectors
+from vtap_core import reconcile, registry, selectors, yamlfile
+from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
+from vtap_core.redact import check_url_settings, redact
+from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
@@ -42,12 +43,15 @@ class FlowStatus:
     source: str
     direction: str
     target: str
-    state: str  # active | partial | missing | inactive (nothing to do here now) | disabled
+    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled
     desired: int  # platform objects this flow needs now
     observed: int  # of those, present and right
     packets: int
     bytes: int
     problem: str = ""
+    dropped: int = 0  # copies the target did not take (packets counts every copy made)
+    target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
+    target_tx_errors: int = 0
     members: list | None = None  # selector flows: each VM/NIC tapped now, with its own state and counters
 
     def to_dict(self) -> dict:
@@ -71,9 +75,10 @@ class Change:
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
-        self.store = Store(state, driver=self.driver_name)
         self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.command = command or "sdk"
+        check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
+        self.store = Store(state, driver=self.driver_name)
+        self.command = redact(command or "sdk")
         self._driver = None
 
     # lifecycle ------------------------------------------------------------
@@ -99,7 +104,7 @@ class Client:
     @contextlib.contextmanager
     def lock(self):
         """Serializes changes and reconciles between vtap processes sharing a store."""
-        with open(self.store.path + ".lock", "a") as handle:
+        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -194,14 +199,8 @@ class Client:
         return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
-        try:
-            with open(path) as handle:
-                document = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ValidationError("file", f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return self.apply_document(document, prune=prune, source=path)
+        document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
+        return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
@@ -268,6 +267,8 @@ class Client:
                     for m in members.get(flow.name, [])
                 ]
                 row = _sum_members(session, member_rows)
+            problem = why.get((flow.session, flow.name), why.get((flow.session, None), ""))
+            trouble = row.pop("trouble")
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -275,7 +276,7 @@ class Client:
                     source=str(flow.source),
                     direction=flow.direction.value,
                     target=str(session.target),
-                    problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                    problem="; ".join(p for p in (problem, *trouble) if p),
                     members=member_rows if flow.source.select is not None else None,
                     **row,
                 )
@@ -381,8 +382,11 @@ class Client:
         return f"{message} (nothing to change on this host now)"
 
 
+COUNTS = ("desired", "observed", "packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors")
+
+
 def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
-    """state, desired, observed and counters of one flow's bindings."""
+    """state, desired, observed, counters and target-side trouble of one flow's bindings."""
     present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
     counters = [b.counters for b in present if b.counters is not None]
     if not session.enabled:
@@ -393,13 +397,17 @@ def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
         state = "active"
     else:
         state = "partial" if present else "missing"
+    dropped, target, trouble = _target_side(counters)
+    if state == "active" and target.cut:
+        state = "degraded"  # active means delivered: some of these copies cannot be
     return {"state": state, "desired": len(mine), "observed": len(present),
-            "packets": sum(c.packets for c in counters), "bytes": sum(c.bytes for c in counters)}
+            "packets": sum(c.packets for c in counters), "bytes": sum(c.bytes for c in counters),
+            "dropped": dropped, "target_tx_dropped": target.tx_dropped, "target_tx_errors": target.tx_errors, "trouble": trouble}
 
 
 def _sum_members(session: TapSession, members: list[dict]) -> dict:
     """A selector flow's own row: its members added up (active when every member is)."""
-    total = {key: sum(m[key] for m in members) for key in ("desired", "observed", "packets", "bytes")}
+    total = {key: sum(m[key] for m in members) for key in COUNTS}
     states = {m["state"] for m in members if m["state"] != "inactive"}
     if not session.enabled:
         state = "disabled"
@@ -407,9 +415,12 @@ def _sum_members(session: TapSession, members: list[dict]) -> dict:
         state = "inactive"
     elif states == {"active"}:
         state = "active"
+    elif states <= {"active", "degraded"}:
+        state = "degraded"
     else:
-        state = "partial" if "active" in states or "partial" in states else "missing"
-    return {"state": state, **total}
+        state = "partial" if states & {"active", "degraded", "partial"} else "missing"
+    trouble = list(dict.fromkeys(t for m in members for t in m.pop("trouble")))
+    return {"state": state, **total, "trouble": trouble}
 
 
 def _touched_sessions(change: dict, sessions: dict) -> set[str]:
@@ -484,7 +495,10 @@ def parse_document(document) -> tuple[dict, list]:
             raise ValidationError(where, f"session {session.name!r} is listed twice")
         sessions[session.name] = session
         taken: dict = {}
-        for j, flow_entry in enumerate(entry.get("flows") or []):
+        flow_entries = entry.get("flows")
+        if flow_entries is not None and not isinstance(flow_entries, list):
+            raise ValidationError(f"{where}.flows", "must be a list of flows")
+        for j, flow_entry in enumerate(flow_entries or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")
@@ -511,3 +525,15 @@ def _no_unknown_keys(where: str, mapping: dict, allowed: set):
         if key not in allowed:
             raise ValidationError(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
 
+
+def _target_side(counters) -> tuple[int, TargetHealth, list[str]]:
+    """(copies dropped, the flow's target devices with their counters summed, problem texts)."""
+    targets = {c.target.device: c.target for c in counters if c.target is not None}  # one per device, however many hooks
+    dropped = sum(c.dropped for c in counters)
+    device = ", ".join(sorted(targets))
+    cut = "; ".join(dict.fromkeys(t.cut for t in targets.values() if t.cut))
+    notes = list(dict.fromkeys(t.note for t in targets.values() if t.note))
+    # dropped counts since the mirror was made: shown, but only a cut that holds now makes the flow degraded
+    trouble = ([cut] if cut else []) + ([f"{dropped} copies dropped at target {device} since the mirror was made"] if dropped else []) + notes
+    total = TargetHealth(device, sum(t.tx_dropped for t in targets.values()), sum(t.tx_errors for t in targets.values()), cut=cut)
+    return dropped, total, trouble

@@ -17,6 +17,7 @@ import sqlite3
 
 from vtap_core.errors import AlreadyExists, NotFound
 from vtap_core.model import TapFlow, TapSession
+from vtap_core.safefile import open_private, private_dirs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -49,10 +50,8 @@ class Store:
     def __init__(self, path: str | None = None, driver: str = "linux"):
         self.path = os.path.abspath(path or default_path())
         self.driver = driver
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(self.path, 0o600)
+        private_dirs(os.path.dirname(self.path))
+        os.close(open_private(self.path, os.O_CREAT | os.O_WRONLY))  # 0600, ours, not through a link
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 from vtap_core.driver import Binding
 from vtap_core.errors import OperationFailed
+from vtap_core.safefile import open_private, private_dirs, write_private
 
 MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
@@ -79,7 +80,7 @@ class Catalog:
     """Marks and qdiscs of one namespace, in STATE_DIR/tc-<netns or host>.json."""
 
     def __init__(self, state_dir: str, netns: str | None):
-        os.makedirs(state_dir, exist_ok=True)
+        private_dirs(state_dir)  # the catalog names every device, filter and flow: 0600 in a 0700 folder
         self.path = os.path.join(state_dir, f"tc-{netns or 'host'}.json")
         self.prefix = store_prefix(state_dir)
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
@@ -110,11 +111,8 @@ class Catalog:
 
     def save(self) -> None:
         generation = os.urandom(GENERATION_LENGTH // 2).hex()
-        temporary = f"{self.path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as f:
-            # The generation first, so load() can tell an unchanged file from its first bytes.
-            f.write(json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
-        os.replace(temporary, self.path)
+        # The generation first, so load() can tell an unchanged file from its first bytes.
+        write_private(self.path, json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
         self._generation = generation
 
     @contextmanager
@@ -125,7 +123,7 @@ class Catalog:
         kernel half way through another process's apply (and takes that one's
         new mirrors for orphans).
         """
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.path + ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             self.load()

@@ -24,7 +24,8 @@ API (all names are device names in this namespace):
     # planning: pure, nothing changes; ValidationError for bad filters/targets
     dp.plan_interface(session, flow, device=None)            -> [Binding]  host interface semantics
     dp.plan_vm_device(session, flow, device, vm=None,
-                      target_device=None)                    -> [Binding]  a VM's host-side device
+                      target_device=None, macvtap=False)     -> [Binding]  a VM's host-side device
+        macvtap=True: the device is a macvtap, whose egress carries what the VM sends.
         session: TapSession, flow: TapFlow; device defaults to flow.source.interface.
         target_device: the device for a port:/vm: target (default: the port: name).
         The session's target binding (vxlan device, pcap sink) comes first in every
@@ -41,12 +42,14 @@ API (all names are device names in this namespace):
     unique(bindings)                              -> bindings without repeated keys
 
     # kernel (one netlink socket; safe to share between threads)
-    dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes);
+    dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes,
+                             copies the target refused, the target's health: targethealth.py);
                              drifted ones (target device recreated, vxlan changed) differ in spec;
                              orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
+    dp.device_kinds()     -> {device name: IFLA_INFO_KIND or None}
     dp.ifindex(name)      -> int or None
     dp.close()
 
@@ -73,20 +76,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELQDISC,
-    RTM_DELTFILTER,
-    RTM_GETACTION,
-    RTM_GETLINK,
-    RTM_GETQDISC,
-    RTM_GETTFILTER,
-    RTM_NEWQDISC,
-    RTM_NEWTFILTER,
-)
-
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
 from vtap_core.filters import compile_filter, with_sampling
@@ -94,6 +83,7 @@ from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.catalog import Catalog, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
+from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
@@ -104,6 +94,21 @@ VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
+# linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
+# family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
+# post-start, inside PVE's `qm start`, must stay fast.
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 18, 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER, RTM_GETACTION = 44, 45, 46, 50
+
+
+def _netlink_error():
+    """pyroute2's NetlinkError class (imported when an error is being handled, not before)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
@@ -119,6 +124,7 @@ class TcFilter(NamedTuple):
     to_index: int  # where its mirred action copies to
     packets: int
     bytes: int
+    refused: int = 0  # copies the target device did not take
 
 
 def hooks_for(direction, vm_port: bool = False) -> tuple[str, ...]:
@@ -220,8 +226,9 @@ class TcDataplane:
     def plan_interface(self, session: TapSession, flow: TapFlow, device: str | None = None) -> list[Binding]:
         return self._plan(session, flow, device or flow.source.interface, vm_port=False, vm=None, target_device=None)
 
-    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None) -> list[Binding]:
-        return self._plan(session, flow, device, vm_port=True, vm=vm, target_device=target_device)
+    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None, macvtap: bool = False) -> list[Binding]:
+        # A macvtap device transmits what its VM sends (towards the lower NIC): the hooks of a host interface.
+        return self._plan(session, flow, device, vm_port=not macvtap, vm=vm, target_device=target_device)
 
     def session_target(self, session: TapSession, target_device: str | None = None) -> tuple[list[Binding], str, str | None]:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
@@ -262,9 +269,11 @@ class TcDataplane:
         return self._nl
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self):
         """pyroute2's socket: creating, changing and deleting vtap's own devices (rare)."""
         if self._ipr is None:
+            from pyroute2 import IPRoute
+
             try:
                 # flags=0: use the namespace, never create it
                 self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
@@ -278,9 +287,10 @@ class TcDataplane:
         with self._lock:
             try:
                 yield
-            except (NetlinkFailure, NetlinkError, OSError) as exc:
-                code = getattr(exc, "code", None) if isinstance(exc, (NetlinkFailure, NetlinkError)) else exc.errno
-                if not isinstance(exc, (NetlinkFailure, NetlinkError)) and code not in BUSY:
+            except (NetlinkFailure, OSError, _netlink_error()) as exc:
+                netlink = isinstance(exc, (NetlinkFailure, _netlink_error()))
+                code = getattr(exc, "code", None) if netlink else exc.errno
+                if not netlink and code not in BUSY:
                     raise
                 self.close()  # a socket may hold half a reply now: start afresh next time
                 where = f" in netns {self.netns}" if self.netns else ""
@@ -324,6 +334,11 @@ class TcDataplane:
         with self._kernel():
             return {link["name"] for link in self._links()}
 
+    def device_kinds(self) -> dict[str, str | None]:
+        """{device name: IFLA_INFO_KIND} (None for a device without one, e.g. a physical NIC)."""
+        with self._kernel():
+            return {link["name"]: link["kind"] for link in self._links()}
+
     def _mirred_marks(self) -> set[bytes]:
         """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
 
@@ -359,16 +374,23 @@ class TcDataplane:
     def observe(self) -> list[Binding]:
         """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
         with self._kernel(), self.catalog.locked(shared=True) as catalog:
-            names: dict[int, str | None] = {}
+            links: dict[int, dict | None] = {}
+            underlays: dict[str, tuple | None] = {}
+
+            def link_of(index):
+                if index not in links:
+                    links[index] = self._link(index=index) if index else None
+                return links[index]
 
             def name_of(index):
-                if index not in names:
-                    link = self._link(index=index) if index else None
-                    names[index] = link["name"] if link is not None else None
-                return names[index]
+                link = link_of(index)
+                return link["name"] if link is not None else None
 
+            hooks = catalog.mirror_hooks()
+            if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
+                links.update((link["index"], link) for link in self._links())
             out = []
-            for (ifindex, hook), wanted in catalog.mirror_hooks().items():
+            for (ifindex, hook), wanted in hooks.items():
                 for found in self._filters(ifindex, hook):
                     if found.mark not in wanted:
                         continue
@@ -379,7 +401,9 @@ class TcDataplane:
                         binding = _drifted(binding, found.mark, to=actual)
                     # At ingress the kernel counts from the network header; count whole frames.
                     nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" else 0)
-                    out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, Counters(found.packets, nbytes), binding.order))
+                    target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                    counters = Counters(found.packets, nbytes, found.refused, target)
+                    out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))
@@ -414,6 +438,29 @@ class TcDataplane:
                     binding = _drifted(binding, mark, **actual)
                 out.append(binding)
         return out
+
+    def _target_health(self, source: dict | None, target: dict | None, underlays: dict):
+        """Can the copies reach the target whole (targethealth.py)? underlays caches the route per VXLAN remote."""
+        if source is None or target is None:
+            return None
+        remote = (target["vxlan"] or {}).get("remote") if target["kind"] == "vxlan" else None
+        if remote and remote not in underlays:
+            underlays[remote] = self._underlay(remote)
+        return target_health(source, target, underlays.get(remote))
+
+    def _underlay(self, remote: str) -> tuple[str, int] | None:
+        """(device, MTU) of the route to a tunnel's remote end; NO_ROUTE without one; None if unknown."""
+        try:
+            (route,) = self.ipr.route("get", dst=remote)
+        except NetlinkError as exc:
+            return NO_ROUTE if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH) else None
+        link = self._link(index=route.get_attr("RTA_OIF") or 0)
+        if link is None:
+            return None
+        metrics = route.get_attr("RTA_METRICS")
+        route_mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
+        mtus = [mtu for mtu in (route_mtu, link["mtu"]) if mtu]
+        return (link["name"], min(mtus)) if mtus else None
 
     def _unknown(self, mark: bytes, device: str | None = None) -> Binding:
         """Something vtap marked but no catalog names (the state dir was lost): an orphan."""
@@ -516,7 +563,7 @@ class TcDataplane:
             # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
             self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
             self.ipr.link("set", ifname=name, ifalias=alias, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if binding.get("type") == "vxlan" and exc.code == errno.EEXIST:
                 raise OperationFailed(
                     f"vxlan target vni {binding.get('vni')} port {binding.get('port')}: another VXLAN device here already uses that VNI and port"
@@ -653,7 +700,7 @@ class TcDataplane:
             return  # gone, someone else's, or a newer spec of ours
         try:
             self.ipr.link("del", index=link["index"])
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
 
