@@ -452,7 +452,7 @@ class TcDataplane:
         """(device, MTU) of the route to a tunnel's remote end; NO_ROUTE without one; None if unknown."""
         try:
             (route,) = self.ipr.route("get", dst=remote)
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             return NO_ROUTE if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH) else None
         link = self._link(index=route.get_attr("RTA_OIF") or 0)
         if link is None:
