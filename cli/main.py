@@ -327,7 +327,7 @@ def cmd_status(args, ctx):
     if args.output == "table":
         # A selector flow's members follow it, one line each.
         rows = [line for row in rows for line in [row, *({**row, **m, "flow": f"  {m['name']}", "source": f"vm {m['vm']}" + (f" nic {m['nic']}" if m["nic"] else ""), "problem": ""} for m in row.get("members") or [])]]
-    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
+    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "capture_dropped", "problem"])
     return 0
 
 
@@ -355,6 +355,7 @@ def cmd_follow(args, ctx):
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     client = ctx.client()
+    client.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
     metrics = None
     if args.metrics_port is not None:
         from vtap_core.metrics import PrometheusMetrics

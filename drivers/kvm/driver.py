@@ -286,6 +286,11 @@ class KvmDriver(Driver):
             found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices or b.get("device") not in ports)
         return found
 
+    def prepare(self, bindings) -> None:
+        tc = _split(bindings)[1]
+        if tc:
+            self.tc.prepare(tc)  # the tc catalog, written before the store and the kernel change
+
     def apply(self, bindings) -> None:
         ovs, tc = _split(bindings)
         if tc:
