@@ -268,23 +268,29 @@ def _valid_host(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Source:
-    """What a flow mirrors: a VM (UUID or name, optionally one NIC) or a host interface."""
+    """What a flow mirrors: a VM (UUID or name, optionally one NIC), a host interface,
+    or every VM a selector expression matches (see selectors.py)."""
 
     vm: str | None = None
     nic: str | None = None
     interface: str | None = None
+    select: str | None = None
 
     def __post_init__(self):
-        if bool(self.vm) == bool(self.interface):
-            raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
+        if sum(bool(x) for x in (self.vm, self.interface, self.select)) != 1:
+            raise ValidationError("source", "give exactly one of --vm UUID|NAME, --interface IFNAME or --select EXPR")
         if self.interface is not None and not (isinstance(self.interface, str) and PORT_NAME_RE.match(self.interface) and self.interface.isprintable()):
             raise ValidationError("interface", f"{self.interface!r} is not an interface name")
-        if self.interface is not None and self.nic is not None:
-            raise ValidationError("nic", "--nic goes with --vm, not with --interface")
+        if self.nic is not None and not self.vm:
+            raise ValidationError("nic", "--nic goes with --vm only")
+        if self.select is not None:
+            from vtap_core.selectors import canonical
+
+            object.__setattr__(self, "select", canonical(self.select))
         if self.vm is not None:
-            canonical = parse_uuid(self.vm)
-            if canonical is not None and self.vm.count("-") == 4:
-                object.__setattr__(self, "vm", canonical)
+            canonical_uuid = parse_uuid(self.vm)
+            if canonical_uuid is not None and self.vm.count("-") == 4:
+                object.__setattr__(self, "vm", canonical_uuid)
             elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
                 raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
             else:
@@ -300,6 +306,8 @@ class Source:
     def __str__(self) -> str:
         if self.interface:
             return f"interface {self.interface}"
+        if self.select:
+            return f"select {self.select}"
         return f"vm {self.vm}" + (f" nic {self.nic}" if self.nic else "")
 
 
@@ -366,7 +374,7 @@ class TapFlow:
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "session": self.session}
-        for key in ("vm", "nic", "interface"):
+        for key in ("vm", "nic", "interface", "select"):
             if getattr(self.source, key) is not None:
                 data[key] = getattr(self.source, key)
         data["direction"] = self.direction.value
@@ -377,8 +385,32 @@ class TapFlow:
     @classmethod
     def from_dict(cls, data: dict) -> "TapFlow":
         data = dict(data)
-        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None))
+        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None), select=data.pop("select", None))
         return cls(source=source, **data)
+
+
+@dataclass(frozen=True)
+class MemberFlow(TapFlow):
+    """One (VM, NIC) a selector flow taps now: planned like a single-VM flow.
+
+    Its name, FLOW@UUID[#MAC], is made here, never typed by a user, so it is not
+    held to the name rule; `parent` is the selector flow's name.
+    """
+
+    parent: str = ""
+
+    def __post_init__(self):
+        pass  # built from a validated flow and an inventory UUID/MAC
+
+
+def member_flow(flow: TapFlow, vm_uuid: str, mac: str | None) -> MemberFlow:
+    name = f"{flow.name}@{vm_uuid}" + (f"#{mac}" if mac else "")
+    return MemberFlow(name=name, session=flow.session, source=Source(vm=vm_uuid, nic=mac), direction=flow.direction, filter=flow.filter, parent=flow.name)
+
+
+def parent_of(flow_name: str | None) -> str | None:
+    """The selector flow a member flow's name belongs to (the name itself otherwise)."""
+    return flow_name.split("@", 1)[0] if flow_name else flow_name
 
 
 def evolve(obj, **changes):
@@ -401,6 +433,11 @@ class Nic:
     details: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def nic_networks(nic: Nic) -> list[str]:
+    """The names a NIC's network goes by (id, and a display name where the platform has one)."""
+    return [v for v in (nic.network, nic.details.get("network_name")) if v]
+
+
 @dataclass(frozen=True)
 class VM:
     uuid: str
@@ -409,6 +446,29 @@ class VM:
     host: str | None = None
     nics: tuple[Nic, ...] = ()
     details: dict = field(default_factory=dict, compare=False, hash=False)
+    tags: tuple[str, ...] = ()  # vSphere tags/custom attributes, libvirt vtap metadata, Proxmox tags
+    folder: str | None = None  # vsphere: inventory path of the VM's folder
+    pool: str | None = None  # proxmox: resource pool
+
+    @property
+    def ref(self) -> str:
+        """What a flow names this VM by: its UUID, else the platform's own id (a Proxmox vmid), else its name."""
+        return self.uuid or str(self.details.get("vmid") or self.name)
+
+    def facts(self) -> dict:
+        """What a selector can match (selectors.py): key -> values.
+
+        A platform that knows hosts and networks by id and by name (vsphere) puts the
+        names in details["host_name"] and the NIC's details["network_name"]: both match.
+        """
+        return {
+            "name": [self.name],
+            "tag": list(self.tags),
+            "folder": [self.folder] if self.folder else [],
+            "pool": [self.pool] if self.pool else [],
+            "host": [v for v in (self.host, self.details.get("host_name")) if v],
+            "network": [v for n in self.nics for v in nic_networks(n)],
+        }
 
     def to_dict(self) -> dict:
         return {
@@ -417,5 +477,8 @@ class VM:
             "state": self.state,
             "host": self.host,
             "nics": [{"mac": n.mac, "device": n.device, "network": n.network, **n.details} for n in self.nics],
+            **({"tags": list(self.tags)} if self.tags else {}),
+            **({"folder": self.folder} if self.folder else {}),
+            **({"pool": self.pool} if self.pool else {}),
             **self.details,
         }

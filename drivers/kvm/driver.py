@@ -18,6 +18,7 @@ refused before anything changes.
 from __future__ import annotations
 
 import threading
+import time
 
 import libvirt
 
@@ -32,6 +33,9 @@ from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_bindin
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
 TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
+# Seconds one inventory read serves: a reconcile reads it for expand, plan and observe, and a
+# command plans several times before it applies. Events and the end of observe() drop it.
+INVENTORY_REUSE = 1.0
 
 
 class KvmDriver(Driver):
@@ -44,6 +48,8 @@ class KvmDriver(Driver):
         self.libvirt = Libvirt(self.uri)
         self.ovs = Ovs(ovsdb)
         self._tc = None
+        self._parsed: dict = {}  # uuid -> (XML, state, VM) of the last inventory
+        self._memo = None  # (time, VMs): one reconcile's expand, plan and observe share one read
         self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
@@ -71,24 +77,38 @@ class KvmDriver(Driver):
             sample=True,  # tc only
             snaplen_targets=frozenset({"pcap"}) | OVS_TARGETS,  # pcap with tc; any with ovs
             backends=("tc", "ovs"),
+            selector_keys=frozenset({"name", "tag", "host", "network"}),
         )
         return Description(self.name, "KVM/libvirt guests; tc or Open vSwitch data path", features, {"uri": self.uri})
 
     # inventory -------------------------------------------------------------
 
     def inventory(self) -> list[VM]:
+        memo = self._memo
+        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE:
+            return memo[1]
+
         def read(conn):
             host = conn.getHostname()
-            vms = []
+            vms, parsed = [], {}
             for dom in conn.listAllDomains():
                 try:
-                    vms.append(vm_of(dom.UUIDString(), dom.name(), dom.state()[0], dom.XMLDesc(), host))
+                    uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
+                    # Every read asks libvirt; parsing is the cost at thousands of VMs, and
+                    # the same XML in the same state is the same VM.
+                    known = self._parsed.get(uuid)
+                    vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
+                    parsed[uuid] = (xml, state, vm)
+                    vms.append(vm)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise  # else: undefined between list and read, so not there
+            self._parsed = parsed
             return vms
 
-        return self.libvirt.call(read)
+        vms = self.libvirt.call(read)
+        self._memo = (time.monotonic(), vms)
+        return vms
 
     # plan ------------------------------------------------------------------
 
@@ -255,7 +275,10 @@ class KvmDriver(Driver):
         has its own catalog: its filters show up as unknown marks here and are
         left alone, never removed as orphans.
         """
-        devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        try:
+            devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        finally:
+            self._memo = None  # observe ends a reconcile (and status): the next one reads afresh
         found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
             # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
@@ -290,7 +313,9 @@ class KvmDriver(Driver):
             self.tc.remove(tc)
 
     def watch(self, stop: threading.Event):
-        return self.libvirt.watch(stop)
+        for hint in self.libvirt.watch(stop):
+            self._memo = None  # something changed: the reconcile it causes must read it
+            yield hint
 
     def close(self) -> None:
         self.libvirt.close()

@@ -22,6 +22,7 @@ FEATURES = Features(
     filter=True,
     sample=True,
     snaplen_targets=frozenset({"pcap"}),
+    selector_keys=frozenset({"name", "host", "network"}),
 )
 WATCH_POLL = 0.1  # seconds: the lab has no event bus, so it looks often (cheap: two netlink dumps)
 

@@ -130,7 +130,8 @@ class ProxmoxDriver(Driver):
             name=self.name,
             summary="Proxmox VE: tc mirrors on tap<vmid>i<n> of VMs running on this node; agent and hookscript follow them",
             features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap"}), sources=frozenset({"vm"}),
-                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"})),
+                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"}),
+                              selector_keys=frozenset({"name", "tag", "pool", "host", "network"})),
             connection={"url": self._credentials["url"], "user": self._credentials["user"], "node": self.node,
                         "insecure": self._credentials["insecure"], "netns": self.netns},
         )
