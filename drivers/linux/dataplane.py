@@ -83,12 +83,13 @@ from pyroute2.netlink.rtnl import (
     RTM_GETLINK,
     RTM_GETQDISC,
     RTM_GETTFILTER,
+    RTM_NEWLINK,
     RTM_NEWQDISC,
     RTM_NEWTFILTER,
 )
 
 from vtap_core.driver import Binding, Counters
-from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
@@ -101,6 +102,7 @@ ETH_HLEN = 14
 # (their verdict is "continue", so the others still run afterwards).
 FILTER_PRIO = 7
 VXLAN_PREFIX = "vtapx"
+GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
@@ -198,14 +200,32 @@ class TcDataplane:
         program_for(binding)  # refuse a bad expression now, with libpcap's message
         return binding
 
-    def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
+    def vxlan_target(self, session: str, remote: str, port: int, vni: int, local: str | None = None) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
-        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni)
+        _check_local(remote, local)
+        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni, *((local,) if local else ()))
         spec = (("type", "vxlan"), ("device", device), ("remote", remote), ("port", int(port)), ("vni", int(vni)))
+        if local:
+            spec += (("local", local),)  # only when given: specs (and marks) of older sessions stay as they were
         binding = Binding(key=f"vxlan/{self._ns_key}{device}", session=session, spec=spec, order=0)
         # The tunnel's own packets may leave through a mirrored device: never copy them again.
         guard = f"udp dst port {int(port)} and dst host {remote}"
         return binding, device, guard
+
+    def gre_target(self, session: str, scheme: str, remote: str, key: int | None, version: int | None = None, local: str | None = None) -> tuple[Binding, str, str]:
+        """A gretap/ip6gretap (scheme gre) or erspan/ip6erspan (scheme erspan, key = session id) device."""
+        from vtap_drivers.linux import grenl
+
+        remote = resolve_host(remote)
+        _check_local(remote, local)
+        kind = grenl.kind_for(scheme, remote)
+        if not grenl.kernel_has(kind):
+            raise Unsupported("tc dataplane", f"target {scheme}:", f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://")
+        device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local)
+        spec = (("type", scheme), ("device", device), ("kind", kind), ("remote", remote), ("local", local), ("key", key), ("version", version))
+        binding = Binding(key=f"{scheme}/{self._ns_key}{device}", session=session, spec=spec, order=0)
+        # GRE and ERSPAN are IP protocol 47: never copy the tunnel's own packets again.
+        return binding, device, f"proto gre and dst host {remote}"
 
     def capture_target(self, session: str, path: str, snaplen: int | None) -> tuple[Binding, str]:
         from vtap_drivers.linux.capture import check_capture_path
@@ -227,7 +247,13 @@ class TcDataplane:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
         target = session.target
         if target.kind == "vxlan":
-            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni)
+            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni, target.local)
+            return [binding], device, guard
+        if target.kind == "gre":
+            binding, device, guard = self.gre_target(session.name, "gre", target.host, target.key, local=target.local)
+            return [binding], device, guard
+        if target.kind == "erspan":
+            binding, device, guard = self.gre_target(session.name, "erspan", target.host, target.erspan_id, target.version, target.local)
             return [binding], device, guard
         if target.kind == "pcap":
             binding, device = self.capture_target(session.name, target.path, session.snaplen)
@@ -390,7 +416,7 @@ class TcDataplane:
 
         out = []
         captures = None
-        for kind in ("vxlan", "ifb"):
+        for kind in ("vxlan", "ifb", "gretap", "ip6gretap", "erspan", "ip6erspan"):
             for link in self._links(kind):
                 mark = mark_from_alias(link["alias"])
                 if not catalog.owns(mark):
@@ -403,6 +429,10 @@ class TcDataplane:
                     continue  # not working: apply brings it up
                 if kind == "vxlan":
                     actual = {"remote": link["vxlan"]["remote"], "port": link["vxlan"]["port"], "vni": link["vxlan"]["vni"]}
+                    if binding.get("local") or link["vxlan"].get("local"):
+                        actual["local"] = link["vxlan"].get("local")
+                elif kind != "ifb":
+                    actual = {name: link["tunnel"][name] for name in ("remote", "local", "key", "version")}
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
@@ -425,7 +455,7 @@ class TcDataplane:
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
         for binding in bindings:
-            if binding.get("type") not in ("mirror", "vxlan", "capture"):
+            if binding.get("type") not in ("mirror", "vxlan", "capture", "gre", "erspan"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
         with self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
@@ -437,6 +467,8 @@ class TcDataplane:
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
+                    elif binding.get("type") in ("gre", "erspan"):
+                        self._ensure_gre(binding, done)
                     else:
                         self._ensure_capture(binding, done)
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
@@ -530,10 +562,23 @@ class TcDataplane:
         remote = binding.get("remote")
         group = "vxlan_group6" if ":" in remote else "vxlan_group"
 
+        local = {("vxlan_local6" if ":" in remote else "vxlan_local"): binding.get("local")} if binding.get("local") else {}
+
         def create(name):
-            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote})
+            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote}, **local)
 
         self._ensure_device(binding, "vxlan", create, done)
+
+    def _ensure_gre(self, binding: Binding, done: list) -> None:
+        from vtap_drivers.linux.grenl import new_link_request
+
+        def create(name):
+            body = new_link_request(name, binding.get("kind"), binding.get("remote"), binding.get("local"), binding.get("key"), binding.get("version"))
+            (failure,) = self.nl.requests([(body, RTM_NEWLINK, CREATE)])
+            if failure is not None:
+                raise NetlinkError(failure.code, failure.text)
+
+        self._ensure_device(binding, binding.get("kind"), create, done)
 
     def _ensure_capture(self, binding: Binding, done: list) -> None:
         from vtap_drivers.linux.capture import start_capture_process
@@ -579,7 +624,7 @@ class TcDataplane:
             self._wait_released({self._real_mark(b) for b in mirrors} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
-            if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
+            if kind in ("vxlan", "capture", "gre", "erspan") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
             if kind != "unknown":
                 catalog.forget(self._real_mark(binding))
@@ -656,6 +701,23 @@ class TcDataplane:
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+def missing_tunnel_device(target) -> str | None:
+    """Why this kernel cannot make the device a gre:/erspan: target needs (None: it can, or not a GRE target)."""
+    if target.kind not in ("gre", "erspan"):
+        return None
+    from vtap_drivers.linux import grenl
+
+    kind = grenl.kind_for(target.kind, resolve_host(target.host))
+    if grenl.kernel_has(kind):
+        return None
+    return f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://"
+
+
+def _check_local(remote: str, local: str | None) -> None:
+    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
+        raise ValidationError("target local", f"{local} and the remote end {remote} are not of one IP family")
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:
