@@ -219,6 +219,9 @@ class TcDataplane:
         remote = resolve_host(remote)
         _check_local(remote, local)
         kind = grenl.kind_for(scheme, remote)
+        if kind.startswith("ip6") and not local:
+            # Without a source address the kernel's ip6 GRE devices stay silent (seen on Debian's 6.1 with ip6erspan).
+            raise ValidationError("target local", f"{scheme} over IPv6 needs &local=ADDR (this host's IPv6 source address)")
         if not grenl.kernel_has(kind):
             raise Unsupported("tc dataplane", f"target {scheme}:", f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://")
         device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local)

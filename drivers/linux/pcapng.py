@@ -24,6 +24,8 @@ BYTE_ORDER_MAGIC = 0x1A2B3C4D
 LINKTYPE_ETHERNET = 1
 
 OPT_END = 0
+OPT_COMMENT = 1
+EPB_FLAGS = 2  # bits 0-1: direction, 01 inbound, 10 outbound
 SHB_USERAPPL = 4
 IF_NAME = 2
 IF_TSRESOL = 9
@@ -69,11 +71,12 @@ def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None
     return _block(IDB_TYPE, body + _options(options))
 
 
-def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0) -> bytes:
+def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0, comment: str | None = None, flags: int | None = None) -> bytes:
     original = len(frame) if original_length is None else original_length
     data = bytes(frame[:snaplen]) if snaplen else bytes(frame)
     header = struct.pack("<IIIII", interface_id, (timestamp_ns >> 32) & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, len(data), original)
-    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)))
+    options = ([(OPT_COMMENT, comment.encode())] if comment else []) + ([(EPB_FLAGS, struct.pack("<I", flags))] if flags is not None else [])
+    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)) + _options(options))
 
 
 class PcapngWriter:
@@ -109,10 +112,10 @@ class PcapngWriter:
             raise
         return cls(stream, snaplen=snaplen, if_name=if_name)
 
-    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None) -> None:
+    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None, comment: str | None = None, flags: int | None = None) -> None:
         if timestamp_ns is None:
             timestamp_ns = time.time_ns()
-        self.stream.write(enhanced_packet(frame, timestamp_ns, original_length, self.snaplen))
+        self.stream.write(enhanced_packet(frame, timestamp_ns, original_length, self.snaplen, comment=comment, flags=flags))
         self.frames += 1
 
     def flush(self) -> None:
