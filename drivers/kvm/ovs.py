@@ -37,6 +37,8 @@ def tunnel_port_name(session: str, bridge: str) -> str:
 def tunnel_options(target) -> dict:
     """OVS Interface type and options for a tunnel target (vswitchd.conf.db(5), Interface table)."""
     options = {"remote_ip": target.host}
+    if getattr(target, "local", None):
+        options["local_ip"] = target.local
     if target.kind == "vxlan":
         options.update(key=str(target.vni), dst_port=str(target.udp_port))
     elif target.kind == "gre":

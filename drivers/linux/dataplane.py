@@ -14,8 +14,10 @@ device names. What it puts in the kernel, per mirrored device and hook:
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
-port in a namespace), an ifb sink per pcap session (vtapc<hash>) read by the
-capture process of capture.py. A port: or vm: target is a device that exists.
+port in a namespace), a gretap/ip6gretap/erspan/ip6erspan device per GRE or
+ERSPAN session (vtapg<hash>; netlink bodies in grenl.py), an ifb sink per pcap
+session (vtapc<hash>) read by the capture process of capture.py. A port: or
+vm: target is a device that exists.
 
 API (all names are device names in this namespace):
 
@@ -32,7 +34,9 @@ API (all names are device names in this namespace):
     dp.session_target(session, target_device=None) -> ([Binding], device to mirror to, guard or None)
         what a session needs even with no flow (reconcile plans a session alone)
     dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
-    dp.vxlan_target(session, remote, port, vni)  -> (Binding, device name, guard expression)
+    dp.vxlan_target(session, remote, port, vni, local=None)  -> (Binding, device name, guard expression)
+    dp.gre_target(session, "gre"|"erspan", remote, key, version=None, local=None) -> (Binding, device, guard)
+    missing_tunnel_device(target)                 -> why this kernel cannot make a gre/erspan device, or None
     dp.capture_target(session, path, snaplen)     -> (Binding, device name)
     hooks_for(direction, vm_port=False)           -> ("ingress",) / ("egress",) / both
         host interface: in = ingress, out = egress (as tcpdump -Q);
@@ -50,7 +54,7 @@ API (all names are device names in this namespace):
     dp.ifindex(name)      -> int or None
     dp.close()
 
-Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE",
+Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gre/..." and "erspan/...",
 "pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
