@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import OperationFailed, TemporaryError
+
+LOG = logging.getLogger("vtap.kvm.ovs")
+CFG_TIMEOUT = 5.0  # seconds vswitchd gets to apply a change before flows are purged anyway
 
 MARK = "vtap-binding"
 DEFAULT_REMOTE = "unix:/run/openvswitch/db.sock"
@@ -132,6 +137,7 @@ class Ovs:
             self._add_tunnel(binding)
         else:
             self._add_mirror(binding)
+            self._refresh_flows()
 
     def remove(self, binding: Binding) -> None:
         if "/tunnel/" in binding.key:
@@ -145,6 +151,24 @@ class Ovs:
         ]
         for bridge, mirror in doomed:
             self.api.db_remove("Bridge", bridge, "mirrors", mirror).execute(check_error=True)
+        if doomed:
+            self._refresh_flows()
+
+    def _refresh_flows(self) -> None:
+        """Cached datapath flows do not see a changed Mirror (ovsflows.py): have vswitchd drop them."""
+        from vtap_drivers.kvm.ovsflows import purge_datapath_flows
+
+        # vswitchd must have applied the new row first: bump next_cfg and wait until cur_cfg reaches it
+        # (what ovs-vsctl does without --no-wait), then purge.
+        (row,) = self._rows("Open_vSwitch")
+        wanted = row.next_cfg + 1
+        self.api.db_set("Open_vSwitch", row.uuid, ("next_cfg", wanted)).execute(check_error=True)
+        deadline = time.monotonic() + CFG_TIMEOUT
+        while self._rows("Open_vSwitch")[0].cur_cfg < wanted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        problem = purge_datapath_flows(self.remote)
+        if problem:
+            LOG.warning("mirror changed; cached datapath flows may not see it yet: %s", problem)
 
     def _rows(self, table: str) -> list:
         """A snapshot: ovsdbapp's thread updates the IDL while we read it."""

@@ -5,7 +5,8 @@
     decap_vxlan(payload)  the UDP payload of a VXLAN packet (RFC 7348)
 
 Each returns (frame, Meta) or None when the bytes are not such a packet (or
-carry something other than an Ethernet frame). Formats: RFC 2784/2890 (GRE,
+carry something other than an Ethernet frame). Given a memoryview, the frame
+is a view into it (no copy). Formats: RFC 2784/2890 (GRE,
 key and sequence), draft-foschiano-erspan (ERSPAN type I/II/III headers).
 """
 

@@ -98,11 +98,13 @@ def open_output_port(target: str, netns: str | None = None) -> socket.socket:
 
 
 def _payload(listen: Listen, sock_family: int, view, nbytes: int):
-    """The tunnel payload of one received datagram (an IPv4 raw socket also hands over the IP header)."""
+    """The tunnel payload of one received datagram (an IPv4 raw socket also hands over the IP header).
+
+    A view into the receive buffer, not a copy: use it before the next datagram.
+    """
     if listen.scheme != "vxlan" and sock_family == socket.AF_INET:
-        header = (view[0] & 0x0F) * 4
-        return bytes(view[header:nbytes])
-    return bytes(view[:nbytes])
+        return view[(view[0] & 0x0F) * 4 : nbytes]
+    return view[:nbytes]
 
 
 def _selected(listen: Listen, meta) -> bool:
