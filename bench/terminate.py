@@ -74,7 +74,7 @@ def one_run(netns: str, mac: bytes, size: int, frames: int, to_port: bool) -> di
     receiver.join()
     os.unlink(path)
     kept = result["kept"]
-    return {"size": size, "to_port": to_port, "sent": frames, "kept": kept, "completeness": kept / frames, "send_seconds": round(sending, 3), "kept_per_second": round(kept / sending)}
+    return {"size": size, "to_port": to_port, "sent": frames, "kept": kept, "completeness": kept / frames, "send_seconds": round(sending, 3), "sent_per_second": round(frames / sending), "kept_per_second": round(kept / sending)}
 
 
 def main() -> int:
@@ -93,9 +93,10 @@ def main() -> int:
         runs = [one_run(netns, mac, int(size), args.frames, to_port) for size in args.size.split(",") for to_port in (False, True)]
     finally:
         benchlib.delete_netns(netns)
-    lines = [f"{'inner bytes':>11} {'output':>10} {'sent':>8} {'kept':>8} {'complete':>9} {'kept/s':>9}"]
+    lines = [f"{'inner bytes':>11} {'output':>10} {'sent':>8} {'sent/s':>9} {'kept':>8} {'complete':>9} {'kept/s':>9}"]
     for r in runs:
-        lines.append(f"{r['size']:>11} {'file+port' if r['to_port'] else 'file':>10} {r['sent']:>8} {r['kept']:>8} {r['completeness']:>9.4f} {r['kept_per_second']:>9}")
+        lines.append(f"{r['size']:>11} {'file+port' if r['to_port'] else 'file':>10} {r['sent']:>8} {r['sent_per_second']:>9} {r['kept']:>8} {r['completeness']:>9.4f} {r['kept_per_second']:>9}")
+    lines.append(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (sender and receiver share them)")
     text = "\n".join(lines)
     print(text)
     benchlib.save("terminate", {"environment": benchlib.environment(), "runs": runs}, text + "\n")
