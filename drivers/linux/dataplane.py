@@ -216,8 +216,14 @@ class TcDataplane:
         guard = f"udp dst port {int(port)} and dst host {remote}"
         return binding, device, guard
 
-    def gre_target(self, session: str, scheme: str, remote: str, key: int | None, version: int | None = None, local: str | None = None) -> tuple[Binding, str, str]:
-        """A gretap/ip6gretap (scheme gre) or erspan/ip6erspan (scheme erspan, key = session id) device."""
+    def gre_target(self, session: str, scheme: str, remote: str, key: int | None, version: int | None = None, local: str | None = None, direction: str | None = None) -> tuple[Binding, str, str]:
+        """A gretap/ip6gretap (scheme gre) or erspan/ip6erspan (scheme erspan, key = session id) device.
+
+        ERSPAN type III carries a direction bit, fixed per kernel device: such a
+        session has two devices, direction "ingress" and "egress", and each
+        mirror copies to the one of its hook (the device's own point of view,
+        as a switch port's in ERSPAN: what a VM sends is its tap's ingress).
+        """
         from vtap_drivers.linux import grenl
 
         remote = resolve_host(remote)
@@ -228,8 +234,11 @@ class TcDataplane:
             raise ValidationError("target local", f"{scheme} over IPv6 needs &local=ADDR (this host's IPv6 source address)")
         if not grenl.kernel_has(kind):
             raise Unsupported("tc dataplane", f"target {scheme}:", f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://")
-        device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local)
+        direction = (direction or "ingress") if version == 3 else None
+        device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local, *((direction,) if direction else ()))
         spec = (("type", scheme), ("device", device), ("kind", kind), ("remote", remote), ("local", local), ("key", key), ("version", version))
+        if direction:
+            spec += (("direction", direction),)
         binding = Binding(key=f"{scheme}/{self._ns_key}{device}", session=session, spec=spec, order=0)
         # GRE and ERSPAN are IP protocol 47: never copy the tunnel's own packets again.
         return binding, device, f"proto gre and dst host {remote}"
@@ -261,6 +270,8 @@ class TcDataplane:
             return [binding], device, guard
         if target.kind == "erspan":
             binding, device, guard = self.gre_target(session.name, "erspan", target.host, target.erspan_id, target.version, target.local)
+            if target.version == 3:  # a second device for egress copies (gre_target says why)
+                return [binding, self.gre_target(session.name, "erspan", target.host, target.erspan_id, 3, target.local, "egress")[0]], device, guard
             return [binding], device, guard
         if target.kind == "pcap":
             binding, device = self.capture_target(session.name, target.path, session.snaplen)
@@ -276,8 +287,9 @@ class TcDataplane:
         out, to_device, guard = self.session_target(session, target_device)
         if to_device == device:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
+        by_hook = {b.get("direction"): b.get("device") for b in out if b.get("direction")}  # ERSPAN type III
         for hook in hooks_for(flow.direction, vm_port=vm_port):
-            out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard))
+            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard))
         return out
 
     # ------------------------------------------------------------ netlink plumbing
@@ -439,7 +451,7 @@ class TcDataplane:
                     if binding.get("local") or link["vxlan"].get("local"):
                         actual["local"] = link["vxlan"].get("local")
                 elif kind != "ifb":
-                    actual = {name: link["tunnel"][name] for name in ("remote", "local", "key", "version")}
+                    actual = {name: link["tunnel"][name] for name in ("remote", "local", "key", "version", "direction")}
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
@@ -580,7 +592,7 @@ class TcDataplane:
         from vtap_drivers.linux.grenl import new_link_request
 
         def create(name):
-            body = new_link_request(name, binding.get("kind"), binding.get("remote"), binding.get("local"), binding.get("key"), binding.get("version"))
+            body = new_link_request(name, binding.get("kind"), binding.get("remote"), binding.get("local"), binding.get("key"), binding.get("version"), binding.get("direction"))
             (failure,) = self.nl.requests([(body, RTM_NEWLINK, CREATE)])
             if failure is not None:
                 raise NetlinkError(failure.code, failure.text)

@@ -28,7 +28,7 @@ class Meta:
     vni: int | None = None
     erspan_version: int | None = None  # 1 (type I), 2 (type II), 3 (type III)
     session_id: int | None = None  # ERSPAN
-    direction: str | None = None  # ERSPAN type III: "in" (ingress) or "out" (egress)
+    direction: str | None = None  # ERSPAN type III: "ingress" or "egress" (at the mirrored port, as ERSPAN says)
     hardware_id: int | None = None  # ERSPAN type III
     timestamp: int | None = None  # ERSPAN type III, in the sender's granularity
     sequence: int | None = None  # GRE sequence number
@@ -88,7 +88,7 @@ def decap_gre(payload: bytes):
             session_id=word1 & 0x3FF,
             timestamp=timestamp,
             hardware_id=(word3 >> 4) & 0x3F,
-            direction="out" if word3 & 0x8 else "in",
+            direction="egress" if word3 & 0x8 else "ingress",
             sequence=sequence,
         )
         return payload[offset + header :], meta

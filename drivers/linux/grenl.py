@@ -24,7 +24,8 @@ from vtap_drivers.linux.tcnl import IFINFOMSG, IFLA_IFNAME, IFLA_INFO_DATA, IFLA
 IFLA_GRE_IFLAGS, IFLA_GRE_OFLAGS, IFLA_GRE_IKEY, IFLA_GRE_OKEY = 2, 3, 4, 5
 IFLA_GRE_LOCAL, IFLA_GRE_REMOTE, IFLA_GRE_PMTUDISC, IFLA_GRE_FLAGS = 6, 7, 10, 13
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1  # linux/ip6_tunnel.h
-IFLA_GRE_ERSPAN_INDEX, IFLA_GRE_ERSPAN_VER = 21, 22
+IFLA_GRE_ERSPAN_INDEX, IFLA_GRE_ERSPAN_VER, IFLA_GRE_ERSPAN_DIR = 21, 22, 23
+ERSPAN_DIRS = ("ingress", "egress")  # the D bit of a type III header: 0, 1
 GRE_KEY, GRE_SEQ = 0x2000, 0x1000  # network order on the wire (__be16 in the kernel)
 
 KINDS = {("gre", 4): "gretap", ("gre", 6): "ip6gretap", ("erspan", 4): "erspan", ("erspan", 6): "ip6erspan"}
@@ -55,8 +56,9 @@ def kernel_has(kind: str) -> bool:
     return False
 
 
-def new_link_request(name: str, kind: str, remote: str, local: str | None, key: int | None, erspan_version: int | None = None) -> bytes:
-    """RTM_NEWLINK body for a tunnel device; ERSPAN: key = session id, erspan_version 2 (type II) or 3 (type III)."""
+def new_link_request(name: str, kind: str, remote: str, local: str | None, key: int | None, erspan_version: int | None = None, direction: str | None = None) -> bytes:
+    """RTM_NEWLINK body for a tunnel device; ERSPAN: key = session id, erspan_version 2 (type II) or 3 (type III),
+    direction "ingress"|"egress" (type III: the device sets that D bit on every copy)."""
     family = socket.AF_INET6 if kind.startswith("ip6") else socket.AF_INET
     data = pack_attr(IFLA_GRE_REMOTE, socket.inet_pton(family, remote))
     if local:
@@ -64,12 +66,17 @@ def new_link_request(name: str, kind: str, remote: str, local: str | None, key: 
     flags = 0
     if key is not None:
         flags |= GRE_KEY
-        data += pack_attr(IFLA_GRE_IKEY, struct.pack("!I", key)) + pack_attr(IFLA_GRE_OKEY, struct.pack("!I", key))
+        # The kernel allows one device per (remote, local, input key): type III's egress twin of a
+        # session differs in its input key only (it never receives; copies carry the output key).
+        ikey = key ^ 0x200 if direction == "egress" else key
+        data += pack_attr(IFLA_GRE_IKEY, struct.pack("!I", ikey)) + pack_attr(IFLA_GRE_OKEY, struct.pack("!I", key))
     if erspan_version is not None:
         flags |= GRE_SEQ
         data += pack_attr(IFLA_GRE_ERSPAN_VER, struct.pack("=B", erspan_version - 1))
         if erspan_version == 2:
             data += pack_attr(IFLA_GRE_ERSPAN_INDEX, struct.pack("=I", 0))
+        if erspan_version == 3 and direction is not None:
+            data += pack_attr(IFLA_GRE_ERSPAN_DIR, struct.pack("=B", ERSPAN_DIRS.index(direction)))
     if flags:
         data += pack_attr(IFLA_GRE_IFLAGS, struct.pack("!H", flags)) + pack_attr(IFLA_GRE_OFLAGS, struct.pack("!H", flags))
     if family == socket.AF_INET6:
@@ -97,4 +104,5 @@ def read_tunnel(data, span, kind: str) -> dict:
     if IFLA_GRE_OKEY in found and IFLA_GRE_OFLAGS in found and struct.unpack_from("!H", data, found[IFLA_GRE_OFLAGS][0])[0] & GRE_KEY:
         key = socket.ntohl(u32(data, found[IFLA_GRE_OKEY]))
     version = data[found[IFLA_GRE_ERSPAN_VER][0]] + 1 if IFLA_GRE_ERSPAN_VER in found else None
-    return {"remote": address(IFLA_GRE_REMOTE), "local": address(IFLA_GRE_LOCAL), "key": key, "version": version}
+    direction = ERSPAN_DIRS[data[found[IFLA_GRE_ERSPAN_DIR][0]] & 1] if version == 3 and IFLA_GRE_ERSPAN_DIR in found else None
+    return {"remote": address(IFLA_GRE_REMOTE), "local": address(IFLA_GRE_LOCAL), "key": key, "version": version, "direction": direction}

@@ -118,8 +118,8 @@ def _selected(listen: Listen, meta) -> bool:
 
 
 def _flags(meta) -> int | None:
-    """pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says)."""
-    return {"in": 1, "out": 2}.get(meta.direction)
+    """pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress)."""
+    return {"ingress": 1, "egress": 2}.get(meta.direction)
 
 
 def terminate(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> int:

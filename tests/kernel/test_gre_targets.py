@@ -220,3 +220,33 @@ def test_vtap_capture_terminates_what_the_kernel_sends(lab, tmp_path, target, li
     assert process.wait() == 0, process.stderr.read()
     assert [bytes(p) for p in rdpcap(str(path))] == [frame] * 3
     reconcile.reconcile(driver, [], [])
+
+
+def test_erspan_type_iii_says_the_direction_of_each_copy(lab, tmp_path):
+    """Type III's D bit: ingress for what src0 received, egress for what it sent (the device's point of view)."""
+    from pyroute2 import netns as pr_netns
+
+    driver = lab.driver()
+    session = TapSession("dir", "erspan://10.78.0.2?version=3&id=77")
+    flows = [TapFlow("f", "dir", Source(interface="src0"), "both", "udp")]
+    reconcile.reconcile(driver, [session], flows)
+    assert reconcile.reconcile(driver, [session], flows).empty
+    capture = lab.open_capture()
+    try:
+        marker = uuid.uuid4().hex.encode()
+        received_by_src0 = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=1) / (marker + b"\x01" * 20))
+        sent_by_src0 = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP() / UDP(dport=2) / (marker + b"\x02" * 20))
+        lab.send([received_by_src0] * 2)
+        out = pr_netns.create_socket(lab.host, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+        out.bind(("src0", 0))
+        out.send(sent_by_src0)
+        out.close()
+        outer = received(capture, marker)
+    finally:
+        capture.close()
+    seen = sorted((decap_gre(ip_payload(f)[1])[1].direction, decap_gre(ip_payload(f)[1])[0]) for f in outer)
+    assert seen == sorted([("ingress", received_by_src0)] * 2 + [("egress", sent_by_src0)])
+    bits = {"0": 0, "False": 0, "1": 1, "True": 1}
+    assert sorted(bits[row[0]] for row in dissect(tmp_path, outer, ["erspan.direction"])) == [0, 0, 1]
+    reconcile.reconcile(driver, [], [])
+    assert "vtapg" not in ip(lab.host, "link", "show")

@@ -24,8 +24,8 @@ def test_erspan_type_i_ii_iii():
         type3 = struct.pack("!HHI", 0x1000, 0x22EB, 1) + struct.pack("!HHIHH", 0x2000, 1023, 123456, 0, word3) + extra + INNER
         frame, meta = decap_gre(type3)
         assert frame == INNER
-        assert (meta.erspan_version, meta.session_id, meta.direction, meta.hardware_id, meta.timestamp) == (3, 1023, "out", 17, 123456)
-        assert "session id 1023" in meta.comment() and "direction out" in meta.comment()
+        assert (meta.erspan_version, meta.session_id, meta.direction, meta.hardware_id, meta.timestamp) == (3, 1023, "egress", 17, 123456)
+        assert "session id 1023" in meta.comment() and "direction egress" in meta.comment()
 
 
 def test_not_a_tunnel_packet_is_none():

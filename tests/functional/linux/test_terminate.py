@@ -114,7 +114,7 @@ def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tm
     assert seen == [inner] * 3
     rows = tshark(path, "frame.protocols", "frame.comment", "frame.packet_flags_direction")
     assert [row[0] for row in rows] == ["eth:ethertype:ip:udp:data"] * 3
-    assert all("erspan, type III, session id 5, direction out, hardware id 17, timestamp 4242" in row[1] for row in rows), rows
+    assert all("erspan, type III, session id 5, direction egress, hardware id 17, timestamp 4242" in row[1] for row in rows), rows
     assert {int(row[2], 0) for row in rows} == {2}  # outbound
 
 
