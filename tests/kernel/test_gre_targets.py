@@ -250,3 +250,41 @@ def test_erspan_type_iii_says_the_direction_of_each_copy(lab, tmp_path):
     assert sorted(bits[row[0]] for row in dissect(tmp_path, outer, ["erspan.direction"])) == [0, 0, 1]
     reconcile.reconcile(driver, [], [])
     assert "vtapg" not in ip(lab.host, "link", "show")
+
+
+KILLED_APPLY = """
+import os, signal, sys
+from vtap_core.model import Source, TapFlow, TapSession
+from vtap_drivers.linux.driver import LinuxDriver
+driver = LinuxDriver(state_dir=sys.argv[1], netns=sys.argv[2])
+session = TapSession("web", sys.argv[3])
+driver.apply(driver.plan([session], [TapFlow("f1", "web", Source(interface="src0"), "both", "udp")]))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("lose_state_dir", [False, True])
+def test_orphans_of_a_killed_process_are_found_and_removed(lab, tmp_path, lose_state_dir):
+    import shutil
+    import signal
+    import sys
+
+    state = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", KILLED_APPLY, str(state), lab.host, "erspan://10.78.0.2?version=3&id=4"], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert ip(lab.host, "link", "show").count("vtapg") == 2  # type III: one device per direction
+    if lose_state_dir:
+        shutil.rmtree(state)
+    from vtap_drivers.linux.driver import LinuxDriver
+
+    driver = LinuxDriver(state_dir=str(state), netns=lab.host)
+    try:
+        orphans = driver.observe()
+        assert len(orphans) == 4  # two mirrors, two devices
+        assert all(b.key.startswith("unknown/") for b in orphans) == lose_state_dir
+        reconcile.reconcile(driver, [], [])
+        assert driver.observe() == []
+    finally:
+        driver.close()
+    assert "vtapg" not in ip(lab.host, "link", "show")
+    assert "filter" not in subprocess.run(["tc", "-n", lab.host, "filter", "show", "dev", "src0", "ingress"], capture_output=True, text=True).stdout
