@@ -16,12 +16,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 from vtap_core.errors import ValidationError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}\Z")  # \Z: "$" would let a trailing newline in
 NAME_RULE = "1-48 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 # Linux interface names; other platforms' port names are checked by their driver.
-PORT_NAME_RE = re.compile(r"^[^\s/:#?]{1,64}$")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # tab, newline and carriage return are whitespace
+PORT_NAME_RE = re.compile(r"^[^\s/:#?\x00-\x1f\x7f]{1,64}\Z")
 
 VNI_MAX = (1 << 24) - 1
 GRE_KEY_MAX = (1 << 32) - 1
@@ -35,6 +36,34 @@ def check_name(field_name: str, value) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ValidationError(field_name, f"{value!r} is not a valid name ({NAME_RULE})")
     return value
+
+
+def check_text(field_name: str, value) -> str:
+    """A string that is valid Unicode (no lone surrogates, as undecodable command-line bytes become)
+    and holds no control characters other than spaces, tabs and newlines."""
+    if not isinstance(value, str):
+        raise ValidationError(field_name, f"{value!r} is not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field_name, f"{value!r} is not valid UTF-8") from None
+    if CONTROL_RE.search(value):
+        raise ValidationError(field_name, f"{value!r} holds a control character")
+    return value
+
+
+def query_options(text: str, query: str, field_name: str = "target") -> dict:
+    """URL query options as a dict; a key given twice (vni=5&vni=6) is an error, not "the last one wins"."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValidationError(field_name, f"{text!r}: malformed query string") from None
+    options: dict = {}
+    for key, value in pairs:
+        if key in options:
+            raise ValidationError(field_name, f"{text!r}: option {key!r} is given twice")
+        options[key] = check_text(field_name, value)
+    return options
 
 
 def check_mac(field_name: str, value) -> str:
@@ -57,7 +86,7 @@ def check_int(field_name: str, value, low: int, high: int) -> int:
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML's .inf
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}") from None
     if str(number) != str(value).strip() and not isinstance(value, int):
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
@@ -92,7 +121,8 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH (tunnels also take &local=ADDR)"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH[?max_size=BYTES&max_files=K] (tunnels also take &local=ADDR)"
+PCAP_ROTATION_RULE = f"pcap:PATH?max_size=BYTES&max_files=K rotates the file (both options; BYTES {4096}..{2**50}, K 1..{10**5})"
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,9 @@ class Target:
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
     local: str | None = None  # tunnels: the source address (None: the kernel picks by route)
+    encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
+    max_size: int | None = None  # pcap: rotate the file when it would grow beyond this many bytes
+    max_files: int | None = None  # pcap: the current file and at most max_files-1 older ones (PATH.1 ...)
 
     @property
     def is_tunnel(self) -> bool:
@@ -120,9 +153,10 @@ class Target:
         if self.kind == "port":
             return f"port:{self.port}"
         if self.kind == "vm":
-            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "")
+            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "") + (f"?encap={self.encap}" if self.encap else "")
         if self.kind == "pcap":
-            return f"pcap:{self.path}"
+            rotation = f"?max_size={self.max_size}&max_files={self.max_files}" if self.max_size else ""
+            return f"pcap:{self.path}{rotation}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         local = f"local={self.local}" if self.local else ""
         if self.kind == "vxlan":
@@ -138,7 +172,7 @@ class Target:
             return text
         if not isinstance(text, str) or not text.strip():
             raise ValidationError("target", f"{text!r} is empty; allowed: {TARGET_GRAMMAR}")
-        text = text.strip()
+        text = check_text("target", text.strip())
         scheme, sep, rest = text.partition(":")
         if not sep:
             raise ValidationError("target", f"{text!r} has no scheme; allowed: {TARGET_GRAMMAR}")
@@ -147,18 +181,39 @@ class Target:
                 raise ValidationError("target", f"{text!r}: port needs an interface or port name (port:IFNAME)")
             return cls("port", port=rest)
         if scheme == "vm":
+            rest, query, options = rest.partition("?")
             vm, _, mac = rest.partition("#")
             canonical = parse_uuid(vm)
             if canonical is None or vm.count("-") != 4:
-                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC])")
-            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None)
+                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC][?encap=erspan])")
+            if query and options != "encap=erspan":
+                raise ValidationError("target", f"{text!r}: the only vm option is ?encap=erspan (ERSPAN to a monitoring VM on another host)")
+            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None, encap="erspan" if options else None)
         if scheme == "pcap":
-            if not rest or "\0" in rest:
-                raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
-            return cls("pcap", path=rest)
+            return cls._parse_pcap(text, rest)
         if scheme in ("vxlan", "gre", "erspan"):
             return cls._parse_tunnel(text, scheme)
         raise ValidationError("target", f"{text!r}: unknown scheme {scheme!r}; allowed: {TARGET_GRAMMAR}")
+
+    @classmethod
+    def _parse_pcap(cls, text: str, rest: str) -> "Target":
+        """pcap:PATH, or pcap:PATH?max_size=N&max_files=K (a '?' without options stays in the path)."""
+        path, sep, query = rest.rpartition("?")
+        if not sep or "=" not in query:
+            path, query = rest, ""
+        if not path or "\0" in path:
+            raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
+        if not query:
+            return cls("pcap", path=path)
+        try:
+            options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            raise ValidationError("target", f"{text!r}: malformed options; {PCAP_ROTATION_RULE}") from None
+        if set(options) != {"max_size", "max_files"}:
+            raise ValidationError("target", f"{text!r}: {PCAP_ROTATION_RULE}")
+        max_size = check_int("target max_size", options["max_size"], 4096, 2**50)
+        max_files = check_int("target max_files", options["max_files"], 1, 10**5)
+        return cls("pcap", path=path, max_size=max_size, max_files=max_files)
 
     @classmethod
     def _parse_tunnel(cls, text: str, scheme: str) -> "Target":
@@ -174,10 +229,7 @@ class Target:
             raise ValidationError("target", f"{text!r}: {host or ''!r} is not an IP address or host name")
         if url.path not in ("", "/") or url.fragment or url.username or url.password:
             raise ValidationError("target", f"{text!r}: only HOST[:PORT] and query options are allowed")
-        try:
-            query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
-        except ValueError:
-            raise ValidationError("target", f"{text!r}: malformed query string") from None
+        query = query_options(text, url.query)
         allowed = {"vxlan": {"vni", "local"}, "gre": {"key", "local"}, "erspan": {"version", "id", "local"}}[scheme]
         unknown = set(query) - allowed
         if unknown:
@@ -224,6 +276,8 @@ def _tunnel_local(text: str, host: str, local: str | None) -> str | None:
 
 
 def _valid_host(host: str) -> bool:
+    if "%" in host:
+        raise ValidationError("target", f"{host!r}: an IPv6 zone id (%IFACE) is not supported in a tunnel target; give a global address")
     try:
         ipaddress.ip_address(host)
         return True
@@ -245,7 +299,7 @@ class Source:
     def __post_init__(self):
         if bool(self.vm) == bool(self.interface):
             raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
-        if self.interface is not None and not PORT_NAME_RE.match(self.interface):
+        if self.interface is not None and not (isinstance(self.interface, str) and PORT_NAME_RE.match(self.interface) and self.interface.isprintable()):
             raise ValidationError("interface", f"{self.interface!r} is not an interface name")
         if self.interface is not None and self.nic is not None:
             raise ValidationError("nic", "--nic goes with --vm, not with --interface")
@@ -255,6 +309,8 @@ class Source:
                 object.__setattr__(self, "vm", canonical)
             elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
                 raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
+            else:
+                check_text("vm", self.vm)
         if self.nic is not None:
             object.__setattr__(self, "nic", check_mac("nic", self.nic))
 
@@ -326,6 +382,7 @@ class TapFlow:
         if self.filter is not None:
             if not isinstance(self.filter, str):
                 raise ValidationError("filter", f"{self.filter!r} is not a pcap filter expression")
+            check_text("filter", self.filter)  # libpcap would stop reading at a NUL: a different filter than stored
             text = " ".join(self.filter.split())
             object.__setattr__(self, "filter", text or None)
 

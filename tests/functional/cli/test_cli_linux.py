@@ -62,6 +62,8 @@ BAD_INPUTS = [
     (["session", "create", "s2", "--to", "gre://10.0.0.1?key=1"], "gre"),
     (["session", "create", "s2", "--to", "erspan://10.0.0.1?id=1&local=fd00::1"], "use one family"),
     (["session", "create", "s2", "--to", "vxlan://10.0.0.1?vni=1&local=nohost"], "not an IP address"),
+    (["session", "create", "s2", "--to", "pcap:/tmp/vtap-s2.pcapng?max_size=4096"], "max_files=K rotates the file"),
+    (["session", "create", "s2", "--to", "pcap:/tmp/vtap-s2.pcapng?max_size=10&max_files=2"], "out of range 4096"),
 ]
 
 
@@ -156,6 +158,7 @@ def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
     for i in range(100):
         host.sh("ip", "link", "add", f"d{i}", "type", "ifb")  # this kernel has no dummy
         host.sh("ip", "link", "set", f"d{i}", "up")
+    host.sh("ip", "addr", "add", "10.9.9.1/24", "dev", "mon0")  # a route to the remote: without one the flows are (rightly) degraded
     doc = write_yaml(
         tmp_path / "many.yaml",
         [{"name": "many", "to": "vxlan://10.9.9.9?vni=77", "flows": [
