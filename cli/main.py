@@ -190,9 +190,10 @@ def build_parser() -> Parser:
     follow.add_argument("--once", action="store_true", help="one full resync, then exit")
     follow.set_defaults(handler=cmd_follow)
 
-    capture = commands.add_parser("capture", help="terminate a VXLAN mirror stream into a pcapng file")
-    capture.add_argument("--listen", required=True, metavar="vxlan://ADDR[:PORT]")
-    capture.add_argument("-w", dest="write", required=True, metavar="FILE.pcapng")
+    capture = commands.add_parser("capture", help="terminate a VXLAN, GRE or ERSPAN mirror stream into pcapng and/or a local device")
+    capture.add_argument("--listen", required=True, metavar="vxlan://ADDR[:PORT]|gre://ADDR|erspan://ADDR[?id=N]")
+    capture.add_argument("-w", dest="write", metavar="FILE.pcapng")
+    capture.add_argument("--to", metavar="port:IFNAME", help="re-emit the inner frames on a local device (for an IDS)")
     capture.add_argument("--count", type=int, metavar="N", help="stop after N frames")
     capture.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     capture.set_defaults(handler=cmd_capture)
@@ -377,9 +378,14 @@ def cmd_follow(args, ctx):
 
 def cmd_capture(args, ctx):
     from vtap_drivers.linux.capture import capture_vxlan
+    from vtap_drivers.linux.terminate import terminate
 
-    written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
-    print(f"{written} frames written to {args.write}", file=sys.stderr)
+    if str(args.listen).startswith("vxlan://") and args.to is None and args.write is not None:
+        written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
+    else:
+        written = terminate(args.listen, args.write, to=args.to, count=args.count, duration=args.duration)
+    where = " and ".join(w for w in (args.write, args.to) if w)
+    print(f"{written} frames written to {where}", file=sys.stderr)
     return 0
 
 

@@ -121,7 +121,7 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH[?max_size=BYTES&max_files=K]"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH[?max_size=BYTES&max_files=K] (tunnels also take &local=ADDR)"
 PCAP_ROTATION_RULE = f"pcap:PATH?max_size=BYTES&max_files=K rotates the file (both options; BYTES {4096}..{2**50}, K 1..{10**5})"
 
 
@@ -140,6 +140,7 @@ class Target:
     version: int | None = None  # erspan: 2 (type II) or 3 (type III)
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
+    local: str | None = None  # tunnels: the source address (None: the kernel picks by route)
     encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
     max_size: int | None = None  # pcap: rotate the file when it would grow beyond this many bytes
     max_files: int | None = None  # pcap: the current file and at most max_files-1 older ones (PATH.1 ...)
@@ -157,11 +158,13 @@ class Target:
             rotation = f"?max_size={self.max_size}&max_files={self.max_files}" if self.max_size else ""
             return f"pcap:{self.path}{rotation}"
         host = f"[{self.host}]" if ":" in self.host else self.host
+        local = f"local={self.local}" if self.local else ""
         if self.kind == "vxlan":
-            return f"vxlan://{host}:{self.udp_port}?vni={self.vni}"
+            return f"vxlan://{host}:{self.udp_port}?vni={self.vni}" + (f"&{local}" if local else "")
         if self.kind == "gre":
-            return f"gre://{host}" + (f"?key={self.key}" if self.key is not None else "")
-        return f"erspan://{host}?version={self.version}&id={self.erspan_id}"
+            query = "&".join(q for q in (f"key={self.key}" if self.key is not None else "", local) if q)
+            return f"gre://{host}" + (f"?{query}" if query else "")
+        return f"erspan://{host}?version={self.version}&id={self.erspan_id}" + (f"&{local}" if local else "")
 
     @classmethod
     def parse(cls, text) -> "Target":
@@ -227,10 +230,11 @@ class Target:
         if url.path not in ("", "/") or url.fragment or url.username or url.password:
             raise ValidationError("target", f"{text!r}: only HOST[:PORT] and query options are allowed")
         query = query_options(text, url.query)
-        allowed = {"vxlan": {"vni"}, "gre": {"key"}, "erspan": {"version", "id"}}[scheme]
+        allowed = {"vxlan": {"vni", "local"}, "gre": {"key", "local"}, "erspan": {"version", "id", "local"}}[scheme]
         unknown = set(query) - allowed
         if unknown:
             raise ValidationError("target", f"{text!r}: unknown option {sorted(unknown)[0]!r}; {scheme} takes {', '.join(sorted(allowed))}")
+        local = _tunnel_local(text, host, query.get("local"))
         if scheme == "vxlan":
             if "vni" not in query:
                 raise ValidationError("target", f"{text!r}: vxlan needs ?vni=N (0..{VNI_MAX})")
@@ -239,18 +243,36 @@ class Target:
                 host=host,
                 udp_port=VXLAN_DEFAULT_PORT if udp_port is None else check_int("target port", udp_port, 1, 65535),
                 vni=check_int("target vni", query["vni"], 0, VNI_MAX),
+                local=local,
             )
         if udp_port is not None:
             raise ValidationError("target", f"{text!r}: {scheme} has no port")
         if scheme == "gre":
             key = query.get("key")
-            return cls("gre", host=host, key=None if key is None else check_int("target key", key, 0, GRE_KEY_MAX))
+            return cls("gre", host=host, key=None if key is None else check_int("target key", key, 0, GRE_KEY_MAX), local=local)
         if "id" not in query:
             raise ValidationError("target", f"{text!r}: erspan needs &id=N (0..{ERSPAN_ID_MAX})")
         version = query.get("version", "2")
         if version not in ("2", "3"):
             raise ValidationError("target version", f"{version!r} is not 2 or 3 (ERSPAN type II or III)")
-        return cls("erspan", host=host, version=int(version), erspan_id=check_int("target id", query["id"], 0, ERSPAN_ID_MAX))
+        return cls("erspan", host=host, version=int(version), erspan_id=check_int("target id", query["id"], 0, ERSPAN_ID_MAX), local=local)
+
+
+def _tunnel_local(text: str, host: str, local: str | None) -> str | None:
+    """The local= source address of a tunnel: an IP address, of the same family as an IP address HOST."""
+    if local is None:
+        return None
+    try:
+        address = ipaddress.ip_address(local)
+    except ValueError:
+        raise ValidationError("target local", f"{local!r} in {text!r} is not an IP address (local=ADDR is the tunnel's source address)") from None
+    try:
+        remote = ipaddress.ip_address(host)
+    except ValueError:
+        return str(address)  # a host name: the family is checked once it is resolved
+    if remote.version != address.version:
+        raise ValidationError("target local", f"{local!r} in {text!r} is IPv{address.version} and the remote end is IPv{remote.version}: use one family")
+    return str(address)
 
 
 def _valid_host(host: str) -> bool:

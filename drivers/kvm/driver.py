@@ -30,9 +30,10 @@ from vtap_drivers.kvm.connection import Libvirt
 from vtap_drivers.kvm.devices import MACVTAP, PASSTHROUGH, device_kind, no_host_device
 from vtap_drivers.kvm.domains import vm_of
 from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.linux.dataplane import missing_tunnel_device
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
-TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
+TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap", "gre", "erspan"})  # gre/erspan: where the kernel has the devices
 # Seconds one inventory read serves: a reconcile reads it for expand, plan and observe, and a
 # command plans several times before it applies. Events and the end of observe() drop it.
 INVENTORY_REUSE = 1.0
@@ -232,7 +233,8 @@ class KvmDriver(Driver):
     def _backend(self, session: TapSession, flows) -> str:
         backend = session.backend
         if backend is None:
-            backend = "ovs" if session.target.kind in ("gre", "erspan") and self.ovs.available() else "tc"
+            tc_can = missing_tunnel_device(session.target) is None
+            backend = "ovs" if not tc_can and self.ovs.available() else "tc"
         if backend == "ovs":
             if session.target.kind not in OVS_TARGETS:
                 raise Unsupported(self.name, f"target {session.target.kind}: with backend ovs", f"ovs targets are {', '.join(sorted(OVS_TARGETS))}")
@@ -242,8 +244,9 @@ class KvmDriver(Driver):
                 if flow.filter:
                     raise Unsupported(self.name, "filter expressions with backend ovs", "an OVS mirror selects whole ports (use --backend tc)")
         elif backend == "tc":
-            if session.target.kind not in TC_TARGETS:
-                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", "this kernel has no gretap/erspan devices (use --backend ovs for NICs on OVS, or vxlan://)")
+            missing = missing_tunnel_device(session.target)
+            if session.target.kind not in TC_TARGETS or missing:
+                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", f"{missing or 'not a tc target'} (or --backend ovs for NICs on OVS)")
             if session.snaplen is not None and session.target.kind != "pcap":
                 raise Unsupported(self.name, "snaplen with backend tc", "tc copies whole frames; snaplen works with pcap targets or --backend ovs")
         else:

@@ -17,7 +17,7 @@ from vtap_core.model import VM, Nic, TapFlow, TapSession
 from vtap_drivers.lab.topology import Lab
 
 FEATURES = Features(
-    targets=frozenset({"port", "vxlan", "pcap"}),
+    targets=frozenset({"port", "vxlan", "pcap", "gre", "erspan"}),  # gre, erspan: where the kernel has the devices
     sources=frozenset({"vm"}),
     filter=True,
     sample=True,
