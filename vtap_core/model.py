@@ -477,20 +477,25 @@ class VM:
         """What a flow names this VM by: its UUID, else the platform's own id (a Proxmox vmid), else its name."""
         return self.uuid or str(self.details.get("vmid") or self.name)
 
-    def facts(self) -> dict:
-        """What a selector can match (selectors.py): key -> values.
+    def fact(self, key: str) -> list:
+        """The values a selector key matches (selectors.py); [] for a key this VM has no value of.
 
         A platform that knows hosts and networks by id and by name (vsphere) puts the
         names in details["host_name"] and the NIC's details["network_name"]: both match.
         """
-        return {
-            "name": [self.name],
-            "tag": list(self.tags),
-            "folder": [self.folder] if self.folder else [],
-            "pool": [self.pool] if self.pool else [],
-            "host": [v for v in (self.host, self.details.get("host_name")) if v],
-            "network": [v for n in self.nics for v in nic_networks(n)],
-        }
+        if key == "name":
+            return [self.name]
+        if key == "tag":
+            return list(self.tags)
+        if key == "host":
+            return [v for v in (self.host, self.details.get("host_name")) if v]
+        if key == "network":
+            return [v for n in self.nics for v in nic_networks(n)]
+        value = getattr(self, key, None) if key in ("folder", "pool") else None
+        return [value] if value else []
+
+    def facts(self) -> dict:
+        return {key: self.fact(key) for key in ("name", "tag", "folder", "pool", "host", "network")}
 
     def to_dict(self) -> dict:
         return {

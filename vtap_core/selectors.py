@@ -115,18 +115,16 @@ def matching(terms, vm) -> list:
     """The NICs of `vm` a selector taps (empty: no match)."""
     from vtap_core.model import nic_networks
 
-    facts = vm.facts()
-    if not all(term.holds(facts.get(term.key, ())) for term in terms):
+    if not all(term.holds(vm.fact(term.key)) for term in terms):  # stops at the first term that fails
         return []
     networks = [t for t in terms if t.key == "network" and not t.negate]
     return [nic for nic in vm.nics if all(t.holds(nic_networks(nic)) for t in networks)]
 
 
 def reasons(terms, vm) -> str:
-    facts = vm.facts()
     out = []
     for term in terms:
-        values = [v for v in facts.get(term.key, ()) if v is not None]
+        values = [v for v in vm.fact(term.key) if v is not None]
         hits = [v for v in values if fnmatch.fnmatchcase(str(v), term.glob)]
         out.append(f"{term}: " + (f"no {term.key} matches" if term.negate else f"{term.key} {', '.join(map(str, hits))}"))
     return "; ".join(out)

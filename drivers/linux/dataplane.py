@@ -460,8 +460,10 @@ class TcDataplane:
                 return link["name"] if link is not None else None
 
             hooks = catalog.mirror_hooks()
+            every_link = None
             if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
-                links.update((link["index"], link) for link in self._links())
+                every_link = self._links()
+                links.update((link["index"], link) for link in every_link)
             out = []
             used = set()  # devices holding a vtap filter
             for (ifindex, hook), wanted in hooks.items():
@@ -481,7 +483,7 @@ class TcDataplane:
                     out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
-            out.extend(self._observe_devices(catalog))
+            out.extend(self._observe_devices(catalog, every_link))
             out.extend(self._unused_clsacts(catalog, used))
             return out
 
@@ -501,13 +503,17 @@ class TcDataplane:
                 out.append(Binding(key=f"clsact/{self._ns_key}{device}", session="?", spec=spec, order=0))
         return out
 
-    def _observe_devices(self, catalog) -> list[Binding]:
+    def _observe_devices(self, catalog, every_link: list | None = None) -> list[Binding]:
         from vtap_drivers.linux.capture import running_captures
 
         out = []
         captures = None
+        # One dump, sorted by kind here: not every kernel filters a link dump by kind.
+        by_kind: dict[str, list] = {}
+        for link in self._links() if every_link is None else every_link:
+            by_kind.setdefault(link["kind"], []).append(link)
         for kind in ("vxlan", "ifb", "gretap", "ip6gretap", "erspan", "ip6erspan"):
-            for link in self._links(kind):
+            for link in by_kind.get(kind, []):
                 mark = mark_from_alias(link["alias"])
                 if not catalog.owns(mark):
                     continue
