@@ -44,11 +44,6 @@ def domain_xml(i: int, tagged: bool, device: str) -> str:
     )
 
 
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=10000)
@@ -146,8 +141,8 @@ def run(args, env, state, every) -> int:
         follower_client.close()
         ipr.close()
     figures["new_vm_to_tap_s"] = latencies
-    figures["new_vm_to_tap_p50_s"] = percentile(latencies, 50)
-    figures["new_vm_to_tap_p99_s"] = percentile(latencies, 99)
+    figures["new_vm_to_tap_p50_s"] = benchlib.percentile(latencies, 50)
+    figures["new_vm_to_tap_p99_s"] = benchlib.percentile(latencies, 99)
     figures["new_vm_to_tap_mean_s"] = statistics.mean(latencies)
 
     text = "\n".join([
