@@ -65,6 +65,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import itertools
 import os
 import socket
 import threading
@@ -98,8 +99,16 @@ from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
 # vtap's filters share one priority, low so they see packets before most others'
-# (their verdict is "continue", so the others still run afterwards).
+# (their verdict is "continue", so the others still run afterwards). Where someone
+# else's filter holds it (the kernel allows one kind and protocol per priority),
+# the nearest free one is used instead (free_priority).
 FILTER_PRIO = 7
+# Root qdiscs that take a filter for a device's egress when an `ingress` qdisc (not
+# clsact) holds the hook's place: there a filter that matches nothing (vtap's verdict
+# is "continue") leaves the classification as it was. fq_codel, sfq, cake, drr and
+# the like drop what no filter classifies; tbf, pfifo and noqueue take no filter.
+FILTERABLE_ROOTS = frozenset({"htb", "hfsc", "prio"})
+NLM_F_ECHO = 0x8  # a qdisc get is answered only to multicast listeners unless echoed
 VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
@@ -143,6 +152,37 @@ def unique(bindings) -> list[Binding]:
     return out
 
 
+def free_priority(taken: set) -> int:
+    """FILTER_PRIO unless others' filters hold it; then the nearest free priority, lower ones first."""
+    for prio in itertools.chain((FILTER_PRIO,), range(FILTER_PRIO - 1, 0, -1), range(FILTER_PRIO + 1, 0x10000)):
+        if prio not in taken:
+            return prio
+    raise OperationFailed("no free tc filter priority left on a hook")
+
+
+def placement(device: str, hook: str, hook_qdisc: dict | None, root_qdisc) -> str | None:
+    """Where a filter for this hook of device goes: None = the clsact hook, else a root qdisc handle ("1:").
+
+    hook_qdisc: the qdisc at ffff:fff1 (clsact, ingress, or None); root_qdisc():
+    the root qdisc (called only when needed). An `ingress` qdisc answers for both
+    clsact parents, so a filter meant for its egress would land on its ingress block.
+    """
+    kind = hook_qdisc["kind"] if hook_qdisc and hook_qdisc["kind"] in ("clsact", "ingress") else None
+    block = hook_qdisc["blocks"][HOOKS.index(hook)] if kind else 0
+    if block:
+        raise ValidationError("interface", f"{device}: its {kind} qdisc shares {hook} block {block} with other devices; vtap mirrors only devices with their own {hook} hook")
+    if hook == "ingress" or kind != "ingress":
+        return None
+    root = root_qdisc()
+    if root is not None and root["kind"] in FILTERABLE_ROOTS:
+        return tcnl.format_handle(root["handle"])
+    raise ValidationError(
+        "interface",
+        f"{device} has an ingress qdisc (not clsact) and a {root['kind'] if root else 'default'} root qdisc, which takes no filter that leaves its traffic as it was; "
+        f"its egress can be mirrored with clsact (no ingress qdisc) or with an {'/'.join(sorted(FILTERABLE_ROOTS))} root qdisc",
+    )
+
+
 def resolve_host(host: str) -> str:
     """An IP address for a tunnel's remote end (names resolved once, at plan time)."""
     try:
@@ -182,7 +222,8 @@ class TcDataplane:
 
     # ------------------------------------------------------------ planning
 
-    def mirror(self, session: str, flow: str, device: str, hook: str, to_device: str, filter: str | None = None, sample: int | None = None, vm: str | None = None, guard: str | None = None) -> Binding:
+    def mirror(self, session: str, flow: str, device: str, hook: str, to_device: str, filter: str | None = None, sample: int | None = None, vm: str | None = None, guard: str | None = None, parent: str | None = None) -> Binding:
+        """parent: the root qdisc handle ("1:") that takes the filter instead of the clsact hook (see placement)."""
         if hook not in HOOKS:
             raise ValidationError("hook", f"{hook!r} is not ingress or egress")
         spec = (
@@ -193,7 +234,7 @@ class TcDataplane:
             ("filter", filter or ""),
             ("sample", sample or 1),
             ("guard", guard or ""),
-        )
+        ) + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
         program_for(binding)  # refuse a bad expression now, with libpcap's message
         return binding
@@ -244,8 +285,17 @@ class TcDataplane:
         if to_device == device:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
         for hook in hooks_for(flow.direction, vm_port=vm_port):
-            out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard))
+            parent = self.placement(device, hook)
+            out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
         return out
+
+    def placement(self, device: str, hook: str) -> str | None:
+        """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
+        with self._kernel():
+            link = self._link(name=device)
+            if link is None:
+                return None
+            return placement(device, hook, self._qdisc_at(link["index"], tcnl.TC_H_CLSACT), lambda: self._qdisc_at(link["index"], tcnl.TC_H_ROOT))
 
     # ------------------------------------------------------------ netlink plumbing
 
@@ -305,10 +355,24 @@ class TcDataplane:
                 return None
             raise
 
-    def _clsact_indexes(self) -> set[int]:
-        """ifindexes of the devices that have a clsact qdisc (one dump)."""
-        replies = self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP)
-        return {index for index, kind in (tcnl.read_qdisc(*reply) for reply in replies) if kind == "clsact"}
+    def _qdisc_at(self, ifindex: int, parent: int) -> dict | None:
+        """One device's qdisc at TC_H_CLSACT or TC_H_ROOT (read_qdisc_place), or None."""
+        try:
+            return tcnl.read_qdisc_place(*self.nl.get(tcnl.qdisc_query(ifindex, parent), RTM_GETQDISC, REQUEST | NLM_F_ECHO))
+        except NetlinkFailure as exc:
+            if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                return None
+            raise
+
+    def _qdisc_places(self) -> dict[int, dict]:
+        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
+        places: dict[int, dict] = {}
+        for reply in self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
+            qdisc = tcnl.read_qdisc_place(*reply)
+            where = {tcnl.TC_H_CLSACT: "hook", tcnl.TC_H_ROOT: "root"}.get(qdisc["parent"])
+            if where:
+                places.setdefault(qdisc["index"], {"hook": None, "root": None})[where] = qdisc
+        return places
 
     def _links(self, kind: str | None = None) -> list[dict]:
         """Every link, or those of one kind (the kernel filters by kind)."""
@@ -335,10 +399,10 @@ class TcDataplane:
             found.update(c for c in tcnl.read_action_cookies(*reply) if self.catalog.owns(c))
         return found
 
-    def _filters(self, ifindex: int, hook: str) -> list[TcFilter]:
-        """Every filter on a device's hook (vtap's have a mark). One dump."""
+    def _filters(self, ifindex: int, hook: str, parent: str | None = None) -> list[TcFilter]:
+        """Every filter on a device's hook, or on its root qdisc `parent` (vtap's have a mark). One dump."""
         try:
-            replies = self.nl.dump(tcnl.filter_query(ifindex, hook), RTM_GETTFILTER, DUMP)
+            replies = self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
         except NetlinkFailure as exc:
             if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 return []  # no clsact (or no device): no filters
@@ -367,19 +431,26 @@ class TcDataplane:
                     names[index] = link["name"] if link is not None else None
                 return names[index]
 
+            places = None
             out = []
             for (ifindex, hook), wanted in catalog.mirror_hooks().items():
-                for found in self._filters(ifindex, hook):
-                    if found.mark not in wanted:
-                        continue
-                    binding = wanted[found.mark]
-                    # The target device may have gone or been recreated: then the spec shows it.
-                    actual = name_of(found.to_index) or ""
-                    if actual != binding.get("to"):
-                        binding = _drifted(binding, found.mark, to=actual)
-                    # At ingress the kernel counts from the network header; count whole frames.
-                    nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" else 0)
-                    out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, Counters(found.packets, nbytes), binding.order))
+                for parent in {b.get("parent") for b in wanted.values()}:
+                    for found in self._filters(ifindex, hook, parent):
+                        binding = wanted.get(found.mark)
+                        if binding is None or binding.get("parent") != parent:
+                            continue
+                        # What the filter really mirrors: the target device may have gone or been
+                        # recreated, the device renamed (names swapped): then the spec shows it.
+                        actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
+                        if hook == "egress" and parent is None:
+                            places = self._qdisc_places() if places is None else places
+                            if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                                actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
+                        if any(binding.get(name) != value for name, value in actual.items()):
+                            binding = _drifted(binding, found.mark, **actual)
+                        # At ingress the kernel counts from the network header; count whole frames.
+                        nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
+                        out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, Counters(found.packets, nbytes), binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))
@@ -464,8 +535,11 @@ class TcDataplane:
                     raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
             catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
-        with_clsact = self._clsact_indexes()
-        devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
+        places = self._qdisc_places()
+        for binding in bindings:
+            self._check_placement(binding, places.get(indexes[binding.get("device")], {}))
+        on_clsact = {b.get("device") for b in bindings if not b.get("parent")}
+        devices = sorted(d for d in on_clsact if not (places.get(indexes[d], {}).get("hook")))
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
         catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
@@ -474,28 +548,48 @@ class TcDataplane:
         for device, failure in zip(devices, added):
             if failure is None:
                 fresh.add(device)  # vtap added it, so it holds no filters yet
-            elif failure.code == errno.EEXIST:  # someone added one meanwhile: theirs, use it
+            elif failure.code == errno.EEXIST:  # someone added one meanwhile: theirs, use it if it is right
                 catalog.qdiscs.pop(device, None)
+                hook_qdisc = self._qdisc_at(indexes[device], tcnl.TC_H_CLSACT)
+                for binding in bindings:
+                    if binding.get("device") == device:
+                        self._check_placement(binding, {"hook": hook_qdisc, "root": self._qdisc_at(indexes[device], tcnl.TC_H_ROOT)})
             else:
                 raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {failure}")
-        present: dict[tuple[str, str], set] = {}
+        present: dict[tuple, set] = {}
+        prios: dict[tuple, int] = {}
         requests, pending = [], []
         for binding in bindings:
-            device, hook = binding.get("device"), binding.get("hook")
-            if (device, hook) not in present:
-                present[device, hook] = set() if device in fresh else {f.mark for f in self._filters(indexes[device], hook)}
+            device, hook, parent = binding.get("device"), binding.get("hook"), binding.get("parent")
+            place = (device, hook, parent)
+            if place not in present:
+                found = [] if device in fresh and not parent else self._filters(indexes[device], hook, parent)
+                present[place] = {f.mark for f in found}
+                prios[place] = free_priority({f.prio for f in found if f.mark is None} - {f.prio for f in found if f.mark is not None})
             mark = catalog.mark_of(binding)
-            if mark in present[device, hook]:
+            if mark in present[place]:
                 continue
-            present[device, hook].add(mark)
+            present[place].add(mark)
             program = program_for(binding)
-            requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
+            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent))
+            requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
         done.extend(b for b, failure in zip(pending, failures) if failure is None)
         for binding, failure in zip(pending, failures):
             if failure is not None:
                 raise OperationFailed(f"{binding.key}: the kernel refused the filter: {failure}")
+
+    @staticmethod
+    def _check_placement(binding: Binding, place: dict) -> None:
+        """The device's qdiscs still put this binding's filter where its plan said (they may change between)."""
+        device, hook = binding.get("device"), binding.get("hook")
+        try:
+            wanted = placement(device, hook, place.get("hook"), lambda: place.get("root"))
+        except ValidationError as exc:
+            raise OperationFailed(f"{binding.key}: {exc.rule}") from None
+        if wanted != binding.get("parent"):
+            raise OperationFailed(f"{binding.key}: the qdiscs of {device} changed since it was planned; reconcile again")
 
     def _ensure_device(self, binding: Binding, kind: str, create, done: list) -> None:
         """A vtap-owned device with this binding's mark, up; replaced when its mark differs."""
@@ -586,24 +680,25 @@ class TcDataplane:
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
         indexes = self._indexes({b.get("device") for b in bindings})
-        wanted: dict[tuple[int, str], set] = {}
+        wanted: dict[tuple, set] = {}
         for binding in bindings:
             device = binding.get("device")
             if device not in indexes:
                 catalog.qdiscs.pop(device, None)
                 continue  # the device is gone, and its filters with it
-            wanted.setdefault((indexes[device], binding.get("hook")), set()).add(self._real_mark(binding))
+            wanted.setdefault((indexes[device], binding.get("hook"), binding.get("parent")), set()).add(self._real_mark(binding))
         self._delete_filters(wanted)
         for device in {b.get("device") for b in bindings} & indexes.keys():
             self._drop_clsact_if_unused(indexes[device], device, catalog)
 
     def _delete_filters(self, wanted: dict) -> set:
-        """Delete the filters with these marks: {(ifindex, hook): marks}. Returns the ifindexes touched."""
+        """Delete the filters with these marks: {(ifindex, hook, parent): marks}. Returns the ifindexes touched."""
         requests, touched = [], set()
-        for (ifindex, hook), marks in wanted.items():
-            for found in self._filters(ifindex, hook):
+        for (ifindex, hook, parent), marks in wanted.items():
+            for found in self._filters(ifindex, hook, parent):
                 if found.mark in marks:
-                    requests.append((tcnl.filter_query(ifindex, hook, found.prio, found.handle), RTM_DELTFILTER, REQUEST))
+                    query = tcnl.filter_query(ifindex, hook, found.prio, found.handle, parent=_parent_number(parent))
+                    requests.append((query, RTM_DELTFILTER, REQUEST))
                     touched.add(ifindex)
         for failure in self.nl.requests(requests):
             if failure is not None and failure.code not in (errno.ENOENT, errno.EINVAL):
@@ -636,7 +731,11 @@ class TcDataplane:
     def _remove_unknown_filters(self, marks: set, catalog: Catalog) -> None:
         """Find uncatalogued marks: look at every device's hooks (rare, slow path)."""
         links = self._links()
-        touched = self._delete_filters({(link["index"], hook): marks for link in links for hook in HOOKS})
+        places = {(link["index"], hook, None): marks for link in links for hook in HOOKS}
+        for ifindex, qdiscs in self._qdisc_places().items():
+            if qdiscs["root"] and qdiscs["root"]["kind"] in FILTERABLE_ROOTS:
+                places[ifindex, "egress", tcnl.format_handle(qdiscs["root"]["handle"])] = marks
+        touched = self._delete_filters(places)
         for link in links:
             if link["index"] in touched:
                 self._drop_clsact_if_unused(link["index"], link["name"], catalog)
@@ -656,6 +755,10 @@ class TcDataplane:
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+def _parent_number(parent: str | None) -> int | None:
+    return tcnl.parse_handle(parent) if parent else None
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:
