@@ -290,6 +290,11 @@ class Client:
                 self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
             try:
                 plan = self._realize(*after)
+            except reconcile.FlowsFailed as exc:
+                if any(_changed_by(session, flow, before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
+                    self._roll_back(before_sessions, before_flows)
+                    raise OperationFailed(f"{command} failed and was rolled back: {exc}") from exc
+                plan = exc.plan  # only flows this call left as they were failed: theirs to show in status
             except Exception as exc:
                 self._roll_back(before_sessions, before_flows)
                 why = str(exc) if isinstance(exc, VtapError) else f"{type(exc).__name__}: {exc}"
@@ -350,6 +355,14 @@ def _touched_sessions(change: dict, sessions: dict) -> set[str]:
             names.add(change[key].get("session") or change[key]["name"])
     names.update(change.get("sessions", []))
     return {n for n in names if n in sessions}
+
+
+def _changed_by(session: str, flow: str | None, before_sessions, before_flows, sessions, flows) -> bool:
+    """Whether a call that went from before_* to sessions/flows changed this session (and flow)."""
+    def same(old, new, name):
+        return {x.name: x for x in old}.get(name) == {x.name: x for x in new}.get(name)
+
+    return not same(before_sessions, sessions, session) or (flow is not None and not same(before_flows, flows, flow))
 
 
 def next_flow_name(session: str, flows: dict) -> str:

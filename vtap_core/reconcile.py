@@ -92,12 +92,21 @@ def _note(problems, session, flow, exc):
     log.warning("not realizable now: session %s%s: %s", session, f" flow {flow}" if flow else "", exc)
 
 
+class FlowsFailed(OperationFailed):
+    """Some flows could not be applied or removed; everything else was. `plan` is what was executed."""
+
+    def __init__(self, plan: Plan, failed: list):
+        self.plan = plan
+        self.failed = failed  # [(session, flow or None, why)]
+        super().__init__("; ".join(f"session {s}{f' flow {f}' if f else ''}: {why}" for s, f, why in failed))
+
+
 def execute(driver: Driver, plan: Plan) -> None:
     """Remove first (filters before their targets), then add (targets before filters).
 
     One device's or VM's failure must not stop the others: a step that fails is
     done again flow by flow; what still fails becomes a problem of its flow in
-    plan.problems, and OperationFailed names them once everything else is done.
+    plan.problems, and FlowsFailed names them once everything else is done.
     """
     failed: list = []
     if plan.remove:
@@ -106,7 +115,7 @@ def execute(driver: Driver, plan: Plan) -> None:
         _flow_by_flow_on_failure(driver.apply, sorted(plan.add, key=lambda b: b.order), failed)
     if failed:
         plan.problems.extend(failed)
-        raise OperationFailed("; ".join(f"session {s}{f' flow {f}' if f else ''}: {why}" for s, f, why in failed))
+        raise FlowsFailed(plan, failed)
 
 
 def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> None:

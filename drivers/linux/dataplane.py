@@ -5,12 +5,21 @@ device names. What it puts in the kernel, per mirrored device and hook:
 
     clsact qdisc on DEVICE (added if missing; removed with vtap's last filter,
                             only if vtap added it and nobody else's filter is on it)
-      -> bpf classifier, priority 7 (classic BPF from the pcap filter expression,
-         the 1-in-N sampling test prepended, the tunnel's own packets excluded)
+      -> bpf classifier, priority 7, or the nearest one no other filter on that hook
+         holds (classic BPF from the pcap filter expression, the 1-in-N sampling
+         test prepended, the tunnel's own packets excluded)
       -> mirred egress mirror to TARGET DEVICE, verdict "continue" (other
          filters on the hook still run), cookie = the mark: "vt", 2 bytes naming
          the state dir (two stores never take each other's for orphans), 12 bytes
          of digest of the binding's key and spec
+
+Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
+clsact would and answers for both clsact parents: the ingress hook uses it, an
+egress filter goes on the device's htb/hfsc/prio root qdisc ("parent" in the
+binding's spec), and with no such root the flow is refused at plan time naming
+device and qdisc (placement()); a hook shared as a block with other devices is
+refused too. observe() reports a filter an ingress qdisc took onto its ingress
+block, and one on a device that now has another name, as drift.
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
@@ -42,7 +51,8 @@ API (all names are device names in this namespace):
 
     # kernel (one netlink socket; safe to share between threads)
     dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes);
-                             drifted ones (target device recreated, vxlan changed) differ in spec;
+                             drifted ones (target device recreated, device renamed, filter on
+                             another hook than planned, vxlan changed) differ in spec;
                              orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine

@@ -5,6 +5,8 @@ Every test counts the copies that reach the target (mon1): `in` copies carry one
 copies another, so a copy of the wrong direction is seen as such.
 """
 
+import time
+
 import pytest
 
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
@@ -203,3 +205,64 @@ def test_two_swapped_device_names_are_drift_and_the_flow_follows_the_name(lab, t
     now_src0, now_src1 = new_marker(), new_marker()
     assert copies(lab, {"peer1": (now_src0, 3), "peer0": (now_src1, 2)}) == {now_src0: 3, now_src1: 0}
     assert lab.filter_handles("src1", "ingress") == []
+
+
+def test_follow_moves_the_mirror_of_a_swap_made_while_it_was_not_running(lab, tmp_path):
+    """A follower sees the names only after the swap (a watcher that saw each step would also see
+    src0 missing for a moment, which hides the bug): its first resync must move the mirror."""
+    import threading
+
+    from vtap_core.follow import Follower
+
+    lab.standard()
+    lab.veth("src1", "peer1")
+    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+        vtap.create_session("web", to="port:mon0")
+        vtap.add_flow("web", interface="src0", direction="in", name="f0")
+        for old, new in (("src0", "swap"), ("src1", "src0"), ("swap", "src1")):
+            lab.ip("link", "set", old, "name", new)
+        stop = threading.Event()
+        follower = threading.Thread(target=Follower(vtap, interval=60).run, args=(stop,))
+        follower.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not lab.filter_handles("src0", "ingress"):
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            follower.join(timeout=15)
+    assert len(lab.filter_handles("src0", "ingress")) == 1
+    assert lab.filter_handles("src1", "ingress") == []
+    now_src0, now_src1 = new_marker(), new_marker()
+    assert copies(lab, {"peer1": (now_src0, 3), "peer0": (now_src1, 2)}) == {now_src0: 3, now_src1: 0}
+
+
+def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, tmp_path):
+    import socket
+
+    from pyroute2 import netns as pr_netns
+
+    lab.standard()
+    lab.veth("src1", "peer1")
+    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+        vtap.create_session("tunnel", to="vxlan://192.0.2.9:4790?vni=7")
+        vtap.add_flow("tunnel", interface="src0", direction="in", name="t0")
+        # vtap's VXLAN device goes, and a collector on this host takes its UDP port: the
+        # tunnel session cannot be applied again until the port is free.
+        (vxlan,) = [name for name in vtap.driver.dataplane.devices() if name.startswith("vtapx")]
+        lab.ip("link", "del", vxlan)
+        collector = pr_netns.create_socket(lab.netns, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
+        try:
+            collector.bind(("0.0.0.0", 4790))
+            vtap.create_session("web", to="port:mon0")
+            vtap.add_flow("web", interface="src1", direction="in", name="w1")
+            with pytest.raises(OperationFailed) as failed:
+                vtap.reconcile()
+            assert "session tunnel" in str(failed.value) and "4790" in str(failed.value)
+            states = {row.flow: row.state for row in vtap.status()}
+            assert states == {"t0": "missing", "w1": "active"}
+        finally:
+            collector.close()
+        assert [s.name for s in vtap.store.sessions()] == ["tunnel", "web"]
+    marker = new_marker()
+    assert copies(lab, {"peer1": (marker, 2)}) == {marker: 2}
