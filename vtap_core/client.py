@@ -237,6 +237,9 @@ class Client:
         desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
         observed = {b.key: b for b in self.driver.observe()}
         why = {(s, f): text for s, f, text in problems}
+        # Drivers that keep it say why a flow's last apply failed (shown while it is not active).
+        apply_problems = getattr(self.driver, "apply_problems", None)
+        failed = {(s, f): text for s, f, text in apply_problems()} if apply_problems else {}
         rows = []
         for flow in flows:
             session = sessions[flow.session]
@@ -263,7 +266,7 @@ class Client:
                     observed=len(present),
                     packets=sum(c.packets for c in counters),
                     bytes=sum(c.bytes for c in counters),
-                    problem=why.get((flow.session, flow.name), why.get((flow.session, None), "")),
+                    problem=_problem_of(flow, why) or (_failure_of(flow, failed) if state != "active" else ""),
                 )
             )
         return rows
@@ -355,6 +358,15 @@ def _touched_sessions(change: dict, sessions: dict) -> set[str]:
             names.add(change[key].get("session") or change[key]["name"])
     names.update(change.get("sessions", []))
     return {n for n in names if n in sessions}
+
+
+def _problem_of(flow: TapFlow, problems: dict) -> str:
+    return problems.get((flow.session, flow.name), problems.get((flow.session, None), ""))
+
+
+def _failure_of(flow: TapFlow, failed: dict) -> str:
+    # The session's target failing is the cause of its flows' failures: name it first.
+    return failed.get((flow.session, None)) or failed.get((flow.session, flow.name), "")
 
 
 def _changed_by(session: str, flow: str | None, before_sessions, before_flows, sessions, flows) -> bool:

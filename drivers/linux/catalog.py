@@ -84,6 +84,7 @@ class Catalog:
         self.prefix = store_prefix(state_dir)
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
+        self.failures: dict[str, list] = {}  # binding key -> [session, flow, why] of its last failed apply
         self._generation = None  # of the file as last read or written
         self._hooks = None  # mirror_hooks(), computed once per content
 
@@ -104,6 +105,7 @@ class Catalog:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
         self.bindings = data.get("bindings", {})
         self.qdiscs = data.get("qdiscs", {})
+        self.failures = data.get("failures", {})
         self._generation = data.get("generation")
         self._hooks = None
         return self
@@ -113,7 +115,7 @@ class Catalog:
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
             # The generation first, so load() can tell an unchanged file from its first bytes.
-            f.write(json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
+            f.write(json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs, "failures": self.failures}))
         os.replace(temporary, self.path)
         self._generation = generation
 

@@ -521,11 +521,20 @@ class TcDataplane:
                     else:
                         self._ensure_capture(binding, done)
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
-            except Exception:
+            except Exception as exc:
                 self._remove(list(reversed(done)), catalog)
+                why = str(exc) if isinstance(exc, OperationFailed) else f"{type(exc).__name__}: {exc}"
+                catalog.failures.update({b.key: [b.session, b.flow, why] for b in bindings})
                 catalog.save()
                 raise
+            for binding in bindings:
+                catalog.failures.pop(binding.key, None)
             catalog.save()
+
+    def apply_failures(self) -> list[tuple]:
+        """(session, flow, why) of bindings whose last apply failed (status shows them; another process may have applied)."""
+        with self.catalog.locked(shared=True) as catalog:
+            return [tuple(entry) for entry in catalog.failures.values()]
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""

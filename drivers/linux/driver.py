@@ -102,6 +102,9 @@ class LinuxDriver(Driver):
     def remove(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.remove(bindings)
 
+    def apply_problems(self) -> list[tuple]:
+        return self.dataplane.apply_failures()
+
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         """A hint (None: look at everything) whenever a device appears, goes or changes."""
         from pyroute2 import IPRoute

@@ -259,8 +259,9 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
             with pytest.raises(OperationFailed) as failed:
                 vtap.reconcile()
             assert "session tunnel" in str(failed.value) and "4790" in str(failed.value)
-            states = {row.flow: row.state for row in vtap.status()}
-            assert states == {"t0": "missing", "w1": "active"}
+            rows = {row.flow: row for row in vtap.status()}
+            assert (rows["t0"].state, rows["w1"].state) == ("missing", "active")
+            assert "4790" in rows["t0"].problem and rows["w1"].problem == ""
         finally:
             collector.close()
         assert [s.name for s in vtap.store.sessions()] == ["tunnel", "web"]
