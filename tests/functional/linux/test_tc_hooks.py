@@ -38,6 +38,16 @@ def in_and_out(lab, device="src0", peer="peer0") -> tuple[bytes, bytes, dict]:
     return received, sent, copies(lab, {peer: (received, 3), device: (sent, 4)})
 
 
+def client(lab, tmp_path) -> Client:
+    return Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns)
+
+
+def swap_names(lab, a: str, b: str) -> None:
+    """What a udev rule or an operator may do: a's device is now called b, and b's a."""
+    for old, new in ((a, "swap"), (b, a), ("swap", b)):
+        lab.ip("link", "set", old, "name", new)
+
+
 def pve_rate_limit(lab, device: str, root: str) -> None:
     """What Proxmox `rate=` and libvirt <bandwidth> put on a VM's device: an ingress qdisc with a
     police filter at priority 50, and a shaping root qdisc.
@@ -82,7 +92,7 @@ def test_an_ingress_qdisc_and_an_htb_root_both_directions_reach_the_target(lab, 
 def test_an_ingress_qdisc_and_a_tbf_root_refuse_out_and_mirror_in(lab, tmp_path):
     lab.standard()
     pve_rate_limit(lab, "src0", "tbf")
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         before = lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
         with pytest.raises(ValidationError) as refused:
@@ -100,7 +110,7 @@ def test_an_ingress_qdisc_and_a_tbf_root_refuse_out_and_mirror_in(lab, tmp_path)
 
 def test_a_qdisc_that_arrives_later_is_a_problem_in_status_not_a_wrong_mirror(lab, tmp_path):
     lab.standard()
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         vtap.add_flow("web", interface="src0", direction="out", name="f1")
         assert [r.state for r in vtap.status()] == ["active"]
@@ -145,7 +155,7 @@ def test_a_foreign_filter_at_vtaps_priority_is_left_alone_and_mirrors_still_work
     lab.veth("src1", "peer1")
     lab.tc("qdisc", "add", "dev", "src0", "clsact")
     lab.tc("filter", "add", "dev", "src0", "ingress", "prio", "7", "protocol", "ip", "u32", "match", "u32", "0", "0")
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         vtap.add_flow("web", interface="src0", direction="in", name="f0")
         vtap.add_flow("web", interface="src1", direction="in", name="f1")
@@ -176,7 +186,7 @@ def test_one_device_that_fails_leaves_the_others_reconciled(lab, tmp_path):
     first, second = new_marker(), new_marker()
     assert copies(lab, {"peer0": (first, 3), "peer1": (second, 2)}) == {first: 0, second: 2}
     # The next reconcile plans around it, and status says why.
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         vtap.add_flow("web", interface="src1", direction="in", name="f1")
         with pytest.raises(ValidationError):
@@ -188,13 +198,10 @@ def test_one_device_that_fails_leaves_the_others_reconciled(lab, tmp_path):
 def test_two_swapped_device_names_are_drift_and_the_flow_follows_the_name(lab, tmp_path):
     lab.standard()
     lab.veth("src1", "peer1")
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         vtap.add_flow("web", interface="src0", direction="in", name="f0")
-        for old, new in (("src0", "swap"), ("src1", "src0"), ("swap", "src1")):
-            lab.ip("link", "set", old, "down")
-            lab.ip("link", "set", old, "name", new)
-            lab.ip("link", "set", new, "up")
+        swap_names(lab, "src0", "src1")
         # src0 is now the device whose peer is peer1; the mirror still sits on the other one.
         (row,) = vtap.status()
         assert row.state != "active"
@@ -216,11 +223,10 @@ def test_follow_moves_the_mirror_of_a_swap_made_while_it_was_not_running(lab, tm
 
     lab.standard()
     lab.veth("src1", "peer1")
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("web", to="port:mon0")
         vtap.add_flow("web", interface="src0", direction="in", name="f0")
-        for old, new in (("src0", "swap"), ("src1", "src0"), ("swap", "src1")):
-            lab.ip("link", "set", old, "name", new)
+        swap_names(lab, "src0", "src1")
         stop = threading.Event()
         follower = threading.Thread(target=Follower(vtap, interval=60).run, args=(stop,))
         follower.start()
@@ -244,7 +250,7 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
 
     lab.standard()
     lab.veth("src1", "peer1")
-    with Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns) as vtap:
+    with client(lab, tmp_path) as vtap:
         vtap.create_session("tunnel", to="vxlan://192.0.2.9:4790?vni=7")
         vtap.add_flow("tunnel", interface="src0", direction="in", name="t0")
         # vtap's VXLAN device goes, and a collector on this host takes its UDP port: the
@@ -267,3 +273,17 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
         assert [s.name for s in vtap.store.sessions()] == ["tunnel", "web"]
     marker = new_marker()
     assert copies(lab, {"peer1": (marker, 2)}) == {marker: 2}
+
+
+def test_a_vm_device_with_libvirt_bandwidth_mirrors_what_the_vm_receives_on_the_htb_root(lab):
+    """libvirt <bandwidth>: <outbound> is an ingress qdisc on vnetN, <inbound> an htb root. What the
+    VM receives is what the host-side device sends (its egress)."""
+    lab.standard()
+    pve_rate_limit(lab, "src0", "htb")
+    dataplane = lab.dataplane()
+    session = TapSession("web", "port:mon0")
+    received_by_vm = dataplane.plan_vm_device(session, TapFlow("f1", "web", Source(interface="src0"), "in"), "src0", vm="vm-1")
+    assert [(b.get("hook"), b.get("parent")) for b in received_by_vm] == [("egress", "1:")]
+    dataplane.apply(received_by_vm)
+    sent_by_device, sent_by_vm = new_marker(), new_marker()
+    assert copies(lab, {"src0": (sent_by_device, 4), "peer0": (sent_by_vm, 3)}) == {sent_by_device: 4, sent_by_vm: 0}
