@@ -229,6 +229,7 @@ class TcDataplane:
         self._ipr = None
         self._nl = None
         self._lock = threading.RLock()
+        self._planning = threading.local()  # .view while planning(): one look at the namespace
 
     # ------------------------------------------------------------ planning
 
@@ -299,8 +300,25 @@ class TcDataplane:
             out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
         return out
 
+    @contextmanager
+    def planning(self):
+        """Plan many flows on one look at the namespace (a link and a qdisc dump instead of gets per
+        device); yields the device names. Only for the duration of one plan: qdiscs change."""
+        with self._kernel():
+            indexes = {link["name"]: link["index"] for link in self._links()}
+            self._planning.view = (indexes, self._qdisc_places())
+        try:
+            yield set(indexes)
+        finally:
+            self._planning.view = None
+
     def placement(self, device: str, hook: str) -> str | None:
         """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
+        view = getattr(self._planning, "view", None)
+        if view is not None:
+            index = view[0].get(device)
+            place = view[1].get(index, {})
+            return placement(device, hook, place.get("hook"), lambda: place.get("root")) if index else None
         with self._kernel():
             link = self._link(name=device)
             if link is None:

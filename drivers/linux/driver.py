@@ -66,21 +66,21 @@ class LinuxDriver(Driver):
             if session.target.kind in ("gre", "erspan"):
                 raise Unsupported(self.name, f"target {session.target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
             self.check_features(session, [f for f in flows if f.session == session.name])
-        present = self.dataplane.devices()
         bindings: list[Binding] = []
         tunnels: dict[tuple, str] = {}
-        for session in sessions:
-            if session.target.kind == "port" and session.target.port not in present:
-                raise NotFound(f"target: interface {session.target.port} does not exist{self._where()}")
-            if session.target.kind == "vxlan":
-                self._check_tunnel_free(session, tunnels)
-            bindings.extend(self.dataplane.session_target(session)[0])
-            for flow in flows:
-                if flow.session != session.name:
-                    continue
-                if flow.source.interface not in present:
-                    raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
-                bindings.extend(self.dataplane.plan_interface(session, flow))
+        with self.dataplane.planning() as present:
+            for session in sessions:
+                if session.target.kind == "port" and session.target.port not in present:
+                    raise NotFound(f"target: interface {session.target.port} does not exist{self._where()}")
+                if session.target.kind == "vxlan":
+                    self._check_tunnel_free(session, tunnels)
+                bindings.extend(self.dataplane.session_target(session)[0])
+                for flow in flows:
+                    if flow.session != session.name:
+                        continue
+                    if flow.source.interface not in present:
+                        raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
+                    bindings.extend(self.dataplane.plan_interface(session, flow))
         return unique(bindings)
 
     def _check_tunnel_free(self, session: TapSession, tunnels: dict) -> None:
