@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shlex
 import sys
 
@@ -66,7 +65,11 @@ class Context:
         if self._client is None:
             from vtap_core.client import Client
 
+            from vtap_core.redact import check_url_settings
+
             config = self.config
+            # Refused whatever the driver: the command line goes into the audit log.
+            check_url_settings({k: getattr(self.args, k, None) for k in ("url", "uri") if getattr(self.args, k, None)})
             name = driver or config.driver
             settings = config.driver_settings(name)
             self._prompt_for_password(name, settings)
@@ -321,11 +324,15 @@ def cmd_follow(args, ctx):
     import threading
 
     from vtap_core.follow import Follower
+    from vtap_core.redact import RedactingFilter
 
     if args.interval <= 0:
         raise_usage("interval", f"{args.interval} must be more than 0 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vtap follow: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     client = ctx.client()
+    client.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
     metrics = None
     if args.metrics_port is not None:
         from vtap_core.metrics import PrometheusMetrics
@@ -387,13 +394,14 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:
         from vtap_core.errors import VtapError
+        from vtap_core.redact import redact
 
         if args.debug:
             raise
         if isinstance(exc, VtapError):
-            sys.stderr.write(f"vtap: {exc}\n")
+            sys.stderr.write(f"vtap: {redact(exc)}\n")
             return exc.exit_code
-        sys.stderr.write(f"vtap: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)\n")
+        sys.stderr.write(f"vtap: unexpected error: {type(exc).__name__}: {redact(exc)} (run with --debug for details)\n")
         return 1
     finally:
         ctx.close()

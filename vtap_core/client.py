@@ -10,25 +10,31 @@
         vtap.delete_session("web")
 
 Every change is validated completely (model, then the driver's plan for the
-would-be desired state) before anything is written; then the store is
-written and the platform reconciled. If the platform fails half-way, the
-store is put back and the platform reconciled to the previous state: all or
-nothing per call. Each change appends one audit row.
+would-be desired state) before anything is written. Then the writes that need
+disk space come first, while nothing has changed yet: the driver's own record
+of what it will add (the tc catalog), then the store. Only then is the
+platform reconciled; if it fails half-way, the store is put back and the
+platform reconciled to the previous state: all or nothing per call, and a
+write that fails never costs a working mirror. Each change appends one audit
+row. Whatever an interrupted run left that no desired flow wants (an orphan)
+is shown by status and removed by every reconcile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import sys
 from dataclasses import dataclass
 
-import yaml
-
-from vtap_core import reconcile, registry
+from vtap_core import reconcile, registry, yamlfile
+from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.redact import check_url_settings, redact
+from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
@@ -42,12 +48,15 @@ class FlowStatus:
     source: str
     direction: str
     target: str
-    state: str  # active | partial | missing | inactive (nothing to do here now) | disabled
+    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled | orphan
     desired: int  # platform objects this flow needs now
     observed: int  # of those, present and right
     packets: int
     bytes: int
     problem: str = ""
+    dropped: int = 0  # copies the target did not take (packets counts every copy made)
+    target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
+    target_tx_errors: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -67,9 +76,10 @@ class Change:
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
-        self.store = Store(state, driver=self.driver_name)
         self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.command = command or "sdk"
+        check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
+        self.store = Store(state, driver=self.driver_name)
+        self.command = redact(command or "sdk")
         self._driver = None
 
     # lifecycle ------------------------------------------------------------
@@ -95,7 +105,7 @@ class Client:
     @contextlib.contextmanager
     def lock(self):
         """Serializes changes and reconciles between vtap processes sharing a store."""
-        with open(self.store.path + ".lock", "a") as handle:
+        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -139,6 +149,9 @@ class Client:
         return self._change(f"session create {name}", mutate, f"session {name} created")
 
     def delete_session(self, name) -> Change:
+        if not self.store.has_session(name):
+            return self._remove_leftovers("session", name, lambda b: b.session == name)
+
         def mutate(sessions, flows):
             if name not in sessions:
                 raise NotFound(f"session {name!r} does not exist")
@@ -182,6 +195,9 @@ class Client:
         return change
 
     def delete_flow(self, name) -> Change:
+        if not self.store.has_flow(name):
+            return self._remove_leftovers("flow", name, lambda b: b.flow == name)
+
         def mutate(sessions, flows):
             if name not in flows:
                 raise NotFound(f"flow {name!r} does not exist")
@@ -190,29 +206,25 @@ class Client:
         return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
-        try:
-            with open(path) as handle:
-                document = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ValidationError("file", f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValidationError("file", f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return self.apply_document(document, prune=prune, source=path)
+        with paused_gc():  # the cyclic GC doubles the load time of a large file
+            document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
+        return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
-        wanted_sessions, wanted_flows = parse_document(document)
+        with paused_gc():
+            wanted_sessions, wanted_flows = parse_document(document)
         wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
 
         def mutate(sessions, flows):
-            for name in wanted_sessions:
-                for flow in [f for f in flows.values() if f.session == name]:
-                    del flows[flow.name]
+            replaced = set(wanted_sessions)
             if prune:
+                replaced.update(n for n in sessions if n not in wanted_sessions)
                 for name in [n for n in sessions if n not in wanted_sessions]:
                     del sessions[name]
-                    for flow in [f for f in flows.values() if f.session == name]:
-                        del flows[flow.name]
+            # One pass over the flows (not one per session): files hold tens of thousands.
+            for flow in [f for f in flows.values() if f.session in replaced]:
+                del flows[flow.name]
             taken = {f.name: f.session for f in flows.values()}
             for flow in wanted_flows:
                 if flow.name in taken:
@@ -224,7 +236,9 @@ class Client:
         return self._change(f"apply {source}" + (" --prune" if prune else ""), mutate, f"applied {source}")
 
     def reconcile(self, scope: str | None = None) -> reconcile.Plan:
+        self.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
         with self.lock():
+            self.store.check_identity()
             sessions, flows = self.store.snapshot()
             return reconcile.reconcile(self.driver, sessions, flows, scope)
 
@@ -237,13 +251,21 @@ class Client:
         desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
         observed = {b.key: b for b in self.driver.observe()}
         why = {(s, f): text for s, f, text in problems}
+        by_flow: dict = {}
+        for binding in desired:
+            by_flow.setdefault((binding.session, binding.flow), []).append(binding)
         # Drivers that keep it say why a flow's last apply failed (shown while it is not active).
         apply_problems = getattr(self.driver, "apply_problems", None)
         failed = {(s, f): text for s, f, text in apply_problems()} if apply_problems else {}
         rows = []
+        wanted = {b.key for b in desired}
+        orphans: dict = {}
+        for binding in observed.values():
+            if binding.key not in wanted:
+                orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
         for flow in flows:
             session = sessions[flow.session]
-            mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
+            mine = by_flow.get((flow.session, flow.name), [])
             present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
             counters = [b.counters for b in present if b.counters is not None]
             if not session.enabled:
@@ -254,6 +276,10 @@ class Client:
                 state = "active"
             else:
                 state = "partial" if present else "missing"
+            dropped, target, trouble = _target_side(counters)
+            if state == "active" and target.cut:
+                state = "degraded"  # active means delivered: some of these copies cannot be
+            problem = _problem_of(flow, why) or (_failure_of(flow, failed) if state in ("partial", "missing") else "")
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -266,9 +292,13 @@ class Client:
                     observed=len(present),
                     packets=sum(c.packets for c in counters),
                     bytes=sum(c.bytes for c in counters),
-                    problem=_problem_of(flow, why) or (_failure_of(flow, failed) if state != "active" else ""),
+                    problem="; ".join(p for p in (problem, *trouble) if p),
+                    dropped=dropped,
+                    target_tx_dropped=target.tx_dropped,
+                    target_tx_errors=target.tx_errors,
                 )
             )
+        rows.extend(_orphan_row(session, flow, found) for (session, flow), found in sorted(orphans.items()))
         return rows
 
     # internals ------------------------------------------------------------
@@ -280,17 +310,24 @@ class Client:
 
     def _change(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
+        self.store.check_writable()
         with self.lock():
+            self.store.check_identity()
             before_sessions, before_flows = self.store.snapshot()
             sessions = {s.name: s for s in before_sessions}
             flows = {f.name: f for f in before_flows}
             change = mutate(sessions, flows)
             touched = _touched_sessions(change, sessions)
-            self._validate(sessions, flows, touched)
+            self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
-            with self.store.transaction():
-                self.store.replace_all(*after)
-                self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            try:
+                # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
+                self._prepare(*after)
+                with self.store.transaction():
+                    self.store.replace_all(*after)
+                    self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            except OperationFailed as exc:
+                raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
                 plan = self._realize(*after)
             except reconcile.FlowsFailed as exc:
@@ -315,40 +352,113 @@ class Client:
             publish(sessions, flows)
         return reconcile.reconcile(self.driver, sessions, flows)
 
-    def _validate(self, sessions: dict, flows: dict, touched: set[str]):
-        """The driver must be able to realize what this call touches, beside everything else."""
+    def _validate(self, sessions: dict, flows: dict, touched: set[str], before: dict):
+        """The driver must be able to realize what this call touches, beside everything else.
+
+        Flows already in the store that cannot be realized now (their interface was
+        deleted since) are problems shown by status, not this call's fault: they never
+        block adding or changing other flows.
+        """
         if not touched:
             return
         mine = [f for f in flows.values() if f.session in touched]
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
-        self.driver.plan([sessions[n] for n in touched], mine)
+        new = {f.name for f in mine if before.get(f.name) != f}
+        self.driver.plan([sessions[n] for n in touched], [f for f in mine if f.name in new])
+        if len(touched) == len(sessions) and len(new) == len(flows):
+            return  # that was the whole desired state
+        everything = list(flows.values())
         try:
-            self.driver.plan(list(sessions.values()), list(flows.values()))
-        except (ValidationError, NotFound, Unsupported) as conflict:
-            # Either the change clashes with the rest (a VNI used twice), or the rest
-            # cannot be planned on its own (a source vanished): only the first is this call's fault.
-            others = [s for s in sessions.values() if s.name not in touched]
-            try:
-                self.driver.plan(others, [f for f in flows.values() if f.session not in touched])
-            except (ValidationError, NotFound, Unsupported):
-                return
-            raise conflict
+            self.driver.plan(list(sessions.values()), everything)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        realizable = [f for f in everything if f.name in new or self._plans(sessions[f.session], f)]
+        try:
+            self.driver.plan(list(sessions.values()), realizable)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        # Either the change clashes with the rest (a VNI used twice), or the rest
+        # cannot be planned on its own (a target vanished): only the first is this call's fault.
+        others = [s for s in sessions.values() if s.name not in touched]
+        try:
+            self.driver.plan(others, [f for f in realizable if f.session not in touched])
+        except (ValidationError, NotFound, Unsupported):
+            return
+        raise conflict
+
+    def _plans(self, session: TapSession, flow: TapFlow) -> bool:
+        try:
+            self.driver.plan([session], [flow])
+        except (ValidationError, NotFound, Unsupported):
+            return False
+        return True
+
+    def _prepare(self, sessions, flows):
+        """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now."""
+        prepare = getattr(self.driver, "prepare", None)
+        if prepare is not None:
+            prepare(reconcile.desired_bindings(self.driver, sessions, flows))
 
     def _roll_back(self, sessions, flows):
-        with self.store.transaction():
-            self.store.replace_all(sessions, flows)
-            self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        try:
+            with self.store.transaction():
+                self.store.replace_all(sessions, flows)
+                self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        except OperationFailed as exc:
+            # The platform still goes back to the previous state: a failed write must not cost working mirrors.
+            print(f"vtap: the store could not be put back and still holds the failed change ({exc}): free the space, then run `vtap apply` or `vtap follow`", file=sys.stderr)
         try:
             self._realize(sessions, flows)
         except Exception as exc:  # the original error is the one to report
             print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
+
+    def _remove_leftovers(self, kind: str, name: str, belongs) -> Change:
+        """Delete of a name the store no longer has: a run killed part way may have left its mirrors.
+
+        Removing them is a reconcile (which removes every orphan of this store);
+        without any, the name simply does not exist.
+        """
+        # Only a name the audit log knows can have left something (a plain typo reads nothing).
+        if not self.store.in_audit(name) or not any(belongs(b) for b in self.driver.observe()):
+            raise NotFound(f"{kind} {name!r} does not exist")
+        self.store.check_writable()
+        with self.lock():
+            self.store.check_identity()
+            sessions, flows = self.store.snapshot()
+            plan = self._realize(sessions, flows)
+            with self.store.transaction():
+                self.store.record(
+                    self.command if self.command != "sdk" else f"sdk: {kind} delete {name}",
+                    {f"removed leftovers of {kind}": name, "removed": len(plan.remove)},
+                )
+        return Change(f"{kind} {name} was already deleted; removed what an interrupted run left ({len(plan.remove)} platform objects removed)", plan)
 
     @staticmethod
     def _describe(message: str, plan: reconcile.Plan) -> str:
         if plan.add or plan.remove:
             return f"{message} ({len(plan.add)} platform objects added, {len(plan.remove)} removed)"
         return f"{message} (nothing to change on this host now)"
+
+
+def _orphan_row(session: str, flow: str, found: list) -> FlowStatus:
+    counters = [b.counters for b in found if b.counters is not None]
+    devices = sorted({str(b.get("device")) for b in found if b.get("device")})
+    return FlowStatus(
+        session=session,
+        flow=flow,
+        source=", ".join(devices) or "-",
+        direction="-",
+        target="-",
+        state="orphan",
+        desired=0,
+        observed=len(found),
+        packets=sum(c.packets for c in counters),
+        bytes=sum(c.bytes for c in counters),
+        problem="left by an interrupted vtap run, wanted by nothing in the store: the next vtap change or `vtap follow` removes it",
+    )
 
 
 def _touched_sessions(change: dict, sessions: dict) -> set[str]:
@@ -385,6 +495,19 @@ def next_flow_name(session: str, flows: dict) -> str:
     return f"{session}-{n}"
 
 
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic GC off for a while: loading a large file makes millions of objects, none of them
+    in a cycle, and the collector's passes over them double the time of a 40,000-flow apply file."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def parse_document(document) -> tuple[dict, list]:
     """The sessions and flows of an `apply` file; unknown keys are errors."""
     if document is None:
@@ -396,6 +519,7 @@ def parse_document(document) -> tuple[dict, list]:
     if not isinstance(entries, list):
         raise ValidationError("sessions", "must be a list")
     sessions, flows = {}, []
+    every_flow: set = set()  # names across sessions: flow names are unique in a store
     for i, entry in enumerate(entries):
         where = f"sessions[{i}]"
         if not isinstance(entry, dict):
@@ -409,16 +533,24 @@ def parse_document(document) -> tuple[dict, list]:
             raise ValidationError(where, f"session {session.name!r} is listed twice")
         sessions[session.name] = session
         taken: dict = {}
-        for j, flow_entry in enumerate(entry.get("flows") or []):
+        flow_entries = entry.get("flows")
+        if flow_entries is not None and not isinstance(flow_entries, list):
+            raise ValidationError(f"{where}.flows", "must be a list of flows")
+        unnamed = 1  # the smallest n that may be free for "<session>-<n>"; only grows as names are taken
+        for j, flow_entry in enumerate(flow_entries or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")
             _no_unknown_keys(flow_where, flow_entry, FLOW_KEYS)
             flow_data = dict(flow_entry, session=session.name)
-            flow_data.setdefault("name", next_flow_name(session.name, taken))
+            if "name" not in flow_data:
+                while f"{session.name}-{unnamed}" in taken:
+                    unnamed += 1
+                flow_data["name"] = f"{session.name}-{unnamed}"
             flow = _build(flow_where, TapFlow.from_dict, flow_data)
-            if flow.name in taken or any(f.name == flow.name for f in flows):
+            if flow.name in every_flow:
                 raise ValidationError(flow_where, f"flow {flow.name!r} is listed twice")
+            every_flow.add(flow.name)
             taken[flow.name] = flow
             flows.append(flow)
     return sessions, flows
@@ -436,3 +568,15 @@ def _no_unknown_keys(where: str, mapping: dict, allowed: set):
         if key not in allowed:
             raise ValidationError(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
 
+
+def _target_side(counters) -> tuple[int, TargetHealth, list[str]]:
+    """(copies dropped, the flow's target devices with their counters summed, problem texts)."""
+    targets = {c.target.device: c.target for c in counters if c.target is not None}  # one per device, however many hooks
+    dropped = sum(c.dropped for c in counters)
+    device = ", ".join(sorted(targets))
+    cut = "; ".join(dict.fromkeys(t.cut for t in targets.values() if t.cut))
+    notes = list(dict.fromkeys(t.note for t in targets.values() if t.note))
+    # dropped counts since the mirror was made: shown, but only a cut that holds now makes the flow degraded
+    trouble = ([cut] if cut else []) + ([f"{dropped} copies dropped at target {device} since the mirror was made"] if dropped else []) + notes
+    total = TargetHealth(device, sum(t.tx_dropped for t in targets.values()), sum(t.tx_errors for t in targets.values()), cut=cut)
+    return dropped, total, trouble

@@ -31,9 +31,28 @@ from vtap_core.model import VM, TapFlow, TapSession
 
 
 @dataclass(frozen=True)
+class TargetHealth:
+    """The target side of a mirror, as the platform shows it.
+
+    tx_dropped/tx_errors: the target device's own transmit counters (all its
+    traffic, since it was created). cut: why copies are dropped or cut on the
+    way (e.g. a target MTU smaller than the source's): the flow is not
+    `active`. note: what changes copies without losing them (fragments).
+    """
+
+    device: str
+    tx_dropped: int = 0
+    tx_errors: int = 0
+    cut: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Counters:
     packets: int = 0
     bytes: int = 0
+    dropped: int = 0  # copies the platform failed to hand to the target (tc: the mirred action's overlimits)
+    target: TargetHealth | None = None
 
 
 @dataclass(frozen=True)

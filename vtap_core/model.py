@@ -16,12 +16,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 from vtap_core.errors import ValidationError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}\Z")  # \Z: "$" would let a trailing newline in
 NAME_RULE = "1-48 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 # Linux interface names; other platforms' port names are checked by their driver.
-PORT_NAME_RE = re.compile(r"^[^\s/:#?]{1,64}$")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # tab, newline and carriage return are whitespace
+PORT_NAME_RE = re.compile(r"^[^\s/:#?\x00-\x1f\x7f]{1,64}\Z")
 
 VNI_MAX = (1 << 24) - 1
 GRE_KEY_MAX = (1 << 32) - 1
@@ -35,6 +36,34 @@ def check_name(field_name: str, value) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ValidationError(field_name, f"{value!r} is not a valid name ({NAME_RULE})")
     return value
+
+
+def check_text(field_name: str, value) -> str:
+    """A string that is valid Unicode (no lone surrogates, as undecodable command-line bytes become)
+    and holds no control characters other than spaces, tabs and newlines."""
+    if not isinstance(value, str):
+        raise ValidationError(field_name, f"{value!r} is not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field_name, f"{value!r} is not valid UTF-8") from None
+    if CONTROL_RE.search(value):
+        raise ValidationError(field_name, f"{value!r} holds a control character")
+    return value
+
+
+def query_options(text: str, query: str, field_name: str = "target") -> dict:
+    """URL query options as a dict; a key given twice (vni=5&vni=6) is an error, not "the last one wins"."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValidationError(field_name, f"{text!r}: malformed query string") from None
+    options: dict = {}
+    for key, value in pairs:
+        if key in options:
+            raise ValidationError(field_name, f"{text!r}: option {key!r} is given twice")
+        options[key] = check_text(field_name, value)
+    return options
 
 
 def check_mac(field_name: str, value) -> str:
@@ -57,7 +86,7 @@ def check_int(field_name: str, value, low: int, high: int) -> int:
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML's .inf
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}") from None
     if str(number) != str(value).strip() and not isinstance(value, int):
         raise ValidationError(field_name, f"{value!r} is not a whole number from {low} to {high}")
@@ -92,7 +121,7 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,7 @@ class Target:
     version: int | None = None  # erspan: 2 (type II) or 3 (type III)
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
+    encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
 
     @property
     def is_tunnel(self) -> bool:
@@ -119,7 +149,7 @@ class Target:
         if self.kind == "port":
             return f"port:{self.port}"
         if self.kind == "vm":
-            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "")
+            return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "") + (f"?encap={self.encap}" if self.encap else "")
         if self.kind == "pcap":
             return f"pcap:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -135,7 +165,7 @@ class Target:
             return text
         if not isinstance(text, str) or not text.strip():
             raise ValidationError("target", f"{text!r} is empty; allowed: {TARGET_GRAMMAR}")
-        text = text.strip()
+        text = check_text("target", text.strip())
         scheme, sep, rest = text.partition(":")
         if not sep:
             raise ValidationError("target", f"{text!r} has no scheme; allowed: {TARGET_GRAMMAR}")
@@ -144,11 +174,14 @@ class Target:
                 raise ValidationError("target", f"{text!r}: port needs an interface or port name (port:IFNAME)")
             return cls("port", port=rest)
         if scheme == "vm":
+            rest, query, options = rest.partition("?")
             vm, _, mac = rest.partition("#")
             canonical = parse_uuid(vm)
             if canonical is None or vm.count("-") != 4:
-                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC])")
-            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None)
+                raise ValidationError("target", f"{text!r}: vm needs a VM UUID (vm:UUID[#MAC][?encap=erspan])")
+            if query and options != "encap=erspan":
+                raise ValidationError("target", f"{text!r}: the only vm option is ?encap=erspan (ERSPAN to a monitoring VM on another host)")
+            return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None, encap="erspan" if options else None)
         if scheme == "pcap":
             if not rest or "\0" in rest:
                 raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
@@ -171,10 +204,7 @@ class Target:
             raise ValidationError("target", f"{text!r}: {host or ''!r} is not an IP address or host name")
         if url.path not in ("", "/") or url.fragment or url.username or url.password:
             raise ValidationError("target", f"{text!r}: only HOST[:PORT] and query options are allowed")
-        try:
-            query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
-        except ValueError:
-            raise ValidationError("target", f"{text!r}: malformed query string") from None
+        query = query_options(text, url.query)
         allowed = {"vxlan": {"vni"}, "gre": {"key"}, "erspan": {"version", "id"}}[scheme]
         unknown = set(query) - allowed
         if unknown:
@@ -202,6 +232,8 @@ class Target:
 
 
 def _valid_host(host: str) -> bool:
+    if "%" in host:
+        raise ValidationError("target", f"{host!r}: an IPv6 zone id (%IFACE) is not supported in a tunnel target; give a global address")
     try:
         ipaddress.ip_address(host)
         return True
@@ -223,7 +255,7 @@ class Source:
     def __post_init__(self):
         if bool(self.vm) == bool(self.interface):
             raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
-        if self.interface is not None and not PORT_NAME_RE.match(self.interface):
+        if self.interface is not None and not (isinstance(self.interface, str) and PORT_NAME_RE.match(self.interface) and self.interface.isprintable()):
             raise ValidationError("interface", f"{self.interface!r} is not an interface name")
         if self.interface is not None and self.nic is not None:
             raise ValidationError("nic", "--nic goes with --vm, not with --interface")
@@ -233,6 +265,8 @@ class Source:
                 object.__setattr__(self, "vm", canonical)
             elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
                 raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
+            else:
+                check_text("vm", self.vm)
         if self.nic is not None:
             object.__setattr__(self, "nic", check_mac("nic", self.nic))
 
@@ -304,6 +338,7 @@ class TapFlow:
         if self.filter is not None:
             if not isinstance(self.filter, str):
                 raise ValidationError("filter", f"{self.filter!r} is not a pcap filter expression")
+            check_text("filter", self.filter)  # libpcap would stop reading at a NUL: a different filter than stored
             text = " ".join(self.filter.split())
             object.__setattr__(self, "filter", text or None)
 

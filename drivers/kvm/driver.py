@@ -26,8 +26,9 @@ from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsuppor
 from vtap_core.model import VM, TapFlow, TapSession
 from vtap_drivers.kvm import DEFAULT_URI
 from vtap_drivers.kvm.connection import Libvirt
+from vtap_drivers.kvm.devices import MACVTAP, PASSTHROUGH, device_kind, no_host_device
 from vtap_drivers.kvm.domains import vm_of
-from vtap_drivers.kvm.ovs import Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_binding
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
 TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
@@ -43,6 +44,7 @@ class KvmDriver(Driver):
         self.libvirt = Libvirt(self.uri)
         self.ovs = Ovs(ovsdb)
         self._tc = None
+        self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
     @property
@@ -100,6 +102,7 @@ class KvmDriver(Driver):
         for vm in vms:
             by_name.setdefault(vm.name, []).append(vm)
         bindings: list[Binding] = []
+        self._kernel_kinds = None  # read again for each plan
         for session in sessions:
             members = [f for f in flows if f.session == session.name]
             backend = self._backend(session, members)
@@ -111,13 +114,42 @@ class KvmDriver(Driver):
                 if session.target.kind == "vm" and session.target.vm == vm.uuid:
                     raise ValidationError("target", f"{session.target} is the source of flow {flow.name} itself; mirror to another VM")
                 for nic in self._source_nics(flow, vm):
+                    kind = self._device_kind(nic)
+                    if kind == PASSTHROUGH:
+                        # Refused whether or not the VM runs: its frames never pass the host, so no flow can show them.
+                        raise Unsupported(self.name, "NIC passthrough", f"{no_host_device(nic, vm.name)}: its frames never pass the host (mirror the VM's other NICs with --nic)")
                     if not nic.device or target_device is False:
                         continue  # a VM not running has no device; the follower applies it when it starts
                     if backend == "ovs":
                         bindings.extend(self._ovs_mirror(session, flow, vm, nic.device, target_device))
                     else:
-                        bindings.extend(self.tc.plan_vm_device(session, flow, nic.device, vm=vm.uuid, target_device=target_device))
+                        bindings.extend(self.tc.plan_vm_device(session, flow, nic.device, vm=vm.uuid, target_device=target_device, macvtap=kind == MACVTAP))
+        self._check_mirror_limit(sessions, bindings)
         return unique(bindings)
+
+    def _check_mirror_limit(self, sessions, bindings) -> None:
+        """One OVS Mirror per session and bridge: refuse a plan that needs more than a bridge can hold.
+
+        Counted per bridge: mirrors that are not vtap's, vtap's mirrors of sessions this plan does
+        not cover (the others, when a change is validated alone), and this plan's sessions there.
+        """
+        planned: dict[str, set[str]] = {}
+        for binding in bindings:
+            if binding.key.startswith("ovs/") and binding.flow is not None:
+                planned.setdefault(binding.get("bridge"), set()).add(binding.session)
+        if not planned:
+            return
+        names = {s.name for s in sessions}
+        use = self.ovs.mirror_use()
+        for bridge, mine in sorted(planned.items()):
+            foreign, existing = use.get(bridge, (0, set()))
+            needed = foreign + len(existing - names) + len(mine)
+            if needed > MAX_MIRRORS:
+                raise ValidationError(
+                    "session",
+                    f"Open vSwitch bridge {bridge} would need {needed} mirrors ({foreign} not vtap's), at most {MAX_MIRRORS} are allowed: "
+                    f"vtap uses one per session and bridge, so add these flows to an existing session or use --backend tc",
+                )
 
     def _source_vm(self, flow: TapFlow, by_uuid: dict, by_name: dict) -> VM:
         name = flow.source.vm
@@ -158,7 +190,24 @@ class KvmDriver(Driver):
         nics = [n for n in vm.nics if target.mac is None or n.mac == target.mac]
         if not nics:
             raise ValidationError("target", f"{target.mac} is not a NIC of VM {vm.name} (its NICs: {', '.join(n.mac for n in vm.nics)})")
+        kind = self._device_kind(nics[0])
+        if kind == PASSTHROUGH:
+            raise ValidationError("target", f"{target}: NIC passthrough: {no_host_device(nics[0], vm.name)}; give the monitoring VM a tap NIC (bridge or network)")
+        if kind == MACVTAP:
+            # Mirrored to a macvtap's egress, copies leave by its physical NIC onto the wire and the guest gets none.
+            raise ValidationError(
+                "target", f"{target}: NIC {nics[0].mac} of VM {vm.name} is a macvtap (type='direct'): copies would leave by its physical NIC, not reach the guest; give the monitoring VM a tap NIC (bridge or network)"
+            )
         return nics[0].device or False
+
+    def _device_kind(self, nic) -> str:
+        """tap, macvtap or passthrough (devices.py); asks the kernel only when libvirt's type leaves it open."""
+        kernel_kind = None
+        if nic.device and nic.details.get("type") not in ("direct", "bridge", "hostdev", "vdpa"):
+            if self._kernel_kinds is None:
+                self._kernel_kinds = self.tc.device_kinds()  # e.g. a libvirt network in macvtap mode (forward bridge/vepa/passthrough)
+            kernel_kind = self._kernel_kinds.get(nic.device)
+        return device_kind(nic, kernel_kind)
 
     def _backend(self, session: TapSession, flows) -> str:
         backend = session.backend
@@ -213,6 +262,11 @@ class KvmDriver(Driver):
             ports = self.ovs.port_names()
             found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices or b.get("device") not in ports)
         return found
+
+    def prepare(self, bindings) -> None:
+        tc = _split(bindings)[1]
+        if tc:
+            self.tc.prepare(tc)  # the tc catalog, written before the store and the kernel change
 
     def apply(self, bindings) -> None:
         ovs, tc = _split(bindings)

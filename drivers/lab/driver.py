@@ -88,6 +88,10 @@ class LabDriver(Driver):
             groups.setdefault(hosts[namespace], []).append(binding)
         return groups
 
+    def prepare(self, bindings: Iterable[Binding]) -> None:
+        for host, group in self._by_host(bindings).items():
+            self.dataplane(host).prepare(group)
+
     def apply(self, bindings: Iterable[Binding]) -> None:
         for host, group in self._by_host(bindings).items():
             self.dataplane(host).apply(group)

@@ -47,11 +47,12 @@ import subprocess
 import sys
 import threading
 import time
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-from vtap_core.errors import NotFound, OperationFailed, ValidationError
-from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name
-from vtap_drivers.linux.pcapng import SHB_MAGIC_BYTES, PcapngWriter
+from vtap_core.errors import NotFound, OperationFailed, ValidationError, VtapError
+from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name, query_options
+from vtap_core.safefile import check_capture_path, open_private, private_dirs, write_private
+from vtap_drivers.linux.pcapng import PcapngWriter
 
 MODULE = "vtap_drivers.linux.capture"
 
@@ -249,10 +250,10 @@ def parse_vxlan_listen(text: str) -> tuple[str, int, int | None]:
     try:
         url = urlsplit(text)
         host, port = url.hostname, url.port
-        query = dict(parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)))
         ipaddress.ip_address(host or "")
     except ValueError:
         raise ValidationError("listen", f"{text!r}: {rule}") from None
+    query = query_options(text, url.query, "listen")  # vni=5&vni=6 is refused, not "the last one wins"
     if url.path not in ("", "/") or url.fragment or url.username or set(query) - {"vni"}:
         raise ValidationError("listen", f"{text!r}: {rule}")
     port = VXLAN_DEFAULT_PORT if port is None else check_int("listen port", port, 1, 65535)
@@ -313,28 +314,6 @@ def capture_vxlan(listen: str, path: str, count: int | None = None, duration: fl
 
 
 # ---------------------------------------------------------------- the pcap target's process
-
-
-def check_capture_path(path: str, field: str = "target") -> str:
-    """The absolute path, if vtap can write a capture there; ValidationError otherwise."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise ValidationError(field, f"{path!r} is not a file path")
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise ValidationError(field, f"{path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ValidationError(field, f"{path} is a folder, not a file")
-    return path
-
-
-def _is_pcapng_or_empty(path: str) -> bool:
-    try:
-        with open(path, "rb") as existing:
-            head = existing.read(4)
-    except FileNotFoundError:
-        return True
-    return head in (b"", SHB_MAGIC_BYTES)
 
 
 def _pidfile(state_dir: str, name: str) -> str:
@@ -407,7 +386,7 @@ class _NameLock:
         self.path = os.path.join(state_dir, f"capture-{name}.lock")
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc):
@@ -422,11 +401,9 @@ def start_capture_process(name: str, device: str, path: str, snaplen: int | None
     """
     check_name("capture name", name)
     path = check_capture_path(path)
-    if not _is_pcapng_or_empty(path):
-        raise ValidationError("target", f"{path} exists and is not a pcapng file; vtap appends only to its own captures")
     if snaplen is not None:
         snaplen = check_int("snaplen", snaplen, 1, SNAPLEN_MAX)
-    os.makedirs(state_dir, exist_ok=True)
+    private_dirs(state_dir)
     wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns}
     with _NameLock(state_dir, name):
         current = running_captures(state_dir).get(name)
@@ -445,7 +422,7 @@ def _spawn(name, device, path, snaplen, netns, state_dir) -> int:
     if netns is not None:
         command += ["--netns", netns]
     try:
-        with open(_logfile(state_dir, name), "ab") as log:
+        with os.fdopen(open_private(_logfile(state_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab") as log:
             starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write_end,), start_new_session=True, cwd="/")
     finally:
         os.close(write_end)
@@ -514,9 +491,7 @@ def _remove_pidfile(state_dir: str, name: str, pid: int | None = None) -> None:
 
 def _write_pidfile(state_dir: str, name: str) -> None:
     pidfile = _pidfile(state_dir, name)
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(pidfile + ".tmp", pidfile)
+    write_private(pidfile, f"{os.getpid()}\n")
 
 
 def _log(message: str) -> None:
@@ -555,7 +530,7 @@ def _run_detached(args, sock, stop, status) -> int:
     try:
         writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True)
         writer.flush()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, VtapError) as exc:
         status.write(f"error: {exc}\n")
         status.close()
         sock.close()

@@ -33,7 +33,8 @@ API (all names are device names in this namespace):
     # planning: pure, nothing changes; ValidationError for bad filters/targets
     dp.plan_interface(session, flow, device=None)            -> [Binding]  host interface semantics
     dp.plan_vm_device(session, flow, device, vm=None,
-                      target_device=None)                    -> [Binding]  a VM's host-side device
+                      target_device=None, macvtap=False)     -> [Binding]  a VM's host-side device
+        macvtap=True: the device is a macvtap, whose egress carries what the VM sends.
         session: TapSession, flow: TapFlow; device defaults to flow.source.interface.
         target_device: the device for a port:/vm: target (default: the port: name).
         The session's target binding (vxlan device, pcap sink) comes first in every
@@ -50,13 +51,18 @@ API (all names are device names in this namespace):
     unique(bindings)                              -> bindings without repeated keys
 
     # kernel (one netlink socket; safe to share between threads)
-    dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes);
+    dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes,
+                             copies the target refused, the target's health: targethealth.py);
                              drifted ones (target device recreated, device renamed, filter on
                              another hook than planned, vxlan changed) differ in spec;
-                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
+                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
+                             a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
+    dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
+                          fails here, before anything in the kernel changed
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
+    dp.device_kinds()     -> {device name: IFLA_INFO_KIND or None}
     dp.ifindex(name)      -> int or None
     dp.close()
 
@@ -84,27 +90,15 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELQDISC,
-    RTM_DELTFILTER,
-    RTM_GETACTION,
-    RTM_GETLINK,
-    RTM_GETQDISC,
-    RTM_GETTFILTER,
-    RTM_NEWQDISC,
-    RTM_NEWTFILTER,
-)
-
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.catalog import Catalog, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
+from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
@@ -123,6 +117,21 @@ VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
+# linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
+# family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
+# post-start, inside PVE's `qm start`, must stay fast.
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 18, 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER, RTM_GETACTION = 44, 45, 46, 50
+
+
+def _netlink_error():
+    """pyroute2's NetlinkError class (imported when an error is being handled, not before)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
@@ -138,6 +147,7 @@ class TcFilter(NamedTuple):
     to_index: int  # where its mirred action copies to
     packets: int
     bytes: int
+    refused: int = 0  # copies the target device did not take
 
 
 def hooks_for(direction, vm_port: bool = False) -> tuple[str, ...]:
@@ -209,13 +219,13 @@ def _short_hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:10]
 
 
-def program_for(binding: Binding):
+def program_for(binding: Binding, cache: FilterCache | None = None):
     """Classic BPF ops for a mirror binding: filter, minus the tunnel's own packets, sampled."""
     expression = binding.get("filter") or ""
     guard = binding.get("guard") or ""
     if guard:
         expression = f"({expression}) and not ({guard})" if expression else f"not ({guard})"
-    return with_sampling(compile_filter(expression), binding.get("sample"))
+    return with_sampling(compile_filter(expression, cache=cache), binding.get("sample"))
 
 
 class TcDataplane:
@@ -225,6 +235,8 @@ class TcDataplane:
         self.netns = netns
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
+        self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
+        self._programs: dict[tuple, tuple] = {}  # (filter, guard, sample) -> program, checked, for this process
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -247,8 +259,15 @@ class TcDataplane:
             ("guard", guard or ""),
         ) + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        program_for(binding)  # refuse a bad expression now, with libpcap's message
+        self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
         return binding
+
+    def _program(self, binding: Binding, what: tuple | None = None):
+        """program_for(binding), once per (filter, guard, sample) in this process: plans ask for it per flow."""
+        what = what or (binding.get("filter"), binding.get("guard"), binding.get("sample"))
+        if what not in self._programs:
+            self._programs[what] = program_for(binding, self.filter_cache)
+        return self._programs[what]
 
     def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
@@ -272,8 +291,9 @@ class TcDataplane:
     def plan_interface(self, session: TapSession, flow: TapFlow, device: str | None = None) -> list[Binding]:
         return self._plan(session, flow, device or flow.source.interface, vm_port=False, vm=None, target_device=None)
 
-    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None) -> list[Binding]:
-        return self._plan(session, flow, device, vm_port=True, vm=vm, target_device=target_device)
+    def plan_vm_device(self, session: TapSession, flow: TapFlow, device: str, vm: str | None = None, target_device: str | None = None, macvtap: bool = False) -> list[Binding]:
+        # A macvtap device transmits what its VM sends (towards the lower NIC): the hooks of a host interface.
+        return self._plan(session, flow, device, vm_port=not macvtap, vm=vm, target_device=target_device)
 
     def session_target(self, session: TapSession, target_device: str | None = None) -> tuple[list[Binding], str, str | None]:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
@@ -305,12 +325,18 @@ class TcDataplane:
         """Plan many flows on one look at the namespace (a link and a qdisc dump instead of gets per
         device); yields the device names. Only for the duration of one plan: qdiscs change."""
         with self._kernel():
-            indexes = {link["name"]: link["index"] for link in self._links()}
+            indexes = self._link_indexes()
             self._planning.view = (indexes, self._qdisc_places())
         try:
             yield set(indexes)
         finally:
             self._planning.view = None
+
+    def planning_view(self) -> tuple:
+        """What a plan made inside planning() depends on besides sessions and flows (hashable)."""
+        indexes, places = self._planning.view
+        qdiscs = tuple(sorted((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q))
+        return tuple(sorted(indexes.items())), qdiscs
 
     def placement(self, device: str, hook: str) -> str | None:
         """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
@@ -340,9 +366,11 @@ class TcDataplane:
         return self._nl
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self):
         """pyroute2's socket: creating, changing and deleting vtap's own devices (rare)."""
         if self._ipr is None:
+            from pyroute2 import IPRoute
+
             try:
                 # flags=0: use the namespace, never create it
                 self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
@@ -356,9 +384,10 @@ class TcDataplane:
         with self._lock:
             try:
                 yield
-            except (NetlinkFailure, NetlinkError, OSError) as exc:
-                code = getattr(exc, "code", None) if isinstance(exc, (NetlinkFailure, NetlinkError)) else exc.errno
-                if not isinstance(exc, (NetlinkFailure, NetlinkError)) and code not in BUSY:
+            except (NetlinkFailure, OSError, _netlink_error()) as exc:
+                netlink = isinstance(exc, (NetlinkFailure, _netlink_error()))
+                code = getattr(exc, "code", None) if netlink else exc.errno
+                if not netlink and code not in BUSY:
                     raise
                 self.close()  # a socket may hold half a reply now: start afresh next time
                 where = f" in netns {self.netns}" if self.netns else ""
@@ -368,7 +397,15 @@ class TcDataplane:
                     raise OperationFailed(f"netlink{where}: {exc}: changing tc and links needs root (CAP_NET_ADMIN)") from None
                 raise OperationFailed(f"netlink{where}: {exc}") from None
 
+    def save_filter_cache(self) -> None:
+        """Keep what this process compiled for the next one; a cache that cannot be written only costs time."""
+        try:
+            self.filter_cache.save()
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self.save_filter_cache()
         with self._lock:
             for sock in (self._nl, self._ipr):
                 if sock is not None:
@@ -392,6 +429,10 @@ class TcDataplane:
                 return None
             raise
 
+    def _clsact_indexes(self) -> set[int]:
+        """ifindexes of the devices that have a clsact qdisc (one dump)."""
+        return {index for index, place in self._qdisc_places().items() if (place["hook"] or {}).get("kind") == "clsact"}
+
     def _qdisc_places(self) -> dict[int, dict]:
         """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
         places: dict[int, dict] = {}
@@ -414,7 +455,17 @@ class TcDataplane:
 
     def devices(self) -> set[str]:
         with self._kernel():
-            return {link["name"] for link in self._links()}
+            return set(self._link_indexes())
+
+    def _link_indexes(self) -> dict[str, int]:
+        """{name: ifindex} of every link (one dump, names only: plans ask for it every time)."""
+        replies = self.nl.dump(tcnl.link_names_query(), RTM_GETLINK, DUMP)
+        return dict(tcnl.read_link_name(*reply) for reply in replies)
+
+    def device_kinds(self) -> dict[str, str | None]:
+        """{device name: IFLA_INFO_KIND} (None for a device without one, e.g. a physical NIC)."""
+        with self._kernel():
+            return {link["name"]: link["kind"] for link in self._links()}
 
     def _mirred_marks(self) -> set[bytes]:
         """Marks of every vtap mirred action in the namespace (one dump; finds uncatalogued orphans).
@@ -451,22 +502,31 @@ class TcDataplane:
     def observe(self) -> list[Binding]:
         """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
         with self._kernel(), self.catalog.locked(shared=True) as catalog:
-            names: dict[int, str | None] = {}
+            links: dict[int, dict | None] = {}
+            underlays: dict[str, tuple | None] = {}
+
+            def link_of(index):
+                if index not in links:
+                    links[index] = self._link(index=index) if index else None
+                return links[index]
 
             def name_of(index):
-                if index not in names:
-                    link = self._link(index=index) if index else None
-                    names[index] = link["name"] if link is not None else None
-                return names[index]
+                link = link_of(index)
+                return link["name"] if link is not None else None
 
+            hooks = catalog.mirror_hooks()
+            if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
+                links.update((link["index"], link) for link in self._links())
             places = None
             out = []
-            for (ifindex, hook), wanted in catalog.mirror_hooks().items():
+            used = set()  # devices holding a vtap filter
+            for (ifindex, hook), wanted in hooks.items():
                 for parent in {b.get("parent") for b in wanted.values()}:
                     for found in self._filters(ifindex, hook, parent):
                         binding = wanted.get(found.mark)
                         if binding is None or binding.get("parent") != parent:
                             continue
+                        used.add(ifindex)
                         # What the filter really mirrors: the target device may have gone or been
                         # recreated, the device renamed (names swapped): then the spec shows it.
                         actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
@@ -478,11 +538,30 @@ class TcDataplane:
                             binding = _drifted(binding, found.mark, **actual)
                         # At ingress the kernel counts from the network header; count whole frames.
                         nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
-                        out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, Counters(found.packets, nbytes), binding.order))
+                        target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                        counters = Counters(found.packets, nbytes, found.refused, target)
+                        out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog))
+            out.extend(self._unused_clsacts(catalog, used))
             return out
+
+    def _unused_clsacts(self, catalog, used: set) -> list[Binding]:
+        """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
+
+        Only devices without a vtap filter are looked at, so this costs nothing while mirrors are in place.
+        """
+        candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used}
+        if not candidates:
+            return []
+        present = self._clsact_indexes()
+        out = []
+        for device, ifindex in sorted(candidates.items()):
+            if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):
+                spec = (("type", "clsact"), ("device", device), ("ifindex", ifindex))
+                out.append(Binding(key=f"clsact/{self._ns_key}{device}", session="?", spec=spec, order=0))
+        return out
 
     def _observe_devices(self, catalog) -> list[Binding]:
         from vtap_drivers.linux.capture import running_captures
@@ -514,12 +593,60 @@ class TcDataplane:
                 out.append(binding)
         return out
 
+    def _target_health(self, source: dict | None, target: dict | None, underlays: dict):
+        """Can the copies reach the target whole (targethealth.py)? underlays caches the route per VXLAN remote."""
+        if source is None or target is None:
+            return None
+        remote = (target["vxlan"] or {}).get("remote") if target["kind"] == "vxlan" else None
+        if remote and remote not in underlays:
+            underlays[remote] = self._underlay(remote)
+        return target_health(source, target, underlays.get(remote))
+
+    def _underlay(self, remote: str) -> tuple[str, int] | None:
+        """(device, MTU) of the route to a tunnel's remote end; NO_ROUTE without one; None if unknown."""
+        try:
+            (route,) = self.ipr.route("get", dst=remote)
+        except _netlink_error() as exc:
+            return NO_ROUTE if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH) else None
+        link = self._link(index=route.get_attr("RTA_OIF") or 0)
+        if link is None:
+            return None
+        metrics = route.get_attr("RTA_METRICS")
+        route_mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
+        mtus = [mtu for mtu in (route_mtu, link["mtu"]) if mtu]
+        return (link["name"], min(mtus)) if mtus else None
+
     def _unknown(self, mark: bytes, device: str | None = None) -> Binding:
         """Something vtap marked but no catalog names (the state dir was lost): an orphan."""
         spec = (("type", "unknown"), ("mark", mark.hex()), ("device", device))
         return Binding(key=f"unknown/{self._ns_key}{mark.hex()}", session="?", spec=spec, order=1 if device is None else 0)
 
     # ------------------------------------------------------------ apply
+
+    def prepare(self, bindings) -> None:
+        """Name now, in the catalog, every mark and clsact qdisc apply(bindings) would add.
+
+        The catalog is the only file apply writes. Written here, before the store
+        and the kernel, a full disk fails the command while nothing has changed;
+        apply then finds nothing new to write. Naming more than the kernel holds is safe.
+        """
+        bindings = unique(bindings)
+        mirrors = [b for b in bindings if b.get("type") == "mirror"]
+        with self._kernel(), self.catalog.locked() as catalog:
+            indexes = self._indexes({b.get("device") for b in mirrors}) if mirrors else {}
+            for binding in bindings:
+                if binding.get("type") in ("vxlan", "capture"):
+                    catalog.remember(binding)
+                elif binding.get("type") == "mirror" and binding.get("device") in indexes:
+                    catalog.remember(binding, indexes[binding.get("device")])
+            hooked = {i for i, place in self._qdisc_places().items() if place["hook"]} if indexes else set()
+            for device, ifindex in indexes.items():
+                if ifindex not in hooked:  # clsact or someone's ingress qdisc: vtap adds none there
+                    catalog.qdiscs[device] = ifindex
+            try:
+                catalog.save()
+            except OSError as exc:
+                raise OperationFailed(f"catalog {catalog.path}: cannot write ({exc.strerror or exc})") from None
 
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
@@ -532,7 +659,8 @@ class TcDataplane:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
                 for binding in targets:
                     catalog.remember(binding)
-                catalog.save()  # before the kernel: a crash leaves nothing unnamed
+                if targets:
+                    catalog.save()  # before the kernel: a crash leaves nothing unnamed
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
@@ -541,13 +669,22 @@ class TcDataplane:
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
             except Exception as exc:
                 self._remove(list(reversed(done)), catalog)
+                self._forget_qdiscs_never_added(catalog)
                 why = str(exc) if isinstance(exc, OperationFailed) else f"{type(exc).__name__}: {exc}"
                 catalog.failures.update({b.key: [b.session, b.flow, why] for b in bindings})
-                catalog.save()
+                catalog.save_or_keep()
                 raise
             for binding in bindings:
                 catalog.failures.pop(binding.key, None)
             catalog.save()
+        self.save_filter_cache()
+
+    def _forget_qdiscs_never_added(self, catalog: Catalog) -> None:
+        """prepare() named clsact qdiscs this failed apply did not get to add: they are not vtap's."""
+        present = self._clsact_indexes()
+        for device, ifindex in list(catalog.qdiscs.items()):
+            if ifindex not in present:
+                catalog.qdiscs.pop(device)
 
     def apply_failures(self) -> list[tuple]:
         """(session, flow, why) of bindings whose last apply failed (status shows them; another process may have applied)."""
@@ -557,7 +694,7 @@ class TcDataplane:
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
         if len(names) > 8:
-            return {link["name"]: link["index"] for link in self._links() if link["name"] in names}
+            return {name: index for name, index in self._link_indexes().items() if name in names}
         found = {name: self._link(name=name) for name in names}
         return {name: link["index"] for name, link in found.items() if link is not None}
 
@@ -579,7 +716,8 @@ class TcDataplane:
         devices = sorted(d for d in on_clsact if not (places.get(indexes[d], {}).get("hook")))
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
-        catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
+        if devices:
+            catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
         added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
         fresh = set()
         for device, failure in zip(devices, added):
@@ -607,7 +745,7 @@ class TcDataplane:
             if mark in present[place]:
                 continue
             present[place].add(mark)
-            program = program_for(binding)
+            program = self._program(binding)
             request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent))
             requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
@@ -647,7 +785,7 @@ class TcDataplane:
             # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
             self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
             self.ipr.link("set", ifname=name, ifalias=alias, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if binding.get("type") == "vxlan" and exc.code == errno.EEXIST:
                 raise OperationFailed(
                     f"vxlan target vni {binding.get('vni')} port {binding.get('port')}: another VXLAN device here already uses that VNI and port"
@@ -680,7 +818,7 @@ class TcDataplane:
         with self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
-            catalog.save()
+            catalog.save_or_keep()
 
     def _real_mark(self, binding: Binding) -> bytes:
         """The mark a binding has in the kernel: its own, or the one observe() found on it."""
@@ -712,7 +850,9 @@ class TcDataplane:
             kind = binding.get("type")
             if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
-            if kind != "unknown":
+            if kind == "clsact":
+                self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
+            elif kind != "unknown":
                 catalog.forget(self._real_mark(binding))
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
@@ -789,7 +929,7 @@ class TcDataplane:
             return  # gone, someone else's, or a newer spec of ours
         try:
             self.ipr.link("del", index=link["index"])
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
 

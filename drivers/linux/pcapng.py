@@ -16,6 +16,8 @@ import os
 import struct
 import time
 
+from vtap_core.safefile import open_capture
+
 SHB_TYPE = 0x0A0D0D0A
 IDB_TYPE = 0x00000001
 EPB_TYPE = 0x00000006
@@ -96,13 +98,8 @@ class PcapngWriter:
         new section, which pcapng readers read as one file; a file that is not
         pcapng is refused rather than appended to.
         """
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        fd = os.open(path, flags, 0o600)
+        fd = open_capture(path, append)  # refuses links, FIFOs, other users' files and files not pcapng
         try:
-            if append and os.fstat(fd).st_size:
-                with open(path, "rb") as existing:
-                    if existing.read(4) != SHB_MAGIC_BYTES:
-                        raise ValueError(f"{path} exists and is not a pcapng file")
             stream = os.fdopen(fd, "wb", buffering=1 << 16)
         except BaseException:
             os.close(fd)

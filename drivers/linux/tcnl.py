@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from vtap_drivers.linux.nlsock import attributes, string, u32, u64
+from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, string, u32, u64
 
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
 TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: clsact and ingress qdiscs sit in the same place
@@ -34,10 +34,12 @@ TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_ACT, TCA_BPF_OPS_LEN, TCA_BPF_OPS = 1, 4, 5
 TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_MIRRED_PARMS = 2
-TCA_STATS_BASIC, TCA_STATS_PKT64 = 1, 8
+TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
 TCA_ROOT_TAB = 1
 TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK = 13, 14
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_IFALIAS = 3, 18, 20
+IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64 = 3, 4, 18, 20, 23
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_PORT, IFLA_VXLAN_GROUP6 = 1, 2, 15, 16
 
@@ -45,6 +47,8 @@ TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, 
 TCAMSG_SIZE = 4
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 MIRRED_PARMS = struct.Struct("=IIiiiiI")  # index, capab, action, refcnt, bindcnt, eaction, ifindex
+QUEUE_STATS = struct.Struct("=IIIII")  # struct gnet_stats_queue: qlen, backlog, drops, requeues, overlimits
+LINK_STATS64 = struct.Struct("=8Q")  # struct rtnl_link_stats64, first 8: rx/tx packets, rx/tx bytes, rx/tx errors, rx/tx dropped
 
 
 def filter_info(prio: int) -> int:
@@ -136,7 +140,11 @@ def link_query(name: str | None = None, index: int = 0, kind: str | None = None)
 
 
 def read_mirred(data, span):
-    """(cookie, target ifindex, packets, bytes) of one action, if it is a mirred with a 16-byte cookie."""
+    """(cookie, target ifindex, packets, bytes, refused) of one action, if it is a mirred with a 16-byte cookie.
+
+    refused: copies the target device did not take (mirred counts a failed
+    transmit, e.g. a frame longer than a veth peer's MTU, as an overlimit).
+    """
     act = attributes(data, *span)
     if TCA_ACT_KIND not in act or string(data, act[TCA_ACT_KIND]) != "mirred" or TCA_ACT_COOKIE not in act:
         return None
@@ -145,18 +153,20 @@ def read_mirred(data, span):
     if len(cookie) != COOKIE_BYTES or TCA_MIRRED_PARMS not in options:
         return None
     to_index = MIRRED_PARMS.unpack_from(data, options[TCA_MIRRED_PARMS][0])[6]
-    packets = nbytes = 0
+    packets = nbytes = refused = 0
     if TCA_ACT_STATS in act:
         stats = attributes(data, *act[TCA_ACT_STATS])
         if TCA_STATS_BASIC in stats:
             nbytes, packets = struct.unpack_from("=QI", data, stats[TCA_STATS_BASIC][0])
         if TCA_STATS_PKT64 in stats:
             packets = u64(data, stats[TCA_STATS_PKT64])
-    return cookie, to_index, packets, nbytes
+        if TCA_STATS_QUEUE in stats:
+            refused = QUEUE_STATS.unpack_from(data, stats[TCA_STATS_QUEUE][0])[4]
+    return cookie, to_index, packets, nbytes, refused
 
 
 def read_filter(data, start: int, end: int):
-    """(prio, handle, (cookie, target ifindex, packets, bytes) or None) of a filter reply."""
+    """(prio, handle, (cookie, target ifindex, packets, bytes, refused) or None) of a filter reply."""
     _family, _p1, _p2, _index, handle, _parent, info = TCMSG.unpack_from(data, start)
     found = attributes(data, start + TCMSG.size, end)
     if handle and TCA_KIND in found and string(data, found[TCA_KIND]) == "bpf" and TCA_OPTIONS in found:
@@ -182,15 +192,27 @@ def read_action_cookies(data, start: int, end: int) -> list[bytes]:
     found = attributes(data, start + TCAMSG_SIZE, end)
     if TCA_ROOT_TAB not in found:
         return []
-    cookies = (read_mirred(data, span) for span in attributes(data, *found[TCA_ROOT_TAB]).values())
-    return [mirred[0] for mirred in cookies if mirred is not None]
+    cookies = []
+    for span in attributes(data, *found[TCA_ROOT_TAB]).values():
+        # Only the cookie: this dump lists every mirred action in the namespace (thousands).
+        act = attributes(data, *span)
+        if TCA_ACT_COOKIE in act and TCA_ACT_KIND in act and string(data, act[TCA_ACT_KIND]) == "mirred":
+            start, end = act[TCA_ACT_COOKIE]
+            if end - start == COOKIE_BYTES:
+                cookies.append(bytes(data[start:end]))
+    return cookies
 
 
 def read_link(data, start: int, end: int) -> dict:
-    """{index, flags, name, alias, kind, vxlan: {vni, remote, port} or None} of a link reply."""
+    """{index, flags, name, alias, kind, vxlan: {vni, remote, port} or None, mtu, tx_errors, tx_dropped} of a link reply."""
     _family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
     found = attributes(data, start + IFINFOMSG.size, end)
-    link = {"index": index, "flags": flags, "name": None, "alias": None, "kind": None, "vxlan": None}
+    link = {"index": index, "flags": flags, "name": None, "alias": None, "kind": None, "vxlan": None, "mtu": None, "tx_errors": 0, "tx_dropped": 0}
+    if IFLA_MTU in found:
+        link["mtu"] = u32(data, found[IFLA_MTU])
+    if IFLA_STATS64 in found:
+        stats = LINK_STATS64.unpack_from(data, found[IFLA_STATS64][0])
+        link["tx_errors"], link["tx_dropped"] = stats[5], stats[7]
     if IFLA_IFNAME in found:
         link["name"] = string(data, found[IFLA_IFNAME])
     if IFLA_IFALIAS in found:
@@ -207,3 +229,22 @@ def read_link(data, start: int, end: int) -> dict:
         port = struct.unpack_from("!H", data, vx[IFLA_VXLAN_PORT][0])[0] if IFLA_VXLAN_PORT in vx else None
         link["vxlan"] = {"vni": u32(data, vx[IFLA_VXLAN_ID]) if IFLA_VXLAN_ID in vx else None, "remote": remote, "port": port}
     return link
+
+
+def link_names_query() -> bytes:
+    """Body of a link dump for names and indexes only: the kernel leaves the statistics out."""
+    return IFINFOMSG.pack(0, 0, 0, 0, 0) + pack_attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+
+
+def read_link_name(data, start: int, end: int) -> tuple[str | None, int]:
+    """(name, index) of a link reply, walking its attributes only up to the name (the kernel puts it first)."""
+    index = IFINFOMSG.unpack_from(data, start)[2]
+    offset = start + IFINFOMSG.size
+    while offset + ATTR.size <= end:
+        length, kind = ATTR.unpack_from(data, offset)
+        if length < ATTR.size:
+            break
+        if kind & NLA_TYPE_MASK == IFLA_IFNAME:
+            return string(data, (offset + ATTR.size, offset + length)), index
+        offset += (length + 3) & ~3
+    return None, index

@@ -15,6 +15,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.redact import check_url, redact
 
 DEFAULT_PORT = 8006
 TIMEOUT = 10  # seconds per request: a hung node must not stall an agent cycle for long
@@ -26,13 +27,14 @@ def parse_url(url) -> tuple[str, int]:
     """(host, port) of https://HOST[:PORT]; PVE serves its API on 8006 over TLS only."""
     if not url:
         raise ValidationError("url", "needed: --url https://HOST:8006 or VTAP_PROXMOX_URL")
+    check_url("url", url)
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or DEFAULT_PORT
     except ValueError as exc:
-        raise ValidationError("url", f"{url!r} is not a URL: {exc}") from None
+        raise ValidationError("url", f"{redact(url)!r} is not a URL: {exc}") from None
     if parts.scheme != "https" or not host or parts.path not in ("", "/", "/api2/json"):
-        raise ValidationError("url", f"{url!r}: write https://HOST[:PORT] (the PVE API is HTTPS only)")
+        raise ValidationError("url", f"{redact(url)!r}: write https://HOST[:PORT] (the PVE API is HTTPS only)")
     return host, port
 
 

@@ -18,7 +18,6 @@ from vtap_core.errors import TemporaryError, Unsupported, ValidationError
 from vtap_core.filters import compile_filter
 
 from vtap_drivers.proxmox import desired
-from vtap_drivers.proxmox.api import PveApi
 from vtap_drivers.proxmox.inventory import Inventory
 from vtap_drivers.proxmox.resolve import find_vm, resolve_source, split_reference, target_nic
 
@@ -72,8 +71,10 @@ class ProxmoxDriver(Driver):
     # ----------------------------------------------------------- plumbing
 
     @property
-    def api(self) -> PveApi:
+    def api(self):
         if self._api is None:
+            from vtap_drivers.proxmox.api import PveApi  # requests + proxmoxer: not for a hook that needs no API
+
             self._api = PveApi(**self._credentials)
         return self._api
 
@@ -141,6 +142,8 @@ class ProxmoxDriver(Driver):
         vms = self.current_vms()
         sessions = list(sessions)
         flows = list(flows)
+        if self.shared_state:  # refuse now what pmxcfs would refuse when the change is published
+            desired.check_size(desired.document_text(sessions, flows, self.node, self._resolution(vms, sessions, flows)), self.shared_state)
         for session in sessions:
             self.check_features(session, [f for f in flows if f.session == session.name])
         present = None
@@ -253,4 +256,9 @@ class ProxmoxDriver(Driver):
     def publish_desired(self, sessions, flows) -> None:
         """Share the store's new desired state with every node (see desired.py)."""
         if self.shared_state:
-            desired.publish(self.shared_state, sessions, flows, self.node)
+            desired.publish(self.shared_state, sessions, flows, self.node, self._resolution(self.current_vms(), sessions, flows))
+
+    def _resolution(self, vms, sessions, flows) -> dict:
+        from vtap_drivers.proxmox.hook_plan import resolution
+
+        return resolution(vms, sessions, flows, resolve_source)

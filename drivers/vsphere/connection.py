@@ -17,6 +17,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from vtap_core.errors import OperationFailed, TemporaryError, ValidationError
+from vtap_core.redact import redact
 
 log = logging.getLogger("vtap.vsphere")
 
@@ -30,7 +31,7 @@ def parse_url(url: str):
         raise ValidationError("url", "the vsphere driver needs --url https://VCENTER/sdk (or VTAP_VSPHERE_URL)")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValidationError("url", f"{url!r} is not an http(s)://HOST[:PORT]/sdk URL")
+        raise ValidationError("url", f"{redact(url)!r} is not an http(s)://HOST[:PORT]/sdk URL")
     if parts.username or parts.password:
         raise ValidationError("url", "put the user in --user and the password in VTAP_VSPHERE_PASSWORD, not in the URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)

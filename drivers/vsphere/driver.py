@@ -25,6 +25,8 @@ from vtap_drivers.vsphere.connection import LOST, Connection, fault_text
 
 PLAN_READ_AGE = 2.0  # at most, seconds a VM's version read serves further plans (see inventory.Reader)
 MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than 60"
+MAX_SAMPLE = 65535  # VMwareVspanSession.samplingRate: "Valid values are between 1 to 65535"
+EPHEMERAL = "ephemeral"  # DistributedVirtualPortgroupPortgroupType
 FEATURES = Features(
     targets=frozenset({"vm", "port", "gre", "erspan"}),
     sources=frozenset({"vm"}),
@@ -42,9 +44,12 @@ class VsphereDriver(Driver):
         self.connection = Connection(url, user, password, insecure)
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
-        self._vms = inventory.vm_reader(max_age=PLAN_READ_AGE)
+        self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _refuse_other_host
         self._listing = inventory.vm_reader(with_host=True)
         self._switch_reader = inventory.switch_reader()
+        # Instance UUIDs of every VM planned as a vm: target (read by watch). Only added to: plans
+        # come per flow too, and a VM that stopped being one costs at most a needless resync.
+        self._monitoring = frozenset()
 
     # describe / inventory ----------------------------------------------------
 
@@ -92,6 +97,8 @@ class VsphereDriver(Driver):
         target = session.target
         if session.snaplen is not None and session.snaplen < MIN_SNAPLEN:
             raise ValidationError("snaplen", f"{session.snaplen} is below {MIN_SNAPLEN}: vDS mirroredPacketLength cannot be less than {MIN_SNAPLEN}")
+        if session.sample is not None and session.sample > MAX_SAMPLE:
+            raise ValidationError("sample", f"{session.sample} is above {MAX_SAMPLE}: vDS samplingRate takes 1 to {MAX_SAMPLE}")
         if target.kind not in FEATURES.targets:
             raise Unsupported(self.name, f"target {target.kind}:", "targets here are erspan, gre, port, vm")
         if target.kind in ("gre", "erspan"):
@@ -105,16 +112,19 @@ class VsphereDriver(Driver):
     def _plan(self, content, sessions, flows) -> list[Binding]:
         wanted = [f.source.vm for f in flows] + [s.target.vm for s in sessions if s.target.kind == "vm"]
         records = self._resolve(content, wanted)
+        self._monitoring |= {records[s.target.vm].uuid for s in sessions if s.target.kind == "vm"}
         switches = self._switches(content)
+        self._refuse_ephemeral(content, records, sessions, flows)
         bindings = []
         checks = defaultdict(dict)  # switch uuid -> {port key: what it is, for error messages}
         for session in sessions:
             members = [f for f in flows if f.session == session.name]
             bindings.extend(self._session_bindings(session, members, records, switches, checks))
         for uuid, ports in checks.items():
-            # vSphere keeps a port that is in a mirror session from turning promiscuous
-            # (VspanPortPromiscChangeFault), so only ports new to mirroring need a look.
-            mirrored = {key for vspan in switches[uuid].sessions for key in mirror.port_keys(vspan)}
+            # vSphere keeps a port that is a transmitted source or a destination of a mirror session
+            # from turning promiscuous (VspanPortPromiscChangeFault), so only ports new to those
+            # roles need a look.
+            mirrored = {key for vspan in switches[uuid].sessions for key in mirror.promiscuous_guarded(vspan)}
             self._refuse_promiscuous(switches[uuid], {k: v for k, v in ports.items() if k not in mirrored})
         return bindings
 
@@ -137,6 +147,12 @@ class VsphereDriver(Driver):
             if switch is None:
                 raise NotFound(f"switch {uuid}: not found in vCenter (sources of session {session.name} are on it)")
             destination = self._destination(session, switch, records, ports)
+            host = destination.pop("host", None)
+            apart = [record for flow, record, flow_ports in per_flow if uuid in flow_ports and not _same_host(record, host)]
+            if apart and session.target.encap == "erspan":
+                destination = self._erspan_to_monitor(session, switch, records)
+            for record in apart if destination["session_type"] == mirror.DV_PORT_MIRROR else ():
+                self._refuse_other_host(session, record, host)
             for key in destination.get("ports", ()):
                 checks[uuid][key] = f"target {session.target}"
             options[uuid] = mirror.make_options(**destination, snaplen=session.snaplen, sample=session.sample)
@@ -160,7 +176,9 @@ class VsphereDriver(Driver):
                 ports[nic.switch_uuid]["received"].add(nic.port_key)  # see mirror.py: the port receives what the VM sends
             if flow.direction.includes(Direction.IN):
                 ports[nic.switch_uuid]["transmitted"].add(nic.port_key)
-            checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
+                # Only a transmitted source must not be promiscuous (VspanPromiscuousPortNotSupported:
+                # "a promiscuous port is used as transmitted source or destination").
+                checks[nic.switch_uuid][nic.port_key] = f"source VM {record.name} NIC {nic.mac}"
         return ports
 
     def _source_nics(self, record, flow):
@@ -195,7 +213,7 @@ class VsphereDriver(Driver):
             if nic.port_key in sources["transmitted"] | sources["received"]:
                 raise ValidationError("target", f"monitoring VM {record.name}'s port {nic.port_key} is also a source of session {session.name}")
             self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
-            return {"session_type": mirror.DV_PORT_MIRROR, "ports": [nic.port_key]}
+            return {"session_type": mirror.DV_PORT_MIRROR, "ports": [nic.port_key], "host": (record.host, f"monitoring VM {record.name}")}
         if target.kind == "port":
             destination = self._port_destination(target.port, switch, capability)
             if set(destination.get("ports", ())) & (sources["transmitted"] | sources["received"]):
@@ -210,8 +228,12 @@ class VsphereDriver(Driver):
     def _port_destination(self, name, switch, capability) -> dict:
         """port:NAME is an uplink name (all hosts' uplinks of that name), a port key, or a port's name."""
         if name in switch.uplink_names:
-            self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
-            return {"session_type": mirror.MIXED_DEST_MIRROR, "uplinks": [name]}
+            # remoteMirrorSource: "Distributed Ports can be used as source entities, and uplink ports
+            # name can be used as destination entities" (VMwareDVSVspanSessionType); the copies leave
+            # through the uplink of that name on each source's own host. mixedDestMirror is the
+            # vSphere 5.0 session type the current vSphere Networking guide no longer offers.
+            self._require(capability.remoteSourceSupported, switch, "uplink destinations (remoteMirrorSource)")
+            return {"session_type": mirror.REMOTE_MIRROR_SOURCE, "uplinks": [name]}
         ports = switch.ref.FetchDVPorts(vim.dvs.PortCriteria(portKey=[name]))
         if not ports:
             ports = [p for p in switch.ref.FetchDVPorts(vim.dvs.PortCriteria()) if p.config and p.config.name == name]
@@ -221,10 +243,81 @@ class VsphereDriver(Driver):
             raise ValidationError("target", f"{len(ports)} ports on switch {switch.name} are named {name!r}; use a port key: {', '.join(p.key for p in ports)}")
         port = ports[0]
         if port.connectee is not None and port.connectee.type == "pnic":  # an uplink port
-            self._require(capability.mixedDestSupported, switch, "uplink destinations (mixedDestMirror)")
-            return {"session_type": mirror.MIXED_DEST_MIRROR, "ports": [port.key]}
+            uplink = port.config.name if port.config else None
+            raise ValidationError(
+                "target",
+                f"port {port.key} is one host's uplink; vSphere mirrors to uplinks by name (remoteMirrorSource), "
+                f"each source through its own host's uplink: use port:{uplink or 'UPLINK-NAME'}",
+            )
         self._require(capability.dvportSupported, switch, "dvPortMirror sessions")
-        return {"session_type": mirror.DV_PORT_MIRROR, "ports": [port.key]}
+        host = getattr(port.proxyHost, "_moId", None)
+        return {"session_type": mirror.DV_PORT_MIRROR, "ports": [port.key], "host": (host, f"target port {port.key}")}
+
+    def _refuse_other_host(self, session, record, host) -> None:
+        """A dvPortMirror session delivers only between ports on one ESXi host.
+
+        vSphere accepts a session whose source and destination ports are on different hosts,
+        and after a vMotion an existing one silently stops delivering (vSphere Networking guide,
+        "Port Mirroring Interoperability"). Such a flow is refused here; in `status` and in the
+        follower it becomes a problem of that flow and its ports leave the session, unless the
+        target allows ERSPAN (vm:UUID?encap=erspan, see _erspan_to_monitor).
+        """
+        target_host, what = host
+        allow = f"{session.target}?encap=erspan" if session.target.kind == "vm" else "erspan:// or gre:// to the monitoring VM's IP"
+        raise ValidationError(
+            "target",
+            f"VM {record.name} runs on host {self._host_name(record.ref, record.host)} and {what} on host "
+            f"{self._host_name(record.ref, target_host)}: a dvPortMirror session delivers only within one ESXi host; "
+            f"move one of them, or let session {session.name} use ERSPAN ({allow})",
+        )
+
+    def _erspan_to_monitor(self, session, switch, records) -> dict:
+        """An encapsulated session (ERSPAN type II, session id 0) to the monitoring VM NIC's IP address.
+
+        The address comes from the guest's own report (GuestInfo.net: "Guest information about
+        network adapters", VMware Tools); without it there is nowhere to send the copies.
+        """
+        record, nic = self._target_nic(session, records)
+        self._require(switch.vspan.encapRemoteSourceSupported, switch, "encapsulated remote mirror sessions")
+        self._require(switch.vspan.erspanProtocolSupported, switch, "ERSPAN")
+        addresses = [a for n in (record.ref.guest.net or ()) if (n.macAddress or "").lower() == nic.mac for a in (n.ipAddress or ()) if _is_ip(a)]
+        ipv4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+        if not addresses:
+            raise ValidationError(
+                "target",
+                f"monitoring VM {record.name} reports no IP address for NIC {nic.mac} (VMware Tools guest info); "
+                f"session {session.name} cannot reach it by ERSPAN from another host",
+            )
+        return {"session_type": mirror.ENCAPSULATED, "ips": [(ipv4 or addresses)[0]], "encap": "erspan2", "erspan_id": 0}
+
+    @staticmethod
+    def _host_name(ref, moid) -> str:
+        try:
+            return vim.HostSystem(moid, ref._stub).name
+        except vmodl.MethodFault:
+            return moid
+
+    def _refuse_ephemeral(self, content, records, sessions, flows) -> None:
+        """Ports of ephemeral portgroups exist only while their VM is powered on.
+
+        DistributedVirtualPortgroupPortgroupType ephemeral: a port "will be created and assigned to a
+        VirtualMachine when the VirtualMachine is powered on and will be deleted when the
+        VirtualMachine is powered off". A session naming such a port loses it at the next power cycle.
+        """
+        nics = [(records[f.source.vm], f.source.nic) for f in flows]
+        nics += [(records[s.target.vm], s.target.mac) for s in sessions if s.target.kind == "vm"]
+        used = {n.portgroup_key: (r, n) for r, mac in nics for n in r.nics if n.portgroup_key and mac in (None, n.mac)}
+        if not used:
+            return
+        kinds = inventory.retrieve(content, self._view(content, vim.dvs.DistributedVirtualPortgroup), vim.dvs.DistributedVirtualPortgroup, ["key", "config.type", "name"], True)
+        for props in kinds.values():
+            if props.get("config.type") == EPHEMERAL and props.get("key") in used:
+                record, nic = used[props["key"]]
+                raise ValidationError(
+                    "vm",
+                    f"VM {record.name} NIC {nic.mac} is on ephemeral portgroup {props.get('name')}: its port is deleted at "
+                    "power-off and a new one made at power-on, so a mirror session would lose it; use a static-binding portgroup",
+                )
 
     def _require(self, supported, switch, feature):
         if not supported:
@@ -253,10 +346,9 @@ class VsphereDriver(Driver):
         def read(content):
             bindings = []
             for switch in self._switches(content).values():
-                for vspan in switch.sessions:
-                    if vspan.name and vspan.name.startswith(mirror.PREFIX):
-                        for key, session, flow, vm, spec in mirror.observed_flows(switch.uuid, vspan):
-                            bindings.append(Binding(key=key, session=session, flow=flow, vm=vm, spec=spec))
+                for vspan in mirror.ours(switch.sessions).values():
+                    for key, session, flow, vm, spec in mirror.observed_flows(switch.uuid, vspan):
+                        bindings.append(Binding(key=key, session=session, flow=flow, vm=vm, spec=spec))
             return bindings
 
         return self._call(read)
@@ -272,7 +364,7 @@ class VsphereDriver(Driver):
     @staticmethod
     def _upserts(switch, group):
         """Ops that make each session carry these flows (and keep its other flows)."""
-        existing = {v.name: v for v in switch.sessions}
+        existing = mirror.ours(switch.sessions)
         ops = []
         for session, members in _by_session(group).items():
             name = mirror.session_name(session)
@@ -290,7 +382,7 @@ class VsphereDriver(Driver):
     @staticmethod
     def _removals(switch, group):
         """Ops that take these flows out of their sessions; a session left without flows goes."""
-        existing = {v.name: v for v in switch.sessions}
+        existing = mirror.ours(switch.sessions)
         ops = []
         for session, members in _by_session(group).items():
             found = existing.get(mirror.session_name(session))
@@ -327,6 +419,13 @@ class VsphereDriver(Driver):
                     self.connection.wait(switch.ref.ReconfigureDvs_Task(spec))
                 except vim.fault.ConcurrentAccess:
                     raise TemporaryError(f"switch {switch.name} changed while vtap was changing it") from None
+                except vim.fault.NoPermission as fault:
+                    # ReconfigureDvs_Task needs "DVSwitch.Vspan if VMwareDVSConfigSpec.vspanConfigSpec is set".
+                    privilege = fault.privilegeId or "DVSwitch.Vspan"
+                    raise OperationFailed(
+                        f"vsphere: user {self.connection.user!r} lacks the privilege {privilege} on switch {switch.name}; "
+                        "port mirroring sessions cannot be changed without it (grant a role that has it)"
+                    ) from None
                 except vmodl.MethodFault as fault:
                     names = ", ".join(sorted({mirror.session_name(b.session) for b in group}))
                     raise OperationFailed(f"vsphere: switch {switch.name} refused {names}: {fault_text(fault)}") from None
@@ -336,7 +435,7 @@ class VsphereDriver(Driver):
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         while not stop.is_set():
             try:
-                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate)
+                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate, monitoring=lambda uuid: uuid in self._monitoring)
                 return
             except LOST:
                 self.connection.reconnect()
@@ -413,6 +512,18 @@ class VsphereDriver(Driver):
             raise NotFound(f"vm {uuid}: no VM with this instance or BIOS UUID in vCenter {self.connection.url}")
         self._vm_refs[uuid] = ref
         return ref
+
+
+def _is_ip(text) -> bool:
+    try:
+        return not ipaddress.ip_address(text).is_link_local  # a link-local address is not reachable from another host
+    except ValueError:
+        return False
+
+
+def _same_host(record, host) -> bool:
+    """Whether a source VM runs where the dvPortMirror destination is (True when either is unknown)."""
+    return host is None or not record.host or not host[0] or record.host == host[0]
 
 
 def _by_switch(bindings) -> dict:

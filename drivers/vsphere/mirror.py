@@ -36,7 +36,7 @@ FLOWS_MARK = " | vtap flows: "
 VSPAN = vim.dvs.VmwareDistributedVirtualSwitch
 
 DV_PORT_MIRROR = "dvPortMirror"
-MIXED_DEST_MIRROR = "mixedDestMirror"
+REMOTE_MIRROR_SOURCE = "remoteMirrorSource"
 ENCAPSULATED = "encapsulatedRemoteMirrorSource"
 PORT_FIELDS = ("transmitted", "received", "exact")
 
@@ -139,12 +139,29 @@ def observed_flows(switch_uuid: str, session) -> list:
     ]
 
 
-def port_keys(session) -> set:
-    """Every distributed port a session uses, as source or destination."""
-    keys = set()
-    for ports in (session.sourcePortTransmitted, session.sourcePortReceived, session.destinationPort):
-        keys.update(_keys(ports))
-    return keys
+def ours(sessions) -> dict:
+    """{name: session} of vtap's sessions: its name prefix and its description mark.
+
+    vCenter accepts two sessions with one name (a session is identified by its key), so a
+    session someone else named vtap:<x> is never read, edited or removed. Should two carry
+    vtap's mark under one name (a copy made by hand), the one with the lowest key is vtap's.
+    """
+    found = {}
+    for session in sorted(sessions, key=lambda s: _key_order(s.key)):
+        if (session.name or "").startswith(PREFIX) and (session.description or "").startswith(DESCRIPTION + FLOWS_MARK):
+            found.setdefault(session.name, session)
+    return found
+
+
+def _key_order(key):
+    digits = "".join(c for c in key or "" if c.isdigit())
+    return (int(digits) if digits else 0, key or "")
+
+
+def promiscuous_guarded(session) -> set:
+    """Ports vSphere keeps from turning promiscuous: transmitted sources and destinations
+    (VspanPortPromiscChangeFault); a received-only source may be promiscuous."""
+    return set(_keys(session.sourcePortTransmitted)) | set(_keys(session.destinationPort))
 
 
 def to_vspan(name: str, options: tuple, entries, key: str | None = None):

@@ -4,7 +4,10 @@ WaitForUpdatesEx on the properties that matter (a VM's host, power state and
 configuration version, which moves whenever its NICs' port keys do; a switch's
 mirror sessions). Yields a
 VM's instance UUID when one of its properties changed, None when a switch's
-sessions changed (drift: a vtap session edited or removed by someone else).
+sessions changed (drift: a vtap session edited or removed by someone else) or
+a monitoring VM changed host: whether a dvPortMirror session delivers depends
+on the hosts of its source and monitoring VMs together, and the bindings that
+change are those of the source VMs, not the monitoring VM's.
 Nothing is polled per VM.
 """
 
@@ -25,8 +28,9 @@ SWITCH_WATCHED = ["config.vspanSession"]
 WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
 
 
-def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> Iterator[str | None]:
-    """Hints; changed(moref id) is called for a VM before its hint is yielded."""
+def updates(content, stop: threading.Event, changed=lambda moref_id: None, monitoring=lambda uuid: False) -> Iterator[str | None]:
+    """Hints; changed(moref id) is called for a VM before its hint is yielded; monitoring(uuid)
+    tells whether a VM is a monitoring VM (its move is a hint about every VM)."""
     pc_type = vmodl.query.PropertyCollector
     collector = content.propertyCollector.CreatePropertyCollector()
     view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.dvs.VmwareDistributedVirtualSwitch], True)
@@ -49,7 +53,7 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
             if result is None:
                 continue
             version = result.version
-            switch_changed = False
+            look_at_everything = False
             for filter_update in result.filterSet:
                 for update in filter_update.objectSet:
                     if isinstance(update.obj, vim.VirtualMachine):
@@ -57,6 +61,8 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
                             if change.name == "config.instanceUuid" and change.val:
                                 uuids[update.obj._moId] = parse_uuid(change.val)
                         uuid = uuids.get(update.obj._moId)
+                        moved = any(change.name == "runtime.host" for change in update.changeSet)
+                        look_at_everything |= moved and not initial and monitoring(uuid)
                         if update.kind == "leave":
                             uuids.pop(update.obj._moId, None)
                         if not initial:
@@ -64,8 +70,8 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None) -> It
                             if uuid:
                                 yield uuid
                     elif not initial:
-                        switch_changed = True
-            if switch_changed:
+                        look_at_everything = True
+            if look_at_everything:
                 yield None
             initial = initial and bool(result.truncated)
     finally:

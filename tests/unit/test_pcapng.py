@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from vtap_core.errors import ValidationError
 from vtap_drivers.linux.pcapng import PcapngWriter
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark (scripts/setup --test installs it)")
@@ -95,7 +96,8 @@ def test_append_adds_a_section_that_readers_see_as_one_file(tmp_path):
 def test_append_refuses_a_file_that_is_not_pcapng_and_leaves_it_alone(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"not a capture\n")
-    with pytest.raises(ValueError, match="not a pcapng file"):
+    path.chmod(0o600)  # private and ours: refused only for not being pcapng
+    with pytest.raises(ValidationError, match="not a pcapng file"):
         PcapngWriter.create(str(path), append=True)
     assert path.read_bytes() == b"not a capture\n"
 

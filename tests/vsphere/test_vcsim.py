@@ -5,7 +5,7 @@ These are the behaviours the vsphere driver's tests rely on; each one is cited i
 
 import pytest
 
-from vcsim_simulator import module_simulator
+from vcsim_simulator import Simulator, available, module_simulator
 
 pytest.importorskip("pyVmomi", reason="pyvmomi missing: run scripts/setup --test")
 from pyVmomi import vim, vmodl  # noqa: E402
@@ -89,15 +89,34 @@ def too_short(a, b, c):
     return [session]
 
 
+def sampled_too_rarely(a, b, c):
+    session = mirror("rare", a, b)
+    session.samplingRate = 65536  # samplingRate: "Valid values are between 1 to 65535"
+    return [session]
+
+
+def uplink_by_port_key_outside_mixed_dest(a, b, c):
+    session = mirror("upkey", a, b, kind="remoteMirrorSource")
+    return [session]  # remoteMirrorSource sends to uplink port names, never to port keys
+
+
+def uplink_name_in_dv_port_mirror(a, b, c):
+    session = mirror("upname", a, b)
+    session.destinationPort = VSPAN.VspanPorts(uplinkPortName=["dvUplink1"])
+    return [session]
+
+
 @pytest.mark.parametrize(
     "sessions, fault",
     [
-        (lambda a, b, c: [mirror("dup", a, b), mirror("dup", c, a)], vim.fault.DuplicateName),
         (lambda a, b, c: [mirror("same", a, a)], vim.fault.VspanSameSessionPortConflict),
         (lambda a, b, c: [mirror("d1", a, c), mirror("d2", b, c)], vim.fault.VspanDestPortConflict),
         (transmitted_source_elsewhere_destination, vim.fault.VspanPortConflict),
         (no_ip, vmodl.fault.InvalidArgument),
         (too_short, vmodl.fault.InvalidArgument),
+        (sampled_too_rarely, vmodl.fault.InvalidArgument),
+        (uplink_by_port_key_outside_mixed_dest, vmodl.fault.InvalidArgument),
+        (uplink_name_in_dv_port_mirror, vmodl.fault.InvalidArgument),
     ],
 )
 def test_vspan_refusals_change_nothing(vc, sessions, fault):
@@ -106,6 +125,52 @@ def test_vspan_refusals_change_nothing(vc, sessions, fault):
     with pytest.raises(fault):
         vc.vspan(*[("add", s) for s in sessions(a, b, c)])
     assert vc.switch.config.configVersion == version and set(vc.sessions()) == before
+
+
+def test_sessions_may_share_a_name_and_are_told_apart_by_key(vc):
+    """vCenter identifies a session by its generated key; the name is only a display name."""
+    a, b, c = (vc.port_key(vm) for vm in vc.vms()[:3])
+    vc.vspan(("add", mirror("twin", a, b)), ("add", mirror("twin", c, a)))
+    twins = [s for s in vc.switch.config.vspanSession if s.name == "twin"]
+    assert len(twins) == 2 and twins[0].key != twins[1].key
+    vc.vspan(*[("remove", VSPAN.VspanSession(key=s.key)) for s in twins])
+    assert not [s for s in vc.switch.config.vspanSession if s.name == "twin"]
+
+
+def test_uplink_names_are_remote_mirror_source_destinations(vc):
+    a = vc.port_key(vc.vms()[0])
+    session = VSPAN.VspanSession(name="up", enabled=True, sessionType="remoteMirrorSource",
+                                 sourcePortReceived=VSPAN.VspanPorts(portKey=[a]),
+                                 destinationPort=VSPAN.VspanPorts(uplinkPortName=["dvUplink1"]))
+    vc.vspan(("add", session))
+    made = vc.sessions()["up"]
+    assert made.sessionType == "remoteMirrorSource" and list(made.destinationPort.uplinkPortName) == ["dvUplink1"]
+    vc.vspan(("remove", VSPAN.VspanSession(key=made.key)))
+
+
+def test_vms_start_on_their_clusters_first_host_and_ports_follow_them(vc):
+    vms, hosts = vc.vms(), vc.hosts()
+    assert {vm.runtime.host for vm in vms} == {hosts[0]}
+    assert all(vm in hosts[0].vm for vm in vms)
+    (port,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[vc.port_key(vms[1])]))
+    assert port.proxyHost == hosts[0]
+
+
+def test_portgroups_report_their_binding_type(vc):
+    assert {pg.config.type for pg in vc.switch.portgroup} == {"earlyBinding"}
+
+
+def test_vspan_changes_without_the_vspan_privilege_raise_no_permission():
+    if available():
+        pytest.skip(available())
+    with Simulator(hosts=1, vms=2, deny_vspan=True) as sim:
+        denied = Vcenter(sim.connect())
+        a, b = (denied.port_key(vm) for vm in denied.vms())
+        version = denied.version()
+        with pytest.raises(vim.fault.NoPermission) as fault:
+            denied.vspan(("add", mirror("nope", a, b)))
+        assert fault.value.privilegeId == "DVSwitch.Vspan" and fault.value.object == denied.switch
+        assert denied.version() == version and not denied.sessions()
 
 
 def test_stale_config_version_is_concurrent_access(vc):
@@ -124,11 +189,20 @@ def test_promiscuous_ports_and_mirrors_exclude_each_other(vc):
         setting = VSPAN.VmwarePortConfigPolicy(securityPolicy=VSPAN.SecurityPolicy(allowPromiscuous=vim.BoolPolicy(value=allow)))
         vc.wait(vc.switch.ReconfigureDVPort_Task([vim.dvs.DistributedVirtualPort.ConfigSpec(operation="edit", key=key, setting=setting)]))
 
+    def transmitted(name, source, destination):
+        session = mirror(name, source, destination)
+        session.sourcePortTransmitted, session.sourcePortReceived = session.sourcePortReceived, None
+        return session
+
     promiscuous(a, True)
     with pytest.raises(vim.fault.VspanPromiscuousPortNotSupported):
-        vc.vspan(("add", mirror("p", a, b)))
+        vc.vspan(("add", transmitted("p", a, b)))
+    with pytest.raises(vim.fault.VspanPromiscuousPortNotSupported):
+        vc.vspan(("add", mirror("p", c, a)))  # as a destination
+    vc.vspan(("add", mirror("rx", a, c)))  # a received-only source may be promiscuous
+    vc.vspan(("remove", VSPAN.VspanSession(key=vc.sessions()["rx"].key)))
     promiscuous(a, False)
-    vc.vspan(("add", mirror("p", a, b)))
+    vc.vspan(("add", transmitted("p", a, b)))
     with pytest.raises(vim.fault.VspanPortPromiscChangeFault):
         promiscuous(a, True)
     vc.vspan(("remove", VSPAN.VspanSession(key=vc.sessions()["p"].key)))

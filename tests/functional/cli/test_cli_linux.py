@@ -154,6 +154,7 @@ def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
     for i in range(100):
         host.sh("ip", "link", "add", f"d{i}", "type", "ifb")  # this kernel has no dummy
         host.sh("ip", "link", "set", f"d{i}", "up")
+    host.sh("ip", "addr", "add", "10.9.9.1/24", "dev", "mon0")  # a route to the remote: without one the flows are (rightly) degraded
     doc = write_yaml(
         tmp_path / "many.yaml",
         [{"name": "many", "to": "vxlan://10.9.9.9?vni=77", "flows": [

@@ -219,6 +219,7 @@ def test_bad_input_is_refused_and_starts_nothing(sink, state_dir, tmp_path):
         start_capture_process("bad", SINK, str(tmp_path / "missing" / "x.pcapng"), netns=sink, state_dir=state_dir)
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"keep me\n")
+    notes.chmod(0o600)
     with pytest.raises(ValidationError, match="^target: .*not a pcapng file"):
         start_capture_process("bad", SINK, str(notes), netns=sink, state_dir=state_dir)
     assert notes.read_bytes() == b"keep me\n"

@@ -169,6 +169,7 @@ def test_vni_filter_ignores_other_vnis_and_packets_that_are_not_vxlan(link, tmp_
         ("vxlan://0.0.0.0:0", "^listen port: "),
         ("vxlan://0.0.0.0?vni=16777216", "^listen vni: "),
         ("vxlan://0.0.0.0?key=1", "^listen: "),
+        ("vxlan://0.0.0.0?vni=5&vni=6", "^listen: .*'vni' is given twice"),
         ("vxlan://192.0.2.1", "^listen: 192.0.2.1 is not an address of this host"),
     ],
 )

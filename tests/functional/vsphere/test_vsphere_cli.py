@@ -92,3 +92,31 @@ def test_follow_restores_a_deleted_session_and_stops_on_sigterm(vtap, vc, vcsim)
     assert follower.returncode == 0, err
     assert vcsim.password not in out + err
     vtap("session", "delete", "kept")
+
+
+def test_flow_whose_vm_runs_on_another_host_than_the_monitoring_vm_is_refused(vtap, vc):
+    from pyVmomi import vim
+
+    source, target = vc.vm(1), vc.vm(5)
+    home, away = source.runtime.host, next(h for h in vc.hosts() if h != target.runtime.host)
+    vtap("session", "create", "apart", "--to", f"vm:{target.config.instanceUuid}")
+    vc.wait(source.RelocateVM_Task(vim.vm.RelocateSpec(host=away)))
+    try:
+        version = vc.version()
+        done = vtap("flow", "add", "apart", "--vm", source.name, expect=2)
+        assert len(done.stderr.strip().splitlines()) == 1 and "one ESXi host" in done.stderr
+        assert vc.version() == version and "vtap:apart" not in vc.sessions()
+        assert json.loads(vtap("-o", "json", "flow", "list").stdout) == []
+    finally:
+        vc.wait(source.RelocateVM_Task(vim.vm.RelocateSpec(host=home)))
+    vtap("flow", "add", "apart", "--vm", source.name)  # back on the monitoring VM's host: mirrored
+    assert list(vc.sessions()["vtap:apart"].sourcePortReceived.portKey) == [vc.port_key(source)]
+    vtap("session", "delete", "apart")
+
+
+def test_sample_above_65535_is_refused_and_nothing_changes(vtap, vc):
+    version = vc.version()
+    done = vtap("session", "create", "rare", "--to", "gre://192.0.2.96", "--sample", "65536", expect=2)
+    assert len(done.stderr.strip().splitlines()) == 1 and "65535" in done.stderr
+    assert vc.version() == version
+    assert json.loads(vtap("-o", "json", "session", "list").stdout) == []

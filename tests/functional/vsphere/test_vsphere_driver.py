@@ -54,7 +54,7 @@ def test_bios_uuid_and_name_find_the_same_vm(driver, vc):
     "target, expected",
     [
         ("vm", {"sessionType": "dvPortMirror"}),
-        ("port:dvUplink1", {"sessionType": "mixedDestMirror", "uplinkPortName": ["dvUplink1"]}),
+        ("port:dvUplink1", {"sessionType": "remoteMirrorSource", "uplinkPortName": ["dvUplink1"]}),
         ("gre://192.0.2.10", {"sessionType": "encapsulatedRemoteMirrorSource", "encapType": "gre", "ipAddress": ["192.0.2.10"]}),
         ("erspan://192.0.2.11?version=2&id=5", {"sessionType": "encapsulatedRemoteMirrorSource", "encapType": "erspan2", "erspanId": 5, "ipAddress": ["192.0.2.11"]}),
         ("erspan://192.0.2.12?version=3&id=1023", {"sessionType": "encapsulatedRemoteMirrorSource", "encapType": "erspan3", "erspanId": 1023, "ipAddress": ["192.0.2.12"]}),

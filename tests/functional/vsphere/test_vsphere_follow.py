@@ -21,11 +21,20 @@ def vcsim():
 class Reactions(NoMetrics):
     """Counts the follower's per-VM reconciles (what the metrics exporter would see)."""
 
-    def __init__(self):
+    def __init__(self, state):
+        self.state = state  # the follower's store: a test may add sessions of its own
         self.latencies = []
+        self.resyncs = 0
 
     def observe_latency(self, seconds):
         self.latencies.append(seconds)
+
+    def set_flows(self, desired, observed):
+        self.resyncs += 1  # a hint to look at everything (a VM changed host) ends here too
+
+    @property
+    def reactions(self):
+        return len(self.latencies) + self.resyncs
 
 
 def connect(vcsim, state):
@@ -40,7 +49,7 @@ def tapped(vcsim, vc, tmp_path):
         client.create_session("web", to=f"vm:{vc.vm(5).config.instanceUuid}")
         client.add_flow("web", vm=vc.vm(0).config.instanceUuid, direction="both")
         client.add_flow("web", vm=vc.vm(1).name, direction="out")
-    reactions, stop, started = Reactions(), threading.Event(), threading.Event()
+    reactions, stop, started = Reactions(state), threading.Event(), threading.Event()
 
     def follow():
         with connect(vcsim, state) as client:
@@ -66,6 +75,11 @@ def tapped(vcsim, vc, tmp_path):
     assert "vtap:web" not in vc.sessions()
 
 
+def status_rows(vcsim, tapped):
+    with connect(vcsim, tapped.state) as client:
+        return client.status()
+
+
 def wait_for(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,23 +100,66 @@ def reverted(vc):
     return session is not None and not session.mirroredPacketLength
 
 
-def test_relocated_vm_is_verified_not_rebuilt(vc, si, tapped):
-    vm = vc.vm(0)
-    session, version = vc.sessions()["vtap:web"], vc.version()
+def relocate(vc, vm, host):
+    vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=host)))
+    assert vm.runtime.host == host
+
+
+def test_relocated_vm_of_an_encapsulated_session_is_verified_not_rebuilt(vc, si, vcsim, tapped):
+    vm = vc.vm(2)
+    with connect(vcsim, tapped.state) as client:
+        client.create_session("far", to="gre://192.0.2.30")
+        client.add_flow("far", vm=vm.config.instanceUuid, direction="both")
+    session, version = vc.sessions()["vtap:far"], vc.version()
     source_host = vm.runtime.host
     destination = next(h for h in vc.hosts() if h != source_host)
-    reactions_before = len(tapped.latencies)
+    reactions_before = tapped.reactions
 
-    vc.wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=destination)))
+    relocate(vc, vm, destination)
 
-    assert vm.runtime.host == destination
-    assert wait_for(lambda: len(tapped.latencies) > reactions_before), "the follower did not react to the migration"
+    assert wait_for(lambda: tapped.reactions > reactions_before), "the follower did not react to the migration"
     events = si.content.eventManager.QueryEvents(vim.event.EventFilterSpec(eventTypeId=["VmMigratedEvent"]))
     assert any(e.vm.vm == vm and e.sourceHost.host == source_host for e in events)
-    # Same switch, same port: the session was verified and left as it was.
+    # Same switch, same port, and GRE copies leave from any host: verified and left as it was.
     assert vc.version() == version
-    assert vc.sessions()["vtap:web"].key == session.key
-    assert received(vc) == sorted([vc.port_key(vc.vm(0)), vc.port_key(vc.vm(1))])
+    assert vc.sessions()["vtap:far"].key == session.key
+    relocate(vc, vm, source_host)
+    with connect(vcsim, tapped.state) as client:
+        client.delete_session("far")
+
+
+def test_source_vm_moved_away_from_its_monitoring_vm_leaves_the_session_and_is_a_problem(vc, vcsim, tapped):
+    vm, other = vc.vm(0), vc.vm(1)
+    home, away = vm.runtime.host, vc.hosts()[1]
+    assert home == vc.vm(5).runtime.host != away
+    both = sorted([vc.port_key(vm), vc.port_key(other)])
+    assert received(vc) == both
+
+    relocate(vc, vm, away)
+    # The dvPortMirror session cannot deliver VM0's copies from another host: its port leaves the session.
+    assert wait_for(lambda: received(vc) == [vc.port_key(other)]), f"session still mirrors {received(vc)}"
+    assert not vc.sessions()["vtap:web"].sourcePortTransmitted.portKey
+    status = {row.flow: row for row in status_rows(vcsim, tapped)}
+    assert status["web-1"].state != "active" and "one ESXi host" in status["web-1"].problem
+    assert status["web-2"].state == "active"
+
+    relocate(vc, vm, home)
+    assert wait_for(lambda: received(vc) == both), "the flow did not come back with its VM"
+    assert {row.state for row in status_rows(vcsim, tapped)} == {"active"}
+
+
+def test_monitoring_vm_moved_away_stops_every_flow_and_comes_back(vc, vcsim, tapped):
+    target = vc.vm(5)
+    home, away = target.runtime.host, vc.hosts()[2]
+    both = received(vc)
+
+    relocate(vc, target, away)
+    # The hint is about the monitoring VM, not about the flows' VMs: the follower looks at everything.
+    assert wait_for(lambda: "vtap:web" not in vc.sessions()), "a session that cannot deliver is still there"
+    assert {row.state for row in status_rows(vcsim, tapped)} == {"inactive"}
+
+    relocate(vc, target, home)
+    assert wait_for(lambda: received(vc) == both), "the session did not come back with its monitoring VM"
 
 
 def test_nic_moved_to_another_port_is_re_realized(vc, tapped):
@@ -132,3 +189,34 @@ def test_session_edited_behind_vtaps_back_is_put_right(vc, tapped):
     vc.reconfigure_vspan("edit", edited)
     # The core replaces a binding whose spec differs (remove, then add): wait for the new one.
     assert wait_for(lambda: reverted(vc)), "the edit was not reverted"
+
+
+def test_flow_moved_away_from_a_monitoring_vm_that_allows_erspan_is_re_realized_as_erspan(vc, vcsim, tapped):
+    source, target = vc.vm(2), vc.vm(3)
+    home, away = source.runtime.host, vc.hosts()[1]
+    assert home == target.runtime.host
+    (address,) = [a for n in target.guest.net if n.macAddress == vc.nic(target).macAddress for a in n.ipAddress]
+    with connect(vcsim, tapped.state) as client:
+        client.create_session("roam", to=f"vm:{target.config.instanceUuid}?encap=erspan")
+        client.add_flow("roam", vm=source.config.instanceUuid, direction="both")
+    local = vc.sessions()["vtap:roam"]
+    assert local.sessionType == "dvPortMirror" and list(local.destinationPort.portKey) == [vc.port_key(target)]
+
+    relocate(vc, source, away)
+
+    def session_type():
+        session = vc.sessions().get("vtap:roam")  # none while the core replaces it (remove, then add)
+        return session.sessionType if session is not None else None
+
+    assert wait_for(lambda: session_type() == "encapsulatedRemoteMirrorSource"), "the session was not switched to ERSPAN"
+    made = vc.sessions()["vtap:roam"]
+    assert made.encapType == "erspan2" and list(made.destinationPort.ipAddress) == [address]
+    assert not made.destinationPort.portKey
+    assert list(made.sourcePortReceived.portKey) == [vc.port_key(source)]
+    roam = [row for row in status_rows(vcsim, tapped) if row.session == "roam"]
+    assert [row.state for row in roam] == ["active"]
+
+    relocate(vc, source, home)
+    assert wait_for(lambda: session_type() == "dvPortMirror"), "back on one host, the session did not return to dvPortMirror"
+    with connect(vcsim, tapped.state) as client:
+        client.delete_session("roam")

@@ -29,6 +29,7 @@ func main() {
 	datacenters := flag.Int("datacenters", 1, "datacenters, each with its cluster, VMs and distributed switch")
 	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
 	noErspan := flag.Bool("no-erspan", false, "report a switch without ERSPAN support (vspanCapability.erspanProtocolSupported=false)")
+	denyVspan := flag.Bool("deny-vspan", false, "the user's role lacks the DVSwitch.Vspan privilege (vspan changes raise NoPermission)")
 	verbose := flag.Bool("verbose", false, "keep the simulator's request log")
 	flag.Parse()
 	if !*verbose {
@@ -44,7 +45,7 @@ func main() {
 	if err := model.Create(); err != nil {
 		fatal(err)
 	}
-	extend(!*noErspan)
+	extend(!*noErspan, *denyVspan)
 
 	model.Service.Listen = &url.URL{Host: "127.0.0.1:0"}
 	model.Service.Listen.User = url.UserPassword(envOr("VCSIM_USERNAME", "user"), envOr("VCSIM_PASSWORD", "pass"))
@@ -65,9 +66,9 @@ func main() {
 }
 
 // extend replaces the stock switches and VMs in the registry with their extended versions.
-func extend(erspan bool) {
+func extend(erspan, denyVspan bool) {
 	for _, obj := range byName(simulator.Map.All("DistributedVirtualSwitch")) {
-		wrapSwitch(obj.(*simulator.DistributedVirtualSwitch), erspan)
+		wrapSwitch(obj.(*simulator.DistributedVirtualSwitch), erspan, denyVspan)
 	}
 	// Debian's govmomi 0.24 ships a VmMigratedEvent message template that does not parse
 	// ("{{.SourceHost.Name}," ...), which panics the first time the event is posted. The

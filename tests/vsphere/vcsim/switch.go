@@ -18,6 +18,7 @@ type VspanSwitch struct {
 	ports       map[string]*port
 	nextPort    int
 	nextSession int
+	denyVspan   bool // the logged-in user's role lacks DVSwitch.Vspan (--deny-vspan)
 }
 
 // switches finds a switch by UUID (NIC backings name their switch by UUID), byPortgroup by
@@ -27,8 +28,8 @@ var (
 	byPortgroup = map[string]*VspanSwitch{}
 )
 
-func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
-	s := &VspanSwitch{DistributedVirtualSwitch: *stock, ports: map[string]*port{}}
+func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan, denyVspan bool) {
+	s := &VspanSwitch{DistributedVirtualSwitch: *stock, ports: map[string]*port{}, denyVspan: denyVspan}
 	config := s.Config.(*types.VMwareDVSConfigInfo)
 	// The stock simulator derives a switch's UUID from its name, and names every
 	// datacenter's switch DVS0; vCenter's switch UUIDs are unique.
@@ -62,6 +63,11 @@ func wrapSwitch(stock *simulator.DistributedVirtualSwitch, erspan bool) {
 	for _, ref := range s.Portgroup {
 		pg := simulator.Map.Get(ref).(*simulator.DistributedVirtualPortgroup)
 		byPortgroup[pg.Key] = s
+		// DVPortgroupConfigInfo.type is always set by vCenter (earlyBinding: "static binding",
+		// the default for a new portgroup); the stock simulator leaves it empty.
+		if pg.Config.Type == "" {
+			pg.Config.Type = string(types.DistributedVirtualPortgroupPortgroupTypeEarlyBinding)
+		}
 		if strings.Contains(pg.Name, "-DVUplinks") {
 			config.UplinkPortgroup = []types.ManagedObjectReference{ref}
 			for _, host := range s.Summary.HostMember {
@@ -151,10 +157,11 @@ func (s *VspanSwitch) ReconfigureDVPortTask(ctx *simulator.Context, req *types.R
 	return &methods.ReconfigureDVPort_TaskBody{Res: &types.ReconfigureDVPort_TaskResponse{Returnval: task.Run()}}
 }
 
+// inSession: the port is a transmitted source or a destination of some session (the uses
+// VspanPortPromiscChangeFault names; a received-only source may turn promiscuous).
 func (s *VspanSwitch) inSession(key string) bool {
 	for _, session := range s.Config.(*types.VMwareDVSConfigInfo).VspanSession {
-		ports := append(portKeys(session.SourcePortTransmitted), portKeys(session.SourcePortReceived)...)
-		if contains(append(ports, portKeys(session.DestinationPort)...), key) {
+		if contains(append(portKeys(session.SourcePortTransmitted), portKeys(session.DestinationPort)...), key) {
 			return true
 		}
 	}
@@ -179,6 +186,12 @@ func (s *VspanSwitch) ReconfigureDvsTask(ctx *simulator.Context, req *types.Reco
 		var vspan []types.VMwareDVSVspanConfigSpec
 		if v, ok := req.Spec.(*types.VMwareDVSConfigSpec); ok {
 			vspan = v.VspanConfigSpec
+		}
+		// ReconfigureDvs_Task's required privileges: "DVSwitch.Vspan if
+		// VMwareDVSConfigSpec.vspanConfigSpec is set"; without it vCenter raises NoPermission
+		// naming the object and the privilege (NoPermission.privilegeId).
+		if len(vspan) > 0 && s.denyVspan {
+			return nil, &types.NoPermission{Object: s.Self, PrivilegeId: "DVSwitch.Vspan"}
 		}
 		if len(spec.Host) > 0 {
 			if fault := s.reconfigureHosts(req); fault != nil {

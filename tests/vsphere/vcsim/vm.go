@@ -23,6 +23,7 @@ var nextMAC int
 func wrapVM(stock *simulator.VirtualMachine) {
 	vm := &VM{VirtualMachine: *stock}
 	devices := make([]types.BaseVirtualDevice, len(vm.Config.Hardware.Device))
+	var guestNet []types.GuestNicInfo
 	for i, device := range vm.Config.Hardware.Device {
 		devices[i] = device
 		backing := dvsBacking(device)
@@ -41,13 +42,66 @@ func wrapVM(stock *simulator.VirtualMachine) {
 		device.(types.BaseVirtualEthernetCard).GetVirtualEthernetCard().MacAddress =
 			fmt.Sprintf("00:50:56:%02x:%02x:%02x", nextMAC>>16&0xff, nextMAC>>8&0xff, nextMAC&0xff)
 		devices[i] = device
+		guestNet = append(guestNet, guestNic(device, nextMAC))
 		if s := switches[backing.Port.SwitchUuid]; s != nil {
 			backing.Port.PortKey = s.allocatePort(backing.Port.PortgroupKey, vm.Self, device.GetVirtualDevice().Key).Key
 		}
 	}
 	vm.Config.Hardware.Device = devices
+	if len(guestNet) > 0 {
+		// GuestInfo.net, "Guest information about network adapters", and GuestInfo.ipAddress,
+		// "Primary IP address assigned to the guest operating system" (what VMware Tools report).
+		guest := *vm.Guest
+		guest.Net = guestNet
+		guest.IpAddress = guestNet[0].IpAddress[0]
+		guest.ToolsRunningStatus = string(types.VirtualMachineToolsRunningStatusGuestToolsRunning)
+		vm.Guest = &guest
+	}
 	vm.Config.ChangeVersion = changeVersion()
+	placeOnFirstHost(vm)
 	simulator.Map.Put(vm)
+}
+
+// placeOnFirstHost moves the VM to its cluster's first host by name. The stock simulator picks
+// a random host, and where a VM runs decides whether a mirror delivers: a dvPortMirror session
+// works only when its source and destination ports are on one ESXi host (vSphere Networking
+// guide, "Port Mirroring Interoperability" and the "Distributed Port Mirroring" session type).
+// A port is on its VM's host (FetchDVPorts' proxyHost, see ports.go); tests move VMs with
+// RelocateVM_Task, so they know where every VM runs.
+func placeOnFirstHost(vm *VM) {
+	current, ok := simulator.Map.Get(*vm.Runtime.Host).(*simulator.HostSystem)
+	if !ok || current.Parent == nil {
+		return
+	}
+	cluster, ok := simulator.Map.Get(*current.Parent).(*simulator.ClusterComputeResource)
+	if !ok || len(cluster.Host) == 0 {
+		return
+	}
+	var first *simulator.HostSystem
+	for _, ref := range cluster.Host {
+		if h, ok := simulator.Map.Get(ref).(*simulator.HostSystem); ok && (first == nil || h.Name < first.Name) {
+			first = h
+		}
+	}
+	if first == nil || first.Self == current.Self {
+		return
+	}
+	simulator.Map.RemoveReference(current, &current.Vm, vm.Self)
+	simulator.Map.AddReference(first, &first.Vm, vm.Self)
+	host := first.Self
+	vm.Runtime.Host = &host
+	vm.Summary.Runtime.Host = &host
+}
+
+// guestNic: a NIC as VMware Tools report it (GuestNicInfo), with a unique address from 198.18.0.0/15
+// (RFC 2544's benchmarking range, never routed).
+func guestNic(device types.BaseVirtualDevice, n int) types.GuestNicInfo {
+	return types.GuestNicInfo{
+		MacAddress:     device.(types.BaseVirtualEthernetCard).GetVirtualEthernetCard().MacAddress,
+		Connected:      true,
+		DeviceConfigId: device.GetVirtualDevice().Key,
+		IpAddress:      []string{fmt.Sprintf("198.%d.%d.%d", 18+n>>16&1, n>>8&0xff, n&0xff)},
+	}
 }
 
 // changeVersion: VirtualMachineConfigInfo.changeVersion, "a unique identifier for a given version

@@ -2,8 +2,13 @@ package main
 
 // Port mirroring sessions, as the vSphere Web Services API reference describes them:
 // VMwareVspanSession (data object), VMwareVspanPort, VMwareDVSVspanConfigSpec, and the
-// faults ReconfigureDvs_Task raises for them (DuplicateName, VspanSameSessionPortConflict,
-// VspanDestPortConflict, VspanPortConflict, VspanPromiscuousPortNotSupported, InvalidArgument).
+// faults ReconfigureDvs_Task raises for them (VspanSameSessionPortConflict, VspanDestPortConflict,
+// VspanPortConflict, VspanPromiscuousPortNotSupported, NoPermission, InvalidArgument).
+//
+// Session names are not unique: VMwareVspanSession.name is only "the display name" and the
+// session's identifier is its generated key; ReconfigureDvs_Task's DuplicateName fault is about
+// the switch's own name (DVSConfigSpec.name). vCenter accepts two sessions with one name, so
+// this simulator does too (a client must find its sessions by key or by a mark of its own).
 
 import (
 	"strconv"
@@ -52,17 +57,12 @@ func (s *VspanSwitch) applyVspan(current []types.VMwareVspanSession, specs []typ
 }
 
 func (s *VspanSwitch) checkSessions(sessions []types.VMwareVspanSession) types.BaseMethodFault {
-	names := map[string]bool{}
 	destinations := map[string]string{} // port key -> session key
 	for i := range sessions {
 		session := &sessions[i]
 		if session.Name == "" {
 			return &types.InvalidArgument{InvalidProperty: "vspanSession.name"}
 		}
-		if names[session.Name] {
-			return &types.DuplicateName{Name: session.Name, Object: s.Self}
-		}
-		names[session.Name] = true
 		if fault := s.checkSession(session); fault != nil {
 			return fault
 		}
@@ -92,6 +92,10 @@ func (s *VspanSwitch) checkSession(session *types.VMwareVspanSession) types.Base
 	if session.MirroredPacketLength != 0 && session.MirroredPacketLength < 60 {
 		return &types.InvalidArgument{InvalidProperty: "vspanSession.mirroredPacketLength"}
 	}
+	// VMwareVspanSession.samplingRate: "Valid values are between 1 to 65535" (0: unset).
+	if session.SamplingRate < 0 || session.SamplingRate > 65535 {
+		return &types.InvalidArgument{InvalidProperty: "vspanSession.samplingRate"}
+	}
 	// sessionType "is required for vSphere Distributed Switch 5.1 and later".
 	kind := types.VMwareDVSVspanSessionType(session.SessionType)
 	switch kind {
@@ -106,8 +110,11 @@ func (s *VspanSwitch) checkSession(session *types.VMwareVspanSession) types.Base
 		if _, ok := s.ports[key]; !ok {
 			return &types.InvalidArgument{InvalidProperty: "vspanSession.sourcePort.portKey"}
 		}
-		// VspanPromiscuousPortNotSupported: "Thrown when a promiscuous port is used as
-		// transmitted source or destination in a Distributed Port Mirroring session."
+	}
+	// VspanPromiscuousPortNotSupported: "Thrown when a promiscuous port is used as
+	// transmitted source or destination in a Distributed Port Mirroring session." A port that
+	// is only a received source may be promiscuous.
+	for _, key := range portKeys(session.SourcePortTransmitted) {
 		if s.promiscuous(key) {
 			return &types.VspanPromiscuousPortNotSupported{VspanSessionKey: session.Key, PortKey: key}
 		}
@@ -138,6 +145,16 @@ func (s *VspanSwitch) checkSession(session *types.VMwareVspanSession) types.Base
 	}
 	if session.DestinationPort != nil && len(session.DestinationPort.WildcardPortConnecteeType) > 0 {
 		return &types.InvalidArgument{InvalidProperty: "vspanSession.destinationPort.wildcardPortConnecteeType"}
+	}
+	// VMwareVspanSession's table of session types: remoteMirrorSource sends to "Uplink Ports
+	// Name" only; uplink names are destinations of mixedDestMirror and remoteMirrorSource only.
+	if session.DestinationPort != nil && len(session.DestinationPort.UplinkPortName) > 0 &&
+		kind != types.VMwareDVSVspanSessionTypeMixedDestMirror && kind != types.VMwareDVSVspanSessionTypeRemoteMirrorSource {
+		return &types.InvalidArgument{InvalidProperty: "vspanSession.destinationPort.uplinkPortName"}
+	}
+	if kind == types.VMwareDVSVspanSessionTypeRemoteMirrorSource && (len(destinations) > 0 ||
+		session.DestinationPort == nil || len(session.DestinationPort.UplinkPortName) == 0 || len(session.DestinationPort.IpAddress) > 0) {
+		return &types.InvalidArgument{InvalidProperty: "vspanSession.destinationPort"}
 	}
 	if session.DestinationPort != nil {
 		for _, name := range session.DestinationPort.UplinkPortName {
