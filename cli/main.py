@@ -304,7 +304,7 @@ def cmd_apply(args, ctx):
 
 def cmd_status(args, ctx):
     rows = [row.to_dict() for row in ctx.client().status()]
-    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
+    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "capture_dropped", "problem"])
     return 0
 
 

@@ -57,6 +57,7 @@ class FlowStatus:
     dropped: int = 0  # copies the target did not take (packets counts every copy made)
     target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
     target_tx_errors: int = 0
+    capture_dropped: int = 0  # pcap target: copies that did not reach the file (ring full, sink drops), for the whole session
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -268,6 +269,8 @@ class Client:
             mine = by_flow.get((flow.session, flow.name), [])
             present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
             counters = [b.counters for b in present if b.counters is not None]
+            # The session's own target bindings (a pcap sink) count what was lost for all its flows.
+            targets = [observed[b.key] for b in by_flow.get((flow.session, None), []) if b.key in observed]
             if not session.enabled:
                 state = "disabled"
             elif not mine:
@@ -296,6 +299,7 @@ class Client:
                     dropped=dropped,
                     target_tx_dropped=target.tx_dropped,
                     target_tx_errors=target.tx_errors,
+                    capture_dropped=sum(b.counters.dropped for b in targets if b.counters is not None),
                 )
             )
         rows.extend(_orphan_row(session, flow, found) for (session, flow), found in sorted(orphans.items()))
@@ -306,7 +310,7 @@ class Client:
     def _absolute_pcap_path(self, session: TapSession) -> TapSession:
         if session.target.kind != "pcap" or os.path.isabs(session.target.path):
             return session
-        return evolve(session, target=Target.parse(f"pcap:{os.path.abspath(session.target.path)}"))
+        return evolve(session, target=evolve(session.target, path=os.path.abspath(session.target.path)))
 
     def _change(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""

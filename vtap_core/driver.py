@@ -51,7 +51,9 @@ class TargetHealth:
 class Counters:
     packets: int = 0
     bytes: int = 0
-    dropped: int = 0  # copies the platform failed to hand to the target (tc: the mirred action's overlimits)
+    # Copies lost on the way to the target: on a mirror, those the target device refused (tc: the
+    # mirred action's overlimits); on a pcap sink, those that never reached the file (ring full, sink drops).
+    dropped: int = 0
     target: TargetHealth | None = None
 
 

@@ -121,7 +121,8 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH[?max_size=BYTES&max_files=K]"
+PCAP_ROTATION_RULE = f"pcap:PATH?max_size=BYTES&max_files=K rotates the file (both options; BYTES {4096}..{2**50}, K 1..{10**5})"
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class Target:
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
     encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
+    max_size: int | None = None  # pcap: rotate the file when it would grow beyond this many bytes
+    max_files: int | None = None  # pcap: the current file and at most max_files-1 older ones (PATH.1 ...)
 
     @property
     def is_tunnel(self) -> bool:
@@ -151,7 +154,8 @@ class Target:
         if self.kind == "vm":
             return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "") + (f"?encap={self.encap}" if self.encap else "")
         if self.kind == "pcap":
-            return f"pcap:{self.path}"
+            rotation = f"?max_size={self.max_size}&max_files={self.max_files}" if self.max_size else ""
+            return f"pcap:{self.path}{rotation}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.kind == "vxlan":
             return f"vxlan://{host}:{self.udp_port}?vni={self.vni}"
@@ -183,12 +187,30 @@ class Target:
                 raise ValidationError("target", f"{text!r}: the only vm option is ?encap=erspan (ERSPAN to a monitoring VM on another host)")
             return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None, encap="erspan" if options else None)
         if scheme == "pcap":
-            if not rest or "\0" in rest:
-                raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
-            return cls("pcap", path=rest)
+            return cls._parse_pcap(text, rest)
         if scheme in ("vxlan", "gre", "erspan"):
             return cls._parse_tunnel(text, scheme)
         raise ValidationError("target", f"{text!r}: unknown scheme {scheme!r}; allowed: {TARGET_GRAMMAR}")
+
+    @classmethod
+    def _parse_pcap(cls, text: str, rest: str) -> "Target":
+        """pcap:PATH, or pcap:PATH?max_size=N&max_files=K (a '?' without options stays in the path)."""
+        path, sep, query = rest.rpartition("?")
+        if not sep or "=" not in query:
+            path, query = rest, ""
+        if not path or "\0" in path:
+            raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
+        if not query:
+            return cls("pcap", path=path)
+        try:
+            options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            raise ValidationError("target", f"{text!r}: malformed options; {PCAP_ROTATION_RULE}") from None
+        if set(options) != {"max_size", "max_files"}:
+            raise ValidationError("target", f"{text!r}: {PCAP_ROTATION_RULE}")
+        max_size = check_int("target max_size", options["max_size"], 4096, 2**50)
+        max_files = check_int("target max_files", options["max_files"], 1, 10**5)
+        return cls("pcap", path=path, max_size=max_size, max_files=max_files)
 
     @classmethod
     def _parse_tunnel(cls, text: str, scheme: str) -> "Target":

@@ -43,7 +43,7 @@ API (all names are device names in this namespace):
         what a session needs even with no flow (reconcile plans a session alone)
     dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
     dp.vxlan_target(session, remote, port, vni)  -> (Binding, device name, guard expression)
-    dp.capture_target(session, path, snaplen)     -> (Binding, device name)
+    dp.capture_target(session, path, snaplen, max_size=None, max_files=None) -> (Binding, device name)
     hooks_for(direction, vm_port=False)           -> ("ingress",) / ("egress",) / both
         host interface: in = ingress, out = egress (as tcpdump -Q);
         a VM's host-side device (tap/vnet/veth host end) is the reverse: the VM's
@@ -115,6 +115,7 @@ FILTERABLE_ROOTS = frozenset({"htb", "hfsc", "prio"})
 NLM_F_ECHO = 0x8  # a qdisc get is answered only to multicast listeners unless echoed
 VXLAN_PREFIX = "vtapx"
 SINK_PREFIX = "vtapc"
+TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
 # linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
@@ -278,14 +279,16 @@ class TcDataplane:
         guard = f"udp dst port {int(port)} and dst host {remote}"
         return binding, device, guard
 
-    def capture_target(self, session: str, path: str, snaplen: int | None) -> tuple[Binding, str]:
+    def capture_target(self, session: str, path: str, snaplen: int | None, max_size: int | None = None, max_files: int | None = None) -> tuple[Binding, str]:
         from vtap_drivers.linux.capture import check_capture_path
 
         path = check_capture_path(path)
+        # Rotation is in the spec only when asked for: sinks made before it existed keep their names.
+        rotation = (("max_size", max_size), ("max_files", max_files)) if max_size else ()
         # Named by everything in its spec (as a VXLAN device is): a changed path or snaplen is a
         # new sink, so the mirrors pointing at the old one are replaced in the same reconcile.
-        device = SINK_PREFIX + _short_hash(self.netns, session, path, snaplen)
-        spec = (("type", "capture"), ("device", device), ("path", path), ("snaplen", snaplen))
+        device = SINK_PREFIX + _short_hash(self.netns, session, path, snaplen, *rotation)
+        spec = (("type", "capture"), ("device", device), ("path", path), ("snaplen", snaplen), *rotation)
         return Binding(key=f"pcap/{self._ns_key}{device}", session=session, spec=spec, order=0), device
 
     def plan_interface(self, session: TapSession, flow: TapFlow, device: str | None = None) -> list[Binding]:
@@ -302,7 +305,7 @@ class TcDataplane:
             binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni)
             return [binding], device, guard
         if target.kind == "pcap":
-            binding, device = self.capture_target(session.name, target.path, session.snaplen)
+            binding, device = self.capture_target(session.name, target.path, session.snaplen, target.max_size, target.max_files)
             return [binding], device, None
         if target.kind in ("port", "vm"):
             device = target_device or target.port
@@ -587,9 +590,11 @@ class TcDataplane:
                     process = captures.get(binding.get("device"))
                     if process is None:
                         continue  # the sink without its capture process: apply starts it
-                    actual = {"path": process["path"], "snaplen": process["snaplen"]}
+                    actual = {"path": process["path"], "snaplen": process["snaplen"], "max_size": process.get("max_size"), "max_files": process.get("max_files")}
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, mark, **actual)
+                if kind == "ifb":
+                    binding = replace(binding, counters=self._capture_counters(binding.get("device"), link["index"]))
                 out.append(binding)
         return out
 
@@ -615,6 +620,19 @@ class TcDataplane:
         route_mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
         mtus = [mtu for mtu in (route_mtu, link["mtu"]) if mtu]
         return (link["name"], min(mtus)) if mtus else None
+
+    def _capture_counters(self, device: str, index: int) -> Counters:
+        """Frames in the pcap file, and every copy lost on the way: the ring full, the sink's own drops."""
+        from vtap_drivers.linux.capture import capture_counts
+
+        counts = capture_counts(self.state_dir, device) or {}
+        try:
+            (link,) = self.ipr.get_links(index)
+            sink = link.get_attr("IFLA_STATS64") or {}
+        except _netlink_error():
+            sink = {}  # the sink went away since the dump: the next observe sees it gone
+        dropped = counts.get("ring_dropped", 0) + sink.get("tx_dropped", 0)
+        return Counters(packets=counts.get("frames", 0), dropped=dropped)
 
     def _unknown(self, mark: bytes, device: str | None = None) -> Binding:
         """Something vtap marked but no catalog names (the state dir was lost): an orphan."""
@@ -809,7 +827,10 @@ class TcDataplane:
 
         self._ensure_device(binding, "ifb", lambda name: self.ipr.link("add", ifname=name, kind="ifb"), done)
         device = binding.get("device")
-        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir)
+        # No queue on the sink: an ifb's default one holds 32 frames and drops the rest silently;
+        # without it each copy goes straight to the capture's ring, whose drops are counted.
+        self.ipr.tc("replace", kind="noqueue", index=self.ipr.link_lookup(ifname=device)[0], handle=0, parent=TC_H_ROOT)
+        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir, binding.get("max_size"), binding.get("max_files"))
 
     # ------------------------------------------------------------ remove
 
