@@ -239,6 +239,17 @@ class Catalog:
     def marks(self) -> set[bytes]:
         return {bytes.fromhex(mark) for mark in self.bindings}
 
+    def note_failure(self, bindings, why: str) -> None:
+        """These bindings' apply failed: say why in status until one of them applies."""
+        for binding in bindings:
+            self.failures[binding.key] = [binding.session, binding.flow, why]
+            self._changed = True
+
+    def clear_failures(self, bindings) -> None:
+        for binding in bindings:
+            if self.failures.pop(binding.key, None) is not None:
+                self._changed = True
+
     def forget(self, mark: bytes) -> None:
         if self.bindings.pop(mark.hex(), None) is not None:
             self._changed, self._hooks = True, None

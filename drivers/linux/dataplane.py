@@ -689,11 +689,10 @@ class TcDataplane:
                 self._remove(list(reversed(done)), catalog)
                 self._forget_qdiscs_never_added(catalog)
                 why = str(exc) if isinstance(exc, OperationFailed) else f"{type(exc).__name__}: {exc}"
-                catalog.failures.update({b.key: [b.session, b.flow, why] for b in bindings})
+                catalog.note_failure(bindings, why)
                 catalog.save_or_keep()
                 raise
-            for binding in bindings:
-                catalog.failures.pop(binding.key, None)
+            catalog.clear_failures(bindings)
             catalog.save()
         self.save_filter_cache()
 

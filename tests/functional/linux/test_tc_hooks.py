@@ -250,6 +250,7 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
 
     lab.standard()
     lab.veth("src1", "peer1")
+    lab.ip("route", "add", "192.0.2.0/24", "dev", "mon0")  # the tunnel's remote is reachable
     with client(lab, tmp_path) as vtap:
         vtap.create_session("tunnel", to="vxlan://192.0.2.9:4790?vni=7")
         vtap.add_flow("tunnel", interface="src0", direction="in", name="t0")
@@ -271,6 +272,12 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
         finally:
             collector.close()
         assert [s.name for s in vtap.store.sessions()] == ["tunnel", "web"]
+        # The port is free again: the next reconcile applies the tunnel and the problem goes.
+        vtap.reconcile()
+        rows = vtap.status()
+        assert [(row.flow, row.state) for row in rows] == [("t0", "active"), ("w1", "active")]
+        assert not any("4790" in row.problem for row in rows)
+        assert vtap.driver.apply_problems() == []
     marker = new_marker()
     assert copies(lab, {"peer1": (marker, 2)}) == {marker: 2}
 
