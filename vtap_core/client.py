@@ -29,16 +29,16 @@ import os
 import sys
 from dataclasses import dataclass
 
-from vtap_core import reconcile, registry, yamlfile
+from vtap_core import reconcile, registry, selectors, yamlfile
 from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
-from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
 from vtap_core.redact import check_url_settings, redact
 from vtap_core.safefile import open_private
 from vtap_core.store import Store
 
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
-FLOW_KEYS = {"name", "vm", "nic", "interface", "direction", "filter"}
+FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter"}
 
 
 @dataclass
@@ -58,9 +58,13 @@ class FlowStatus:
     target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
     target_tx_errors: int = 0
     capture_dropped: int = 0  # pcap target: copies that did not reach the file (ring full, sink drops), for the whole session
+    members: list | None = None  # selector flows: each VM/NIC tapped now, with its own state and counters
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if self.members is None:
+            del data["members"]
+        return data
 
 
 @dataclass
@@ -174,8 +178,8 @@ class Client:
         verb = "enabled" if enabled else "disabled"
         return self._change(f"session {'enable' if enabled else 'disable'} {name}", mutate, f"session {name} {verb}")
 
-    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None) -> Change:
-        source = Source(vm=vm, nic=nic, interface=interface)
+    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None, select=None) -> Change:
+        source = Source(vm=vm, nic=nic, interface=interface, select=select)
         if name is not None:
             TapFlow(name=name, session=session, source=source, direction=direction, filter=filter)
         created = {}
@@ -241,7 +245,19 @@ class Client:
         with self.lock():
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
-            return reconcile.reconcile(self.driver, sessions, flows, scope)
+            plan = reconcile.reconcile(self.driver, sessions, flows, scope)
+            self._record_membership(plan.members, flows)
+            return plan
+
+    def flow_members(self, name: str) -> list[selectors.Member]:
+        """Who a selector flow taps now and why (`vtap flow show`)."""
+        flow = next((f for f in self.store.flows() if f.name == name), None)
+        if flow is None:
+            raise NotFound(f"flow {name!r} does not exist")
+        if not flow.source.select:
+            return []
+        session = self.store.session(flow.session)
+        return selectors.members_of(flow, session, self.driver.inventory(), cap=1 << 62)
 
     # status ---------------------------------------------------------------
 
@@ -249,9 +265,10 @@ class Client:
         sessions = {s.name: s for s in self.store.sessions()}
         flows = self.store.flows()
         problems: list = []
-        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
+        members: dict = {}
+        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems, members)
         observed = {b.key: b for b in self.driver.observe()}
-        why = {(s, f): text for s, f, text in problems}
+        why = {(s, parent_of(f)): text for s, f, text in problems}
         by_flow: dict = {}
         for binding in desired:
             by_flow.setdefault((binding.session, binding.flow), []).append(binding)
@@ -266,23 +283,18 @@ class Client:
                 orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
         for flow in flows:
             session = sessions[flow.session]
-            mine = by_flow.get((flow.session, flow.name), [])
-            present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
-            counters = [b.counters for b in present if b.counters is not None]
             # The session's own target bindings (a pcap sink) count what was lost for all its flows.
             targets = [observed[b.key] for b in by_flow.get((flow.session, None), []) if b.key in observed]
-            if not session.enabled:
-                state = "disabled"
-            elif not mine:
-                state = "inactive"
-            elif len(present) == len(mine):
-                state = "active"
-            else:
-                state = "partial" if present else "missing"
-            dropped, target, trouble = _target_side(counters)
-            if state == "active" and target.cut:
-                state = "degraded"  # active means delivered: some of these copies cannot be
-            problem = _problem_of(flow, why) or (_failure_of(flow, failed) if state in ("partial", "missing") else "")
+            row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed)
+            if flow.source.select is not None:
+                member_rows = [
+                    {"vm": m.vm, "name": m.vm_name, "nic": m.nic, "host": m.host,
+                     **_flow_state(session, by_flow.get((flow.session, f"{flow.name}@{m.vm}" + (f"#{m.nic}" if m.nic else "")), []), observed)}
+                    for m in members.get(flow.name, [])
+                ]
+                row = _sum_members(session, member_rows)
+            problem = _problem_of(flow, why) or (_failure_of(flow, failed) if row["state"] in ("partial", "missing") else "")
+            trouble = row.pop("trouble")
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -290,15 +302,9 @@ class Client:
                     source=str(flow.source),
                     direction=flow.direction.value,
                     target=str(session.target),
-                    state=state,
-                    desired=len(mine),
-                    observed=len(present),
-                    packets=sum(c.packets for c in counters),
-                    bytes=sum(c.bytes for c in counters),
                     problem="; ".join(p for p in (problem, *trouble) if p),
-                    dropped=dropped,
-                    target_tx_dropped=target.tx_dropped,
-                    target_tx_errors=target.tx_errors,
+                    members=member_rows if flow.source.select is not None else None,
+                    **row,
                     capture_dropped=sum(b.counters.dropped for b in targets if b.counters is not None),
                 )
             )
@@ -354,7 +360,24 @@ class Client:
         publish = getattr(self.driver, "publish_desired", None)
         if publish is not None:
             publish(sessions, flows)
-        return reconcile.reconcile(self.driver, sessions, flows)
+        plan = reconcile.reconcile(self.driver, sessions, flows)
+        self._record_membership(plan.members, flows)
+        return plan
+
+    def _record_membership(self, members: dict, flows) -> None:
+        """One audit row per VM that joined or left a selector flow since the last reconcile."""
+        path = os.path.join(self.store.state_dir, f"selectors-{self.driver_name}.json")
+        selector_flows = {f.name for f in flows if f.source.select}
+        before = {k: v for k, v in _read_private_json(path).items() if k in selector_flows or k in members}
+        after = {flow: {f"{m.vm}#{m.nic}": f"{m.vm_name}: {m.why}" for m in found} for flow, found in members.items()}
+        # Flows deleted since: their members left with them (the deletion is audited already).
+        after.update({flow: {} for flow in before if flow not in selector_flows})
+        changes = selectors.membership_changes(before, after)
+        if not changes:
+            return
+        with self.store.transaction():
+            self.store.record(f"{self.command}: selector membership" if self.command != "sdk" else "sdk: selector membership", {"members": changes})
+        _write_private_json(path, {k: v for k, v in after.items() if k in selector_flows})
 
     def _validate(self, sessions: dict, flows: dict, touched: set[str], before: dict):
         """The driver must be able to realize what this call touches, beside everything else.
@@ -369,10 +392,16 @@ class Client:
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
         new = {f.name for f in mine if before.get(f.name) != f}
-        self.driver.plan([sessions[n] for n in touched], [f for f in mine if f.name in new])
-        if len(touched) == len(sessions) and len(new) == len(flows):
+        # Selector flows are planned as the members they have now; a new one over the cap is this call's fault.
+        expanded = selectors.expand(list(sessions.values()), list(flows.values()), self.driver.inventory, selectors.cap())
+        for session, flow, why in expanded.problems:
+            if flow in new:
+                raise ValidationError("select", f"flow {flow}: {why.split(': ', 1)[-1]}")
+        everything = expanded.flows
+        new |= {f.name for f in everything if parent_of(f.name) in new}
+        self.driver.plan([sessions[n] for n in touched], [f for f in everything if f.name in new])
+        if len(touched) == len(sessions) and all(f.name in new for f in everything):
             return  # that was the whole desired state
-        everything = list(flows.values())
         try:
             self.driver.plan(list(sessions.values()), everything)
             return
@@ -447,6 +476,47 @@ class Client:
         return f"{message} (nothing to change on this host now)"
 
 
+COUNTS = ("desired", "observed", "packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors")
+
+
+def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
+    """state, desired, observed, counters and target-side trouble of one flow's bindings."""
+    present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
+    counters = [b.counters for b in present if b.counters is not None]
+    if not session.enabled:
+        state = "disabled"
+    elif not mine:
+        state = "inactive"
+    elif len(present) == len(mine):
+        state = "active"
+    else:
+        state = "partial" if present else "missing"
+    dropped, target, trouble = _target_side(counters)
+    if state == "active" and target.cut:
+        state = "degraded"  # active means delivered: some of these copies cannot be
+    return {"state": state, "desired": len(mine), "observed": len(present),
+            "packets": sum(c.packets for c in counters), "bytes": sum(c.bytes for c in counters),
+            "dropped": dropped, "target_tx_dropped": target.tx_dropped, "target_tx_errors": target.tx_errors, "trouble": trouble}
+
+
+def _sum_members(session: TapSession, members: list[dict]) -> dict:
+    """A selector flow's own row: its members added up (active when every member is)."""
+    total = {key: sum(m[key] for m in members) for key in COUNTS}
+    states = {m["state"] for m in members if m["state"] != "inactive"}
+    if not session.enabled:
+        state = "disabled"
+    elif not states:
+        state = "inactive"
+    elif states == {"active"}:
+        state = "active"
+    elif states <= {"active", "degraded"}:
+        state = "degraded"
+    else:
+        state = "partial" if states & {"active", "degraded", "partial"} else "missing"
+    trouble = list(dict.fromkeys(t for m in members for t in m.pop("trouble")))
+    return {"state": state, **total, "trouble": trouble}
+
+
 def _orphan_row(session: str, flow: str, found: list) -> FlowStatus:
     counters = [b.counters for b in found if b.counters is not None]
     devices = sorted({str(b.get("device")) for b in found if b.get("device")})
@@ -489,6 +559,37 @@ def _changed_by(session: str, flow: str | None, before_sessions, before_flows, s
         return {x.name: x for x in old}.get(name) == {x.name: x for x in new}.get(name)
 
     return not same(before_sessions, sessions, session) or (flow is not None and not same(before_flows, flows, flow))
+
+
+def _read_private_json(path: str) -> dict:
+    import json
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd) as handle:
+        try:
+            data = json.load(handle)
+        except ValueError:
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_private_json(path: str, data: dict) -> None:
+    """Written whole to a fresh 0600 file, then renamed over (never through a symlink)."""
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".selectors-")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def next_flow_name(session: str, flows: dict) -> str:

@@ -18,6 +18,7 @@ refused before anything changes.
 from __future__ import annotations
 
 import threading
+import time
 
 import libvirt
 
@@ -29,9 +30,13 @@ from vtap_drivers.kvm.connection import Libvirt
 from vtap_drivers.kvm.devices import MACVTAP, PASSTHROUGH, device_kind, no_host_device
 from vtap_drivers.kvm.domains import vm_of
 from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.linux.dataplane import missing_tunnel_device
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
-TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
+TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap", "gre", "erspan"})  # gre/erspan: where the kernel has the devices
+# Seconds one inventory read serves: a reconcile reads it for expand, plan and observe, and a
+# command plans several times before it applies. Events and the end of observe() drop it.
+INVENTORY_REUSE = 1.0
 
 
 class KvmDriver(Driver):
@@ -44,6 +49,8 @@ class KvmDriver(Driver):
         self.libvirt = Libvirt(self.uri)
         self.ovs = Ovs(ovsdb)
         self._tc = None
+        self._parsed: dict = {}  # uuid -> (XML, state, VM) of the last inventory
+        self._memo = None  # (time, VMs): one reconcile's expand, plan and observe share one read
         self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
@@ -71,24 +78,38 @@ class KvmDriver(Driver):
             sample=True,  # tc only
             snaplen_targets=frozenset({"pcap"}) | OVS_TARGETS,  # pcap with tc; any with ovs
             backends=("tc", "ovs"),
+            selector_keys=frozenset({"name", "tag", "host", "network"}),
         )
         return Description(self.name, "KVM/libvirt guests; tc or Open vSwitch data path", features, {"uri": self.uri})
 
     # inventory -------------------------------------------------------------
 
     def inventory(self) -> list[VM]:
+        memo = self._memo
+        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE:
+            return memo[1]
+
         def read(conn):
             host = conn.getHostname()
-            vms = []
+            vms, parsed = [], {}
             for dom in conn.listAllDomains():
                 try:
-                    vms.append(vm_of(dom.UUIDString(), dom.name(), dom.state()[0], dom.XMLDesc(), host))
+                    uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
+                    # Every read asks libvirt; parsing is the cost at thousands of VMs, and
+                    # the same XML in the same state is the same VM.
+                    known = self._parsed.get(uuid)
+                    vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
+                    parsed[uuid] = (xml, state, vm)
+                    vms.append(vm)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise  # else: undefined between list and read, so not there
+            self._parsed = parsed
             return vms
 
-        return self.libvirt.call(read)
+        vms = self.libvirt.call(read)
+        self._memo = (time.monotonic(), vms)
+        return vms
 
     # plan ------------------------------------------------------------------
 
@@ -212,7 +233,8 @@ class KvmDriver(Driver):
     def _backend(self, session: TapSession, flows) -> str:
         backend = session.backend
         if backend is None:
-            backend = "ovs" if session.target.kind in ("gre", "erspan") and self.ovs.available() else "tc"
+            tc_can = missing_tunnel_device(session.target) is None
+            backend = "ovs" if not tc_can and self.ovs.available() else "tc"
         if backend == "ovs":
             if session.target.kind not in OVS_TARGETS:
                 raise Unsupported(self.name, f"target {session.target.kind}: with backend ovs", f"ovs targets are {', '.join(sorted(OVS_TARGETS))}")
@@ -222,8 +244,9 @@ class KvmDriver(Driver):
                 if flow.filter:
                     raise Unsupported(self.name, "filter expressions with backend ovs", "an OVS mirror selects whole ports (use --backend tc)")
         elif backend == "tc":
-            if session.target.kind not in TC_TARGETS:
-                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", "this kernel has no gretap/erspan devices (use --backend ovs for NICs on OVS, or vxlan://)")
+            missing = missing_tunnel_device(session.target)
+            if session.target.kind not in TC_TARGETS or missing:
+                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", f"{missing or 'not a tc target'} (or --backend ovs for NICs on OVS)")
             if session.snaplen is not None and session.target.kind != "pcap":
                 raise Unsupported(self.name, "snaplen with backend tc", "tc copies whole frames; snaplen works with pcap targets or --backend ovs")
         else:
@@ -255,7 +278,10 @@ class KvmDriver(Driver):
         has its own catalog: its filters show up as unknown marks here and are
         left alone, never removed as orphans.
         """
-        devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        try:
+            devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        finally:
+            self._memo = None  # observe ends a reconcile (and status): the next one reads afresh
         found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
             # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
@@ -290,7 +316,9 @@ class KvmDriver(Driver):
             self.tc.remove(tc)
 
     def watch(self, stop: threading.Event):
-        return self.libvirt.watch(stop)
+        for hint in self.libvirt.watch(stop):
+            self._memo = None  # something changed: the reconcile it causes must read it
+            yield hint
 
     def close(self) -> None:
         self.libvirt.close()

@@ -25,11 +25,13 @@ import hashlib
 import json
 import logging
 import os
+import time
 
 from vtap_core.driver import Binding, Counters
 from vtap_core.errors import OperationFailed, TemporaryError
 
 log = logging.getLogger("vtap.kvm.ovs")
+CFG_TIMEOUT = 5.0  # seconds vswitchd gets to apply a change before flows are purged anyway
 
 MARK = "vtap-binding"  # tunnel ports (and one Mirror per flow, as vtap made them before)
 MEMBERS = "vtap-members"
@@ -47,6 +49,8 @@ def tunnel_port_name(session: str, bridge: str) -> str:
 def tunnel_options(target) -> dict:
     """OVS Interface type and options for a tunnel target (vswitchd.conf.db(5), Interface table)."""
     options = {"remote_ip": target.host}
+    if getattr(target, "local", None):
+        options["local_ip"] = target.local
     if target.kind == "vxlan":
         options.update(key=str(target.vni), dst_port=str(target.udp_port))
     elif target.kind == "gre":
@@ -180,6 +184,7 @@ class Ovs:
             self._add_tunnel(binding)
         else:
             self._update_mirror(binding.session, binding.get("bridge"), add=binding)
+            self._refresh_flows()
 
     def remove(self, binding: Binding) -> None:
         if "/tunnel/" in binding.key:
@@ -190,6 +195,23 @@ class Ovs:
                 if MARK in mirror.external_ids and json.loads(mirror.external_ids[MARK])["key"] == binding.key:
                     self.api.db_remove("Bridge", bridge.uuid, "mirrors", mirror.uuid).execute(check_error=True)
         self._update_mirror(binding.session, binding.get("bridge"), drop=binding.key)
+        self._refresh_flows()
+
+    def _refresh_flows(self) -> None:
+        """Cached datapath flows do not see a changed Mirror (ovsflows.py): have vswitchd drop them."""
+        from vtap_drivers.kvm.ovsflows import purge_datapath_flows
+
+        # vswitchd must have applied the new row first: bump next_cfg and wait until cur_cfg reaches it
+        # (what ovs-vsctl does without --no-wait), then purge.
+        (row,) = self._rows("Open_vSwitch")
+        wanted = row.next_cfg + 1
+        self.api.db_set("Open_vSwitch", row.uuid, ("next_cfg", wanted)).execute(check_error=True)
+        deadline = time.monotonic() + CFG_TIMEOUT
+        while self._rows("Open_vSwitch")[0].cur_cfg < wanted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        problem = purge_datapath_flows(self.remote)
+        if problem:
+            log.warning("mirror changed; cached datapath flows may not see it yet: %s", problem)
 
     def _rows(self, table: str) -> list:
         """A snapshot: ovsdbapp's thread updates the IDL while we read it."""

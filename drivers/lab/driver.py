@@ -17,11 +17,12 @@ from vtap_core.model import VM, Nic, TapFlow, TapSession
 from vtap_drivers.lab.topology import Lab
 
 FEATURES = Features(
-    targets=frozenset({"port", "vxlan", "pcap"}),
+    targets=frozenset({"port", "vxlan", "pcap", "gre", "erspan"}),  # gre, erspan: where the kernel has the devices
     sources=frozenset({"vm"}),
     filter=True,
     sample=True,
     snaplen_targets=frozenset({"pcap"}),
+    selector_keys=frozenset({"name", "host", "network"}),
 )
 WATCH_POLL = 0.1  # seconds: the lab has no event bus, so it looks often (cheap: two netlink dumps)
 

@@ -23,8 +23,10 @@ block, and one on a device that now has another name, as drift.
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
-port in a namespace), an ifb sink per pcap session (vtapc<hash>) read by the
-capture process of capture.py. A port: or vm: target is a device that exists.
+port in a namespace), a gretap/ip6gretap/erspan/ip6erspan device per GRE or
+ERSPAN session (vtapg<hash>; netlink bodies in grenl.py), an ifb sink per pcap
+session (vtapc<hash>) read by the capture process of capture.py. A port: or
+vm: target is a device that exists.
 
 API (all names are device names in this namespace):
 
@@ -42,7 +44,9 @@ API (all names are device names in this namespace):
     dp.session_target(session, target_device=None) -> ([Binding], device to mirror to, guard or None)
         what a session needs even with no flow (reconcile plans a session alone)
     dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
-    dp.vxlan_target(session, remote, port, vni)  -> (Binding, device name, guard expression)
+    dp.vxlan_target(session, remote, port, vni, local=None)  -> (Binding, device name, guard expression)
+    dp.gre_target(session, "gre"|"erspan", remote, key, version=None, local=None) -> (Binding, device, guard)
+    missing_tunnel_device(target)                 -> why this kernel cannot make a gre/erspan device, or None
     dp.capture_target(session, path, snaplen, max_size=None, max_files=None) -> (Binding, device name)
     hooks_for(direction, vm_port=False)           -> ("ingress",) / ("egress",) / both
         host interface: in = ingress, out = egress (as tcpdump -Q);
@@ -66,7 +70,7 @@ API (all names are device names in this namespace):
     dp.ifindex(name)      -> int or None
     dp.close()
 
-Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE",
+Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gre/..." and "erspan/...",
 "pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
@@ -91,7 +95,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 from vtap_core.driver import Binding, Counters
-from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
 from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
@@ -114,6 +118,7 @@ FILTER_PRIO = 7
 FILTERABLE_ROOTS = frozenset({"htb", "hfsc", "prio"})
 NLM_F_ECHO = 0x8  # a qdisc get is answered only to multicast listeners unless echoed
 VXLAN_PREFIX = "vtapx"
+GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
 TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
@@ -122,7 +127,7 @@ RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseco
 # family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
 # post-start, inside PVE's `qm start`, must stay fast.
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
-RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 18, 36, 37, 38
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 16, 18, 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER, RTM_GETACTION = 44, 45, 46, 50
 
 
@@ -270,14 +275,44 @@ class TcDataplane:
             self._programs[what] = program_for(binding, self.filter_cache)
         return self._programs[what]
 
-    def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
+    def vxlan_target(self, session: str, remote: str, port: int, vni: int, local: str | None = None) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
-        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni)
+        _check_local(remote, local)
+        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni, *((local,) if local else ()))
         spec = (("type", "vxlan"), ("device", device), ("remote", remote), ("port", int(port)), ("vni", int(vni)))
+        if local:
+            spec += (("local", local),)  # only when given: specs (and marks) of older sessions stay as they were
         binding = Binding(key=f"vxlan/{self._ns_key}{device}", session=session, spec=spec, order=0)
         # The tunnel's own packets may leave through a mirrored device: never copy them again.
         guard = f"udp dst port {int(port)} and dst host {remote}"
         return binding, device, guard
+
+    def gre_target(self, session: str, scheme: str, remote: str, key: int | None, version: int | None = None, local: str | None = None, direction: str | None = None) -> tuple[Binding, str, str]:
+        """A gretap/ip6gretap (scheme gre) or erspan/ip6erspan (scheme erspan, key = session id) device.
+
+        ERSPAN type III carries a direction bit, fixed per kernel device: such a
+        session has two devices, direction "ingress" and "egress", and each
+        mirror copies to the one of its hook (the device's own point of view,
+        as a switch port's in ERSPAN: what a VM sends is its tap's ingress).
+        """
+        from vtap_drivers.linux import grenl
+
+        remote = resolve_host(remote)
+        _check_local(remote, local)
+        kind = grenl.kind_for(scheme, remote)
+        if kind.startswith("ip6") and not local:
+            # Without a source address the kernel's ip6 GRE devices stay silent (seen on Debian's 6.1 with ip6erspan).
+            raise ValidationError("target local", f"{scheme} over IPv6 needs &local=ADDR (this host's IPv6 source address)")
+        if not grenl.kernel_has(kind):
+            raise Unsupported("tc dataplane", f"target {scheme}:", f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://")
+        direction = (direction or "ingress") if version == 3 else None
+        device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local, *((direction,) if direction else ()))
+        spec = (("type", scheme), ("device", device), ("kind", kind), ("remote", remote), ("local", local), ("key", key), ("version", version))
+        if direction:
+            spec += (("direction", direction),)
+        binding = Binding(key=f"{scheme}/{self._ns_key}{device}", session=session, spec=spec, order=0)
+        # GRE and ERSPAN are IP protocol 47: never copy the tunnel's own packets again.
+        return binding, device, f"proto gre and dst host {remote}"
 
     def capture_target(self, session: str, path: str, snaplen: int | None, max_size: int | None = None, max_files: int | None = None) -> tuple[Binding, str]:
         from vtap_drivers.linux.capture import check_capture_path
@@ -302,7 +337,15 @@ class TcDataplane:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
         target = session.target
         if target.kind == "vxlan":
-            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni)
+            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni, target.local)
+            return [binding], device, guard
+        if target.kind == "gre":
+            binding, device, guard = self.gre_target(session.name, "gre", target.host, target.key, local=target.local)
+            return [binding], device, guard
+        if target.kind == "erspan":
+            binding, device, guard = self.gre_target(session.name, "erspan", target.host, target.erspan_id, target.version, target.local)
+            if target.version == 3:  # a second device for egress copies (gre_target says why)
+                return [binding, self.gre_target(session.name, "erspan", target.host, target.erspan_id, 3, target.local, "egress")[0]], device, guard
             return [binding], device, guard
         if target.kind == "pcap":
             binding, device = self.capture_target(session.name, target.path, session.snaplen, target.max_size, target.max_files)
@@ -318,9 +361,10 @@ class TcDataplane:
         out, to_device, guard = self.session_target(session, target_device)
         if to_device == device:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
+        by_hook = {b.get("direction"): b.get("device") for b in out if b.get("direction")}  # ERSPAN type III
         for hook in hooks_for(flow.direction, vm_port=vm_port):
             parent = self.placement(device, hook)
-            out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
+            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
         return out
 
     @contextmanager
@@ -571,7 +615,7 @@ class TcDataplane:
 
         out = []
         captures = None
-        for kind in ("vxlan", "ifb"):
+        for kind in ("vxlan", "ifb", "gretap", "ip6gretap", "erspan", "ip6erspan"):
             for link in self._links(kind):
                 mark = mark_from_alias(link["alias"])
                 if not catalog.owns(mark):
@@ -584,6 +628,10 @@ class TcDataplane:
                     continue  # not working: apply brings it up
                 if kind == "vxlan":
                     actual = {"remote": link["vxlan"]["remote"], "port": link["vxlan"]["port"], "vni": link["vxlan"]["vni"]}
+                    if binding.get("local") or link["vxlan"].get("local"):
+                        actual["local"] = link["vxlan"].get("local")
+                elif kind != "ifb":
+                    actual = {name: link["tunnel"][name] for name in ("remote", "local", "key", "version", "direction")}
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
@@ -669,7 +717,7 @@ class TcDataplane:
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
         for binding in bindings:
-            if binding.get("type") not in ("mirror", "vxlan", "capture"):
+            if binding.get("type") not in ("mirror", "vxlan", "capture", "gre", "erspan"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
         with self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
@@ -682,6 +730,8 @@ class TcDataplane:
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
+                    elif binding.get("type") in ("gre", "erspan"):
+                        self._ensure_gre(binding, done)
                     else:
                         self._ensure_capture(binding, done)
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
@@ -816,10 +866,23 @@ class TcDataplane:
         remote = binding.get("remote")
         group = "vxlan_group6" if ":" in remote else "vxlan_group"
 
+        local = {("vxlan_local6" if ":" in remote else "vxlan_local"): binding.get("local")} if binding.get("local") else {}
+
         def create(name):
-            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote})
+            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote}, **local)
 
         self._ensure_device(binding, "vxlan", create, done)
+
+    def _ensure_gre(self, binding: Binding, done: list) -> None:
+        from vtap_drivers.linux.grenl import new_link_request
+
+        def create(name):
+            body = new_link_request(name, binding.get("kind"), binding.get("remote"), binding.get("local"), binding.get("key"), binding.get("version"), binding.get("direction"))
+            (failure,) = self.nl.requests([(body, RTM_NEWLINK, CREATE)])
+            if failure is not None:
+                raise _netlink_error()(failure.code, failure.text)
+
+        self._ensure_device(binding, binding.get("kind"), create, done)
 
     def _ensure_capture(self, binding: Binding, done: list) -> None:
         from vtap_drivers.linux.capture import start_capture_process
@@ -868,7 +931,7 @@ class TcDataplane:
             self._wait_released({self._real_mark(b) for b in mirrors} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
-            if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
+            if kind in ("vxlan", "capture", "gre", "erspan") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
             if kind == "clsact":
                 self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
@@ -956,6 +1019,23 @@ class TcDataplane:
 
 def _parent_number(parent: str | None) -> int | None:
     return tcnl.parse_handle(parent) if parent else None
+
+
+def missing_tunnel_device(target) -> str | None:
+    """Why this kernel cannot make the device a gre:/erspan: target needs (None: it can, or not a GRE target)."""
+    if target.kind not in ("gre", "erspan"):
+        return None
+    from vtap_drivers.linux import grenl
+
+    kind = grenl.kind_for(target.kind, resolve_host(target.host))
+    if grenl.kernel_has(kind):
+        return None
+    return f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://"
+
+
+def _check_local(remote: str, local: str | None) -> None:
+    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
+        raise ValidationError("target local", f"{local} and the remote end {remote} are not of one IP family")
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:

@@ -22,7 +22,7 @@ from vtap_core.errors import NotFound, Unsupported, ValidationError
 from vtap_core.model import VM, TapFlow, TapSession
 
 FEATURES = Features(
-    targets=frozenset({"port", "vxlan", "pcap"}),
+    targets=frozenset({"port", "vxlan", "pcap", "gre", "erspan"}),  # gre, erspan: where the kernel has the devices
     sources=frozenset({"interface"}),
     filter=True,
     sample=True,
@@ -60,7 +60,7 @@ class LinuxDriver(Driver):
         return []  # host interfaces are not VMs; `--interface` names them directly
 
     def plan(self, sessions: Iterable[TapSession], flows: Iterable[TapFlow]) -> list[Binding]:
-        from vtap_drivers.linux.dataplane import unique
+        from vtap_drivers.linux.dataplane import missing_tunnel_device, unique
 
         sessions, flows = list(sessions), list(flows)
         known = {s.name for s in sessions}
@@ -70,8 +70,9 @@ class LinuxDriver(Driver):
                 raise NotFound(f"session {flow.session}: no such session")
             members.setdefault(flow.session, []).append(flow)
         for session in sessions:
-            if session.target.kind in ("gre", "erspan"):
-                raise Unsupported(self.name, f"target {session.target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
+            missing = missing_tunnel_device(session.target)
+            if missing:
+                raise Unsupported(self.name, f"target {session.target.kind}:", missing)
             self.check_features(session, members.get(session.name, []))
         with self.dataplane.planning() as present:
             asked = (sessions, flows, self.dataplane.planning_view())

@@ -26,6 +26,8 @@ BYTE_ORDER_MAGIC = 0x1A2B3C4D
 LINKTYPE_ETHERNET = 1
 
 OPT_END = 0
+OPT_COMMENT = 1
+EPB_FLAGS = 2  # bits 0-1: direction, 01 inbound, 10 outbound
 SHB_USERAPPL = 4
 IF_NAME = 2
 IF_TSRESOL = 9
@@ -76,11 +78,12 @@ def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None
     return _block(IDB_TYPE, body + _options(options))
 
 
-def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0) -> bytes:
+def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0, comment: str | None = None, flags: int | None = None) -> bytes:
     original = len(frame) if original_length is None else original_length
     data = bytes(frame[:snaplen]) if snaplen else bytes(frame)
     header = struct.pack("<IIIII", interface_id, (timestamp_ns >> 32) & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, len(data), original)
-    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)))
+    options = ([(OPT_COMMENT, comment.encode())] if comment else []) + ([(EPB_FLAGS, struct.pack("<I", flags))] if flags is not None else [])
+    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)) + _options(options))
 
 
 class PcapngWriter:
@@ -142,24 +145,31 @@ class PcapngWriter:
         self.size = 0
         self._start_section()
 
-    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None) -> None:
-        """One Enhanced Packet Block, written without copying the frame (it may be a view into a ring)."""
+    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None, comment: str | None = None, flags: int | None = None) -> None:
+        """One Enhanced Packet Block, written without copying the frame (it may be a view into a ring).
+
+        comment and flags (epb_flags) are the options a terminated tunnel's frames carry (terminate.py).
+        """
         if timestamp_ns is None:
             timestamp_ns = time.time_ns()
         captured = len(frame)
         original = captured if original_length is None else original_length
         if self.snaplen and captured > self.snaplen:
             frame, captured = frame[: self.snaplen], self.snaplen
+        block = enhanced_packet(frame, timestamp_ns, original, comment=comment, flags=flags) if comment or flags is not None else None
         padding = -captured & 3
-        total = 32 + captured + padding
+        total = len(block) if block is not None else 32 + captured + padding
         if self.max_size and self.size + total > self.max_size and not self.fresh:
             self.rotate()
         self.size += total
         self.fresh = False
         write = self.stream.write
-        write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
-        write(frame)
-        write(_EPB_TAILS[padding].pack(total))
+        if block is not None:
+            write(block)
+        else:
+            write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
+            write(frame)
+            write(_EPB_TAILS[padding].pack(total))
         self.frames += 1
 
     def flush(self) -> None:

@@ -42,6 +42,7 @@ IFLA_EXT_MASK = 29
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_PORT, IFLA_VXLAN_GROUP6 = 1, 2, 15, 16
+IFLA_VXLAN_LOCAL, IFLA_VXLAN_LOCAL6 = 4, 17
 
 TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
 TCAMSG_SIZE = 4
@@ -228,6 +229,13 @@ def read_link(data, start: int, end: int) -> dict:
                 remote = socket.inet_ntop(family, bytes(data[vx[kind][0] : vx[kind][1]]))
         port = struct.unpack_from("!H", data, vx[IFLA_VXLAN_PORT][0])[0] if IFLA_VXLAN_PORT in vx else None
         link["vxlan"] = {"vni": u32(data, vx[IFLA_VXLAN_ID]) if IFLA_VXLAN_ID in vx else None, "remote": remote, "port": port}
+        for kind, family in ((IFLA_VXLAN_LOCAL, socket.AF_INET), (IFLA_VXLAN_LOCAL6, socket.AF_INET6)):
+            if kind in vx and any(data[vx[kind][0] : vx[kind][1]]):
+                link["vxlan"]["local"] = socket.inet_ntop(family, bytes(data[vx[kind][0] : vx[kind][1]]))
+    if link["kind"] in ("gretap", "ip6gretap", "erspan", "ip6erspan") and IFLA_INFO_DATA in info:
+        from vtap_drivers.linux.grenl import read_tunnel
+
+        link["tunnel"] = read_tunnel(data, info[IFLA_INFO_DATA], link["kind"])
     return link
 
 

@@ -129,8 +129,9 @@ class ProxmoxDriver(Driver):
         return Description(
             name=self.name,
             summary="Proxmox VE: tc mirrors on tap<vmid>i<n> of VMs running on this node; agent and hookscript follow them",
-            features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap"}), sources=frozenset({"vm"}),
-                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"})),
+            features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap", "gre", "erspan"}), sources=frozenset({"vm"}),
+                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"}),
+                              selector_keys=frozenset({"name", "tag", "pool", "host", "network"})),
             connection={"url": self._credentials["url"], "user": self._credentials["user"], "node": self.node,
                         "insecure": self._credentials["insecure"], "netns": self.netns},
         )
@@ -216,8 +217,11 @@ class ProxmoxDriver(Driver):
     def _target_device(self, session, vms, needed: bool):
         """The local device a vm: target means (the monitoring VM's tap, on this node)."""
         target = session.target
-        if target.kind in ("gre", "erspan"):
-            raise Unsupported(self.name, f"target {target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
+        from vtap_drivers.linux.dataplane import missing_tunnel_device
+
+        missing = missing_tunnel_device(target)
+        if missing:
+            raise Unsupported(self.name, f"target {target.kind}:", missing)
         if target.kind != "vm":
             return None
         monitor = find_vm(vms, target.vm)

@@ -23,6 +23,8 @@ def resolution(vms, sessions, flows, resolve) -> dict:
     per session with a vm: target the monitoring guest's device. `resolve(vms, source)` -> (vm, nics)."""
     by_flow, targets = {}, {}
     for flow in flows:
+        if flow.source.select:
+            continue  # a selector's members change with the cluster: the node agent expands it each cycle
         try:
             vm, nics = resolve(vms, flow.source)
         except (NotFound, ValidationError):

@@ -29,7 +29,7 @@ log = logging.getLogger("vtap.proxmox")
 NET_KEY = re.compile(r"^net(\d+)$")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet", "i82551", "i82557b", "i82559er", "ne2k_isa")
 # The fields of a /cluster/resources line whose change means "fetch the config again".
-SIGNATURE = ("node", "status", "lock", "name", "template", "maxmem", "maxdisk", "maxcpu", "tags")
+SIGNATURE = ("node", "status", "lock", "name", "template", "maxmem", "maxdisk", "maxcpu", "tags", "pool")
 CONFIG_REFRESH = 600.0
 CACHE_FILE = "proxmox-inventory.json"
 KINDS = ("qemu", "lxc")
@@ -62,6 +62,8 @@ class PveVm:
     nics: tuple = ()
     template: bool = False
     kind: str = "qemu"  # or "lxc": a container
+    tags: tuple = ()  # PVE tags (stored ';'-separated, lower case)
+    pool: str | None = None
 
     @property
     def identity(self) -> str:
@@ -87,7 +89,7 @@ class PveVm:
             details["warning"] = "container: no UUID, its identity is the vmid"
         elif not self.uuid:
             details["warning"] = "no smbios1 UUID: addressable by vmid only"
-        return VM(uuid=self.uuid or "", name=self.name, state=self.status, host=self.node, nics=nics, details=details)
+        return VM(uuid=self.uuid or "", name=self.name, state=self.status, host=self.node, nics=nics, details=details, tags=self.tags, pool=self.pool)
 
 
 def parse_net(index: int, value: str) -> PveNic:
@@ -134,7 +136,14 @@ def vm_from(resource: dict, config: dict) -> PveVm:
         nics=tuple(nics),
         template=bool(resource.get("template")),
         kind=kind,
+        tags=parse_tags(resource.get("tags") or config.get("tags")),
+        pool=resource.get("pool") or None,
     )
+
+
+def parse_tags(value) -> tuple[str, ...]:
+    """PVE keeps tags as 'a;b' (and accepts ',' or spaces between them when they are set)."""
+    return tuple(dict.fromkeys(t for t in re.split(r"[;, ]+", str(value or "")) if t))
 
 
 class Inventory:
