@@ -272,6 +272,9 @@ class Client:
         by_flow: dict = {}
         for binding in desired:
             by_flow.setdefault((binding.session, binding.flow), []).append(binding)
+        # Drivers that keep it say why a flow's last apply failed (shown while it is not active).
+        apply_problems = getattr(self.driver, "apply_problems", None)
+        failed = {(s, f): text for s, f, text in apply_problems()} if apply_problems else {}
         rows = []
         wanted = {b.key for b in desired}
         orphans: dict = {}
@@ -290,7 +293,7 @@ class Client:
                     for m in members.get(flow.name, [])
                 ]
                 row = _sum_members(session, member_rows)
-            problem = why.get((flow.session, flow.name), why.get((flow.session, None), ""))
+            problem = _problem_of(flow, why) or (_failure_of(flow, failed) if row["state"] in ("partial", "missing") else "")
             trouble = row.pop("trouble")
             rows.append(
                 FlowStatus(
@@ -337,6 +340,11 @@ class Client:
                 raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
                 plan = self._realize(*after)
+            except reconcile.FlowsFailed as exc:
+                if any(_changed_by(session, flow, before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
+                    self._roll_back(before_sessions, before_flows)
+                    raise OperationFailed(f"{command} failed and was rolled back: {exc}") from exc
+                plan = exc.plan  # only flows this call left as they were failed: theirs to show in status
             except Exception as exc:
                 self._roll_back(before_sessions, before_flows)
                 why = str(exc) if isinstance(exc, VtapError) else f"{type(exc).__name__}: {exc}"
@@ -534,6 +542,23 @@ def _touched_sessions(change: dict, sessions: dict) -> set[str]:
             names.add(change[key].get("session") or change[key]["name"])
     names.update(change.get("sessions", []))
     return {n for n in names if n in sessions}
+
+
+def _problem_of(flow: TapFlow, problems: dict) -> str:
+    return problems.get((flow.session, flow.name), problems.get((flow.session, None), ""))
+
+
+def _failure_of(flow: TapFlow, failed: dict) -> str:
+    # The session's target failing is the cause of its flows' failures: name it first.
+    return failed.get((flow.session, None)) or failed.get((flow.session, flow.name), "")
+
+
+def _changed_by(session: str, flow: str | None, before_sessions, before_flows, sessions, flows) -> bool:
+    """Whether a call that went from before_* to sessions/flows changed this session (and flow)."""
+    def same(old, new, name):
+        return {x.name: x for x in old}.get(name) == {x.name: x for x in new}.get(name)
+
+    return not same(before_sessions, sessions, session) or (flow is not None and not same(before_flows, flows, flow))
 
 
 def _read_private_json(path: str) -> dict:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vtap_core.driver import Binding, Driver
-from vtap_core.errors import NotFound, Unsupported, ValidationError
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
 from vtap_core.model import TapFlow, TapSession
 from vtap_core import selectors
 
@@ -100,12 +100,51 @@ def _note(problems, session, flow, exc):
     log.warning("not realizable now: session %s%s: %s", session, f" flow {flow}" if flow else "", exc)
 
 
+class FlowsFailed(OperationFailed):
+    """Some flows could not be applied or removed; everything else was. `plan` is what was executed."""
+
+    def __init__(self, plan: Plan, failed: list):
+        self.plan = plan
+        self.failed = failed  # [(session, flow or None, why)]
+        super().__init__("; ".join(f"session {s}{f' flow {f}' if f else ''}: {why}" for s, f, why in failed))
+
+
 def execute(driver: Driver, plan: Plan) -> None:
-    """Remove first (filters before their targets), then add (targets before filters)."""
+    """Remove first (filters before their targets), then add (targets before filters).
+
+    One device's or VM's failure must not stop the others: a step that fails is
+    done again flow by flow; what still fails becomes a problem of its flow in
+    plan.problems, and FlowsFailed names them once everything else is done.
+    """
+    failed: list = []
     if plan.remove:
-        driver.remove(sorted(plan.remove, key=lambda b: -b.order))
+        _flow_by_flow_on_failure(driver.remove, sorted(plan.remove, key=lambda b: -b.order), failed)
     if plan.add:
-        driver.apply(sorted(plan.add, key=lambda b: b.order))
+        _flow_by_flow_on_failure(driver.apply, sorted(plan.add, key=lambda b: b.order), failed)
+    if failed:
+        plan.problems.extend(failed)
+        raise FlowsFailed(plan, failed)
+
+
+def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> None:
+    try:
+        step(bindings)
+        return
+    except TemporaryError:
+        raise  # the platform is busy, not wrong: the caller retries all of it
+    except OperationFailed:
+        pass
+    groups: dict[tuple, list] = {}  # first appearance keeps the step's order (targets before filters on apply)
+    for binding in bindings:
+        groups.setdefault((binding.session, binding.flow), []).append(binding)
+    for (session, flow), group in groups.items():
+        try:
+            step(group)
+        except TemporaryError:
+            raise
+        except OperationFailed as exc:
+            failed.append((session, flow, str(exc)))
+            log.warning("session %s%s: %s", session, f" flow {flow}" if flow else "", exc)
 
 
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:

@@ -106,6 +106,7 @@ class Catalog:
         self.prefix = store_prefix(state_dir)
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
+        self.failures: dict[str, list] = {}  # binding key -> [session, flow, why] of its last failed apply
         self._generation = None  # of the file as last read or written
         self._changed = False  # bindings differ from the file's
         self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
@@ -129,6 +130,7 @@ class Catalog:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
         self.bindings = _compact(data.get("bindings", {}))
         self.qdiscs = data.get("qdiscs", {})
+        self.failures = data.get("failures", {})
         self._generation = data.get("generation")
         self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
         self._hooks = None
@@ -140,7 +142,7 @@ class Catalog:
             return
         generation = os.urandom(GENERATION_LENGTH // 2).hex()
         # The generation first, so load() can tell an unchanged file from its first bytes.
-        write_private(self.path, json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
+        write_private(self.path, json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs, "failures": self.failures}))
         self._generation = generation
         self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
 
@@ -236,6 +238,17 @@ class Catalog:
 
     def marks(self) -> set[bytes]:
         return {bytes.fromhex(mark) for mark in self.bindings}
+
+    def note_failure(self, bindings, why: str) -> None:
+        """These bindings' apply failed: say why in status until one of them applies."""
+        for binding in bindings:
+            self.failures[binding.key] = [binding.session, binding.flow, why]
+            self._changed = True
+
+    def clear_failures(self, bindings) -> None:
+        for binding in bindings:
+            if self.failures.pop(binding.key, None) is not None:
+                self._changed = True
 
     def forget(self, mark: bytes) -> None:
         if self.bindings.pop(mark.hex(), None) is not None:

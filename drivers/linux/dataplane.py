@@ -5,12 +5,21 @@ device names. What it puts in the kernel, per mirrored device and hook:
 
     clsact qdisc on DEVICE (added if missing; removed with vtap's last filter,
                             only if vtap added it and nobody else's filter is on it)
-      -> bpf classifier, priority 7 (classic BPF from the pcap filter expression,
-         the 1-in-N sampling test prepended, the tunnel's own packets excluded)
+      -> bpf classifier, priority 7, or the nearest one no other filter on that hook
+         holds (classic BPF from the pcap filter expression, the 1-in-N sampling
+         test prepended, the tunnel's own packets excluded)
       -> mirred egress mirror to TARGET DEVICE, verdict "continue" (other
          filters on the hook still run), cookie = the mark: "vt", 2 bytes naming
          the state dir (two stores never take each other's for orphans), 12 bytes
          of digest of the binding's key and spec
+
+Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
+clsact would and answers for both clsact parents: the ingress hook uses it, an
+egress filter goes on the device's htb/hfsc/prio root qdisc ("parent" in the
+binding's spec), and with no such root the flow is refused at plan time naming
+device and qdisc (placement()); a hook shared as a block with other devices is
+refused too. observe() reports a filter an ingress qdisc took onto its ingress
+block, and one on a device that now has another name, as drift.
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
@@ -48,7 +57,8 @@ API (all names are device names in this namespace):
     # kernel (one netlink socket; safe to share between threads)
     dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes,
                              copies the target refused, the target's health: targethealth.py);
-                             drifted ones (target device recreated, vxlan changed) differ in spec;
+                             drifted ones (target device recreated, device renamed, filter on
+                             another hook than planned, vxlan changed) differ in spec;
                              orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
                              a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
     dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
@@ -75,6 +85,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import itertools
 import os
 import socket
 import threading
@@ -96,8 +107,16 @@ from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 HOOKS = ("ingress", "egress")
 ETH_HLEN = 14
 # vtap's filters share one priority, low so they see packets before most others'
-# (their verdict is "continue", so the others still run afterwards).
+# (their verdict is "continue", so the others still run afterwards). Where someone
+# else's filter holds it (the kernel allows one kind and protocol per priority),
+# the nearest free one is used instead (free_priority).
 FILTER_PRIO = 7
+# Root qdiscs that take a filter for a device's egress when an `ingress` qdisc (not
+# clsact) holds the hook's place: there a filter that matches nothing (vtap's verdict
+# is "continue") leaves the classification as it was. fq_codel, sfq, cake, drr and
+# the like drop what no filter classifies; tbf, pfifo and noqueue take no filter.
+FILTERABLE_ROOTS = frozenset({"htb", "hfsc", "prio"})
+NLM_F_ECHO = 0x8  # a qdisc get is answered only to multicast listeners unless echoed
 VXLAN_PREFIX = "vtapx"
 GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
@@ -159,6 +178,37 @@ def unique(bindings) -> list[Binding]:
     return out
 
 
+def free_priority(taken: set) -> int:
+    """FILTER_PRIO unless others' filters hold it; then the nearest free priority, lower ones first."""
+    for prio in itertools.chain((FILTER_PRIO,), range(FILTER_PRIO - 1, 0, -1), range(FILTER_PRIO + 1, 0x10000)):
+        if prio not in taken:
+            return prio
+    raise OperationFailed("no free tc filter priority left on a hook")
+
+
+def placement(device: str, hook: str, hook_qdisc: dict | None, root_qdisc) -> str | None:
+    """Where a filter for this hook of device goes: None = the clsact hook, else a root qdisc handle ("1:").
+
+    hook_qdisc: the qdisc at ffff:fff1 (clsact, ingress, or None); root_qdisc():
+    the root qdisc (called only when needed). An `ingress` qdisc answers for both
+    clsact parents, so a filter meant for its egress would land on its ingress block.
+    """
+    kind = hook_qdisc["kind"] if hook_qdisc and hook_qdisc["kind"] in ("clsact", "ingress") else None
+    block = hook_qdisc["blocks"][HOOKS.index(hook)] if kind else 0
+    if block:
+        raise ValidationError("interface", f"{device}: its {kind} qdisc shares {hook} block {block} with other devices; vtap mirrors only devices with their own {hook} hook")
+    if hook == "ingress" or kind != "ingress":
+        return None
+    root = root_qdisc()
+    if root is not None and root["kind"] in FILTERABLE_ROOTS:
+        return tcnl.format_handle(root["handle"])
+    raise ValidationError(
+        "interface",
+        f"{device} has an ingress qdisc (not clsact) and a {root['kind'] if root else 'default'} root qdisc, which takes no filter that leaves its traffic as it was; "
+        f"its egress can be mirrored with clsact (no ingress qdisc) or with an {'/'.join(sorted(FILTERABLE_ROOTS))} root qdisc",
+    )
+
+
 def resolve_host(host: str) -> str:
     """An IP address for a tunnel's remote end (names resolved once, at plan time)."""
     try:
@@ -197,10 +247,12 @@ class TcDataplane:
         self._ipr = None
         self._nl = None
         self._lock = threading.RLock()
+        self._planning = threading.local()  # .view while planning(): one look at the namespace
 
     # ------------------------------------------------------------ planning
 
-    def mirror(self, session: str, flow: str, device: str, hook: str, to_device: str, filter: str | None = None, sample: int | None = None, vm: str | None = None, guard: str | None = None) -> Binding:
+    def mirror(self, session: str, flow: str, device: str, hook: str, to_device: str, filter: str | None = None, sample: int | None = None, vm: str | None = None, guard: str | None = None, parent: str | None = None) -> Binding:
+        """parent: the root qdisc handle ("1:") that takes the filter instead of the clsact hook (see placement)."""
         if hook not in HOOKS:
             raise ValidationError("hook", f"{hook!r} is not ingress or egress")
         spec = (
@@ -211,7 +263,7 @@ class TcDataplane:
             ("filter", filter or ""),
             ("sample", sample or 1),
             ("guard", guard or ""),
-        )
+        ) + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
         self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
         return binding
@@ -311,8 +363,40 @@ class TcDataplane:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
         by_hook = {b.get("direction"): b.get("device") for b in out if b.get("direction")}  # ERSPAN type III
         for hook in hooks_for(flow.direction, vm_port=vm_port):
-            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard))
+            parent = self.placement(device, hook)
+            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
         return out
+
+    @contextmanager
+    def planning(self):
+        """Plan many flows on one look at the namespace (a link and a qdisc dump instead of gets per
+        device); yields the device names. Only for the duration of one plan: qdiscs change."""
+        with self._kernel():
+            indexes = self._link_indexes()
+            self._planning.view = (indexes, self._qdisc_places())
+        try:
+            yield set(indexes)
+        finally:
+            self._planning.view = None
+
+    def planning_view(self) -> tuple:
+        """What a plan made inside planning() depends on besides sessions and flows (hashable)."""
+        indexes, places = self._planning.view
+        qdiscs = tuple(sorted((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q))
+        return tuple(sorted(indexes.items())), qdiscs
+
+    def placement(self, device: str, hook: str) -> str | None:
+        """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
+        view = getattr(self._planning, "view", None)
+        if view is not None:
+            index = view[0].get(device)
+            place = view[1].get(index, {})
+            return placement(device, hook, place.get("hook"), lambda: place.get("root")) if index else None
+        with self._kernel():
+            link = self._link(name=device)
+            if link is None:
+                return None
+            return placement(device, hook, self._qdisc_at(link["index"], tcnl.TC_H_CLSACT), lambda: self._qdisc_at(link["index"], tcnl.TC_H_ROOT))
 
     # ------------------------------------------------------------ netlink plumbing
 
@@ -383,10 +467,28 @@ class TcDataplane:
                 return None
             raise
 
+    def _qdisc_at(self, ifindex: int, parent: int) -> dict | None:
+        """One device's qdisc at TC_H_CLSACT or TC_H_ROOT (read_qdisc_place), or None."""
+        try:
+            return tcnl.read_qdisc_place(*self.nl.get(tcnl.qdisc_query(ifindex, parent), RTM_GETQDISC, REQUEST | NLM_F_ECHO))
+        except NetlinkFailure as exc:
+            if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                return None
+            raise
+
     def _clsact_indexes(self) -> set[int]:
         """ifindexes of the devices that have a clsact qdisc (one dump)."""
-        replies = self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP)
-        return {index for index, kind in (tcnl.read_qdisc(*reply) for reply in replies) if kind == "clsact"}
+        return {index for index, place in self._qdisc_places().items() if (place["hook"] or {}).get("kind") == "clsact"}
+
+    def _qdisc_places(self) -> dict[int, dict]:
+        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
+        places: dict[int, dict] = {}
+        for reply in self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
+            qdisc = tcnl.read_qdisc_place(*reply)
+            where = {tcnl.TC_H_CLSACT: "hook", tcnl.TC_H_ROOT: "root"}.get(qdisc["parent"])
+            if where:
+                places.setdefault(qdisc["index"], {"hook": None, "root": None})[where] = qdisc
+        return places
 
     def _links(self, kind: str | None = None) -> list[dict]:
         """Every link, or those of one kind (the kernel filters by kind)."""
@@ -423,10 +525,10 @@ class TcDataplane:
             found.update(c for c in tcnl.read_action_cookies(*reply) if self.catalog.owns(c))
         return found
 
-    def _filters(self, ifindex: int, hook: str) -> list[TcFilter]:
-        """Every filter on a device's hook (vtap's have a mark). One dump."""
+    def _filters(self, ifindex: int, hook: str, parent: str | None = None) -> list[TcFilter]:
+        """Every filter on a device's hook, or on its root qdisc `parent` (vtap's have a mark). One dump."""
         try:
-            replies = self.nl.dump(tcnl.filter_query(ifindex, hook), RTM_GETTFILTER, DUMP)
+            replies = self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
         except NetlinkFailure as exc:
             if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 return []  # no clsact (or no device): no filters
@@ -464,23 +566,30 @@ class TcDataplane:
             if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
                 links.update((link["index"], link) for link in every_link)
+            places = None
             out = []
             used = set()  # devices holding a vtap filter
             for (ifindex, hook), wanted in hooks.items():
-                for found in self._filters(ifindex, hook):
-                    if found.mark not in wanted:
-                        continue
-                    used.add(ifindex)
-                    binding = wanted[found.mark]
-                    # The target device may have gone or been recreated: then the spec shows it.
-                    actual = name_of(found.to_index) or ""
-                    if actual != binding.get("to"):
-                        binding = _drifted(binding, found.mark, to=actual)
-                    # At ingress the kernel counts from the network header; count whole frames.
-                    nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" else 0)
-                    target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
-                    counters = Counters(found.packets, nbytes, found.refused, target)
-                    out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
+                for parent in {b.get("parent") for b in wanted.values()}:
+                    for found in self._filters(ifindex, hook, parent):
+                        binding = wanted.get(found.mark)
+                        if binding is None or binding.get("parent") != parent:
+                            continue
+                        used.add(ifindex)
+                        # What the filter really mirrors: the target device may have gone or been
+                        # recreated, the device renamed (names swapped): then the spec shows it.
+                        actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
+                        if hook == "egress" and parent is None:
+                            places = self._qdisc_places() if places is None else places
+                            if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                                actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
+                        if any(binding.get(name) != value for name, value in actual.items()):
+                            binding = _drifted(binding, found.mark, **actual)
+                        # At ingress the kernel counts from the network header; count whole frames.
+                        nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
+                        target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                        counters = Counters(found.packets, nbytes, found.refused, target)
+                        out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog, every_link))
@@ -602,9 +711,9 @@ class TcDataplane:
                     catalog.remember(binding)
                 elif binding.get("type") == "mirror" and binding.get("device") in indexes:
                     catalog.remember(binding, indexes[binding.get("device")])
-            with_clsact = self._clsact_indexes() if indexes else set()
+            hooked = {i for i, place in self._qdisc_places().items() if place["hook"]} if indexes else set()
             for device, ifindex in indexes.items():
-                if ifindex not in with_clsact:
+                if ifindex not in hooked:  # clsact or someone's ingress qdisc: vtap adds none there
                     catalog.qdiscs[device] = ifindex
             try:
                 catalog.save()
@@ -632,11 +741,14 @@ class TcDataplane:
                     else:
                         self._ensure_capture(binding, done)
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
-            except Exception:
+            except Exception as exc:
                 self._remove(list(reversed(done)), catalog)
                 self._forget_qdiscs_never_added(catalog)
+                why = str(exc) if isinstance(exc, OperationFailed) else f"{type(exc).__name__}: {exc}"
+                catalog.note_failure(bindings, why)
                 catalog.save_or_keep()
                 raise
+            catalog.clear_failures(bindings)
             catalog.save()
         self.save_filter_cache()
 
@@ -646,6 +758,11 @@ class TcDataplane:
         for device, ifindex in list(catalog.qdiscs.items()):
             if ifindex not in present:
                 catalog.qdiscs.pop(device)
+
+    def apply_failures(self) -> list[tuple]:
+        """(session, flow, why) of bindings whose last apply failed (status shows them; another process may have applied)."""
+        with self.catalog.locked(shared=True) as catalog:
+            return [tuple(entry) for entry in catalog.failures.values()]
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
@@ -665,8 +782,11 @@ class TcDataplane:
                     raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
             catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
-        with_clsact = self._clsact_indexes()
-        devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
+        places = self._qdisc_places()
+        for binding in bindings:
+            self._check_placement(binding, places.get(indexes[binding.get("device")], {}))
+        on_clsact = {b.get("device") for b in bindings if not b.get("parent")}
+        devices = sorted(d for d in on_clsact if not (places.get(indexes[d], {}).get("hook")))
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
         if devices:
@@ -676,28 +796,48 @@ class TcDataplane:
         for device, failure in zip(devices, added):
             if failure is None:
                 fresh.add(device)  # vtap added it, so it holds no filters yet
-            elif failure.code == errno.EEXIST:  # someone added one meanwhile: theirs, use it
+            elif failure.code == errno.EEXIST:  # someone added one meanwhile: theirs, use it if it is right
                 catalog.qdiscs.pop(device, None)
+                hook_qdisc = self._qdisc_at(indexes[device], tcnl.TC_H_CLSACT)
+                for binding in bindings:
+                    if binding.get("device") == device:
+                        self._check_placement(binding, {"hook": hook_qdisc, "root": self._qdisc_at(indexes[device], tcnl.TC_H_ROOT)})
             else:
                 raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {failure}")
-        present: dict[tuple[str, str], set] = {}
+        present: dict[tuple, set] = {}
+        prios: dict[tuple, int] = {}
         requests, pending = [], []
         for binding in bindings:
-            device, hook = binding.get("device"), binding.get("hook")
-            if (device, hook) not in present:
-                present[device, hook] = set() if device in fresh else {f.mark for f in self._filters(indexes[device], hook)}
+            device, hook, parent = binding.get("device"), binding.get("hook"), binding.get("parent")
+            place = (device, hook, parent)
+            if place not in present:
+                found = [] if device in fresh and not parent else self._filters(indexes[device], hook, parent)
+                present[place] = {f.mark for f in found}
+                prios[place] = free_priority({f.prio for f in found if f.mark is None} - {f.prio for f in found if f.mark is not None})
             mark = catalog.mark_of(binding)
-            if mark in present[device, hook]:
+            if mark in present[place]:
                 continue
-            present[device, hook].add(mark)
+            present[place].add(mark)
             program = self._program(binding)
-            requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
+            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent))
+            requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
         done.extend(b for b, failure in zip(pending, failures) if failure is None)
         for binding, failure in zip(pending, failures):
             if failure is not None:
                 raise OperationFailed(f"{binding.key}: the kernel refused the filter: {failure}")
+
+    @staticmethod
+    def _check_placement(binding: Binding, place: dict) -> None:
+        """The device's qdiscs still put this binding's filter where its plan said (they may change between)."""
+        device, hook = binding.get("device"), binding.get("hook")
+        try:
+            wanted = placement(device, hook, place.get("hook"), lambda: place.get("root"))
+        except ValidationError as exc:
+            raise OperationFailed(f"{binding.key}: {exc.rule}") from None
+        if wanted != binding.get("parent"):
+            raise OperationFailed(f"{binding.key}: the qdiscs of {device} changed since it was planned; reconcile again")
 
     def _ensure_device(self, binding: Binding, kind: str, create, done: list) -> None:
         """A vtap-owned device with this binding's mark, up; replaced when its mark differs."""
@@ -806,24 +946,25 @@ class TcDataplane:
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
         indexes = self._indexes({b.get("device") for b in bindings})
-        wanted: dict[tuple[int, str], set] = {}
+        wanted: dict[tuple, set] = {}
         for binding in bindings:
             device = binding.get("device")
             if device not in indexes:
                 catalog.qdiscs.pop(device, None)
                 continue  # the device is gone, and its filters with it
-            wanted.setdefault((indexes[device], binding.get("hook")), set()).add(self._real_mark(binding))
+            wanted.setdefault((indexes[device], binding.get("hook"), binding.get("parent")), set()).add(self._real_mark(binding))
         self._delete_filters(wanted)
         for device in {b.get("device") for b in bindings} & indexes.keys():
             self._drop_clsact_if_unused(indexes[device], device, catalog)
 
     def _delete_filters(self, wanted: dict) -> set:
-        """Delete the filters with these marks: {(ifindex, hook): marks}. Returns the ifindexes touched."""
+        """Delete the filters with these marks: {(ifindex, hook, parent): marks}. Returns the ifindexes touched."""
         requests, touched = [], set()
-        for (ifindex, hook), marks in wanted.items():
-            for found in self._filters(ifindex, hook):
+        for (ifindex, hook, parent), marks in wanted.items():
+            for found in self._filters(ifindex, hook, parent):
                 if found.mark in marks:
-                    requests.append((tcnl.filter_query(ifindex, hook, found.prio, found.handle), RTM_DELTFILTER, REQUEST))
+                    query = tcnl.filter_query(ifindex, hook, found.prio, found.handle, parent=_parent_number(parent))
+                    requests.append((query, RTM_DELTFILTER, REQUEST))
                     touched.add(ifindex)
         for failure in self.nl.requests(requests):
             if failure is not None and failure.code not in (errno.ENOENT, errno.EINVAL):
@@ -856,7 +997,11 @@ class TcDataplane:
     def _remove_unknown_filters(self, marks: set, catalog: Catalog) -> None:
         """Find uncatalogued marks: look at every device's hooks (rare, slow path)."""
         links = self._links()
-        touched = self._delete_filters({(link["index"], hook): marks for link in links for hook in HOOKS})
+        places = {(link["index"], hook, None): marks for link in links for hook in HOOKS}
+        for ifindex, qdiscs in self._qdisc_places().items():
+            if qdiscs["root"] and qdiscs["root"]["kind"] in FILTERABLE_ROOTS:
+                places[ifindex, "egress", tcnl.format_handle(qdiscs["root"]["handle"])] = marks
+        touched = self._delete_filters(places)
         for link in links:
             if link["index"] in touched:
                 self._drop_clsact_if_unused(link["index"], link["name"], catalog)
@@ -876,6 +1021,10 @@ class TcDataplane:
         except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+def _parent_number(parent: str | None) -> int | None:
+    return tcnl.parse_handle(parent) if parent else None
 
 
 def missing_tunnel_device(target) -> str | None:

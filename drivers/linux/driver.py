@@ -74,23 +74,23 @@ class LinuxDriver(Driver):
             if missing:
                 raise Unsupported(self.name, f"target {session.target.kind}:", missing)
             self.check_features(session, members.get(session.name, []))
-        present = self.dataplane.devices()
-        asked = (sessions, flows, present)
-        last = self._last_plan
-        if last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
-            return list(last[2])
-        bindings: list[Binding] = []
-        tunnels: dict[tuple, str] = {}
-        for session in sessions:
-            if session.target.kind == "port" and session.target.port not in present:
-                raise NotFound(f"target: interface {session.target.port} does not exist{self._where()}")
-            if session.target.kind == "vxlan":
-                self._check_tunnel_free(session, tunnels)
-            bindings.extend(self.dataplane.session_target(session)[0])
-            for flow in members.get(session.name, []):
-                if flow.source.interface not in present:
-                    raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
-                bindings.extend(self.dataplane.plan_interface(session, flow))
+        with self.dataplane.planning() as present:
+            asked = (sessions, flows, self.dataplane.planning_view())
+            last = self._last_plan
+            if last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
+                return list(last[2])
+            bindings: list[Binding] = []
+            tunnels: dict[tuple, str] = {}
+            for session in sessions:
+                if session.target.kind == "port" and session.target.port not in present:
+                    raise NotFound(f"target: interface {session.target.port} does not exist{self._where()}")
+                if session.target.kind == "vxlan":
+                    self._check_tunnel_free(session, tunnels)
+                bindings.extend(self.dataplane.session_target(session)[0])
+                for flow in members.get(session.name, []):
+                    if flow.source.interface not in present:
+                        raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
+                    bindings.extend(self.dataplane.plan_interface(session, flow))
         bindings = unique(bindings)
         self._last_plan = (time.monotonic(), asked, bindings)
         return list(bindings)
@@ -116,6 +116,9 @@ class LinuxDriver(Driver):
 
     def remove(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.remove(bindings)
+
+    def apply_problems(self) -> list[tuple]:
+        return self.dataplane.apply_failures()
 
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         """A hint (None: look at everything) whenever a device appears, goes or changes."""

@@ -145,9 +145,8 @@ class RtnlSocket:
         for reply_type, data, start, end in self._replies(body, msg_type, flags):
             if reply_type != NLMSG_ERROR:
                 return data, start, end
-            failure = _error(data, start, end)
-            if failure is not None:
-                raise failure
+            # The ack came first: the kernel had nothing to show (a qdisc get of a built-in noqueue).
+            raise _error(data, start, end) or NetlinkFailure(errno.ENOENT, "acknowledged without a reply")
         raise NetlinkFailure(errno.EIO, "no reply")
 
 

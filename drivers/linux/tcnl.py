@@ -19,7 +19,8 @@ import struct
 from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, string, u32, u64
 
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
-TC_H_CLSACT = 0xFFFFFFF1
+TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: clsact and ingress qdiscs sit in the same place
+TC_H_ROOT = 0xFFFFFFFF
 HOOK_PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 CLSACT_HANDLE = 0xFFFF0000
 ETH_P_ALL = 0x0003
@@ -35,6 +36,7 @@ TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_MIRRED_PARMS = 2
 TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
 TCA_ROOT_TAB = 1
+TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK = 13, 14
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64 = 3, 4, 18, 20, 23
 IFLA_EXT_MASK = 29
 RTEXT_FILTER_SKIP_STATS = 1 << 3
@@ -67,8 +69,20 @@ def pack_attr(kind: int, payload: bytes) -> bytes:
 # ---------------------------------------------------------------- requests
 
 
-def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes) -> bytes:
-    """RTM_NEWTFILTER body: bpf(program) -> mirred egress mirror to_ifindex, cookie, continue."""
+def parse_handle(text: str) -> int:
+    """A qdisc handle as tc writes it ("1:") as the kernel's number."""
+    return int(text.rstrip(":") or "0", 16) << 16
+
+
+def format_handle(handle: int) -> str:
+    return f"{handle >> 16:x}:"
+
+
+def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes, parent: int | None = None) -> bytes:
+    """RTM_NEWTFILTER body: bpf(program) -> mirred egress mirror to_ifindex, cookie, continue.
+
+    parent: the hook's clsact parent, unless another qdisc is given (the handle of a root qdisc).
+    """
     parms = MIRRED_PARMS.pack(0, 0, TC_ACT_UNSPEC, 0, 0, TCA_EGRESS_MIRROR, to_ifindex)
     mirred = (
         pack_attr(TCA_ACT_KIND, b"mirred\0")
@@ -80,7 +94,7 @@ def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifinde
         + pack_attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(program)))
         + pack_attr(TCA_BPF_OPS, pack_ops(program))
     )
-    header = TCMSG.pack(0, 0, 0, ifindex, 0, HOOK_PARENT[hook], filter_info(prio))
+    header = TCMSG.pack(0, 0, 0, ifindex, 0, parent or HOOK_PARENT[hook], filter_info(prio))
     return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
 
 
@@ -100,11 +114,17 @@ def qdisc_dump_query() -> bytes:
     return TCMSG.pack(0, 0, 0, 0, 0, 0, 0)
 
 
-def filter_query(ifindex: int, hook: str, prio: int = 0, handle: int = 0) -> bytes:
-    """Body of a filter dump (prio 0) or of deleting one filter (prio and handle)."""
+def qdisc_query(ifindex: int, parent: int) -> bytes:
+    """Body of getting one device's qdisc at TC_H_ROOT or TC_H_CLSACT (the kernel answers for that device only)."""
+    return TCMSG.pack(0, 0, 0, ifindex, 0, parent, 0)
+
+
+def filter_query(ifindex: int, hook: str, prio: int = 0, handle: int = 0, parent: int | None = None) -> bytes:
+    """Body of a filter dump (prio 0) or of deleting one filter (prio and handle); parent as in mirror_filter_request."""
+    parent = parent or HOOK_PARENT[hook]
     if not prio:
-        return TCMSG.pack(0, 0, 0, ifindex, 0, HOOK_PARENT[hook], 0)
-    return TCMSG.pack(0, 0, 0, ifindex, handle, HOOK_PARENT[hook], filter_info(prio)) + pack_attr(TCA_KIND, b"bpf\0")
+        return TCMSG.pack(0, 0, 0, ifindex, 0, parent, 0)
+    return TCMSG.pack(0, 0, 0, ifindex, handle, parent, filter_info(prio)) + pack_attr(TCA_KIND, b"bpf\0")
 
 
 def link_query(name: str | None = None, index: int = 0, kind: str | None = None) -> bytes:
@@ -159,11 +179,13 @@ def read_filter(data, start: int, end: int):
     return info >> 16, handle, None
 
 
-def read_qdisc(data, start: int, end: int) -> tuple[int, str | None]:
-    """(ifindex, kind) of a qdisc reply."""
-    _family, _p1, _p2, index, _handle, _parent, _info = TCMSG.unpack_from(data, start)
+def read_qdisc_place(data, start: int, end: int) -> dict:
+    """{index, handle, parent, kind, blocks: shared block indexes (ingress, egress), 0 = none} of a qdisc reply."""
+    _family, _p1, _p2, index, handle, parent, _info = TCMSG.unpack_from(data, start)
     found = attributes(data, start + TCMSG.size, end)
-    return index, string(data, found[TCA_KIND]) if TCA_KIND in found else None
+    blocks = tuple(u32(data, found[kind]) if kind in found else 0 for kind in (TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK))
+    kind = string(data, found[TCA_KIND]) if TCA_KIND in found else None
+    return {"index": index, "handle": handle, "parent": parent, "kind": kind, "blocks": blocks}
 
 
 def read_action_cookies(data, start: int, end: int) -> list[bytes]:
