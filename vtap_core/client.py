@@ -274,7 +274,7 @@ class Client:
             by_flow.setdefault((binding.session, binding.flow), []).append(binding)
         # Drivers that keep it say why a flow's last apply failed (shown while it is not active).
         apply_problems = getattr(self.driver, "apply_problems", None)
-        failed = {(s, f): text for s, f, text in apply_problems()} if apply_problems else {}
+        failed = {(s, parent_of(f)): text for s, f, text in apply_problems()} if apply_problems else {}
         rows = []
         wanted = {b.key for b in desired}
         orphans: dict = {}
@@ -341,7 +341,7 @@ class Client:
             try:
                 plan = self._realize(*after)
             except reconcile.FlowsFailed as exc:
-                if any(_changed_by(session, flow, before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
+                if any(_changed_by(session, parent_of(flow), before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
                     self._roll_back(before_sessions, before_flows)
                     raise OperationFailed(f"{command} failed and was rolled back: {exc}") from exc
                 plan = exc.plan  # only flows this call left as they were failed: theirs to show in status

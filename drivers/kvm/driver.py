@@ -315,6 +315,9 @@ class KvmDriver(Driver):
         if tc:
             self.tc.remove(tc)
 
+    def apply_problems(self) -> list[tuple]:
+        return self.tc.apply_failures()
+
     def watch(self, stop: threading.Event):
         for hint in self.libvirt.watch(stop):
             self._memo = None  # something changed: the reconcile it causes must read it

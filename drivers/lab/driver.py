@@ -111,6 +111,9 @@ class LabDriver(Driver):
                     yield uuid
             seen = now
 
+    def apply_problems(self) -> list[tuple]:
+        return [problem for host in self.lab.host_namespaces() for problem in self.dataplane(host).apply_failures()]
+
     def close(self) -> None:
         for dataplane in self._dataplanes.values():
             dataplane.close()

@@ -182,6 +182,9 @@ class ProxmoxDriver(Driver):
     def remove(self, bindings):
         self.dataplane.remove(bindings)
 
+    def apply_problems(self) -> list[tuple]:
+        return self.dataplane.apply_failures()
+
     def watch(self, stop):
         """Hints for `vtap follow` (the agent polls by itself): VMs that changed since the last poll."""
         while not stop.wait(WATCH_INTERVAL):
