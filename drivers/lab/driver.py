@@ -112,7 +112,7 @@ class LabDriver(Driver):
             seen = now
 
     def apply_problems(self) -> list[tuple]:
-        return [problem for host in self.lab.host_namespaces() for problem in self.dataplane(host).apply_failures()]
+        return [problem for host in self.lab.host_namespaces for problem in self.dataplane(host).apply_failures()]
 
     def close(self) -> None:
         for dataplane in self._dataplanes.values():
