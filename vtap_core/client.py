@@ -18,10 +18,10 @@ nothing per call. Each change appends one audit row.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
+import random
 import sys
+import time
 from dataclasses import dataclass
 
 from vtap_core import reconcile, registry, yamlfile
@@ -29,9 +29,9 @@ from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
 from vtap_core.redact import check_url_settings, redact
-from vtap_core.safefile import open_private
-from vtap_core.store import Store
+from vtap_core.stores import Conflict, open_store
 
+CONFLICT_RETRIES = 20
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
 FLOW_KEYS = {"name", "vm", "nic", "interface", "direction", "filter"}
 
@@ -69,11 +69,12 @@ class Change:
 
 
 class Client:
-    def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
+    def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None,
+                 store: str | None = None, store_settings: dict | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
         self.settings = {k: v for k, v in settings.items() if v is not None}
         check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
-        self.store = Store(state, driver=self.driver_name)
+        self.store = open_store(store, self.driver_name, state, store_settings)  # SQLite file by default, etcd for fleets
         self.command = redact(command or "sdk")
         self._driver = None
 
@@ -97,15 +98,9 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    @contextlib.contextmanager
     def lock(self):
-        """Serializes changes and reconciles between vtap processes sharing a store."""
-        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Serializes this host's changes and reconciles between vtap processes."""
+        return self.store.lock()
 
     # reading --------------------------------------------------------------
 
@@ -282,6 +277,15 @@ class Client:
         return evolve(session, target=Target.parse(f"pcap:{os.path.abspath(session.target.path)}"))
 
     def _change(self, command: str, mutate, message: str) -> Change:
+        """_change_once, again from a fresh read while another writer of a shared store commits first."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return self._change_once(command, mutate, message)
+            except Conflict:
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
+        raise OperationFailed(f"{command}: the desired state kept changing under it ({CONFLICT_RETRIES} tries); nothing was changed, try again")
+
+    def _change_once(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
         with self.lock():
             before_sessions, before_flows = self.store.snapshot()

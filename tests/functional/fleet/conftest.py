@@ -1,0 +1,104 @@
+"""etcd members started by the tests themselves (Debian's etcd-server), in temp dirs on loopback ports."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Etcd:
+    """One single-member etcd; stop() is a real kill -9, start() brings the same data back."""
+
+    def __init__(self, data_dir):
+        self.data_dir = str(data_dir)
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.process = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def url(self, prefix: str) -> str:
+        return f"etcd://{self.endpoint}/{prefix}"
+
+    def start(self):
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://{self.endpoint}"
+        command = [
+            "etcd", "--name", "m0", "--data-dir", self.data_dir,
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"m0={peer}", "--log-level", "error", "--logger", "zap",
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(self.data_dir + ".log", "ab"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{client}/health", timeout=1).read()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"etcd exited: {open(self.data_dir + '.log').read()[-2000:]}")
+                time.sleep(0.1)
+        raise RuntimeError("etcd did not become healthy in 30 s")
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def keys(self, prefix: str = "") -> dict:
+        """Every key under /prefix with its value, read straight from etcd's v3 JSON gateway."""
+        start = f"/{prefix}/" if prefix else "\0"
+        end = start[:-1] + chr(ord(start[-1]) + 1) if prefix else "\0"
+        body = json.dumps({"key": b64(start), "range_end": b64(end)}).encode()
+        reply = json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/kv/range", body, timeout=5))
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    if shutil.which("etcd") is None:
+        pytest.skip("needs etcd (Debian etcd-server; scripts/setup --test installs it)")
+    pytest.importorskip("etcd3gw", reason="needs etcd3gw (scripts/setup installs it)")
+    server = Etcd(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def vtap():
+    return run_vtap
+
+
+def run_vtap(*args, state, env=None):
+    """The `vtap` CLI as a separate process, with its own local state dir (one 'machine')."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VTAP_")}
+    environment.update(env or {})
+    command = [sys.executable, "-m", "vtap_cli.main", "--state", state, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
