@@ -34,7 +34,7 @@ is closed cleanly; a process orphaned by a crash is found and stopped by the nex
 reconcile. Nothing rotates the file: it grows until the session ends."""
 
 # Driver-specific command sets living in cli/<name>.py, each with add_commands(subparsers).
-EXTENSIONS = ("kvm", "proxmox", "vsphere")
+EXTENSIONS = ("kvm", "proxmox", "vsphere", "fleet")
 SECRET_FLAGS = ("--password", "--token", "--token-value", "--secret")
 
 

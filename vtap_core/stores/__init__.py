@@ -91,6 +91,21 @@ class DesiredStore(abc.ABC):
     @abc.abstractmethod
     def audit(self, all_drivers: bool = True) -> list[dict]: ...
 
+    # a fleet's hosts: only shared stores have them ---------------------------
+
+    def heartbeat(self, host: str, info: dict, ttl: int) -> None:
+        """Say (again) that `host` is alive, for ttl seconds; called by `vtap agent` every ttl/3."""
+        raise ValidationError("store", "hosts and agents need a fleet's shared store: --store etcd://HOST:PORT/PREFIX (this is one host's SQLite file)")
+
+    def hosts(self) -> list[dict]:
+        self.heartbeat("", {}, 0)  # the same refusal
+        return []
+
+    def watch_desired(self, stop):
+        """Yields each time the desired state may have changed; a one-host store never changes under us."""
+        stop.wait()
+        return iter(())
+
 
 def _entry_points() -> dict:
     from importlib.metadata import entry_points

@@ -7,6 +7,7 @@ see each other):
     /PREFIX/desired/DRIVER/sessions/NAME     a TapSession as JSON
     /PREFIX/desired/DRIVER/flows/NAME        a TapFlow as JSON
     /PREFIX/audit/TIME_NS-RANDOM             one audit row as JSON; written once (create_revision == 0)
+    /PREFIX/hosts/NAME                       a live host (driver, version, last reconcile, problems), under its lease
 
 A change reads the driver's whole desired state in one range request, then
 commits in ONE transaction guarded by the generation's mod_revision it read:
@@ -267,3 +268,71 @@ class EtcdStore(DesiredStore):
         if guarded:
             self._guard = int(reply["header"]["revision"])
             self._seen = self._pending_state
+
+    # hosts and watches ----------------------------------------------------
+
+    def heartbeat(self, host: str, info: dict, ttl: int) -> None:
+        """Keep /PREFIX/hosts/HOST alive under a lease; a lease that ended (etcd was away) is granted again."""
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            alive = self._post("/lease/keepalive", {"ID": lease}).get("result", {}).get("TTL")
+            if not alive or int(alive) <= 0:
+                lease = None
+        if lease is None:
+            lease = int(self._post("/lease/grant", {"TTL": ttl})["ID"])
+        self._lease = lease
+        value = json.dumps({"host": host, **info}, sort_keys=True)
+        self._post("/kv/put", {"key": _b64(f"{self.prefix}/hosts/{host}"), "value": _b64(value), "lease": lease})
+
+    def hosts(self) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/hosts/")
+        return [json.loads(_unb64(kv["value"])) for kv in kvs]
+
+    def watch_desired(self, stop):
+        """Yields after every change of this driver's desired state, resuming from the last revision seen.
+
+        Each watch request lives about a second (so `stop` is noticed) and starts where the last ended.
+        When etcd is away it yields nothing and tries again with backoff; when that revision was
+        compacted, it yields once (the caller re-lists everything) and watches from now.
+        """
+        import requests
+
+        revision = None
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                if revision is None:
+                    revision, _ = self._range(self._desired())
+                changed, revision = self._watch_once(revision)
+                delay = 0.5
+                if changed:
+                    yield
+            except (StoreUnavailable, requests.RequestException, ValueError):
+                revision = None
+                stop.wait(delay)
+                delay = min(delay * 2, 10)
+                yield  # back or not: the caller's resync decides, and never removes on a failed read
+
+    def _watch_once(self, revision: int) -> tuple[bool, int]:
+        """(anything changed, the revision to resume after) from one short watch stream."""
+        import requests
+
+        start = self._desired()
+        request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
+        client = self._clients[0]
+        self._authenticate(0, client)
+        changed = False
+        try:
+            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
+                for line in reply.iter_lines():
+                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    if int(result.get("compact_revision", 0) or 0):
+                        return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                    if result.get("events"):
+                        changed = True
+                        revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
+                        return changed, revision
+        except requests.exceptions.ConnectionError as exc:
+            if "Read timed out" not in str(exc):
+                raise
+        return changed, revision
