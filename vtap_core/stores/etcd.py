@@ -100,6 +100,7 @@ class EtcdStore(DesiredStore):
         self._guard = None  # the generation's mod_revision the last snapshot() read
         self._seen: dict[str, str] = {}  # key -> value, as the last snapshot() read them
         self._ops: list | None = None
+        self._watching = 0  # which member watch_desired() streams from
         self._pending_state: dict | None = None  # key -> value this transaction's replace_all() makes true
 
     @classmethod
@@ -308,6 +309,7 @@ class EtcdStore(DesiredStore):
                 if changed:
                     yield
             except (StoreUnavailable, requests.RequestException, ValueError):
+                self._watching += 1  # the next member, as _post does for every other request
                 revision = None
                 stop.wait(delay)
                 delay = min(delay * 2, 10)
@@ -319,8 +321,9 @@ class EtcdStore(DesiredStore):
 
         start = self._desired()
         request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
-        client = self._clients[0]
-        self._authenticate(0, client)
+        index = self._watching % len(self._clients)
+        client = self._clients[index]
+        self._authenticate(index, client)
         changed = False
         try:
             with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:

@@ -21,12 +21,18 @@ def free_port() -> int:
 
 
 class Etcd:
-    """One single-member etcd; stop() is a real kill -9, start() brings the same data back."""
+    """One etcd member; kill() is a real kill -9, start() brings the same data back."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, name="m0", cluster=None):
         self.data_dir = str(data_dir)
+        self.name = name
         self.client_port, self.peer_port = free_port(), free_port()
+        self.cluster = cluster  # the members of a cluster, this one included; None: alone
         self.process = None
+
+    @property
+    def peer(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
@@ -35,16 +41,23 @@ class Etcd:
     def url(self, prefix: str) -> str:
         return f"etcd://{self.endpoint}/{prefix}"
 
-    def start(self):
-        peer = f"http://127.0.0.1:{self.peer_port}"
+    def start(self, wait=True):
+        peer = self.peer
         client = f"http://{self.endpoint}"
+        members = ",".join(f"{m.name}={m.peer}" for m in (self.cluster or [self]))
         command = [
-            "etcd", "--name", "m0", "--data-dir", self.data_dir,
+            "etcd", "--name", self.name, "--data-dir", self.data_dir,
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"m0={peer}", "--log-level", "error", "--logger", "zap",
+            "--initial-cluster", members, "--initial-cluster-token", f"vtap-{(self.cluster or [self])[0].peer_port}",
+            "--log-level", "error", "--logger", "zap",
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(self.data_dir + ".log", "ab"))
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self):
+        client = f"http://{self.endpoint}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -61,6 +74,9 @@ class Etcd:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
+    def status(self) -> dict:
+        return json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/maintenance/status", b"{}", timeout=2))
+
     def keys(self, prefix: str = "") -> dict:
         """Every key under /prefix with its value, read straight from etcd's v3 JSON gateway."""
         start = f"/{prefix}/" if prefix else "\0"
@@ -68,6 +84,25 @@ class Etcd:
         body = json.dumps({"key": b64(start), "range_end": b64(end)}).encode()
         reply = json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/kv/range", body, timeout=5))
         return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    """Three members on loopback ports, each in its own data dir."""
+    if shutil.which("etcd") is None:
+        pytest.skip("needs etcd (Debian etcd-server; scripts/setup --test installs it)")
+    members = []
+    for i in range(3):
+        members.append(Etcd(tmp_path / f"etcd{i}", name=f"m{i}", cluster=members))
+    try:
+        for member in members:
+            member.start(wait=False)  # a member is healthy only once a quorum is up
+        for member in members:
+            member.wait_healthy()
+        yield members
+    finally:
+        for member in members:
+            member.kill()
 
 
 def b64(text: str) -> str:

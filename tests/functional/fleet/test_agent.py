@@ -89,3 +89,43 @@ def test_agent_registers_follows_changes_made_elsewhere_and_dies_with_its_lease(
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
     vtap("session", "delete", "db", state=admin_state, env=admin)
+
+
+def leader(members):
+    for member in members:
+        try:
+            status = member.status()
+        except OSError:
+            continue
+        if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+            return member
+    return None
+
+
+def test_three_member_cluster_losing_its_leader_and_a_member_restart_lose_no_tap(etcd_cluster, vtap, machines, tmp_path):
+    url = "etcd://" + ",".join(m.endpoint for m in etcd_cluster) + "/vtap/prod"
+    admin = {"VTAP_STORE": url, "VTAP_HOST": "admin", "VTAP_LINUX_NETNS": machines["admin"]}
+    admin_state = str(tmp_path / "admin/state.db")
+    agent = start_agent(url, machines["host-a"], str(tmp_path / "a/state.db"))
+    try:
+        assert vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=admin_state, env=admin).returncode == 0
+        assert vtap("flow", "add", "web", "--interface", "eth0", state=admin_state, env=admin).returncode == 0
+        assert len(wait_for(lambda: mirrors_on(machines["host-a"]))) == 1
+        old = wait_for(lambda: leader(etcd_cluster))
+        old.kill()  # kill -9 of the leader
+        survivors = [m for m in etcd_cluster if m is not old]
+        assert wait_for(lambda: leader(survivors), seconds=20)
+        made = vtap("session", "create", "db", "--to", "vxlan://192.0.2.2?vni=6", state=admin_state, env=admin)
+        assert made.returncode == 0, made.stderr
+        assert vtap("flow", "add", "db", "--interface", "eth0", state=admin_state, env=admin).returncode == 0
+        assert len(wait_for(lambda: len(mirrors_on(machines["host-a"])) == 2 and mirrors_on(machines["host-a"]), seconds=20)) == 2
+        old.start()  # the member comes back with its data and catches up
+        time.sleep(2)
+        assert len(mirrors_on(machines["host-a"])) == 2  # no tap lost, none doubled
+        keys = old.keys("vtap/prod")
+        assert {k.rsplit("/", 1)[1] for k in keys if "/sessions/" in k} == {"web", "db"}
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    for name in ("web", "db"):
+        vtap("session", "delete", name, state=admin_state, env=admin)
