@@ -137,7 +137,8 @@ class EtcdStore(DesiredStore):
         from etcd3gw import exceptions
 
         problems = []
-        for i, client in enumerate(self._clients):
+        # Each member twice: a pooled connection to a member that restarted fails once, then works.
+        for i, client in list(enumerate(self._clients)) * 2:
             try:
                 self._authenticate(i, client)
                 return client.post(client.get_url(path), json=payload)
@@ -145,7 +146,7 @@ class EtcdStore(DesiredStore):
                 problems.append(f"{client.host}:{client.port}: {type(exc).__name__}")
             except exceptions.Etcd3Exception as exc:
                 raise StoreUnavailable(f"etcd store at {client.host}:{client.port} refused the request: {exc}") from None
-        raise StoreUnavailable(f"etcd store unreachable, nothing was changed ({'; '.join(problems)})")
+        raise StoreUnavailable(f"etcd store unreachable, nothing was changed ({'; '.join(dict.fromkeys(problems))})")
 
     def _authenticate(self, i: int, client):
         if self._credentials is None or i in self._authenticated:
