@@ -61,3 +61,15 @@ def cmd_agent(args, ctx):
 def cmd_hosts(args, ctx):
     ctx.emit(ctx.client().store.hosts(), ["host", "driver", "version", "last_reconcile", "problems"])
     return 0
+
+
+def status_rows(client) -> list[dict]:
+    """This machine's view of every flow, and beside it what each host's agent reported (stale when its lease ended)."""
+    rows = [row.to_dict() for row in client.status()]
+    reported = client.store.observed()
+    if not reported:
+        return rows  # one host: exactly what `status` always showed
+    live = {h["host"] for h in client.store.hosts()}
+    rows = [{**row, "host": "(here)"} for row in rows]
+    rows += [{**row, "state": row["state"] if row["host"] in live else f"stale ({row['state']})"} for row in reported]
+    return sorted(rows, key=lambda r: (r["session"], r["flow"], r["host"]))

@@ -306,8 +306,11 @@ def cmd_apply(args, ctx):
 
 
 def cmd_status(args, ctx):
-    rows = [row.to_dict() for row in ctx.client().status()]
-    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
+    from vtap_cli.fleet import status_rows
+
+    rows = status_rows(ctx.client())  # in a fleet, each host's agent's rows too
+    host = ["host"] if any("host" in row for row in rows) else []
+    ctx.emit(rows, ["session", "flow", *host, "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
     return 0
 
 

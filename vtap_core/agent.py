@@ -12,11 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from importlib.metadata import version
 
 from vtap_core.follow import EVERYTHING, Follower, NoMetrics
 
 log = logging.getLogger("vtap.agent")
+COUNTERS = {"packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors"}
+COUNTERS_EVERY = 10.0  # seconds between counter updates of one flow: never one etcd write per packet
 
 
 class HealthMetrics(NoMetrics):
@@ -46,6 +49,7 @@ class Agent:
         threads = [
             threading.Thread(target=self._heartbeat, args=(stop,), name="vtap-heartbeat", daemon=True),
             threading.Thread(target=self._watch_store, args=(stop,), name="vtap-store-watch", daemon=True),
+            threading.Thread(target=self._report, args=(stop,), name="vtap-report", daemon=True),
         ]
         for thread in threads:
             thread.start()
@@ -79,6 +83,27 @@ class Agent:
                 if not away:  # one line when it starts, one when it ends
                     log.warning("store unreachable, keeping every tap and retrying: %s", exc)
                     away = True
+
+    def _report(self, stop: threading.Event) -> None:
+        """This host's flows as it observes them: a state change at once, counters every COUNTERS_EVERY seconds."""
+        shown: dict = {}  # flow -> (row as last written, when)
+        while not stop.wait(1.0):
+            try:
+                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive"}
+            except Exception:
+                continue  # the heartbeat says when the store is away
+            now = time.monotonic()
+            for flow, row in rows.items():
+                last = shown.get(flow)
+                counters_only = last is not None and {k: v for k, v in row.items() if k not in COUNTERS} == {k: v for k, v in last[0].items() if k not in COUNTERS}
+                if counters_only and (row == last[0] or now - last[1] < COUNTERS_EVERY):
+                    rows[flow] = last[0]  # keep what was written
+                else:
+                    shown[flow] = (row, now)
+            try:
+                self.client.store.report(self.host, rows)
+            except Exception:
+                continue
 
     def _watch_store(self, stop: threading.Event) -> None:
         for _ in self.client.store.watch_desired(stop):

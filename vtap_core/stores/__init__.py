@@ -101,6 +101,13 @@ class DesiredStore(abc.ABC):
         self.heartbeat("", {}, 0)  # the same refusal
         return []
 
+    def report(self, host: str, rows: dict) -> None:
+        """Publish what `host` observed for its flows ({flow: status dict}); a one-host store has no readers."""
+
+    def observed(self) -> list[dict]:
+        """What every host reported for this driver's flows, each with its `host`."""
+        return []
+
     def watch_desired(self, stop):
         """Yields each time the desired state may have changed; a one-host store never changes under us."""
         stop.wait()

@@ -8,6 +8,7 @@ see each other):
     /PREFIX/desired/DRIVER/flows/NAME        a TapFlow as JSON
     /PREFIX/audit/TIME_NS-RANDOM             one audit row as JSON; written once (create_revision == 0)
     /PREFIX/hosts/NAME                       a live host (driver, version, last reconcile, problems), under its lease
+    /PREFIX/observed/DRIVER/FLOW/HOST        what HOST's agent observed for FLOW (no lease: a dead host's rows show as stale)
 
 A change reads the driver's whole desired state in one range request, then
 commits in ONE transaction guarded by the generation's mod_revision it read:
@@ -340,3 +341,20 @@ class EtcdStore(DesiredStore):
             if "Read timed out" not in str(exc):
                 raise
         return changed, revision
+
+    def report(self, host: str, rows: dict) -> None:
+        """Write the rows that differ from what this store last wrote, delete flows no longer reported."""
+        written = getattr(self, "_reported", None)
+        if written is None:  # after a restart: what this host reported before, to clean it up
+            _, kvs = self._range(f"{self.prefix}/observed/{self.driver}/")
+            written = {_unb64(kv["key"]): None for kv in kvs if _unb64(kv["key"]).endswith(f"/{host}")}
+        wanted = {f"{self.prefix}/observed/{self.driver}/{flow}/{host}": json.dumps(row, sort_keys=True) for flow, row in rows.items()}
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in written if k not in wanted]
+        ops += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in wanted.items() if written.get(k) != v]
+        if ops:
+            self._post("/kv/txn", {"compare": [], "success": ops, "failure": []})
+        self._reported = wanted
+
+    def observed(self) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/observed/{self.driver}/")
+        return [{**json.loads(_unb64(kv["value"])), "host": _unb64(kv["key"]).rsplit("/", 1)[1]} for kv in kvs]

@@ -129,3 +129,33 @@ def test_three_member_cluster_losing_its_leader_and_a_member_restart_lose_no_tap
         agent.wait(timeout=30)
     for name in ("web", "db"):
         vtap("session", "delete", name, state=admin_state, env=admin)
+
+
+def test_status_on_any_machine_shows_what_each_host_observed_and_stale_hosts(etcd, vtap, machines, tmp_path):
+    url = etcd.url("vtap/prod")
+    admin = {"VTAP_STORE": url, "VTAP_HOST": "admin", "VTAP_LINUX_NETNS": machines["admin"]}
+    admin_state = str(tmp_path / "admin/state.db")
+
+    def reported():
+        rows = json.loads(vtap("-o", "json", "status", state=admin_state, env=admin).stdout or "[]")
+        return {row["host"]: row for row in rows if row.get("host") == "host-a"}
+
+    assert vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=admin_state, env=admin).returncode == 0
+    assert vtap("flow", "add", "web", "--interface", "eth0", "--direction", "in", state=admin_state, env=admin).returncode == 0
+    host_a = machines["host-a"]
+    for command in (["link", "add", "uplink", "type", "veth", "peer", "name", "uplinkpeer"], ["addr", "add", "192.0.2.10/24", "dev", "uplink"],
+                    ["link", "set", "uplink", "up"], ["link", "set", "uplinkpeer", "up"]):
+        subprocess.run(["ip", "-n", host_a, *command], check=True)  # a route to the VXLAN remote: copies can leave
+    agent = start_agent(url, host_a, str(tmp_path / "a/state.db"))
+    try:
+        row = wait_for(lambda: reported().get("host-a", {}).get("state") == "active" and reported()["host-a"], seconds=15)
+        assert row and row["flow"] == "web-1" and row["observed"] == row["desired"] == 1
+        # Packets the host's mirror copied show up in the fleet's status (at the counters' modest rate).
+        subprocess.run(["ip", "netns", "exec", machines["host-a"], "ip", "link", "set", "wire0", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", machines["host-a"], "ping", "-c", "3", "-i", "0.2", "-I", "wire0", "-W", "1", "192.0.2.77"], capture_output=True)
+        assert wait_for(lambda: reported().get("host-a", {}).get("packets", 0) > 0, seconds=20)
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+    assert wait_for(lambda: reported().get("host-a", {}).get("state", "").startswith("stale"), seconds=10)
+    vtap("session", "delete", "web", state=admin_state, env=admin)
