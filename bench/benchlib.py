@@ -49,6 +49,12 @@ def link_counters(device: str, netns: str | None = None) -> dict:
     return {"rx": stats["rx"]["packets"], "tx": stats["tx"]["packets"], "rx_dropped": stats["rx"]["dropped"], "tx_dropped": stats["tx"]["dropped"]}
 
 
+def percentile(values, p):
+    """The nearest-rank p-th percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -32,11 +32,6 @@ import benchlib  # noqa: E402
 import kvm_lab  # noqa: E402
 
 
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--restarts", type=int, default=20)
@@ -114,8 +109,8 @@ def main() -> int:
         "restarts": args.restarts,
         "timeouts": timeouts,
         "latency_ms": ms,
-        "p50_ms": percentile(ms, 50) if ms else None,
-        "p99_ms": percentile(ms, 99) if ms else None,
+        "p50_ms": benchlib.percentile(ms, 50) if ms else None,
+        "p99_ms": benchlib.percentile(ms, 99) if ms else None,
         "mean_ms": statistics.mean(ms) if ms else None,
     }
     text = "\n".join([

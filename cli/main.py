@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shlex
 import sys
 
@@ -164,6 +163,7 @@ def build_parser() -> Parser:
     source = add.add_mutually_exclusive_group(required=True)
     source.add_argument("--vm", metavar="UUID|NAME")
     source.add_argument("--interface", metavar="IFNAME")
+    source.add_argument("--select", metavar="EXPR", help="every VM that matches, now and later: KEY=GLOB or KEY!=GLOB joined by ',' (keys: name, tag, folder, pool, host, network)")
     add.add_argument("--nic", metavar="MAC", help="one NIC of the VM (default: all)")
     add.add_argument("--direction", default="both", metavar="in|out|both", help="VM: out = sent by the VM; interface: as tcpdump -Q (default both)")
     add.add_argument("--filter", metavar="EXPR", help="pcap filter expression (tcpdump syntax)")
@@ -172,6 +172,9 @@ def build_parser() -> Parser:
     flows = listing(flow, "list", help="list flows")
     flows.add_argument("--session")
     flows.set_defaults(handler=cmd_flow_list)
+    show_flow = listing(flow, "show", help="one flow; for a selector flow, each VM it taps now and why")
+    show_flow.add_argument("name")
+    show_flow.set_defaults(handler=cmd_flow_show)
     remove = flow.add_parser("delete", help="delete a flow")
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_flow_delete)
@@ -189,9 +192,10 @@ def build_parser() -> Parser:
     follow.add_argument("--once", action="store_true", help="one full resync, then exit")
     follow.set_defaults(handler=cmd_follow)
 
-    capture = commands.add_parser("capture", help="terminate a VXLAN mirror stream into a pcapng file")
-    capture.add_argument("--listen", required=True, metavar="vxlan://ADDR[:PORT]")
-    capture.add_argument("-w", dest="write", required=True, metavar="FILE.pcapng")
+    capture = commands.add_parser("capture", help="terminate a VXLAN, GRE or ERSPAN mirror stream into pcapng and/or a local device")
+    capture.add_argument("--listen", required=True, metavar="vxlan://ADDR[:PORT]|gre://ADDR|erspan://ADDR[?id=N]")
+    capture.add_argument("-w", dest="write", metavar="FILE.pcapng")
+    capture.add_argument("--to", metavar="port:IFNAME", help="re-emit the inner frames on a local device (for an IDS)")
     capture.add_argument("--count", type=int, metavar="N", help="stop after N frames")
     capture.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     capture.set_defaults(handler=cmd_capture)
@@ -227,8 +231,10 @@ def cmd_vm_list(args, ctx):
     rows = []
     for vm in vms:
         nics = [" ".join(str(v) for v in (n.mac, n.device, n.network, *_pairs(n.details)) if v) for n in vm.nics]
-        rows.append({"uuid": vm.uuid or "-", "name": vm.name, "state": vm.state, "host": vm.host, "nics": nics, "details": " ".join(_pairs(vm.details))})
-    ctx.emit(rows, ["uuid", "name", "state", "host", "nics", "details"])
+        place = " ".join(f"{k}={v}" for k, v in (("folder", vm.folder), ("pool", vm.pool)) if v)
+        rows.append({"uuid": vm.uuid or "-", "name": vm.name, "state": vm.state, "host": vm.host, "nics": nics, "tags": ",".join(vm.tags),
+                     "details": " ".join(filter(None, [place, *_pairs(vm.details)]))})
+    ctx.emit(rows, ["uuid", "name", "state", "host", "nics", "tags", "details"])
     return 0
 
 
@@ -283,7 +289,7 @@ def cmd_session_toggle(args, ctx):
 
 def cmd_flow_add(args, ctx):
     change = ctx.client().add_flow(
-        args.session, vm=args.vm, nic=args.nic, interface=args.interface, direction=args.direction, filter=args.filter, name=args.name
+        args.session, vm=args.vm, nic=args.nic, interface=args.interface, direction=args.direction, filter=args.filter, name=args.name, select=args.select
     )
     ctx.say(str(change))
     return 0
@@ -291,7 +297,21 @@ def cmd_flow_add(args, ctx):
 
 def cmd_flow_list(args, ctx):
     rows = [f.to_dict() for f in ctx.client().flows(args.session)]
-    ctx.emit(rows, ["name", "session", "vm", "nic", "interface", "direction", "filter"])
+    ctx.emit(rows, ["name", "session", "vm", "nic", "interface", "select", "direction", "filter"])
+    return 0
+
+
+def cmd_flow_show(args, ctx):
+    client = ctx.client()
+    flow = next((f for f in client.flows() if f.name == args.name), None)
+    members = client.flow_members(args.name)
+    if args.output != "table":
+        ctx.emit([{**flow.to_dict(), "members": [m.__dict__ for m in members]}] if flow else [], [])
+        return 0
+    ctx.emit([flow.to_dict()], ["name", "session", "vm", "nic", "interface", "select", "direction", "filter"])
+    if flow.source.select:
+        ctx.say(f"members ({len(members)}):")
+        ctx.emit([m.__dict__ for m in members], ["vm_name", "vm", "nic", "host", "why"])
     return 0
 
 
@@ -309,8 +329,11 @@ def cmd_status(args, ctx):
     from vtap_cli.fleet import status_rows
 
     rows = status_rows(ctx.client())  # in a fleet, each host's agent's rows too
+    if args.output == "table":
+        # A selector flow's members follow it, one line each.
+        rows = [line for row in rows for line in [row, *({**row, **m, "flow": f"  {m['name']}", "source": f"vm {m['vm']}" + (f" nic {m['nic']}" if m["nic"] else ""), "problem": ""} for m in row.get("members") or [])]]
     host = ["host"] if any("host" in row for row in rows) else []
-    ctx.emit(rows, ["session", "flow", *host, "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "problem"])
+    ctx.emit(rows, ["session", "flow", *host, "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "capture_dropped", "problem"])
     return 0
 
 
@@ -338,6 +361,7 @@ def cmd_follow(args, ctx):
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     client = ctx.client()
+    client.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
     metrics = None
     if args.metrics_port is not None:
         from vtap_core.metrics import PrometheusMetrics
@@ -359,9 +383,14 @@ def cmd_follow(args, ctx):
 
 def cmd_capture(args, ctx):
     from vtap_drivers.linux.capture import capture_vxlan
+    from vtap_drivers.linux.terminate import terminate
 
-    written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
-    print(f"{written} frames written to {args.write}", file=sys.stderr)
+    if str(args.listen).startswith("vxlan://") and args.to is None and args.write is not None:
+        written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
+    else:
+        written = terminate(args.listen, args.write, to=args.to, count=args.count, duration=args.duration)
+    where = " and ".join(w for w in (args.write, args.to) if w)
+    print(f"{written} frames written to {where}", file=sys.stderr)
     return 0
 
 

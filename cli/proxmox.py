@@ -94,13 +94,28 @@ def cmd_hook(args, ctx):
     logging.basicConfig(level=logging.WARNING, format="vtap hook: %(message)s")
     strict = os.environ.get("VTAP_HOOK_STRICT", "") in ("1", "true", "yes")
     try:
-        client = ctx.client(DRIVER)
-        desired_state = _desired_state(client)
+        driver, desired_state = _hook_driver(ctx)
     except Exception as exc:  # noqa: BLE001 - even a broken configuration must not fail a VM start
-        if strict:
+        if strict and args.phase == "pre-start":  # the only phase whose failure PVE acts on
             raise
         import sys
 
         print(f"vtap: hook {args.vmid} {args.phase} failed, VM continues without its taps: {exc}", file=sys.stderr)
         return 0
-    return hook_main(client.driver, desired_state, args.vmid, args.phase, strict)
+    return hook_main(driver, desired_state, args.vmid, args.phase, strict)
+
+
+def _hook_driver(ctx):
+    """(driver, desired state) for a hook. With a shared document (a cluster), no Client: the hook then
+    needs no store, no entry-point loading and no API library, and post-start runs inside `qm start`."""
+    from vtap_core.store import default_path
+    from vtap_drivers.proxmox.desired import DesiredState
+    from vtap_drivers.proxmox.driver import ProxmoxDriver
+
+    state_dir = os.path.dirname(os.path.abspath(ctx.config.state or default_path()))
+    driver = ProxmoxDriver(state_dir=state_dir, **ctx.config.driver_settings(DRIVER))
+    if not driver.shared_state:
+        client = ctx.client(DRIVER)
+        return client.driver, _desired_state(client)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)  # where the last good copy of the document is kept
+    return driver, DesiredState(driver.shared_state, state_dir)

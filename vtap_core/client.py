@@ -10,30 +10,36 @@
         vtap.delete_session("web")
 
 Every change is validated completely (model, then the driver's plan for the
-would-be desired state) before anything is written; then the store is
-written and the platform reconciled. If the platform fails half-way, the
-store is put back and the platform reconciled to the previous state: all or
-nothing per call. Each change appends one audit row.
+would-be desired state) before anything is written. Then the writes that need
+disk space come first, while nothing has changed yet: the driver's own record
+of what it will add (the tc catalog), then the store. Only then is the
+platform reconciled; if it fails half-way, the store is put back and the
+platform reconciled to the previous state: all or nothing per call, and a
+write that fails never costs a working mirror. Each change appends one audit
+row. Whatever an interrupted run left that no desired flow wants (an orphan)
+is shown by status and removed by every reconcile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 
-from vtap_core import reconcile, registry, yamlfile
+from vtap_core import reconcile, registry, selectors, yamlfile
 from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
-from vtap_core.model import Source, TapFlow, TapSession, Target, evolve
+from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
 from vtap_core.redact import check_url_settings, redact
 from vtap_core.stores import Conflict, open_store
 
 CONFLICT_RETRIES = 20
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
-FLOW_KEYS = {"name", "vm", "nic", "interface", "direction", "filter"}
+FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter"}
 
 
 @dataclass
@@ -43,7 +49,7 @@ class FlowStatus:
     source: str
     direction: str
     target: str
-    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled
+    state: str  # active | degraded (the target cannot take some copies now) | partial | missing | inactive (nothing to do here now) | disabled | orphan
     desired: int  # platform objects this flow needs now
     observed: int  # of those, present and right
     packets: int
@@ -52,9 +58,14 @@ class FlowStatus:
     dropped: int = 0  # copies the target did not take (packets counts every copy made)
     target_tx_dropped: int = 0  # the target device's own transmit counters (all its traffic)
     target_tx_errors: int = 0
+    capture_dropped: int = 0  # pcap target: copies that did not reach the file (ring full, sink drops), for the whole session
+    members: list | None = None  # selector flows: each VM/NIC tapped now, with its own state and counters
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if self.members is None:
+            del data["members"]
+        return data
 
 
 @dataclass
@@ -139,6 +150,9 @@ class Client:
         return self._change(f"session create {name}", mutate, f"session {name} created")
 
     def delete_session(self, name) -> Change:
+        if not self.store.has_session(name):
+            return self._remove_leftovers("session", name, lambda b: b.session == name)
+
         def mutate(sessions, flows):
             if name not in sessions:
                 raise NotFound(f"session {name!r} does not exist")
@@ -160,8 +174,8 @@ class Client:
         verb = "enabled" if enabled else "disabled"
         return self._change(f"session {'enable' if enabled else 'disable'} {name}", mutate, f"session {name} {verb}")
 
-    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None) -> Change:
-        source = Source(vm=vm, nic=nic, interface=interface)
+    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None, select=None) -> Change:
+        source = Source(vm=vm, nic=nic, interface=interface, select=select)
         if name is not None:
             TapFlow(name=name, session=session, source=source, direction=direction, filter=filter)
         created = {}
@@ -182,6 +196,9 @@ class Client:
         return change
 
     def delete_flow(self, name) -> Change:
+        if not self.store.has_flow(name):
+            return self._remove_leftovers("flow", name, lambda b: b.flow == name)
+
         def mutate(sessions, flows):
             if name not in flows:
                 raise NotFound(f"flow {name!r} does not exist")
@@ -190,23 +207,25 @@ class Client:
         return self._change(f"flow delete {name}", mutate, f"flow {name} deleted")
 
     def apply_file(self, path: str, prune: bool = False) -> Change:
-        document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
+        with paused_gc():  # the cyclic GC doubles the load time of a large file
+            document = yamlfile.load_file(path)  # libyaml; refuses non-UTF-8, aliases, deep nesting, duplicate keys
         return self.apply_document(document, prune=prune, source=redact(path))
 
     def apply_document(self, document, prune: bool = False, source: str = "document") -> Change:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
-        wanted_sessions, wanted_flows = parse_document(document)
+        with paused_gc():
+            wanted_sessions, wanted_flows = parse_document(document)
         wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
 
         def mutate(sessions, flows):
-            for name in wanted_sessions:
-                for flow in [f for f in flows.values() if f.session == name]:
-                    del flows[flow.name]
+            replaced = set(wanted_sessions)
             if prune:
+                replaced.update(n for n in sessions if n not in wanted_sessions)
                 for name in [n for n in sessions if n not in wanted_sessions]:
                     del sessions[name]
-                    for flow in [f for f in flows.values() if f.session == name]:
-                        del flows[flow.name]
+            # One pass over the flows (not one per session): files hold tens of thousands.
+            for flow in [f for f in flows.values() if f.session in replaced]:
+                del flows[flow.name]
             taken = {f.name: f.session for f in flows.values()}
             for flow in wanted_flows:
                 if flow.name in taken:
@@ -218,9 +237,23 @@ class Client:
         return self._change(f"apply {source}" + (" --prune" if prune else ""), mutate, f"applied {source}")
 
     def reconcile(self, scope: str | None = None) -> reconcile.Plan:
+        self.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
         with self.lock():
+            self.store.check_identity()
             sessions, flows = self.store.snapshot()
-            return reconcile.reconcile(self.driver, sessions, flows, scope)
+            plan = reconcile.reconcile(self.driver, sessions, flows, scope)
+            self._record_membership(plan.members, flows)
+            return plan
+
+    def flow_members(self, name: str) -> list[selectors.Member]:
+        """Who a selector flow taps now and why (`vtap flow show`)."""
+        flow = next((f for f in self.store.flows() if f.name == name), None)
+        if flow is None:
+            raise NotFound(f"flow {name!r} does not exist")
+        if not flow.source.select:
+            return []
+        session = self.store.session(flow.session)
+        return selectors.members_of(flow, session, self.driver.inventory(), cap=1 << 62)
 
     # status ---------------------------------------------------------------
 
@@ -228,27 +261,33 @@ class Client:
         sessions = {s.name: s for s in self.store.sessions()}
         flows = self.store.flows()
         problems: list = []
-        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems)
+        members: dict = {}
+        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems, members)
         observed = {b.key: b for b in self.driver.observe()}
-        why = {(s, f): text for s, f, text in problems}
+        why = {(s, parent_of(f)): text for s, f, text in problems}
+        by_flow: dict = {}
+        for binding in desired:
+            by_flow.setdefault((binding.session, binding.flow), []).append(binding)
         rows = []
+        wanted = {b.key for b in desired}
+        orphans: dict = {}
+        for binding in observed.values():
+            if binding.key not in wanted:
+                orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
         for flow in flows:
             session = sessions[flow.session]
-            mine = [b for b in desired if b.session == flow.session and b.flow == flow.name]
-            present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
-            counters = [b.counters for b in present if b.counters is not None]
-            if not session.enabled:
-                state = "disabled"
-            elif not mine:
-                state = "inactive"
-            elif len(present) == len(mine):
-                state = "active"
-            else:
-                state = "partial" if present else "missing"
-            dropped, target, trouble = _target_side(counters)
-            if state == "active" and target.cut:
-                state = "degraded"  # active means delivered: some of these copies cannot be
+            # The session's own target bindings (a pcap sink) count what was lost for all its flows.
+            targets = [observed[b.key] for b in by_flow.get((flow.session, None), []) if b.key in observed]
+            row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed)
+            if flow.source.select is not None:
+                member_rows = [
+                    {"vm": m.vm, "name": m.vm_name, "nic": m.nic, "host": m.host,
+                     **_flow_state(session, by_flow.get((flow.session, f"{flow.name}@{m.vm}" + (f"#{m.nic}" if m.nic else "")), []), observed)}
+                    for m in members.get(flow.name, [])
+                ]
+                row = _sum_members(session, member_rows)
             problem = why.get((flow.session, flow.name), why.get((flow.session, None), ""))
+            trouble = row.pop("trouble")
             rows.append(
                 FlowStatus(
                     session=flow.session,
@@ -256,17 +295,13 @@ class Client:
                     source=str(flow.source),
                     direction=flow.direction.value,
                     target=str(session.target),
-                    state=state,
-                    desired=len(mine),
-                    observed=len(present),
-                    packets=sum(c.packets for c in counters),
-                    bytes=sum(c.bytes for c in counters),
                     problem="; ".join(p for p in (problem, *trouble) if p),
-                    dropped=dropped,
-                    target_tx_dropped=target.tx_dropped,
-                    target_tx_errors=target.tx_errors,
+                    members=member_rows if flow.source.select is not None else None,
+                    **row,
+                    capture_dropped=sum(b.counters.dropped for b in targets if b.counters is not None),
                 )
             )
+        rows.extend(_orphan_row(session, flow, found) for (session, flow), found in sorted(orphans.items()))
         return rows
 
     # internals ------------------------------------------------------------
@@ -274,7 +309,7 @@ class Client:
     def _absolute_pcap_path(self, session: TapSession) -> TapSession:
         if session.target.kind != "pcap" or os.path.isabs(session.target.path):
             return session
-        return evolve(session, target=Target.parse(f"pcap:{os.path.abspath(session.target.path)}"))
+        return evolve(session, target=evolve(session.target, path=os.path.abspath(session.target.path)))
 
     def _change(self, command: str, mutate, message: str) -> Change:
         """_change_once, again from a fresh read while another writer of a shared store commits first."""
@@ -287,17 +322,26 @@ class Client:
 
     def _change_once(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
+        self.store.check_writable()
         with self.lock():
+            self.store.check_identity()
             before_sessions, before_flows = self.store.snapshot()
             sessions = {s.name: s for s in before_sessions}
             flows = {f.name: f for f in before_flows}
             change = mutate(sessions, flows)
             touched = _touched_sessions(change, sessions)
-            self._validate(sessions, flows, touched)
+            self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
-            with self.store.transaction():
-                self.store.replace_all(*after)
-                self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            try:
+                # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
+                self._prepare(*after)
+                with self.store.transaction():
+                    self.store.replace_all(*after)
+                    self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            except Conflict:
+                raise  # someone else committed first: _change reads again
+            except OperationFailed as exc:
+                raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
                 plan = self._realize(*after)
             except Exception as exc:
@@ -315,42 +359,179 @@ class Client:
         publish = getattr(self.driver, "publish_desired", None)
         if publish is not None:
             publish(sessions, flows)
-        return reconcile.reconcile(self.driver, sessions, flows)
+        plan = reconcile.reconcile(self.driver, sessions, flows)
+        self._record_membership(plan.members, flows)
+        return plan
 
-    def _validate(self, sessions: dict, flows: dict, touched: set[str]):
-        """The driver must be able to realize what this call touches, beside everything else."""
+    def _record_membership(self, members: dict, flows) -> None:
+        """One audit row per VM that joined or left a selector flow since the last reconcile."""
+        path = os.path.join(self.store.state_dir, f"selectors-{self.driver_name}.json")
+        selector_flows = {f.name for f in flows if f.source.select}
+        before = {k: v for k, v in _read_private_json(path).items() if k in selector_flows or k in members}
+        after = {flow: {f"{m.vm}#{m.nic}": f"{m.vm_name}: {m.why}" for m in found} for flow, found in members.items()}
+        # Flows deleted since: their members left with them (the deletion is audited already).
+        after.update({flow: {} for flow in before if flow not in selector_flows})
+        changes = selectors.membership_changes(before, after)
+        if not changes:
+            return
+        with self.store.transaction():
+            self.store.record(f"{self.command}: selector membership" if self.command != "sdk" else "sdk: selector membership", {"members": changes})
+        _write_private_json(path, {k: v for k, v in after.items() if k in selector_flows})
+
+    def _validate(self, sessions: dict, flows: dict, touched: set[str], before: dict):
+        """The driver must be able to realize what this call touches, beside everything else.
+
+        Flows already in the store that cannot be realized now (their interface was
+        deleted since) are problems shown by status, not this call's fault: they never
+        block adding or changing other flows.
+        """
         if not touched:
             return
         mine = [f for f in flows.values() if f.session in touched]
         for name in touched:
             self.driver.check_features(sessions[name], [f for f in mine if f.session == name])
-        self.driver.plan([sessions[n] for n in touched], mine)
+        new = {f.name for f in mine if before.get(f.name) != f}
+        # Selector flows are planned as the members they have now; a new one over the cap is this call's fault.
+        expanded = selectors.expand(list(sessions.values()), list(flows.values()), self.driver.inventory, selectors.cap())
+        for session, flow, why in expanded.problems:
+            if flow in new:
+                raise ValidationError("select", f"flow {flow}: {why.split(': ', 1)[-1]}")
+        everything = expanded.flows
+        new |= {f.name for f in everything if parent_of(f.name) in new}
+        self.driver.plan([sessions[n] for n in touched], [f for f in everything if f.name in new])
+        if len(touched) == len(sessions) and all(f.name in new for f in everything):
+            return  # that was the whole desired state
         try:
-            self.driver.plan(list(sessions.values()), list(flows.values()))
-        except (ValidationError, NotFound, Unsupported) as conflict:
-            # Either the change clashes with the rest (a VNI used twice), or the rest
-            # cannot be planned on its own (a source vanished): only the first is this call's fault.
-            others = [s for s in sessions.values() if s.name not in touched]
-            try:
-                self.driver.plan(others, [f for f in flows.values() if f.session not in touched])
-            except (ValidationError, NotFound, Unsupported):
-                return
-            raise conflict
+            self.driver.plan(list(sessions.values()), everything)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        realizable = [f for f in everything if f.name in new or self._plans(sessions[f.session], f)]
+        try:
+            self.driver.plan(list(sessions.values()), realizable)
+            return
+        except (ValidationError, NotFound, Unsupported) as exc:
+            conflict = exc
+        # Either the change clashes with the rest (a VNI used twice), or the rest
+        # cannot be planned on its own (a target vanished): only the first is this call's fault.
+        others = [s for s in sessions.values() if s.name not in touched]
+        try:
+            self.driver.plan(others, [f for f in realizable if f.session not in touched])
+        except (ValidationError, NotFound, Unsupported):
+            return
+        raise conflict
+
+    def _plans(self, session: TapSession, flow: TapFlow) -> bool:
+        try:
+            self.driver.plan([session], [flow])
+        except (ValidationError, NotFound, Unsupported):
+            return False
+        return True
+
+    def _prepare(self, sessions, flows):
+        """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now."""
+        prepare = getattr(self.driver, "prepare", None)
+        if prepare is not None:
+            prepare(reconcile.desired_bindings(self.driver, sessions, flows))
 
     def _roll_back(self, sessions, flows):
-        with self.store.transaction():
-            self.store.replace_all(sessions, flows)
-            self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        try:
+            with self.store.transaction():
+                self.store.replace_all(sessions, flows)
+                self.store.record(f"rollback: {self.command}", {"restored sessions": len(sessions), "restored flows": len(flows)})
+        except OperationFailed as exc:
+            # The platform still goes back to the previous state: a failed write must not cost working mirrors.
+            print(f"vtap: the store could not be put back and still holds the failed change ({exc}): free the space, then run `vtap apply` or `vtap follow`", file=sys.stderr)
         try:
             self._realize(sessions, flows)
         except Exception as exc:  # the original error is the one to report
             print(f"vtap: rollback incomplete, run `vtap apply` or `vtap follow` to repair: {exc}", file=sys.stderr)
+
+    def _remove_leftovers(self, kind: str, name: str, belongs) -> Change:
+        """Delete of a name the store no longer has: a run killed part way may have left its mirrors.
+
+        Removing them is a reconcile (which removes every orphan of this store);
+        without any, the name simply does not exist.
+        """
+        # Only a name the audit log knows can have left something (a plain typo reads nothing).
+        if not self.store.in_audit(name) or not any(belongs(b) for b in self.driver.observe()):
+            raise NotFound(f"{kind} {name!r} does not exist")
+        self.store.check_writable()
+        with self.lock():
+            self.store.check_identity()
+            sessions, flows = self.store.snapshot()
+            plan = self._realize(sessions, flows)
+            with self.store.transaction():
+                self.store.record(
+                    self.command if self.command != "sdk" else f"sdk: {kind} delete {name}",
+                    {f"removed leftovers of {kind}": name, "removed": len(plan.remove)},
+                )
+        return Change(f"{kind} {name} was already deleted; removed what an interrupted run left ({len(plan.remove)} platform objects removed)", plan)
 
     @staticmethod
     def _describe(message: str, plan: reconcile.Plan) -> str:
         if plan.add or plan.remove:
             return f"{message} ({len(plan.add)} platform objects added, {len(plan.remove)} removed)"
         return f"{message} (nothing to change on this host now)"
+
+
+COUNTS = ("desired", "observed", "packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors")
+
+
+def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
+    """state, desired, observed, counters and target-side trouble of one flow's bindings."""
+    present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
+    counters = [b.counters for b in present if b.counters is not None]
+    if not session.enabled:
+        state = "disabled"
+    elif not mine:
+        state = "inactive"
+    elif len(present) == len(mine):
+        state = "active"
+    else:
+        state = "partial" if present else "missing"
+    dropped, target, trouble = _target_side(counters)
+    if state == "active" and target.cut:
+        state = "degraded"  # active means delivered: some of these copies cannot be
+    return {"state": state, "desired": len(mine), "observed": len(present),
+            "packets": sum(c.packets for c in counters), "bytes": sum(c.bytes for c in counters),
+            "dropped": dropped, "target_tx_dropped": target.tx_dropped, "target_tx_errors": target.tx_errors, "trouble": trouble}
+
+
+def _sum_members(session: TapSession, members: list[dict]) -> dict:
+    """A selector flow's own row: its members added up (active when every member is)."""
+    total = {key: sum(m[key] for m in members) for key in COUNTS}
+    states = {m["state"] for m in members if m["state"] != "inactive"}
+    if not session.enabled:
+        state = "disabled"
+    elif not states:
+        state = "inactive"
+    elif states == {"active"}:
+        state = "active"
+    elif states <= {"active", "degraded"}:
+        state = "degraded"
+    else:
+        state = "partial" if states & {"active", "degraded", "partial"} else "missing"
+    trouble = list(dict.fromkeys(t for m in members for t in m.pop("trouble")))
+    return {"state": state, **total, "trouble": trouble}
+
+
+def _orphan_row(session: str, flow: str, found: list) -> FlowStatus:
+    counters = [b.counters for b in found if b.counters is not None]
+    devices = sorted({str(b.get("device")) for b in found if b.get("device")})
+    return FlowStatus(
+        session=session,
+        flow=flow,
+        source=", ".join(devices) or "-",
+        direction="-",
+        target="-",
+        state="orphan",
+        desired=0,
+        observed=len(found),
+        packets=sum(c.packets for c in counters),
+        bytes=sum(c.bytes for c in counters),
+        problem="left by an interrupted vtap run, wanted by nothing in the store: the next vtap change or `vtap follow` removes it",
+    )
 
 
 def _touched_sessions(change: dict, sessions: dict) -> set[str]:
@@ -362,12 +543,56 @@ def _touched_sessions(change: dict, sessions: dict) -> set[str]:
     return {n for n in names if n in sessions}
 
 
+def _read_private_json(path: str) -> dict:
+    import json
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd) as handle:
+        try:
+            data = json.load(handle)
+        except ValueError:
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_private_json(path: str, data: dict) -> None:
+    """Written whole to a fresh 0600 file, then renamed over (never through a symlink)."""
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".selectors-")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def next_flow_name(session: str, flows: dict) -> str:
     """`<session>-<n>` with the smallest n not taken."""
     n = 1
     while f"{session}-{n}" in flows:
         n += 1
     return f"{session}-{n}"
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic GC off for a while: loading a large file makes millions of objects, none of them
+    in a cycle, and the collector's passes over them double the time of a 40,000-flow apply file."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def parse_document(document) -> tuple[dict, list]:
@@ -381,6 +606,7 @@ def parse_document(document) -> tuple[dict, list]:
     if not isinstance(entries, list):
         raise ValidationError("sessions", "must be a list")
     sessions, flows = {}, []
+    every_flow: set = set()  # names across sessions: flow names are unique in a store
     for i, entry in enumerate(entries):
         where = f"sessions[{i}]"
         if not isinstance(entry, dict):
@@ -397,16 +623,21 @@ def parse_document(document) -> tuple[dict, list]:
         flow_entries = entry.get("flows")
         if flow_entries is not None and not isinstance(flow_entries, list):
             raise ValidationError(f"{where}.flows", "must be a list of flows")
+        unnamed = 1  # the smallest n that may be free for "<session>-<n>"; only grows as names are taken
         for j, flow_entry in enumerate(flow_entries or []):
             flow_where = f"{where}.flows[{j}]"
             if not isinstance(flow_entry, dict):
                 raise ValidationError(flow_where, "must be a mapping")
             _no_unknown_keys(flow_where, flow_entry, FLOW_KEYS)
             flow_data = dict(flow_entry, session=session.name)
-            flow_data.setdefault("name", next_flow_name(session.name, taken))
+            if "name" not in flow_data:
+                while f"{session.name}-{unnamed}" in taken:
+                    unnamed += 1
+                flow_data["name"] = f"{session.name}-{unnamed}"
             flow = _build(flow_where, TapFlow.from_dict, flow_data)
-            if flow.name in taken or any(f.name == flow.name for f in flows):
+            if flow.name in every_flow:
                 raise ValidationError(flow_where, f"flow {flow.name!r} is listed twice")
+            every_flow.add(flow.name)
             taken[flow.name] = flow
             flows.append(flow)
     return sessions, flows

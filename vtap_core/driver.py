@@ -51,7 +51,9 @@ class TargetHealth:
 class Counters:
     packets: int = 0
     bytes: int = 0
-    dropped: int = 0  # copies the platform failed to hand to the target (tc: the mirred action's overlimits)
+    # Copies lost on the way to the target: on a mirror, those the target device refused (tc: the
+    # mirred action's overlimits); on a pcap sink, those that never reached the file (ring full, sink drops).
+    dropped: int = 0
     target: TargetHealth | None = None
 
 
@@ -88,6 +90,7 @@ class Features:
     sample: bool = False
     snaplen_targets: frozenset = frozenset()  # target kinds where snaplen works
     backends: tuple = ()
+    selector_keys: frozenset = frozenset()  # the VM facts --select can match here (selectors.KEYS)
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,19 @@ class Driver(abc.ABC):
             allowed = ", ".join(features.backends) or "none"
             raise Unsupported(self.name, f"backend {session.backend}", f"allowed: {allowed}")
         for flow in flows:
+            if flow.source.select:
+                self._check_selector(flow.source.select, features)
             kind = "interface" if flow.source.interface else "vm"
             if kind not in features.sources:
                 raise Unsupported(self.name, f"{kind} sources", f"sources here are {', '.join(sorted(features.sources))}")
             if flow.filter and not features.filter:
                 raise Unsupported(self.name, "filter expressions")
+
+    def _check_selector(self, expression: str, features: Features) -> None:
+        from vtap_core.selectors import parse
+
+        if not features.selector_keys:
+            raise Unsupported(self.name, "selector sources (--select)")
+        for term in parse(expression):
+            if term.key not in features.selector_keys:
+                raise Unsupported(self.name, f"selector key {term.key!r}", f"keys here: {', '.join(sorted(features.selector_keys))}")

@@ -14,6 +14,11 @@ non-promiscuous handle on "lo" when we may (root; if "lo" is down here, as in
 a fresh namespace, on "lo" of a throwaway namespace), and on a dead handle
 otherwise: the dead handle is good for validation, not for the kernel.
 
+Opening that live handle costs 10-90 ms and compiling on it well under one:
+one live handle serves every compile for a moment (HANDLE_IDLE) and is then
+closed, so 2,000 distinct expressions do not open 2,000 handles. Programs
+compiled once are kept across processes by filter_cache.FilterCache.
+
 Sampling 1-in-N happens in the kernel too: with_sampling() prepends a test of
 the SKF_AD_RANDOM ancillary value (rand % N == 0) to a program.
 """
@@ -28,6 +33,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import NamedTuple
 
 from vtap_core.errors import ValidationError
@@ -52,6 +58,7 @@ SKF_AD_RANDOM = 56
 BPF_MAXINSNS = 4096  # classic BPF programs the kernel accepts
 SAMPLER_LENGTH = 4  # instructions with_sampling() prepends
 MAX_EXPRESSION = 8192  # characters
+HANDLE_IDLE = 1.0  # seconds a live handle is kept for the next compile
 
 
 class Instruction(NamedTuple):
@@ -93,7 +100,14 @@ def _libpcap():
     lib.pcap_geterr.argtypes = [ctypes.c_void_p]
     lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
     lib.pcap_close.argtypes = [ctypes.c_void_p]
+    lib.pcap_lib_version.restype = ctypes.c_char_p
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def libpcap_version() -> str:
+    """libpcap's own version line: a different libpcap may compile differently."""
+    return _libpcap().pcap_lib_version().decode(errors="replace")
 
 
 # pcap_compile is not re-entrant in every libpcap; one compile at a time.
@@ -145,33 +159,66 @@ def _activate_in_a_namespace_of_its_own(lib):
     return found[0] if found else None
 
 
-def _open_handle(lib, live: bool):
-    """A handle to compile with: live (Linux VLAN handling) or dead."""
-    if live:
-        handle = _activate(lib) or _activate_in_a_namespace_of_its_own(lib)
-        if handle:
-            return handle
-    return lib.pcap_open_dead(DLT_EN10MB, SNAPLEN)
+class _LiveHandle:
+    """One live handle, reused by the compiles that follow each other, closed once idle."""
+
+    def __init__(self):
+        self.handle = None
+        self.last_used = 0.0
+        self.closer = None
+
+    def get(self, lib):
+        """The handle (open one if needed), or None when this process may not; call with _lock held."""
+        if self.handle is None:
+            self.handle = _activate(lib) or _activate_in_a_namespace_of_its_own(lib)
+        self.last_used = time.monotonic()
+        if self.handle is not None and self.closer is None:
+            self._close_later(lib, HANDLE_IDLE)
+        return self.handle
+
+    def _close_later(self, lib, delay):
+        self.closer = threading.Timer(delay, self._close_if_idle, args=(lib,))
+        self.closer.daemon = True  # never keeps a CLI process alive
+        self.closer.start()
+
+    def _close_if_idle(self, lib):
+        with _lock:
+            idle = time.monotonic() - self.last_used
+            if idle < HANDLE_IDLE:
+                self._close_later(lib, HANDLE_IDLE - idle)
+                return
+            self.closer = None
+            if self.handle is not None:
+                lib.pcap_close(self.handle)
+                self.handle = None
+
+
+_live_handle = _LiveHandle()
 
 
 @functools.lru_cache(maxsize=4096)
-def _compile(expression: str, live: bool) -> Program:
+def _compile(expression: str, live: bool) -> tuple[Program, bool]:
+    """(program, whether it was compiled on a live handle)."""
     lib = _libpcap()
     with _lock:
-        handle = _open_handle(lib, live)
+        handle = _live_handle.get(lib) if live else None
+        dead = None if handle else lib.pcap_open_dead(DLT_EN10MB, SNAPLEN)
         try:
+            compiled_on = handle or dead
             program = _BpfProgram()
-            if lib.pcap_compile(handle, ctypes.byref(program), expression.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
-                message = lib.pcap_geterr(handle).decode(errors="replace")
+            if lib.pcap_compile(compiled_on, ctypes.byref(program), expression.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+                message = lib.pcap_geterr(compiled_on).decode(errors="replace")
                 raise ValidationError("filter", f"{_shown(expression)}: {message}")
             try:
-                return tuple(
+                instructions = tuple(
                     Instruction(i.code, i.jt, i.jf, i.k) for i in program.bf_insns[: program.bf_len]
                 )
+                return instructions, handle is not None
             finally:
                 lib.pcap_freecode(ctypes.byref(program))
         finally:
-            lib.pcap_close(handle)
+            if dead:
+                lib.pcap_close(dead)
 
 
 def _shown(expression: str) -> str:
@@ -179,10 +226,11 @@ def _shown(expression: str) -> str:
     return repr(expression if len(expression) <= 80 else expression[:77] + "...")
 
 
-def compile_filter(expression: str | None, live: bool | None = None) -> Program:
+def compile_filter(expression: str | None, live: bool | None = None, cache=None) -> Program:
     """Classic BPF for a pcap filter expression; None or "" matches everything.
 
     live=None uses a live handle when the process may open one (root).
+    cache: a filter_cache.FilterCache, asked first and told what was compiled.
     """
     if live is None:
         live = os.geteuid() == 0
@@ -194,7 +242,11 @@ def compile_filter(expression: str | None, live: bool | None = None) -> Program:
     if len(text) > MAX_EXPRESSION:
         # libpcap's optimizer takes minutes on some long expressions; nobody types these.
         raise ValidationError("filter", f"{_shown(text)} is longer than {MAX_EXPRESSION} characters")
-    program = _compile(text, bool(live))
+    program = cache.get(text, bool(live)) if cache is not None else None
+    if program is None:
+        program, on_live_handle = _compile(text, bool(live))
+        if cache is not None and on_live_handle == bool(live):
+            cache.put(text, bool(live), program)
     if any(i.code == BPF_LD_H_ABS and i.k == (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF for i in program):
         # libpcap tests "not PACKET_OUTGOING", a type only packet sockets see: at tc hooks
         # inbound would match everything and outbound nothing.

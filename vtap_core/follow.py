@@ -5,7 +5,9 @@ driver's events are only hints about where to look. Hints are coalesced per
 VM (a burst of ten events for one VM is one reconcile) and worked off by a
 single worker, so work for one VM is serialized. Temporary errors are
 retried with backoff; anything else is logged and the next resync tries
-again.
+again, except a store replaced, deleted, emptied or upgraded under the follower: that
+stops it (StoreChanged) with the platform left as it is, since following
+either file could remove mirrors someone still wants.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import OrderedDict
 import tenacity
 
 from vtap_core.errors import TemporaryError
+from vtap_core.store import StoreChanged
 
 log = logging.getLogger("vtap.follow")
 EVERYTHING = None  # the hint "look at everything"
@@ -74,18 +77,21 @@ class Follower:
             self.client.driver.metrics = self.metrics  # drivers that reconnect (kvm) count it there
         watcher = threading.Thread(target=self._watch, args=(stop,), name="vtap-watch", daemon=True)
         watcher.start()
-        self._work(EVERYTHING, time.monotonic())
-        next_resync = time.monotonic() + self.interval
-        while not stop.is_set():
-            item = self.hints.take(timeout=max(0.0, min(next_resync - time.monotonic(), 0.5)))
-            if item is not None:
-                self._work(*item)
-                if item[0] is EVERYTHING:
+        try:
+            self._work(EVERYTHING, time.monotonic())
+            next_resync = time.monotonic() + self.interval
+            while not stop.is_set():
+                item = self.hints.take(timeout=max(0.0, min(next_resync - time.monotonic(), 0.5)))
+                if item is not None:
+                    self._work(*item)
+                    if item[0] is EVERYTHING:
+                        next_resync = time.monotonic() + self.interval
+                elif time.monotonic() >= next_resync:
+                    self._work(EVERYTHING, time.monotonic())
                     next_resync = time.monotonic() + self.interval
-            elif time.monotonic() >= next_resync:
-                self._work(EVERYTHING, time.monotonic())
-                next_resync = time.monotonic() + self.interval
-        watcher.join(timeout=5)
+        finally:
+            stop.set()  # the watcher too
+            watcher.join(timeout=5)
 
     def _watch(self, stop: threading.Event) -> None:
         """Feed the driver's hints to the queue; if the watch breaks, resync and watch again."""
@@ -111,6 +117,9 @@ class Follower:
         )
         try:
             plan = retrying(self.client.reconcile, scope)
+        except StoreChanged:
+            self.metrics.count_error()
+            raise
         except Exception as exc:
             self.metrics.count_error()
             log.error("reconcile %s failed: %s", "everything" if scope is None else scope, exc)

@@ -121,7 +121,8 @@ class Direction(str, enum.Enum):
 
 # ---------------------------------------------------------------- targets
 
-TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH"
+TARGET_GRAMMAR = "port:IFNAME, vm:UUID[#MAC][?encap=erspan], vxlan://HOST[:PORT]?vni=N, gre://HOST?key=N, erspan://HOST?version=2|3&id=N, pcap:PATH[?max_size=BYTES&max_files=K] (tunnels also take &local=ADDR)"
+PCAP_ROTATION_RULE = f"pcap:PATH?max_size=BYTES&max_files=K rotates the file (both options; BYTES {4096}..{2**50}, K 1..{10**5})"
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ class Target:
     version: int | None = None  # erspan: 2 (type II) or 3 (type III)
     erspan_id: int | None = None  # erspan session id
     path: str | None = None  # pcap
+    local: str | None = None  # tunnels: the source address (None: the kernel picks by route)
     encap: str | None = None  # vm: "erspan" lets a driver reach a monitoring VM on another host by ERSPAN to its IP (vsphere)
+    max_size: int | None = None  # pcap: rotate the file when it would grow beyond this many bytes
+    max_files: int | None = None  # pcap: the current file and at most max_files-1 older ones (PATH.1 ...)
 
     @property
     def is_tunnel(self) -> bool:
@@ -151,13 +155,16 @@ class Target:
         if self.kind == "vm":
             return f"vm:{self.vm}" + (f"#{self.mac}" if self.mac else "") + (f"?encap={self.encap}" if self.encap else "")
         if self.kind == "pcap":
-            return f"pcap:{self.path}"
+            rotation = f"?max_size={self.max_size}&max_files={self.max_files}" if self.max_size else ""
+            return f"pcap:{self.path}{rotation}"
         host = f"[{self.host}]" if ":" in self.host else self.host
+        local = f"local={self.local}" if self.local else ""
         if self.kind == "vxlan":
-            return f"vxlan://{host}:{self.udp_port}?vni={self.vni}"
+            return f"vxlan://{host}:{self.udp_port}?vni={self.vni}" + (f"&{local}" if local else "")
         if self.kind == "gre":
-            return f"gre://{host}" + (f"?key={self.key}" if self.key is not None else "")
-        return f"erspan://{host}?version={self.version}&id={self.erspan_id}"
+            query = "&".join(q for q in (f"key={self.key}" if self.key is not None else "", local) if q)
+            return f"gre://{host}" + (f"?{query}" if query else "")
+        return f"erspan://{host}?version={self.version}&id={self.erspan_id}" + (f"&{local}" if local else "")
 
     @classmethod
     def parse(cls, text) -> "Target":
@@ -183,12 +190,30 @@ class Target:
                 raise ValidationError("target", f"{text!r}: the only vm option is ?encap=erspan (ERSPAN to a monitoring VM on another host)")
             return cls("vm", vm=canonical, mac=check_mac("target", mac) if mac else None, encap="erspan" if options else None)
         if scheme == "pcap":
-            if not rest or "\0" in rest:
-                raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
-            return cls("pcap", path=rest)
+            return cls._parse_pcap(text, rest)
         if scheme in ("vxlan", "gre", "erspan"):
             return cls._parse_tunnel(text, scheme)
         raise ValidationError("target", f"{text!r}: unknown scheme {scheme!r}; allowed: {TARGET_GRAMMAR}")
+
+    @classmethod
+    def _parse_pcap(cls, text: str, rest: str) -> "Target":
+        """pcap:PATH, or pcap:PATH?max_size=N&max_files=K (a '?' without options stays in the path)."""
+        path, sep, query = rest.rpartition("?")
+        if not sep or "=" not in query:
+            path, query = rest, ""
+        if not path or "\0" in path:
+            raise ValidationError("target", f"{text!r}: pcap needs a file path (pcap:PATH)")
+        if not query:
+            return cls("pcap", path=path)
+        try:
+            options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            raise ValidationError("target", f"{text!r}: malformed options; {PCAP_ROTATION_RULE}") from None
+        if set(options) != {"max_size", "max_files"}:
+            raise ValidationError("target", f"{text!r}: {PCAP_ROTATION_RULE}")
+        max_size = check_int("target max_size", options["max_size"], 4096, 2**50)
+        max_files = check_int("target max_files", options["max_files"], 1, 10**5)
+        return cls("pcap", path=path, max_size=max_size, max_files=max_files)
 
     @classmethod
     def _parse_tunnel(cls, text: str, scheme: str) -> "Target":
@@ -205,10 +230,11 @@ class Target:
         if url.path not in ("", "/") or url.fragment or url.username or url.password:
             raise ValidationError("target", f"{text!r}: only HOST[:PORT] and query options are allowed")
         query = query_options(text, url.query)
-        allowed = {"vxlan": {"vni"}, "gre": {"key"}, "erspan": {"version", "id"}}[scheme]
+        allowed = {"vxlan": {"vni", "local"}, "gre": {"key", "local"}, "erspan": {"version", "id", "local"}}[scheme]
         unknown = set(query) - allowed
         if unknown:
             raise ValidationError("target", f"{text!r}: unknown option {sorted(unknown)[0]!r}; {scheme} takes {', '.join(sorted(allowed))}")
+        local = _tunnel_local(text, host, query.get("local"))
         if scheme == "vxlan":
             if "vni" not in query:
                 raise ValidationError("target", f"{text!r}: vxlan needs ?vni=N (0..{VNI_MAX})")
@@ -217,18 +243,36 @@ class Target:
                 host=host,
                 udp_port=VXLAN_DEFAULT_PORT if udp_port is None else check_int("target port", udp_port, 1, 65535),
                 vni=check_int("target vni", query["vni"], 0, VNI_MAX),
+                local=local,
             )
         if udp_port is not None:
             raise ValidationError("target", f"{text!r}: {scheme} has no port")
         if scheme == "gre":
             key = query.get("key")
-            return cls("gre", host=host, key=None if key is None else check_int("target key", key, 0, GRE_KEY_MAX))
+            return cls("gre", host=host, key=None if key is None else check_int("target key", key, 0, GRE_KEY_MAX), local=local)
         if "id" not in query:
             raise ValidationError("target", f"{text!r}: erspan needs &id=N (0..{ERSPAN_ID_MAX})")
         version = query.get("version", "2")
         if version not in ("2", "3"):
             raise ValidationError("target version", f"{version!r} is not 2 or 3 (ERSPAN type II or III)")
-        return cls("erspan", host=host, version=int(version), erspan_id=check_int("target id", query["id"], 0, ERSPAN_ID_MAX))
+        return cls("erspan", host=host, version=int(version), erspan_id=check_int("target id", query["id"], 0, ERSPAN_ID_MAX), local=local)
+
+
+def _tunnel_local(text: str, host: str, local: str | None) -> str | None:
+    """The local= source address of a tunnel: an IP address, of the same family as an IP address HOST."""
+    if local is None:
+        return None
+    try:
+        address = ipaddress.ip_address(local)
+    except ValueError:
+        raise ValidationError("target local", f"{local!r} in {text!r} is not an IP address (local=ADDR is the tunnel's source address)") from None
+    try:
+        remote = ipaddress.ip_address(host)
+    except ValueError:
+        return str(address)  # a host name: the family is checked once it is resolved
+    if remote.version != address.version:
+        raise ValidationError("target local", f"{local!r} in {text!r} is IPv{address.version} and the remote end is IPv{remote.version}: use one family")
+    return str(address)
 
 
 def _valid_host(host: str) -> bool:
@@ -246,23 +290,29 @@ def _valid_host(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Source:
-    """What a flow mirrors: a VM (UUID or name, optionally one NIC) or a host interface."""
+    """What a flow mirrors: a VM (UUID or name, optionally one NIC), a host interface,
+    or every VM a selector expression matches (see selectors.py)."""
 
     vm: str | None = None
     nic: str | None = None
     interface: str | None = None
+    select: str | None = None
 
     def __post_init__(self):
-        if bool(self.vm) == bool(self.interface):
-            raise ValidationError("source", "give exactly one of --vm UUID|NAME or --interface IFNAME")
+        if sum(bool(x) for x in (self.vm, self.interface, self.select)) != 1:
+            raise ValidationError("source", "give exactly one of --vm UUID|NAME, --interface IFNAME or --select EXPR")
         if self.interface is not None and not (isinstance(self.interface, str) and PORT_NAME_RE.match(self.interface) and self.interface.isprintable()):
             raise ValidationError("interface", f"{self.interface!r} is not an interface name")
-        if self.interface is not None and self.nic is not None:
-            raise ValidationError("nic", "--nic goes with --vm, not with --interface")
+        if self.nic is not None and not self.vm:
+            raise ValidationError("nic", "--nic goes with --vm only")
+        if self.select is not None:
+            from vtap_core.selectors import canonical
+
+            object.__setattr__(self, "select", canonical(self.select))
         if self.vm is not None:
-            canonical = parse_uuid(self.vm)
-            if canonical is not None and self.vm.count("-") == 4:
-                object.__setattr__(self, "vm", canonical)
+            canonical_uuid = parse_uuid(self.vm)
+            if canonical_uuid is not None and self.vm.count("-") == 4:
+                object.__setattr__(self, "vm", canonical_uuid)
             elif not isinstance(self.vm, str) or not self.vm.strip() or len(self.vm) > 128:
                 raise ValidationError("vm", f"{self.vm!r} is not a VM UUID or name")
             else:
@@ -278,6 +328,8 @@ class Source:
     def __str__(self) -> str:
         if self.interface:
             return f"interface {self.interface}"
+        if self.select:
+            return f"select {self.select}"
         return f"vm {self.vm}" + (f" nic {self.nic}" if self.nic else "")
 
 
@@ -344,7 +396,7 @@ class TapFlow:
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "session": self.session}
-        for key in ("vm", "nic", "interface"):
+        for key in ("vm", "nic", "interface", "select"):
             if getattr(self.source, key) is not None:
                 data[key] = getattr(self.source, key)
         data["direction"] = self.direction.value
@@ -355,8 +407,32 @@ class TapFlow:
     @classmethod
     def from_dict(cls, data: dict) -> "TapFlow":
         data = dict(data)
-        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None))
+        source = Source(vm=data.pop("vm", None), nic=data.pop("nic", None), interface=data.pop("interface", None), select=data.pop("select", None))
         return cls(source=source, **data)
+
+
+@dataclass(frozen=True)
+class MemberFlow(TapFlow):
+    """One (VM, NIC) a selector flow taps now: planned like a single-VM flow.
+
+    Its name, FLOW@UUID[#MAC], is made here, never typed by a user, so it is not
+    held to the name rule; `parent` is the selector flow's name.
+    """
+
+    parent: str = ""
+
+    def __post_init__(self):
+        pass  # built from a validated flow and an inventory UUID/MAC
+
+
+def member_flow(flow: TapFlow, vm_uuid: str, mac: str | None) -> MemberFlow:
+    name = f"{flow.name}@{vm_uuid}" + (f"#{mac}" if mac else "")
+    return MemberFlow(name=name, session=flow.session, source=Source(vm=vm_uuid, nic=mac), direction=flow.direction, filter=flow.filter, parent=flow.name)
+
+
+def parent_of(flow_name: str | None) -> str | None:
+    """The selector flow a member flow's name belongs to (the name itself otherwise)."""
+    return flow_name.split("@", 1)[0] if flow_name else flow_name
 
 
 def evolve(obj, **changes):
@@ -379,6 +455,11 @@ class Nic:
     details: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def nic_networks(nic: Nic) -> list[str]:
+    """The names a NIC's network goes by (id, and a display name where the platform has one)."""
+    return [v for v in (nic.network, nic.details.get("network_name")) if v]
+
+
 @dataclass(frozen=True)
 class VM:
     uuid: str
@@ -387,6 +468,34 @@ class VM:
     host: str | None = None
     nics: tuple[Nic, ...] = ()
     details: dict = field(default_factory=dict, compare=False, hash=False)
+    tags: tuple[str, ...] = ()  # vSphere tags/custom attributes, libvirt vtap metadata, Proxmox tags
+    folder: str | None = None  # vsphere: inventory path of the VM's folder
+    pool: str | None = None  # proxmox: resource pool
+
+    @property
+    def ref(self) -> str:
+        """What a flow names this VM by: its UUID, else the platform's own id (a Proxmox vmid), else its name."""
+        return self.uuid or str(self.details.get("vmid") or self.name)
+
+    def fact(self, key: str) -> list:
+        """The values a selector key matches (selectors.py); [] for a key this VM has no value of.
+
+        A platform that knows hosts and networks by id and by name (vsphere) puts the
+        names in details["host_name"] and the NIC's details["network_name"]: both match.
+        """
+        if key == "name":
+            return [self.name]
+        if key == "tag":
+            return list(self.tags)
+        if key == "host":
+            return [v for v in (self.host, self.details.get("host_name")) if v]
+        if key == "network":
+            return [v for n in self.nics for v in nic_networks(n)]
+        value = getattr(self, key, None) if key in ("folder", "pool") else None
+        return [value] if value else []
+
+    def facts(self) -> dict:
+        return {key: self.fact(key) for key in ("name", "tag", "folder", "pool", "host", "network")}
 
     def to_dict(self) -> dict:
         return {
@@ -395,5 +504,8 @@ class VM:
             "state": self.state,
             "host": self.host,
             "nics": [{"mac": n.mac, "device": n.device, "network": n.network, **n.details} for n in self.nics],
+            **({"tags": list(self.tags)} if self.tags else {}),
+            **({"folder": self.folder} if self.folder else {}),
+            **({"pool": self.pool} if self.pool else {}),
             **self.details,
         }

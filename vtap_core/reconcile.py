@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from vtap_core.driver import Binding, Driver
 from vtap_core.errors import NotFound, Unsupported, ValidationError
 from vtap_core.model import TapFlow, TapSession
+from vtap_core import selectors
 
 log = logging.getLogger("vtap.reconcile")
 
@@ -24,6 +25,7 @@ class Plan:
     remove: list[Binding] = field(default_factory=list)
     keep: list[Binding] = field(default_factory=list)
     problems: list = field(default_factory=list)  # (session, flow, why) not realizable now
+    members: dict = field(default_factory=dict)  # selector flow -> [selectors.Member] it taps now
 
     @property
     def empty(self) -> bool:
@@ -55,30 +57,36 @@ def diff(desired: list[Binding], observed: list[Binding], scope: str | None = No
     return plan
 
 
-def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None) -> list[Binding]:
+def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None, members: dict | None = None) -> list[Binding]:
     """What the driver should have on the platform for these enabled sessions.
 
     A flow whose source vanished since it was added (VM undefined, interface
     deleted) must not stop every other flow from being kept right: when the
     whole plan fails, plan per flow and set the failing ones aside in
-    `problems` as (session, flow, error).
+    `problems` as (session, flow, error). Selector flows are expanded to their
+    member flows first (selectors.py); `members` receives who they are.
     """
     active = [s for s in sessions if s.enabled]
     names = {s.name for s in active}
-    flows = [f for f in flows if f.session in names]
+    expansion = selectors.expand(active, [f for f in flows if f.session in names], driver.inventory, selectors.cap())
+    flows = expansion.flows
+    if members is not None:
+        members.update(expansion.members)
+    for session, flow, why in expansion.problems:
+        _note(problems, session, flow, why)
     try:
         return driver.plan(active, flows)
     except (ValidationError, NotFound, Unsupported):
         pass
     bindings: list[Binding] = []
     for session in active:
-        members = [f for f in flows if f.session == session.name]
+        in_session = [f for f in flows if f.session == session.name]
         try:
             bindings.extend(driver.plan([session], []))
         except (ValidationError, NotFound, Unsupported) as exc:
             _note(problems, session.name, None, exc)
             continue
-        for flow in members:
+        for flow in in_session:
             try:
                 bindings.extend(b for b in driver.plan([session], [flow]) if b.flow == flow.name)
             except (ValidationError, NotFound, Unsupported) as exc:
@@ -101,7 +109,8 @@ def execute(driver: Driver, plan: Plan) -> None:
 
 
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
-    plan = diff(desired_bindings(driver, sessions, flows, problems := []), driver.observe(), scope)
+    plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}), driver.observe(), scope)
     plan.problems = problems
+    plan.members = members
     execute(driver, plan)
     return plan

@@ -79,9 +79,16 @@ def write_private(path: str, text: str) -> None:
         os.unlink(temporary)  # left by a crashed process of the same pid
     except FileNotFoundError:
         pass
-    with os.fdopen(open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:  # a full disk must not leave half a file behind
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 # ---------------------------------------------------------------- capture files

@@ -142,6 +142,7 @@ class Libvirt:
                 libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
                 libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
                 libvirt.VIR_DOMAIN_EVENT_ID_REBOOT,
+                libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,  # a retag can change what a selector taps
             ):
                 callbacks.append(conn.domainEventRegisterAny(None, event, domain_event, None))
             conn.registerCloseCallback(lambda *_: hints.put(CLOSED), None)

@@ -18,6 +18,7 @@ refused before anything changes.
 from __future__ import annotations
 
 import threading
+import time
 
 import libvirt
 
@@ -28,10 +29,14 @@ from vtap_drivers.kvm import DEFAULT_URI
 from vtap_drivers.kvm.connection import Libvirt
 from vtap_drivers.kvm.devices import MACVTAP, PASSTHROUGH, device_kind, no_host_device
 from vtap_drivers.kvm.domains import vm_of
-from vtap_drivers.kvm.ovs import Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.kvm.ovs import MAX_MIRRORS, Ovs, mirror_binding, tunnel_binding
+from vtap_drivers.linux.dataplane import missing_tunnel_device
 
 OVS_TARGETS = frozenset({"port", "vm", "gre", "erspan", "vxlan"})
-TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap"})
+TC_TARGETS = frozenset({"port", "vm", "vxlan", "pcap", "gre", "erspan"})  # gre/erspan: where the kernel has the devices
+# Seconds one inventory read serves: a reconcile reads it for expand, plan and observe, and a
+# command plans several times before it applies. Events and the end of observe() drop it.
+INVENTORY_REUSE = 1.0
 
 
 class KvmDriver(Driver):
@@ -44,6 +49,8 @@ class KvmDriver(Driver):
         self.libvirt = Libvirt(self.uri)
         self.ovs = Ovs(ovsdb)
         self._tc = None
+        self._parsed: dict = {}  # uuid -> (XML, state, VM) of the last inventory
+        self._memo = None  # (time, VMs): one reconcile's expand, plan and observe share one read
         self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
@@ -71,24 +78,38 @@ class KvmDriver(Driver):
             sample=True,  # tc only
             snaplen_targets=frozenset({"pcap"}) | OVS_TARGETS,  # pcap with tc; any with ovs
             backends=("tc", "ovs"),
+            selector_keys=frozenset({"name", "tag", "host", "network"}),
         )
         return Description(self.name, "KVM/libvirt guests; tc or Open vSwitch data path", features, {"uri": self.uri})
 
     # inventory -------------------------------------------------------------
 
     def inventory(self) -> list[VM]:
+        memo = self._memo
+        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE:
+            return memo[1]
+
         def read(conn):
             host = conn.getHostname()
-            vms = []
+            vms, parsed = [], {}
             for dom in conn.listAllDomains():
                 try:
-                    vms.append(vm_of(dom.UUIDString(), dom.name(), dom.state()[0], dom.XMLDesc(), host))
+                    uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
+                    # Every read asks libvirt; parsing is the cost at thousands of VMs, and
+                    # the same XML in the same state is the same VM.
+                    known = self._parsed.get(uuid)
+                    vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
+                    parsed[uuid] = (xml, state, vm)
+                    vms.append(vm)
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise  # else: undefined between list and read, so not there
+            self._parsed = parsed
             return vms
 
-        return self.libvirt.call(read)
+        vms = self.libvirt.call(read)
+        self._memo = (time.monotonic(), vms)
+        return vms
 
     # plan ------------------------------------------------------------------
 
@@ -124,7 +145,32 @@ class KvmDriver(Driver):
                         bindings.extend(self._ovs_mirror(session, flow, vm, nic.device, target_device))
                     else:
                         bindings.extend(self.tc.plan_vm_device(session, flow, nic.device, vm=vm.uuid, target_device=target_device, macvtap=kind == MACVTAP))
+        self._check_mirror_limit(sessions, bindings)
         return unique(bindings)
+
+    def _check_mirror_limit(self, sessions, bindings) -> None:
+        """One OVS Mirror per session and bridge: refuse a plan that needs more than a bridge can hold.
+
+        Counted per bridge: mirrors that are not vtap's, vtap's mirrors of sessions this plan does
+        not cover (the others, when a change is validated alone), and this plan's sessions there.
+        """
+        planned: dict[str, set[str]] = {}
+        for binding in bindings:
+            if binding.key.startswith("ovs/") and binding.flow is not None:
+                planned.setdefault(binding.get("bridge"), set()).add(binding.session)
+        if not planned:
+            return
+        names = {s.name for s in sessions}
+        use = self.ovs.mirror_use()
+        for bridge, mine in sorted(planned.items()):
+            foreign, existing = use.get(bridge, (0, set()))
+            needed = foreign + len(existing - names) + len(mine)
+            if needed > MAX_MIRRORS:
+                raise ValidationError(
+                    "session",
+                    f"Open vSwitch bridge {bridge} would need {needed} mirrors ({foreign} not vtap's), at most {MAX_MIRRORS} are allowed: "
+                    f"vtap uses one per session and bridge, so add these flows to an existing session or use --backend tc",
+                )
 
     def _source_vm(self, flow: TapFlow, by_uuid: dict, by_name: dict) -> VM:
         name = flow.source.vm
@@ -187,7 +233,8 @@ class KvmDriver(Driver):
     def _backend(self, session: TapSession, flows) -> str:
         backend = session.backend
         if backend is None:
-            backend = "ovs" if session.target.kind in ("gre", "erspan") and self.ovs.available() else "tc"
+            tc_can = missing_tunnel_device(session.target) is None
+            backend = "ovs" if not tc_can and self.ovs.available() else "tc"
         if backend == "ovs":
             if session.target.kind not in OVS_TARGETS:
                 raise Unsupported(self.name, f"target {session.target.kind}: with backend ovs", f"ovs targets are {', '.join(sorted(OVS_TARGETS))}")
@@ -197,8 +244,9 @@ class KvmDriver(Driver):
                 if flow.filter:
                     raise Unsupported(self.name, "filter expressions with backend ovs", "an OVS mirror selects whole ports (use --backend tc)")
         elif backend == "tc":
-            if session.target.kind not in TC_TARGETS:
-                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", "this kernel has no gretap/erspan devices (use --backend ovs for NICs on OVS, or vxlan://)")
+            missing = missing_tunnel_device(session.target)
+            if session.target.kind not in TC_TARGETS or missing:
+                raise Unsupported(self.name, f"target {session.target.kind}: with backend tc", f"{missing or 'not a tc target'} (or --backend ovs for NICs on OVS)")
             if session.snaplen is not None and session.target.kind != "pcap":
                 raise Unsupported(self.name, "snaplen with backend tc", "tc copies whole frames; snaplen works with pcap targets or --backend ovs")
         else:
@@ -230,13 +278,21 @@ class KvmDriver(Driver):
         has its own catalog: its filters show up as unknown marks here and are
         left alone, never removed as orphans.
         """
-        devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        try:
+            devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
+        finally:
+            self._memo = None  # observe ends a reconcile (and status): the next one reads afresh
         found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
             # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
             ports = self.ovs.port_names()
             found.extend(b for b in self.ovs.observe() if b.vm is None or b.get("device") in devices or b.get("device") not in ports)
         return found
+
+    def prepare(self, bindings) -> None:
+        tc = _split(bindings)[1]
+        if tc:
+            self.tc.prepare(tc)  # the tc catalog, written before the store and the kernel change
 
     def apply(self, bindings) -> None:
         ovs, tc = _split(bindings)
@@ -260,7 +316,9 @@ class KvmDriver(Driver):
             self.tc.remove(tc)
 
     def watch(self, stop: threading.Event):
-        return self.libvirt.watch(stop)
+        for hint in self.libvirt.watch(stop):
+            self._memo = None  # something changed: the reconcile it causes must read it
+            yield hint
 
     def close(self) -> None:
         self.libvirt.close()

@@ -17,11 +17,12 @@ from vtap_core.model import VM, Nic, TapFlow, TapSession
 from vtap_drivers.lab.topology import Lab
 
 FEATURES = Features(
-    targets=frozenset({"port", "vxlan", "pcap"}),
+    targets=frozenset({"port", "vxlan", "pcap", "gre", "erspan"}),  # gre, erspan: where the kernel has the devices
     sources=frozenset({"vm"}),
     filter=True,
     sample=True,
     snaplen_targets=frozenset({"pcap"}),
+    selector_keys=frozenset({"name", "host", "network"}),
 )
 WATCH_POLL = 0.1  # seconds: the lab has no event bus, so it looks often (cheap: two netlink dumps)
 
@@ -87,6 +88,10 @@ class LabDriver(Driver):
             namespace = binding.key.split("/")[1]
             groups.setdefault(hosts[namespace], []).append(binding)
         return groups
+
+    def prepare(self, bindings: Iterable[Binding]) -> None:
+        for host, group in self._by_host(bindings).items():
+            self.dataplane(host).prepare(group)
 
     def apply(self, bindings: Iterable[Binding]) -> None:
         for host, group in self._by_host(bindings).items():

@@ -2,8 +2,8 @@
 
 These are the only places where vtap reads packets in userspace. The kernel
 data path transmits the mirrored frames on a vtap-owned sink device (an ifb);
-the capture process reads them there with an AF_PACKET socket (never in
-promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
+the capture process reads them there through a memory-mapped AF_PACKET ring
+(ring.py; never in promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
 what mirred produces), restores 802.1Q tags the kernel kept in metadata, and
 writes them to the pcap target's file.
 
@@ -20,12 +20,20 @@ How a pcap target's capture process lives and ends
 * The file is flushed whenever no frame is waiting, so it can be read (tshark,
   tcpdump -r, Wireshark) while the capture runs.
 * Deleting the session (or disabling it) stops the process with SIGTERM: it
-  writes what it holds, closes the file and removes its pidfile. Kernel drop
-  counts are written to the log.
+  writes what it holds and what is still in the ring, closes the file and
+  removes its pidfile. Kernel drop counts are written to the log.
 * A process left behind by a crash is still found (by its command line, which
   names the state dir) and stopped by the next reconcile. If the sink device
   is recreated, the process follows it by name.
-* Nothing rotates or limits the file: it grows until the session ends.
+* Without rotation the file grows until the session ends. With
+  pcap:PATH?max_size=BYTES&max_files=K it is closed before it would grow beyond
+  BYTES and kept as PATH.1 (PATH.1 becomes PATH.2, ...; the oldest beyond K
+  files in all is deleted); a new PATH starts (created exclusively, 0600).
+* Every copy the ring had no room for is counted; the counts are in
+  STATE_DIR/capture-NAME.stats (updated every second) and `status` shows them.
+* The sink has no queue (noqueue qdisc): a copy goes straight to the ring.
+  The ring takes 64 MB of kernel memory per pcap session (ring.py), what the
+  socket buffer it replaced could grow to.
 
 `capture_vxlan` terminates a VXLAN stream (RFC 7348) on a UDP port and writes
 the inner Ethernet frames unchanged to pcapng: `vtap capture --listen
@@ -38,6 +46,7 @@ import argparse
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import select
 import signal
@@ -53,21 +62,14 @@ from vtap_core.errors import NotFound, OperationFailed, ValidationError, VtapErr
 from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int, check_name, query_options
 from vtap_core.safefile import check_capture_path, open_private, private_dirs, write_private
 from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.ring import PacketRing
 
 MODULE = "vtap_drivers.linux.capture"
 
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_AUXDATA = 8
-PACKET_STATISTICS = 6
 SO_TIMESTAMPNS = 35  # also SCM_TIMESTAMPNS
 SO_RCVBUFFORCE = 33
-SIOCGIFINDEX = 0x8933
-TP_STATUS_VLAN_VALID = 1 << 4
-TP_STATUS_VLAN_TPID_VALID = 1 << 6
-AUXDATA = struct.Struct("IIIHHHH")  # struct tpacket_auxdata
 TIMESPEC = struct.Struct("qq")
-ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size) + socket.CMSG_SPACE(AUXDATA.size)
+ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 
 # Big enough for a GSO super-frame, which is what AF_PACKET sees of a TSO stream.
 FRAME_BUFFER = 256 * 1024
@@ -106,39 +108,6 @@ def _enlarge_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
-def _ifindex(sock: socket.socket, device: str) -> int | None:
-    """The index of `device` in the socket's own namespace, or None when there is none."""
-    request = struct.pack("16sI12x", device.encode(), 0)
-    try:
-        return struct.unpack("16sI12x", fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, request))[1]
-    except OSError:
-        return None
-
-
-def open_packet_socket(device: str, netns: str | None = None) -> socket.socket:
-    """An AF_PACKET socket bound to `device`, seeing the frames it sends and receives.
-
-    No promiscuous membership is ever added: the data path transmits its
-    copies on the sink device, and a packet socket sees transmitted frames
-    (PACKET_OUTGOING) without it. record_frames keeps only those, so whatever
-    reaches the sink from elsewhere (a veth peer's own traffic) is not recorded.
-    """
-    sock = _socket_in(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    try:
-        # VLAN tags the kernel moved into metadata come back through aux data.
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        _enlarge_receive_buffer(sock)
-        sock.bind((device, ETH_P_ALL))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.ENODEV:
-            where = f" in netns {netns}" if netns else ""
-            raise NotFound(f"device {device}: no such device{where}") from None
-        raise
-    return sock
-
-
 def _datagrams(sock: socket.socket, should_stop, on_idle, size: int = FRAME_BUFFER):
     """Yield (buffer view, length on the wire, ancillary data, sender address) until should_stop().
 
@@ -170,73 +139,88 @@ def _timestamp_ns(ancdata) -> int:
     return time.time_ns()
 
 
-def _frame_with_vlan_tag(view: memoryview, nbytes: int, ancdata) -> tuple[bytes | memoryview, int]:
-    """The frame as it was on the wire: put back an 802.1Q tag the kernel kept aside."""
-    captured = view[: min(nbytes, len(view))]
-    for level, kind, data in ancdata:
-        if level == SOL_PACKET and kind == PACKET_AUXDATA:
-            status, _len, _snap, _mac, _net, tci, tpid = AUXDATA.unpack(data[: AUXDATA.size])
-            if status & TP_STATUS_VLAN_VALID:
-                tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
-                return bytes(captured[:12]) + struct.pack("!HH", tpid, tci) + bytes(captured[12:]), nbytes + 4
-    return captured, nbytes
-
-
 def capture_device(device: str, path: str, snaplen: int | None = None, netns: str | None = None, stop: threading.Event | None = None, count: int | None = None, append: bool = True) -> int:
     """Write the frames seen on `device` to pcapng at `path` until `stop` is set (or `count` frames).
 
     Returns the number of frames written.
     """
-    sock = open_packet_socket(device, netns)
+    ring = PacketRing(device, netns, snaplen)
     try:
         writer = PcapngWriter.create(path, snaplen=snaplen, if_name=device, append=append)
     except BaseException:
-        sock.close()
+        ring.close()
         raise
     try:
-        return record_frames(sock, writer, device, stop, count)
+        return record_frames(ring, writer, stop, count)
     finally:
         writer.close()
-        sock.close()
+        ring.close()
 
 
-def record_frames(sock: socket.socket, writer: PcapngWriter, device: str, stop: threading.Event | None = None, count: int | None = None) -> int:
-    """Copy frames from a bound packet socket into `writer` (flushed when idle).
+def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event | None = None, count: int | None = None, every_second=None) -> int:
+    """Copy the frames a device transmits from its ring into `writer` (flushed when idle).
 
-    If the device disappears and comes back under the same name (a recreated
-    sink), the socket follows it.
+    After `stop` is set, what the ring still holds is written too. If the
+    device disappears and comes back under the same name (a recreated sink),
+    the ring follows it. every_second() runs about once a second, busy or not.
     """
     stop = stop or threading.Event()
-    bound = _ifindex(sock, device)
     last_check = time.monotonic()
 
-    def on_idle():
-        nonlocal bound, last_check
-        writer.flush()
+    def housekeeping():
+        nonlocal last_check
         if time.monotonic() - last_check >= DEVICE_CHECK_INTERVAL:
             last_check = time.monotonic()
-            now = _ifindex(sock, device)
-            if now is not None and now != bound:
-                sock.bind((device, ETH_P_ALL))
-                bound = now
+            ring.rebind_if_recreated()
+            if every_second is not None:
+                every_second()
 
-    def should_stop():
-        return stop.is_set() or (count is not None and writer.frames >= count)
+    def idle():
+        writer.flush()
+        housekeeping()
 
-    # With a snaplen the kernel need not copy more than that (the length on the wire still comes back).
-    size = writer.snaplen or FRAME_BUFFER
-    for view, nbytes, ancdata, address in _datagrams(sock, should_stop, on_idle, size):
-        if address[2] != socket.PACKET_OUTGOING:
-            continue
-        frame, original = _frame_with_vlan_tag(view, nbytes, ancdata)
-        writer.write(frame, _timestamp_ns(ancdata), original)
+    write = writer.write
+    for block in ring.blocks(stop.is_set, idle):
+        for frame, timestamp_ns, original in block:
+            if count is not None and writer.frames >= count:
+                return writer.frames  # the count was asked for: nothing after it, no draining
+            write(frame, timestamp_ns, original)
+        if count is not None and writer.frames >= count:
+            return writer.frames
+        housekeeping()
     return writer.frames
 
 
-def kernel_drops(sock: socket.socket) -> tuple[int, int]:
-    """(frames received, frames dropped) by this packet socket since the last call (reading resets them)."""
-    received, dropped = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
-    return received, dropped
+class CaptureCounts:
+    """What a capture process has written and what the kernel dropped, kept in STATE_DIR/capture-NAME.stats.
+
+    The kernel's counts reset when read, so they are added up here; the file
+    is replaced whole each time (status reads it while the capture runs).
+    """
+
+    def __init__(self, ring: PacketRing, writer: PcapngWriter, state_dir: str, name: str):
+        self.ring, self.writer, self.path = ring, writer, _statsfile(state_dir, name)
+        self.received = self.dropped = 0
+
+    def update(self) -> None:
+        received, dropped, _times_full = self.ring.statistics()
+        self.received += received
+        self.dropped += dropped
+        counts = {"frames": self.writer.frames, "received": self.received, "ring_dropped": self.dropped}
+        temporary = self.path + ".tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(counts, f)
+        os.replace(temporary, self.path)
+
+
+def capture_counts(state_dir: str, name: str) -> dict | None:
+    """{frames, received, ring_dropped} of capture `name` as it last wrote them, or None."""
+    try:
+        with open(_statsfile(state_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- vtap capture --listen vxlan://
@@ -320,6 +304,10 @@ def _pidfile(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, f"capture-{name}.pid")
 
 
+def _statsfile(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, f"capture-{name}.stats")
+
+
 def _logfile(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, f"capture-{name}.log")
 
@@ -330,6 +318,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--snaplen", type=int)
+    parser.add_argument("--max-size", type=int, help="rotate the file before it grows beyond this many bytes")
+    parser.add_argument("--max-files", type=int, help="with --max-size: keep at most this many files (PATH, PATH.1, ...)")
     parser.add_argument("--netns")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--status-fd", type=int, help="where to say 'ready PID' or 'error: ...' once")
@@ -376,6 +366,8 @@ def running_captures(state_dir: str) -> dict[str, dict]:
         if os.path.realpath(args.state_dir) != state_dir or _is_gone(int(entry)):
             continue
         found[args.name] = {"pid": int(entry), "device": args.device, "path": args.path, "snaplen": args.snaplen, "netns": args.netns}
+        if args.max_size is not None:
+            found[args.name].update(max_size=args.max_size, max_files=args.max_files)
     return found
 
 
@@ -393,34 +385,40 @@ class _NameLock:
         os.close(self.fd)
 
 
-def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".") -> int:
+def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".", max_size: int | None = None, max_files: int | None = None) -> int:
     """Start (or keep) the capture process `name`; returns its pid once the file is open.
 
     Already running with the same parameters: nothing changes. Running with
-    other parameters: it is stopped and started again.
+    other parameters: it is stopped and started again. max_size and max_files
+    (both or neither) rotate the file: see PcapngWriter.rotate.
     """
     check_name("capture name", name)
     path = check_capture_path(path)
     if snaplen is not None:
         snaplen = check_int("snaplen", snaplen, 1, SNAPLEN_MAX)
     private_dirs(state_dir)
-    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns}
+    rotation = {}
+    if max_size is not None or max_files is not None:
+        rotation = {"max_size": check_int("max_size", max_size, 4096, 2**50), "max_files": check_int("max_files", max_files, 1, 10**5)}
+    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns, **rotation}
     with _NameLock(state_dir, name):
         current = running_captures(state_dir).get(name)
         if current is not None:
-            if {key: current[key] for key in wanted} == wanted:
+            if {key: value for key, value in current.items() if key != "pid"} == wanted:
                 return current["pid"]
             _stop(name, state_dir, current["pid"])
-        return _spawn(name, device, path, snaplen, netns, state_dir)
+        return _spawn(name, device, path, snaplen, netns, state_dir, rotation)
 
 
-def _spawn(name, device, path, snaplen, netns, state_dir) -> int:
+def _spawn(name, device, path, snaplen, netns, state_dir, rotation) -> int:
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", MODULE, "--name", name, "--device", device, "--path", path, "--state-dir", os.path.abspath(state_dir), "--status-fd", str(write_end)]
     if snaplen is not None:
         command += ["--snaplen", str(snaplen)]
     if netns is not None:
         command += ["--netns", netns]
+    if rotation:
+        command += ["--max-size", str(rotation["max_size"]), "--max-files", str(rotation["max_files"])]
     try:
         with os.fdopen(open_private(_logfile(state_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab") as log:
             starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write_end,), start_new_session=True, cwd="/")
@@ -474,6 +472,10 @@ def _stop(name: str, state_dir: str, pid: int) -> None:
         # It did not finish in time: the file may lack its last frames, never its earlier ones.
         os.kill(pid, signal.SIGKILL)
     _remove_pidfile(state_dir, name)
+    try:
+        os.unlink(_statsfile(state_dir, name))  # the counts of a process that is gone
+    except FileNotFoundError:
+        pass
 
 
 def _remove_pidfile(state_dir: str, name: str, pid: int | None = None) -> None:
@@ -503,7 +505,7 @@ def main(argv=None) -> int:
     args = _argument_parser().parse_args(argv)
     status = os.fdopen(args.status_fd, "w") if args.status_fd is not None else sys.stdout
     try:
-        sock = open_packet_socket(args.device, args.netns)
+        ring = PacketRing(args.device, args.netns, args.snaplen)
     except Exception as exc:
         status.write(f"error: {exc}\n")
         _log(f"failed: {exc}")
@@ -515,7 +517,7 @@ def main(argv=None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        frames = _run_detached(args, sock, stop, status)
+        frames = _run_detached(args, ring, stop, status)
     except Exception as exc:  # the log is all anyone will see of a detached process
         _log(f"failed: {exc}")
         return 1
@@ -525,28 +527,30 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run_detached(args, sock, stop, status) -> int:
+def _run_detached(args, ring, stop, status) -> int:
     # The file is opened here so it exists (with its header) before the starter hears "ready".
     try:
-        writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True)
+        writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True, max_size=args.max_size, max_files=args.max_files)
         writer.flush()
     except (OSError, ValueError, VtapError) as exc:
         status.write(f"error: {exc}\n")
         status.close()
-        sock.close()
+        ring.close()
         raise
     _write_pidfile(args.state_dir, args.name)
     status.write(f"ready {os.getpid()}\n")
     status.close()
     _log(f"capturing {args.device}{' in netns ' + args.netns if args.netns else ''} to {args.path}")
+    counts = CaptureCounts(ring, writer, args.state_dir, args.name)
+    counts.update()  # zeros now: counts a killed predecessor left are not this process's
     try:
-        frames = record_frames(sock, writer, args.device, stop)
-        received, dropped = kernel_drops(sock)
-        _log(f"{received} frames reached the socket, {dropped} of them dropped by the kernel (socket buffer full)")
+        frames = record_frames(ring, writer, stop, every_second=counts.update)
+        counts.update()
+        _log(f"{counts.received} frames reached the ring, {counts.dropped} of them dropped by the kernel (ring full)")
         return frames
     finally:
         writer.close()
-        sock.close()
+        ring.close()
 
 
 if __name__ == "__main__":

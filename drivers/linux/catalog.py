@@ -4,6 +4,9 @@ The kernel holds only a 16-byte mark (a tc action cookie, a device alias);
 the catalog maps each mark back to the Binding (key and spec) it stands for,
 so observe() can return what plan() returned. It is written before anything
 is put in the kernel, so whatever a killed process left is still named here.
+A command names everything it will add first (TcDataplane.prepare), so a full
+disk fails it before the kernel is touched; saving unchanged content writes
+nothing, and a file naming more than the kernel holds is always safe.
 
 One JSON file per namespace in the state dir. The same file's flock also
 serializes apply/remove between vtap processes (a CLI command and a follower).
@@ -11,9 +14,11 @@ serializes apply/remove between vtap processes (a CLI command and a follower).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from contextlib import contextmanager
 
@@ -25,6 +30,8 @@ MARK_PREFIX = "vtap:"  # device aliases: "vtap:<32 hex digits>"
 MARK_MAGIC = b"vt"  # a mark: MARK_MAGIC, 2 bytes naming the state dir, 12 bytes of digest
 GENERATION_HEAD = '{"generation": "'
 GENERATION_LENGTH = 16
+MARKS_REMEMBERED = 100_000
+log = logging.getLogger("vtap.catalog")
 
 
 def store_prefix(state_dir: str) -> bytes:
@@ -60,7 +67,7 @@ def _to_dict(binding: Binding) -> dict:
         "session": binding.session,
         "flow": binding.flow,
         "vm": binding.vm,
-        "spec": [list(pair) for pair in binding.spec],
+        "spec": binding.spec,  # a tuple of pairs, shared with the binding; JSON writes it as lists
         "order": binding.order,
     }
 
@@ -76,6 +83,20 @@ def _from_dict(data: dict) -> Binding:
     )
 
 
+def _compact(bindings: dict) -> dict:
+    """The entries, each spec a tuple of shared pairs: JSON gives every entry its own copy of
+    ["type", "mirror"], ["to", "mon0"]..., which for 20,000 mirrors is tens of MiB."""
+    pairs: dict = {}
+    for data in bindings.values():
+        spec = data.get("spec") if isinstance(data, dict) else None
+        if isinstance(spec, list):
+            try:
+                data["spec"] = tuple([pairs.setdefault(pair, pair) for pair in map(tuple, spec)])
+            except TypeError:  # a value that cannot be hashed: keep the entry as it came
+                pass
+    return bindings
+
+
 class Catalog:
     """Marks and qdiscs of one namespace, in STATE_DIR/tc-<netns or host>.json."""
 
@@ -86,7 +107,10 @@ class Catalog:
         self.bindings: dict[str, dict] = {}  # mark hex -> binding dict
         self.qdiscs: dict[str, int] = {}  # device name -> ifindex of a clsact vtap added
         self._generation = None  # of the file as last read or written
+        self._changed = False  # bindings differ from the file's
+        self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
         self._hooks = None  # mirror_hooks(), computed once per content
+        self._marks: dict = {}  # (key, session, flow, vm, spec) -> mark: apply asks per binding, twice
 
     # ------------------------------------------------------------ file
 
@@ -103,17 +127,30 @@ class Catalog:
             data = {}
         except json.JSONDecodeError as exc:
             raise OperationFailed(f"{self.path} is not a vtap catalog ({exc}); move it away to start afresh") from None
-        self.bindings = data.get("bindings", {})
+        self.bindings = _compact(data.get("bindings", {}))
         self.qdiscs = data.get("qdiscs", {})
         self._generation = data.get("generation")
+        self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
         self._hooks = None
         return self
 
     def save(self) -> None:
+        """Write the file if its content changed; a failed write leaves the old file and no temporary."""
+        if not self._changed and self.qdiscs == self._saved_qdiscs:
+            return
         generation = os.urandom(GENERATION_LENGTH // 2).hex()
         # The generation first, so load() can tell an unchanged file from its first bytes.
         write_private(self.path, json.dumps({"generation": generation, "bindings": self.bindings, "qdiscs": self.qdiscs}))
         self._generation = generation
+        self._changed, self._saved_qdiscs = False, dict(self.qdiscs)
+
+    def save_or_keep(self) -> None:
+        """save(), after the kernel lost things: if the write fails, the old file names more, which is safe."""
+        try:
+            self.save()
+        except OSError as exc:
+            self._generation = None  # memory differs from the file: read it again next time
+            log.warning("%s: kept as it was (%s); it still names mirrors already removed", self.path, exc.strerror or exc)
 
     @contextmanager
     def locked(self, shared: bool = False):
@@ -123,22 +160,45 @@ class Catalog:
         kernel half way through another process's apply (and takes that one's
         new mirrors for orphans).
         """
-        fd = open_private(self.path + ".lock", os.O_RDWR | os.O_CREAT)
+        fd = self._open_lock(shared)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             self.load()
             yield self
         except BaseException:
             self._generation = None  # memory may hold changes the file does not: read it again next time
             raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+
+    def _open_lock(self, shared: bool) -> int | None:
+        try:
+            return open_private(self.path + ".lock", os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            if not shared or exc.errno not in (errno.EROFS, errno.EACCES):
+                raise
+        # A read-only state dir (status of a read-only store): nobody can change the catalog, so reading needs no lock.
+        try:
+            return open_private(self.path + ".lock", os.O_RDONLY)
+        except OSError:
+            return None
 
     # ------------------------------------------------------------ marks
 
     def mark_of(self, binding: Binding) -> bytes:
         """The 16 bytes this store puts in the kernel for a binding."""
-        return self.prefix + digest_of(binding)
+        named = (binding.key, binding.session, binding.flow, binding.vm, binding.spec)
+        try:
+            mark = self._marks.get(named)
+        except TypeError:  # a spec value that cannot be hashed: just compute it
+            return self.prefix + digest_of(binding)
+        if mark is None:
+            if len(self._marks) > MARKS_REMEMBERED:
+                self._marks.clear()
+            mark = self._marks[named] = self.prefix + digest_of(binding)
+        return mark
 
     def alias_of(self, binding: Binding) -> str:
         return MARK_PREFIX + self.mark_of(binding).hex()
@@ -152,8 +212,10 @@ class Catalog:
     def remember(self, binding: Binding, ifindex: int | None = None) -> bytes:
         """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
         mark = self.mark_of(binding)
-        self.bindings[mark.hex()] = dict(_to_dict(binding), ifindex=ifindex)
-        self._hooks = None
+        entry = dict(_to_dict(binding), ifindex=ifindex)
+        if self.bindings.get(mark.hex()) != entry:
+            self.bindings[mark.hex()] = entry
+            self._changed, self._hooks = True, None
         return mark
 
     def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, Binding]]:
@@ -176,8 +238,8 @@ class Catalog:
         return {bytes.fromhex(mark) for mark in self.bindings}
 
     def forget(self, mark: bytes) -> None:
-        self.bindings.pop(mark.hex(), None)
-        self._hooks = None
+        if self.bindings.pop(mark.hex(), None) is not None:
+            self._changed, self._hooks = True, None
 
     def binding(self, mark: bytes) -> Binding | None:
         data = self.bindings.get(mark.hex())

@@ -14,8 +14,10 @@ device names. What it puts in the kernel, per mirrored device and hook:
 
 Target devices vtap owns carry the alias "vtap:<mark>" and no IPv6 address: a
 VXLAN device per session (vtapx<hash>; the kernel allows one per VNI and UDP
-port in a namespace), an ifb sink per pcap session (vtapc<hash>) read by the
-capture process of capture.py. A port: or vm: target is a device that exists.
+port in a namespace), a gretap/ip6gretap/erspan/ip6erspan device per GRE or
+ERSPAN session (vtapg<hash>; netlink bodies in grenl.py), an ifb sink per pcap
+session (vtapc<hash>) read by the capture process of capture.py. A port: or
+vm: target is a device that exists.
 
 API (all names are device names in this namespace):
 
@@ -33,8 +35,10 @@ API (all names are device names in this namespace):
     dp.session_target(session, target_device=None) -> ([Binding], device to mirror to, guard or None)
         what a session needs even with no flow (reconcile plans a session alone)
     dp.mirror(session, flow, device, hook, to_device, filter=None, sample=None, vm=None, guard=None)
-    dp.vxlan_target(session, remote, port, vni)  -> (Binding, device name, guard expression)
-    dp.capture_target(session, path, snaplen)     -> (Binding, device name)
+    dp.vxlan_target(session, remote, port, vni, local=None)  -> (Binding, device name, guard expression)
+    dp.gre_target(session, "gre"|"erspan", remote, key, version=None, local=None) -> (Binding, device, guard)
+    missing_tunnel_device(target)                 -> why this kernel cannot make a gre/erspan device, or None
+    dp.capture_target(session, path, snaplen, max_size=None, max_files=None) -> (Binding, device name)
     hooks_for(direction, vm_port=False)           -> ("ingress",) / ("egress",) / both
         host interface: in = ingress, out = egress (as tcpdump -Q);
         a VM's host-side device (tap/vnet/veth host end) is the reverse: the VM's
@@ -45,7 +49,10 @@ API (all names are device names in this namespace):
     dp.observe()          -> [Binding] found by vtap's marks, with Counters (packets, frame bytes,
                              copies the target refused, the target's health: targethealth.py);
                              drifted ones (target device recreated, vxlan changed) differ in spec;
-                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys
+                             orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
+                             a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
+    dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
+                          fails here, before anything in the kernel changed
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
     dp.remove(bindings)   deleting what is gone is fine
     dp.devices()          -> set of device names in the namespace
@@ -53,7 +60,7 @@ API (all names are device names in this namespace):
     dp.ifindex(name)      -> int or None
     dp.close()
 
-Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE",
+Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gre/..." and "erspan/...",
 "pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
@@ -76,22 +83,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELQDISC,
-    RTM_DELTFILTER,
-    RTM_GETACTION,
-    RTM_GETLINK,
-    RTM_GETQDISC,
-    RTM_GETTFILTER,
-    RTM_NEWQDISC,
-    RTM_NEWTFILTER,
-)
-
 from vtap_core.driver import Binding, Counters
-from vtap_core.errors import NotFound, OperationFailed, TemporaryError, ValidationError
+from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
+from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
@@ -105,9 +99,26 @@ ETH_HLEN = 14
 # (their verdict is "continue", so the others still run afterwards).
 FILTER_PRIO = 7
 VXLAN_PREFIX = "vtapx"
+GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
+TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
+# linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
+# family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
+# post-start, inside PVE's `qm start`, must stay fast.
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 16, 18, 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER, RTM_GETACTION = 44, 45, 46, 50
+
+
+def _netlink_error():
+    """pyroute2's NetlinkError class (imported when an error is being handled, not before)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 REQUEST = NLM_F_REQUEST | NLM_F_ACK
 CREATE = REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DUMP = NLM_F_REQUEST | NLM_F_DUMP
@@ -164,13 +175,13 @@ def _short_hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:10]
 
 
-def program_for(binding: Binding):
+def program_for(binding: Binding, cache: FilterCache | None = None):
     """Classic BPF ops for a mirror binding: filter, minus the tunnel's own packets, sampled."""
     expression = binding.get("filter") or ""
     guard = binding.get("guard") or ""
     if guard:
         expression = f"({expression}) and not ({guard})" if expression else f"not ({guard})"
-    return with_sampling(compile_filter(expression), binding.get("sample"))
+    return with_sampling(compile_filter(expression, cache=cache), binding.get("sample"))
 
 
 class TcDataplane:
@@ -180,6 +191,8 @@ class TcDataplane:
         self.netns = netns
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
+        self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
+        self._programs: dict[tuple, tuple] = {}  # (filter, guard, sample) -> program, checked, for this process
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -200,26 +213,65 @@ class TcDataplane:
             ("guard", guard or ""),
         )
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        program_for(binding)  # refuse a bad expression now, with libpcap's message
+        self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
         return binding
 
-    def vxlan_target(self, session: str, remote: str, port: int, vni: int) -> tuple[Binding, str, str]:
+    def _program(self, binding: Binding, what: tuple | None = None):
+        """program_for(binding), once per (filter, guard, sample) in this process: plans ask for it per flow."""
+        what = what or (binding.get("filter"), binding.get("guard"), binding.get("sample"))
+        if what not in self._programs:
+            self._programs[what] = program_for(binding, self.filter_cache)
+        return self._programs[what]
+
+    def vxlan_target(self, session: str, remote: str, port: int, vni: int, local: str | None = None) -> tuple[Binding, str, str]:
         remote = resolve_host(remote)
-        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni)
+        _check_local(remote, local)
+        device = VXLAN_PREFIX + _short_hash(self.netns, session, remote, port, vni, *((local,) if local else ()))
         spec = (("type", "vxlan"), ("device", device), ("remote", remote), ("port", int(port)), ("vni", int(vni)))
+        if local:
+            spec += (("local", local),)  # only when given: specs (and marks) of older sessions stay as they were
         binding = Binding(key=f"vxlan/{self._ns_key}{device}", session=session, spec=spec, order=0)
         # The tunnel's own packets may leave through a mirrored device: never copy them again.
         guard = f"udp dst port {int(port)} and dst host {remote}"
         return binding, device, guard
 
-    def capture_target(self, session: str, path: str, snaplen: int | None) -> tuple[Binding, str]:
+    def gre_target(self, session: str, scheme: str, remote: str, key: int | None, version: int | None = None, local: str | None = None, direction: str | None = None) -> tuple[Binding, str, str]:
+        """A gretap/ip6gretap (scheme gre) or erspan/ip6erspan (scheme erspan, key = session id) device.
+
+        ERSPAN type III carries a direction bit, fixed per kernel device: such a
+        session has two devices, direction "ingress" and "egress", and each
+        mirror copies to the one of its hook (the device's own point of view,
+        as a switch port's in ERSPAN: what a VM sends is its tap's ingress).
+        """
+        from vtap_drivers.linux import grenl
+
+        remote = resolve_host(remote)
+        _check_local(remote, local)
+        kind = grenl.kind_for(scheme, remote)
+        if kind.startswith("ip6") and not local:
+            # Without a source address the kernel's ip6 GRE devices stay silent (seen on Debian's 6.1 with ip6erspan).
+            raise ValidationError("target local", f"{scheme} over IPv6 needs &local=ADDR (this host's IPv6 source address)")
+        if not grenl.kernel_has(kind):
+            raise Unsupported("tc dataplane", f"target {scheme}:", f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://")
+        direction = (direction or "ingress") if version == 3 else None
+        device = GRE_PREFIX + _short_hash(self.netns, session, kind, remote, key, version, local, *((direction,) if direction else ()))
+        spec = (("type", scheme), ("device", device), ("kind", kind), ("remote", remote), ("local", local), ("key", key), ("version", version))
+        if direction:
+            spec += (("direction", direction),)
+        binding = Binding(key=f"{scheme}/{self._ns_key}{device}", session=session, spec=spec, order=0)
+        # GRE and ERSPAN are IP protocol 47: never copy the tunnel's own packets again.
+        return binding, device, f"proto gre and dst host {remote}"
+
+    def capture_target(self, session: str, path: str, snaplen: int | None, max_size: int | None = None, max_files: int | None = None) -> tuple[Binding, str]:
         from vtap_drivers.linux.capture import check_capture_path
 
         path = check_capture_path(path)
+        # Rotation is in the spec only when asked for: sinks made before it existed keep their names.
+        rotation = (("max_size", max_size), ("max_files", max_files)) if max_size else ()
         # Named by everything in its spec (as a VXLAN device is): a changed path or snaplen is a
         # new sink, so the mirrors pointing at the old one are replaced in the same reconcile.
-        device = SINK_PREFIX + _short_hash(self.netns, session, path, snaplen)
-        spec = (("type", "capture"), ("device", device), ("path", path), ("snaplen", snaplen))
+        device = SINK_PREFIX + _short_hash(self.netns, session, path, snaplen, *rotation)
+        spec = (("type", "capture"), ("device", device), ("path", path), ("snaplen", snaplen), *rotation)
         return Binding(key=f"pcap/{self._ns_key}{device}", session=session, spec=spec, order=0), device
 
     def plan_interface(self, session: TapSession, flow: TapFlow, device: str | None = None) -> list[Binding]:
@@ -233,10 +285,18 @@ class TcDataplane:
         """(bindings vtap owns for the target, device to mirror to, guard expression or None)."""
         target = session.target
         if target.kind == "vxlan":
-            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni)
+            binding, device, guard = self.vxlan_target(session.name, target.host, target.udp_port, target.vni, target.local)
+            return [binding], device, guard
+        if target.kind == "gre":
+            binding, device, guard = self.gre_target(session.name, "gre", target.host, target.key, local=target.local)
+            return [binding], device, guard
+        if target.kind == "erspan":
+            binding, device, guard = self.gre_target(session.name, "erspan", target.host, target.erspan_id, target.version, target.local)
+            if target.version == 3:  # a second device for egress copies (gre_target says why)
+                return [binding, self.gre_target(session.name, "erspan", target.host, target.erspan_id, 3, target.local, "egress")[0]], device, guard
             return [binding], device, guard
         if target.kind == "pcap":
-            binding, device = self.capture_target(session.name, target.path, session.snaplen)
+            binding, device = self.capture_target(session.name, target.path, session.snaplen, target.max_size, target.max_files)
             return [binding], device, None
         if target.kind in ("port", "vm"):
             device = target_device or target.port
@@ -249,8 +309,9 @@ class TcDataplane:
         out, to_device, guard = self.session_target(session, target_device)
         if to_device == device:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
+        by_hook = {b.get("direction"): b.get("device") for b in out if b.get("direction")}  # ERSPAN type III
         for hook in hooks_for(flow.direction, vm_port=vm_port):
-            out.append(self.mirror(session.name, flow.name, device, hook, to_device, flow.filter, session.sample, vm=vm, guard=guard))
+            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard))
         return out
 
     # ------------------------------------------------------------ netlink plumbing
@@ -268,9 +329,11 @@ class TcDataplane:
         return self._nl
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self):
         """pyroute2's socket: creating, changing and deleting vtap's own devices (rare)."""
         if self._ipr is None:
+            from pyroute2 import IPRoute
+
             try:
                 # flags=0: use the namespace, never create it
                 self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
@@ -284,9 +347,10 @@ class TcDataplane:
         with self._lock:
             try:
                 yield
-            except (NetlinkFailure, NetlinkError, OSError) as exc:
-                code = getattr(exc, "code", None) if isinstance(exc, (NetlinkFailure, NetlinkError)) else exc.errno
-                if not isinstance(exc, (NetlinkFailure, NetlinkError)) and code not in BUSY:
+            except (NetlinkFailure, OSError, _netlink_error()) as exc:
+                netlink = isinstance(exc, (NetlinkFailure, _netlink_error()))
+                code = getattr(exc, "code", None) if netlink else exc.errno
+                if not netlink and code not in BUSY:
                     raise
                 self.close()  # a socket may hold half a reply now: start afresh next time
                 where = f" in netns {self.netns}" if self.netns else ""
@@ -296,7 +360,15 @@ class TcDataplane:
                     raise OperationFailed(f"netlink{where}: {exc}: changing tc and links needs root (CAP_NET_ADMIN)") from None
                 raise OperationFailed(f"netlink{where}: {exc}") from None
 
+    def save_filter_cache(self) -> None:
+        """Keep what this process compiled for the next one; a cache that cannot be written only costs time."""
+        try:
+            self.filter_cache.save()
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self.save_filter_cache()
         with self._lock:
             for sock in (self._nl, self._ipr):
                 if sock is not None:
@@ -328,7 +400,12 @@ class TcDataplane:
 
     def devices(self) -> set[str]:
         with self._kernel():
-            return {link["name"] for link in self._links()}
+            return set(self._link_indexes())
+
+    def _link_indexes(self) -> dict[str, int]:
+        """{name: ifindex} of every link (one dump, names only: plans ask for it every time)."""
+        replies = self.nl.dump(tcnl.link_names_query(), RTM_GETLINK, DUMP)
+        return dict(tcnl.read_link_name(*reply) for reply in replies)
 
     def device_kinds(self) -> dict[str, str | None]:
         """{device name: IFLA_INFO_KIND} (None for a device without one, e.g. a physical NIC)."""
@@ -383,13 +460,17 @@ class TcDataplane:
                 return link["name"] if link is not None else None
 
             hooks = catalog.mirror_hooks()
+            every_link = None
             if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
-                links.update((link["index"], link) for link in self._links())
+                every_link = self._links()
+                links.update((link["index"], link) for link in every_link)
             out = []
+            used = set()  # devices holding a vtap filter
             for (ifindex, hook), wanted in hooks.items():
                 for found in self._filters(ifindex, hook):
                     if found.mark not in wanted:
                         continue
+                    used.add(ifindex)
                     binding = wanted[found.mark]
                     # The target device may have gone or been recreated: then the spec shows it.
                     actual = name_of(found.to_index) or ""
@@ -402,16 +483,37 @@ class TcDataplane:
                     out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
-            out.extend(self._observe_devices(catalog))
+            out.extend(self._observe_devices(catalog, every_link))
+            out.extend(self._unused_clsacts(catalog, used))
             return out
 
-    def _observe_devices(self, catalog) -> list[Binding]:
+    def _unused_clsacts(self, catalog, used: set) -> list[Binding]:
+        """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
+
+        Only devices without a vtap filter are looked at, so this costs nothing while mirrors are in place.
+        """
+        candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used}
+        if not candidates:
+            return []
+        present = self._clsact_indexes()
+        out = []
+        for device, ifindex in sorted(candidates.items()):
+            if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):
+                spec = (("type", "clsact"), ("device", device), ("ifindex", ifindex))
+                out.append(Binding(key=f"clsact/{self._ns_key}{device}", session="?", spec=spec, order=0))
+        return out
+
+    def _observe_devices(self, catalog, every_link: list | None = None) -> list[Binding]:
         from vtap_drivers.linux.capture import running_captures
 
         out = []
         captures = None
-        for kind in ("vxlan", "ifb"):
-            for link in self._links(kind):
+        # One dump, sorted by kind here: not every kernel filters a link dump by kind.
+        by_kind: dict[str, list] = {}
+        for link in self._links() if every_link is None else every_link:
+            by_kind.setdefault(link["kind"], []).append(link)
+        for kind in ("vxlan", "ifb", "gretap", "ip6gretap", "erspan", "ip6erspan"):
+            for link in by_kind.get(kind, []):
                 mark = mark_from_alias(link["alias"])
                 if not catalog.owns(mark):
                     continue
@@ -423,15 +525,21 @@ class TcDataplane:
                     continue  # not working: apply brings it up
                 if kind == "vxlan":
                     actual = {"remote": link["vxlan"]["remote"], "port": link["vxlan"]["port"], "vni": link["vxlan"]["vni"]}
+                    if binding.get("local") or link["vxlan"].get("local"):
+                        actual["local"] = link["vxlan"].get("local")
+                elif kind != "ifb":
+                    actual = {name: link["tunnel"][name] for name in ("remote", "local", "key", "version", "direction")}
                 else:
                     if captures is None:
                         captures = running_captures(self.state_dir)
                     process = captures.get(binding.get("device"))
                     if process is None:
                         continue  # the sink without its capture process: apply starts it
-                    actual = {"path": process["path"], "snaplen": process["snaplen"]}
+                    actual = {"path": process["path"], "snaplen": process["snaplen"], "max_size": process.get("max_size"), "max_files": process.get("max_files")}
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, mark, **actual)
+                if kind == "ifb":
+                    binding = replace(binding, counters=self._capture_counters(binding.get("device"), link["index"]))
                 out.append(binding)
         return out
 
@@ -448,7 +556,7 @@ class TcDataplane:
         """(device, MTU) of the route to a tunnel's remote end; NO_ROUTE without one; None if unknown."""
         try:
             (route,) = self.ipr.route("get", dst=remote)
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             return NO_ROUTE if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH) else None
         link = self._link(index=route.get_attr("RTA_OIF") or 0)
         if link is None:
@@ -458,6 +566,19 @@ class TcDataplane:
         mtus = [mtu for mtu in (route_mtu, link["mtu"]) if mtu]
         return (link["name"], min(mtus)) if mtus else None
 
+    def _capture_counters(self, device: str, index: int) -> Counters:
+        """Frames in the pcap file, and every copy lost on the way: the ring full, the sink's own drops."""
+        from vtap_drivers.linux.capture import capture_counts
+
+        counts = capture_counts(self.state_dir, device) or {}
+        try:
+            (link,) = self.ipr.get_links(index)
+            sink = link.get_attr("IFLA_STATS64") or {}
+        except _netlink_error():
+            sink = {}  # the sink went away since the dump: the next observe sees it gone
+        dropped = counts.get("ring_dropped", 0) + sink.get("tx_dropped", 0)
+        return Counters(packets=counts.get("frames", 0), dropped=dropped)
+
     def _unknown(self, mark: bytes, device: str | None = None) -> Binding:
         """Something vtap marked but no catalog names (the state dir was lost): an orphan."""
         spec = (("type", "unknown"), ("mark", mark.hex()), ("device", device))
@@ -465,10 +586,35 @@ class TcDataplane:
 
     # ------------------------------------------------------------ apply
 
+    def prepare(self, bindings) -> None:
+        """Name now, in the catalog, every mark and clsact qdisc apply(bindings) would add.
+
+        The catalog is the only file apply writes. Written here, before the store
+        and the kernel, a full disk fails the command while nothing has changed;
+        apply then finds nothing new to write. Naming more than the kernel holds is safe.
+        """
+        bindings = unique(bindings)
+        mirrors = [b for b in bindings if b.get("type") == "mirror"]
+        with self._kernel(), self.catalog.locked() as catalog:
+            indexes = self._indexes({b.get("device") for b in mirrors}) if mirrors else {}
+            for binding in bindings:
+                if binding.get("type") in ("vxlan", "capture"):
+                    catalog.remember(binding)
+                elif binding.get("type") == "mirror" and binding.get("device") in indexes:
+                    catalog.remember(binding, indexes[binding.get("device")])
+            with_clsact = self._clsact_indexes() if indexes else set()
+            for device, ifindex in indexes.items():
+                if ifindex not in with_clsact:
+                    catalog.qdiscs[device] = ifindex
+            try:
+                catalog.save()
+            except OSError as exc:
+                raise OperationFailed(f"catalog {catalog.path}: cannot write ({exc.strerror or exc})") from None
+
     def apply(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: b.order)
         for binding in bindings:
-            if binding.get("type") not in ("mirror", "vxlan", "capture"):
+            if binding.get("type") not in ("mirror", "vxlan", "capture", "gre", "erspan"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
         with self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
@@ -476,23 +622,35 @@ class TcDataplane:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
                 for binding in targets:
                     catalog.remember(binding)
-                catalog.save()  # before the kernel: a crash leaves nothing unnamed
+                if targets:
+                    catalog.save()  # before the kernel: a crash leaves nothing unnamed
                 for binding in targets:
                     if binding.get("type") == "vxlan":
                         self._ensure_vxlan(binding, done)
+                    elif binding.get("type") in ("gre", "erspan"):
+                        self._ensure_gre(binding, done)
                     else:
                         self._ensure_capture(binding, done)
                 self._apply_mirrors([b for b in bindings if b.get("type") == "mirror"], catalog, done)
             except Exception:
                 self._remove(list(reversed(done)), catalog)
-                catalog.save()
+                self._forget_qdiscs_never_added(catalog)
+                catalog.save_or_keep()
                 raise
             catalog.save()
+        self.save_filter_cache()
+
+    def _forget_qdiscs_never_added(self, catalog: Catalog) -> None:
+        """prepare() named clsact qdiscs this failed apply did not get to add: they are not vtap's."""
+        present = self._clsact_indexes()
+        for device, ifindex in list(catalog.qdiscs.items()):
+            if ifindex not in present:
+                catalog.qdiscs.pop(device)
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
         if len(names) > 8:
-            return {link["name"]: link["index"] for link in self._links() if link["name"] in names}
+            return {name: index for name, index in self._link_indexes().items() if name in names}
         found = {name: self._link(name=name) for name in names}
         return {name: link["index"] for name, link in found.items() if link is not None}
 
@@ -511,7 +669,8 @@ class TcDataplane:
         devices = sorted(d for d in {b.get("device") for b in bindings} if indexes[d] not in with_clsact)
         for device in devices:
             catalog.qdiscs[device] = indexes[device]
-        catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
+        if devices:
+            catalog.save()  # the qdiscs too: one a killed run added is still known as vtap's
         added = self.nl.requests([(tcnl.qdisc_request(indexes[d]), RTM_NEWQDISC, CREATE) for d in devices])
         fresh = set()
         for device, failure in zip(devices, added):
@@ -531,7 +690,7 @@ class TcDataplane:
             if mark in present[device, hook]:
                 continue
             present[device, hook].add(mark)
-            program = program_for(binding)
+            program = self._program(binding)
             requests.append((tcnl.mirror_filter_request(indexes[device], hook, FILTER_PRIO, program, indexes[binding.get("to")], mark), RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
@@ -559,7 +718,7 @@ class TcDataplane:
             # No IPv6 address on it, or it sends router solicitations of its own into the pcap file or tunnel.
             self.ipr.link("set", ifname=name, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]})
             self.ipr.link("set", ifname=name, ifalias=alias, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if binding.get("type") == "vxlan" and exc.code == errno.EEXIST:
                 raise OperationFailed(
                     f"vxlan target vni {binding.get('vni')} port {binding.get('port')}: another VXLAN device here already uses that VNI and port"
@@ -573,17 +732,33 @@ class TcDataplane:
         remote = binding.get("remote")
         group = "vxlan_group6" if ":" in remote else "vxlan_group"
 
+        local = {("vxlan_local6" if ":" in remote else "vxlan_local"): binding.get("local")} if binding.get("local") else {}
+
         def create(name):
-            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote})
+            self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=binding.get("vni"), vxlan_port=binding.get("port"), vxlan_learning=0, **{group: remote}, **local)
 
         self._ensure_device(binding, "vxlan", create, done)
+
+    def _ensure_gre(self, binding: Binding, done: list) -> None:
+        from vtap_drivers.linux.grenl import new_link_request
+
+        def create(name):
+            body = new_link_request(name, binding.get("kind"), binding.get("remote"), binding.get("local"), binding.get("key"), binding.get("version"), binding.get("direction"))
+            (failure,) = self.nl.requests([(body, RTM_NEWLINK, CREATE)])
+            if failure is not None:
+                raise _netlink_error()(failure.code, failure.text)
+
+        self._ensure_device(binding, binding.get("kind"), create, done)
 
     def _ensure_capture(self, binding: Binding, done: list) -> None:
         from vtap_drivers.linux.capture import start_capture_process
 
         self._ensure_device(binding, "ifb", lambda name: self.ipr.link("add", ifname=name, kind="ifb"), done)
         device = binding.get("device")
-        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir)
+        # No queue on the sink: an ifb's default one holds 32 frames and drops the rest silently;
+        # without it each copy goes straight to the capture's ring, whose drops are counted.
+        self.ipr.tc("replace", kind="noqueue", index=self.ipr.link_lookup(ifname=device)[0], handle=0, parent=TC_H_ROOT)
+        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir, binding.get("max_size"), binding.get("max_files"))
 
     # ------------------------------------------------------------ remove
 
@@ -592,7 +767,7 @@ class TcDataplane:
         with self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
-            catalog.save()
+            catalog.save_or_keep()
 
     def _real_mark(self, binding: Binding) -> bytes:
         """The mark a binding has in the kernel: its own, or the one observe() found on it."""
@@ -622,9 +797,11 @@ class TcDataplane:
             self._wait_released({self._real_mark(b) for b in mirrors} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
-            if kind in ("vxlan", "capture") or (kind == "unknown" and binding.get("device")):
+            if kind in ("vxlan", "capture", "gre", "erspan") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
-            if kind != "unknown":
+            if kind == "clsact":
+                self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
+            elif kind != "unknown":
                 catalog.forget(self._real_mark(binding))
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
@@ -696,9 +873,26 @@ class TcDataplane:
             return  # gone, someone else's, or a newer spec of ours
         try:
             self.ipr.link("del", index=link["index"])
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+def missing_tunnel_device(target) -> str | None:
+    """Why this kernel cannot make the device a gre:/erspan: target needs (None: it can, or not a GRE target)."""
+    if target.kind not in ("gre", "erspan"):
+        return None
+    from vtap_drivers.linux import grenl
+
+    kind = grenl.kind_for(target.kind, resolve_host(target.host))
+    if grenl.kernel_has(kind):
+        return None
+    return f"this kernel has no {kind} devices (module {grenl.MODULES[kind]}); use vxlan://"
+
+
+def _check_local(remote: str, local: str | None) -> None:
+    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
+        raise ValidationError("target local", f"{local} and the remote end {remote} are not of one IP family")
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:

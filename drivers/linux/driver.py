@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 from typing import Iterable, Iterator
 
 from vtap_core.driver import Binding, Description, Driver, Features
@@ -21,13 +22,16 @@ from vtap_core.errors import NotFound, Unsupported, ValidationError
 from vtap_core.model import VM, TapFlow, TapSession
 
 FEATURES = Features(
-    targets=frozenset({"port", "vxlan", "pcap"}),
+    targets=frozenset({"port", "vxlan", "pcap", "gre", "erspan"}),  # gre, erspan: where the kernel has the devices
     sources=frozenset({"interface"}),
     filter=True,
     sample=True,
     snaplen_targets=frozenset({"pcap"}),
 )
 WATCH_POLL = 0.5  # seconds between looks at the stop event while no link event arrives
+# A change plans to validate, then at once again to reconcile the same state: within this many
+# seconds the second plan is the first. Never longer: a plan also resolves tunnel hosts' names.
+PLAN_REUSE_SECONDS = 1.0
 
 
 class LinuxDriver(Driver):
@@ -38,6 +42,7 @@ class LinuxDriver(Driver):
         self.state_dir = state_dir
         self.netns = netns or None
         self._dataplane = None
+        self._last_plan = None  # (when, (sessions, flows, devices present), bindings)
 
     @property
     def dataplane(self):
@@ -55,18 +60,25 @@ class LinuxDriver(Driver):
         return []  # host interfaces are not VMs; `--interface` names them directly
 
     def plan(self, sessions: Iterable[TapSession], flows: Iterable[TapFlow]) -> list[Binding]:
-        from vtap_drivers.linux.dataplane import unique
+        from vtap_drivers.linux.dataplane import missing_tunnel_device, unique
 
         sessions, flows = list(sessions), list(flows)
         known = {s.name for s in sessions}
+        members: dict[str, list] = {}
         for flow in flows:
             if flow.session not in known:
                 raise NotFound(f"session {flow.session}: no such session")
+            members.setdefault(flow.session, []).append(flow)
         for session in sessions:
-            if session.target.kind in ("gre", "erspan"):
-                raise Unsupported(self.name, f"target {session.target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
-            self.check_features(session, [f for f in flows if f.session == session.name])
+            missing = missing_tunnel_device(session.target)
+            if missing:
+                raise Unsupported(self.name, f"target {session.target.kind}:", missing)
+            self.check_features(session, members.get(session.name, []))
         present = self.dataplane.devices()
+        asked = (sessions, flows, present)
+        last = self._last_plan
+        if last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
+            return list(last[2])
         bindings: list[Binding] = []
         tunnels: dict[tuple, str] = {}
         for session in sessions:
@@ -75,13 +87,13 @@ class LinuxDriver(Driver):
             if session.target.kind == "vxlan":
                 self._check_tunnel_free(session, tunnels)
             bindings.extend(self.dataplane.session_target(session)[0])
-            for flow in flows:
-                if flow.session != session.name:
-                    continue
+            for flow in members.get(session.name, []):
                 if flow.source.interface not in present:
                     raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
                 bindings.extend(self.dataplane.plan_interface(session, flow))
-        return unique(bindings)
+        bindings = unique(bindings)
+        self._last_plan = (time.monotonic(), asked, bindings)
+        return list(bindings)
 
     def _check_tunnel_free(self, session: TapSession, tunnels: dict) -> None:
         # The kernel allows one VXLAN device per VNI and UDP port in a namespace.
@@ -95,6 +107,9 @@ class LinuxDriver(Driver):
 
     def observe(self) -> list[Binding]:
         return self.dataplane.observe()
+
+    def prepare(self, bindings: Iterable[Binding]) -> None:
+        self.dataplane.prepare(bindings)
 
     def apply(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.apply(bindings)

@@ -26,6 +26,8 @@ BYTE_ORDER_MAGIC = 0x1A2B3C4D
 LINKTYPE_ETHERNET = 1
 
 OPT_END = 0
+OPT_COMMENT = 1
+EPB_FLAGS = 2  # bits 0-1: direction, 01 inbound, 10 outbound
 SHB_USERAPPL = 4
 IF_NAME = 2
 IF_TSRESOL = 9
@@ -33,6 +35,11 @@ TSRESOL_NANOSECONDS = 9  # 10^-9 s per timestamp unit
 
 # The block type of a section header, as its first four bytes appear in any file.
 SHB_MAGIC_BYTES = struct.pack("<I", SHB_TYPE)
+
+
+# An Enhanced Packet Block around a frame: type, length, interface, timestamp, lengths | frame | padding, length.
+_EPB_HEAD = struct.Struct("<7I")
+_EPB_TAILS = [struct.Struct(f"<{padding}xI") for padding in range(4)]
 
 
 def _pad(length: int) -> int:
@@ -71,45 +78,98 @@ def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None
     return _block(IDB_TYPE, body + _options(options))
 
 
-def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0) -> bytes:
+def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0, comment: str | None = None, flags: int | None = None) -> bytes:
     original = len(frame) if original_length is None else original_length
     data = bytes(frame[:snaplen]) if snaplen else bytes(frame)
     header = struct.pack("<IIIII", interface_id, (timestamp_ns >> 32) & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, len(data), original)
-    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)))
+    options = ([(OPT_COMMENT, comment.encode())] if comment else []) + ([(EPB_FLAGS, struct.pack("<I", flags))] if flags is not None else [])
+    return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)) + _options(options))
 
 
 class PcapngWriter:
     """Writes frames of one interface to a binary stream.
 
     The caller decides when to flush(); close() flushes and closes the stream.
+    A writer made by create() with max_size rotates: see rotate().
     """
 
-    def __init__(self, stream, snaplen: int | None = None, if_name: str | None = None, linktype: int = LINKTYPE_ETHERNET):
+    def __init__(self, stream, snaplen: int | None = None, if_name: str | None = None, linktype: int = LINKTYPE_ETHERNET, path=None, max_size=None, max_files=None, size: int = 0):
         self.stream = stream
         self.snaplen = snaplen
+        self.if_name, self.linktype = if_name, linktype
         self.frames = 0
-        stream.write(section_header() + interface_description(linktype, snaplen, if_name))
+        self.path, self.max_size, self.max_files = path, max_size, max_files
+        self.size = size  # bytes in the current file
+        self._start_section()
+
+    def _start_section(self) -> None:
+        head = section_header() + interface_description(self.linktype, self.snaplen, self.if_name)
+        self.stream.write(head)
+        self.size += len(head)
+        self.fresh = True  # no frame in this file yet: a frame larger than max_size still goes in
 
     @classmethod
-    def create(cls, path: str, snaplen: int | None = None, if_name: str | None = None, append: bool = False) -> "PcapngWriter":
+    def create(cls, path: str, snaplen: int | None = None, if_name: str | None = None, append: bool = False, max_size: int | None = None, max_files: int | None = None) -> "PcapngWriter":
         """Open `path` for writing (mode 0600: captures hold other people's traffic).
 
         With append=True an existing pcapng file keeps its contents and gets a
         new section, which pcapng readers read as one file; a file that is not
-        pcapng is refused rather than appended to.
+        pcapng is refused rather than appended to. With max_size (and
+        max_files), the file is rotated before it would grow beyond max_size.
         """
         fd = open_capture(path, append)  # refuses links, FIFOs, other users' files and files not pcapng
         try:
+            size = os.fstat(fd).st_size if append else 0
             stream = os.fdopen(fd, "wb", buffering=1 << 16)
         except BaseException:
             os.close(fd)
             raise
-        return cls(stream, snaplen=snaplen, if_name=if_name)
+        return cls(stream, snaplen=snaplen, if_name=if_name, path=path, max_size=max_size, max_files=max_files, size=size)
 
-    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None) -> None:
+    def rotate(self) -> None:
+        """Close the file, keep it as PATH.1 (PATH.1 becomes PATH.2, ...; at most max_files in all), start PATH anew.
+
+        Renaming never follows a symlink, and the new file is created
+        exclusively: a file or link someone put at PATH in between is refused.
+        """
+        self.stream.close()
+        if self.max_files == 1:
+            os.unlink(self.path)
+        for older in range((self.max_files or 1) - 1, 0, -1):
+            try:
+                os.replace(self.path if older == 1 else f"{self.path}.{older - 1}", f"{self.path}.{older}")
+            except FileNotFoundError:
+                pass
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self.stream = os.fdopen(fd, "wb", buffering=1 << 16)
+        self.size = 0
+        self._start_section()
+
+    def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None, comment: str | None = None, flags: int | None = None) -> None:
+        """One Enhanced Packet Block, written without copying the frame (it may be a view into a ring).
+
+        comment and flags (epb_flags) are the options a terminated tunnel's frames carry (terminate.py).
+        """
         if timestamp_ns is None:
             timestamp_ns = time.time_ns()
-        self.stream.write(enhanced_packet(frame, timestamp_ns, original_length, self.snaplen))
+        captured = len(frame)
+        original = captured if original_length is None else original_length
+        if self.snaplen and captured > self.snaplen:
+            frame, captured = frame[: self.snaplen], self.snaplen
+        block = enhanced_packet(frame, timestamp_ns, original, comment=comment, flags=flags) if comment or flags is not None else None
+        padding = -captured & 3
+        total = len(block) if block is not None else 32 + captured + padding
+        if self.max_size and self.size + total > self.max_size and not self.fresh:
+            self.rotate()
+        self.size += total
+        self.fresh = False
+        write = self.stream.write
+        if block is not None:
+            write(block)
+        else:
+            write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
+            write(frame)
+            write(_EPB_TAILS[padding].pack(total))
         self.frames += 1
 
     def flush(self) -> None:

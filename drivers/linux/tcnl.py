@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from vtap_drivers.linux.nlsock import attributes, string, u32, u64
+from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, string, u32, u64
 
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
 TC_H_CLSACT = 0xFFFFFFF1
@@ -36,8 +36,11 @@ TCA_MIRRED_PARMS = 2
 TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
 TCA_ROOT_TAB = 1
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64 = 3, 4, 18, 20, 23
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_PORT, IFLA_VXLAN_GROUP6 = 1, 2, 15, 16
+IFLA_VXLAN_LOCAL, IFLA_VXLAN_LOCAL6 = 4, 17
 
 TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
 TCAMSG_SIZE = 4
@@ -168,8 +171,15 @@ def read_action_cookies(data, start: int, end: int) -> list[bytes]:
     found = attributes(data, start + TCAMSG_SIZE, end)
     if TCA_ROOT_TAB not in found:
         return []
-    cookies = (read_mirred(data, span) for span in attributes(data, *found[TCA_ROOT_TAB]).values())
-    return [mirred[0] for mirred in cookies if mirred is not None]
+    cookies = []
+    for span in attributes(data, *found[TCA_ROOT_TAB]).values():
+        # Only the cookie: this dump lists every mirred action in the namespace (thousands).
+        act = attributes(data, *span)
+        if TCA_ACT_COOKIE in act and TCA_ACT_KIND in act and string(data, act[TCA_ACT_KIND]) == "mirred":
+            start, end = act[TCA_ACT_COOKIE]
+            if end - start == COOKIE_BYTES:
+                cookies.append(bytes(data[start:end]))
+    return cookies
 
 
 def read_link(data, start: int, end: int) -> dict:
@@ -197,4 +207,30 @@ def read_link(data, start: int, end: int) -> dict:
                 remote = socket.inet_ntop(family, bytes(data[vx[kind][0] : vx[kind][1]]))
         port = struct.unpack_from("!H", data, vx[IFLA_VXLAN_PORT][0])[0] if IFLA_VXLAN_PORT in vx else None
         link["vxlan"] = {"vni": u32(data, vx[IFLA_VXLAN_ID]) if IFLA_VXLAN_ID in vx else None, "remote": remote, "port": port}
+        for kind, family in ((IFLA_VXLAN_LOCAL, socket.AF_INET), (IFLA_VXLAN_LOCAL6, socket.AF_INET6)):
+            if kind in vx and any(data[vx[kind][0] : vx[kind][1]]):
+                link["vxlan"]["local"] = socket.inet_ntop(family, bytes(data[vx[kind][0] : vx[kind][1]]))
+    if link["kind"] in ("gretap", "ip6gretap", "erspan", "ip6erspan") and IFLA_INFO_DATA in info:
+        from vtap_drivers.linux.grenl import read_tunnel
+
+        link["tunnel"] = read_tunnel(data, info[IFLA_INFO_DATA], link["kind"])
     return link
+
+
+def link_names_query() -> bytes:
+    """Body of a link dump for names and indexes only: the kernel leaves the statistics out."""
+    return IFINFOMSG.pack(0, 0, 0, 0, 0) + pack_attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+
+
+def read_link_name(data, start: int, end: int) -> tuple[str | None, int]:
+    """(name, index) of a link reply, walking its attributes only up to the name (the kernel puts it first)."""
+    index = IFINFOMSG.unpack_from(data, start)[2]
+    offset = start + IFINFOMSG.size
+    while offset + ATTR.size <= end:
+        length, kind = ATTR.unpack_from(data, offset)
+        if length < ATTR.size:
+            break
+        if kind & NLA_TYPE_MASK == IFLA_IFNAME:
+            return string(data, (offset + ATTR.size, offset + length)), index
+        offset += (length + 3) & ~3
+    return None, index

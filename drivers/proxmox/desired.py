@@ -7,6 +7,13 @@ sessions and flows to `/etc/pve/vtap/desired.json` (a setting, `shared_state`, f
 storage). pmxcfs replaces the file atomically on all nodes. Writing needs quorum: without it the change
 fails and is rolled back. Reading works without quorum.
 
+pmxcfs refuses a file larger than 1 MiB (MEMDB_MAX_FILE_SIZE in pve-cluster's memdb): a change whose
+document would be larger is refused before anything changes (check_size, called from plan()).
+
+Besides sessions and flows the document carries what the writing node resolved from the API
+(`resolved`: each flow's vmid, identity and host devices; each vm: target's device), so the hookscript
+applies a VM's taps at post-start from this file and local devices alone, without an API request.
+
 The node agent and the hookscript read this document. When it cannot be read they keep using the last
 copy they read (kept in the state folder, so a restarted agent has it too), log one line, and never
 remove a tap because the document was unreadable.
@@ -19,7 +26,7 @@ import logging
 import os
 import time
 
-from vtap_core.errors import OperationFailed, TemporaryError
+from vtap_core.errors import OperationFailed, TemporaryError, ValidationError
 from vtap_core.model import TapFlow, TapSession
 
 log = logging.getLogger("vtap.proxmox")
@@ -27,6 +34,7 @@ log = logging.getLogger("vtap.proxmox")
 PVE_CLUSTER_FS = "/etc/pve"
 DEFAULT_PATH = "/etc/pve/vtap/desired.json"
 LAST_GOOD = "proxmox-desired.json"
+MAX_BYTES = 1024 * 1024  # pmxcfs' limit per file (pve-cluster: MEMDB_MAX_FILE_SIZE)
 
 
 def default_path() -> str | None:
@@ -34,19 +42,33 @@ def default_path() -> str | None:
     return DEFAULT_PATH if os.path.isdir(PVE_CLUSTER_FS) else None
 
 
-def publish(path: str, sessions, flows, node: str) -> None:
+def document_text(sessions, flows, node: str, resolved: dict | None = None) -> str:
     document = {
         "version": 1,
         "written": time.time(),
         "node": node,
         "sessions": [s.to_dict() for s in sessions],
         "flows": [f.to_dict() for f in flows],
+        "resolved": resolved or {},
     }
+    return json.dumps(document, indent=1, sort_keys=True)
+
+
+def check_size(text: str, path: str) -> None:
+    size = len(text.encode())
+    if size > MAX_BYTES:
+        raise ValidationError("flows", f"the desired state would be {size} bytes, but {path} (pmxcfs) holds at most {MAX_BYTES} bytes "
+                                       f"(1 MiB) per file: remove flows or sessions, or shorten filter expressions")
+
+
+def publish(path: str, sessions, flows, node: str, resolved: dict | None = None) -> None:
+    text = document_text(sessions, flows, node, resolved)
+    check_size(text, path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w") as handle:
-            json.dump(document, handle, indent=1, sort_keys=True)
+            handle.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         try:
@@ -69,12 +91,15 @@ class DesiredState:
         self.path = path
         self.last_good = os.path.join(state_dir, LAST_GOOD)
         self.failing = False
+        self.resolved: dict = {}  # from the last document read (see hook_plan.py)
 
     def load(self) -> tuple[list, list]:
         try:
             with open(self.path) as handle:
                 text = handle.read()
-            result = parse(json.loads(text))
+            document = json.loads(text)
+            result = parse(document)
+            self.resolved = document.get("resolved") or {}
         except FileNotFoundError as exc:
             # Its folder there but no file: nothing was ever published. No folder: the cluster file
             # system may not be mounted (pmxcfs down), which must not look like "nothing desired".
@@ -95,7 +120,9 @@ class DesiredState:
             self.failing = True
         try:
             with open(self.last_good) as handle:
-                return parse(json.load(handle))
+                document = json.load(handle)
+            self.resolved = document.get("resolved") or {}
+            return parse(document)
         except (OSError, ValueError) as again:
             raise TemporaryError(f"desired state {self.path} unreadable and no earlier copy: {again}") from None
 

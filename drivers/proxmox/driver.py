@@ -18,7 +18,6 @@ from vtap_core.errors import TemporaryError, Unsupported, ValidationError
 from vtap_core.filters import compile_filter
 
 from vtap_drivers.proxmox import desired
-from vtap_drivers.proxmox.api import PveApi
 from vtap_drivers.proxmox.inventory import Inventory
 from vtap_drivers.proxmox.resolve import find_vm, resolve_source, split_reference, target_nic
 
@@ -72,8 +71,10 @@ class ProxmoxDriver(Driver):
     # ----------------------------------------------------------- plumbing
 
     @property
-    def api(self) -> PveApi:
+    def api(self):
         if self._api is None:
+            from vtap_drivers.proxmox.api import PveApi  # requests + proxmoxer: not for a hook that needs no API
+
             self._api = PveApi(**self._credentials)
         return self._api
 
@@ -128,8 +129,9 @@ class ProxmoxDriver(Driver):
         return Description(
             name=self.name,
             summary="Proxmox VE: tc mirrors on tap<vmid>i<n> of VMs running on this node; agent and hookscript follow them",
-            features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap"}), sources=frozenset({"vm"}),
-                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"})),
+            features=Features(targets=frozenset({"port", "vm", "vxlan", "pcap", "gre", "erspan"}), sources=frozenset({"vm"}),
+                              filter=True, sample=True, snaplen_targets=frozenset({"pcap"}),
+                              selector_keys=frozenset({"name", "tag", "pool", "host", "network"})),
             connection={"url": self._credentials["url"], "user": self._credentials["user"], "node": self.node,
                         "insecure": self._credentials["insecure"], "netns": self.netns},
         )
@@ -141,6 +143,8 @@ class ProxmoxDriver(Driver):
         vms = self.current_vms()
         sessions = list(sessions)
         flows = list(flows)
+        if self.shared_state:  # refuse now what pmxcfs would refuse when the change is published
+            desired.check_size(desired.document_text(sessions, flows, self.node, self._resolution(vms, sessions, flows)), self.shared_state)
         for session in sessions:
             self.check_features(session, [f for f in flows if f.session == session.name])
         present = None
@@ -213,8 +217,11 @@ class ProxmoxDriver(Driver):
     def _target_device(self, session, vms, needed: bool):
         """The local device a vm: target means (the monitoring VM's tap, on this node)."""
         target = session.target
-        if target.kind in ("gre", "erspan"):
-            raise Unsupported(self.name, f"target {target.kind}:", "this kernel has no gretap/erspan devices; use vxlan://")
+        from vtap_drivers.linux.dataplane import missing_tunnel_device
+
+        missing = missing_tunnel_device(target)
+        if missing:
+            raise Unsupported(self.name, f"target {target.kind}:", missing)
         if target.kind != "vm":
             return None
         monitor = find_vm(vms, target.vm)
@@ -253,4 +260,9 @@ class ProxmoxDriver(Driver):
     def publish_desired(self, sessions, flows) -> None:
         """Share the store's new desired state with every node (see desired.py)."""
         if self.shared_state:
-            desired.publish(self.shared_state, sessions, flows, self.node)
+            desired.publish(self.shared_state, sessions, flows, self.node, self._resolution(self.current_vms(), sessions, flows))
+
+    def _resolution(self, vms, sessions, flows) -> dict:
+        from vtap_drivers.proxmox.hook_plan import resolution
+
+        return resolution(vms, sessions, flows, resolve_source)

@@ -1,10 +1,12 @@
 """What runs where on a PVE cluster, kept cheap to poll.
 
-One poll costs /cluster/resources?type=vm plus this node's task list. A VM's config (smbios1 UUID,
-netN NICs) is fetched only when the VM is new, when its line in /cluster/resources changed (node,
-status, lock, name, sizes), when a task on this node touched it (qmstart, qmconfig, qmigrate...), or
-when this node's copy is older than `config_refresh` seconds (catches a synchronous config PUT, the
-one change that leaves no trace in either list). So an unchanged cycle is 2 requests, not O(VMs).
+One poll costs /cluster/resources?type=vm plus this node's task list. That list has VMs (type qemu)
+and LXC containers (type lxc) alike; a guest's config comes from /nodes/{node}/qemu|lxc/{vmid}/config.
+A guest's config (smbios1 UUID, netN NICs) is fetched only when the guest is new, when its line in
+/cluster/resources changed (node, status, lock, name, sizes), when a task on this node touched it
+(qmstart, qmconfig, qmigrate...), or when this node's copy is older than `config_refresh` seconds
+(catches a synchronous config PUT, the one change that leaves no trace in either list). So an
+unchanged cycle is 2 requests, not O(VMs).
 
 The cache is also kept on disk in the state folder, so a short-lived `vtap hook` or `vtap vm list`
 does not fetch every config again.
@@ -27,9 +29,12 @@ log = logging.getLogger("vtap.proxmox")
 NET_KEY = re.compile(r"^net(\d+)$")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "ne2k_pci", "pcnet", "i82551", "i82557b", "i82559er", "ne2k_isa")
 # The fields of a /cluster/resources line whose change means "fetch the config again".
-SIGNATURE = ("node", "status", "lock", "name", "template", "maxmem", "maxdisk", "maxcpu", "tags")
+SIGNATURE = ("node", "status", "lock", "name", "template", "maxmem", "maxdisk", "maxcpu", "tags", "pool")
 CONFIG_REFRESH = 600.0
 CACHE_FILE = "proxmox-inventory.json"
+KINDS = ("qemu", "lxc")
+# Host-side device of guest NIC netN: qemu-server's tap<vmid>i<N>, pve-container's veth<vmid>i<N>.
+DEVICE_PREFIX = {"qemu": "tap", "lxc": "veth"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,12 @@ class PveVm:
     node: str
     status: str
     lock: str | None = None
-    uuid: str | None = None  # from smbios1; None: addressable by vmid only
+    uuid: str | None = None  # from smbios1; None: addressable by vmid only (always so for a container)
     nics: tuple = ()
     template: bool = False
+    kind: str = "qemu"  # or "lxc": a container
+    tags: tuple = ()  # PVE tags (stored ';'-separated, lower case)
+    pool: str | None = None
 
     @property
     def identity(self) -> str:
@@ -67,8 +75,8 @@ class PveVm:
         return self.status == "running"
 
     def device(self, nic: PveNic) -> str:
-        """The host-side device PVE makes for netN: tap<vmid>i<N>."""
-        return f"tap{self.vmid}i{nic.index}"
+        """The host-side device PVE makes for netN: tap<vmid>i<N> (VM), veth<vmid>i<N> (container)."""
+        return f"{DEVICE_PREFIX[self.kind]}{self.vmid}i{nic.index}"
 
     def to_model(self) -> VM:
         nics = tuple(
@@ -76,14 +84,17 @@ class PveVm:
                 details={"nic": n.key, "model": n.model, "tag": n.tag, "firewall": n.firewall})
             for n in self.nics
         )
-        details = {"vmid": self.vmid, "lock": self.lock}
-        if not self.uuid:
+        details = {"vmid": self.vmid, "type": self.kind, "lock": self.lock}
+        if self.kind == "lxc":
+            details["warning"] = "container: no UUID, its identity is the vmid"
+        elif not self.uuid:
             details["warning"] = "no smbios1 UUID: addressable by vmid only"
-        return VM(uuid=self.uuid or "", name=self.name, state=self.status, host=self.node, nics=nics, details=details)
+        return VM(uuid=self.uuid or "", name=self.name, state=self.status, host=self.node, nics=nics, details=details, tags=self.tags, pool=self.pool)
 
 
 def parse_net(index: int, value: str) -> PveNic:
-    """netN as PVE writes it: 'virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,tag=10'."""
+    """netN as PVE writes it: 'virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,tag=10' (VM),
+    'name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:00:01,ip=dhcp,type=veth' (container)."""
     fields = {}
     mac = model = None
     for part in str(value).split(","):
@@ -94,7 +105,7 @@ def parse_net(index: int, value: str) -> PveNic:
             model = val
         else:
             fields[key] = val
-    mac = mac or fields.get("macaddr")
+    mac = mac or fields.get("macaddr") or fields.get("hwaddr")
     try:
         mac = check_mac(f"net{index}", mac) if mac else None
     except ValidationError:
@@ -114,16 +125,25 @@ def parse_smbios_uuid(value) -> str | None:
 
 def vm_from(resource: dict, config: dict) -> PveVm:
     nics = sorted((parse_net(int(m.group(1)), v) for k, v in config.items() if (m := NET_KEY.match(k))), key=lambda n: n.index)
+    kind = resource.get("type", "qemu")
     return PveVm(
         vmid=int(resource["vmid"]),
-        name=str(resource.get("name") or config.get("name") or f"VM {resource['vmid']}"),
+        name=str(resource.get("name") or config.get("name") or config.get("hostname") or f"VM {resource['vmid']}"),
         node=resource["node"],
         status=resource.get("status", "unknown"),
         lock=resource.get("lock"),
-        uuid=parse_smbios_uuid(config.get("smbios1")),
+        uuid=parse_smbios_uuid(config.get("smbios1")) if kind == "qemu" else None,
         nics=tuple(nics),
         template=bool(resource.get("template")),
+        kind=kind,
+        tags=parse_tags(resource.get("tags") or config.get("tags")),
+        pool=resource.get("pool") or None,
     )
+
+
+def parse_tags(value) -> tuple[str, ...]:
+    """PVE keeps tags as 'a;b' (and accepts ',' or spaces between them when they are set)."""
+    return tuple(dict.fromkeys(t for t in re.split(r"[;, ]+", str(value or "")) if t))
 
 
 class Inventory:
@@ -168,7 +188,7 @@ class Inventory:
         """
         started = time.time()
         lines = self.api.get("cluster/resources", type="vm")
-        resources = {int(r["vmid"]): r for r in lines if r.get("type") == "qemu"}
+        resources = {int(r["vmid"]): r for r in lines if r.get("type") in KINDS}
         touched = self._touched_by_tasks() if tasks else set()
         changed = set(self.resources) ^ set(resources)
         for vmid, resource in resources.items():
@@ -210,7 +230,7 @@ class Inventory:
         if resource.get("status") == "unknown":
             return False  # its node is offline: keep what we knew
         try:
-            config = self.api.get(f"nodes/{resource['node']}/qemu/{vmid}/config")
+            config = self.api.get(f"nodes/{resource['node']}/{resource.get('type', 'qemu')}/{vmid}/config")
         except (TemporaryError, NotFound) as exc:
             # Moved between the two requests, or its node is busy: try again next poll.
             log.debug("config of VM %s not read now: %s", vmid, exc)
@@ -223,6 +243,8 @@ class Inventory:
 
     def _warn_without_uuid(self):
         for vmid, entry in self.entries.items():
+            if self.resources.get(vmid, {}).get("type") == "lxc":
+                continue  # a container never has one: `vm list` says so
             if vmid not in self.warned and not parse_smbios_uuid(entry["config"].get("smbios1")):
                 self.warned.add(vmid)
                 log.warning("VM %s has no smbios1 UUID: address it by vmid (%s)", vmid, vmid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections import defaultdict
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 import tenacity
@@ -28,6 +29,7 @@ MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than
 MAX_SAMPLE = 65535  # VMwareVspanSession.samplingRate: "Valid values are between 1 to 65535"
 EPHEMERAL = "ephemeral"  # DistributedVirtualPortgroupPortgroupType
 FEATURES = Features(
+    selector_keys=frozenset({"name", "tag", "folder", "host", "network"}),  # tag: custom attributes
     targets=frozenset({"vm", "port", "gre", "erspan"}),
     sources=frozenset({"vm"}),
     filter=False,
@@ -45,7 +47,7 @@ class VsphereDriver(Driver):
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
         self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _refuse_other_host
-        self._listing = inventory.vm_reader(with_host=True)
+        self._listing = inventory.listing_reader()
         self._switch_reader = inventory.switch_reader()
         # Instance UUIDs of every VM planned as a vm: target (read by watch). Only added to: plans
         # come per flow too, and a VM that stopped being one costs at most a needless resync.
@@ -79,7 +81,15 @@ class VsphereDriver(Driver):
     def inventory(self) -> list[VM]:
         def read(content):
             found = self._listing.read(content, self._view(content, vim.VirtualMachine), True)
-            return sorted((inventory.vm_record(ref, props).to_vm() for ref, props in found.items()), key=lambda vm: vm.name)
+            names = inventory.names_of(content, self._view)
+            vms = []
+            for ref, props in found.items():
+                vm = inventory.vm_record(ref, props).to_vm()
+                nics = tuple(replace(n, details={**n.details, "network_name": names.get(n.network)}) for n in vm.nics)
+                folder = names.get(f"folder:{getattr(props.get('parent'), '_moId', None)}")
+                tags = inventory.custom_attributes(content, props.get("customValue"))
+                vms.append(replace(vm, nics=nics, folder=folder, tags=tags, details={**vm.details, "host_name": names.get(vm.host)}))
+            return sorted(vms, key=lambda vm: vm.name)
 
         return self._call(read)
 

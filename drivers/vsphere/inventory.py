@@ -171,6 +171,52 @@ def vm_reader(with_host=False, max_age=0.0) -> Reader:
     return Reader(vim.VirtualMachine, ["runtime.host"] if with_host else [], VM_VERSION, VM_DETAILS, max_age)
 
 
+def listing_reader() -> Reader:
+    # `vm list` and selectors: the host, the folder and the custom attribute values too.
+    return Reader(vim.VirtualMachine, ["runtime.host", "parent", "customValue"], VM_VERSION, VM_DETAILS)
+
+
+def names_of(content, view_of) -> dict:
+    """moref id -> name of hosts and portgroups, and folder id -> inventory path, in three reads.
+
+    Selectors match `host=` and `network=` by name as people write them, and `folder=` by
+    the path the vSphere client shows (/DC0/vm/dmz).
+    """
+    names = {}
+    for kind in (vim.HostSystem, vim.dvs.DistributedVirtualPortgroup):
+        names.update({ref._moId: props.get("name") for ref, props in retrieve(content, view_of(content, kind), kind, ["name"], True).items()})
+    parents = {}
+    for kind in (vim.Folder, vim.Datacenter):
+        for ref, props in retrieve(content, view_of(content, kind), kind, ["name", "parent"], True).items():
+            parents[ref._moId] = (props.get("name"), getattr(props.get("parent"), "_moId", None))
+    root = content.rootFolder._moId
+
+    def path(moid):
+        parts = []
+        while moid in parents and moid != root:
+            name, moid = parents[moid]
+            parts.append(name)
+        return "/" + "/".join(reversed(parts))
+
+    names.update({f"folder:{moid}": path(moid) for moid in parents})
+    return names
+
+
+def custom_attributes(content, values) -> tuple[str, ...]:
+    """A VM's custom attribute values as tags: NAME:VALUE, and each word of an attribute named `tags`."""
+    fields = {f.key: f.name for f in (content.customFieldsManager.field or ())} if content.customFieldsManager else {}
+    tags = []
+    for value in values or ():
+        name, text = fields.get(value.key), str(getattr(value, "value", "") or "")
+        if name is None or not text:
+            continue
+        if name.lower() == "tags":
+            tags.extend(t for t in text.replace(";", ",").replace(" ", ",").split(",") if t)
+        else:
+            tags.append(f"{name}:{text}")
+    return tuple(dict.fromkeys(tags))
+
+
 def switch_reader() -> Reader:
     # VmwareDistributedVirtualSwitch, not DistributedVirtualSwitch: vCenter checks a path against
     # the PropertySpec's type, and vspanSession exists only on VMwareDVSConfigInfo.

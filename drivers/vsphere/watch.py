@@ -23,7 +23,7 @@ from vtap_core.model import parse_uuid
 # A NIC's port key lives in config.hardware.device; every change to it changes the configuration
 # and so config.changeVersion, which is what is watched: the device lists of every VM would make
 # the first answer huge (seconds to parse at 1,000 VMs) for no gain.
-VM_WATCHED = ["config.instanceUuid", "runtime.host", "runtime.powerState", "config.changeVersion"]
+VM_WATCHED = ["config.instanceUuid", "runtime.host", "runtime.powerState", "config.changeVersion", "customValue", "parent"]  # the last two: selectors (tags, folder)
 SWITCH_WATCHED = ["config.vspanSession"]
 WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
 

@@ -21,7 +21,12 @@ UUID = "6f1c1b2e-0c4e-4c1e-9a55-7a2d3c0f7a10"
         ("gre://192.0.2.9", Target("gre", host="192.0.2.9")),
         ("erspan://192.0.2.9?version=3&id=1023", Target("erspan", host="192.0.2.9", version=3, erspan_id=1023)),
         ("erspan://192.0.2.9?id=5", Target("erspan", host="192.0.2.9", version=2, erspan_id=5)),
+        ("gre://[2001:db8::9]?key=7&local=2001:db8::1", Target("gre", host="2001:db8::9", key=7, local="2001:db8::1")),
+        ("erspan://192.0.2.9?id=5&local=192.0.2.1", Target("erspan", host="192.0.2.9", version=2, erspan_id=5, local="192.0.2.1")),
+        ("vxlan://[2001:db8::9]?vni=5&local=2001:db8::1", Target("vxlan", host="2001:db8::9", udp_port=4789, vni=5, local="2001:db8::1")),
         ("pcap:/tmp/x.pcapng", Target("pcap", path="/tmp/x.pcapng")),
+        ("pcap:/tmp/x.pcapng?max_size=1000000&max_files=5", Target("pcap", path="/tmp/x.pcapng", max_size=1000000, max_files=5)),
+        ("pcap:/tmp/what?.pcapng", Target("pcap", path="/tmp/what?.pcapng")),  # no options: '?' is part of the path
     ],
 )
 def test_target_grammar(text, expected):
@@ -53,7 +58,16 @@ def test_target_grammar(text, expected):
         ("erspan://192.0.2.1?version=2", "needs &id"),
         ("erspan://192.0.2.1?version=4&id=1", "not 2 or 3"),
         ("erspan://192.0.2.1?id=1024", "out of range"),
+        ("gre://192.0.2.1?local=2001:db8::1", "use one family"),
+        ("vxlan://192.0.2.1?vni=1&local=myhost", "not an IP address"),
         ("pcap:", "pcap needs"),
+        ("pcap:?max_size=4096&max_files=2", "pcap needs a file path"),
+        ("pcap:/tmp/x?max_size=4096", "max_files=K rotates the file (both options"),
+        ("pcap:/tmp/x?max_size=4096&max_files=2&colour=red", "rotates the file"),
+        ("pcap:/tmp/x?max_size=100&max_files=2", "out of range 4096"),
+        ("pcap:/tmp/x?max_size=4096&max_files=0", "out of range 1"),
+        ("pcap:/tmp/x?max_size=1M&max_files=2", "not a whole number"),
+        ("pcap:/tmp/x?max_size=4096&&max_files=2", "malformed options"),
     ],
 )
 def test_bad_targets_name_the_rule(text, words):

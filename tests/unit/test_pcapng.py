@@ -111,3 +111,42 @@ def test_flush_makes_frames_readable_while_the_file_is_open(tmp_path):
         assert [raw for raw, *_ in tshark_frames(path)] == [b"\xaa" * 60]
     finally:
         writer.close()
+
+
+def test_rotation_keeps_at_most_max_files_each_a_valid_pcapng_no_bigger_than_max_size(tmp_path):
+    path = tmp_path / "ring.pcapng"
+    frames = [bytes([i % 256]) * 1000 for i in range(100)]
+    (path.parent / "ring.pcapng.3").write_bytes(b"beyond max_files: not vtap's to delete")
+    with PcapngWriter.create(str(path), max_size=10_000, max_files=3) as writer:
+        for frame in frames:
+            writer.write(frame, timestamp_ns=1)
+    kept = [path, tmp_path / "ring.pcapng.1", tmp_path / "ring.pcapng.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] + ["ring.pcapng.3"])
+    # Each file is complete on its own; together, oldest first, they hold the newest frames in order.
+    newest_first = [[raw for raw, *_ in tshark_frames(p)] for p in kept]
+    assert all(p.stat().st_size <= 10_000 and p.stat().st_mode & 0o777 == 0o600 for p in kept)
+    together = [raw for frames_of_file in reversed(newest_first) for raw in frames_of_file]
+    assert together == frames[-len(together) :]
+    assert len(together) >= 2 * 9  # two full files at least (9 frames of 1032 bytes fit in 10,000)
+
+
+def test_rotation_refuses_a_symlink_planted_at_the_path(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "x.pcapng"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    writer = PcapngWriter.create(str(path), max_size=4096, max_files=2)
+    writer.write(b"a" * 3000, timestamp_ns=1)
+    real_replace = os.replace
+
+    def replace_then_plant(src, dst):
+        real_replace(src, dst)
+        if str(src) == str(path):
+            path.symlink_to(victim)  # someone races the rotation: a link where the new file goes
+
+    monkeypatch.setattr(os, "replace", replace_then_plant)
+    with pytest.raises(FileExistsError):
+        writer.write(b"b" * 3000, timestamp_ns=2)
+    assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "x.pcapng.1").stat().st_size > 3000  # the full file was kept

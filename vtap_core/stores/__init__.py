@@ -66,6 +66,16 @@ class DesiredStore(abc.ABC):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def check_writable(self) -> None:
+        """Raise OperationFailed when this store cannot take a change now (before anything is done)."""
+
+    def check_identity(self) -> None:
+        """Raise when the store was swapped under this process (a file replaced); a network store has nothing to check."""
+
+    @abc.abstractmethod
+    def in_audit(self, name: str) -> bool:
+        """Whether some change of this driver named it (a session or flow that existed once)."""
+
     @abc.abstractmethod
     def transaction(self):
         """Context manager: all or nothing; Conflict if what snapshot() read has changed since."""

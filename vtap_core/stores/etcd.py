@@ -208,6 +208,9 @@ class EtcdStore(DesiredStore):
                 rows.append({"id": int(kv["create_revision"]), **row})
         return rows
 
+    def in_audit(self, name: str) -> bool:
+        return any(json.dumps(name) in json.dumps(row["change"]) for row in self.audit(all_drivers=False))
+
     # changing -------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -60,6 +60,10 @@ BAD_INPUTS = [
     (["flow", "add", "nosuch", "--interface", "eth0"], "does not exist"),
     (["flow", "add", "base", "--interface", "eth0", "--direction", "sideways"], "direction"),
     (["session", "create", "s2", "--to", "gre://10.0.0.1?key=1"], "gre"),
+    (["session", "create", "s2", "--to", "erspan://10.0.0.1?id=1&local=fd00::1"], "use one family"),
+    (["session", "create", "s2", "--to", "vxlan://10.0.0.1?vni=1&local=nohost"], "not an IP address"),
+    (["session", "create", "s2", "--to", "pcap:/tmp/vtap-s2.pcapng?max_size=4096"], "max_files=K rotates the file"),
+    (["session", "create", "s2", "--to", "pcap:/tmp/vtap-s2.pcapng?max_size=10&max_files=2"], "out of range 4096"),
 ]
 
 

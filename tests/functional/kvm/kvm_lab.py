@@ -120,11 +120,17 @@ def guest_image() -> tuple[str, str]:
     return str(kernel), str(initrd)
 
 
-def domain_xml(name, uuid, macs, bridge, ip, peer, workdir, ovs=False) -> str:
+def metadata_xml(tags) -> str:
+    """vtap's tags element (drivers/kvm/domains.py VTAP_NS), as `virsh metadata --key vtap` writes it."""
+    return "<tags>" + "".join(f"<tag>{t}</tag>" for t in tags) + "</tags>"
+
+
+def domain_xml(name, uuid, macs, bridge, ip, peer, workdir, ovs=False, tags=()) -> str:
     kernel, initrd = guest_image()
     nics = "".join(interface_xml(mac, bridge, ovs) for mac in macs)
+    metadata = metadata_xml(tags).replace("<tags>", "<vtap:tags xmlns:vtap='urn:vtap:1'>").replace("<tag>", "<vtap:tag>").replace("</tag>", "</vtap:tag>").replace("</tags>", "</vtap:tags>")
     return f"""<domain type='qemu'>
-  <name>{name}</name><uuid>{uuid}</uuid>
+  <name>{name}</name><uuid>{uuid}</uuid><metadata>{metadata}</metadata>
   <memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
@@ -413,11 +419,11 @@ class Guests:
         self.conn = host.connect()
         self.uuids = []
 
-    def start(self, lan: Lan, n: int, nics: int = 1, ovs: bool = False, name: str | None = None):
+    def start(self, lan: Lan, n: int, nics: int = 1, ovs: bool = False, name: str | None = None, tags=()):
         uuid = str(uuidlib.uuid4())
         name = name or f"vtk-{uuid[:8]}"
         macs = [f"52:54:00:{n:02x}:{int(lan.subnet.split('.')[2]):02x}:{i:02x}" for i in range(nics)]
-        xml = domain_xml(name, uuid, macs, lan.bridge, lan.ip(n), lan.ip(1), self.workdir, ovs=ovs)
+        xml = domain_xml(name, uuid, macs, lan.bridge, lan.ip(n), lan.ip(1), self.workdir, ovs=ovs, tags=tags)
         dom = self.conn.defineXML(xml)
         self.uuids.append(uuid)
         dom.create()

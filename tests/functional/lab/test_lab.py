@@ -5,7 +5,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 from pyroute2 import netns as pr_netns
@@ -15,17 +14,10 @@ from vtap_core.errors import NotFound, ValidationError
 from vtap_core.follow import Follower
 from vtap_drivers.lab import traffic
 from vtap_drivers.lab.demo import frames_from
-from vtap_drivers.lab.topology import Lab, vm_mac, vm_uuid
+from vtap_drivers.lab.topology import vm_mac, vm_uuid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces and tc filters")
 
-
-@pytest.fixture
-def lab():
-    lab = Lab(f"vtl{uuid.uuid4().hex[:6]}")
-    lab.build({"vm1": "host1", "vm2": "host1", "vm3": "host2"})
-    yield lab
-    lab.destroy()
 
 
 def mirrored(lab, mon_port, sender=1, receiver=2, kind="tcp/80"):

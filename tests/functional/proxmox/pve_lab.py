@@ -44,6 +44,12 @@ class FakeCluster:
             config["smbios1"] = f"uuid={uuid.uuid5(uuid.NAMESPACE_DNS, f'vm{vmid}')}"
         return self.pve.add_vm(vmid, name, node=node, status=status, config=config)
 
+    def add_ct(self, vmid, name, node, nics=1, status="running"):
+        """An LXC container (no smbios1: its identity is the vmid), NICs as pve-container writes them."""
+        config = {f"net{i}": f"name=eth{i},bridge=vmbr0,hwaddr=BC:24:11:{vmid // 100:02X}:{vmid % 100:02X}:{i:02X},ip=dhcp,type=veth"
+                  for i in range(nics)}
+        return self.pve.add_ct(vmid, name, node=node, status=status, config=config)
+
     def settings(self, node, **more):
         base = dict(url=self.url, user="root@pam", password=PASSWORD, cafile=self.cafile, node=node)
         base.update(more)
@@ -70,6 +76,7 @@ def cli_env(cluster, node, tmp_path, **more):
     config = tmp_path / "empty-config.toml"
     config.touch()
     env = dict(os.environ)
+    env["PATH"] = f"{vtap_command(tmp_path).parent}:{env['PATH']}"
     env.update(
         VTAP_CONFIG=str(config),
         VTAP_DRIVER="proxmox",
@@ -83,6 +90,19 @@ def cli_env(cluster, node, tmp_path, **more):
     )
     env.update({k: str(v) for k, v in more.items()})
     return env
+
+
+def vtap_command(tmp_path):
+    """A `vtap` command running this checkout with this interpreter: the hookscript looks vtap up on PATH."""
+    import sys
+    from pathlib import Path
+
+    path = Path(tmp_path) / "bin" / "vtap"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"#!/bin/sh\nexec {sys.executable} -m vtap_cli.main \"$@\"\n")
+        path.chmod(0o755)
+    return path
 
 
 def vtap(env, *args, timeout=60):
@@ -120,9 +140,10 @@ class NodeNamespace:
     def run(self, *args, check=True):
         return sh("ip", "netns", "exec", self.name, *args, check=check)
 
-    def add_tap(self, vmid, index=0, firewall=False):
-        """The tap PVE makes when the VM starts here; with firewall=1, behind fwbr<vmid>i<n>."""
-        tap, peer = f"tap{vmid}i{index}", f"vm{vmid}i{index}"
+    def add_tap(self, vmid, index=0, firewall=False, prefix="tap"):
+        """The tap PVE makes when the VM starts here (prefix "veth": a container's veth); with firewall=1,
+        behind fwbr<vmid>i<n>."""
+        tap, peer = f"{prefix}{vmid}i{index}", f"vm{vmid}i{index}"
         self.run("ip", "link", "add", tap, "type", "veth", "peer", "name", peer)
         for dev in (tap, peer):
             self.run("ip", "link", "set", dev, "up")

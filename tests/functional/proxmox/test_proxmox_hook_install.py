@@ -27,7 +27,7 @@ def test_install_writes_the_snippet_and_sets_hookscript(cluster, tmp_path):
     assert hookscripts(cluster) == {100: VOLUME, 101: VOLUME}
     assert os.access(snippet, os.X_OK)
     text = snippet.read_text()
-    assert text.startswith("#!/bin/sh") and 'hook "$@"' in text and "secret" not in text
+    assert text.startswith("#!/bin/sh") and "hook \"$1\" \"$2\"" in text and "secret" not in text
     assert "VMs 100, 101" in result.stdout
     # Again: nothing changes, and it says so.
     result = vtap(env, "hook", "install", "--vm", "100", "--storage", "snip")

@@ -98,7 +98,7 @@ def test_hook_vmid_and_snippet():
     with pytest.raises(ValidationError, match="vmid"):
         check_vmid("99")
     text = snippet_text("/usr/local/bin/vtap", strict=True)
-    assert text.startswith("#!/bin/sh\n") and 'VTAP_HOOK_STRICT=1 /usr/local/bin/vtap hook "$@"' in text
+    assert text.startswith("#!/bin/sh\n") and "STRICT=1\n" in text and "|| VTAP=/usr/local/bin/vtap\n" in text
     assert "password" not in snippet_text("/usr/bin/vtap", strict=False).lower().replace("never from this file", "")
 
 

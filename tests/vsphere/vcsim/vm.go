@@ -307,3 +307,32 @@ func copyDevice(device types.BaseVirtualDevice) types.BaseVirtualDevice {
 	value.Elem().Set(reflect.ValueOf(device).Elem())
 	return value.Interface().(types.BaseVirtualDevice)
 }
+
+// SetCustomValue does what vCenter's ExtensibleManagedObject.setCustomValue does (vSphere Web
+// Services API reference, ExtensibleManagedObject.setCustomValue: "Assigns a value to a custom
+// field"): one value per field, a new value replaces the old one, and the change of customValue
+// and value reaches PropertyCollector clients like any property change. The stock simulator
+// appends a second value and tells no collector, so a follower would never see a retag.
+func (vm *VM) SetCustomValue(ctx *simulator.Context, req *types.SetCustomValue) soap.HasFault {
+	body := &methods.SetCustomValueBody{}
+	key, found := int32(0), false
+	for _, field := range simulator.Map.CustomFieldsManager().Field {
+		if field.Name == req.Key && (field.ManagedObjectType == "" || field.ManagedObjectType == "VirtualMachine") {
+			key, found = field.Key, true
+		}
+	}
+	if !found {
+		body.Fault_ = simulator.Fault("", &types.InvalidArgument{InvalidProperty: "key"})
+		return body
+	}
+	var values []types.BaseCustomFieldValue
+	for _, value := range vm.CustomValue {
+		if value.GetCustomFieldValue().Key != key {
+			values = append(values, value)
+		}
+	}
+	values = append(values, &types.CustomFieldStringValue{CustomFieldValue: types.CustomFieldValue{Key: key}, Value: req.Value})
+	simulator.Map.Update(vm, []types.PropertyChange{{Name: "customValue", Val: values}, {Name: "value", Val: values}})
+	body.Res = &types.SetCustomValueResponse{}
+	return body
+}

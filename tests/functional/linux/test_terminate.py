@@ -1,0 +1,157 @@
+"""`vtap capture --listen gre:// | erspan://` terminates real GRE/ERSPAN packets (this kernel needs no gretap for it).
+
+    s0 -------- r0 10.79.0.2/24    [test namespace: `vtap capture` listens on 10.79.0.2]
+    x0 -------- x1                 --to port:x0: inner frames re-emitted on x0, counted on x1
+
+Outer packets are built here byte by byte (ERSPAN type III with direction and
+hardware id, type II, plain GRE with a key) and sent on s0; tshark reads the
+pcapng the CLI wrote.
+"""
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import rdpcap
+
+ETH_P_ALL = 0x0003
+ADDR = "10.79.0.2"
+
+
+@pytest.fixture
+def wire(netns):
+    def ip(*args):
+        return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, text=True).stdout
+
+    ip("link", "add", "s0", "type", "veth", "peer", "name", "r0")
+    ip("link", "add", "x0", "type", "veth", "peer", "name", "x1")
+    ip("addr", "add", f"{ADDR}/24", "dev", "r0")
+    for dev in ("s0", "r0", "x0", "x1", "lo"):
+        if dev != "lo":
+            ip("link", "set", dev, "addrgenmode", "none")
+        ip("link", "set", dev, "up")
+    return netns, ip("-br", "link", "show", "r0").split()[2]
+
+
+def outer(mac, gre_payload):
+    return bytes(Ether(src="02:00:00:00:00:09", dst=mac) / IP(src="10.79.0.1", dst=ADDR, proto=47) / gre_payload)
+
+
+def erspan3(session, inner, egress=True, hwid=17):
+    word3 = (hwid & 0x3F) << 4 | (0x8 if egress else 0)
+    return struct.pack("!HHI", 0x1000, 0x22EB, 1) + struct.pack("!HHIHH", 0x2000, session, 4242, 0, word3) + inner
+
+
+def erspan2(session, inner):
+    return struct.pack("!HHI", 0x1000, 0x88BE, 1) + struct.pack("!HHI", 0x1000, session, 0) + inner
+
+
+def gre(key, inner):
+    return struct.pack("!HHI", 0x2000, 0x6558, key) + inner
+
+
+def run_capture(netns, mac, args, rounds, tmp_path):
+    """Run the real CLI in the namespace; send `rounds` (lists of outer frames) until it exits."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+    process = subprocess.Popen(["ip", "netns", "exec", netns, "vtap", "capture", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from pyroute2 import netns as pr_netns
+
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        deadline = time.monotonic() + 20
+        while process.poll() is None and time.monotonic() < deadline:
+            for frame in rounds:
+                sender.send(frame)
+            time.sleep(0.2)
+    finally:
+        sender.close()
+        if process.poll() is None:
+            process.kill()
+    out, err = process.communicate()
+    return process.returncode, err
+
+
+def tshark(path, *fields):
+    args = ["tshark", "-n", "-r", str(path), "-T", "fields", "-E", "separator=|"]
+    for field in fields:
+        args += ["-e", field]
+    return [line.split("|") for line in subprocess.run(args, check=True, capture_output=True, text=True).stdout.splitlines()]
+
+
+def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tmp_path):
+    netns, mac = wire
+    from pyroute2 import netns as pr_netns
+
+    marker = uuid.uuid4().hex.encode()
+    inner = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=5, dport=6) / (marker + b"\x05" * 30))
+    other = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x06" * 30))
+    ids = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL), flags=0)
+    ids.bind(("x1", 0))
+    ids.settimeout(0.2)
+    path = tmp_path / "t.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"erspan://{ADDR}?id=5", "-w", str(path), "--to", "port:x0", "--count", "3"],
+                          [outer(mac, erspan3(6, other)), outer(mac, erspan3(5, inner)), outer(mac, erspan2(6, other))], tmp_path)
+    assert rc == 0, err
+    seen = []
+    while True:
+        try:
+            frame = ids.recv(65535)
+        except socket.timeout:
+            break
+        if marker in frame:
+            seen.append(frame)
+    ids.close()
+    # Only session 5's frames, unchanged, in the file and on the IDS port.
+    assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 3
+    assert seen == [inner] * 3
+    rows = tshark(path, "frame.protocols", "frame.comment", "frame.packet_flags_direction")
+    assert [row[0] for row in rows] == ["eth:ethertype:ip:udp:data"] * 3
+    assert all("erspan, type III, session id 5, direction egress, hardware id 17, timestamp 4242" in row[1] for row in rows), rows
+    assert {int(row[2], 0) for row in rows} == {2}  # outbound
+
+
+def test_gre_key_filter_and_type_ii(wire, tmp_path):
+    netns, mac = wire
+    marker = uuid.uuid4().hex.encode()
+    inner = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x07" * 30))
+    path = tmp_path / "g.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"gre://{ADDR}?key=7", "-w", str(path), "--count", "2"],
+                          [outer(mac, gre(8, inner[:-1] + b"\x08")), outer(mac, gre(7, inner))], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 2
+    assert {row[0] for row in tshark(path, "frame.comment")} == {"gre, key 7"}
+    path2 = tmp_path / "e.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"erspan://{ADDR}", "-w", str(path2), "--count", "1"], [outer(mac, erspan2(1023, inner))], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path2))] == [inner]
+    assert tshark(path2, "frame.comment") == [["erspan, type II, session id 1023, sequence 1"]]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--listen", "gre://10.79.0.2:5?key=1", "-w", "/tmp/x.pcapng"], "gre has no port"),
+        (["--listen", "erspan://10.79.0.2?id=1024", "-w", "/tmp/x.pcapng"], "listen id"),
+        (["--listen", "erspan://10.79.0.2?vni=1", "-w", "/tmp/x.pcapng"], "listen"),
+        (["--listen", "gre://10.79.0.2"], "-w FILE.pcapng, --to port:IFNAME"),
+        (["--listen", "gre://10.79.0.2", "--to", "mon0"], "port:IFNAME"),
+        (["--listen", "gre://192.0.2.77", "-w", "/tmp/x.pcapng"], "not an address of this host"),
+    ],
+)
+def test_bad_listen_input_is_one_line_exit_2_and_writes_nothing(wire, tmp_path, args, words):
+    netns, _ = wire
+    args = [a.replace("/tmp/x.pcapng", str(tmp_path / "x.pcapng")) for a in args]
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+    result = subprocess.run(["ip", "netns", "exec", netns, "vtap", "capture", *args], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert not (tmp_path / "x.pcapng").exists()
