@@ -95,6 +95,9 @@ class EtcdStore(DesiredStore):
                                     cert_cert=cert, cert_key=key, timeout=timeout, api_path="/v3/")
             if insecure:
                 client.session.verify = False
+            if ca or insecure:
+                # Otherwise REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment win over session.verify.
+                client.session.trust_env = False
             self._clients.append(client)
         self._credentials = (user, password) if user else None
         self._authenticated: set[int] = set()

@@ -23,8 +23,9 @@ def free_port() -> int:
 class Etcd:
     """One etcd member; kill() is a real kill -9, start() brings the same data back."""
 
-    def __init__(self, data_dir, name="m0", cluster=None):
+    def __init__(self, data_dir, name="m0", cluster=None, tls=None):
         self.data_dir = str(data_dir)
+        self.tls = tls  # (cert, key) files: clients over https
         self.name = name
         self.client_port, self.peer_port = free_port(), free_port()
         self.cluster = cluster  # the members of a cluster, this one included; None: alone
@@ -43,7 +44,7 @@ class Etcd:
 
     def start(self, wait=True):
         peer = self.peer
-        client = f"http://{self.endpoint}"
+        client = f"{'https' if self.tls else 'http'}://{self.endpoint}"
         members = ",".join(f"{m.name}={m.peer}" for m in (self.cluster or [self]))
         command = [
             "etcd", "--name", self.name, "--data-dir", self.data_dir,
@@ -51,12 +52,14 @@ class Etcd:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", members, "--initial-cluster-token", f"vtap-{(self.cluster or [self])[0].peer_port}",
             "--log-level", "error", "--logger", "zap",
-        ]
+        ] + (["--cert-file", self.tls[0], "--key-file", self.tls[1]] if self.tls else [])
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(self.data_dir + ".log", "ab"))
         if wait:
             self.wait_healthy()
 
     def wait_healthy(self):
+        if self.tls:
+            return wait_port(self.client_port)
         client = f"http://{self.endpoint}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -84,6 +87,37 @@ class Etcd:
         body = json.dumps({"key": b64(start), "range_end": b64(end)}).encode()
         reply = json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/kv/range", body, timeout=5))
         return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+
+def wait_port(port):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(1)  # listening; give it its first election
+                return
+        time.sleep(0.1)
+    raise RuntimeError("etcd did not listen in 30 s")
+
+
+@pytest.fixture
+def etcd_tls(tmp_path):
+    """A single member serving clients over TLS, with a CA made for the test (openssl)."""
+    if shutil.which("etcd") is None or shutil.which("openssl") is None:
+        pytest.skip("needs etcd and openssl")
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "server.pem", "server.key"))
+    ca_key = str(tmp_path / "ca.key")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=vtap test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", str(tmp_path / "server.csr"), "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(tmp_path / "server.csr"), "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", str(tmp_path / "san.cnf"))
+    server = Etcd(tmp_path / "etcd", tls=(cert, key))
+    server.start()
+    try:
+        yield server, ca
+    finally:
+        server.kill()
 
 
 @pytest.fixture

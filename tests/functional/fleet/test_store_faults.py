@@ -98,3 +98,19 @@ def kernel_of(netns: str) -> dict:
                 for f in filters if "options" in f for a in f["options"].get("actions", [])
             )
     return state
+
+
+def test_etcds_verifies_the_server_against_the_given_ca_and_refuses_without_it(etcd_tls, vtap, netns, tmp_path):
+    server, ca = etcd_tls
+    url = f"etcds://{server.endpoint}/vtap/prod"
+    env = {"VTAP_STORE": url, "VTAP_LINUX_NETNS": netns}
+    state = str(tmp_path / "state.db")
+    # The system's CAs do not know this server: verification fails, nothing is written.
+    refused = vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=state, env=env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    env["VTAP_STORE_CA"] = ca
+    listed = vtap("-o", "json", "session", "list", state=state, env=env)
+    assert json.loads(listed.stdout or "null") == [], listed.stderr
+    made = vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=state, env=env)
+    assert made.returncode == 0, made.stderr
+    assert [s["name"] for s in json.loads(vtap("-o", "json", "session", "list", state=state, env=env).stdout)] == ["web"]
