@@ -33,7 +33,7 @@ is closed cleanly; a process orphaned by a crash is found and stopped by the nex
 reconcile. Nothing rotates the file: it grows until the session ends."""
 
 # Driver-specific command sets living in cli/<name>.py, each with add_commands(subparsers).
-EXTENSIONS = ("kvm", "proxmox", "vsphere")
+EXTENSIONS = ("kvm", "proxmox", "vsphere", "fleet")
 SECRET_FLAGS = ("--password", "--token", "--token-value", "--secret")
 
 
@@ -57,7 +57,7 @@ class Context:
         if self._config is None:
             from vtap_core.config import Config
 
-            flags = {k: getattr(self.args, k, None) for k in ("driver", "state", "uri", "url", "user", "insecure", "node")}
+            flags = {k: getattr(self.args, k, None) for k in ("driver", "state", "store", "uri", "url", "user", "insecure", "node")}
             self._config = Config(flags, config_path=self.args.config)
         return self._config
 
@@ -74,7 +74,7 @@ class Context:
             settings = config.driver_settings(name)
             self._prompt_for_password(name, settings)
             command = "vtap " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-            self._client = Client(driver=name, state=config.state, command=command, **settings)
+            self._client = Client(driver=name, state=config.state, command=command, store=config.store, store_settings=config.store_settings(), **settings)
         return self._client
 
     def _prompt_for_password(self, driver, settings):
@@ -109,6 +109,8 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--driver", help="platform driver: linux (default), lab, kvm, vsphere, proxmox (env VTAP_DRIVER)")
     parser.add_argument("--state", metavar="PATH", help="store file (env VTAP_STATE; default /var/lib/vtap/state.db as root)")
+    parser.add_argument("--store", metavar="URL", help="shared store of a fleet: etcd://HOST:PORT[,HOST:PORT...]/PREFIX or etcds://... (env VTAP_STORE; default the --state file)")
+    parser.add_argument("--host", metavar="NAME", help="this machine's name in the fleet (env VTAP_HOST; default the host name)")
     parser.add_argument("--config", metavar="PATH", help="config file (env VTAP_CONFIG; default /etc/vtap/config.toml as root)")
     parser.add_argument("-o", "--output", choices=FORMATS, default="table", help="listing format")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -324,11 +326,14 @@ def cmd_apply(args, ctx):
 
 
 def cmd_status(args, ctx):
-    rows = [row.to_dict() for row in ctx.client().status()]
+    from vtap_cli.fleet import status_rows
+
+    rows = status_rows(ctx.client())  # in a fleet, each host's agent's rows too
     if args.output == "table":
         # A selector flow's members follow it, one line each.
         rows = [line for row in rows for line in [row, *({**row, **m, "flow": f"  {m['name']}", "source": f"vm {m['vm']}" + (f" nic {m['nic']}" if m["nic"] else ""), "problem": ""} for m in row.get("members") or [])]]
-    ctx.emit(rows, ["session", "flow", "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "capture_dropped", "problem"])
+    host = ["host"] if any("host" in row for row in rows) else []
+    ctx.emit(rows, ["session", "flow", *host, "source", "direction", "target", "state", "desired", "observed", "packets", "bytes", "capture_dropped", "problem"])
     return 0
 
 
@@ -416,6 +421,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     refuse_secrets_on_argv(argv)
     args = build_parser().parse_args(argv)
+    if args.host:
+        os.environ["VTAP_HOST"] = args.host  # read where this host's name is needed (audit rows, agents)
     ctx = Context(args)
     try:
         return args.handler(args, ctx) or 0

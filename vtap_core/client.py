@@ -23,10 +23,11 @@ is shown by status and removed by every reconcile.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import os
+import random
 import sys
+import time
 from dataclasses import dataclass
 
 from vtap_core import reconcile, registry, selectors, yamlfile
@@ -34,9 +35,9 @@ from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
 from vtap_core.redact import check_url_settings, redact
-from vtap_core.safefile import open_private
-from vtap_core.store import Store
+from vtap_core.stores import Conflict, open_store
 
+CONFLICT_RETRIES = 20
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
 FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter"}
 
@@ -79,11 +80,12 @@ class Change:
 
 
 class Client:
-    def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None, **settings):
+    def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None,
+                 store: str | None = None, store_settings: dict | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
         self.settings = {k: v for k, v in settings.items() if v is not None}
         check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
-        self.store = Store(state, driver=self.driver_name)
+        self.store = open_store(store, self.driver_name, state, store_settings)  # SQLite file by default, etcd for fleets
         self.command = redact(command or "sdk")
         self._driver = None
 
@@ -107,15 +109,9 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    @contextlib.contextmanager
     def lock(self):
-        """Serializes changes and reconciles between vtap processes sharing a store."""
-        with os.fdopen(open_private(self.store.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Serializes this host's changes and reconciles between vtap processes."""
+        return self.store.lock()
 
     # reading --------------------------------------------------------------
 
@@ -319,6 +315,15 @@ class Client:
         return evolve(session, target=evolve(session.target, path=os.path.abspath(session.target.path)))
 
     def _change(self, command: str, mutate, message: str) -> Change:
+        """_change_once, again from a fresh read while another writer of a shared store commits first."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return self._change_once(command, mutate, message)
+            except Conflict:
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
+        raise OperationFailed(f"{command}: the desired state kept changing under it ({CONFLICT_RETRIES} tries); nothing was changed, try again")
+
+    def _change_once(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
         self.store.check_writable()
         with self.lock():
@@ -336,6 +341,8 @@ class Client:
                 with self.store.transaction():
                     self.store.replace_all(*after)
                     self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
+            except Conflict:
+                raise  # someone else committed first: _change reads again
             except OperationFailed as exc:
                 raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:

@@ -10,6 +10,9 @@ driver with its connection settings, e.g.
     url = "https://vcenter.example/sdk"
     user = "tap@vsphere.local"
     password = "..."        # secrets belong here or in the environment, never on argv
+    [store]                 # a fleet's shared store (default: the SQLite file `state`)
+    url = "etcds://10.0.0.1:2379,10.0.0.2:2379/vtap/prod"
+    ca = "/etc/vtap/etcd-ca.pem"   # also cert, key, user, password, insecure (env VTAP_STORE_CA, ...)
 
 Found at --config PATH, else $VTAP_CONFIG, else /etc/vtap/config.toml (root)
 or ~/.config/vtap/config.toml.
@@ -24,6 +27,7 @@ from vtap_core import registry
 from vtap_core.errors import ValidationError
 
 DEFAULT_DRIVER = "linux"
+STORE_SETTINGS = ("ca", "cert", "key", "insecure", "user", "password")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -75,6 +79,29 @@ class Config:
     @property
     def state(self) -> str | None:
         return self.flags.get("state") or self.environ.get("VTAP_STATE") or self.file.get("state")
+
+    @property
+    def store(self) -> str | None:
+        """The store URL: --store > VTAP_STORE > [store] url; None is the SQLite file at `state`."""
+        section = self._store_section()
+        return self.flags.get("store") or self.environ.get("VTAP_STORE") or section.get("url")
+
+    def store_settings(self) -> dict:
+        """TLS files and credentials of the store: environment > [store] section (never argv)."""
+        section = self._store_section()
+        settings = {}
+        for name in STORE_SETTINGS:
+            env_var = f"VTAP_STORE_{name.upper()}"
+            value = self.environ.get(env_var, section.get(name))
+            if value not in (None, ""):
+                settings[name] = as_bool(env_var, value) if name == "insecure" else value
+        return settings
+
+    def _store_section(self) -> dict:
+        section = self.file.get("store", {})
+        if not isinstance(section, dict):
+            raise ValidationError("config", "[store] must be a table")
+        return section
 
     def driver_settings(self, driver: str | None = None) -> dict:
         """The driver's connection settings: flag > environment > config file section."""

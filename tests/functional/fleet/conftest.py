@@ -1,0 +1,173 @@
+"""etcd members started by the tests themselves (Debian's etcd-server), in temp dirs on loopback ports."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Etcd:
+    """One etcd member; kill() is a real kill -9, start() brings the same data back."""
+
+    def __init__(self, data_dir, name="m0", cluster=None, tls=None):
+        self.data_dir = str(data_dir)
+        self.tls = tls  # (cert, key) files: clients over https
+        self.name = name
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.cluster = cluster  # the members of a cluster, this one included; None: alone
+        self.process = None
+
+    @property
+    def peer(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def url(self, prefix: str) -> str:
+        return f"etcd://{self.endpoint}/{prefix}"
+
+    def start(self, wait=True):
+        peer = self.peer
+        client = f"{'https' if self.tls else 'http'}://{self.endpoint}"
+        members = ",".join(f"{m.name}={m.peer}" for m in (self.cluster or [self]))
+        command = [
+            "etcd", "--name", self.name, "--data-dir", self.data_dir,
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", members, "--initial-cluster-token", f"vtap-{(self.cluster or [self])[0].peer_port}",
+            "--log-level", "error", "--logger", "zap",
+        ] + (["--cert-file", self.tls[0], "--key-file", self.tls[1]] if self.tls else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(self.data_dir + ".log", "ab"))
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self):
+        if self.tls:
+            return wait_port(self.client_port)
+        client = f"http://{self.endpoint}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{client}/health", timeout=1).read()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"etcd exited: {open(self.data_dir + '.log').read()[-2000:]}")
+                time.sleep(0.1)
+        raise RuntimeError("etcd did not become healthy in 30 s")
+
+    def kill(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def status(self) -> dict:
+        return json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/maintenance/status", b"{}", timeout=2))
+
+    def keys(self, prefix: str = "") -> dict:
+        """Every key under /prefix with its value, read straight from etcd's v3 JSON gateway."""
+        start = f"/{prefix}/" if prefix else "\0"
+        end = start[:-1] + chr(ord(start[-1]) + 1) if prefix else "\0"
+        body = json.dumps({"key": b64(start), "range_end": b64(end)}).encode()
+        reply = json.load(urllib.request.urlopen(f"http://{self.endpoint}/v3/kv/range", body, timeout=5))
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+
+
+def wait_port(port):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(1)  # listening; give it its first election
+                return
+        time.sleep(0.1)
+    raise RuntimeError("etcd did not listen in 30 s")
+
+
+@pytest.fixture
+def etcd_tls(tmp_path):
+    """A single member serving clients over TLS, with a CA made for the test (openssl)."""
+    if shutil.which("etcd") is None or shutil.which("openssl") is None:
+        pytest.skip("needs etcd and openssl")
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "server.pem", "server.key"))
+    ca_key = str(tmp_path / "ca.key")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=vtap test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", str(tmp_path / "server.csr"), "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(tmp_path / "server.csr"), "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", str(tmp_path / "san.cnf"))
+    server = Etcd(tmp_path / "etcd", tls=(cert, key))
+    server.start()
+    try:
+        yield server, ca
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    """Three members on loopback ports, each in its own data dir."""
+    if shutil.which("etcd") is None:
+        pytest.skip("needs etcd (Debian etcd-server; scripts/setup --test installs it)")
+    members = []
+    for i in range(3):
+        members.append(Etcd(tmp_path / f"etcd{i}", name=f"m{i}", cluster=members))
+    try:
+        for member in members:
+            member.start(wait=False)  # a member is healthy only once a quorum is up
+        for member in members:
+            member.wait_healthy()
+        yield members
+    finally:
+        for member in members:
+            member.kill()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    if shutil.which("etcd") is None:
+        pytest.skip("needs etcd (Debian etcd-server; scripts/setup --test installs it)")
+    pytest.importorskip("etcd3gw", reason="needs etcd3gw (scripts/setup installs it)")
+    server = Etcd(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def vtap():
+    return run_vtap
+
+
+def run_vtap(*args, state, env=None):
+    """The `vtap` CLI as a separate process, with its own local state dir (one 'machine')."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VTAP_")}
+    environment.update(env or {})
+    command = [sys.executable, "-m", "vtap_cli.main", "--state", state, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)

@@ -1,0 +1,110 @@
+"""`vtap agent`: one per host of a fleet, keeping this host's part of the shared desired state true.
+
+It is the follower (full resync at start and every interval, the driver's
+events as hints) plus two things a fleet needs: the store's watch as another
+hint (a change made on any machine reaches this host at once) and a
+heartbeat that keeps this host listed in `vtap hosts` under a lease; a host
+whose agent died disappears when its lease ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from importlib.metadata import version
+
+from vtap_core.follow import EVERYTHING, Follower, NoMetrics
+
+log = logging.getLogger("vtap.agent")
+COUNTERS = {"packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors"}
+COUNTERS_EVERY = 10.0  # seconds between counter updates of one flow: never one etcd write per packet
+
+
+class HealthMetrics(NoMetrics):
+    """What the heartbeat tells the fleet about this host's last reconcile."""
+
+    def __init__(self):
+        self.last_reconcile = ""
+        self.problems = 0
+
+    def set_flows(self, desired: int, active: int) -> None:
+        self.last_reconcile = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    def count_error(self) -> None:
+        self.problems += 1
+
+
+class Agent:
+    def __init__(self, client, host: str, interval: float = 30.0, ttl: int = 15):
+        self.client = client
+        self.host = host
+        self.ttl = ttl
+        self.health = HealthMetrics()
+        self.follower = Follower(client, interval=interval, metrics=self.health)
+
+    def run(self, stop: threading.Event) -> None:
+        self._beat()  # a store that has no hosts refuses here, before anything runs
+        threads = [
+            threading.Thread(target=self._heartbeat, args=(stop,), name="vtap-heartbeat", daemon=True),
+            threading.Thread(target=self._watch_store, args=(stop,), name="vtap-store-watch", daemon=True),
+            threading.Thread(target=self._report, args=(stop,), name="vtap-report", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        self.follower.run(stop)
+        for thread in threads:
+            thread.join(timeout=5)
+
+    def run_once(self) -> None:
+        self._beat()
+        self.follower._work(EVERYTHING, 0.0)
+        self._beat()
+
+    def _beat(self):
+        info = {
+            "driver": self.client.driver_name,
+            "version": version("vtap"),
+            "last_reconcile": self.health.last_reconcile,
+            "problems": self.health.problems,
+        }
+        self.client.store.heartbeat(self.host, info, self.ttl)
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        away = False
+        while not stop.wait(self.ttl / 3):
+            try:
+                self._beat()
+                if away:
+                    log.info("store reachable again")
+                    away = False
+            except Exception as exc:
+                if not away:  # one line when it starts, one when it ends
+                    log.warning("store unreachable, keeping every tap and retrying: %s", exc)
+                    away = True
+
+    def _report(self, stop: threading.Event) -> None:
+        """This host's flows as it observes them: a state change at once, counters every COUNTERS_EVERY seconds."""
+        shown: dict = {}  # flow -> (row as last written, when)
+        while not stop.wait(1.0):
+            try:
+                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive"}
+            except Exception:
+                continue  # the heartbeat says when the store is away
+            now = time.monotonic()
+            for flow, row in rows.items():
+                last = shown.get(flow)
+                counters_only = last is not None and {k: v for k, v in row.items() if k not in COUNTERS} == {k: v for k, v in last[0].items() if k not in COUNTERS}
+                if counters_only and (row == last[0] or now - last[1] < COUNTERS_EVERY):
+                    rows[flow] = last[0]  # keep what was written
+                else:
+                    shown[flow] = (row, now)
+            try:
+                self.client.store.report(self.host, rows)
+            except Exception:
+                continue
+
+    def _watch_store(self, stop: threading.Event) -> None:
+        for _ in self.client.store.watch_desired(stop):
+            self.follower.hints.put(EVERYTHING)

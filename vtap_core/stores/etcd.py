@@ -1,0 +1,366 @@
+"""A fleet's store in etcd (v3, through its JSON gateway, with etcd3gw).
+
+Key layout under /PREFIX (two prefixes on one etcd are two fleets that never
+see each other):
+
+    /PREFIX/desired/DRIVER/generation        bumped by every change: the compare-and-swap guard
+    /PREFIX/desired/DRIVER/sessions/NAME     a TapSession as JSON
+    /PREFIX/desired/DRIVER/flows/NAME        a TapFlow as JSON
+    /PREFIX/audit/TIME_NS-RANDOM             one audit row as JSON; written once (create_revision == 0)
+    /PREFIX/hosts/NAME                       a live host (driver, version, last reconcile, problems), under its lease
+    /PREFIX/observed/DRIVER/FLOW/HOST        what HOST's agent observed for FLOW (no lease: a dead host's rows show as stale)
+
+A change reads the driver's whole desired state in one range request, then
+commits in ONE transaction guarded by the generation's mod_revision it read:
+if someone else committed in between, nothing is written and Conflict is
+raised (the client reads again and re-runs the change). The audit row is in
+the same transaction, so a change and its audit row exist together or not at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import socket
+import uuid
+
+from vtap_core.errors import NotFound, ValidationError
+from vtap_core.model import TapFlow, TapSession
+from vtap_core.safefile import private_dirs
+from vtap_core.store import current_user, default_path
+from vtap_core.stores import URL_FORMS, Conflict, DesiredStore, StoreUnavailable
+
+PREFIX_RULE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+ENDPOINT_RULE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+TIMEOUT = 5.0
+
+
+def _b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def host_name() -> str:
+    """This machine's identity in the fleet: VTAP_HOST, else the host name."""
+    return os.environ.get("VTAP_HOST") or socket.gethostname()
+
+
+def parse_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
+    """(tls, [(host, port)...], prefix) of etcd[s]://HOST:PORT[,HOST:PORT...]/PREFIX."""
+    scheme, rest = url.split("://", 1)
+    netloc, _, prefix = rest.partition("/")
+    if "@" in netloc:
+        raise ValidationError("store", "no user or password in the store URL; use VTAP_STORE_USER / VTAP_STORE_PASSWORD or [store] in the config file")
+    if "?" in rest or "#" in rest:
+        raise ValidationError("store", f"no query or fragment in a store URL; use {URL_FORMS}")
+    endpoints = []
+    for item in netloc.split(","):
+        match = ENDPOINT_RULE.match(item)
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ValidationError("store", f"{item!r} is not HOST:PORT (port 1-65535); use {URL_FORMS}")
+        endpoints.append((match["host"].strip("[]"), int(match["port"])))
+    prefix = prefix.strip("/")
+    if not PREFIX_RULE.match(prefix) or any(part in (".", "..") for part in prefix.split("/")):
+        raise ValidationError("store", f"the prefix {prefix!r} must be letters, digits, '.', '_', '-' and '/' (e.g. /vtap/prod); use {URL_FORMS}")
+    return scheme.lower() == "etcds", endpoints, prefix
+
+
+def _check_file(name: str, path) -> str:
+    if not isinstance(path, str) or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValidationError(f"store {name}", f"{path!r} is not a readable file")
+    return path
+
+
+class EtcdStore(DesiredStore):
+    def __init__(self, endpoints, prefix: str, driver: str, state: str | None = None, tls: bool = False,
+                 ca=None, cert=None, key=None, insecure=False, user=None, password=None, timeout=TIMEOUT):
+        import etcd3gw
+
+        self.driver = driver
+        self.prefix = "/" + prefix
+        self.endpoints = endpoints
+        self._local = os.path.dirname(os.path.abspath(state or default_path()))
+        private_dirs(self._local)
+        self.lock_path = os.path.join(self._local, "fleet.lock")
+        self._clients = []
+        for host, port in endpoints:
+            client = etcd3gw.client(host=host, port=port, protocol="https" if tls else "http", ca_cert=ca,
+                                    cert_cert=cert, cert_key=key, timeout=timeout, api_path="/v3/")
+            if insecure:
+                client.session.verify = False
+            if ca or insecure:
+                # Otherwise REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment win over session.verify.
+                client.session.trust_env = False
+            self._clients.append(client)
+        self._credentials = (user, password) if user else None
+        self._authenticated: set[int] = set()
+        self._guard = None  # the generation's mod_revision the last snapshot() read
+        self._seen: dict[str, str] = {}  # key -> value, as the last snapshot() read them
+        self._ops: list | None = None
+        self._watching = 0  # which member watch_desired() streams from
+        self._pending_state: dict | None = None  # key -> value this transaction's replace_all() makes true
+
+    @classmethod
+    def from_url(cls, url, driver, state, settings):
+        tls, endpoints, prefix = parse_url(url)
+        unknown = set(settings) - {"ca", "cert", "key", "insecure", "user", "password"}
+        if unknown:
+            raise ValidationError("store", f"unknown setting(s) {', '.join(sorted(unknown))}; allowed: ca, cert, key, insecure, user, password")
+        tls_settings = {k: settings[k] for k in ("ca", "cert", "key") if settings.get(k)}
+        if tls_settings and not tls:
+            raise ValidationError("store", f"{', '.join(sorted(tls_settings))} set for a plain etcd:// URL; use etcds:// for TLS")
+        if bool(settings.get("cert")) != bool(settings.get("key")):
+            raise ValidationError("store", "a client certificate needs both cert and key")
+        for name, path in tls_settings.items():
+            _check_file(name, path)
+        if settings.get("password") and not settings.get("user"):
+            raise ValidationError("store", "a password needs a user (VTAP_STORE_USER or [store] user)")
+        return cls(endpoints, prefix, driver, state, tls=tls, ca=settings.get("ca"), cert=settings.get("cert"),
+                   key=settings.get("key"), insecure=bool(settings.get("insecure")), user=settings.get("user"),
+                   password=settings.get("password"))
+
+    @property
+    def state_dir(self) -> str:
+        return self._local
+
+    def close(self):
+        for client in self._clients:
+            client.session.close()
+
+    # talking to etcd ------------------------------------------------------
+
+    def _post(self, path: str, payload: dict) -> dict:
+        """One gateway call, to the first member that answers; StoreUnavailable when none does."""
+        from etcd3gw import exceptions
+
+        problems = []
+        # Each member twice: a pooled connection to a member that restarted fails once, then works.
+        for i, client in list(enumerate(self._clients)) * 2:
+            try:
+                self._authenticate(i, client)
+                return client.post(client.get_url(path), json=payload)
+            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError, exceptions.InternalServerError) as exc:
+                problems.append(f"{client.host}:{client.port}: {type(exc).__name__}")
+            except exceptions.Etcd3Exception as exc:
+                raise StoreUnavailable(f"etcd store at {client.host}:{client.port} refused the request: {exc}") from None
+        raise StoreUnavailable(f"etcd store unreachable, nothing was changed ({'; '.join(dict.fromkeys(problems))})")
+
+    def _authenticate(self, i: int, client):
+        if self._credentials is None or i in self._authenticated:
+            return
+        user, password = self._credentials
+        reply = client.post(client.get_url("/auth/authenticate"), json={"name": user, "password": password})
+        client.session.headers["Authorization"] = reply["token"]
+        self._authenticated.add(i)
+
+    def _range(self, prefix: str) -> tuple[int, list[dict]]:
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        reply = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return int(reply["header"]["revision"]), reply.get("kvs", [])
+
+    def _desired(self) -> str:
+        return f"{self.prefix}/desired/{self.driver}/"
+
+    # reading --------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
+        """The whole desired state at one revision; remembered as the guard of the next transaction."""
+        _, kvs = self._range(self._desired())
+        seen = {_unb64(kv["key"]): kv for kv in kvs}
+        generation = seen.pop(self._desired() + "generation", None)
+        self._guard = int(generation["mod_revision"]) if generation else 0
+        self._seen = {k: _unb64(kv.get("value", "")) for k, kv in seen.items()}
+        sessions, flows = [], []
+        for key in sorted(self._seen):
+            data = json.loads(self._seen[key])
+            if key.startswith(self._desired() + "sessions/"):
+                sessions.append(TapSession.from_dict(data))
+            elif key.startswith(self._desired() + "flows/"):
+                flows.append(TapFlow.from_dict(data))
+        flows.sort(key=lambda f: (f.session, f.name))
+        return sessions, flows
+
+    def sessions(self) -> list[TapSession]:
+        return self.snapshot()[0]
+
+    def session(self, name: str) -> TapSession:
+        for session in self.sessions():
+            if session.name == name:
+                return session
+        raise NotFound(f"session {name!r} does not exist")
+
+    def has_session(self, name: str) -> bool:
+        return any(s.name == name for s in self.sessions())
+
+    def flows(self, session: str | None = None) -> list[TapFlow]:
+        return [f for f in self.snapshot()[1] if session is None or f.session == session]
+
+    def audit(self, all_drivers: bool = True) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/audit/")
+        rows = []
+        for kv in sorted(kvs, key=lambda kv: int(kv["create_revision"])):
+            row = json.loads(_unb64(kv["value"]))
+            if all_drivers or row.get("driver") == self.driver:
+                rows.append({"id": int(kv["create_revision"]), **row})
+        return rows
+
+    def in_audit(self, name: str) -> bool:
+        return any(json.dumps(name) in json.dumps(row["change"]) for row in self.audit(all_drivers=False))
+
+    # changing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self):
+        if self._guard is None:
+            self.snapshot()
+        self._ops, self._pending_state = [], None
+        try:
+            yield self
+            self._commit(self._ops)
+        finally:
+            self._ops = None
+
+    def replace_all(self, sessions: list[TapSession], flows: list[TapFlow]):
+        wanted = {f"{self._desired()}sessions/{s.name}": json.dumps(s.to_dict(), sort_keys=True) for s in sessions}
+        wanted.update({f"{self._desired()}flows/{f.name}": json.dumps(f.to_dict(), sort_keys=True) for f in flows})
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in self._seen if k not in wanted]
+        ops += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in wanted.items() if self._seen.get(k) != v]
+        ops.append({"request_put": {"key": _b64(self._desired() + "generation"), "value": _b64(uuid.uuid4().hex)}})
+        self._queue(ops, state=wanted)
+
+    def record(self, command: str, change: dict, user: str | None = None):
+        row = {
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "user": user or current_user(),
+            "host": host_name(),
+            "driver": self.driver,
+            "command": command,
+            "change": change,
+        }
+        key = f"{self.prefix}/audit/{dt.datetime.now(dt.timezone.utc).timestamp() * 1e9:020.0f}-{uuid.uuid4().hex[:8]}"
+        self._queue([{"request_put": {"key": _b64(key), "value": _b64(json.dumps(row, sort_keys=True))}}], audit_key=key)
+
+    def _queue(self, ops: list, state: dict | None = None, audit_key: str | None = None):
+        if self._ops is None:  # outside a transaction: a transaction of its own
+            with self.transaction():
+                return self._queue(ops, state, audit_key)
+        self._ops.extend(ops)
+        if state is not None:
+            self._pending_state = state
+        if audit_key is not None:
+            self._ops.append({"compare_create": audit_key})
+
+    def _commit(self, queued: list):
+        # Desired state is guarded by the generation read; an audit row alone needs no guard.
+        guarded = self._pending_state is not None
+        compare = [{"key": _b64(self._desired() + "generation"), "result": "EQUAL", "target": "MOD", "mod_revision": self._guard}] if guarded else []
+        success = []
+        for op in queued:
+            if "compare_create" in op:  # audit rows are written once, never over another
+                compare.append({"key": _b64(op["compare_create"]), "result": "EQUAL", "target": "CREATE", "create_revision": 0})
+            else:
+                success.append(op)
+        if not success:
+            return
+        reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
+        if not reply.get("succeeded"):
+            if guarded:
+                self._guard = None
+            raise Conflict("the desired state changed while this command ran")
+        if guarded:
+            self._guard = int(reply["header"]["revision"])
+            self._seen = self._pending_state
+
+    # hosts and watches ----------------------------------------------------
+
+    def heartbeat(self, host: str, info: dict, ttl: int) -> None:
+        """Keep /PREFIX/hosts/HOST alive under a lease; a lease that ended (etcd was away) is granted again."""
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            alive = self._post("/lease/keepalive", {"ID": lease}).get("result", {}).get("TTL")
+            if not alive or int(alive) <= 0:
+                lease = None
+        if lease is None:
+            lease = int(self._post("/lease/grant", {"TTL": ttl})["ID"])
+        self._lease = lease
+        value = json.dumps({"host": host, **info}, sort_keys=True)
+        self._post("/kv/put", {"key": _b64(f"{self.prefix}/hosts/{host}"), "value": _b64(value), "lease": lease})
+
+    def hosts(self) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/hosts/")
+        return [json.loads(_unb64(kv["value"])) for kv in kvs]
+
+    def watch_desired(self, stop):
+        """Yields after every change of this driver's desired state, resuming from the last revision seen.
+
+        Each watch request lives about a second (so `stop` is noticed) and starts where the last ended.
+        When etcd is away it yields nothing and tries again with backoff; when that revision was
+        compacted, it yields once (the caller re-lists everything) and watches from now.
+        """
+        import requests
+
+        revision = None
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                if revision is None:
+                    revision, _ = self._range(self._desired())
+                changed, revision = self._watch_once(revision)
+                delay = 0.5
+                if changed:
+                    yield
+            except (StoreUnavailable, requests.RequestException, ValueError):
+                self._watching += 1  # the next member, as _post does for every other request
+                revision = None
+                stop.wait(delay)
+                delay = min(delay * 2, 10)
+                yield  # back or not: the caller's resync decides, and never removes on a failed read
+
+    def _watch_once(self, revision: int) -> tuple[bool, int]:
+        """(anything changed, the revision to resume after) from one short watch stream."""
+        import requests
+
+        start = self._desired()
+        request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
+        index = self._watching % len(self._clients)
+        client = self._clients[index]
+        self._authenticate(index, client)
+        changed = False
+        try:
+            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
+                for line in reply.iter_lines():
+                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    if int(result.get("compact_revision", 0) or 0):
+                        return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                    if result.get("events"):
+                        changed = True
+                        revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
+                        return changed, revision
+        except requests.exceptions.ConnectionError as exc:
+            if "Read timed out" not in str(exc):
+                raise
+        return changed, revision
+
+    def report(self, host: str, rows: dict) -> None:
+        """Write the rows that differ from what this store last wrote, delete flows no longer reported."""
+        written = getattr(self, "_reported", None)
+        if written is None:  # after a restart: what this host reported before, to clean it up
+            _, kvs = self._range(f"{self.prefix}/observed/{self.driver}/")
+            written = {_unb64(kv["key"]): None for kv in kvs if _unb64(kv["key"]).endswith(f"/{host}")}
+        wanted = {f"{self.prefix}/observed/{self.driver}/{flow}/{host}": json.dumps(row, sort_keys=True) for flow, row in rows.items()}
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in written if k not in wanted]
+        ops += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in wanted.items() if written.get(k) != v]
+        if ops:
+            self._post("/kv/txn", {"compare": [], "success": ops, "failure": []})
+        self._reported = wanted
+
+    def observed(self) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/observed/{self.driver}/")
+        return [{**json.loads(_unb64(kv["value"])), "host": _unb64(kv["key"]).rsplit("/", 1)[1]} for kv in kvs]
