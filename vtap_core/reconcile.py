@@ -144,7 +144,7 @@ def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> Non
             raise
         except OperationFailed as exc:
             failed.append((session, flow, str(exc)))
-            log.warning("session %s%s: %s", session, f" flow {flow}" if flow else "", exc)
+            log.debug("session %s%s: %s", session, f" flow {flow}" if flow else "", exc)  # FlowsFailed reports it
 
 
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
