@@ -69,8 +69,13 @@ def _assemble(lines) -> bytes:
     return b"".join(out)
 
 
-def program(target_ifindex: int, match_udp_port: int | None) -> bytes:
-    """Clone every packet (or only UDP to/from match_udp_port) to target_ifindex's egress."""
+def program(target_ifindex: int | None, match_udp_port: int | None) -> bytes:
+    """Clone every packet (or only UDP to/from match_udp_port) to target_ifindex's egress.
+
+    target_ifindex None: a program that returns at once (what the hook alone costs).
+    """
+    if target_ifindex is None:
+        return _assemble([(MOV_IMM, 0, 0, 0, CONTINUE), (EXIT, 0, 0, 0, 0)])
     clone = [(MOV_REG, 1, 6, 0, 0), (MOV_IMM, 2, 0, 0, target_ifindex), (MOV_IMM, 3, 0, 0, 0), (CALL, 0, 0, 0, BPF_FUNC_CLONE_REDIRECT)]
     lines = [(MOV_REG, 6, 1, 0, 0)]
     if match_udp_port is not None:
@@ -95,6 +100,11 @@ def program(target_ifindex: int, match_udp_port: int | None) -> bytes:
         ]
     lines += clone + [("out",), (MOV_IMM, 0, 0, 0, CONTINUE), (EXIT, 0, 0, 0, 0)]
     return _assemble(lines)
+
+
+def drop_program() -> bytes:
+    """Drops every packet (TCX_DROP): on a target's egress, a sink whose receiver costs nothing."""
+    return _assemble([(MOV_IMM, 0, 0, 0, 2), (EXIT, 0, 0, 0, 0)])
 
 
 def load(code: bytes) -> int:

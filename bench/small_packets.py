@@ -11,10 +11,15 @@ packet. TCP benchmarks hide this cost in 64 KB GSO frames.
     no-tap              nothing mirrored
     match-nothing       a vtap flow on vh1 (both directions) whose filter matches nothing ("udp port 7")
     mirror-all          a vtap flow on vh1 (both), no filter, to port:mon0: cls_bpf (classic) + mirred
+    tcx-empty           not vtap: an eBPF program on vh1's tcx hooks that returns at once (the hook's own cost)
     tcx-match-nothing   not vtap: one eBPF program on vh1's tcx hooks, "udp port 7" test + bpf_clone_redirect
     tcx-mirror-all      the same program without the test: every packet cloned to mon0
     da-match-nothing    that program as a direct-action cls_bpf filter on clsact (no mirred)
     da-mirror-all       likewise, cloning everything
+    mirror-sink         as mirror-all (vtap), but an eBPF program on mon0's tcx egress drops every copy
+    tcx-mirror-sink     as tcx-mirror-all, likewise  (these two show what the copy costs before the
+                        target's receiver: mon1's receive processing also runs on this CPU; this
+                        kernel has no dummy driver)
 
 Every tap run is paired with a no-tap run right next to it (order alternating);
 ratio = median of the paired ratios, with quartiles. Completeness = copies at
@@ -42,8 +47,9 @@ import benchlib  # noqa: E402
 import datapath  # noqa: E402
 import onestep_bpf  # noqa: E402
 
-SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "tcx-match-nothing", "tcx-mirror-all", "da-match-nothing", "da-mirror-all")
+SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "tcx-empty", "tcx-match-nothing", "tcx-mirror-all", "da-match-nothing", "da-mirror-all", "mirror-sink", "tcx-mirror-sink")
 MIRRORING = ("mirror-all", "tcx-mirror-all", "da-mirror-all")
+VTAP = ("match-nothing", "mirror-all", "mirror-sink")
 MATCH_NOTHING_PORT = 7  # "udp port 7": the benchmark's frames are not IP
 TARGETS = {"match-nothing": 0.98, "mirror-all": 0.90}
 FRAME_BYTES = 64
@@ -82,14 +88,15 @@ class Scenario:
         self.fds, self.ipr = [], None
 
     def __enter__(self):
-        if self.name in ("match-nothing", "mirror-all"):
+        if self.name in VTAP:
             self.client.create_session("bench", to="port:mon0")
             self.client.add_flow("bench", interface="vh1", direction="both", filter="udp port 7" if self.name == "match-nothing" else None)
         elif self.name != "no-tap":
             import socket
 
             port = MATCH_NOTHING_PORT if self.name.endswith("match-nothing") else None
-            prog = onestep_bpf.load(onestep_bpf.program(socket.if_nametoindex("mon0"), port))
+            target = None if self.name == "tcx-empty" else socket.if_nametoindex("mon0")
+            prog = onestep_bpf.load(onestep_bpf.program(target, port))
             self.fds.append(prog)
             vh1 = socket.if_nametoindex("vh1")
             if self.name.startswith("tcx-"):
@@ -101,10 +108,15 @@ class Scenario:
                 self.ipr.tc("add", "clsact", vh1)
                 for hook in ("ingress", "egress"):
                     onestep_bpf.attach_cls_bpf_da(self.ipr, prog, vh1, hook)
+        if self.name.endswith("-sink"):
+            import socket
+
+            sink = onestep_bpf.load(onestep_bpf.drop_program())
+            self.fds += [sink, onestep_bpf.attach_tcx(sink, socket.if_nametoindex("mon0"), "egress")]
         return self
 
     def __exit__(self, *exc):
-        if self.name in ("match-nothing", "mirror-all"):
+        if self.name in VTAP:
             self.client.delete_session("bench")
         if self.ipr is not None:
             import socket
@@ -124,7 +136,7 @@ def measure(topology: Topology, client, name: str, seconds: float) -> dict:
         src1, mon1, dst1 = benchlib.link_counters("vh1"), benchlib.link_counters("mon1", topology.mon), benchlib.link_counters("e2", topology.c2)
     source = src1["rx"] - src0["rx"]
     forwarded = dst1["rx"] - dst0["rx"]
-    mirrored = mon1["rx"] - mon0["rx"]
+    mirrored = mon1["rx"] - mon0["rx"]  # sink rows: 0, the copies are dropped before mon0
     return {"sent": sent, "seconds": elapsed, "source_packets": source, "forwarded": forwarded, "pps": forwarded / elapsed, "cpu_seconds": cpu, "per_cpu_second": forwarded / cpu if cpu else None, "sent_pps": sent / elapsed, "mirrored_packets": mirrored, "completeness": mirrored / source if source else None}
 
 
@@ -168,7 +180,7 @@ def report(summary: dict, env: dict, rounds: int, seconds: float, loads: list) -
         target = f">= {TARGETS[kind]:.2f}" + (" met" if s["ratio_to_no_tap"] >= TARGETS[kind] else " NOT met") + (" / met" if s["cpu_ratio_to_no_tap"] >= TARGETS[kind] else " / NOT met") if kind in TARGETS else ""
         cpu_spread = f"{s['cpu_ratio_quartiles'][0]:.3f}..{s['cpu_ratio_quartiles'][1]:.3f}" if s["cpu_ratio_quartiles"] else "-"
         lines.append(f"{name:<19}{s['median_pps']:>11,.0f}{s['ratio_to_no_tap']:>8.3f}{spread:>14}{s['median_per_cpu_second']:>11,.0f}{s['cpu_ratio_to_no_tap']:>8.3f}{cpu_spread:>14}{complete:>10}   {target}")
-    nothing = {n: s["mirrored_packets_total"] for n, s in summary.items() if n.endswith("match-nothing")}
+    nothing = {n: s["mirrored_packets_total"] for n, s in summary.items() if n.endswith(("match-nothing", "empty"))}
     if nothing:
         lines.append("\ncopies made by the match-nothing taps (should be 0): " + ", ".join(f"{n} {c}" for n, c in nothing.items()))
     lines.append("tcx-* / da-*: one hand-assembled eBPF program (bench/onestep_bpf.py: filter test + bpf_clone_redirect), not vtap's data path")
