@@ -1,7 +1,7 @@
 /* Sends one Ethernet frame over and over from an AF_PACKET socket, batched with sendmmsg,
  * at a given rate (packets/s; 0 = as fast as it goes) for a given time; prints how many it sent.
  * bench/capture.py builds it with cc; it exists because a Python loop tops out far below 1M frames/s.
- * usage: capture_sender IFNAME RATE SECONDS FRAME_BYTES */
+ * usage: capture_sender IFNAME RATE SECONDS FRAME_BYTES [DST_MAC]   (default: broadcast) */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <linux/if_packet.h>
@@ -22,8 +22,8 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s IFNAME RATE SECONDS FRAME_BYTES\n", argv[0]);
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: %s IFNAME RATE SECONDS FRAME_BYTES [DST_MAC]\n", argv[0]);
         return 2;
     }
     double rate = atof(argv[2]), seconds = atof(argv[3]);
@@ -34,6 +34,10 @@ int main(int argc, char **argv) {
     if (!to.sll_ifindex) { perror(argv[1]); return 1; }
     unsigned char frame[2048] = {0};
     memset(frame, 0xff, 6);                      /* broadcast */
+    if (argc == 6 && sscanf(argv[5], "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &frame[0], &frame[1], &frame[2], &frame[3], &frame[4], &frame[5]) != 6) {
+        fprintf(stderr, "%s: not a MAC address\n", argv[5]);
+        return 2;
+    }
     memcpy(frame + 6, "\x02\x00\x00\x00\x00\x01", 6);
     frame[12] = 0x88; frame[13] = 0xb5;          /* local experimental ethertype */
     struct iovec iov = {frame, size};
