@@ -30,18 +30,13 @@ mon1 / frames through vh1. Targets (vtap's): match-nothing >= 0.98, mirror-all >
 
 from __future__ import annotations
 
+import argparse
 import os
+import resource
+import subprocess
 import sys
-
-# bench/selectors.py (a benchmark) shadows the standard library's selectors module, which
-# subprocess imports: load the real one before this directory is searched.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402

@@ -9,26 +9,21 @@ Measures through the SDK: the first apply (flow add), a full no-op resync, and w
 running, "a new matching VM defined and started -> its tap is in the kernel" (polled over netlink
 every 2 ms). Target: p99 <= 1 s.
 
-    python3 bench/selectors.py [--vms 10000] [--matching 1000] [--new 20]
+    python3 bench/selector_scale.py [--vms 10000] [--matching 1000] [--new 20]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 
-# This file's name is the standard library's `selectors` (which subprocess imports): keep its
-# folder out of the front of the path, and find benchlib at its end.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE] + [HERE]
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 NS = "urn:vtap:1"
@@ -153,7 +148,7 @@ def run(args, env, state, every) -> int:
         f"  new matching VM -> tap (follower)   p50 {figures['new_vm_to_tap_p50_s'] * 1000:.0f} ms, p99 {figures['new_vm_to_tap_p99_s'] * 1000:.0f} ms over {args.new}   (target p99 <= 1 s)",
     ])
     print(text)
-    benchlib.save("selectors", figures, text)
+    benchlib.save("selector_scale", figures, text)
     return 0
 
 
