@@ -49,6 +49,11 @@ mkdir -p /newroot/dev/shm
 for d in tmp run var/tmp dev/shm; do mount -t tmpfs -o mode=1777 tmpfs /newroot/$d; done
 mkdir -p /newroot/run/results /newroot/run/netns
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /newroot/run/results || { echo "lane: no results share"; poweroff -f; }
+# The repository has a share of its own: a checkout under /tmp, /run or /var/tmp (a CI clone) is
+# hidden by the tmpfs mounts above, and one on another file system is not in the root share.
+repo=$(cat /newroot/run/results/repo)
+mkdir -p "/newroot$repo"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose repo "/newroot$repo" || { echo "lane: no repository share"; poweroff -f; }
 # The kernel's module autoloader runs /sbin/modprobe in this (initramfs) root: hand it to the host's.
 printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' > /sbin/modprobe
 chmod 755 /sbin/modprobe
@@ -155,6 +160,7 @@ def boot(results: Path, pytest_args, timeout: float = 900) -> tuple[int | None, 
     release = kernel.name[len("vmlinuz-"):]
     results.mkdir(parents=True, exist_ok=True)
     (results / "run.sh").write_text(run_script(pytest_args))
+    (results / "repo").write_text(str(REPO))
     console = results / "console.log"
     # TCG by default: nested KVM on CI machines often hangs or fails on MSRs (seen here).
     accel = ["-accel", os.environ.get("VTAP_LANE_ACCEL", "tcg")]
@@ -164,6 +170,7 @@ def boot(results: Path, pytest_args, timeout: float = 900) -> tuple[int | None, 
         "-append", "console=ttyS0 panic=-1 quiet",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
+        "-virtfs", f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on,multidevs=remap",
         "-nic", "none", "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{console}",
     ]
