@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import random
 import sys
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 from vtap_core import reconcile, registry, selectors, yamlfile
 from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
-from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, parent_of
+from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, member_name, parent_of
 from vtap_core.redact import check_url_settings, redact
+from vtap_core.safefile import open_private, write_private
 from vtap_core.stores import Conflict, open_store
 
 CONFLICT_RETRIES = 20
@@ -285,7 +287,7 @@ class Client:
             if flow.source.select is not None:
                 member_rows = [
                     {"vm": m.vm, "name": m.vm_name, "nic": m.nic, "host": m.host,
-                     **_flow_state(session, by_flow.get((flow.session, f"{flow.name}@{m.vm}" + (f"#{m.nic}" if m.nic else "")), []), observed)}
+                     **_flow_state(session, by_flow.get((flow.session, member_name(flow.name, m.vm, m.nic)), []), observed)}
                     for m in members.get(flow.name, [])
                 ]
                 row = _sum_members(session, member_rows)
@@ -384,7 +386,7 @@ class Client:
             return
         with self.store.transaction():
             self.store.record(f"{self.command}: selector membership" if self.command != "sdk" else "sdk: selector membership", {"members": changes})
-        _write_private_json(path, {k: v for k, v in after.items() if k in selector_flows})
+        write_private(path, json.dumps({k: v for k, v in after.items() if k in selector_flows}, sort_keys=True))
 
     def _validate(self, sessions: dict, flows: dict, touched: set[str], before: dict):
         """The driver must be able to realize what this call touches, beside everything else.
@@ -569,10 +571,8 @@ def _changed_by(session: str, flow: str | None, before_sessions, before_flows, s
 
 
 def _read_private_json(path: str) -> dict:
-    import json
-
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = open_private(path, os.O_RDONLY)
     except FileNotFoundError:
         return {}
     with os.fdopen(fd) as handle:
@@ -581,22 +581,6 @@ def _read_private_json(path: str) -> dict:
         except ValueError:
             return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_private_json(path: str, data: dict) -> None:
-    """Written whole to a fresh 0600 file, then renamed over (never through a symlink)."""
-    import json
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".selectors-")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def next_flow_name(session: str, flows: dict) -> str:

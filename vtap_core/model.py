@@ -425,8 +425,12 @@ class MemberFlow(TapFlow):
         pass  # built from a validated flow and an inventory UUID/MAC
 
 
+def member_name(flow_name: str, vm_ref: str, mac: str | None) -> str:
+    return f"{flow_name}@{vm_ref}" + (f"#{mac}" if mac else "")
+
+
 def member_flow(flow: TapFlow, vm_uuid: str, mac: str | None) -> MemberFlow:
-    name = f"{flow.name}@{vm_uuid}" + (f"#{mac}" if mac else "")
+    name = member_name(flow.name, vm_uuid, mac)
     return MemberFlow(name=name, session=flow.session, source=Source(vm=vm_uuid, nic=mac), direction=flow.direction, filter=flow.filter, parent=flow.name)
 
 
