@@ -28,6 +28,7 @@ from pathlib import Path
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "functional", "kvm"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # initramfs.py, which kvm_lab uses
 import benchlib  # noqa: E402
 import kvm_lab  # noqa: E402
 

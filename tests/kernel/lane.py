@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from initramfs import cpio_newc, load_order  # tests/initramfs.py (tests/ is on the path: tests/conftest.py)
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,38 +79,6 @@ def kernel_path() -> Path | None:
     return kernels[-1] if kernels else None
 
 
-def _cpio_newc(entries) -> bytes:
-    """A newc cpio archive of (path, mode, data) entries (what the kernel unpacks as initramfs)."""
-    out = bytearray()
-    for ino, (path, mode, data) in enumerate(list(entries) + [("TRAILER!!!", 0, b"")], start=1):
-        name = path.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name
-        out += b"\0" * (-(110 + len(name)) % 4)
-        out += data
-        out += b"\0" * (-len(data) % 4)
-    return bytes(out)
-
-
-def _load_order(release: str, wanted) -> list[str]:
-    """Module paths to insmod, dependencies first."""
-    deps = {}
-    for line in Path(f"/lib/modules/{release}/modules.dep").read_text().splitlines():
-        module, _, needs = line.partition(":")
-        deps[module] = needs.split()
-    order: list[str] = []
-
-    def add(module):
-        for dep in deps[module]:
-            add(dep)
-        if module not in order:
-            order.append(module)
-
-    for name in wanted:
-        add(next(m for m in deps if os.path.basename(m) in (f"{name}.ko", f"{name}.ko.xz")))
-    return order
-
-
 def initramfs(release: str) -> Path:
     """The lane's initramfs for a kernel release (built once, cached under tests/.cache/lane)."""
     path = CACHE / f"initrd-{release}-{hashlib.sha256((INIT + repr(BOOT_MODULES)).encode()).hexdigest()[:12]}.gz"
@@ -120,13 +90,13 @@ def initramfs(release: str) -> Path:
     entries.append(("bin/busybox", 0o100755, Path(shutil.which("busybox") or "/bin/busybox").read_bytes()))
     entries.append(("dev/console", 0o20600, b""))
     order = []
-    for module in _load_order(release, BOOT_MODULES):
+    for module in load_order(release, BOOT_MODULES):
         name = os.path.basename(module)
         entries.append((f"lib/modules/{name}", 0o100644, Path(f"/lib/modules/{release}/{module}").read_bytes()))
         order.append(name)
     entries.append(("lib/modules/order", 0o100644, ("\n".join(order) + "\n").encode()))
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=1))
+    tmp.write_bytes(gzip.compress(cpio_newc(entries), compresslevel=1))
     tmp.rename(path)
     return path
 

@@ -18,7 +18,6 @@ import glob
 import itertools
 import gzip
 import hashlib
-import io
 import os
 import shutil
 import signal
@@ -27,6 +26,8 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from initramfs import cpio_newc, load_order  # tests/initramfs.py (tests/ is on the path: tests/conftest.py)
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "kvm"
 LIBVIRT_DIRS = {
@@ -68,34 +69,6 @@ def kernel_path() -> Path:
     return Path(kernels[-1])
 
 
-def _cpio_newc(entries) -> bytes:
-    """A newc cpio archive of (path, mode, data) entries (what the kernel unpacks as initramfs)."""
-    out = io.BytesIO()
-    for ino, (path, mode, data) in enumerate(list(entries) + [("TRAILER!!!", 0, b"")], start=1):
-        name = path.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0]
-        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + name)
-        out.write(b"\0" * (-(110 + len(name)) % 4))
-        out.write(data)
-        out.write(b"\0" * (-len(data) % 4))
-    return out.getvalue()
-
-
-def _load_order(release, wanted) -> list[str]:
-    """Module paths to insmod, dependencies first (modules.dep lists them deepest last)."""
-    deps = {}
-    for line in Path(f"/lib/modules/{release}/modules.dep").read_text().splitlines():
-        module, _, needs = line.partition(":")
-        deps[module] = needs.split()
-    order = []
-    for name in wanted:
-        module = next(m for m in deps if os.path.basename(m) == f"{name}.ko")
-        for path in list(reversed(deps[module])) + [module]:
-            if path not in order:
-                order.append(path)
-    return order
-
-
 def guest_image() -> tuple[str, str]:
     """(kernel, initramfs) paths; the initramfs is built once and cached under tests/.cache/kvm."""
     kernel = kernel_path()
@@ -108,14 +81,14 @@ def guest_image() -> tuple[str, str]:
         entries.append(("bin/busybox", 0o100755, Path(shutil.which("busybox") or "/bin/busybox").read_bytes()))
         entries.append(("bin/sh", 0o120777, b"busybox"))
         order = []
-        for module in _load_order(release, GUEST_MODULES):
+        for module in load_order(release, GUEST_MODULES):
             name = os.path.basename(module)
             entries.append((f"lib/modules/{name}", 0o100644, Path(f"/lib/modules/{release}/{module}").read_bytes()))
             order.append(name)
         entries.append(("lib/modules/order", 0o100644, ("\n".join(order) + "\n").encode()))
         entries.append(("dev/console", 0o20600, b""))  # the kernel needs it for /init's stdio
         tmp = initrd.with_suffix(".tmp")
-        tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=1))
+        tmp.write_bytes(gzip.compress(cpio_newc(entries), compresslevel=1))
         tmp.rename(initrd)
     return str(kernel), str(initrd)
 
