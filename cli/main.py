@@ -191,6 +191,8 @@ def build_parser() -> Parser:
     follow.add_argument("--interval", type=float, default=30.0, metavar="S", help="full resync period (default 30)")
     follow.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
     follow.add_argument("--once", action="store_true", help="one full resync, then exit")
+    follow.add_argument("--leader-ttl", type=int, default=5, metavar="S",
+                        help="fleet of a central manager (vsphere on etcd): the elected follower's lease; a standby takes over this long after it dies (default 5)")
     follow.set_defaults(handler=cmd_follow)
 
     capture = commands.add_parser("capture", help="terminate a VXLAN, GRE or ERSPAN mirror stream into pcapng and/or a local device")
@@ -354,10 +356,14 @@ def cmd_follow(args, ctx):
     import threading
 
     from vtap_core.follow import Follower
+    from vtap_core.leader import election_for, run_elected
+    from vtap_core.stores.etcd import host_name
     from vtap_core.redact import RedactingFilter
 
     if args.interval <= 0:
         raise_usage("interval", f"{args.interval} must be more than 0 seconds")
+    if not 2 <= args.leader_ttl <= 3600:
+        raise_usage("leader-ttl", f"{args.leader_ttl} must be 2 to 3600 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vtap follow: %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
@@ -377,7 +383,11 @@ def cmd_follow(args, ctx):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("vtap.follow").info("following driver %s (resync every %ss)", client.driver_name, args.interval)
-    follower.run(stop)
+    election = election_for(client, host_name(), args.leader_ttl)
+    if election is None:
+        follower.run(stop)
+    else:  # one central manager for the whole fleet: only the elected follower applies
+        run_elected(client, follower, election, stop)
     logging.getLogger("vtap.follow").info("stopped")
     return 0
 

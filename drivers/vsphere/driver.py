@@ -30,6 +30,7 @@ MAX_SAMPLE = 65535  # VMwareVspanSession.samplingRate: "Valid values are between
 EPHEMERAL = "ephemeral"  # DistributedVirtualPortgroupPortgroupType
 FEATURES = Features(
     selector_keys=frozenset({"name", "tag", "folder", "host", "network"}),  # tag: custom attributes
+    central_manager=True,  # one vCenter for many hosts: one elected follower applies
     targets=frozenset({"vm", "port", "gre", "erspan"}),
     sources=frozenset({"vm"}),
     filter=False,

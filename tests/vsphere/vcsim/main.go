@@ -31,7 +31,13 @@ func main() {
 	noErspan := flag.Bool("no-erspan", false, "report a switch without ERSPAN support (vspanCapability.erspanProtocolSupported=false)")
 	denyVspan := flag.Bool("deny-vspan", false, "the user's role lacks the DVSwitch.Vspan privilege (vspan changes raise NoPermission)")
 	verbose := flag.Bool("verbose", false, "keep the simulator's request log")
+	reconfigureLog := flag.String("request-log", "", "append each vspan reconfiguration (time, caller's User-Agent) to this file as a JSON line")
 	flag.Parse()
+	if *reconfigureLog != "" {
+		if err := openRequestLog(*reconfigureLog); err != nil {
+			fatal(err)
+		}
+	}
 	if !*verbose {
 		log.SetOutput(discard{})
 	}
