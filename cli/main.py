@@ -356,7 +356,7 @@ def cmd_follow(args, ctx):
     import threading
 
     from vtap_core.follow import Follower
-    from vtap_core.leader import election_for, run_elected
+    from vtap_core.leader import election_for, reconcile_elected, run_elected
     from vtap_core.stores.etcd import host_name
     from vtap_core.redact import RedactingFilter
 
@@ -375,15 +375,18 @@ def cmd_follow(args, ctx):
 
         metrics = PrometheusMetrics(port=args.metrics_port, driver=client.driver_name)
     follower = Follower(client, interval=args.interval, metrics=metrics)
+    election = election_for(client, host_name(), args.leader_ttl)
     if args.once:
-        plan = client.reconcile()
+        plan = client.reconcile() if election is None else reconcile_elected(client, election)
+        if plan is None:
+            ctx.say(f"another follower leads {election.platform}: nothing done")
+            return 0
         ctx.say(f"resync: {len(plan.add)} applied, {len(plan.remove)} removed, {len(plan.keep)} kept")
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("vtap.follow").info("following driver %s (resync every %ss)", client.driver_name, args.interval)
-    election = election_for(client, host_name(), args.leader_ttl)
     if election is None:
         follower.run(stop)
     else:  # one central manager for the whole fleet: only the elected follower applies

@@ -81,6 +81,17 @@ def run_elected(client, follower, election, stop: threading.Event) -> None:
             log.warning("lost leadership of %s: standing by", election.platform)
 
 
+def reconcile_elected(client, election):
+    """`follow --once`: one fenced full reconcile if no one else leads (then give it up), else None."""
+    if not election.campaign(threading.Event(), wait=False):
+        return None
+    client._driver = FencedDriver(client.driver, election)
+    try:
+        return client.reconcile()
+    finally:
+        election.resign()
+
+
 def _keep_leading(election, term: threading.Event, stop: threading.Event) -> None:
     """Renew the lease every ttl/5 s; end the term when it cannot be shown alive or on stop."""
     while not term.is_set():

@@ -52,17 +52,21 @@ class EtcdElection:
 
     # campaigning ----------------------------------------------------------
 
-    def campaign(self, stop: threading.Event) -> bool:
-        """Block until I lead (True) or stop is set (False); stand by while another leads."""
+    def campaign(self, stop: threading.Event, wait: bool = True) -> bool:
+        """Block until I lead (True) or stop is set (False); stand by while another leads. wait=False: one try."""
         delay = 0.5
         while not stop.is_set():
             try:
                 revision = self._try_once()
                 if revision is None:
                     return True
+                if not wait:
+                    return False
                 delay = 0.5
                 self._wait_for_change(revision, stop)
             except Exception as exc:  # etcd away: try again, never lead without it
+                if not wait:
+                    raise
                 log.warning("cannot campaign (%s); trying again", exc)
                 stop.wait(delay)
                 delay = min(delay * 2, self.ttl)

@@ -211,6 +211,29 @@ def test_a_leader_frozen_past_its_lease_applies_nothing_until_elected_again(flee
     assert [(host, pid) for _, host, pid, _ in fleet.requests()[resumed:]] == [("f1", follower.pid)]
 
 
+def test_follow_once_reconciles_only_while_no_one_leads_and_sigterm_hands_over_at_once(fleet):
+    vc = fleet.vc
+    follower = fleet.start("f1")
+    assert leader_of(fleet) == "f1"
+    fleet.tap_web()
+    assert wait_for(lambda: fleet.mirrored_ports() == {vc.port_key(vc.vm(0))})
+    vc.reconfigure_vspan("remove", vc.sessions()["vtap:web"])  # drift; f1 repairs it, --once must not
+    once = fleet.vtap("follow", "--once")
+    assert (once.returncode, once.stdout) == (0, f"another follower leads {fleet.sim.url}: nothing done\n"), once.stderr
+    assert wait_for(lambda: fleet.mirrored_ports() == {vc.port_key(vc.vm(0))})
+    assert {host for _, host, _, _ in fleet.requests()} == {"f1"}
+
+    follower.send_signal(signal.SIGTERM)
+    assert follower.wait(timeout=15) == 0
+    assert fleet.store().leaders() == []  # revoked on the way out, not left to its TTL
+    vc.reconfigure_vspan("remove", vc.sessions()["vtap:web"])
+    once = fleet.vtap("follow", "--once")
+    assert (once.returncode, once.stdout) == (0, "resync: 1 applied, 0 removed, 0 kept\n"), once.stderr
+    assert fleet.mirrored_ports() == {vc.port_key(vc.vm(0))}
+    assert fleet.requests()[-1][1:] == ("admin", fleet.requests()[-1][2], ["add vtap:web"])
+    assert fleet.store().leaders() == []
+
+
 def test_a_deposed_leader_s_fence_write_fails_even_before_its_clock_says_so(etcd, tmp_path):
     """The txn compare on the leader key: a leader whose key another took is refused at once."""
     store = open_store(etcd.url(PREFIX), "vsphere", str(tmp_path / "state.db"))
