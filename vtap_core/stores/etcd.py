@@ -338,12 +338,14 @@ class EtcdStore(DesiredStore):
                 delay = min(delay * 2, 10)
                 yield  # back or not: the caller's resync decides, and never removes on a failed read
 
-    def _watch_once(self, revision: int) -> tuple[bool, int]:
-        """(anything changed, the revision to resume after) from one short watch stream."""
+    def _watch_once(self, revision: int, key: str | None = None) -> tuple[bool, int]:
+        """(anything changed, the revision to resume after) from one short watch stream: of one key, or of the desired state."""
         import requests
 
         start = self._desired()
         request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
+        if key is not None:
+            request = {"create_request": {"key": _b64(key), "start_revision": revision + 1}}
         index = self._watching % len(self._clients)
         client = self._clients[index]
         self._authenticate(index, client)

@@ -28,6 +28,7 @@ import threading
 import time
 
 from vtap_core.leader import NotLeader
+from vtap_core.stores.etcd import _b64, _unb64
 
 log = logging.getLogger("vtap.leader")
 MARGIN = 1.0  # seconds of lease that must be left to start an apply: time for its request to land
@@ -35,8 +36,6 @@ MARGIN = 1.0  # seconds of lease that must be left to start an apply: time for i
 
 class EtcdElection:
     def __init__(self, store, platform: str, host: str, ttl: int):
-        from vtap_core.stores.etcd import _b64
-
         self.store = store
         self.host = host
         self.ttl = ttl
@@ -74,8 +73,6 @@ class EtcdElection:
 
     def _try_once(self) -> int | None:
         """None when I now lead; else the revision at which someone else did."""
-        from vtap_core.stores.etcd import _b64, _unb64
-
         sent = time.monotonic()
         grant = self.store._post("/lease/grant", {"TTL": self.ttl})
         lease = int(grant["ID"])
@@ -103,21 +100,14 @@ class EtcdElection:
         return revision
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
-        """Return when the leader key changed after revision (or about a second passed)."""
-        import requests
-
-        client = self.store._clients[self.store._watching % len(self.store._clients)]
-        request = {"create_request": {"key": self._key, "start_revision": revision + 1}}
+        """Return when the leader key changed after revision (short watch requests, so stop is noticed)."""
+        changed = False
         try:
-            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(5, 1.0)) as reply:
-                for line in reply.iter_lines():
-                    if line.strip() and json.loads(line).get("result", {}).get("events"):
-                        return
-                    if stop.is_set():
-                        return
-        except requests.exceptions.ConnectionError as exc:
-            if "Read timed out" not in str(exc):
-                raise
+            while not changed and not stop.is_set():
+                changed, revision = self.store._watch_once(revision, key=self.key)
+        except Exception:
+            self.store._watching += 1  # the next member next time, as the desired state's watch does
+            raise
 
     # leading --------------------------------------------------------------
 
@@ -145,8 +135,6 @@ class EtcdElection:
         if not self.valid():
             raise NotLeader(f"not leading {self.platform} any more (lease ended or not renewed): nothing applied")
         key, value = self.store.audit_entry(command, {**change, "leader": self.host, "term": self.term})
-        from vtap_core.stores.etcd import _b64
-
         reply = self.store._post("/kv/txn", {
             "compare": [{"key": self._key, "result": "EQUAL", "target": "CREATE", "create_revision": self.term}],
             "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
@@ -154,7 +142,7 @@ class EtcdElection:
         })
         if not reply.get("succeeded"):
             self._valid_until = 0.0
-            raise NotLeader(f"another follower leads {self.platform} now (term {self.term} is over): nothing applied")
+            raise NotLeader(f"term {self.term} of {self.platform} is over (the leader key expired or another follower holds it): nothing applied")
         if not self.valid():  # the txn took most of what was left
             raise NotLeader(f"the leader lease of {self.platform} ran out during the fence: nothing applied")
 
