@@ -89,6 +89,7 @@ func extend(erspan, denyVspan bool) {
 	for _, obj := range byName(simulator.Map.All("VirtualMachine")) {
 		wrapVM(obj.(*simulator.VirtualMachine))
 	}
+	wrapVMFolders()
 }
 
 func byName(entities []mo.Entity) []mo.Entity {
