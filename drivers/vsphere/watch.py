@@ -28,9 +28,10 @@ SWITCH_WATCHED = ["config.vspanSession"]
 WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
 
 
-def updates(content, stop: threading.Event, changed=lambda moref_id: None, monitoring=lambda uuid: False) -> Iterator[str | None]:
+def updates(content, stop: threading.Event, changed=lambda moref_id: None, monitoring=lambda uuid: False, tick=lambda: ()) -> Iterator[str | None]:
     """Hints; changed(moref id) is called for a VM before its hint is yielded; monitoring(uuid)
-    tells whether a VM is a monitoring VM (its move is a hint about every VM)."""
+    tells whether a VM is a monitoring VM (its move is a hint about every VM); tick() is asked
+    between waits for moref ids of VMs changed where no property shows it (vSphere tags)."""
     pc_type = vmodl.query.PropertyCollector
     collector = content.propertyCollector.CreatePropertyCollector()
     view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.dvs.VmwareDistributedVirtualSwitch], True)
@@ -49,6 +50,10 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None, monit
         initial = True  # the first answer (in parts when vCenter truncates it) is the whole current state
         options = pc_type.WaitOptions(maxWaitSeconds=WAIT_SECONDS)
         while not stop.is_set():
+            for moref_id in () if initial else tick():
+                changed(moref_id)
+                if uuids.get(moref_id):
+                    yield uuids[moref_id]
             result = collector.WaitForUpdatesEx(version, options)
             if result is None:
                 continue
