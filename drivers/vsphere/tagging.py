@@ -58,22 +58,31 @@ class Tagging:
         attached = self._request("POST", "/tagging/tag-association?~action=list-attached-objects-on-tags", {"tag_ids": ids or []}) if ids else []
         tags = {}
         for entry in attached or ():
-            category, name = self._name(entry["tag_id"])
+            names = self._name(entry["tag_id"])
+            if names is None:
+                continue  # deleted since it was listed
+            category, name = names
             for obj in entry.get("object_ids") or ():
                 if obj.get("type") == "VirtualMachine":
                     tags.setdefault(obj["id"], []).extend((f"{category}:{name}", name))
         return {moid: tuple(dict.fromkeys(values)) for moid, values in tags.items()}
 
     def _name(self, tag_id):
+        """(category name, tag name), or None when the tag or its category is gone."""
         if tag_id not in self._names:
-            tag = self._request("GET", f"/tagging/tag/id:{tag_id}")
+            tag = self._request("GET", f"/tagging/tag/id:{tag_id}", missing_ok=True)
+            if not tag:
+                return None
             category = tag["category_id"]
             if category not in self._categories:
-                self._categories[category] = self._request("GET", f"/tagging/category/id:{category}")["name"]
+                found = self._request("GET", f"/tagging/category/id:{category}", missing_ok=True)
+                if not found:
+                    return None
+                self._categories[category] = found["name"]
             self._names[tag_id] = (self._categories[category], tag["name"])
         return self._names[tag_id]
 
-    def _request(self, method, path, body=None, retry=True):
+    def _request(self, method, path, body=None, retry=True, missing_ok=False):
         if self._token is None:
             self._login()
             if self._token is ABSENT:
@@ -81,7 +90,9 @@ class Tagging:
         status, answer = self._send(method, REST + path, body, {TOKEN_HEADER: self._token})
         if status == 401 and retry:  # the token expired: log in again, once
             self._token = None
-            return self._request(method, path, body, retry=False)
+            return self._request(method, path, body, retry=False, missing_ok=missing_ok)
+        if status == 404 and missing_ok:
+            return None
         if status != 200:
             raise OperationFailed(f"vsphere: tagging service {method} {path.split('?')[0]} answered HTTP {status}")
         return answer.get("value") if answer else None
