@@ -90,8 +90,10 @@ class VsphereDriver(Driver):
             found = self._listing.read(content, self._view(content, vim.VirtualMachine), True)
             names = inventory.names_of(content, self._view)
             attached = self.tagging.attachments()
-            if attached is not None:
-                self._tags_seen = attached  # what plans saw: the follower's tag poll compares with it
+            if attached is not None and self._tags_seen is None:
+                # The tag poll's baseline: the follower's first plan (a full resync) saw these. Later
+                # plans do not move it: a plan scoped to one VM applies no other VM's new tags.
+                self._tags_seen = attached
             vms = []
             for ref, props in found.items():
                 vm = inventory.vm_record(ref, props).to_vm()
@@ -470,8 +472,7 @@ class VsphereDriver(Driver):
                 yield None  # events may have been missed: look at everything
 
     def _retagged(self) -> list[str]:
-        """Moref ids of VMs whose vSphere tags changed since the last read (a plan's or this poll's),
-        looked at every TAG_POLL seconds."""
+        """Moref ids of VMs whose vSphere tags changed since the poll's last read, every TAG_POLL seconds."""
         now = time.monotonic()
         if now - self._tags_polled < TAG_POLL:
             return []

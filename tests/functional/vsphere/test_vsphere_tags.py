@@ -94,3 +94,29 @@ def test_tagging_service_certificate_is_verified(tmp_path):
             Tagging(sim.url, sim.user, sim.password).attachments()
         assert "certificate" in str(raised.value) and sim.password not in str(raised.value)
         assert Tagging(sim.url, sim.user, sim.password, insecure=True).attachments() == {}
+
+
+def test_a_tag_change_first_read_by_another_vms_plan_still_taps_its_vm(vc, vcsim, tags, tmp_path, monkeypatch):
+    """A plan scoped to one VM reads every VM's tags but applies only that VM's: the tag poll must
+    still report the other VM's change."""
+    from vtap_drivers.vsphere import driver as vsphere_driver
+
+    monkeypatch.setattr(vsphere_driver, "TAG_POLL", 4.0)
+    silver = tags.tag(tags.category("grade"), "silver")
+    state = str(tmp_path / "s.db")
+    with connect(vcsim, state) as client:
+        client.create_session("silver", to="gre://192.0.2.46")
+        client.add_flow("silver", select="tag=silver")
+    other, tagged = vc.vm(4), vc.vm(5)
+    name = other.name
+    try:
+        with following(vcsim, state):
+            tags.attach(silver, tagged)
+            vc.wait(other.Rename_Task(name + "-renamed"))  # the watch's hint: a plan for `other` alone
+            assert wait_for(lambda: mirrored_ports(vc, "silver") == {vc.port_key(tagged)}, 15), "the tagged VM was not tapped"
+            tags.detach(silver, tagged)
+            assert wait_for(lambda: mirrored_ports(vc, "silver") == set(), 15)
+    finally:
+        vc.wait(other.Rename_Task(name))
+        with connect(vcsim, state) as client:
+            client.delete_session("silver")
