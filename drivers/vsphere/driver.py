@@ -490,6 +490,7 @@ class VsphereDriver(Driver):
         self._vms.forget()
         self._listing.forget()
         self._switch_reader.forget()
+        self.tagging.close()
         self.connection.close()
 
     # reading helpers -------------------------------------------------------

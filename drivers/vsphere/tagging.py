@@ -67,6 +67,15 @@ class Tagging:
                     tags.setdefault(obj["id"], []).extend((f"{category}:{name}", name))
         return {moid: tuple(dict.fromkeys(values)) for moid, values in tags.items()}
 
+    def close(self):
+        """Log the vAPI session out (vCenter limits how many sessions a user may hold)."""
+        token, self._token = self._token, None
+        if token and token is not ABSENT:
+            try:
+                self._send("DELETE", REST + "/session", None, {TOKEN_HEADER: token})
+            except (OperationFailed, TemporaryError):
+                pass  # vCenter drops idle sessions itself
+
     def _name(self, tag_id):
         """(category name, tag name), or None when the tag or its category is gone."""
         if tag_id not in self._names:
