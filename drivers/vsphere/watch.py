@@ -8,7 +8,8 @@ sessions changed (drift: a vtap session edited or removed by someone else) or
 a monitoring VM changed host: whether a dvPortMirror session delivers depends
 on the hosts of its source and monitoring VMs together, and the bindings that
 change are those of the source VMs, not the monitoring VM's.
-Nothing is polled per VM.
+Nothing is polled per VM; vSphere tags, which have no change events, are
+read for all VMs at once by the driver's tick (see tagging.py).
 """
 
 from __future__ import annotations

@@ -120,3 +120,19 @@ def test_a_tag_change_first_read_by_another_vms_plan_still_taps_its_vm(vc, vcsim
         vc.wait(other.Rename_Task(name))
         with connect(vcsim, state) as client:
             client.delete_session("silver")
+
+
+def test_a_vcenter_gone_mid_way_is_a_temporary_error_without_secrets():
+    import signal
+
+    from vtap_core.errors import TemporaryError
+    from vtap_drivers.vsphere.tagging import Tagging
+
+    with Simulator(hosts=1, vms=1) as sim:
+        tagging = Tagging(sim.url, sim.user, sim.password)
+        assert tagging.attachments() == {}
+        os.killpg(sim.process.pid, signal.SIGKILL)  # vCenter dies between two reads
+        sim.process.wait()
+        with pytest.raises(TemporaryError) as raised:
+            tagging.attachments()
+        assert "unreachable" in str(raised.value) and sim.password not in str(raised.value)
