@@ -102,7 +102,9 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
 
     raw = bytes(int(x, 16) for x in mac.split(":"))
     seen = {peer: Counter(), counter: Counter()}
+    when: dict = {}  # frame -> seconds into the window it was first seen at the peer
     socks = {}
+    started = time.monotonic()
 
     def drain(sock, name, outgoing):
         while True:
@@ -112,6 +114,7 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
                 return
             if (addr[2] == socket.PACKET_OUTGOING) == outgoing and frame[6:12] == raw:
                 seen[name][frame] += 1
+                when.setdefault(frame, time.monotonic() - started)
 
     try:
         for name, outgoing in ((peer, True), (counter, False)):
@@ -127,7 +130,7 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
         for sock, (name, outgoing) in socks.items():
             drain(sock, name, outgoing)
             if name == peer:
-                time.sleep(0.05)  # the copies of the last originals are still on their way
+                time.sleep(0.5)  # the copies of the last originals may still be in a busy machine's backlog
     finally:
         for sock in socks:
             sock.close()
@@ -137,5 +140,5 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
         "copied": sum(min(n, copies[f]) for f, n in sent.items()),
         "missed": sum((sent - copies).values()),
         "extra": sum(max(0, copies[f] - n) for f, n in sent.items()),
-        "missed_frames": [f[:64].hex() for f in (sent - copies)],  # what to look at when one is missed
+        "missed_frames": [f"{when[f]:.2f}s {f[:48].hex()}" for f in (sent - copies)],  # what to look at when one is missed
     }
