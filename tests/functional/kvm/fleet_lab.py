@@ -92,17 +92,22 @@ def stop_agent(agent: subprocess.Popen) -> None:
             agent.wait()
 
 
+OPENING = 0.3  # seconds at the start of a counting window whose frames are not counted
+
+
 def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> dict:
     """Frames mac sent out of the bridge towards the peer, and the copies arriving on counter,
     for `seconds`: {"sent", "copied", "missed", "extra"}. Frames are matched by their bytes (a
     multiset), so a frame near either end of the window is not mistaken for a lost or doubled copy:
-    missed = sent frames without a copy, extra = copies beyond one per sent frame."""
+    missed = sent frames without a copy, extra = copies beyond one per sent frame. Start migrating
+    later than OPENING seconds into the window."""
     import select
     from collections import Counter
 
     raw = bytes(int(x, 16) for x in mac.split(":"))
     seen = {peer: Counter(), counter: Counter()}
-    when: dict = {}  # frame -> seconds into the window it was first seen at the peer
+    early = Counter()  # frames sent in the first OPENING seconds, while the second socket was being opened
+    when: dict = {}  # frame -> seconds into the window it was first seen
     socks = {}
     started = time.monotonic()
 
@@ -113,8 +118,12 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
             except BlockingIOError:
                 return
             if (addr[2] == socket.PACKET_OUTGOING) == outgoing and frame[6:12] == raw:
-                seen[name][frame] += 1
-                when.setdefault(frame, time.monotonic() - started)
+                at = time.monotonic() - started
+                if name == peer and at < OPENING:
+                    early[frame] += 1  # its copy may or may not have been seen: count neither
+                else:
+                    seen[name][frame] += 1
+                    when.setdefault(frame, at)
 
     try:
         for name, outgoing in ((peer, True), (counter, False)):
@@ -134,7 +143,7 @@ def count_sent_and_copied(peer: str, counter: str, mac: str, seconds: float) -> 
     finally:
         for sock in socks:
             sock.close()
-    sent, copies = seen[peer], seen[counter]
+    sent, copies = seen[peer], seen[counter] - early
     return {
         "sent": sum(sent.values()),
         "copied": sum(min(n, copies[f]) for f, n in sent.items()),

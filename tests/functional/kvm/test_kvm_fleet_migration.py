@@ -151,6 +151,10 @@ def test_tapped_vm_migrates_back_and_forth_between_agents_sharing_only_etcd(libv
         for conn in conns.values():
             conn.close()
     print("\n" + "\n".join(str(m) for m in moves))
+    # Back on a: its records name the VM's new device only, not the one it left with (whose filter went with it).
+    catalog = json.loads((state["a"] / "tc-host.json").read_text())
+    assert {dict(b["spec"])["device"] for b in catalog["bindings"].values()} == set(host_devices(dom)), catalog
+    assert set(catalog["qdiscs"]) <= set(host_devices(dom)), catalog
     for name in hosts:
         # The VM being on the other host is normal in a fleet: said once, not at every status report.
         said = (tmp_path / f"agent-{name}.log").read_text().count("not realizable now")
