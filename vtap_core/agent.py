@@ -70,7 +70,8 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self._beat()  # a store that has no hosts refuses here, before anything runs
-        logging.getLogger("vtap.reconcile").addFilter(OncePerWhile())
+        quiet = OncePerWhile()
+        logging.getLogger("vtap.reconcile").addFilter(quiet)
         threads = [
             threading.Thread(target=self._heartbeat, args=(stop,), name="vtap-heartbeat", daemon=True),
             threading.Thread(target=self._watch_store, args=(stop,), name="vtap-store-watch", daemon=True),
@@ -78,9 +79,12 @@ class Agent:
         ]
         for thread in threads:
             thread.start()
-        self.follower.run(stop)
-        for thread in threads:
-            thread.join(timeout=5)
+        try:
+            self.follower.run(stop)
+        finally:
+            for thread in threads:
+                thread.join(timeout=5)
+            logging.getLogger("vtap.reconcile").removeFilter(quiet)
 
     def run_once(self) -> None:
         self._beat()
