@@ -2,15 +2,19 @@
 
 Two libvirtd "hosts" on this machine (as the tests run them:
 tests/functional/kvm/kvm_lab.py), one tiny TCG guest pinging a peer on a Linux
-bridge, a `vtap follow` per host sharing one store, one flow (direction out) to
-a monitor port. The guest is migrated live back and forth N times. For each
-move: the guest's frames counted where they leave the bridge for the peer and
-where copies arrive (the difference is what the tap missed), and on the
+bridge, one flow (direction out) to a monitor port. `--store file`: a `vtap
+follow` per host sharing one SQLite store file. `--store etcd`: a `vtap agent`
+per host, each with its own state dir, sharing nothing but one etcd (started
+here; tests/functional/kvm/fleet_lab.py). The guest is migrated live back and
+forth N times. For each move: the guest's frames seen where they leave the
+bridge for the peer, matched by their bytes with the copies at the monitor
+port (missed: frames without a copy; extra: copies beyond one), and on the
 destination the time from vtap's filter appearing on the new device to
 libvirt's RESUMED/MIGRATED event (positive: the tap was ready before the VM ran
 there). Target: tap active before resume, 0 frames missed.
+Figures: bench/results/kvm_migration.* (file), kvm_migration_etcd.* (etcd).
 
-    python3 bench/kvm_migration.py [--moves 4]
+    python3 bench/kvm_migration.py [--moves 4] [--store file|etcd]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "functional", "kvm"))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # initramfs.py, which kvm_lab uses
 import benchlib  # noqa: E402
+import fleet_lab  # noqa: E402
 import kvm_lab  # noqa: E402
 
 MAC = "52:54:00:be:00:02"
@@ -45,6 +50,7 @@ def device_of(dom) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moves", type=int, default=4)
+    parser.add_argument("--store", choices=("file", "etcd"), default="file", help="file: followers sharing one SQLite file; etcd: agents sharing only etcd")
     args = parser.parse_args()
     import libvirt
     from pyroute2 import IPRoute
@@ -66,16 +72,25 @@ def main() -> int:
     benchlib.run("ip", "-n", netns, "link", "set", "mpeer0", "up")
     start_event_loop()
     hosts = [kvm_lab.LibvirtHost(work, "a").start(), kvm_lab.LibvirtHost(work, "b").start()]
-    followers, moves = [], []
+    followers, moves, etcd = [], [], None
     try:
         uuid = str(uuidlib.uuid4())
         dom = hosts[0].connect().defineXML(kvm_lab.domain_xml("vtapmig", uuid, [MAC], bridge, "10.238.0.10", "10.238.0.1", work))
         dom.create()
-        state = str(work / "vtap.db")
-        cli = ["vtap", "--driver", "kvm", "--state", state]
-        benchlib.run(*cli, "--uri", hosts[0].uri, "session", "create", "mig", "--to", f"port:{monitor}")
-        benchlib.run(*cli, "--uri", hosts[0].uri, "flow", "add", "mig", "--vm", uuid, "--direction", "out")
-        followers = [subprocess.Popen([*cli, "--uri", h.uri, "follow", "--interval", "600"], stdout=subprocess.DEVNULL, stderr=open(work / f"follow-{h.name}.log", "w")) for h in hosts]
+        if args.store == "etcd":
+            etcd = fleet_lab.EtcdMember(work / "etcd").start()
+            store = etcd.url("vtap/bench")
+            first = fleet_lab.vtap_command(work / hosts[0].name / "vtap", hosts[0].uri)  # made on host a, as its admin would
+            admin_env = fleet_lab.vtap_env(store, hosts[0].name)
+            benchlib.run(*first, "session", "create", "mig", "--to", f"port:{monitor}", env=admin_env)
+            benchlib.run(*first, "flow", "add", "mig", "--vm", uuid, "--direction", "out", env=admin_env)
+            followers = [fleet_lab.start_agent(store, h.name, work / h.name / "vtap", h.uri, work / f"agent-{h.name}.log", interval=600) for h in hosts]
+        else:
+            state = str(work / "vtap.db")
+            cli = ["vtap", "--driver", "kvm", "--state", state]
+            benchlib.run(*cli, "--uri", hosts[0].uri, "session", "create", "mig", "--to", f"port:{monitor}")
+            benchlib.run(*cli, "--uri", hosts[0].uri, "flow", "add", "mig", "--vm", uuid, "--direction", "out")
+            followers = [subprocess.Popen([*cli, "--uri", h.uri, "follow", "--interval", "600"], stdout=subprocess.DEVNULL, stderr=open(work / f"follow-{h.name}.log", "w")) for h in hosts]
         deadline = time.monotonic() + 90
         while int(Path(f"/sys/class/net/{device_of(dom)}/statistics/rx_packets").read_text()) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -91,11 +106,8 @@ def main() -> int:
                     resumed.setdefault("t", time.monotonic())
 
             callback = dconn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
-            sent, copied, filter_seen = {}, {}, {}
-            counters = [
-                threading.Thread(target=lambda: sent.update(kvm_lab.count_frames(peer, MAC, 20, outgoing=True))),
-                threading.Thread(target=lambda: copied.update(kvm_lab.count_frames(counter, MAC, 20))),
-            ]
+            frames, filter_seen = {}, {}
+            counters = [threading.Thread(target=lambda: frames.update(fleet_lab.count_sent_and_copied(peer, counter, MAC, 20)))]
             for thread in counters:
                 thread.start()
             time.sleep(1)
@@ -130,7 +142,7 @@ def main() -> int:
             lead = resumed["t"] - filter_seen["t"] if "t" in resumed and "t" in filter_seen else None
             moves.append({
                 "from": source.name, "to": dest.name, "migration_s": took,
-                "frames_sent": sent["out"], "frames_copied": copied["out"], "missed": sent["out"] - copied["out"],
+                "frames_sent": frames["sent"], "frames_copied": frames["copied"], "missed": frames["missed"], "extra": frames["extra"], "missed_frames": frames["missed_frames"],
                 "tap_ready_before_resume_ms": None if lead is None else 1000 * lead,
             })
             print(moves[-1], flush=True)
@@ -139,6 +151,8 @@ def main() -> int:
         for follower in followers:
             follower.send_signal(signal.SIGTERM)
             follower.wait(20)
+        if etcd is not None:
+            etcd.stop()
         for host in hosts:
             host.close()
         for name in (bridge, peer, monitor):
@@ -146,19 +160,21 @@ def main() -> int:
         benchlib.delete_netns(netns)
         shutil.rmtree(work, ignore_errors=True)
 
-    figures = {**env, "moves": moves, "missed_total": sum(m["missed"] for m in moves), "sent_total": sum(m["frames_sent"] for m in moves)}
+    figures = {**env, "store": args.store, "moves": moves, "missed_total": sum(m["missed"] for m in moves), "sent_total": sum(m["frames_sent"] for m in moves)}
     leads = [m["tap_ready_before_resume_ms"] for m in moves if m["tap_ready_before_resume_ms"] is not None]
     text = "\n".join(
-        [f"kvm live migration with a tap, {len(moves)} moves between two libvirtd on this machine (load {env['loadavg_at_start'][0]:.1f})"]
+        [f"kvm live migration with a tap, {len(moves)} moves between two libvirtd on this machine, "
+         + ("a vtap agent each with its own state dir, sharing only etcd" if args.store == "etcd" else "a vtap follow each sharing one store file")
+         + f" (load {env['loadavg_at_start'][0]:.1f})"]
         + [
-            f"  {m['from']} -> {m['to']}: {m['migration_s']:.1f} s, guest frames {m['frames_sent']}, copies {m['frames_copied']}, missed {m['missed']}, "
+            f"  {m['from']} -> {m['to']}: {m['migration_s']:.1f} s, guest frames {m['frames_sent']}, copies {m['frames_copied']}, missed {m['missed']}, extra {m['extra']}, "
             f"tap ready {m['tap_ready_before_resume_ms']:.0f} ms before resume" if m["tap_ready_before_resume_ms"] is not None else f"  {m}"
             for m in moves
         ]
         + [f"  missed in total: {figures['missed_total']} of {figures['sent_total']}; tap ready before resume in {sum(1 for v in leads if v > 0)} of {len(moves)} moves"]
     )
     print(text)
-    benchlib.save("kvm_migration", figures, text)
+    benchlib.save("kvm_migration_etcd" if args.store == "etcd" else "kvm_migration", figures, text)
     return 0
 
 

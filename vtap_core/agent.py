@@ -20,6 +20,7 @@ from vtap_core.follow import EVERYTHING, Follower, NoMetrics
 log = logging.getLogger("vtap.agent")
 COUNTERS = {"packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors"}
 COUNTERS_EVERY = 10.0  # seconds between counter updates of one flow: never one etcd write per packet
+REPEAT_EVERY = 600.0  # seconds before the same "not realizable now" line is logged again
 
 
 class HealthMetrics(NoMetrics):
@@ -36,6 +37,29 @@ class HealthMetrics(NoMetrics):
         self.problems += 1
 
 
+class OncePerWhile(logging.Filter):
+    """Lets each distinct message through once per `every` seconds.
+
+    In a fleet a VM runs on one host, so every other agent finds its flows "not
+    realizable now" (the VM is not here) at each status report, once a second:
+    that is normal, and worth one line, not a line per flow per second.
+    """
+
+    def __init__(self, every: float = REPEAT_EVERY):
+        super().__init__()
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, text = time.monotonic(), record.getMessage()
+        if now - self._last.get(text, -self.every) < self.every:
+            return False
+        if len(self._last) > 10000:
+            self._last.clear()  # bounded memory: forget and say things once more
+        self._last[text] = now
+        return True
+
+
 class Agent:
     def __init__(self, client, host: str, interval: float = 30.0, ttl: int = 15):
         self.client = client
@@ -46,6 +70,8 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self._beat()  # a store that has no hosts refuses here, before anything runs
+        quiet = OncePerWhile()
+        logging.getLogger("vtap.reconcile").addFilter(quiet)
         threads = [
             threading.Thread(target=self._heartbeat, args=(stop,), name="vtap-heartbeat", daemon=True),
             threading.Thread(target=self._watch_store, args=(stop,), name="vtap-store-watch", daemon=True),
@@ -53,9 +79,12 @@ class Agent:
         ]
         for thread in threads:
             thread.start()
-        self.follower.run(stop)
-        for thread in threads:
-            thread.join(timeout=5)
+        try:
+            self.follower.run(stop)
+        finally:
+            for thread in threads:
+                thread.join(timeout=5)
+            logging.getLogger("vtap.reconcile").removeFilter(quiet)
 
     def run_once(self) -> None:
         self._beat()

@@ -749,6 +749,10 @@ class TcDataplane:
                 catalog.save_or_keep()
                 raise
             catalog.clear_failures(bindings)
+            # Devices that went away (a VM stopped or migrated off this host) took their filters with them:
+            # forget their entries here too, or a host VMs only arrive on keeps them forever. After the kernel
+            # work, so the new mirrors are not held up by the link dump.
+            self._forget_what_is_gone(catalog)
             catalog.save()
         self.save_filter_cache()
 
