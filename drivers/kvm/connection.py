@@ -112,6 +112,8 @@ class Libvirt:
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
+                if stop.is_set():
+                    break  # stopped while trying: no retry to announce
                 attempt += 1
                 missed_events = True
                 delay = backoff(_state(attempt))
