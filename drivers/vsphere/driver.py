@@ -448,7 +448,7 @@ class VsphereDriver(Driver):
                 yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate, monitoring=lambda uuid: uuid in self._monitoring)
                 return
             except LOST:
-                self.connection.reconnect()
+                self.connection.reconnect(stop)
                 self._views.clear()
                 self._vms.invalidate()
                 yield None  # events may have been missed: look at everything
