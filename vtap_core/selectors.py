@@ -156,6 +156,11 @@ class MatchMemo:
         self._by_select[select] = now  # only the VMs of this read: the memo never outgrows the inventory
         return out
 
+    def keep_only(self, selects) -> None:
+        """Forget selectors no flow uses any more."""
+        for select in set(self._by_select) - set(selects):
+            self._by_select.pop(select, None)
+
 
 MEMO = MatchMemo()
 
@@ -194,6 +199,7 @@ def expand(sessions, flows, inventory, cap: int = DEFAULT_CAP, scope: str | None
     if not selector_flows:
         return result
     vms = inventory()
+    MEMO.keep_only(f.source.select for f in selector_flows)
     mine = None if scope is None else _refs(scope, vms)
     by_name = {s.name: s for s in sessions}
     for flow in selector_flows:
