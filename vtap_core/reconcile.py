@@ -65,8 +65,9 @@ def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[Tap
     whole plan fails, plan per flow and set the failing ones aside in
     `problems` as (session, flow, error). Selector flows are expanded to their
     member flows first (selectors.py); `members` receives who they are. With a
-    `scope` (one VM), the members on other VMs are not planned: diff() would not
-    look at them, and a thousand of them cost more than the VM that changed.
+    `scope` (one VM; only for drivers that plan each flow on its own), the members
+    on other VMs are not planned: diff() would not look at them, and a thousand of
+    them cost more than the VM that changed.
     """
     active = [s for s in sessions if s.enabled]
     names = {s.name for s in active}
@@ -151,11 +152,14 @@ def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> Non
 
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
     # Optional hook: a driver that can read one VM instead of all (kvm) is told which reconcile this is.
+    # It also says the driver plans each flow on its own, so the other VMs' members can be left out
+    # (vsphere's flows share their switch's session options: it plans them all).
     focus = getattr(driver, "focus", None)
     if focus is not None:
         focus(scope)
     try:
-        plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}, scope), driver.observe(), scope)
+        narrow = scope if focus is not None else None
+        plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), driver.observe(), scope)
     finally:
         if focus is not None:
             focus(None)
