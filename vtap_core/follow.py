@@ -71,8 +71,10 @@ class Follower:
         self.hints = HintQueue()
         self.retries = retries
         self.resyncs = 0
+        self._stop = threading.Event()  # run()'s: a stop ends retries and their waits at once
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         if hasattr(self.client.driver, "metrics"):
             self.client.driver.metrics = self.metrics  # drivers that reconnect (kvm) count it there
         watcher = threading.Thread(target=self._watch, args=(stop,), name="vtap-watch", daemon=True)
@@ -103,16 +105,21 @@ class Follower:
                     self.hints.put(hint)
                 return
             except Exception as exc:
+                if stop.is_set():
+                    return  # a watch broken by the stop itself: nothing to report
                 self.metrics.count_error()
                 log.warning("event watch failed, resyncing and watching again: %s", exc)
                 self.hints.put(EVERYTHING)
                 stop.wait(1.0)
 
     def _work(self, scope, arrived: float) -> None:
+        stop = self._stop
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TemporaryError),
             wait=tenacity.wait_exponential(multiplier=0.2, max=10),
-            stop=tenacity.stop_after_attempt(self.retries),
+            # SIGTERM while the platform is away must not wait out the backoff (kill -9 was needed).
+            stop=tenacity.stop_after_attempt(self.retries) | tenacity.stop_when_event_set(stop),
+            sleep=stop.wait,
             reraise=True,
         )
         try:
@@ -121,6 +128,8 @@ class Follower:
             self.metrics.count_error()
             raise
         except Exception as exc:
+            if stop.is_set():
+                return  # stopping: the attempt cut short is not a failure to report
             self.metrics.count_error()
             log.error("reconcile %s failed: %s", "everything" if scope is None else scope, exc)
             return

@@ -57,18 +57,21 @@ def diff(desired: list[Binding], observed: list[Binding], scope: str | None = No
     return plan
 
 
-def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None, members: dict | None = None) -> list[Binding]:
+def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None, members: dict | None = None, scope: str | None = None) -> list[Binding]:
     """What the driver should have on the platform for these enabled sessions.
 
     A flow whose source vanished since it was added (VM undefined, interface
     deleted) must not stop every other flow from being kept right: when the
     whole plan fails, plan per flow and set the failing ones aside in
     `problems` as (session, flow, error). Selector flows are expanded to their
-    member flows first (selectors.py); `members` receives who they are.
+    member flows first (selectors.py); `members` receives who they are. With a
+    `scope` (one VM; only for drivers that plan each flow on its own), the members
+    on other VMs are not planned: diff() would not look at them, and a thousand of
+    them cost more than the VM that changed.
     """
     active = [s for s in sessions if s.enabled]
     names = {s.name for s in active}
-    expansion = selectors.expand(active, [f for f in flows if f.session in names], driver.inventory, selectors.cap())
+    expansion = selectors.expand(active, [f for f in flows if f.session in names], driver.inventory, selectors.cap(), scope)
     flows = expansion.flows
     if members is not None:
         members.update(expansion.members)
@@ -148,7 +151,18 @@ def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> Non
 
 
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
-    plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}), driver.observe(), scope)
+    # Optional hook: a driver that can read one VM instead of all (kvm) is told which reconcile this is.
+    # It also says the driver plans each flow on its own, so the other VMs' members can be left out
+    # (vsphere's flows share their switch's session options: it plans them all).
+    focus = getattr(driver, "focus", None)
+    if focus is not None:
+        focus(scope)
+    try:
+        narrow = scope if focus is not None else None
+        plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), driver.observe(), scope)
+    finally:
+        if focus is not None:
+            focus(None)
     plan.problems = problems
     plan.members = members
     execute(driver, plan)

@@ -130,30 +130,66 @@ def reasons(terms, vm) -> str:
     return "; ".join(out)
 
 
-def members_of(flow, session, vms, cap: int) -> list[Member]:
+class MatchMemo:
+    """What a selector matched on each VM object, kept while the driver hands out the same objects.
+
+    A driver that keeps its inventory between reads (kvm) gives back the very VM object
+    of a domain nothing happened to: with thousands of VMs, an event about one of them
+    then matches one VM again, not all. VMs are immutable, so an object's answer holds.
+    """
+
+    def __init__(self):
+        self._by_select: dict = {}  # selector text -> {id(vm): (vm, nics, why)}
+
+    def matches(self, select: str, terms, vms) -> list:
+        """[(vm, nics, why)] of the VMs whose NICs the selector taps."""
+        before = self._by_select.get(select, {})
+        now, out = {}, []
+        for vm in vms:
+            known = before.get(id(vm))
+            if known is None or known[0] is not vm:
+                nics = matching(terms, vm)
+                known = (vm, nics, reasons(terms, vm) if nics else None)
+            now[id(vm)] = known
+            if known[1]:
+                out.append(known)
+        self._by_select[select] = now  # only the VMs of this read: the memo never outgrows the inventory
+        return out
+
+    def keep_only(self, selects) -> None:
+        """Forget selectors no flow uses any more."""
+        for select in set(self._by_select) - set(selects):
+            self._by_select.pop(select, None)
+
+
+MEMO = MatchMemo()
+
+
+def members_of(flow, session, vms, cap: int, memo: MatchMemo | None = None) -> list[Member]:
     """The members of one selector flow; ValidationError when there are more NICs than `cap`."""
     terms = parse(flow.source.select)
     target_vm = session.target.vm if session.target.kind == "vm" else None
     out = []
-    for vm in sorted(vms, key=lambda v: (v.name, v.uuid)):
+    matched = (memo or MatchMemo()).matches(flow.source.select, terms, vms)
+    for vm, nics, why in sorted(matched, key=lambda m: (m[0].name, m[0].uuid)):
         if target_vm and target_vm in (vm.uuid, vm.ref):
             continue  # never mirror the target into itself
-        why = None
-        for nic in matching(terms, vm):
+        for nic in nics:
             if target_vm and session.target.mac == nic.mac:
                 continue
-            why = why or reasons(terms, vm)
             out.append(Member(vm.ref, vm.name, nic.mac or None, vm.host, why))
     if len(out) > cap:
         raise ValidationError("select", f"{flow.source.select!r} matches {len(out)} NICs, more than the cap of {cap} (raise it with VTAP_SELECTOR_CAP)")
     return out
 
 
-def expand(sessions, flows, inventory, cap: int = DEFAULT_CAP) -> Expansion:
+def expand(sessions, flows, inventory, cap: int = DEFAULT_CAP, scope: str | None = None) -> Expansion:
     """Plain flows as they are; each selector flow replaced by its member flows.
 
     `inventory` is called only when some flow has a selector (it may be slow).
     A selector flow that cannot be expanded (over the cap) is a problem and has no members.
+    With a `scope` (a VM's UUID or ref), `members` still lists every member, but member
+    flows are made only for that VM's: a reconcile scoped to it looks at nothing else.
     """
     from vtap_core.model import member_flow
 
@@ -163,20 +199,28 @@ def expand(sessions, flows, inventory, cap: int = DEFAULT_CAP) -> Expansion:
     if not selector_flows:
         return result
     vms = inventory()
+    MEMO.keep_only(f.source.select for f in selector_flows)
+    mine = None if scope is None else _refs(scope, vms)
     by_name = {s.name: s for s in sessions}
     for flow in selector_flows:
         session = by_name.get(flow.session)
         if session is None:
             continue
         try:
-            members = members_of(flow, session, vms, cap)
+            members = members_of(flow, session, vms, cap, MEMO)
         except ValidationError as exc:
             result.problems.append((flow.session, flow.name, str(exc)))
             result.members[flow.name] = []
             continue
         result.members[flow.name] = members
-        result.flows.extend(member_flow(flow, m.vm, m.nic) for m in members)
+        result.flows.extend(member_flow(flow, m.vm, m.nic) for m in members if mine is None or m.vm in mine)
     return result
+
+
+def _refs(scope: str, vms) -> set:
+    """What members name the VM `scope` by; every VM's ref when none answers to it (nothing to narrow by)."""
+    refs = {vm.ref for vm in vms if scope in (vm.uuid, vm.ref)}
+    return refs or {vm.ref for vm in vms}
 
 
 def membership_changes(before: dict, after: dict) -> list[dict]:

@@ -67,6 +67,10 @@ class Libvirt:
         self.metrics = metrics
         self._conn = None
         self._lock = threading.Lock()
+        # Which subscription to domain events is live (0: none). What was read while one
+        # number holds is kept true by the events that follow (see KvmDriver.inventory).
+        self.listening = 0
+        self._subscriptions = 0
 
     def _open(self):
         try:
@@ -112,6 +116,8 @@ class Libvirt:
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
+                if stop.is_set():
+                    break  # stopped while trying: no retry to announce
                 attempt += 1
                 missed_events = True
                 delay = backoff(_state(attempt))
@@ -155,6 +161,8 @@ class Libvirt:
             _close_quietly(conn)
             stop.wait(1.0)
             return
+        self._subscriptions += 1
+        self.listening = self._subscriptions
         try:
             while not stop.is_set():
                 try:
@@ -169,6 +177,7 @@ class Libvirt:
             if not stop.is_set():
                 log.warning("lost the connection to libvirt at %s; reconnecting", self.uri)
         finally:
+            self.listening = 0
             for callback in callbacks:
                 try:
                     conn.domainEventDeregisterAny(callback)

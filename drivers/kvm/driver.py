@@ -50,7 +50,12 @@ class KvmDriver(Driver):
         self.ovs = Ovs(ovsdb)
         self._tc = None
         self._parsed: dict = {}  # uuid -> (XML, state, VM) of the last inventory
-        self._memo = None  # (time, VMs): one reconcile's expand, plan and observe share one read
+        self._memo = None  # (time, VMs, full read?): one reconcile's expand, plan and observe share one read
+        self._focus = threading.local()  # .vm: the VM this thread's reconcile is about (None: all); an agent reports status meanwhile
+        self._known = None  # (event subscription, host, {uuid: VM}): the last full read, kept by events
+        self._changed: set = set()  # domains with an event since: read again before _known is used
+        self._changes = threading.Lock()  # watch() adds to _changed while a reconcile reads it
+        self._reading = threading.Lock()  # one read at a time: a full read and a re-read must not cross (an agent's status runs beside its follower)
         self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
     # The follower sets this (vtap_core.metrics.PrometheusMetrics) to count reconnects.
@@ -86,30 +91,72 @@ class KvmDriver(Driver):
 
     def inventory(self) -> list[VM]:
         memo = self._memo
-        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE:
-            return memo[1]
-
-        def read(conn):
-            host = conn.getHostname()
-            vms, parsed = [], {}
-            for dom in conn.listAllDomains():
-                try:
-                    uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
-                    # Every read asks libvirt; parsing is the cost at thousands of VMs, and
-                    # the same XML in the same state is the same VM.
-                    known = self._parsed.get(uuid)
-                    vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
-                    parsed[uuid] = (xml, state, vm)
-                    vms.append(vm)
-                except libvirt.libvirtError as exc:
-                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                        raise  # else: undefined between list and read, so not there
-            self._parsed = parsed
+        if memo is not None and time.monotonic() - memo[0] <= INVENTORY_REUSE and (memo[2] or self._focused() is not None):
+            return memo[1]  # (a re-read serves only reconciles about one VM: a resync reads everything)
+        with self._reading:
+            with self._changes:
+                changed, self._changed = self._changed, set()
+            known = self._known
+            try:
+                full = not (self._focused() is not None and known is not None and known[0] == self.libvirt.listening != 0)
+                if full:
+                    vms = self.libvirt.call(self._read_all)
+                else:
+                    # A reconcile about one VM while events flow: read again only the domains they named.
+                    vms = self.libvirt.call(lambda conn: self._reread(conn, known, changed))
+            except Exception:
+                with self._changes:
+                    self._changed |= changed  # not read: still to be read
+                raise
+            self._memo = (time.monotonic(), vms, full)
             return vms
 
-        vms = self.libvirt.call(read)
-        self._memo = (time.monotonic(), vms)
-        return vms
+    def _read_all(self, conn) -> list[VM]:
+        subscription = self.libvirt.listening  # before listing: events from here on name what changes
+        host = conn.getHostname()
+        by_uuid, parsed = {}, {}
+        for dom in conn.listAllDomains():
+            self._read_domain(dom, host, by_uuid, parsed)
+        self._parsed = parsed
+        self._known = (subscription, host, by_uuid)
+        return list(by_uuid.values())
+
+    def _reread(self, conn, known: tuple, uuids) -> list[VM]:
+        subscription, host, by_uuid = known
+        by_uuid, parsed = dict(by_uuid), dict(self._parsed)  # a list handed out before stays as it was
+        for uuid in uuids:
+            by_uuid.pop(uuid, None)  # undefined, unless read again just below
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                continue
+            self._read_domain(dom, host, by_uuid, parsed)
+        self._parsed = parsed
+        self._known = (subscription, host, by_uuid)
+        return list(by_uuid.values())
+
+    def _read_domain(self, dom, host: str, by_uuid: dict, parsed: dict) -> None:
+        """Put the domain as a VM into by_uuid (nothing when it was undefined before it could be read)."""
+        try:
+            uuid, xml, state = dom.UUIDString(), dom.XMLDesc(), dom.state()[0]
+            # Parsing is the cost at thousands of VMs, and the same XML in the same state is the same VM.
+            known = self._parsed.get(uuid)
+            vm = known[2] if known and known[:2] == (xml, state) and known[2].host == host else vm_of(uuid, dom.name(), state, xml, host)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            return
+        parsed[uuid] = (xml, state, vm)
+        by_uuid[uuid] = vm
+
+    def focus(self, vm: str | None) -> None:
+        """The reconcile this thread is about to run looks at this VM only (None: at everything, read in full)."""
+        self._focus.vm = vm
+
+    def _focused(self) -> str | None:
+        return getattr(self._focus, "vm", None)
 
     # plan ------------------------------------------------------------------
 
@@ -282,7 +329,7 @@ class KvmDriver(Driver):
             devices = {nic.device for vm in self.inventory() for nic in vm.nics if nic.device}
         finally:
             self._memo = None  # observe ends a reconcile (and status): the next one reads afresh
-        found = [b for b in self.tc.observe() if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
+        found = [b for b in self.tc.observe(vm=self._focused()) if b.get("type") in ("vxlan", "capture") or (b.get("type") == "mirror" and b.get("device") in devices)]
         if self.ovs.available():
             # A mirror whose port is gone (its VM stopped: libvirt deleted the port) is stale, whoever made it.
             ports = self.ovs.port_names()
@@ -321,6 +368,9 @@ class KvmDriver(Driver):
     def watch(self, stop: threading.Event):
         for hint in self.libvirt.watch(stop):
             self._memo = None  # something changed: the reconcile it causes must read it
+            if hint is not None:
+                with self._changes:
+                    self._changed.add(hint)
             yield hint
 
     def close(self) -> None:

@@ -546,8 +546,11 @@ class TcDataplane:
 
     # ------------------------------------------------------------ observe
 
-    def observe(self) -> list[Binding]:
-        """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump."""
+    def observe(self, vm: str | None = None) -> list[Binding]:
+        """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump.
+
+        With `vm`, only that VM's mirrors and what belongs to no VM: all a reconcile scoped to it looks at.
+        """
         with self._kernel(), self.catalog.locked(shared=True) as catalog:
             links: dict[int, dict | None] = {}
             underlays: dict[str, tuple | None] = {}
@@ -562,6 +565,8 @@ class TcDataplane:
                 return link["name"] if link is not None else None
 
             hooks = catalog.mirror_hooks()
+            if vm is not None:
+                hooks = {place: wanted for place, wanted in hooks.items() if any(b.vm in (vm, None) for b in wanted.values())}
             every_link = None
             if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
@@ -593,15 +598,16 @@ class TcDataplane:
             known = catalog.marks()
             out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
             out.extend(self._observe_devices(catalog, every_link))
-            out.extend(self._unused_clsacts(catalog, used))
+            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}))
             return out
 
-    def _unused_clsacts(self, catalog, used: set) -> list[Binding]:
+    def _unused_clsacts(self, catalog, used: set, among: set | None = None) -> list[Binding]:
         """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
 
-        Only devices without a vtap filter are looked at, so this costs nothing while mirrors are in place.
+        Only devices without a vtap filter are looked at (and only those `among`, when given),
+        so this costs nothing while mirrors are in place.
         """
-        candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used}
+        candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used and (among is None or ifindex in among)}
         if not candidates:
             return []
         present = self._clsact_indexes()

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -111,13 +112,15 @@ class Connection:
             raise TemporaryError(f"vsphere: cannot reach {self.url}: {exc}") from None
         self.connects += 1
 
-    def reconnect(self):
-        """Drop the session and log in again, with backoff while vCenter is unreachable."""
+    def reconnect(self, stop: threading.Event | None = None):
+        """Drop the session and log in again, with backoff while vCenter is unreachable; a set `stop` ends the backoff."""
         self.close()
+        stop = stop or threading.Event()
         for attempt in tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TemporaryError),
             wait=tenacity.wait_exponential(multiplier=0.2, max=5),
-            stop=tenacity.stop_after_attempt(6),
+            stop=tenacity.stop_after_attempt(6) | tenacity.stop_when_event_set(stop),
+            sleep=stop.wait,
             reraise=True,
         ):
             with attempt:

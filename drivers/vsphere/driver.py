@@ -466,7 +466,7 @@ class VsphereDriver(Driver):
                 )
                 return
             except LOST:
-                self.connection.reconnect()
+                self.connection.reconnect(stop)
                 self._views.clear()
                 self._vms.invalidate()
                 yield None  # events may have been missed: look at everything

@@ -3,6 +3,7 @@
 import threading
 import time
 
+from vtap_core.errors import TemporaryError
 from vtap_core.follow import EVERYTHING, HintQueue
 
 
@@ -31,3 +32,37 @@ def test_take_wakes_up_on_put():
     started = time.monotonic()
     assert queue.take(5)[0] == "vm-z"
     assert time.monotonic() - started < 1
+
+
+class _UnreachablePlatform:
+    """A client whose platform is away: every reconcile is a TemporaryError (the follower retries it)."""
+
+    class driver:
+        @staticmethod
+        def watch(stop):
+            stop.wait()
+            return iter(())
+
+    def __init__(self):
+        self.attempts = 0
+
+    def reconcile(self, scope=None):
+        self.attempts += 1
+        raise TemporaryError("the platform is away")
+
+
+def test_a_stop_ends_the_retry_backoff_at_once_and_logs_no_failure(caplog):
+    from vtap_core.follow import Follower
+
+    client = _UnreachablePlatform()
+    follower = Follower(client, interval=30, retries=12)  # backing off up to 10 s a retry: ~90 s in all
+    stop = threading.Event()
+    runner = threading.Thread(target=follower.run, args=(stop,), daemon=True)
+    runner.start()
+    while client.attempts < 3:  # backing off now
+        time.sleep(0.01)
+    stop.set()
+    runner.join(5)
+    assert not runner.is_alive(), "the follower slept out its retries after the stop"
+    assert client.attempts < 12
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -65,3 +65,28 @@ def test_membership_changes_say_who_joined_and_left():
         {"flow": "f", "joined": "b#1", "why": "b: name=b*"},
         {"flow": "f", "left": "a#1", "why": "no longer matches (or is gone)"},
     ]
+
+
+def test_a_vm_read_again_is_matched_again_and_the_memo_keeps_only_the_vms_of_the_last_read():
+    from dataclasses import replace
+
+    memo = selectors.MatchMemo()
+    session, flow = TapSession("s", "port:mon0"), TapFlow("f", "s", Source(select="tag=pci"))
+    assert [m.vm_name for m in selectors.members_of(flow, session, [WEB1, WEB2, DB], 1000, memo)] == ["web-1", "web-1"]
+    retagged = replace(WEB2, tags=("pci",))  # the driver read WEB2 again after an event: a new object
+    assert [m.vm_name for m in selectors.members_of(flow, session, [WEB1, retagged, DB], 1000, memo)] == ["web-1", "web-1", "web-2"]
+    untagged = replace(WEB1, tags=())
+    assert [m.vm_name for m in selectors.members_of(flow, session, [untagged, retagged], 1000, memo)] == ["web-2"]
+    assert {vm.name for vm, _, _ in memo._by_select["tag=pci"].values()} == {"web-1", "web-2"}  # DB, gone, is forgotten
+
+
+def test_a_scoped_expansion_lists_every_member_and_makes_member_flows_for_that_vm_only():
+    session = TapSession("s", "port:mon0")
+    flows = [TapFlow("f", "s", Source(select="name=web-*")), TapFlow("plain", "s", Source(vm=DB.uuid))]
+    vms = [WEB1, WEB2, DB, MON]
+    scoped = selectors.expand([session], flows, lambda: vms, scope=WEB2.uuid)
+    assert len(scoped.members["f"]) == 4  # web-1 (two NICs), web-2, web-mon: membership stays whole
+    assert sorted(f.name for f in scoped.flows) == sorted(["plain", f"f@{WEB2.uuid}#52:54:00:00:00:02"])
+    # A scope no VM answers to (undefined meanwhile) narrows nothing.
+    unknown = selectors.expand([session], flows, lambda: vms, scope="00000000-0000-0000-0000-0000000000ff")
+    assert len(unknown.flows) == 5
