@@ -10,9 +10,19 @@ unchanged, are
   - re-emitted on a local device (--to port:IFNAME), so an IDS that reads an
     interface (Suricata, Zeek, Snort) can sit behind any tunnel.
 
-A raw socket gets a copy of every GRE packet for its address whether or not
-the kernel has GRE tunnels of its own, and its presence keeps the kernel from
-answering with ICMP "protocol unreachable".
+How packets are read: a memory-mapped TPACKET_V3 ring (ring.py) on a packet
+socket for IPv4 (or IPv6) packets of every device, at the point where the IP
+stack receives them, with a classic BPF program that keeps only the tunnel's
+packets for ADDR (IP protocol 47, or UDP to PORT; not fragments, not what
+the host sends, not frames for other hosts' MACs). The kernel copies each
+packet once into the ring and hands over whole blocks: no system call per
+packet, 64 MB of room for bursts, and what the ring had no room for is
+counted (Termination.dropped). A raw socket (protocol 47) or UDP socket
+bound to ADDR[:PORT] stays open beside it, with a filter that drops
+everything: it checks that ADDR is ours and the port free, and its
+presence keeps the kernel from answering with ICMP "protocol unreachable"
+or "port unreachable". Fragmented tunnel packets are not reassembled (they
+are not kept); IPv6 packets with extension headers before GRE/UDP neither.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -30,8 +41,19 @@ from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_P
 from vtap_drivers.linux import capture
 from vtap_drivers.linux.decap import decap_gre, decap_vxlan
 from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.ring import PacketRing, attach_filter
 
 IPPROTO_GRE = 47
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+UDP_HEADER = 8
+IPV6_HEADER = 40
+# Classic BPF instructions, (code, jt, jf, k); jumps count instructions after the next one.
+LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND = 0x20, 0x28, 0x30, 0xB1, 0x48
+JEQ, JGE, JSET, RET = 0x15, 0x35, 0x45, 0x06
+SKF_AD_PKTTYPE = 0xFFFFF000 + 4
+PACKET_OTHERHOST = 3  # 3 and up: for another host's MAC, or sent by this one
+KEEP_BYTES = 0x40000  # copy whole packets
+STATS_INTERVAL = 1.0
 LISTEN_RULE = "write gre://ADDR[?key=N], erspan://ADDR[?id=N] or vxlan://ADDR[:PORT][?vni=N], ADDR a local IP address (0.0.0.0 or [::] for all)"
 SELECTORS = {"gre": ("key", GRE_KEY_MAX), "erspan": ("id", ERSPAN_ID_MAX), "vxlan": ("vni", VNI_MAX)}
 
@@ -70,8 +92,6 @@ def open_gre_socket(address: str, netns: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = capture._socket_in(netns, family, socket.SOCK_RAW, IPPROTO_GRE)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, capture.SO_TIMESTAMPNS, 1)
-        capture._enlarge_receive_buffer(sock)
         sock.bind((address, 0))
     except OSError as exc:
         sock.close()
@@ -97,14 +117,42 @@ def open_output_port(target: str, netns: str | None = None) -> socket.socket:
     return sock
 
 
-def _payload(listen: Listen, sock_family: int, view, nbytes: int):
-    """The tunnel payload of one received datagram (an IPv4 raw socket also hands over the IP header).
+def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for a packet socket reading IP packets (SOCK_DGRAM: from the IP header):
+    keep the tunnel's packets to listen.address (any address for 0.0.0.0 / ::), drop the rest."""
+    ipv6 = ":" in listen.address
+    proto = socket.IPPROTO_UDP if listen.scheme == "vxlan" else IPPROTO_GRE
+    # (load, jump, k, drop when the jump's test is true): every test passed -> keep.
+    tests = [((LD_W, 0, 0, SKF_AD_PKTTYPE), JGE, PACKET_OTHERHOST, True)]
+    if ipv6:
+        tests.append(((LD_B, 0, 0, 6), JEQ, proto, False))
+        words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
+        if any(words):
+            tests += [((LD_W, 0, 0, 24 + 4 * i), JEQ, word, False) for i, word in enumerate(words)]
+        if listen.port is not None:
+            tests.append(((LD_H, 0, 0, IPV6_HEADER + 2), JEQ, listen.port, False))
+    else:
+        tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
+        address = int(ipaddress.IPv4Address(listen.address))
+        if address:
+            tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
+        tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, True))  # a fragment: more fragments, or an offset
+        if listen.port is not None:
+            tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
+            tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
+    program = []
+    length = sum(1 if jump is None else 2 for _, jump, _, _ in tests) + 2
+    for load, jump, k, drop_when_true in tests:
+        program.append(load)
+        if jump is not None:
+            to_drop = length - 1 - (len(program) + 1)
+            program.append((jump, to_drop, 0, k) if drop_when_true else (jump, 0, to_drop, k))
+    return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
 
-    A view into the receive buffer, not a copy: use it before the next datagram.
-    """
-    if listen.scheme != "vxlan" and sock_family == socket.AF_INET:
-        return view[(view[0] & 0x0F) * 4 : nbytes]
-    return view[:nbytes]
+
+def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
+    ipv6 = ":" in listen.address
+    return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM)
 
 
 def _selected(listen: Listen, meta) -> bool:
@@ -122,8 +170,20 @@ def _flags(meta) -> int | None:
     return {"ingress": 1, "egress": 2}.get(meta.direction)
 
 
+@dataclass
+class Termination:
+    kept: int = 0  # inner frames written / re-emitted
+    dropped: int = 0  # tunnel packets the kernel had no room for in the ring
+    ignored: int = 0  # tunnel packets not kept: another key/session/VNI, not a frame, cut short
+
+
 def terminate(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> int:
     """Terminate a tunnel until count, duration, stop or Ctrl-C; returns the number of inner frames kept."""
+    return terminate_counted(listen_text, path, to, count, duration, stop, netns).kept
+
+
+def terminate_counted(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> Termination:
+    """terminate(), returning what was kept, dropped by the kernel and ignored."""
     listen = parse_listen(listen_text)
     if path is None and to is None:
         raise ValidationError("capture", "give -w FILE.pcapng, --to port:IFNAME, or both")
@@ -136,46 +196,66 @@ def terminate(listen_text: str, path: str | None = None, to: str | None = None, 
     stop = stop or threading.Event()
     deadline = None if duration is None else time.monotonic() + duration
     out = open_output_port(to, netns) if to is not None else None
-    sock = None
-    writer = None
-    kept = 0
+    sock = ring = writer = None
+    counts = Termination()
     try:
-        if listen.scheme == "vxlan":
-            sock = capture.open_vxlan_socket(listen.address, listen.port, netns)
-        else:
-            sock = open_gre_socket(listen.address, netns)
+        # The ring before the socket: once the socket is seen listening, nothing is missed.
+        ring = open_tunnel_ring(listen, netns)
+        # The socket says whether ADDR is ours and the port free; its filter keeps its queue empty.
+        sock = capture.open_vxlan_socket(listen.address, listen.port, netns) if listen.scheme == "vxlan" else open_gre_socket(listen.address, netns)
+        attach_filter(sock, [(RET, 0, 0, 0)])
         writer = PcapngWriter.create(path, if_name=listen_text) if path is not None else None
-        decap = decap_vxlan if listen.scheme == "vxlan" else decap_gre
+        _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a user ends an open-ended capture
+    finally:
+        if ring is not None:
+            counts.dropped += ring.statistics()[1]
+        if writer is not None:
+            writer.close()
+        for s in (ring, sock, out):
+            if s is not None:
+                s.close()
+    return counts
 
-        def should_stop():
-            return stop.is_set() or (count is not None and kept >= count) or (deadline is not None and time.monotonic() >= deadline)
 
-        def on_idle():
-            if writer is not None:
-                writer.flush()
+def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
+    """The hot loop: as little Python per packet as the job allows."""
+    decap = decap_vxlan if listen.scheme == "vxlan" else decap_gre
+    udp = UDP_HEADER if listen.scheme == "vxlan" else 0
+    ipv6 = ":" in listen.address
+    write = writer.write if writer is not None else None
+    minimum = capture.ETHERNET_HEADER
+    next_stats = time.monotonic() + STATS_INTERVAL
 
-        for view, nbytes, ancdata, _sender in capture._datagrams(sock, should_stop, on_idle):
-            if nbytes > len(view):
-                continue  # truncated: not a frame we can pass on unchanged
-            found = decap(_payload(listen, sock.family, view, nbytes))
-            if found is None or len(found[0]) < capture.ETHERNET_HEADER or not _selected(listen, found[1]):
+    def should_stop():
+        nonlocal next_stats
+        now = time.monotonic()
+        if now >= next_stats:
+            counts.dropped += ring.statistics()[1]
+            next_stats = now + STATS_INTERVAL
+        return stop.is_set() or (count is not None and counts.kept >= count) or (deadline is not None and now >= deadline)
+
+    def on_idle():
+        if writer is not None:
+            writer.flush()
+
+    for block in ring.blocks(should_stop, on_idle, drain_limit=1.0):
+        for packet, timestamp, length in block:
+            header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
+            found = decap(packet[header:]) if length == len(packet) else None
+            if found is None or len(found[0]) < minimum or not _selected(listen, found[1]):
+                counts.ignored += 1
                 continue
             frame, meta = found
-            if writer is not None:
-                writer.write(frame, capture._timestamp_ns(ancdata), comment=meta.comment(), flags=_flags(meta))
+            if write is not None:
+                write(frame, timestamp, comment=meta.comment(), flags=_flags(meta))
             if out is not None:
                 try:
                     out.send(frame)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
                         raise OperationFailed(f"--to {to}: {exc.strerror}") from None
-            kept += 1
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a user ends an open-ended capture
-    finally:
-        if writer is not None:
-            writer.close()
-        for s in (sock, out):
-            if s is not None:
-                s.close()
-    return kept
+            counts.kept += 1
+            if counts.kept == count:
+                return
