@@ -27,8 +27,10 @@ are not kept); IPv6 packets with extension headers before GRE/UDP neither.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import signal
 import socket
 import struct
 import threading
@@ -205,7 +207,8 @@ def terminate_counted(listen_text: str, path: str | None = None, to: str | None 
         sock = capture.open_vxlan_socket(listen.address, listen.port, netns) if listen.scheme == "vxlan" else open_gre_socket(listen.address, netns)
         attach_filter(sock, [(RET, 0, 0, 0)])
         writer = PcapngWriter.create(path, if_name=listen_text) if path is not None else None
-        _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
+        with _stopped_by_signals(stop):
+            _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a user ends an open-ended capture
     finally:
@@ -217,6 +220,20 @@ def terminate_counted(listen_text: str, path: str | None = None, to: str | None 
             if s is not None:
                 s.close()
     return counts
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event):
+    """Ctrl-C or SIGTERM sets `stop`: what is already in the ring is still written (not lost mid-block)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:

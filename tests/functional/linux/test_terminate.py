@@ -211,3 +211,32 @@ def test_a_stalled_terminator_counts_what_the_kernel_dropped_and_keeps_the_rest(
     dropped = int(summary.split("; ")[1].split()[0])
     assert dropped > 0 and kept > 30_000, summary
     assert kept - written_before + dropped == received, (kept, written_before, dropped, received)
+
+
+def test_sigterm_ends_the_capture_cleanly_with_every_frame_in_the_file(wire, tmp_path):
+    netns, mac = wire
+    from pyroute2 import netns as pr_netns
+
+    path = tmp_path / "t.pcapng"
+    inner = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0a" * 40))
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+    process = subprocess.Popen(["ip", "netns", "exec", netns, "vtap", "capture", "--listen", f"gre://{ADDR}", "-w", str(path)], stderr=subprocess.PIPE, text=True, env=env)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        deadline = time.monotonic() + 8
+        while not (path.exists() and packets_in(path) > 0) and time.monotonic() < deadline:
+            sender.send(outer(mac, gre(1, inner)))
+            time.sleep(0.2)
+        first = packets_in(path)
+        for _ in range(100):
+            sender.send(outer(mac, gre(2, inner)))
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    finally:
+        sender.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert packets_in(path) == first + 100
+    assert err.strip().splitlines()[-1].startswith(f"{first + 100} frames written to {path}"), err
