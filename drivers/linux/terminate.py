@@ -167,9 +167,8 @@ def _selected(listen: Listen, meta) -> bool:
     return meta.vni == listen.only
 
 
-def _flags(meta) -> int | None:
-    """pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress)."""
-    return {"ingress": 1, "egress": 2}.get(meta.direction)
+# pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress).
+EPB_DIRECTION = {"ingress": 1, "egress": 2}
 
 
 @dataclass
@@ -257,16 +256,26 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
         if writer is not None:
             writer.flush()
 
+    every = listen.only is None
+    comments = {}  # a stream's comment, when it is the same for all its packets (no sequence number, no timestamp)
     for block in ring.blocks(should_stop, on_idle, drain_limit=1.0):
         for packet, timestamp, length in block:
             header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
             found = decap(packet[header:]) if length == len(packet) else None
-            if found is None or len(found[0]) < minimum or not _selected(listen, found[1]):
+            if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
                 counts.ignored += 1
                 continue
             frame, meta = found
             if write is not None:
-                write(frame, timestamp, comment=meta.comment(), flags=_flags(meta))
+                if meta.sequence is None and meta.timestamp is None:
+                    comment = comments.get(meta)
+                    if comment is None:
+                        comment = comments[meta] = meta.comment()
+                        if len(comments) > 4096:  # many streams: keep it bounded
+                            comments.clear()
+                else:
+                    comment = meta.comment()
+                write(frame, timestamp, comment=comment, flags=EPB_DIRECTION.get(meta.direction))
             if out is not None:
                 try:
                     out.send(frame)
