@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
-from vtap_drivers.linux.decap import decap_gre, decap_vxlan
+from vtap_drivers.linux.decap import StreamDecap
 from vtap_drivers.linux.pcapng import PcapngWriter
 from vtap_drivers.linux.ring import PacketRing, attach_filter
 
@@ -56,6 +56,7 @@ SKF_AD_PKTTYPE = 0xFFFFF000 + 4
 PACKET_OTHERHOST = 3  # 3 and up: for another host's MAC, or sent by this one
 KEEP_BYTES = 0x40000  # copy whole packets
 STATS_INTERVAL = 1.0
+TUNNEL_BLOCK_SIZE, TUNNEL_BLOCK_COUNT = 1 << 18, 256  # 64 MB
 LISTEN_RULE = "write gre://ADDR[?key=N], erspan://ADDR[?id=N] or vxlan://ADDR[:PORT][?vni=N], ADDR a local IP address (0.0.0.0 or [::] for all)"
 SELECTORS = {"gre": ("key", GRE_KEY_MAX), "erspan": ("id", ERSPAN_ID_MAX), "vxlan": ("vni", VNI_MAX)}
 
@@ -154,7 +155,9 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
 
 def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
     ipv6 = ":" in listen.address
-    return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM)
+    # Small blocks, many of them: a block is handed over when full or RETIRE_MS old, so at a modest
+    # rate each holds little; 256 of 256 KB still buffer 5 s of a slow stream (64 of 1 MB: 1.3 s).
+    return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM, block_size=TUNNEL_BLOCK_SIZE, block_count=TUNNEL_BLOCK_COUNT)
 
 
 def _selected(listen: Listen, meta) -> bool:
@@ -237,7 +240,7 @@ def _stopped_by_signals(stop: threading.Event):
 
 def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
     """The hot loop: as little Python per packet as the job allows."""
-    decap = decap_vxlan if listen.scheme == "vxlan" else decap_gre
+    decap = StreamDecap(vxlan=listen.scheme == "vxlan")
     udp = UDP_HEADER if listen.scheme == "vxlan" else 0
     ipv6 = ":" in listen.address
     write = writer.write if writer is not None else None
@@ -257,7 +260,6 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
             writer.flush()
 
     every = listen.only is None
-    comments = {}  # a stream's comment, when it is the same for all its packets (no sequence number, no timestamp)
     for block in ring.blocks(should_stop, on_idle, drain_limit=1.0):
         for packet, timestamp, length in block:
             header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
@@ -265,16 +267,8 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
             if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
                 counts.ignored += 1
                 continue
-            frame, meta = found
+            frame, meta, comment = found
             if write is not None:
-                if meta.sequence is None and meta.timestamp is None:
-                    comment = comments.get(meta)
-                    if comment is None:
-                        comment = comments[meta] = meta.comment()
-                        if len(comments) > 4096:  # many streams: keep it bounded
-                            comments.clear()
-                else:
-                    comment = meta.comment()
                 write(frame, timestamp, comment=comment, flags=EPB_DIRECTION.get(meta.direction))
             if out is not None:
                 try:
