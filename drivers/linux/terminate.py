@@ -13,16 +13,17 @@ unchanged, are
 How packets are read: a memory-mapped TPACKET_V3 ring (ring.py) on a packet
 socket for IPv4 (or IPv6) packets of every device, at the point where the IP
 stack receives them, with a classic BPF program that keeps only the tunnel's
-packets for ADDR (IP protocol 47, or UDP to PORT; not fragments, not what
-the host sends, not frames for other hosts' MACs). The kernel copies each
+packets for ADDR (IP protocol 47, or UDP to PORT; not what the host sends,
+not frames for other hosts' MACs). IPv4 fragments are joined (reassembly.py)
+before decapsulation. The kernel copies each
 packet once into the ring and hands over whole blocks: no system call per
 packet, 64 MB of room for bursts, and what the ring had no room for is
 counted (Termination.dropped). A raw socket (protocol 47) or UDP socket
 bound to ADDR[:PORT] stays open beside it, with a filter that drops
 everything: it checks that ADDR is ours and the port free, and its
 presence keeps the kernel from answering with ICMP "protocol unreachable"
-or "port unreachable". Fragmented tunnel packets are not reassembled (they
-are not kept); IPv6 packets with extension headers before GRE/UDP neither.
+or "port unreachable". IPv6 packets with a fragment (or any extension)
+header before GRE/UDP are not kept.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_P
 from vtap_drivers.linux import capture
 from vtap_drivers.linux.decap import StreamDecap
 from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.reassembly import Reassembly
 from vtap_drivers.linux.ring import PacketRing, attach_filter
 
 IPPROTO_GRE = 47
@@ -139,17 +141,22 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
         address = int(ipaddress.IPv4Address(listen.address))
         if address:
             tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
-        tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, True))  # a fragment: more fragments, or an offset
         if listen.port is not None:
+            # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
+            tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, "keep"))
             tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
             tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
     program = []
     length = sum(1 if jump is None else 2 for _, jump, _, _ in tests) + 2
-    for load, jump, k, drop_when_true in tests:
+    for load, jump, k, when_true in tests:
         program.append(load)
         if jump is not None:
-            to_drop = length - 1 - (len(program) + 1)
-            program.append((jump, to_drop, 0, k) if drop_when_true else (jump, 0, to_drop, k))
+            to_keep = length - 2 - (len(program) + 1)
+            to_drop = to_keep + 1
+            if when_true == "keep":
+                program.append((jump, to_keep, 0, k))
+            else:
+                program.append((jump, to_drop, 0, k) if when_true else (jump, 0, to_drop, k))
     return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
 
 
@@ -241,6 +248,7 @@ def _stopped_by_signals(stop: threading.Event):
 def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
     """The hot loop: as little Python per packet as the job allows."""
     decap = StreamDecap(vxlan=listen.scheme == "vxlan")
+    joiner = Reassembly()
     udp = UDP_HEADER if listen.scheme == "vxlan" else 0
     ipv6 = ":" in listen.address
     write = writer.write if writer is not None else None
@@ -262,8 +270,17 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
     every = listen.only is None
     for block in ring.blocks(should_stop, on_idle, drain_limit=1.0):
         for packet, timestamp, length in block:
+            if length != len(packet):
+                counts.ignored += 1  # cut short: not a frame we can pass on unchanged
+                continue
+            if not ipv6 and (packet[6] & 0x3F or packet[7]):  # an IPv4 fragment: more fragments, or an offset
+                packet = joiner.add(packet)
+                if packet is None:
+                    continue  # more to come
+                if udp and int.from_bytes(packet[22:24], "big") != listen.port:
+                    continue  # joined, it is UDP to another port: not ours
             header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
-            found = decap(packet[header:]) if length == len(packet) else None
+            found = decap(packet[header:])
             if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
                 counts.ignored += 1
                 continue

@@ -240,3 +240,26 @@ def test_sigterm_ends_the_capture_cleanly_with_every_frame_in_the_file(wire, tmp
     assert process.returncode == 0, err
     assert packets_in(path) == first + 100
     assert err.strip().splitlines()[-1].startswith(f"{first + 100} frames written to {path}"), err
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_fragmented_tunnel_packets_are_joined_before_decapsulation(wire, tmp_path, tunnel):
+    """A sender without DF (a kernel vxlan device, by default) fragments outer packets larger than the
+    path MTU: the file holds the whole inner frame. Fragments of UDP to another port are not VXLAN."""
+    from scapy.layers.inet import fragment
+
+    netns, mac = wire
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    if tunnel == "erspan":
+        packets = [IP(src="10.79.0.1", dst=ADDR, proto=47, id=4242, flags=0) / erspan3(5, big)]
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        packets = [IP(src="10.79.0.1", dst=ADDR, id=4343, flags=0) / UDP(sport=5000, dport=4790) / (vxlan + big[:-1] + b"\x00"),  # another port
+                   IP(src="10.79.0.1", dst=ADDR, id=4242, flags=0) / UDP(sport=5000, dport=4789) / (vxlan + big)]
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for packet in packets for p in fragment(packet, fragsize=1200)[::-1]]
+    assert len(pieces) == 3 * len(packets)
+    path = tmp_path / "f.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://{ADDR}", "-w", str(path), "--count", "1"], pieces, tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [big]
