@@ -390,7 +390,8 @@ def cmd_capture(args, ctx):
         parse_vxlan_listen(args.listen)  # its stricter rules (vni=5&vni=6 is refused)
     counts = terminate_counted(args.listen, args.write, to=args.to, count=args.count, duration=args.duration)
     where = " and ".join(w for w in (args.write, args.to) if w)
-    print(f"{counts.kept} frames written to {where}; {counts.dropped} tunnel packets dropped by the kernel (no room in the ring)", file=sys.stderr)
+    unread = f"; {counts.unread} left unread in the ring when it stopped" if counts.unread else ""
+    print(f"{counts.kept} frames written to {where}; {counts.dropped} tunnel packets dropped by the kernel (no room in the ring){unread}", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ nothing else costs a copy.
             ...                                          # frame: a view into the ring, valid
                                                          # until the next block is asked for
     ring.statistics()  -> (frames received, dropped, times the ring was full)   since the last call
+    ring.unread()                                       # frames handed over but not read (after a stop)
     ring.rebind_if_recreated()                          # follow a sink recreated under its name
     ring.close()
 
@@ -225,6 +226,17 @@ class PacketRing:
         if now is not None and now != self.bound:
             self.sock.bind((self.device, self.protocol))
             self.bound = now
+
+    def unread(self) -> int:
+        """Frames in blocks the kernel has handed over and nobody has read yet (left behind at a stop)."""
+        frames = 0
+        for step in range(self.block_count):
+            offset = (self.next_block + step) % self.block_count * self.block_size
+            status, count, _first = BLOCK_HEADER.unpack_from(self.map, offset + BLOCK_STATUS_OFFSET)
+            if not status & TP_STATUS_USER:
+                break
+            frames += count
+        return frames
 
     def statistics(self) -> tuple[int, int, int]:
         """(frames received, frames dropped because the ring was full, times it was full) since the last call."""

@@ -58,6 +58,7 @@ SKF_AD_PKTTYPE = 0xFFFFF000 + 4
 PACKET_OTHERHOST = 3  # 3 and up: for another host's MAC, or sent by this one
 KEEP_BYTES = 0x40000  # copy whole packets
 STATS_INTERVAL = 1.0
+DRAIN_LIMIT = 3.0  # seconds: after a stop, what the ring holds is still written for at most this long
 TUNNEL_BLOCK_SIZE, TUNNEL_BLOCK_COUNT = 1 << 18, 256  # 64 MB
 LISTEN_RULE = "write gre://ADDR[?key=N], erspan://ADDR[?id=N] or vxlan://ADDR[:PORT][?vni=N], ADDR a local IP address (0.0.0.0 or [::] for all)"
 SELECTORS = {"gre": ("key", GRE_KEY_MAX), "erspan": ("id", ERSPAN_ID_MAX), "vxlan": ("vni", VNI_MAX)}
@@ -186,6 +187,7 @@ class Termination:
     kept: int = 0  # inner frames written / re-emitted
     dropped: int = 0  # tunnel packets the kernel had no room for in the ring
     ignored: int = 0  # tunnel packets not kept: another key/session/VNI, not a frame, cut short
+    unread: int = 0  # tunnel packets still in the ring when it stopped (count reached, or more than a drain)
 
 
 def terminate(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> int:
@@ -223,6 +225,7 @@ def terminate_counted(listen_text: str, path: str | None = None, to: str | None 
     finally:
         if ring is not None:
             counts.dropped += ring.statistics()[1]
+            counts.unread = ring.unread()
         if writer is not None:
             writer.close()
         for s in (ring, sock, out):
@@ -268,7 +271,7 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
             writer.flush()
 
     every = listen.only is None
-    for block in ring.blocks(should_stop, on_idle, drain_limit=1.0):
+    for block in ring.blocks(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
         for packet, timestamp, length in block:
             if length != len(packet):
                 counts.ignored += 1  # cut short: not a frame we can pass on unchanged
