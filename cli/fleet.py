@@ -59,7 +59,14 @@ def cmd_agent(args, ctx):
 
 
 def cmd_hosts(args, ctx):
-    ctx.emit(ctx.client().store.hosts(), ["host", "driver", "version", "last_reconcile", "problems"])
+    store = ctx.client().store
+    rows = store.hosts()
+    for leader in store.leaders():  # an elected follower of a central manager (vCenter) need not run an agent
+        row = next((r for r in rows if r["host"] == leader["host"]), None)
+        if row is None:
+            rows.append(row := {"host": leader["host"], "driver": leader["driver"]})
+        row["leads"] = f"{leader['platform']} (pid {leader['pid']}, since {leader['since']})"
+    ctx.emit(rows, ["host", "driver", "version", "last_reconcile", "problems", "leads"])
     return 0
 
 

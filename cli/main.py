@@ -191,6 +191,8 @@ def build_parser() -> Parser:
     follow.add_argument("--interval", type=float, default=30.0, metavar="S", help="full resync period (default 30)")
     follow.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
     follow.add_argument("--once", action="store_true", help="one full resync, then exit")
+    follow.add_argument("--leader-ttl", type=int, default=5, metavar="S",
+                        help="fleet of a central manager (vsphere on etcd): the elected follower's lease; a standby takes over this long after it dies (default 5)")
     follow.set_defaults(handler=cmd_follow)
 
     capture = commands.add_parser("capture", help="terminate a VXLAN, GRE or ERSPAN mirror stream into pcapng and/or a local device")
@@ -354,10 +356,14 @@ def cmd_follow(args, ctx):
     import threading
 
     from vtap_core.follow import Follower
+    from vtap_core.leader import election_for, reconcile_elected, run_elected
     from vtap_core.redact import RedactingFilter
+    from vtap_core.stores.etcd import host_name
 
     if args.interval <= 0:
         raise_usage("interval", f"{args.interval} must be more than 0 seconds")
+    if not 2 <= args.leader_ttl <= 3600:
+        raise_usage("leader-ttl", f"{args.leader_ttl} must be 2 to 3600 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vtap follow: %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
@@ -369,15 +375,22 @@ def cmd_follow(args, ctx):
 
         metrics = PrometheusMetrics(port=args.metrics_port, driver=client.driver_name)
     follower = Follower(client, interval=args.interval, metrics=metrics)
+    election = election_for(client, host_name(), args.leader_ttl)
     if args.once:
-        plan = client.reconcile()
+        plan = client.reconcile() if election is None else reconcile_elected(client, election)
+        if plan is None:
+            ctx.say(f"another follower leads {election.platform}: nothing done")
+            return 0
         ctx.say(f"resync: {len(plan.add)} applied, {len(plan.remove)} removed, {len(plan.keep)} kept")
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("vtap.follow").info("following driver %s (resync every %ss)", client.driver_name, args.interval)
-    follower.run(stop)
+    if election is None:
+        follower.run(stop)
+    else:  # one central manager for the whole fleet: only the elected follower applies
+        run_elected(client, follower, election, stop)
     logging.getLogger("vtap.follow").info("stopped")
     return 0
 

@@ -91,6 +91,9 @@ class Features:
     snaplen_targets: frozenset = frozenset()  # target kinds where snaplen works
     backends: tuple = ()
     selector_keys: frozenset = frozenset()  # the VM facts --select can match here (selectors.KEYS)
+    # The platform is one central manager (vCenter) rather than each host's own: in a fleet, the
+    # followers of one manager elect a leader and only it applies (vtap_core/leader.py).
+    central_manager: bool = False
 
 
 @dataclass(frozen=True)

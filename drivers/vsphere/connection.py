@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import socket
 import ssl
 import time
@@ -36,6 +37,14 @@ def parse_url(url: str):
         raise ValidationError("url", "put the user in --user and the password in VTAP_VSPHERE_PASSWORD, not in the URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path or "/sdk"
+
+
+def user_agent() -> str:
+    from importlib.metadata import version
+
+    from vtap_core.stores.etcd import host_name
+
+    return f"vtap/{version('vtap')} ({host_name()}; pid {os.getpid()})"
 
 
 def as_bool(value) -> bool:
@@ -88,6 +97,8 @@ class Connection:
                 # verification for localhost on its own.
                 sslContext=None if self.insecure or scheme != "https" else ssl.create_default_context(),
                 httpConnectionTimeout=self.timeout,
+                # vCenter shows it in its session list (UserSession.userAgent): which machine and process.
+                customHeaders={"User-Agent": user_agent()},
             )
         except ssl.SSLCertVerificationError as exc:
             raise OperationFailed(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Iterable, Iterator
@@ -22,14 +23,17 @@ from vtap_core.driver import Binding, Description, Driver, Features
 from vtap_core.errors import NotFound, OperationFailed, TemporaryError, Unsupported, ValidationError
 from vtap_core.model import Direction, TapFlow, TapSession, VM
 from vtap_drivers.vsphere import inventory, mirror, watch
+from vtap_drivers.vsphere.tagging import Tagging
 from vtap_drivers.vsphere.connection import LOST, Connection, fault_text
 
+TAG_POLL = 10.0  # seconds between the follower's reads of vSphere tags (the vAPI has no change events)
 PLAN_READ_AGE = 2.0  # at most, seconds a VM's version read serves further plans (see inventory.Reader)
 MIN_SNAPLEN = 60  # VMwareVspanSession.mirroredPacketLength "cannot be less than 60"
 MAX_SAMPLE = 65535  # VMwareVspanSession.samplingRate: "Valid values are between 1 to 65535"
 EPHEMERAL = "ephemeral"  # DistributedVirtualPortgroupPortgroupType
 FEATURES = Features(
-    selector_keys=frozenset({"name", "tag", "folder", "host", "network"}),  # tag: custom attributes
+    selector_keys=frozenset({"name", "tag", "folder", "host", "network"}),  # tag: vSphere tags, else custom attributes
+    central_manager=True,  # one vCenter for many hosts: one elected follower applies
     targets=frozenset({"vm", "port", "gre", "erspan"}),
     sources=frozenset({"vm"}),
     filter=False,
@@ -44,6 +48,9 @@ class VsphereDriver(Driver):
     def __init__(self, url=None, user=None, password=None, insecure=False, state_dir=None):
         super().__init__(url=url, user=user, insecure=insecure, state_dir=state_dir)  # no password kept here
         self.connection = Connection(url, user, password, insecure)
+        self.tagging = Tagging(url, user, password, insecure)
+        self._tags_seen = None  # the last read of tag attachments (moref id -> tags)
+        self._tags_polled = 0.0
         self._views = {}  # (connection number, type) -> ContainerView
         self._vm_refs = {}  # UUID -> VirtualMachine moref (stable in one vCenter)
         self._vms = inventory.vm_reader(with_host=True, max_age=PLAN_READ_AGE)  # the host: see _refuse_other_host
@@ -82,13 +89,22 @@ class VsphereDriver(Driver):
         def read(content):
             found = self._listing.read(content, self._view(content, vim.VirtualMachine), True)
             names = inventory.names_of(content, self._view)
+            attached = self.tagging.attachments()
+            if attached is not None and self._tags_seen is None:
+                # The tag poll's baseline: the follower's first plan (a full resync) saw these. Later
+                # plans do not move it: a plan scoped to one VM applies no other VM's new tags.
+                self._tags_seen = attached
             vms = []
             for ref, props in found.items():
                 vm = inventory.vm_record(ref, props).to_vm()
                 nics = tuple(replace(n, details={**n.details, "network_name": names.get(n.network)}) for n in vm.nics)
                 folder = names.get(f"folder:{getattr(props.get('parent'), '_moId', None)}")
-                tags = inventory.custom_attributes(content, props.get("customValue"))
-                vms.append(replace(vm, nics=nics, folder=folder, tags=tags, details={**vm.details, "host_name": names.get(vm.host)}))
+                if attached is None:
+                    tags, source = inventory.custom_attributes(content, props.get("customValue")), "custom-attributes"
+                else:
+                    tags, source = attached.get(ref._moId, ()), "vapi"
+                details = {**vm.details, "host_name": names.get(vm.host), "tags_from": source}
+                vms.append(replace(vm, nics=nics, folder=folder, tags=tags, details=details))
             return sorted(vms, key=lambda vm: vm.name)
 
         return self._call(read)
@@ -445,7 +461,9 @@ class VsphereDriver(Driver):
     def watch(self, stop: threading.Event) -> Iterator[str | None]:
         while not stop.is_set():
             try:
-                yield from watch.updates(self.connection.content, stop, changed=self._vms.invalidate, monitoring=lambda uuid: uuid in self._monitoring)
+                yield from watch.updates(
+                    self.connection.content, stop, changed=self._vms.invalidate, monitoring=lambda uuid: uuid in self._monitoring, tick=self._retagged
+                )
                 return
             except LOST:
                 self.connection.reconnect()
@@ -453,11 +471,26 @@ class VsphereDriver(Driver):
                 self._vms.invalidate()
                 yield None  # events may have been missed: look at everything
 
+    def _retagged(self) -> list[str]:
+        """Moref ids of VMs whose vSphere tags changed since the poll's last read, every TAG_POLL seconds."""
+        now = time.monotonic()
+        if now - self._tags_polled < TAG_POLL:
+            return []
+        self._tags_polled = now
+        attached = self.tagging.attachments()
+        if attached is None:
+            return []  # custom attributes: the watch sees customValue change
+        before, self._tags_seen = self._tags_seen, attached
+        if before is None:
+            return []
+        return sorted(moid for moid in set(before) | set(attached) if before.get(moid) != attached.get(moid))
+
     def close(self) -> None:
         self._views.clear()
         self._vms.forget()
         self._listing.forget()
         self._switch_reader.forget()
+        self.tagging.close()
         self.connection.close()
 
     # reading helpers -------------------------------------------------------

@@ -8,7 +8,8 @@ sessions changed (drift: a vtap session edited or removed by someone else) or
 a monitoring VM changed host: whether a dvPortMirror session delivers depends
 on the hosts of its source and monitoring VMs together, and the bindings that
 change are those of the source VMs, not the monitoring VM's.
-Nothing is polled per VM.
+Nothing is polled per VM; vSphere tags, which have no change events, are
+read for all VMs at once by the driver's tick (see tagging.py).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ SWITCH_WATCHED = ["config.vspanSession"]
 WAIT_SECONDS = 1  # how long one WaitForUpdatesEx may block: bounds how late a stop is noticed
 
 
-def updates(content, stop: threading.Event, changed=lambda moref_id: None, monitoring=lambda uuid: False) -> Iterator[str | None]:
+def updates(content, stop: threading.Event, changed=lambda moref_id: None, monitoring=lambda uuid: False, tick=lambda: ()) -> Iterator[str | None]:
     """Hints; changed(moref id) is called for a VM before its hint is yielded; monitoring(uuid)
-    tells whether a VM is a monitoring VM (its move is a hint about every VM)."""
+    tells whether a VM is a monitoring VM (its move is a hint about every VM); tick() is asked
+    between waits for moref ids of VMs changed where no property shows it (vSphere tags)."""
     pc_type = vmodl.query.PropertyCollector
     collector = content.propertyCollector.CreatePropertyCollector()
     view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine, vim.dvs.VmwareDistributedVirtualSwitch], True)
@@ -49,6 +51,10 @@ def updates(content, stop: threading.Event, changed=lambda moref_id: None, monit
         initial = True  # the first answer (in parts when vCenter truncates it) is the whole current state
         options = pc_type.WaitOptions(maxWaitSeconds=WAIT_SECONDS)
         while not stop.is_set():
+            for moref_id in () if initial else tick():
+                changed(moref_id)
+                if uuids.get(moref_id):
+                    yield uuids[moref_id]
             result = collector.WaitForUpdatesEx(version, options)
             if result is None:
                 continue

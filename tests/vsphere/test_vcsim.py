@@ -235,3 +235,36 @@ def test_nic_reconnect_gets_a_new_port_and_bumps_change_version(vc):
     assert vm.config.changeVersion != old_version
     (freed,) = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=[old_port]))
     assert freed.connectee is None
+
+
+def test_created_and_cloned_vms_get_ports_of_their_own(vc):
+    created = vc.create_vm("created-0")
+    clone = vc.clone_vm(created, "clone-0")
+    try:
+        keys = [vc.port_key(vm) for vm in (created, clone)]
+        assert all(keys) and len(set(keys) | {vc.port_key(vm) for vm in vc.vms() if vm not in (created, clone)}) == len(vc.vms())
+        assert vc.nic(created).macAddress != vc.nic(clone).macAddress
+        ports = vc.switch.FetchDVPorts(vim.dvs.PortCriteria(portKey=keys))
+        assert {p.key: p.connectee.connectedEntity for p in ports} == {keys[0]: created, keys[1]: clone}
+        assert {p.proxyHost for p in ports} == {vc.hosts()[0]}  # the cluster's first host, like every VM here
+        assert created.network == [vc.portgroup(pg.name) for pg in vc.switch.portgroup if pg.key == vc.nic(created).backing.port.portgroupKey]
+    finally:
+        for vm in (clone, created):
+            vc.wait(vm.Destroy_Task())
+
+
+def test_create_vm_on_an_unknown_portgroup_is_refused(vc):
+    before = [vm.name for vm in vc.vms()]
+    with pytest.raises(vim.fault.InvalidDeviceSpec):
+        vc.create_vm("nowhere-0", portgroup="dvportgroup-none")
+    assert [vm.name for vm in vc.vms()] == before
+
+
+def test_rename_moves_change_version(vc):
+    vm = vc.vm(0)
+    name, version = vm.name, vm.config.changeVersion
+    vc.wait(vm.Rename_Task("renamed-0"))
+    try:
+        assert vm.config.name == "renamed-0" and vm.config.changeVersion != version
+    finally:
+        vc.wait(vm.Rename_Task(name))

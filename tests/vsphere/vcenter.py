@@ -76,6 +76,24 @@ class Vcenter:
         change = vim.vm.device.VirtualDeviceSpec(operation="edit", device=nic)
         self.wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[change])))
 
+    def create_vm(self, name, portgroup=None):
+        """Folder.CreateVM_Task with one vmxnet3 NIC on a portgroup of the switch (default: its first
+        VM portgroup), as a vSphere client creates a VM."""
+        key = portgroup or next(pg.key for pg in self.switch.portgroup if "DVUplinks" not in pg.name)
+        backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+            port=vim.dvs.PortConnection(switchUuid=self.switch.uuid, portgroupKey=key)
+        )
+        nic = vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualVmxnet3(key=-1, backing=backing))
+        spec = vim.vm.ConfigSpec(name=name, files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"), deviceChange=[nic])
+        datacenter = self.all(vim.Datacenter)[0]
+        return self.wait(datacenter.vmFolder.CreateVM_Task(spec, pool=self.vm(0).resourcePool))
+
+    def clone_vm(self, source, name):
+        """VirtualMachine.CloneVM_Task into the datacenter's VM folder."""
+        datacenter = self.all(vim.Datacenter)[0]
+        spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec())
+        return self.wait(source.CloneVM_Task(folder=datacenter.vmFolder, name=name, spec=spec))
+
     def set_promiscuous(self, port_key, allow):
         setting = VSPAN.VmwarePortConfigPolicy(
             securityPolicy=VSPAN.SecurityPolicy(allowPromiscuous=vim.BoolPolicy(value=allow))

@@ -36,9 +36,11 @@ def module_simulator(**options):
 
 
 class Simulator:
-    def __init__(self, hosts=3, vms=6, datacenters=1, tls=False, erspan=True, deny_vspan=False, user="vtap-test", password="vcsim-secret"):
+    def __init__(self, hosts=3, vms=6, datacenters=1, tls=False, erspan=True, deny_vspan=False, vapi=True, user="vtap-test", password="vcsim-secret",
+                 request_log=None):
         self.args = ["--hosts", str(hosts), "--vms", str(vms), "--datacenters", str(datacenters)]
-        self.args += (["--tls"] if tls else []) + ([] if erspan else ["--no-erspan"]) + (["--deny-vspan"] if deny_vspan else [])
+        self.args += (["--tls"] if tls else []) + ([] if erspan else ["--no-erspan"]) + (["--deny-vspan"] if deny_vspan else []) + ([] if vapi else ["--no-vapi"])
+        self.args += ["--request-log", str(request_log)] if request_log else []  # one JSON line per vspan change, with its caller
         self.user = user
         self.password = password
         self.process = None

@@ -118,6 +118,14 @@ class DesiredStore(abc.ABC):
         """What every host reported for this driver's flows, each with its `host`."""
         return []
 
+    def election(self, platform: str, host: str, ttl: int):
+        """The election among this fleet's followers of one central manager; None: one host, no election."""
+        return None
+
+    def leaders(self) -> list[dict]:
+        """Who leads each central manager now: {host, pid, driver, platform, since}."""
+        return []
+
     def watch_desired(self, stop):
         """Yields each time the desired state may have changed; a one-host store never changes under us."""
         stop.wait()

@@ -9,6 +9,7 @@ see each other):
     /PREFIX/audit/TIME_NS-RANDOM             one audit row as JSON; written once (create_revision == 0)
     /PREFIX/hosts/NAME                       a live host (driver, version, last reconcile, problems), under its lease
     /PREFIX/observed/DRIVER/FLOW/HOST        what HOST's agent observed for FLOW (no lease: a dead host's rows show as stale)
+    /PREFIX/leaders/DRIVER/PLATFORM          the follower elected to apply to one central manager, under its lease (etcd_election.py)
 
 A change reads the driver's whole desired state in one range request, then
 commits in ONE transaction guarded by the generation's mod_revision it read:
@@ -236,6 +237,11 @@ class EtcdStore(DesiredStore):
         self._queue(ops, state=wanted)
 
     def record(self, command: str, change: dict, user: str | None = None):
+        key, value = self.audit_entry(command, change, user)
+        self._queue([{"request_put": {"key": _b64(key), "value": _b64(value)}}], audit_key=key)
+
+    def audit_entry(self, command: str, change: dict, user: str | None = None) -> tuple[str, str]:
+        """(key, JSON value) of a new audit row; record() queues it, a leader's fence writes it under its own compare."""
         row = {
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "user": user or current_user(),
@@ -245,7 +251,7 @@ class EtcdStore(DesiredStore):
             "change": change,
         }
         key = f"{self.prefix}/audit/{dt.datetime.now(dt.timezone.utc).timestamp() * 1e9:020.0f}-{uuid.uuid4().hex[:8]}"
-        self._queue([{"request_put": {"key": _b64(key), "value": _b64(json.dumps(row, sort_keys=True))}}], audit_key=key)
+        return key, json.dumps(row, sort_keys=True)
 
     def _queue(self, ops: list, state: dict | None = None, audit_key: str | None = None):
         if self._ops is None:  # outside a transaction: a transaction of its own
@@ -297,6 +303,15 @@ class EtcdStore(DesiredStore):
         _, kvs = self._range(f"{self.prefix}/hosts/")
         return [json.loads(_unb64(kv["value"])) for kv in kvs]
 
+    def election(self, platform: str, host: str, ttl: int):
+        from vtap_core.stores.etcd_election import EtcdElection
+
+        return EtcdElection(self, platform, host, ttl)
+
+    def leaders(self) -> list[dict]:
+        _, kvs = self._range(f"{self.prefix}/leaders/")
+        return [json.loads(_unb64(kv["value"])) for kv in kvs]
+
     def watch_desired(self, stop):
         """Yields after every change of this driver's desired state, resuming from the last revision seen.
 
@@ -323,12 +338,14 @@ class EtcdStore(DesiredStore):
                 delay = min(delay * 2, 10)
                 yield  # back or not: the caller's resync decides, and never removes on a failed read
 
-    def _watch_once(self, revision: int) -> tuple[bool, int]:
-        """(anything changed, the revision to resume after) from one short watch stream."""
+    def _watch_once(self, revision: int, key: str | None = None) -> tuple[bool, int]:
+        """(anything changed, the revision to resume after) from one short watch stream: of one key, or of the desired state."""
         import requests
 
         start = self._desired()
         request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
+        if key is not None:
+            request = {"create_request": {"key": _b64(key), "start_revision": revision + 1}}
         index = self._watching % len(self._clients)
         client = self._clients[index]
         self._authenticate(index, client)

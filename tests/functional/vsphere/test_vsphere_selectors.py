@@ -1,41 +1,17 @@
 """Selector flows on vSphere (the project's simulator): custom attributes as tags, folders, host and
 portgroup names; a VM retagged while the follower runs joins the session, and leaves it when untagged."""
 
-import threading
-import time
-
 import pytest
 from pyVmomi import vim
 
+from selector_follow import connect, following, mirrored_ports, wait_for
 from vcsim_simulator import module_simulator
-from vtap_core.client import Client
 from vtap_core.errors import Unsupported
-from vtap_core.follow import Follower
 
 
 @pytest.fixture(scope="module")
 def vcsim():
-    yield from module_simulator(hosts=3, vms=6)
-
-
-def connect(vcsim, state):
-    return Client(driver="vsphere", state=state, url=vcsim.url, user=vcsim.user, password=vcsim.password)
-
-
-def wait_for(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
-def mirrored_ports(vc, name):
-    session = vc.sessions().get(f"vtap:{name}")
-    if session is None:
-        return set()
-    return set(session.sourcePortReceived.portKey or []) | set(session.sourcePortTransmitted.portKey or [])
+    yield from module_simulator(hosts=3, vms=6, vapi=False)  # no tagging service: tags are custom attributes
 
 
 @pytest.fixture(scope="module")
@@ -92,30 +68,16 @@ def test_follower_taps_a_retagged_vm_and_untaps_it(vc, si, vcsim, tags_field, tm
         client.add_flow("web", select="name=web-*")
         client.add_flow("web", select="tag=gold", name="gold")
     assert mirrored_ports(vc, "web") == set()
-    stop = threading.Event()
-    follower_ready = threading.Event()
-
-    def follow():
-        with connect(vcsim, state) as client:
-            follower = Follower(client, interval=300)
-            threading.Thread(target=lambda: (wait_for(lambda: follower.resyncs >= 1, 30), follower_ready.set()), daemon=True).start()
-            follower.run(stop)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
     try:
-        assert follower_ready.wait(30)
-        time.sleep(1.0)  # the watch's first answer is the current state
-        gold = vc.vm(4)
-        set_tags(si, gold, tags_field, "gold")
-        assert wait_for(lambda: vc.port_key(gold) in mirrored_ports(vc, "web")), "the retagged VM was not tapped"
-        with connect(vcsim, state) as client:
-            during = client.status()
-        set_tags(si, gold, tags_field, "")
-        assert wait_for(lambda: vc.port_key(gold) not in mirrored_ports(vc, "web")), "the untagged VM stayed tapped"
+        with following(vcsim, state):
+            gold = vc.vm(4)
+            set_tags(si, gold, tags_field, "gold")
+            assert wait_for(lambda: vc.port_key(gold) in mirrored_ports(vc, "web")), "the retagged VM was not tapped"
+            with connect(vcsim, state) as client:
+                during = client.status()
+            set_tags(si, gold, tags_field, "")
+            assert wait_for(lambda: vc.port_key(gold) not in mirrored_ports(vc, "web")), "the untagged VM stayed tapped"
     finally:
-        stop.set()
-        thread.join(timeout=15)
         with connect(vcsim, state) as client:
             rows = client.status()
             client.delete_session("web")

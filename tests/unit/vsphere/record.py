@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Re-record the vsphere driver's SOAP cassettes from the live simulator.
 
-    python3 tests/unit/vsphere/record.py
+    python3 tests/unit/vsphere/record.py [SCENARIO...]     (default: all of them)
 
 Each scenario of scenarios.py runs against a fresh simulator; the cassette keeps the
 conversation (password and session cookies scrubbed), meta.json the URL and what the
@@ -25,9 +25,11 @@ from vcsim_simulator import Simulator  # noqa: E402
 def main():
     from vtap_drivers.vsphere.driver import VsphereDriver
 
-    meta = {}
+    wanted = sys.argv[1:] or list(SCENARIOS)
+    meta = json.loads(META.read_text()) if META.exists() else {}
     CASSETTES.mkdir(exist_ok=True)
-    for name, scenario in SCENARIOS.items():
+    for name in wanted:
+        scenario = SCENARIOS[name]
         with Simulator(hosts=2, vms=3) as sim:
             si = sim.connect()
             view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)

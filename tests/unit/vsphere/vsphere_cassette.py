@@ -35,7 +35,7 @@ def make_vcr():
     # (use_cassette's allow_playback_repeats stays False).
     return vcr.VCR(
         before_record_request=scrub_request,
-        filter_headers=["cookie", "authorization"],
+        filter_headers=["cookie", "authorization", "vmware-api-session-id"],  # vmware-api-session-id: the vAPI token
         decode_compressed_response=True,
         custom_patches=_pyvmomi_patches(),
         match_on=["method", "scheme", "host", "port", "path", "query"],

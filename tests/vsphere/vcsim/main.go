@@ -20,6 +20,7 @@ import (
 	"syscall"
 
 	"github.com/vmware/govmomi/simulator"
+	_ "github.com/vmware/govmomi/vapi/simulator" // the vAPI REST endpoints (tagging) under /rest
 	"github.com/vmware/govmomi/vim25/mo"
 )
 
@@ -30,8 +31,15 @@ func main() {
 	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
 	noErspan := flag.Bool("no-erspan", false, "report a switch without ERSPAN support (vspanCapability.erspanProtocolSupported=false)")
 	denyVspan := flag.Bool("deny-vspan", false, "the user's role lacks the DVSwitch.Vspan privilege (vspan changes raise NoPermission)")
+	noVapi := flag.Bool("no-vapi", false, "serve no vAPI REST endpoints (/rest: tagging), as an ESXi host or a vCenter without them")
 	verbose := flag.Bool("verbose", false, "keep the simulator's request log")
+	reconfigureLog := flag.String("request-log", "", "append each vspan reconfiguration (time, caller's User-Agent) to this file as a JSON line")
 	flag.Parse()
+	if *reconfigureLog != "" {
+		if err := openRequestLog(*reconfigureLog); err != nil {
+			fatal(err)
+		}
+	}
 	if !*verbose {
 		log.SetOutput(discard{})
 	}
@@ -49,6 +57,9 @@ func main() {
 
 	model.Service.Listen = &url.URL{Host: "127.0.0.1:0"}
 	model.Service.Listen.User = url.UserPassword(envOr("VCSIM_USERNAME", "user"), envOr("VCSIM_PASSWORD", "pass"))
+	// The stock vAPI simulator (Debian's govmomi): /rest/com/vmware/cis/session and
+	// /rest/com/vmware/cis/tagging/{category,tag,tag-association}, as vCenter serves them.
+	model.Service.RegisterEndpoints = !*noVapi
 	if *useTLS {
 		model.Service.TLS = new(tls.Config)
 	}
@@ -83,6 +94,7 @@ func extend(erspan, denyVspan bool) {
 	for _, obj := range byName(simulator.Map.All("VirtualMachine")) {
 		wrapVM(obj.(*simulator.VirtualMachine))
 	}
+	wrapVMFolders()
 }
 
 func byName(entities []mo.Entity) []mo.Entity {

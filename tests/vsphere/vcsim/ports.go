@@ -122,6 +122,16 @@ func (s *VspanSwitch) portgroupSetting(pg string) types.BaseDVPortSetting {
 	return nil
 }
 
+// portgroupName is the name of one of the switch's portgroups, "" when it has none by that key.
+func (s *VspanSwitch) portgroupName(pg string) string {
+	for _, ref := range s.Portgroup {
+		if obj, ok := simulator.Map.Get(ref).(*simulator.DistributedVirtualPortgroup); ok && obj.Key == pg {
+			return obj.Name
+		}
+	}
+	return ""
+}
+
 // promiscuous tells whether a port's effective security policy allows promiscuous mode.
 func (s *VspanSwitch) promiscuous(key string) bool {
 	p := s.ports[key]

@@ -208,6 +208,11 @@ func (s *VspanSwitch) ReconfigureDvsTask(ctx *simulator.Context, req *types.Reco
 			}
 			config.VspanSession = sessions
 			changes = append(changes, types.PropertyChange{Name: "config.vspanSession", Val: sessions})
+			names := []string{}
+			for _, change := range vspan {
+				names = append(names, change.Operation+" "+change.VspanSession.Name)
+			}
+			logReconfigure(ctx, "ReconfigureDvs_Task", names)
 		}
 		version, _ := strconv.Atoi(config.ConfigVersion)
 		config.ConfigVersion = strconv.Itoa(version + 1)

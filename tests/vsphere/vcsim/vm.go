@@ -20,7 +20,9 @@ type VM struct {
 
 var nextMAC int
 
-func wrapVM(stock *simulator.VirtualMachine) {
+func wrapVM(stock *simulator.VirtualMachine) *VM {
+	portsMu.Lock()
+	defer portsMu.Unlock()
 	vm := &VM{VirtualMachine: *stock}
 	devices := make([]types.BaseVirtualDevice, len(vm.Config.Hardware.Device))
 	var guestNet []types.GuestNicInfo
@@ -60,6 +62,7 @@ func wrapVM(stock *simulator.VirtualMachine) {
 	vm.Config.ChangeVersion = changeVersion()
 	placeOnFirstHost(vm)
 	simulator.Map.Put(vm)
+	return vm
 }
 
 // placeOnFirstHost moves the VM to its cluster's first host by name. The stock simulator picks
@@ -334,5 +337,17 @@ func (vm *VM) SetCustomValue(ctx *simulator.Context, req *types.SetCustomValue) 
 	values = append(values, &types.CustomFieldStringValue{CustomFieldValue: types.CustomFieldValue{Key: key}, Value: req.Value})
 	simulator.Map.Update(vm, []types.PropertyChange{{Name: "customValue", Val: values}, {Name: "value", Val: values}})
 	body.Res = &types.SetCustomValueResponse{}
+	return body
+}
+
+// RenameTask renames the VM the way vCenter does (ManagedEntity.Rename_Task): the VM's name is
+// also its configuration's name (VirtualMachineConfigInfo.name), so config.changeVersion moves
+// with it ("each change to the configuration updates this value"). The stock simulator changes
+// only the entity's name.
+func (vm *VM) RenameTask(req *types.Rename_Task) soap.HasFault {
+	body := vm.VirtualMachine.RenameTask(req).(*methods.Rename_TaskBody)
+	if task := simulator.Map.Get(body.Res.Returnval).(*simulator.Task); task.Info.Error == nil {
+		simulator.Map.Update(vm, []types.PropertyChange{{Name: "config.name", Val: req.NewName}, {Name: "config.changeVersion", Val: changeVersion()}})
+	}
 	return body
 }
