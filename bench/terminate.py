@@ -11,7 +11,7 @@ of --size bytes. Each rate is measured back to back:
 Per run: completeness = frames in the file / packets r0 received, CPU per
 frame = the tool's user+system time / frames in the file, the stream's own
 rate (frames/s through r0) with each tool running, and the drops vtap's
-summary reports. The sender (and the kernel's receive path, in its context)
+summary reports (and what it left unread in the ring, if any). The sender (and the kernel's receive path, in its context)
 runs on the last CPU, each tool on CPU 0, both at nice -10; the load
 average is recorded beside every row (the machine is shared).
 
@@ -163,7 +163,9 @@ def run_one(lab: Lab, tunnel: str, tool: str, rate: int, seconds: float, frame_f
         row.update(frames=frames, completeness=frames / through if through else None, cpu_seconds=round(cpu, 3), cpu_us_per_frame=round(1e6 * cpu / frames, 2) if frames else None)
         if tool == "vtap":
             summary = err.strip().splitlines()[-1] if err.strip() else ""
-            row["dropped_in_summary"] = int(summary.split("; ")[1].split()[0]) if "; " in summary else None
+            parts = summary.split("; ")
+            row["dropped_in_summary"] = int(parts[1].split()[0]) if len(parts) > 1 else None
+            row["unread_in_summary"] = int(parts[2].split()[0]) if len(parts) > 2 else 0
     return row
 
 
