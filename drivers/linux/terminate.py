@@ -1,9 +1,8 @@
 """Tunnel termination: `vtap capture --listen gre://ADDR | erspan://ADDR[?id=N] | vxlan://ADDR[:PORT][?vni=N]`.
 
 The end of a mirror path: packets of a GRE, ERSPAN (type I/II/III) or VXLAN
-stream arriving at ADDR are read in userspace (a raw IP socket for protocol 47,
-a UDP socket for VXLAN), decapsulated by decap.py, and their inner frames,
-unchanged, are
+stream arriving at ADDR are read in userspace (below), decapsulated by decap.py,
+and their inner frames, unchanged, are
   - written to pcapng (-w FILE), each with a packet comment saying what the
     tunnel said (ERSPAN session id, type, direction, hardware id, timestamp;
     GRE key; VNI) and, for ERSPAN type III, the direction in epb_flags; and/or
