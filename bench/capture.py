@@ -6,6 +6,7 @@ frames on peer0; they arrive at src0 in B, whose ingress a vtap flow mirrors.
   tcpdump   the target is port:mon0, an ifb with no queue like vtap's sink; tcpdump -i mon0 -w FILE
   dumpcap   same sink; dumpcap -i mon0 -w FILE
   no-tap    no session: how fast the traffic goes alone
+  mirror    the target is port:mon0 and nothing reads it: what the mirror itself costs the traffic
 Rates rise from 50k frames/s to as fast as the sender goes (rate 0). Then a TCP
 bulk stream (iperf3 peer0 -> src0) with each capture.
 
@@ -32,7 +33,8 @@ import time
 
 import benchlib
 
-TOOLS = ("no-tap", "vtap", "tcpdump", "dumpcap")
+TOOLS = ("no-tap", "mirror", "vtap", "tcpdump", "dumpcap")
+READERS = ("vtap", "tcpdump", "dumpcap")
 RATES = (50_000, 100_000, 200_000, 400_000, 1_000_000, 0)  # 0: as fast as the sender goes
 SENDER_CPU = str(os.cpu_count() - 1)
 CAPTURE_CPU = "0"
@@ -113,6 +115,8 @@ class Capture:
         target = f"pcap:{self.path}" if self.tool == "vtap" else "port:mon0"
         self.client.create_session("bench", to=target)
         self.client.add_flow("bench", interface="src0", direction="in")
+        if self.tool == "mirror":
+            return self
         if self.tool == "vtap":
             (process,) = running_captures(self.state_dir).values()
             self.pid = process["pid"]
@@ -142,7 +146,7 @@ class Capture:
         if self.tool == "vtap":
             (row,) = self.client.status()
             self.dropped_in_status = row.capture_dropped
-        else:
+        elif self.process is not None:
             self.process.send_signal(signal.SIGINT)
             self.process.wait(timeout=20)
         self.client.delete_session("bench")  # vtap's capture drains its ring and closes the file
@@ -160,7 +164,7 @@ def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, secon
         through = lab.rx() - before
         cpu = capture.cpu_used()
     row = {"tool": tool, "rate": rate, "sent": sent, "through_source": through, "pps": through / elapsed, "gbps": gbps}
-    if tool != "no-tap":
+    if tool in READERS:
         frames = frames_in(capture.path)
         os.unlink(capture.path)
         row.update(frames=frames, completeness=frames / through if through else None, cpu_seconds=cpu, cpu_us_per_frame=1e6 * cpu / frames if frames else None, dropped_in_status=capture.dropped_in_status)
@@ -220,6 +224,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64, help="frame size in bytes (64..128 in the issue)")
     parser.add_argument("--rates", default=",".join(str(r) for r in RATES))
     parser.add_argument("--no-tcp", action="store_true")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="which of " + ", ".join(TOOLS))
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/capture.py needs root (network namespaces, tc)", file=sys.stderr)
@@ -240,12 +245,13 @@ def main() -> int:
         with Client(driver="linux", state=os.path.join(state_dir, "vtap.db"), netns=lab.b, command="bench") as client:
             for round_number in range(args.rounds):
                 for rate in rates:
-                    tools = TOOLS if round_number % 2 == 0 else TOOLS[::-1]
+                    chosen = tuple(args.tools.split(","))
+                    tools = chosen if round_number % 2 == 0 else chosen[::-1]
                     for tool in tools:
                         row = run_one(lab, client, state_dir, tool, rate, args.seconds, args.size)
                         runs.append(row)
                         speed = f"{row['gbps']:.2f} Gbit/s" if rate is None else f"{row['pps']:,.0f} frames/s"
-                        extra = "" if tool == "no-tap" else f", {100 * (row['completeness'] or 0):.2f}% complete, {row['cpu_us_per_frame'] or 0:.2f} us/frame"
+                        extra = "" if tool not in READERS else f", {100 * (row['completeness'] or 0):.2f}% complete, {row['cpu_us_per_frame'] or 0:.2f} us/frame"
                         print(f"round {round_number + 1} rate {'tcp' if rate is None else rate:>8} {tool:<8} {speed}{extra}", flush=True)
         summary = summarize(runs)
         text = report(summary, env, args.rounds, args.seconds, args.size)

@@ -1,7 +1,8 @@
 /* Sends one Ethernet frame over and over from an AF_PACKET socket, batched with sendmmsg,
  * at a given rate (packets/s; 0 = as fast as it goes) for a given time; prints how many it sent.
  * bench/capture.py builds it with cc; it exists because a Python loop tops out far below 1M frames/s.
- * usage: capture_sender IFNAME RATE SECONDS FRAME_BYTES [DST_MAC]   (default: broadcast) */
+ * usage: capture_sender IFNAME RATE SECONDS FRAME_BYTES [DST_MAC]   (default: broadcast)
+ *        FRAME_BYTES @FILE: send FILE's bytes, a whole Ethernet frame (bench/terminate.py's tunnel packets) */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <linux/if_packet.h>
@@ -40,6 +41,12 @@ int main(int argc, char **argv) {
     }
     memcpy(frame + 6, "\x02\x00\x00\x00\x00\x01", 6);
     frame[12] = 0x88; frame[13] = 0xb5;          /* local experimental ethertype */
+    if (argv[4][0] == '@') {
+        FILE *f = fopen(argv[4] + 1, "rb");
+        if (!f) { perror(argv[4] + 1); return 1; }
+        size = fread(frame, 1, sizeof frame, f);
+        fclose(f);
+    }
     struct iovec iov = {frame, size};
     struct mmsghdr messages[BATCH];
     for (int i = 0; i < BATCH; i++)

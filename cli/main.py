@@ -396,15 +396,15 @@ def cmd_follow(args, ctx):
 
 
 def cmd_capture(args, ctx):
-    from vtap_drivers.linux.capture import capture_vxlan
-    from vtap_drivers.linux.terminate import terminate
+    from vtap_drivers.linux.capture import parse_vxlan_listen
+    from vtap_drivers.linux.terminate import terminate_counted
 
-    if str(args.listen).startswith("vxlan://") and args.to is None and args.write is not None:
-        written = capture_vxlan(args.listen, args.write, count=args.count, duration=args.duration)
-    else:
-        written = terminate(args.listen, args.write, to=args.to, count=args.count, duration=args.duration)
+    if str(args.listen).startswith("vxlan://"):
+        parse_vxlan_listen(args.listen)  # its stricter rules (vni=5&vni=6 is refused)
+    counts = terminate_counted(args.listen, args.write, to=args.to, count=args.count, duration=args.duration)
     where = " and ".join(w for w in (args.write, args.to) if w)
-    print(f"{written} frames written to {where}", file=sys.stderr)
+    unread = f"; {counts.unread} left unread in the ring when it stopped" if counts.unread else ""
+    print(f"{counts.kept} frames written to {where}; {counts.dropped} tunnel packets dropped by the kernel (no room in the ring){unread}", file=sys.stderr)
     return 0
 
 

@@ -51,7 +51,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -66,20 +65,7 @@ from vtap_drivers.linux.ring import PacketRing
 
 MODULE = "vtap_drivers.linux.capture"
 
-SO_TIMESTAMPNS = 35  # also SCM_TIMESTAMPNS
-SO_RCVBUFFORCE = 33
-TIMESPEC = struct.Struct("qq")
-ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
-
-# Big enough for a GSO super-frame, which is what AF_PACKET sees of a TSO stream.
-FRAME_BUFFER = 256 * 1024
-# The kernel charges a queued super-frame at its full size (~64 KB): 8 MB overflowed in
-# bursts of a 7 Gbit/s TCP stream (bench/datapath.py, pcap scenario), 64 MB did not.
-SOCKET_BUFFER = 64 * 1024 * 1024
-IDLE_WAIT = 0.2  # seconds between checks of stop/deadline when nothing arrives
 DEVICE_CHECK_INTERVAL = 1.0
-VXLAN_HEADER = 8
-VXLAN_FLAG_I = 0x08
 ETHERNET_HEADER = 14
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -99,44 +85,6 @@ def _socket_in(netns: str | None, family: int, kind: int, proto: int = 0) -> soc
         return pr_netns.create_socket(netns, family, kind, proto, flags=0)
     except FileNotFoundError:
         raise NotFound(f"netns {netns}: no such network namespace") from None
-
-
-def _enlarge_receive_buffer(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-
-
-def _datagrams(sock: socket.socket, should_stop, on_idle, size: int = FRAME_BUFFER):
-    """Yield (buffer view, length on the wire, ancillary data, sender address) until should_stop().
-
-    The view is reused: use it before asking for the next one. on_idle() runs
-    whenever nothing is waiting (flush the file then).
-    """
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while not should_stop():
-        try:
-            nbytes, ancdata, _flags, address = sock.recvmsg_into([buffer], ANCILLARY_SPACE, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
-        except BlockingIOError:
-            on_idle()
-            select.select([sock], [], [], IDLE_WAIT)
-            continue
-        except OSError as exc:
-            # A packet socket reports its device going down once; it is not fatal.
-            if exc.errno in (errno.ENETDOWN, errno.ENXIO):
-                continue
-            raise
-        yield view, nbytes, ancdata, address
-
-
-def _timestamp_ns(ancdata) -> int:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-            seconds, nanoseconds = TIMESPEC.unpack(data[: TIMESPEC.size])
-            return seconds * 1_000_000_000 + nanoseconds
-    return time.time_ns()
 
 
 def capture_device(device: str, path: str, snaplen: int | None = None, netns: str | None = None, stop: threading.Event | None = None, count: int | None = None, append: bool = True) -> int:
@@ -249,8 +197,6 @@ def open_vxlan_socket(address: str, port: int, netns: str | None = None) -> sock
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = _socket_in(netns, family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        _enlarge_receive_buffer(sock)
         sock.bind((address, port))
     except OSError as exc:
         sock.close()
@@ -268,33 +214,10 @@ def capture_vxlan(listen: str, path: str, count: int | None = None, duration: fl
     Packets without the I flag, too short to hold a frame, or (with ?vni=N)
     of another VNI are ignored. Returns the number of frames written.
     """
-    address, port, vni = parse_vxlan_listen(listen)
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValidationError("count", f"{count!r} is not a number of frames (1 or more)")
-    if duration is not None and not (isinstance(duration, (int, float)) and duration > 0):
-        raise ValidationError("duration", f"{duration!r} is not a positive number of seconds")
-    check_capture_path(path, field="-w")
-    stop = stop or threading.Event()
-    deadline = None if duration is None else time.monotonic() + duration
-    sock = open_vxlan_socket(address, port, netns)
-    writer = PcapngWriter.create(path, if_name=listen)
+    parse_vxlan_listen(listen)  # its own, stricter rules (vni=5&vni=6 is refused)
+    from vtap_drivers.linux.terminate import terminate  # imports this module
 
-    def should_stop():
-        return stop.is_set() or (count is not None and writer.frames >= count) or (deadline is not None and time.monotonic() >= deadline)
-
-    try:
-        for view, nbytes, ancdata, _sender in _datagrams(sock, should_stop, writer.flush):
-            if nbytes < VXLAN_HEADER + ETHERNET_HEADER or nbytes > len(view) or not view[0] & VXLAN_FLAG_I:
-                continue
-            if vni is not None and int.from_bytes(view[4:7], "big") != vni:
-                continue
-            writer.write(view[VXLAN_HEADER:nbytes], _timestamp_ns(ancdata))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a user ends an open-ended capture
-    finally:
-        writer.close()
-        sock.close()
-    return writer.frames
+    return terminate(listen, path, count=count, duration=duration, stop=stop, netns=netns)
 
 
 # ---------------------------------------------------------------- the pcap target's process

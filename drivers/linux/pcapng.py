@@ -42,6 +42,23 @@ _EPB_HEAD = struct.Struct("<7I")
 _EPB_TAILS = [struct.Struct(f"<{padding}xI") for padding in range(4)]
 
 
+_PADDING = [b"\0" * padding for padding in range(4)]
+_OPTION_HEAD = struct.Struct("<HH")
+_FLAGS_OPTION = struct.Struct("<HHI")
+_END_OF_OPTIONS = struct.pack("<HH", OPT_END, 0)
+
+
+def _packet_options(comment: str | None, flags: int | None) -> bytes:
+    """An Enhanced Packet Block's options (as _options() makes them), built the quick way: one per frame."""
+    out = b""
+    if comment:
+        text = comment.encode()
+        out = _OPTION_HEAD.pack(OPT_COMMENT, len(text)) + text + _PADDING[-len(text) & 3]
+    if flags is not None:
+        out += _FLAGS_OPTION.pack(EPB_FLAGS, 4, flags)
+    return out + _END_OF_OPTIONS
+
+
 def _pad(length: int) -> int:
     return (4 - length % 4) % 4
 
@@ -156,20 +173,19 @@ class PcapngWriter:
         original = captured if original_length is None else original_length
         if self.snaplen and captured > self.snaplen:
             frame, captured = frame[: self.snaplen], self.snaplen
-        block = enhanced_packet(frame, timestamp_ns, original, comment=comment, flags=flags) if comment or flags is not None else None
+        options = _packet_options(comment, flags) if comment or flags is not None else b""
         padding = -captured & 3
-        total = len(block) if block is not None else 32 + captured + padding
+        total = 32 + captured + padding + len(options)
         if self.max_size and self.size + total > self.max_size and not self.fresh:
             self.rotate()
         self.size += total
         self.fresh = False
         write = self.stream.write
-        if block is not None:
-            write(block)
-        else:
-            write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
-            write(frame)
-            write(_EPB_TAILS[padding].pack(total))
+        write(_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp_ns >> 32 & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, captured, original))
+        write(frame)
+        if options:
+            write(_PADDING[padding] + options)
+        write(_EPB_TAILS[0 if options else padding].pack(total))
         self.frames += 1
 
     def flush(self) -> None:

@@ -13,6 +13,7 @@ nothing else costs a copy.
             ...                                          # frame: a view into the ring, valid
                                                          # until the next block is asked for
     ring.statistics()  -> (frames received, dropped, times the ring was full)   since the last call
+    ring.unread()                                       # frames handed over but not read (after a stop)
     ring.rebind_if_recreated()                          # follow a sink recreated under its name
     ring.close()
 
@@ -27,6 +28,7 @@ import ctypes
 import errno
 import fcntl
 import mmap
+import os
 import select
 import socket
 import struct
@@ -76,28 +78,42 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def _attach_outgoing_filter(sock: socket.socket, snaplen: int) -> None:
-    program = (_SockFilter * 4)(
-        _SockFilter(BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE),
-        _SockFilter(BPF_JEQ_K, 0, 1, socket.PACKET_OUTGOING),
-        _SockFilter(BPF_RET_K, 0, 0, snaplen),
-        _SockFilter(BPF_RET_K, 0, 0, 0),
-    )
-    fprog = _SockFprog(len(program), program)
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF program, (code, jt, jf, k) per instruction, to any socket."""
+    instructions = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
+    fprog = _SockFprog(len(program), instructions)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(memoryview(fprog)))  # the kernel copies it
 
 
-def _socket_in(netns: str | None) -> socket.socket:
-    """A packet socket of no protocol: it sees nothing until bind() names the device and ETH_P_ALL."""
+def _outgoing_filter(snaplen: int) -> list[tuple[int, int, int, int]]:
+    return [
+        (BPF_LD_W_ABS, 0, 0, SKF_AD_PKTTYPE),
+        (BPF_JEQ_K, 0, 1, socket.PACKET_OUTGOING),
+        (BPF_RET_K, 0, 0, snaplen),
+        (BPF_RET_K, 0, 0, 0),
+    ]
+
+
+def _socket_in(netns: str | None, kind: int = socket.SOCK_RAW) -> socket.socket:
+    """A packet socket of no protocol: it sees nothing until bind() names the device and protocol."""
     if netns is None:
-        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        return socket.socket(socket.AF_PACKET, kind, 0)
     from pyroute2 import netns as pr_netns
 
     try:
         # Made in a short-lived child, so no thread of ours changes namespace; flags=0: never create one.
-        return pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+        return pr_netns.create_socket(netns, socket.AF_PACKET, kind, 0, flags=0)
     except FileNotFoundError:
         raise NotFound(f"netns {netns}: no such network namespace") from None
+
+
+def _bind_every_device(sock: socket.socket, protocol: int) -> None:
+    """bind() with interface index 0: every device (Python's bind() wants a device name)."""
+    address = struct.pack("=HHiHBB8x", socket.AF_PACKET, socket.htons(protocol), 0, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.bind(sock.fileno(), ctypes.c_char_p(address), len(address)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def ifindex(sock: socket.socket, device: str) -> int | None:
@@ -110,26 +126,34 @@ def ifindex(sock: socket.socket, device: str) -> int | None:
 
 
 class PacketRing:
-    def __init__(self, device: str, netns: str | None = None, snaplen: int | None = None, block_size: int = BLOCK_SIZE, block_count: int = BLOCK_COUNT):
+    """By default: the frames `device` transmits. With program (classic BPF), protocol and kind, any
+    packets: e.g. SOCK_DGRAM, ETH_P_IP and device None read IPv4 packets (from their IP header) of
+    every device, where the IP stack receives them (tunnel termination, terminate.py)."""
+
+    def __init__(self, device: str | None, netns: str | None = None, snaplen: int | None = None, block_size: int = BLOCK_SIZE, block_count: int = BLOCK_COUNT, program=None, protocol: int = ETH_P_ALL, kind: int = socket.SOCK_RAW):
         self.device = device
         self.block_size, self.block_count = block_size, block_count
-        self.sock = _socket_in(netns)
+        self.protocol = protocol
+        self.sock = _socket_in(netns, kind)
         try:
             # The filter goes on before the socket is bound: no frame of another kind is ever queued.
-            _attach_outgoing_filter(self.sock, min(snaplen or MAX_SNAPLEN, MAX_SNAPLEN))
+            attach_filter(self.sock, program or _outgoing_filter(min(snaplen or MAX_SNAPLEN, MAX_SNAPLEN)))
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
             request = TPACKET_REQ3.pack(block_size, block_count, FRAME_SIZE, block_size // FRAME_SIZE * block_count, RETIRE_MS, 0, 0)
             self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, request)
             self.map = mmap.mmap(self.sock.fileno(), block_size * block_count, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.view = memoryview(self.map)
-            self.sock.bind((device, ETH_P_ALL))
+            if device:
+                self.sock.bind((device, protocol))
+            else:
+                _bind_every_device(self.sock, protocol)
         except OSError as exc:
             self.close()
             if exc.errno == errno.ENODEV:
                 where = f" in netns {netns}" if netns else ""
                 raise NotFound(f"device {device}: no such device{where}") from None
             raise
-        self.bound = ifindex(self.sock, device)
+        self.bound = ifindex(self.sock, device) if device else None
         self.next_block = 0
 
     def fileno(self) -> int:
@@ -198,10 +222,21 @@ class PacketRing:
                     self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
     def rebind_if_recreated(self) -> None:
-        now = ifindex(self.sock, self.device)
+        now = ifindex(self.sock, self.device) if self.device else None
         if now is not None and now != self.bound:
-            self.sock.bind((self.device, ETH_P_ALL))
+            self.sock.bind((self.device, self.protocol))
             self.bound = now
+
+    def unread(self) -> int:
+        """Frames in blocks the kernel has handed over and nobody has read yet (left behind at a stop)."""
+        frames = 0
+        for step in range(self.block_count):
+            offset = (self.next_block + step) % self.block_count * self.block_size
+            status, count, _first = BLOCK_HEADER.unpack_from(self.map, offset + BLOCK_STATUS_OFFSET)
+            if not status & TP_STATUS_USER:
+                break
+            frames += count
+        return frames
 
     def statistics(self) -> tuple[int, int, int]:
         """(frames received, frames dropped because the ring was full, times it was full) since the last call."""

@@ -1,25 +1,38 @@
 """Tunnel termination: `vtap capture --listen gre://ADDR | erspan://ADDR[?id=N] | vxlan://ADDR[:PORT][?vni=N]`.
 
 The end of a mirror path: packets of a GRE, ERSPAN (type I/II/III) or VXLAN
-stream arriving at ADDR are read in userspace (a raw IP socket for protocol 47,
-a UDP socket for VXLAN), decapsulated by decap.py, and their inner frames,
-unchanged, are
+stream arriving at ADDR are read in userspace (below), decapsulated by decap.py,
+and their inner frames, unchanged, are
   - written to pcapng (-w FILE), each with a packet comment saying what the
     tunnel said (ERSPAN session id, type, direction, hardware id, timestamp;
     GRE key; VNI) and, for ERSPAN type III, the direction in epb_flags; and/or
   - re-emitted on a local device (--to port:IFNAME), so an IDS that reads an
     interface (Suricata, Zeek, Snort) can sit behind any tunnel.
 
-A raw socket gets a copy of every GRE packet for its address whether or not
-the kernel has GRE tunnels of its own, and its presence keeps the kernel from
-answering with ICMP "protocol unreachable".
+How packets are read: a memory-mapped TPACKET_V3 ring (ring.py) on a packet
+socket for IPv4 (or IPv6) packets of every device, at the point where the IP
+stack receives them, with a classic BPF program that keeps only the tunnel's
+packets for ADDR (IP protocol 47, or UDP to PORT; not what the host sends,
+not frames for other hosts' MACs). IPv4 fragments are joined (reassembly.py)
+before decapsulation. The kernel copies each
+packet once into the ring and hands over whole blocks: no system call per
+packet, 64 MB of room for bursts, and what the ring had no room for is
+counted (Termination.dropped). A raw socket (protocol 47) or UDP socket
+bound to ADDR[:PORT] stays open beside it, with a filter that drops
+everything: it checks that ADDR is ours and the port free, and its
+presence keeps the kernel from answering with ICMP "protocol unreachable"
+or "port unreachable". IPv6 packets with a fragment (or any extension)
+header before GRE/UDP are not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +41,24 @@ from urllib.parse import parse_qsl, urlsplit
 from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
-from vtap_drivers.linux.decap import decap_gre, decap_vxlan
+from vtap_drivers.linux.decap import StreamDecap
 from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.reassembly import Reassembly
+from vtap_drivers.linux.ring import PacketRing, attach_filter
 
 IPPROTO_GRE = 47
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+UDP_HEADER = 8
+IPV6_HEADER = 40
+# Classic BPF instructions, (code, jt, jf, k); jumps count instructions after the next one.
+LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND = 0x20, 0x28, 0x30, 0xB1, 0x48
+JEQ, JGE, JSET, RET = 0x15, 0x35, 0x45, 0x06
+SKF_AD_PKTTYPE = 0xFFFFF000 + 4
+PACKET_OTHERHOST = 3  # 3 and up: for another host's MAC, or sent by this one
+KEEP_BYTES = 0x40000  # copy whole packets
+STATS_INTERVAL = 1.0
+DRAIN_LIMIT = 3.0  # seconds: after a stop, what the ring holds is still written for at most this long
+TUNNEL_BLOCK_SIZE, TUNNEL_BLOCK_COUNT = 1 << 18, 256  # 64 MB
 LISTEN_RULE = "write gre://ADDR[?key=N], erspan://ADDR[?id=N] or vxlan://ADDR[:PORT][?vni=N], ADDR a local IP address (0.0.0.0 or [::] for all)"
 SELECTORS = {"gre": ("key", GRE_KEY_MAX), "erspan": ("id", ERSPAN_ID_MAX), "vxlan": ("vni", VNI_MAX)}
 
@@ -70,8 +97,6 @@ def open_gre_socket(address: str, netns: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = capture._socket_in(netns, family, socket.SOCK_RAW, IPPROTO_GRE)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, capture.SO_TIMESTAMPNS, 1)
-        capture._enlarge_receive_buffer(sock)
         sock.bind((address, 0))
     except OSError as exc:
         sock.close()
@@ -97,14 +122,49 @@ def open_output_port(target: str, netns: str | None = None) -> socket.socket:
     return sock
 
 
-def _payload(listen: Listen, sock_family: int, view, nbytes: int):
-    """The tunnel payload of one received datagram (an IPv4 raw socket also hands over the IP header).
+def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for a packet socket reading IP packets (SOCK_DGRAM: from the IP header):
+    keep the tunnel's packets to listen.address (any address for 0.0.0.0 / ::), drop the rest."""
+    ipv6 = ":" in listen.address
+    proto = socket.IPPROTO_UDP if listen.scheme == "vxlan" else IPPROTO_GRE
+    # (load, jump, k, drop when the jump's test is true): every test passed -> keep.
+    tests = [((LD_W, 0, 0, SKF_AD_PKTTYPE), JGE, PACKET_OTHERHOST, True)]
+    if ipv6:
+        tests.append(((LD_B, 0, 0, 6), JEQ, proto, False))
+        words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
+        if any(words):
+            tests += [((LD_W, 0, 0, 24 + 4 * i), JEQ, word, False) for i, word in enumerate(words)]
+        if listen.port is not None:
+            tests.append(((LD_H, 0, 0, IPV6_HEADER + 2), JEQ, listen.port, False))
+    else:
+        tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
+        address = int(ipaddress.IPv4Address(listen.address))
+        if address:
+            tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
+        if listen.port is not None:
+            # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
+            tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, "keep"))
+            tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
+            tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
+    program = []
+    length = sum(1 if jump is None else 2 for _, jump, _, _ in tests) + 2
+    for load, jump, k, when_true in tests:
+        program.append(load)
+        if jump is not None:
+            to_keep = length - 2 - (len(program) + 1)
+            to_drop = to_keep + 1
+            if when_true == "keep":
+                program.append((jump, to_keep, 0, k))
+            else:
+                program.append((jump, to_drop, 0, k) if when_true else (jump, 0, to_drop, k))
+    return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
 
-    A view into the receive buffer, not a copy: use it before the next datagram.
-    """
-    if listen.scheme != "vxlan" and sock_family == socket.AF_INET:
-        return view[(view[0] & 0x0F) * 4 : nbytes]
-    return view[:nbytes]
+
+def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
+    ipv6 = ":" in listen.address
+    # Small blocks, many of them: a block is handed over when full or RETIRE_MS old, so at a modest
+    # rate each holds little; 256 of 256 KB still buffer 5 s of a slow stream (64 of 1 MB: 1.3 s).
+    return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM, block_size=TUNNEL_BLOCK_SIZE, block_count=TUNNEL_BLOCK_COUNT)
 
 
 def _selected(listen: Listen, meta) -> bool:
@@ -117,13 +177,25 @@ def _selected(listen: Listen, meta) -> bool:
     return meta.vni == listen.only
 
 
-def _flags(meta) -> int | None:
-    """pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress)."""
-    return {"ingress": 1, "egress": 2}.get(meta.direction)
+# pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress).
+EPB_DIRECTION = {"ingress": 1, "egress": 2}
+
+
+@dataclass
+class Termination:
+    kept: int = 0  # inner frames written / re-emitted
+    dropped: int = 0  # tunnel packets the kernel had no room for in the ring
+    ignored: int = 0  # tunnel packets not kept: another key/session/VNI, not a frame, cut short
+    unread: int = 0  # tunnel packets still in the ring when it stopped (count reached, or more than a drain)
 
 
 def terminate(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> int:
     """Terminate a tunnel until count, duration, stop or Ctrl-C; returns the number of inner frames kept."""
+    return terminate_counted(listen_text, path, to, count, duration, stop, netns).kept
+
+
+def terminate_counted(listen_text: str, path: str | None = None, to: str | None = None, count: int | None = None, duration: float | None = None, stop: threading.Event | None = None, netns: str | None = None) -> Termination:
+    """terminate(), returning what was kept, dropped by the kernel and ignored."""
     listen = parse_listen(listen_text)
     if path is None and to is None:
         raise ValidationError("capture", "give -w FILE.pcapng, --to port:IFNAME, or both")
@@ -136,46 +208,93 @@ def terminate(listen_text: str, path: str | None = None, to: str | None = None, 
     stop = stop or threading.Event()
     deadline = None if duration is None else time.monotonic() + duration
     out = open_output_port(to, netns) if to is not None else None
-    sock = None
-    writer = None
-    kept = 0
+    sock = ring = writer = None
+    counts = Termination()
     try:
-        if listen.scheme == "vxlan":
-            sock = capture.open_vxlan_socket(listen.address, listen.port, netns)
-        else:
-            sock = open_gre_socket(listen.address, netns)
+        # The ring before the socket: once the socket is seen listening, nothing is missed.
+        ring = open_tunnel_ring(listen, netns)
+        # The socket says whether ADDR is ours and the port free; its filter keeps its queue empty.
+        sock = capture.open_vxlan_socket(listen.address, listen.port, netns) if listen.scheme == "vxlan" else open_gre_socket(listen.address, netns)
+        attach_filter(sock, [(RET, 0, 0, 0)])
         writer = PcapngWriter.create(path, if_name=listen_text) if path is not None else None
-        decap = decap_vxlan if listen.scheme == "vxlan" else decap_gre
+        with _stopped_by_signals(stop):
+            _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a user ends an open-ended capture
+    finally:
+        if ring is not None:
+            counts.dropped += ring.statistics()[1]
+            counts.unread = ring.unread()
+        if writer is not None:
+            writer.close()
+        for s in (ring, sock, out):
+            if s is not None:
+                s.close()
+    return counts
 
-        def should_stop():
-            return stop.is_set() or (count is not None and kept >= count) or (deadline is not None and time.monotonic() >= deadline)
 
-        def on_idle():
-            if writer is not None:
-                writer.flush()
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event):
+    """Ctrl-C or SIGTERM sets `stop`: what is already in the ring is still written (not lost mid-block)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
-        for view, nbytes, ancdata, _sender in capture._datagrams(sock, should_stop, on_idle):
-            if nbytes > len(view):
-                continue  # truncated: not a frame we can pass on unchanged
-            found = decap(_payload(listen, sock.family, view, nbytes))
-            if found is None or len(found[0]) < capture.ETHERNET_HEADER or not _selected(listen, found[1]):
+
+def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
+    """The hot loop: as little Python per packet as the job allows."""
+    decap = StreamDecap(vxlan=listen.scheme == "vxlan")
+    joiner = Reassembly()
+    udp = UDP_HEADER if listen.scheme == "vxlan" else 0
+    ipv6 = ":" in listen.address
+    write = writer.write if writer is not None else None
+    minimum = capture.ETHERNET_HEADER
+    next_stats = time.monotonic() + STATS_INTERVAL
+
+    def should_stop():
+        nonlocal next_stats
+        now = time.monotonic()
+        if now >= next_stats:
+            counts.dropped += ring.statistics()[1]
+            next_stats = now + STATS_INTERVAL
+        return stop.is_set() or (count is not None and counts.kept >= count) or (deadline is not None and now >= deadline)
+
+    def on_idle():
+        if writer is not None:
+            writer.flush()
+
+    every = listen.only is None
+    for block in ring.blocks(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
+        for packet, timestamp, length in block:
+            if length != len(packet):
+                counts.ignored += 1  # cut short: not a frame we can pass on unchanged
                 continue
-            frame, meta = found
-            if writer is not None:
-                writer.write(frame, capture._timestamp_ns(ancdata), comment=meta.comment(), flags=_flags(meta))
+            if not ipv6 and (packet[6] & 0x3F or packet[7]):  # an IPv4 fragment: more fragments, or an offset
+                packet = joiner.add(packet)
+                if packet is None:
+                    continue  # more to come
+                if udp and int.from_bytes(packet[22:24], "big") != listen.port:
+                    continue  # joined, it is UDP to another port: not ours
+            header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
+            found = decap(packet[header:])
+            if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
+                counts.ignored += 1
+                continue
+            frame, meta, comment = found
+            if write is not None:
+                write(frame, timestamp, comment=comment, flags=EPB_DIRECTION.get(meta.direction))
             if out is not None:
                 try:
                     out.send(frame)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
                         raise OperationFailed(f"--to {to}: {exc.strerror}") from None
-            kept += 1
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a user ends an open-ended capture
-    finally:
-        if writer is not None:
-            writer.close()
-        for s in (sock, out):
-            if s is not None:
-                s.close()
-    return kept
+            counts.kept += 1
+            if counts.kept == count:
+                return

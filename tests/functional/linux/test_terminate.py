@@ -155,3 +155,137 @@ def test_bad_listen_input_is_one_line_exit_2_and_writes_nothing(wire, tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.stderr
     assert not (tmp_path / "x.pcapng").exists()
+
+
+def packets_in(path):
+    """Enhanced Packet Blocks in a pcapng file, counted block by block (scapy is slow for 40k frames)."""
+    data, offset, count = path.read_bytes(), 0, 0
+    while offset + 8 <= len(data):
+        kind, length = struct.unpack_from("<II", data, offset)
+        count += kind == 6
+        offset += length
+    return count
+
+
+def rx_packets(netns, device):
+    out = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", device], check=True, capture_output=True, text=True).stdout
+    import json
+
+    return json.loads(out)[0]["stats64"]["rx"]["packets"]
+
+
+def test_a_stalled_terminator_counts_what_the_kernel_dropped_and_keeps_the_rest(wire, tmp_path):
+    """SIGSTOP the real CLI while a burst bigger than its ring arrives, then SIGCONT and SIGTERM: every
+    packet r0 received is in the file, or in the summary as dropped or left unread (none unaccounted for)."""
+    netns, mac = wire
+    from pyroute2 import netns as pr_netns
+
+    path = tmp_path / "d.pcapng"
+    big = outer(mac, erspan3(5, bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x09" * 1400))))
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+    process = subprocess.Popen(["ip", "netns", "exec", netns, "vtap", "capture", "--listen", f"erspan://{ADDR}", "-w", str(path), "--duration", "30"], stderr=subprocess.PIPE, text=True, env=env)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        deadline = time.monotonic() + 8
+        while not (path.exists() and packets_in(path) > 0) and time.monotonic() < deadline:
+            sender.send(big)  # until the ring is open and a frame reached the file
+            time.sleep(0.2)
+        assert path.exists() and packets_in(path) > 0, "the capture never wrote a frame"
+        time.sleep(0.5)  # the last probe is in the file too
+        before, written_before = rx_packets(netns, "r0"), packets_in(path)
+        process.send_signal(19)  # SIGSTOP: the ring (64 MB, ~37k of these) fills up
+        for _ in range(60_000):
+            sender.send(big)
+        process.send_signal(18)  # SIGCONT
+        process.terminate()  # at once: what the ring holds is written, or said to be left unread
+    finally:
+        sender.close()
+        if process.poll() is None and process.returncode is None:
+            process.send_signal(18)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    received = rx_packets(netns, "r0") - before
+    kept = packets_in(path)
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith(f"{kept} frames written to "), err
+    dropped = int(summary.split("; ")[1].split()[0])
+    unread = int(summary.split("; ")[2].split()[0]) if summary.count("; ") == 2 else 0
+    assert dropped > 0 and kept - written_before + unread > 30_000, summary
+    assert kept - written_before + dropped + unread == received, (kept, written_before, dropped, unread, received)
+
+
+def test_sigterm_ends_the_capture_cleanly_with_every_frame_in_the_file(wire, tmp_path):
+    netns, mac = wire
+    from pyroute2 import netns as pr_netns
+
+    path = tmp_path / "t.pcapng"
+    inner = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0a" * 40))
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+    process = subprocess.Popen(["ip", "netns", "exec", netns, "vtap", "capture", "--listen", f"gre://{ADDR}", "-w", str(path)], stderr=subprocess.PIPE, text=True, env=env)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        deadline = time.monotonic() + 8
+        while not (path.exists() and packets_in(path) > 0) and time.monotonic() < deadline:
+            sender.send(outer(mac, gre(1, inner)))
+            time.sleep(0.2)
+        first = packets_in(path)
+        for _ in range(100):
+            sender.send(outer(mac, gre(2, inner)))
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    finally:
+        sender.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert packets_in(path) == first + 100
+    assert err.strip().splitlines()[-1].startswith(f"{first + 100} frames written to {path}"), err
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_fragmented_tunnel_packets_are_joined_before_decapsulation(wire, tmp_path, tunnel):
+    """A sender without DF (a kernel vxlan device, by default) fragments outer packets larger than the
+    path MTU: the file holds the whole inner frame. Fragments of UDP to another port are not VXLAN."""
+    from scapy.layers.inet import fragment
+
+    netns, mac = wire
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    if tunnel == "erspan":
+        packets = [IP(src="10.79.0.1", dst=ADDR, proto=47, id=4242, flags=0) / erspan3(5, big)]
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        packets = [IP(src="10.79.0.1", dst=ADDR, id=4343, flags=0) / UDP(sport=5000, dport=4790) / (vxlan + big[:-1] + b"\x00"),  # another port
+                   IP(src="10.79.0.1", dst=ADDR, id=4242, flags=0) / UDP(sport=5000, dport=4789) / (vxlan + big)]
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for packet in packets for p in fragment(packet, fragsize=1200)[::-1]]
+    assert len(pieces) == 3 * len(packets)
+    path = tmp_path / "f.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://{ADDR}", "-w", str(path), "--count", "1"], pieces, tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [big]
+
+
+def test_the_ring_counts_what_it_holds_unread_and_keeps_only_the_tunnel(wire):
+    """The ring's kernel filter: GRE to ADDR is queued; GRE to another address of the host and UDP are not."""
+    netns, mac = wire
+    from pyroute2 import netns as pr_netns
+
+    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
+
+    subprocess.run(["ip", "-n", netns, "addr", "add", "10.79.0.3/24", "dev", "r0"], check=True)
+    inner = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0c" * 30))
+    ring = open_tunnel_ring(parse_listen(f"gre://{ADDR}"), netns)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        for _ in range(50):
+            sender.send(outer(mac, gre(1, inner)))
+            sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / IP(src="10.79.0.1", dst="10.79.0.3", proto=47) / gre(1, inner)))
+            sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / IP(src="10.79.0.1", dst=ADDR) / UDP(dport=4789) / inner))
+        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
+        assert ring.unread() == 50
+    finally:
+        sender.close()
+        ring.close()

@@ -1,0 +1,84 @@
+"""IPv4 reassembly for tunnel packets the ring sees as fragments (RFC 791, the receiver's part).
+
+A tunnel sender without DF (a kernel vxlan device, by default) fragments an
+outer packet that is larger than the path MTU. The ring in terminate.py reads
+packets before the IP stack reassembles them, so the fragments of one outer
+packet are joined here:
+
+    joiner = Reassembly()
+    whole = joiner.add(packet)   # an IPv4 fragment (a view is fine) -> the whole packet, or None for now
+
+The whole packet is the first fragment's header (without options) and the
+joined payload. Overlapping or duplicate fragments spoil the packet (it is
+dropped, as the IP stack would); at most MAX_PENDING packets are waited for,
+the oldest is given up first; a packet is given up after TIMEOUT seconds.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+MAX_PENDING = 1024
+TIMEOUT = 30.0  # seconds, as the kernel's ipfrag_time
+MORE_FRAGMENTS = 0x2000
+OFFSET_MASK = 0x1FFF
+
+
+class Reassembly:
+    def __init__(self):
+        self.pending = {}  # (source, destination, id, protocol) -> [started, {offset: payload}, end or None, header]
+        self.given_up = 0  # packets whose fragments did not all arrive
+
+    def add(self, packet):
+        header_length = (packet[0] & 0x0F) * 4
+        total_length, ident, fragment = struct.unpack_from("!HHH", packet, 2)
+        key = (bytes(packet[12:20]), ident, packet[9])
+        now = time.monotonic()
+        entry = self.pending.get(key)
+        if entry is None:
+            self._make_room(now)
+            entry = self.pending[key] = [now, {}, None, None]
+        offset = (fragment & OFFSET_MASK) * 8
+        payload = bytes(packet[header_length:total_length])
+        if offset in entry[1] or (entry[2] is not None and offset + len(payload) > entry[2]):
+            del self.pending[key]  # duplicate or overlapping: spoilt
+            return None
+        entry[1][offset] = payload
+        if offset == 0:
+            entry[3] = bytes(packet[:20])
+        if not fragment & MORE_FRAGMENTS:
+            entry[2] = offset + len(payload)
+        return self._joined(key, entry)
+
+    def _joined(self, key, entry):
+        if entry[2] is None or entry[3] is None:
+            return None
+        position, parts = 0, []
+        for offset in sorted(entry[1]):
+            if offset != position:
+                return None if offset > position else self._spoil(key)
+            parts.append(entry[1][offset])
+            position += len(entry[1][offset])
+        if position != entry[2]:
+            return None
+        del self.pending[key]
+        payload = b"".join(parts)
+        header = bytearray(entry[3])
+        header[0] = 0x45  # no options
+        struct.pack_into("!H", header, 2, 20 + len(payload))
+        struct.pack_into("!H", header, 6, 0)  # not a fragment (the checksum is left as it was: nobody checks it)
+        return bytes(header) + payload
+
+    def _spoil(self, key):
+        del self.pending[key]
+        return None
+
+    def _make_room(self, now: float) -> None:
+        for key in list(self.pending):
+            started = self.pending[key][0]
+            if len(self.pending) < MAX_PENDING and now - started < TIMEOUT:
+                break
+            del self.pending[key]
+            self.given_up += 1
+
