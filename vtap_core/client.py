@@ -337,9 +337,10 @@ class Client:
             touched = _touched_sessions(change, sessions)
             self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
+            desired = None
             try:
                 # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
-                self._prepare(*after)
+                desired = self._prepare(*after)
                 with self.store.transaction():
                     self.store.replace_all(*after)
                     self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
@@ -348,7 +349,7 @@ class Client:
             except OperationFailed as exc:
                 raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
-                plan = self._realize(*after)
+                plan = self._realize(*after, desired=desired)
             except reconcile.FlowsFailed as exc:
                 if any(_changed_by(session, parent_of(flow), before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
                     self._roll_back(before_sessions, before_flows)
@@ -364,12 +365,13 @@ class Client:
         note = placement([f for f in flows.values() if f.session in touched]) if placement and touched else ""
         return Change(f"{change_message}; {note}" if note else change_message, plan)
 
-    def _realize(self, sessions, flows) -> reconcile.Plan:
+    def _realize(self, sessions, flows, desired: tuple | None = None) -> reconcile.Plan:
+        """desired: what _prepare planned for these sessions and flows (planned again when None)."""
         # Drivers whose other hosts need the desired state too (proxmox: every node) publish it first.
         publish = getattr(self.driver, "publish_desired", None)
         if publish is not None:
             publish(sessions, flows)
-        plan = reconcile.reconcile(self.driver, sessions, flows)
+        plan = reconcile.reconcile(self.driver, sessions, flows, desired=desired)
         self._record_membership(plan.members, flows)
         return plan
 
@@ -438,11 +440,17 @@ class Client:
             return False
         return True
 
-    def _prepare(self, sessions, flows):
-        """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now."""
+    def _prepare(self, sessions, flows) -> tuple | None:
+        """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now.
+
+        Returns (bindings, problems, members) of the plan it made, for the reconcile that follows.
+        """
         prepare = getattr(self.driver, "prepare", None)
-        if prepare is not None:
-            prepare(reconcile.desired_bindings(self.driver, sessions, flows))
+        if prepare is None:
+            return None
+        desired = (reconcile.desired_bindings(self.driver, sessions, flows, problems := [], members := {}), problems, members)
+        prepare(desired[0])
+        return desired
 
     def _roll_back(self, sessions, flows):
         try:

@@ -150,7 +150,9 @@ def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> Non
             log.debug("session %s%s: %s", session, f" flow {flow}" if flow else "", exc)  # FlowsFailed reports it
 
 
-def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None) -> Plan:
+def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None, desired: tuple | None = None) -> Plan:
+    """desired: (bindings, problems, members) that desired_bindings gave for these sessions and flows,
+    when the caller has just computed them (a change plans once, for prepare and reconcile; unscoped)."""
     # Optional hook: a driver that can read one VM instead of all (kvm) is told which reconcile this is.
     # It also says the driver plans each flow on its own, so the other VMs' members can be left out
     # (vsphere's flows share their switch's session options: it plans them all).
@@ -159,7 +161,10 @@ def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], 
         focus(scope)
     try:
         narrow = scope if focus is not None else None
-        plan = diff(desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), driver.observe(), scope)
+        if desired is None:
+            desired = (desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), problems, members)
+        bindings, problems, members = desired
+        plan = diff(bindings, driver.observe(), scope)
     finally:
         if focus is not None:
             focus(None)

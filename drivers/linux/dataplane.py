@@ -122,6 +122,7 @@ GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
 TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
+FEW_DEVICES = 8  # up to this many devices: gets per device; more: one dump of them all
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
 # linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
 # family it knows (0.1-0.4 s), and only the rare device changes (self.ipr) need it. A hookscript's
@@ -368,9 +369,19 @@ class TcDataplane:
         return out
 
     @contextmanager
-    def planning(self):
+    def planning(self, devices: set | None = None):
         """Plan many flows on one look at the namespace (a link and a qdisc dump instead of gets per
-        device); yields the device names. Only for the duration of one plan: qdiscs change."""
+        device); yields the device names. Only for the duration of one plan: qdiscs change.
+
+        devices: the names the plan mirrors or targets, if known; a few of them are looked up
+        one by one (a plan of one flow among thousands dumps nothing), without a view.
+        """
+        if devices is not None and len(devices) <= FEW_DEVICES:
+            with self._kernel():
+                present = {name for name in devices if self._link(name=name) is not None}
+            self._planning.view = None
+            yield present
+            return
         with self._kernel():
             indexes = self._link_indexes()
             self._planning.view = (indexes, self._qdisc_places())
@@ -379,8 +390,10 @@ class TcDataplane:
         finally:
             self._planning.view = None
 
-    def planning_view(self) -> tuple:
-        """What a plan made inside planning() depends on besides sessions and flows (hashable)."""
+    def planning_view(self) -> tuple | None:
+        """What a plan made inside planning() depends on besides sessions and flows (hashable); None without a view."""
+        if getattr(self._planning, "view", None) is None:
+            return None
         indexes, places = self._planning.view
         qdiscs = tuple(sorted((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q))
         return tuple(sorted(indexes.items())), qdiscs
@@ -476,9 +489,10 @@ class TcDataplane:
                 return None
             raise
 
-    def _clsact_indexes(self) -> set[int]:
-        """ifindexes of the devices that have a clsact qdisc (one dump)."""
-        return {index for index, place in self._qdisc_places().items() if (place["hook"] or {}).get("kind") == "clsact"}
+    def _clsact_indexes(self, places: dict | None = None) -> set[int]:
+        """ifindexes of the devices that have a clsact qdisc (one dump, unless `places` has it already)."""
+        places = self._qdisc_places() if places is None else places
+        return {index for index, place in places.items() if (place["hook"] or {}).get("kind") == "clsact"}
 
     def _qdisc_places(self) -> dict[int, dict]:
         """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
@@ -525,6 +539,28 @@ class TcDataplane:
             found.update(c for c in tcnl.read_action_cookies(*reply) if self.catalog.owns(c))
         return found
 
+    def _mirred_actions(self) -> dict[bytes, tuple]:
+        """{mark: (target ifindex, packets, bytes, refused)} of this store's mirred actions (one dump).
+
+        Like _mirred_marks, "maybe there": observe() takes only those a filter dump shows.
+        """
+        found = {}
+        for reply in self.nl.dump(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
+            for cookie, *figures in tcnl.read_mirred_actions(*reply):
+                if self.catalog.owns(cookie):
+                    found[cookie] = tuple(figures)
+        return found
+
+    def _filter_marks(self, ifindex: int, hook: str, parent: str | None = None) -> list[bytes]:
+        """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
+        try:
+            replies = self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
+        except NetlinkFailure as exc:
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                return []  # no clsact (or no device): no filters
+            raise
+        return [mark for reply in replies if (mark := tcnl.read_filter_mark(*reply)) is not None]
+
     def _filters(self, ifindex: int, hook: str, parent: str | None = None) -> list[TcFilter]:
         """Every filter on a device's hook, or on its root qdisc `parent` (vtap's have a mark). One dump."""
         try:
@@ -550,6 +586,9 @@ class TcDataplane:
         """What vtap has in this namespace: one filter dump per (device, hook) vtap used, one action dump.
 
         With `vm`, only that VM's mirrors and what belongs to no VM: all a reconcile scoped to it looks at.
+        The filter dumps say which mirrors are in place (a deleted filter's action
+        lingers in the action dump until the kernel releases it); the action dump
+        gives their counters and targets, and the marks no catalog entry names.
         """
         with self._kernel(), self.catalog.locked(shared=True) as catalog:
             links: dict[int, dict | None] = {}
@@ -568,49 +607,55 @@ class TcDataplane:
             if vm is not None:
                 hooks = {place: wanted for place, wanted in hooks.items() if any(b.vm in (vm, None) for b in wanted.values())}
             every_link = None
-            if len(hooks) > 8:  # many devices: one link dump instead of a get per source and target
+            if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
                 links.update((link["index"], link) for link in every_link)
             places = None
             out = []
             used = set()  # devices holding a vtap filter
+            in_place = []
             for (ifindex, hook), wanted in hooks.items():
                 for parent in {b.get("parent") for b in wanted.values()}:
-                    for found in self._filters(ifindex, hook, parent):
-                        binding = wanted.get(found.mark)
-                        if binding is None or binding.get("parent") != parent:
-                            continue
-                        used.add(ifindex)
-                        # What the filter really mirrors: the target device may have gone or been
-                        # recreated, the device renamed (names swapped): then the spec shows it.
-                        actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
-                        if hook == "egress" and parent is None:
-                            places = self._qdisc_places() if places is None else places
-                            if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
-                                actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                        if any(binding.get(name) != value for name, value in actual.items()):
-                            binding = _drifted(binding, found.mark, **actual)
-                        # At ingress the kernel counts from the network header; count whole frames.
-                        nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
-                        target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
-                        counters = Counters(found.packets, nbytes, found.refused, target)
-                        out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
-            known = catalog.marks()
-            out.extend(self._unknown(mark) for mark in self._mirred_marks() if mark not in known)
+                    for mark in self._filter_marks(ifindex, hook, parent):
+                        binding = wanted.get(mark)
+                        if binding is not None and binding.get("parent") == parent:
+                            in_place.append((ifindex, hook, parent, mark, binding))
+                            used.add(ifindex)
+            actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
+            for ifindex, hook, parent, mark, binding in in_place:
+                if mark not in actions:
+                    continue  # deleted since the filter dump
+                found = TcFilter(0, 0, mark, *actions[mark])
+                # What the filter really mirrors: the target device may have gone or been
+                # recreated, the device renamed (names swapped): then the spec shows it.
+                actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
+                if hook == "egress" and parent is None:
+                    places = self._qdisc_places() if places is None else places
+                    if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                        actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
+                if any(binding.get(name) != value for name, value in actual.items()):
+                    binding = _drifted(binding, found.mark, **actual)
+                # At ingress the kernel counts from the network header; count whole frames.
+                nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
+                target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                counters = Counters(found.packets, nbytes, found.refused, target)
+                out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
+            known = catalog.bindings
+            out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
             out.extend(self._observe_devices(catalog, every_link))
-            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}))
+            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, places))
             return out
 
-    def _unused_clsacts(self, catalog, used: set, among: set | None = None) -> list[Binding]:
+    def _unused_clsacts(self, catalog, used: set, among: set | None = None, places: dict | None = None) -> list[Binding]:
         """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
 
         Only devices without a vtap filter are looked at (and only those `among`, when given),
-        so this costs nothing while mirrors are in place.
+        so this costs nothing while mirrors are in place. places: _qdisc_places() if observe read it already.
         """
         candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used and (among is None or ifindex in among)}
         if not candidates:
             return []
-        present = self._clsact_indexes()
+        present = self._clsact_indexes(places)
         out = []
         for device, ifindex in sorted(candidates.items()):
             if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):
@@ -776,7 +821,7 @@ class TcDataplane:
 
     def _indexes(self, names: set) -> dict[str, int]:
         """ifindex by name for these devices: a few gets, or one dump when there are many."""
-        if len(names) > 8:
+        if len(names) > FEW_DEVICES:
             return {name: index for name, index in self._link_indexes().items() if name in names}
         found = {name: self._link(name=name) for name in names}
         return {name: link["index"] for name, link in found.items() if link is not None}

@@ -74,10 +74,12 @@ class LinuxDriver(Driver):
             if missing:
                 raise Unsupported(self.name, f"target {session.target.kind}:", missing)
             self.check_features(session, members.get(session.name, []))
-        with self.dataplane.planning() as present:
-            asked = (sessions, flows, self.dataplane.planning_view())
+        devices = {f.source.interface for f in flows if f.source.interface} | {s.target.port for s in sessions if s.target.kind == "port"}
+        with self.dataplane.planning(devices) as present:
+            view = self.dataplane.planning_view()  # None for a plan of a few devices: nothing to reuse
+            asked = (sessions, flows, view)
             last = self._last_plan
-            if last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
+            if view is not None and last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
                 return list(last[2])
             bindings: list[Binding] = []
             tunnels: dict[tuple, str] = {}
@@ -92,7 +94,8 @@ class LinuxDriver(Driver):
                         raise NotFound(f"interface {flow.source.interface}: no such interface{self._where()}")
                     bindings.extend(self.dataplane.plan_interface(session, flow))
         bindings = unique(bindings)
-        self._last_plan = (time.monotonic(), asked, bindings)
+        if view is not None:
+            self._last_plan = (time.monotonic(), asked, bindings)
         return list(bindings)
 
     def _check_tunnel_free(self, session: TapSession, tunnels: dict) -> None:

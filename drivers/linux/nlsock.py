@@ -52,6 +52,18 @@ def attributes(data, start: int, end: int) -> dict[int, tuple[int, int]]:
     return found
 
 
+def find(data, start: int, end: int, kind: int) -> tuple[int, int] | None:
+    """(payload start, payload end) of the first attribute of this type in data[start:end], or None."""
+    while start + ATTR.size <= end:
+        length, found = ATTR.unpack_from(data, start)
+        if length < ATTR.size:
+            return None
+        if found & NLA_TYPE_MASK == kind:
+            return start + ATTR.size, start + length
+        start += (length + 3) & ~3
+    return None
+
+
 def string(data, span) -> str:
     return bytes(data[span[0] : span[1]]).split(b"\0", 1)[0].decode(errors="replace")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, string, u32, u64
+from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, find, string, u32, u64
 
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
 TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: clsact and ingress qdiscs sit in the same place
@@ -179,6 +179,26 @@ def read_filter(data, start: int, end: int):
     return info >> 16, handle, None
 
 
+def read_filter_mark(data, start: int, end: int) -> bytes | None:
+    """The cookie of a bpf filter reply's first action, if it has a 16-byte one (else None).
+
+    observe() reads a filter dump per hook of every mirrored device; this walks
+    only down to the cookie (counters come from the one action dump).
+    """
+    if not TCMSG.unpack_from(data, start)[4]:
+        return None  # the per-priority header entry, not a filter
+    kind = find(data, start + TCMSG.size, end, TCA_KIND)
+    options = find(data, start + TCMSG.size, end, TCA_OPTIONS)
+    if kind is None or options is None or string(data, kind) != "bpf":
+        return None
+    actions = find(data, *options, TCA_BPF_ACT)
+    first = find(data, *actions, 1) if actions else None
+    cookie = find(data, *first, TCA_ACT_COOKIE) if first else None
+    if cookie is None or cookie[1] - cookie[0] != COOKIE_BYTES:
+        return None
+    return bytes(data[cookie[0] : cookie[1]])
+
+
 def read_qdisc_place(data, start: int, end: int) -> dict:
     """{index, handle, parent, kind, blocks: shared block indexes (ingress, egress), 0 = none} of a qdisc reply."""
     _family, _p1, _p2, index, handle, parent, _info = TCMSG.unpack_from(data, start)
@@ -202,6 +222,14 @@ def read_action_cookies(data, start: int, end: int) -> list[bytes]:
             if end - start == COOKIE_BYTES:
                 cookies.append(bytes(data[start:end]))
     return cookies
+
+
+def read_mirred_actions(data, start: int, end: int) -> list[tuple]:
+    """read_mirred() of each action in one RTM_GETACTION dump reply: (cookie, target ifindex, packets, bytes, refused)."""
+    found = attributes(data, start + TCAMSG_SIZE, end)
+    if TCA_ROOT_TAB not in found:
+        return []
+    return [mirred for span in attributes(data, *found[TCA_ROOT_TAB]).values() if (mirred := read_mirred(data, span)) is not None]
 
 
 def read_link(data, start: int, end: int) -> dict:
