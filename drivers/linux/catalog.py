@@ -214,8 +214,12 @@ class Catalog:
     def remember(self, binding: Binding, ifindex: int | None = None) -> bytes:
         """Name a binding's mark; a mirror's device index too (observe dumps that device's hook)."""
         mark = self.mark_of(binding)
+        known = self.bindings.get(mark.hex())
+        # The mark is a digest of key and spec: an entry under it with this ifindex and order is this one.
+        if known is not None and known.get("ifindex") == ifindex and known.get("order") == binding.order:
+            return mark
         entry = dict(_to_dict(binding), ifindex=ifindex)
-        if self.bindings.get(mark.hex()) != entry:
+        if known != entry:
             self.bindings[mark.hex()] = entry
             self._changed, self._hooks = True, None
         return mark

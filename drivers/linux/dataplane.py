@@ -75,7 +75,10 @@ Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gr
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
 mark (remove + apply). observe() reads one filter dump per (device, hook)
-vtap uses and one dump of mirred actions (for orphans the catalog lost).
+vtap uses, down to the marks only (which mirrors are in place: a deleted
+filter's action outlives it until the kernel releases it), and one dump of
+mirred actions (counters and targets of those, and orphans the catalog lost).
+A plan of a few devices gets them one by one; of many, one link and one qdisc dump.
 Between processes, apply/remove hold the catalog's flock exclusively and
 observe holds it shared. Marks name their state dir: two stores on one host
 never take each other's mirrors for orphans.
@@ -122,6 +125,7 @@ GRE_PREFIX = "vtapg"  # gretap/ip6gretap and erspan/ip6erspan targets
 SINK_PREFIX = "vtapc"
 TC_H_ROOT = 0xFFFFFFFF
 IFF_UP = 1
+SHARED_PAIRS = 100_000
 FEW_DEVICES = 8  # up to this many devices: gets per device; more: one dump of them all
 RELEASE_TIMEOUT = 2.0  # seconds; an RCU grace period is usually a few milliseconds
 # linux/netlink.h and linux/rtnetlink.h. Not imported from pyroute2: importing it loads every netlink
@@ -244,6 +248,7 @@ class TcDataplane:
         self.catalog = Catalog(self.state_dir, netns)
         self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
         self._programs: dict[tuple, tuple] = {}  # (filter, guard, sample) -> program, checked, for this process
+        self._shared_pairs: dict[tuple, tuple] = {}  # spec pairs many mirrors have (hook, target, filter)
         self._ns_key = f"{netns}/" if netns else ""
         self._ipr = None
         self._nl = None
@@ -256,14 +261,17 @@ class TcDataplane:
         """parent: the root qdisc handle ("1:") that takes the filter instead of the clsact hook (see placement)."""
         if hook not in HOOKS:
             raise ValidationError("hook", f"{hook!r} is not ingress or egress")
+        shared = self._shared_pairs  # the same pairs in thousands of specs: one copy of each
+        if len(shared) > SHARED_PAIRS:  # a follower's lifetime of changed filters
+            shared.clear()
         spec = (
             ("type", "mirror"),
             ("device", device),
-            ("hook", hook),
-            ("to", to_device),
-            ("filter", filter or ""),
-            ("sample", sample or 1),
-            ("guard", guard or ""),
+            shared.setdefault(("hook", hook), ("hook", hook)),
+            shared.setdefault(("to", to_device), ("to", to_device)),
+            shared.setdefault(("filter", filter or ""), ("filter", filter or "")),
+            shared.setdefault(("sample", sample or 1), ("sample", sample or 1)),
+            shared.setdefault(("guard", guard or ""), ("guard", guard or "")),
         ) + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
         self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
@@ -497,16 +505,22 @@ class TcDataplane:
     def _qdisc_places(self) -> dict[int, dict]:
         """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
         places: dict[int, dict] = {}
-        for reply in self.nl.dump(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
+        for reply in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
             qdisc = tcnl.read_qdisc_place(*reply)
             where = {tcnl.TC_H_CLSACT: "hook", tcnl.TC_H_ROOT: "root"}.get(qdisc["parent"])
             if where:
                 places.setdefault(qdisc["index"], {"hook": None, "root": None})[where] = qdisc
         return places
 
+    def _places_of(self, ifindexes: set) -> dict[int, dict]:
+        """_qdisc_places() of these devices: gets for a few, one dump for many."""
+        if len(ifindexes) > FEW_DEVICES:
+            return self._qdisc_places()
+        return {i: {"hook": self._qdisc_at(i, tcnl.TC_H_CLSACT), "root": self._qdisc_at(i, tcnl.TC_H_ROOT)} for i in ifindexes}
+
     def _links(self, kind: str | None = None) -> list[dict]:
         """Every link, or those of one kind (the kernel filters by kind)."""
-        links = [tcnl.read_link(*reply) for reply in self.nl.dump(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
+        links = [tcnl.read_link(*reply) for reply in self.nl.stream(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
         return [link for link in links if kind is None or link["kind"] == kind]
 
     def ifindex(self, name: str) -> int | None:
@@ -520,7 +534,7 @@ class TcDataplane:
 
     def _link_indexes(self) -> dict[str, int]:
         """{name: ifindex} of every link (one dump, names only: plans ask for it every time)."""
-        replies = self.nl.dump(tcnl.link_names_query(), RTM_GETLINK, DUMP)
+        replies = self.nl.stream(tcnl.link_names_query(), RTM_GETLINK, DUMP)
         return dict(tcnl.read_link_name(*reply) for reply in replies)
 
     def device_kinds(self) -> dict[str, str | None]:
@@ -535,7 +549,7 @@ class TcDataplane:
         (after an RCU grace period), so this says "maybe there", never "there".
         """
         found = set()
-        for reply in self.nl.dump(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
+        for reply in self.nl.stream(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
             found.update(c for c in tcnl.read_action_cookies(*reply) if self.catalog.owns(c))
         return found
 
@@ -545,7 +559,7 @@ class TcDataplane:
         Like _mirred_marks, "maybe there": observe() takes only those a filter dump shows.
         """
         found = {}
-        for reply in self.nl.dump(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
+        for reply in self.nl.stream(tcnl.mirred_dump_request(), RTM_GETACTION, DUMP):
             for cookie, *figures in tcnl.read_mirred_actions(*reply):
                 if self.catalog.owns(cookie):
                     found[cookie] = tuple(figures)
@@ -593,6 +607,7 @@ class TcDataplane:
         with self._kernel(), self.catalog.locked(shared=True) as catalog:
             links: dict[int, dict | None] = {}
             underlays: dict[str, tuple | None] = {}
+            healths: dict[tuple, object] = {}
 
             def link_of(index):
                 if index not in links:
@@ -637,7 +652,9 @@ class TcDataplane:
                     binding = _drifted(binding, found.mark, **actual)
                 # At ingress the kernel counts from the network header; count whole frames.
                 nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
-                target = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                if (ifindex, found.to_index) not in healths:  # a device's two hooks mirror to one target
+                    healths[ifindex, found.to_index] = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
+                target = healths[ifindex, found.to_index]
                 counters = Counters(found.packets, nbytes, found.refused, target)
                 out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.bindings
@@ -762,8 +779,10 @@ class TcDataplane:
                     catalog.remember(binding)
                 elif binding.get("type") == "mirror" and binding.get("device") in indexes:
                     catalog.remember(binding, indexes[binding.get("device")])
-            hooked = {i for i, place in self._qdisc_places().items() if place["hook"]} if indexes else set()
-            for device, ifindex in indexes.items():
+            # Devices whose clsact the catalog names already need no look: that stays so either way.
+            unsure = {device: ifindex for device, ifindex in indexes.items() if catalog.qdiscs.get(device) != ifindex}
+            hooked = {i for i, place in self._places_of(set(unsure.values())).items() if place["hook"]} if unsure else set()
+            for device, ifindex in unsure.items():
                 if ifindex not in hooked:  # clsact or someone's ingress qdisc: vtap adds none there
                     catalog.qdiscs[device] = ifindex
             try:
@@ -837,7 +856,7 @@ class TcDataplane:
                     raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
             catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
-        places = self._qdisc_places()
+        places = self._places_of({indexes[b.get("device")] for b in bindings})
         for binding in bindings:
             self._check_placement(binding, places.get(indexes[binding.get("device")], {}))
         on_clsact = {b.get("device") for b in bindings if not b.get("parent")}

@@ -52,6 +52,21 @@ def attributes(data, start: int, end: int) -> dict[int, tuple[int, int]]:
     return found
 
 
+def pick(data, start: int, end: int, wanted) -> dict[int, tuple[int, int]]:
+    """attributes(), keeping only the types in `wanted` (a link reply has some forty; vtap reads five)."""
+    found = {}
+    unpack = ATTR.unpack_from
+    while start + 4 <= end:
+        length, kind = unpack(data, start)
+        if length < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind in wanted:
+            found[kind] = (start + 4, start + length)
+        start += (length + 3) & ~3
+    return found
+
+
 def find(data, start: int, end: int, kind: int) -> tuple[int, int] | None:
     """(payload start, payload end) of the first attribute of this type in data[start:end], or None."""
     while start + ATTR.size <= end:
@@ -140,17 +155,20 @@ class RtnlSocket:
 
     def dump(self, body: bytes, msg_type: int, flags: int) -> list[tuple[memoryview, int, int]]:
         """A dump's replies as (buffer, payload start, payload end), until NLMSG_DONE."""
-        out = []
+        return list(self.stream(body, msg_type, flags))
+
+    def stream(self, body: bytes, msg_type: int, flags: int):
+        """dump(), a reply at a time: each datagram is let go once read (a dump of thousands of
+        links or actions is tens of MiB). Read it to the end; a socket left half way is closed."""
         for reply_type, data, start, end in self._replies(body, msg_type, flags):
             if reply_type == NLMSG_DONE:
-                return out
+                return
             if reply_type == NLMSG_ERROR:
                 failure = _error(data, start, end)
                 if failure is not None:
                     raise failure
-                return out
-            out.append((data, start, end))
-        return out
+                return
+            yield data, start, end
 
     def get(self, body: bytes, msg_type: int, flags: int) -> tuple[memoryview, int, int]:
         """The one reply (buffer, start, end) to a get request, or raise NetlinkFailure."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, find, string, u32, u64
+from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, find, pick, string, u32, u64
 
 # linux/pkt_sched.h, linux/pkt_cls.h, linux/tc_act/tc_mirred.h
 TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: clsact and ingress qdiscs sit in the same place
@@ -44,6 +44,9 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_PORT, IFLA_VXLAN_GROUP6 = 1, 2, 15, 16
 IFLA_VXLAN_LOCAL, IFLA_VXLAN_LOCAL6 = 4, 17
 
+ACTION_ATTRIBUTES = frozenset({TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE})  # what read_mirred reads
+STATS_ATTRIBUTES = frozenset({TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64})
+LINK_ATTRIBUTES = frozenset({IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64})  # what read_link reads
 TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
 TCAMSG_SIZE = 4
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -146,17 +149,17 @@ def read_mirred(data, span):
     refused: copies the target device did not take (mirred counts a failed
     transmit, e.g. a frame longer than a veth peer's MTU, as an overlimit).
     """
-    act = attributes(data, *span)
+    act = pick(data, *span, ACTION_ATTRIBUTES)
     if TCA_ACT_KIND not in act or string(data, act[TCA_ACT_KIND]) != "mirred" or TCA_ACT_COOKIE not in act:
         return None
     cookie = bytes(data[act[TCA_ACT_COOKIE][0] : act[TCA_ACT_COOKIE][1]])
-    options = attributes(data, *act[TCA_ACT_OPTIONS]) if TCA_ACT_OPTIONS in act else {}
-    if len(cookie) != COOKIE_BYTES or TCA_MIRRED_PARMS not in options:
+    parms = find(data, *act[TCA_ACT_OPTIONS], TCA_MIRRED_PARMS) if TCA_ACT_OPTIONS in act else None
+    if len(cookie) != COOKIE_BYTES or parms is None:
         return None
-    to_index = MIRRED_PARMS.unpack_from(data, options[TCA_MIRRED_PARMS][0])[6]
+    to_index = MIRRED_PARMS.unpack_from(data, parms[0])[6]
     packets = nbytes = refused = 0
     if TCA_ACT_STATS in act:
-        stats = attributes(data, *act[TCA_ACT_STATS])
+        stats = pick(data, *act[TCA_ACT_STATS], STATS_ATTRIBUTES)
         if TCA_STATS_BASIC in stats:
             nbytes, packets = struct.unpack_from("=QI", data, stats[TCA_STATS_BASIC][0])
         if TCA_STATS_PKT64 in stats:
@@ -202,9 +205,12 @@ def read_filter_mark(data, start: int, end: int) -> bytes | None:
 def read_qdisc_place(data, start: int, end: int) -> dict:
     """{index, handle, parent, kind, blocks: shared block indexes (ingress, egress), 0 = none} of a qdisc reply."""
     _family, _p1, _p2, index, handle, parent, _info = TCMSG.unpack_from(data, start)
-    found = attributes(data, start + TCMSG.size, end)
-    blocks = tuple(u32(data, found[kind]) if kind in found else 0 for kind in (TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK))
-    kind = string(data, found[TCA_KIND]) if TCA_KIND in found else None
+    span = find(data, start + TCMSG.size, end, TCA_KIND)  # the first attribute: cheap for every qdisc
+    kind = string(data, span) if span else None
+    blocks = (0, 0)
+    if kind in ("clsact", "ingress"):  # only these have blocks (the kernel puts them right after the kind)
+        spans = (find(data, start + TCMSG.size, end, name) for name in (TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK))
+        blocks = tuple(u32(data, span) if span else 0 for span in spans)
     return {"index": index, "handle": handle, "parent": parent, "kind": kind, "blocks": blocks}
 
 
@@ -235,7 +241,7 @@ def read_mirred_actions(data, start: int, end: int) -> list[tuple]:
 def read_link(data, start: int, end: int) -> dict:
     """{index, flags, name, alias, kind, vxlan: {vni, remote, port} or None, mtu, tx_errors, tx_dropped} of a link reply."""
     _family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
-    found = attributes(data, start + IFINFOMSG.size, end)
+    found = pick(data, start + IFINFOMSG.size, end, LINK_ATTRIBUTES)
     link = {"index": index, "flags": flags, "name": None, "alias": None, "kind": None, "vxlan": None, "mtu": None, "tx_errors": 0, "tx_dropped": 0}
     if IFLA_MTU in found:
         link["mtu"] = u32(data, found[IFLA_MTU])
