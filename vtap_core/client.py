@@ -243,7 +243,8 @@ class Client:
         with self.lock():
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
-            plan = reconcile.reconcile(self.driver, sessions, flows, scope)
+            with paused_gc():  # as in status()
+                plan = reconcile.reconcile(self.driver, sessions, flows, scope)
             self._record_membership(plan.members, flows)
             return plan
 
@@ -260,6 +261,10 @@ class Client:
     # status ---------------------------------------------------------------
 
     def status(self) -> list[FlowStatus]:
+        with paused_gc():  # desired and observed bindings of every flow: many objects, no cycles
+            return self._status()
+
+    def _status(self) -> list[FlowStatus]:
         sessions = {s.name: s for s in self.store.sessions()}
         flows = self.store.flows()
         problems: list = []
@@ -320,7 +325,8 @@ class Client:
         """_change_once, again from a fresh read while another writer of a shared store commits first."""
         for attempt in range(CONFLICT_RETRIES):
             try:
-                return self._change_once(command, mutate, message)
+                with paused_gc():  # as in status()
+                    return self._change_once(command, mutate, message)
             except Conflict:
                 time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
         raise OperationFailed(f"{command}: the desired state kept changing under it ({CONFLICT_RETRIES} tries); nothing was changed, try again")
@@ -602,7 +608,8 @@ def next_flow_name(session: str, flows: dict) -> str:
 @contextlib.contextmanager
 def paused_gc():
     """Python's cyclic GC off for a while: loading a large file makes millions of objects, none of them
-    in a cycle, and the collector's passes over them double the time of a 40,000-flow apply file."""
+    in a cycle, and the collector's passes over them double the time of a 40,000-flow apply file
+    (status, reconcile and changes over thousands of flows make them too)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
