@@ -990,9 +990,8 @@ class TcDataplane:
 
     def _forget_what_is_gone(self, catalog: Catalog) -> None:
         """Catalog entries of devices that no longer exist name nothing in the kernel: drop them."""
-        links = self._links()
-        indexes = {link["index"] for link in links}
-        names = {link["name"] for link in links}
+        links = self._link_indexes()  # names and indexes only: every apply and remove reads them
+        indexes, names = set(links.values()), set(links)
         for mark, binding, ifindex in list(catalog.entries()):
             if (ifindex is not None and ifindex not in indexes) or (binding.get("type") != "mirror" and binding.get("device") not in names):
                 catalog.forget(mark)
