@@ -28,12 +28,18 @@ class HealthMetrics(NoMetrics):
     def __init__(self):
         self.last_reconcile = ""
         self.problems = 0
+        self.reconciled = threading.Event()  # wakes the reporter: what this host observes may have changed
 
     def set_flows(self, desired: int, active: int) -> None:
         self.last_reconcile = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.reconciled.set()
+
+    def observe_latency(self, seconds: float) -> None:
+        self.reconciled.set()  # one VM reconciled
 
     def count_error(self) -> None:
         self.problems += 1
+        self.reconciled.set()
 
 
 class Agent:
@@ -54,6 +60,7 @@ class Agent:
         for thread in threads:
             thread.start()
         self.follower.run(stop)
+        self.health.reconciled.set()  # the reporter sees stop now, not in COUNTERS_EVERY seconds
         for thread in threads:
             thread.join(timeout=5)
 
@@ -85,11 +92,20 @@ class Agent:
                     away = True
 
     def _report(self, stop: threading.Event) -> None:
-        """This host's flows as it observes them: a state change at once, counters every COUNTERS_EVERY seconds."""
+        """This host's flows as it observes them: after each reconcile at once, counters every COUNTERS_EVERY seconds.
+
+        A flow this host has nothing to do with is inactive here and not reported; one that is
+        this host's but cannot be realized (its interface or `port:` target is missing) is, with
+        its problem: that is this host's verdict, shown by `status` on any machine.
+        """
         shown: dict = {}  # flow -> (row as last written, when)
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            self.health.reconciled.wait(COUNTERS_EVERY)
+            self.health.reconciled.clear()
+            if stop.is_set():
+                return
             try:
-                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive"}
+                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive" or r.problem}
             except Exception:
                 continue  # the heartbeat says when the store is away
             now = time.monotonic()

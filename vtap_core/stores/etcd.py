@@ -72,6 +72,25 @@ def parse_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
     return scheme.lower() == "etcds", endpoints, prefix
 
 
+def _error_text(exc) -> str:
+    """etcd's own words from a refused gateway call (its JSON body), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.detail_text)["error"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc)
+
+
+def _refused(client, exc) -> Exception:
+    where = f"etcd store at {client.host}:{client.port}"
+    detail = _error_text(exc)
+    settings = "VTAP_STORE_USER / VTAP_STORE_PASSWORD or [store] user and password in the config file"
+    if "authentication failed" in detail:
+        return ValidationError("store user/password", f"{where} refused them ({detail.removeprefix('etcdserver: ')}); they come from {settings}")
+    if "user name is empty" in detail:
+        return ValidationError("store user", f"{where} has authentication enabled: set {settings}")
+    return StoreUnavailable(f"{where} refused the request: {detail}")
+
+
 def _check_file(name: str, path) -> str:
     if not isinstance(path, str) or not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValidationError(f"store {name}", f"{path!r} is not a readable file")
@@ -79,6 +98,7 @@ def _check_file(name: str, path) -> str:
 
 
 class EtcdStore(DesiredStore):
+    shared = True
     def __init__(self, endpoints, prefix: str, driver: str, state: str | None = None, tls: bool = False,
                  ca=None, cert=None, key=None, insecure=False, user=None, password=None, timeout=TIMEOUT):
         import etcd3gw
@@ -149,7 +169,12 @@ class EtcdStore(DesiredStore):
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError, exceptions.InternalServerError) as exc:
                 problems.append(f"{client.host}:{client.port}: {type(exc).__name__}")
             except exceptions.Etcd3Exception as exc:
-                raise StoreUnavailable(f"etcd store at {client.host}:{client.port} refused the request: {exc}") from None
+                if "invalid auth token" in _error_text(exc) and i in self._authenticated:
+                    # The token lived its --auth-token-ttl (5 min by default): the next pass asks for a new one.
+                    self._authenticated.discard(i)
+                    problems.append(f"{client.host}:{client.port}: auth token expired")
+                    continue
+                raise _refused(client, exc) from None
         raise StoreUnavailable(f"etcd store unreachable, nothing was changed ({'; '.join(dict.fromkeys(problems))})")
 
     def _authenticate(self, i: int, client):
@@ -329,14 +354,23 @@ class EtcdStore(DesiredStore):
 
         start = self._desired()
         request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
+        from etcd3gw import exceptions
+
         index = self._watching % len(self._clients)
         client = self._clients[index]
-        self._authenticate(index, client)
+        try:
+            self._authenticate(index, client)
+        except exceptions.Etcd3Exception as exc:
+            raise StoreUnavailable(f"etcd watch at {client.host}:{client.port}: {_error_text(exc)}") from None
         changed = False
         try:
             with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
                 for line in reply.iter_lines():
-                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    message = json.loads(line) if line.strip() else {}
+                    if "error" in message or reply.status_code != 200:
+                        self._authenticated.discard(index)  # an expired token: the next try authenticates again
+                        raise StoreUnavailable(f"etcd watch at {client.host}:{client.port} refused: {message.get('error', reply.status_code)}")
+                    result = message.get("result", {})
                     if int(result.get("compact_revision", 0) or 0):
                         return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
                     if result.get("events"):
