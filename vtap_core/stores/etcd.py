@@ -294,7 +294,17 @@ class EtcdStore(DesiredStore):
                 success.append(op)
         if not success:
             return
-        reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
+        try:
+            reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
+        except StoreUnavailable as exc:
+            if "too many operations" in str(exc) or "too large" in str(exc):
+                # One change is one transaction (all or nothing): it is never split, so it must fit.
+                raise StoreUnavailable(
+                    f"this change writes {len(success)} keys ({sum(len(json.dumps(op)) for op in success) // 1024} KiB) in one etcd transaction, "
+                    "more than the etcd server takes (its --max-txn-ops, 128 by default, and --max-request-bytes, 1.5 MiB): "
+                    "nothing was changed; raise those limits on every etcd member or apply the file in parts"
+                ) from None
+            raise
         if not reply.get("succeeded"):
             if guarded:
                 self._guard = None
