@@ -16,6 +16,7 @@ import time
 from importlib.metadata import version
 
 from vtap_core.follow import EVERYTHING, Follower, NoMetrics
+from vtap_core.model import TapSession
 
 log = logging.getLogger("vtap.agent")
 COUNTERS = {"packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors"}
@@ -122,5 +123,21 @@ class Agent:
                 continue
 
     def _watch_store(self, stop: threading.Event) -> None:
-        for _ in self.client.store.watch_desired(stop):
-            self.follower.hints.put(EVERYTHING)
+        for changes in self.client.store.watch_desired(stop):
+            for hint in self._hints(changes):
+                self.follower.hints.put(hint)
+
+    def _hints(self, changes) -> set:
+        """What to reconcile for these desired-state changes: nothing for flows only other hosts realize
+        (another host's interface, a VM this host does not run), one VM for a VM flow, else everything."""
+        if changes is None:
+            return {EVERYTHING}
+        hints = set()
+        for item in (item for pair in changes for item in pair if item is not None):
+            if isinstance(item, TapSession) or item.source.select or (item.source.interface and item.host in (None, self.host)):
+                return {EVERYTHING}
+            if item.source.vm:
+                vm = next((vm for vm in self.client.driver.inventory() if item.source.vm in (vm.uuid, vm.name)), None)
+                if vm is not None:
+                    hints.add(vm.uuid or EVERYTHING)
+        return hints

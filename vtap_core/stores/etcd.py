@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import threading
 import uuid
 
 from vtap_core.errors import NotFound, ValidationError
@@ -126,6 +127,11 @@ class EtcdStore(DesiredStore):
         self._ops: list | None = None
         self._watching = 0  # which member watch_desired() streams from
         self._pending_state: dict | None = None  # key -> value this transaction's replace_all() makes true
+        # While watch_desired() runs (an agent), the desired state as its events left it:
+        # key -> (value, TapSession/TapFlow), and the generation's mod_revision. None: read etcd.
+        self._copy: dict | None = None
+        self._copy_guard = 0
+        self._copy_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url, driver, state, settings):
@@ -196,21 +202,40 @@ class EtcdStore(DesiredStore):
     # reading --------------------------------------------------------------
 
     def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
-        """The whole desired state at one revision; remembered as the guard of the next transaction."""
-        _, kvs = self._range(self._desired())
-        seen = {_unb64(kv["key"]): kv for kv in kvs}
-        generation = seen.pop(self._desired() + "generation", None)
-        self._guard = int(generation["mod_revision"]) if generation else 0
-        self._seen = {k: _unb64(kv.get("value", "")) for k, kv in seen.items()}
-        sessions, flows = [], []
-        for key in sorted(self._seen):
-            data = json.loads(self._seen[key])
-            if key.startswith(self._desired() + "sessions/"):
-                sessions.append(TapSession.from_dict(data))
-            elif key.startswith(self._desired() + "flows/"):
-                flows.append(TapFlow.from_dict(data))
-        flows.sort(key=lambda f: (f.session, f.name))
+        """The whole desired state at one revision; remembered as the guard of the next transaction.
+
+        In an agent, the copy its store watch keeps (no request at all); else one range request.
+        """
+        with self._copy_lock:
+            copy, guard = (dict(self._copy), self._copy_guard) if self._copy is not None else (None, 0)
+        if copy is None:
+            _, kvs = self._range(self._desired())
+            guard, copy = self._parse_all(kvs)
+        self._guard = guard
+        self._seen = {k: value for k, (value, _) in copy.items()}
+        objects = [copy[key][1] for key in sorted(copy)]
+        sessions = [o for o in objects if isinstance(o, TapSession)]
+        flows = sorted((o for o in objects if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
         return sessions, flows
+
+    def _parse_all(self, kvs) -> tuple[int, dict]:
+        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/."""
+        guard, parsed = 0, {}
+        for kv in kvs:
+            key = _unb64(kv["key"])
+            if key == self._desired() + "generation":
+                guard = int(kv["mod_revision"])
+            else:
+                value = _unb64(kv.get("value", ""))
+                parsed[key] = (value, self._parse(key, value))
+        return guard, parsed
+
+    def _parse(self, key: str, value: str):
+        if key.startswith(self._desired() + "sessions/"):
+            return TapSession.from_dict(json.loads(value))
+        if key.startswith(self._desired() + "flows/"):
+            return TapFlow.from_dict(json.loads(value))
+        return None
 
     def sessions(self) -> list[TapSession]:
         return self.snapshot()[0]
@@ -333,33 +358,77 @@ class EtcdStore(DesiredStore):
         return [json.loads(_unb64(kv["value"])) for kv in kvs]
 
     def watch_desired(self, stop):
-        """Yields after every change of this driver's desired state, resuming from the last revision seen.
+        """Yields after every change of this driver's desired state: [(old, new)] sessions and flows
+        (None where there is none), or None for "anything may have changed".
 
-        Each watch request lives about a second (so `stop` is noticed) and starts where the last ended.
-        When etcd is away it yields nothing and tries again with backoff; when that revision was
-        compacted, it yields once (the caller re-lists everything) and watches from now.
+        It keeps a copy of the desired state from one range and then the watch's events, which
+        snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
+        many flows the fleet has. Each watch request lives about a second (so `stop` is noticed) and
+        starts where the last ended. When etcd is away the copy is dropped (reads fail as they would
+        without it), it tries again with backoff and yields None; when that revision was compacted,
+        it lists everything again and yields None.
         """
         import requests
 
         revision = None
         delay = 0.5
-        while not stop.is_set():
-            try:
-                if revision is None:
-                    revision, _ = self._range(self._desired())
-                changed, revision = self._watch_once(revision)
-                delay = 0.5
-                if changed:
-                    yield
-            except (StoreUnavailable, requests.RequestException, ValueError):
-                self._watching += 1  # the next member, as _post does for every other request
-                revision = None
-                stop.wait(delay)
-                delay = min(delay * 2, 10)
-                yield  # back or not: the caller's resync decides, and never removes on a failed read
+        try:
+            while not stop.is_set():
+                try:
+                    if revision is None:
+                        revision, kvs = self._range(self._desired())
+                        guard, copy = self._parse_all(kvs)
+                        with self._copy_lock:
+                            self._copy, self._copy_guard = copy, guard
+                    changes, revision = self._watch_once(revision)
+                    delay = 0.5
+                    if changes is True:  # compacted: what happened since is lost
+                        self._drop_copy()
+                        revision = None
+                        yield None
+                    elif changes:
+                        yield changes
+                except (StoreUnavailable, requests.RequestException, ValueError):
+                    self._drop_copy()
+                    self._watching += 1  # the next member, as _post does for every other request
+                    revision = None
+                    stop.wait(delay)
+                    delay = min(delay * 2, 10)
+                    yield None  # back or not: the caller's resync decides, and never removes on a failed read
+        finally:
+            self._drop_copy()
 
-    def _watch_once(self, revision: int) -> tuple[bool, int]:
-        """(anything changed, the revision to resume after) from one short watch stream."""
+    def _drop_copy(self):
+        with self._copy_lock:
+            self._copy = None
+
+    def _apply_events(self, events) -> list:
+        """Bring the copy (if any) up to these watch events; the (old, new) sessions and flows they changed."""
+        changes = []
+        with self._copy_lock:
+            copy = self._copy
+            for event in events:
+                kv = event["kv"]
+                key = _unb64(kv["key"])
+                if key == self._desired() + "generation":
+                    self._copy_guard = int(kv["mod_revision"])
+                    continue
+                old = copy.get(key) if copy is not None else None
+                new = None
+                if event.get("type") != "DELETE":
+                    value = _unb64(kv.get("value", ""))
+                    new = (value, self._parse(key, value))
+                if copy is not None:
+                    if new is None:
+                        copy.pop(key, None)
+                    else:
+                        copy[key] = new
+                if old or new:
+                    changes.append((old and old[1], new and new[1]))
+        return changes
+
+    def _watch_once(self, revision: int) -> tuple[list | bool, int]:
+        """([(old, new)] changed, the revision to resume after) from one short watch stream; True: compacted."""
         import requests
 
         start = self._desired()
@@ -384,9 +453,8 @@ class EtcdStore(DesiredStore):
                     if int(result.get("compact_revision", 0) or 0):
                         return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
                     if result.get("events"):
-                        changed = True
                         revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
-                        return changed, revision
+                        return self._apply_events(result["events"]), revision
         except requests.exceptions.ConnectionError as exc:
             if "Read timed out" not in str(exc):
                 raise
