@@ -50,6 +50,7 @@ class Agent:
         self.ttl = ttl
         self.health = HealthMetrics()
         self.follower = Follower(client, interval=interval, metrics=self.health)
+        self._watch_ready = threading.Event()  # the store's watch has read the desired state
 
     def run(self, stop: threading.Event) -> None:
         self._beat()  # a store that has no hosts refuses here, before anything runs
@@ -60,6 +61,8 @@ class Agent:
         ]
         for thread in threads:
             thread.start()
+        # The first resync reads the copy the store's watch keeps: one read of the desired state, not two.
+        self._watch_ready.wait(self.ttl)
         self.follower.run(stop)
         self.health.reconciled.set()  # the reporter sees stop now, not in COUNTERS_EVERY seconds
         for thread in threads:
@@ -124,6 +127,9 @@ class Agent:
 
     def _watch_store(self, stop: threading.Event) -> None:
         for changes in self.client.store.watch_desired(stop):
+            if not self._watch_ready.is_set():
+                self._watch_ready.set()  # the follower's first resync comes next: no hint needed
+                continue
             for hint in self._hints(changes):
                 self.follower.hints.put(hint)
 

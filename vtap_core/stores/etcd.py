@@ -363,7 +363,8 @@ class EtcdStore(DesiredStore):
 
         It keeps a copy of the desired state from one range and then the watch's events, which
         snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
-        many flows the fleet has. Each watch request lives about a second (so `stop` is noticed) and
+        many flows the fleet has. It yields None once the copy is read (at the start and after
+        each failure or compaction). Each watch request lives about a second (so `stop` is noticed) and
         starts where the last ended. When etcd is away the copy is dropped (reads fail as they would
         without it), it tries again with backoff and yields None; when that revision was compacted,
         it lists everything again and yields None.
@@ -380,12 +381,12 @@ class EtcdStore(DesiredStore):
                         guard, copy = self._parse_all(kvs)
                         with self._copy_lock:
                             self._copy, self._copy_guard = copy, guard
+                        yield None  # read (again): the caller resyncs from the copy
                     changes, revision = self._watch_once(revision)
                     delay = 0.5
-                    if changes is True:  # compacted: what happened since is lost
+                    if changes is True:  # compacted: what happened since is lost; read it all again
                         self._drop_copy()
                         revision = None
-                        yield None
                     elif changes:
                         yield changes
                 except (StoreUnavailable, requests.RequestException, ValueError):
@@ -394,7 +395,6 @@ class EtcdStore(DesiredStore):
                     revision = None
                     stop.wait(delay)
                     delay = min(delay * 2, 10)
-                    yield None  # back or not: the caller's resync decides, and never removes on a failed read
         finally:
             self._drop_copy()
 

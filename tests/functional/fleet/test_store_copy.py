@@ -33,7 +33,7 @@ def test_the_watch_keeps_a_copy_that_snapshots_read_without_a_request(etcd, tmp_
     url = etcd.url("vtap/copy")
     watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
     stop, seen = threading.Event(), []
-    thread = threading.Thread(target=lambda: [seen.append(c) for c in watcher.watch_desired(stop)], daemon=True)
+    thread = threading.Thread(target=lambda: [seen.append(c) for c in watcher.watch_desired(stop) if c is not None], daemon=True)
     thread.start()
     try:
         time.sleep(1)
@@ -103,6 +103,9 @@ def test_an_agent_reconciles_only_for_changes_it_realizes(etcd, netns, tmp_path)
         while len(reconciles) == started and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(reconciles) == started + 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and {r.flow: r.state for r in client.status()}.get("web-b") not in ("active", "degraded"):
+            time.sleep(0.1)  # that reconcile is under way
         rows = {r.flow: r.state for r in client.status()}
         assert rows["web-a"] == "inactive" and rows["web-b"] in ("active", "degraded")  # degraded: no route to the VXLAN remote here
     finally:
