@@ -143,7 +143,11 @@ class Agent:
             if isinstance(item, TapSession) or item.source.select or (item.source.interface and item.host in (None, self.host)):
                 return {EVERYTHING}
             if item.source.vm:
-                vm = next((vm for vm in self.client.driver.inventory() if item.source.vm in (vm.uuid, vm.name)), None)
-                if vm is not None:
-                    hints.add(vm.uuid or EVERYTHING)
+                # The VMs the last reconcile saw here (one that arrived since has its own reconcile
+                # coming, which reads this change too): no inventory read per change per host.
+                vms = self.client.vms_here
+                if vms is None:
+                    vms = {ref: vm.uuid for vm in self.client.driver.inventory() for ref in (vm.uuid, vm.name)}
+                if item.source.vm in vms:
+                    hints.add(vms[item.source.vm] or EVERYTHING)
         return hints

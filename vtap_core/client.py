@@ -87,6 +87,7 @@ class Client:
                  store: str | None = None, store_settings: dict | None = None, host: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
         self.host = host or host_name()  # this machine's name in a fleet: its interface flows are realized here
+        self.vms_here: dict | None = None  # in a fleet: {UUID or name: UUID} of this host's VMs, as the last reconcile saw them
         self.settings = {k: v for k, v in settings.items() if v is not None}
         check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
         self.store = open_store(store, self.driver_name, state, store_settings)  # SQLite file by default, etcd for fleets
@@ -348,8 +349,8 @@ class Client:
         flows = [f for f in flows if f.host in (None, self.host)]
         if self.store.shared:
             if any(f.source.vm for f in flows):
-                vms = {ref for vm in self.driver.inventory() for ref in (vm.uuid, vm.name)}
-                flows = [f for f in flows if not f.source.vm or f.source.vm in vms]
+                self.vms_here = {ref: vm.uuid for vm in self.driver.inventory() for ref in (vm.uuid, vm.name)}
+                flows = [f for f in flows if not f.source.vm or f.source.vm in self.vms_here]
             used = {f.session for f in flows}
             sessions = [s for s in sessions if s.name in used]
         return sessions, flows
