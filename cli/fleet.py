@@ -37,7 +37,6 @@ def cmd_agent(args, ctx):
     from vtap_core.agent import Agent
     from vtap_core.errors import ValidationError
     from vtap_core.redact import RedactingFilter
-    from vtap_core.stores.etcd import host_name
 
     if args.interval <= 0:
         raise ValidationError("interval", f"{args.interval} must be more than 0 seconds")
@@ -50,7 +49,7 @@ def cmd_agent(args, ctx):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    agent = Agent(client, host_name(), interval=args.interval, ttl=args.ttl)
+    agent = Agent(client, client.host, interval=args.interval, ttl=args.ttl)
     if getattr(args, "once", False):
         agent.run_once()
         return 0

@@ -169,6 +169,7 @@ def build_parser() -> Parser:
     add.add_argument("--direction", default="both", metavar="in|out|both", help="VM: out = sent by the VM; interface: as tcpdump -Q (default both)")
     add.add_argument("--filter", metavar="EXPR", help="pcap filter expression (tcpdump syntax)")
     add.add_argument("--name", help="flow name (default <session>-<n>)")
+    add.add_argument("--host", dest="flow_host", metavar="NAME", help="interface flows in a fleet: the host whose interface it is (default: this host, --host of vtap / VTAP_HOST / host name)")
     add.set_defaults(handler=cmd_flow_add)
     flows = listing(flow, "list", help="list flows")
     flows.add_argument("--session")
@@ -292,7 +293,8 @@ def cmd_session_toggle(args, ctx):
 
 def cmd_flow_add(args, ctx):
     change = ctx.client().add_flow(
-        args.session, vm=args.vm, nic=args.nic, interface=args.interface, direction=args.direction, filter=args.filter, name=args.name, select=args.select
+        args.session, vm=args.vm, nic=args.nic, interface=args.interface, direction=args.direction, filter=args.filter, name=args.name, select=args.select,
+        host=args.flow_host,
     )
     ctx.say(str(change))
     return 0

@@ -16,6 +16,7 @@ import time
 from importlib.metadata import version
 
 from vtap_core.follow import EVERYTHING, Follower, NoMetrics
+from vtap_core.model import TapSession
 
 log = logging.getLogger("vtap.agent")
 COUNTERS = {"packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors"}
@@ -29,12 +30,18 @@ class HealthMetrics(NoMetrics):
     def __init__(self):
         self.last_reconcile = ""
         self.problems = 0
+        self.reconciled = threading.Event()  # wakes the reporter: what this host observes may have changed
 
     def set_flows(self, desired: int, active: int) -> None:
         self.last_reconcile = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.reconciled.set()
+
+    def observe_latency(self, seconds: float) -> None:
+        self.reconciled.set()  # one VM reconciled
 
     def count_error(self) -> None:
         self.problems += 1
+        self.reconciled.set()
 
 
 class OncePerWhile(logging.Filter):
@@ -67,6 +74,7 @@ class Agent:
         self.ttl = ttl
         self.health = HealthMetrics()
         self.follower = Follower(client, interval=interval, metrics=self.health)
+        self._watch_ready = threading.Event()  # the store's watch has read the desired state
 
     def run(self, stop: threading.Event) -> None:
         self._beat()  # a store that has no hosts refuses here, before anything runs
@@ -80,8 +88,11 @@ class Agent:
         for thread in threads:
             thread.start()
         try:
+            # The first resync reads the copy the store's watch keeps: one read of the desired state, not two.
+            self._watch_ready.wait(self.ttl)
             self.follower.run(stop)
         finally:
+            self.health.reconciled.set()  # the reporter sees stop now, not in COUNTERS_EVERY seconds
             for thread in threads:
                 thread.join(timeout=5)
             logging.getLogger("vtap.reconcile").removeFilter(quiet)
@@ -114,11 +125,20 @@ class Agent:
                     away = True
 
     def _report(self, stop: threading.Event) -> None:
-        """This host's flows as it observes them: a state change at once, counters every COUNTERS_EVERY seconds."""
+        """This host's flows as it observes them: after each reconcile at once, counters every COUNTERS_EVERY seconds.
+
+        A flow this host has nothing to do with is inactive here and not reported; one that is
+        this host's but cannot be realized (its interface or `port:` target is missing) is, with
+        its problem: that is this host's verdict, shown by `status` on any machine.
+        """
         shown: dict = {}  # flow -> (row as last written, when)
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            self.health.reconciled.wait(COUNTERS_EVERY)
+            self.health.reconciled.clear()
+            if stop.is_set():
+                return
             try:
-                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive"}
+                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive" or r.problem}
             except Exception:
                 continue  # the heartbeat says when the store is away
             now = time.monotonic()
@@ -135,5 +155,28 @@ class Agent:
                 continue
 
     def _watch_store(self, stop: threading.Event) -> None:
-        for _ in self.client.store.watch_desired(stop):
-            self.follower.hints.put(EVERYTHING)
+        for changes in self.client.store.watch_desired(stop):
+            if not self._watch_ready.is_set():
+                self._watch_ready.set()  # the follower's first resync comes next: no hint needed
+                continue
+            for hint in self._hints(changes):
+                self.follower.hints.put(hint)
+
+    def _hints(self, changes) -> set:
+        """What to reconcile for these desired-state changes: nothing for flows only other hosts realize
+        (another host's interface, a VM this host does not run), one VM for a VM flow, else everything."""
+        if changes is None:
+            return {EVERYTHING}
+        hints = set()
+        for item in (item for pair in changes for item in pair if item is not None):
+            if isinstance(item, TapSession) or item.source.select or (item.source.interface and item.host in (None, self.host)):
+                return {EVERYTHING}
+            if item.source.vm:
+                # The VMs the last reconcile saw here (one that arrived since has its own reconcile
+                # coming, which reads this change too): no inventory read per change per host.
+                vms = self.client.vms_here
+                if vms is None:
+                    vms = {ref: vm.uuid for vm in self.client.driver.inventory() for ref in (vm.uuid, vm.name)}
+                if item.source.vm in vms:
+                    hints.add(vms[item.source.vm] or EVERYTHING)
+        return hints

@@ -38,10 +38,11 @@ from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, member_
 from vtap_core.redact import check_url_settings, redact
 from vtap_core.safefile import open_private, write_private
 from vtap_core.stores import Conflict, open_store
+from vtap_core.stores.etcd import host_name
 
 CONFLICT_RETRIES = 20
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
-FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter"}
+FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter", "host"}
 
 
 @dataclass
@@ -83,8 +84,10 @@ class Change:
 
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None,
-                 store: str | None = None, store_settings: dict | None = None, **settings):
+                 store: str | None = None, store_settings: dict | None = None, host: str | None = None, **settings):
         self.driver_name = registry.check_driver_name(driver)
+        self.host = host or host_name()  # this machine's name in a fleet: its interface flows are realized here
+        self.vms_here: dict | None = None  # in a fleet: {UUID or name: UUID} of this host's VMs, as the last reconcile saw them
         self.settings = {k: v for k, v in settings.items() if v is not None}
         check_url_settings(self.settings)  # before anything is written: the audit row holds the command line
         self.store = open_store(store, self.driver_name, state, store_settings)  # SQLite file by default, etcd for fleets
@@ -176,10 +179,11 @@ class Client:
         verb = "enabled" if enabled else "disabled"
         return self._change(f"session {'enable' if enabled else 'disable'} {name}", mutate, f"session {name} {verb}")
 
-    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None, select=None) -> Change:
+    def add_flow(self, session, vm=None, nic=None, interface=None, direction="both", filter=None, name=None, select=None, host=None) -> Change:
         source = Source(vm=vm, nic=nic, interface=interface, select=select)
+        host = self._owner(source, host)
         if name is not None:
-            TapFlow(name=name, session=session, source=source, direction=direction, filter=filter)
+            TapFlow(name=name, session=session, source=source, direction=direction, filter=filter, host=host)
         created = {}
 
         def mutate(sessions, flows):
@@ -188,7 +192,7 @@ class Client:
             flow_name = name or next_flow_name(session, flows)
             if flow_name in flows:
                 raise AlreadyExists(f"flow {flow_name!r} already exists")
-            flow = TapFlow(name=flow_name, session=session, source=source, direction=direction, filter=filter)
+            flow = TapFlow(name=flow_name, session=session, source=source, direction=direction, filter=filter, host=host)
             flows[flow_name] = created["flow"] = flow
             return {"added flow": flow.to_dict()}
 
@@ -217,6 +221,7 @@ class Client:
         """Declarative: the sessions in the document, each with exactly its listed flows."""
         with paused_gc():
             wanted_sessions, wanted_flows = parse_document(document)
+            wanted_flows = [self._owned(f) for f in wanted_flows]
         wanted_sessions = {n: self._absolute_pcap_path(s) for n, s in wanted_sessions.items()}
 
         def mutate(sessions, flows):
@@ -244,7 +249,7 @@ class Client:
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
             with paused_gc():  # as in status()
-                plan = reconcile.reconcile(self.driver, sessions, flows, scope)
+                plan = reconcile.reconcile(self.driver, *self._here(sessions, flows), scope)
             self._record_membership(plan.members, flows)
             return plan
 
@@ -269,7 +274,9 @@ class Client:
         flows = self.store.flows()
         problems: list = []
         members: dict = {}
-        desired = reconcile.desired_bindings(self.driver, list(sessions.values()), flows, problems, members)
+        here_sessions, here_flows = self._here(list(sessions.values()), flows)
+        mine = {f.name for f in here_flows}  # another host's flow has no problem here: its host says
+        desired = reconcile.desired_bindings(self.driver, here_sessions, here_flows, problems, members)
         observed = {b.key: b for b in self.driver.observe()}
         why = {(s, parent_of(f)): text for s, f, text in problems}
         by_flow: dict = {}
@@ -296,7 +303,7 @@ class Client:
                     for m in members.get(flow.name, [])
                 ]
                 row = _sum_members(session, member_rows)
-            problem = _problem_of(flow, why) or (_failure_of(flow, failed) if row["state"] in ("partial", "missing") else "")
+            problem = "" if flow.name not in mine else _problem_of(flow, why) or (_failure_of(flow, failed) if row["state"] in ("partial", "missing") else "")
             trouble = row.pop("trouble")
             rows.append(
                 FlowStatus(
@@ -315,6 +322,43 @@ class Client:
         return rows
 
     # internals ------------------------------------------------------------
+
+    def _owner(self, source: Source, host: str | None) -> str | None:
+        """The host an interface flow belongs to: the one named, else this one.
+
+        A one-host store keeps no host (every flow in it is this host's) and refuses another's.
+        """
+        if host is not None and not source.interface:
+            raise ValidationError("host", "only an interface flow names a host (a VM is found on whichever host runs it)")
+        here = self.host
+        if not source.interface:
+            return None
+        if self.store.shared:
+            return host or here
+        if host not in (None, here):
+            raise ValidationError("host", f"{host!r} is not this host ({here}): this store is one host's; flows of other hosts need a fleet's store (--store etcd://...)")
+        return None
+
+    def _owned(self, flow: TapFlow) -> TapFlow:
+        host = self._owner(flow.source, flow.host)
+        return flow if host == flow.host else evolve(flow, host=host)
+
+    def _here(self, sessions: list, flows: list) -> tuple[list, list]:
+        """What this host realizes: its own interface flows, and the VM flows of VMs it runs.
+
+        One host's store has every flow here. In a fleet, a VM flow is another host's while its VM
+        is not in this host's inventory, and a session is planned only where it has a flow: its
+        target (a port, a tunnel) is made and checked on the hosts that mirror into it, never on
+        an admin machine that has no such device.
+        """
+        flows = [f for f in flows if f.host in (None, self.host)]
+        if self.store.shared:
+            if any(f.source.vm for f in flows):
+                self.vms_here = {ref: vm.uuid for vm in self.driver.inventory() for ref in (vm.uuid, vm.name)}
+                flows = [f for f in flows if not f.source.vm or f.source.vm in self.vms_here]
+            used = {f.session for f in flows}
+            sessions = [s for s in sessions if s.name in used]
+        return sessions, flows
 
     def _absolute_pcap_path(self, session: TapSession) -> TapSession:
         if session.target.kind != "pcap" or os.path.isabs(session.target.path):
@@ -343,10 +387,10 @@ class Client:
             touched = _touched_sessions(change, sessions)
             self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
-            desired = None
+            prepared = None
             try:
                 # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
-                desired = self._prepare(*after)
+                prepared = self._prepare(*after)
                 with self.store.transaction():
                     self.store.replace_all(*after)
                     self.store.record(self.command if self.command != "sdk" else f"sdk: {command}", change)
@@ -355,7 +399,7 @@ class Client:
             except OperationFailed as exc:
                 raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
             try:
-                plan = self._realize(*after, desired=desired)
+                plan = self._realize(*after, prepared=prepared)
             except reconcile.FlowsFailed as exc:
                 if any(_changed_by(session, parent_of(flow), before_sessions, before_flows, *after) for session, flow, _why in exc.failed):
                     self._roll_back(before_sessions, before_flows)
@@ -371,13 +415,14 @@ class Client:
         note = placement([f for f in flows.values() if f.session in touched]) if placement and touched else ""
         return Change(f"{change_message}; {note}" if note else change_message, plan)
 
-    def _realize(self, sessions, flows, desired: tuple | None = None) -> reconcile.Plan:
-        """desired: what _prepare planned for these sessions and flows (planned again when None)."""
+    def _realize(self, sessions, flows, prepared: tuple | None = None) -> reconcile.Plan:
+        """prepared: what _prepare chose and planned for these sessions and flows (both again when None)."""
         # Drivers whose other hosts need the desired state too (proxmox: every node) publish it first.
         publish = getattr(self.driver, "publish_desired", None)
         if publish is not None:
             publish(sessions, flows)
-        plan = reconcile.reconcile(self.driver, sessions, flows, desired=desired)
+        here, desired = prepared if prepared is not None else (self._here(sessions, flows), None)
+        plan = reconcile.reconcile(self.driver, *here, desired=desired)
         self._record_membership(plan.members, flows)
         return plan
 
@@ -416,17 +461,18 @@ class Client:
                 raise ValidationError("select", f"flow {flow}: {why.split(': ', 1)[-1]}")
         everything = expanded.flows
         new |= {f.name for f in everything if parent_of(f.name) in new}
-        self.driver.plan([sessions[n] for n in touched], [f for f in everything if f.name in new])
+        # Only what this host realizes is checked here: another host's agent checks its own devices.
+        self.driver.plan(*self._here([sessions[n] for n in touched], [f for f in everything if f.name in new]))
         if len(touched) == len(sessions) and all(f.name in new for f in everything):
             return  # that was the whole desired state
         try:
-            self.driver.plan(list(sessions.values()), everything)
+            self.driver.plan(*self._here(list(sessions.values()), everything))
             return
         except (ValidationError, NotFound, Unsupported) as exc:
             conflict = exc
         realizable = [f for f in everything if f.name in new or self._plans(sessions[f.session], f)]
         try:
-            self.driver.plan(list(sessions.values()), realizable)
+            self.driver.plan(*self._here(list(sessions.values()), realizable))
             return
         except (ValidationError, NotFound, Unsupported) as exc:
             conflict = exc
@@ -434,14 +480,14 @@ class Client:
         # cannot be planned on its own (a target vanished): only the first is this call's fault.
         others = [s for s in sessions.values() if s.name not in touched]
         try:
-            self.driver.plan(others, [f for f in realizable if f.session not in touched])
+            self.driver.plan(*self._here(others, [f for f in realizable if f.session not in touched]))
         except (ValidationError, NotFound, Unsupported):
             return
         raise conflict
 
     def _plans(self, session: TapSession, flow: TapFlow) -> bool:
         try:
-            self.driver.plan([session], [flow])
+            self.driver.plan(*self._here([session], [flow]))
         except (ValidationError, NotFound, Unsupported):
             return False
         return True
@@ -449,14 +495,16 @@ class Client:
     def _prepare(self, sessions, flows) -> tuple | None:
         """Drivers that keep a record of what they put on the platform (tc: the catalog) write it now.
 
-        Returns (bindings, problems, members) of the plan it made, for the reconcile that follows.
+        Returns what this host realizes (_here) and (bindings, problems, members) of the plan it made,
+        for the reconcile that follows.
         """
         prepare = getattr(self.driver, "prepare", None)
         if prepare is None:
             return None
-        desired = (reconcile.desired_bindings(self.driver, sessions, flows, problems := [], members := {}), problems, members)
+        here = self._here(sessions, flows)
+        desired = (reconcile.desired_bindings(self.driver, *here, problems := [], members := {}), problems, members)
         prepare(desired[0])
-        return desired
+        return here, desired
 
     def _roll_back(self, sessions, flows):
         try:

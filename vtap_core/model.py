@@ -382,11 +382,17 @@ class TapFlow:
     source: Source
     direction: Direction = Direction.BOTH
     filter: str | None = None  # a pcap filter expression (tcpdump syntax)
+    host: str | None = None  # interface flows in a fleet: the host whose interface it is (a VM's host is found by its UUID)
 
     def __post_init__(self):
         check_name("flow name", self.name)
         check_name("session name", self.session)
         object.__setattr__(self, "direction", Direction.parse(self.direction))
+        if self.host is not None:
+            if not self.source.interface:
+                raise ValidationError("host", "only an interface flow names a host (a VM is found on whichever host runs it)")
+            if not isinstance(self.host, str) or not (NAME_RE.match(self.host) or HOSTNAME_RE.match(self.host)):
+                raise ValidationError("host", f"{self.host!r} is not a host name (a DNS name, or {NAME_RULE})")
         if self.filter is not None:
             if not isinstance(self.filter, str):
                 raise ValidationError("filter", f"{self.filter!r} is not a pcap filter expression")
@@ -402,6 +408,8 @@ class TapFlow:
         data["direction"] = self.direction.value
         if self.filter:
             data["filter"] = self.filter
+        if self.host:
+            data["host"] = self.host
         return data
 
     @classmethod

@@ -43,6 +43,7 @@ class DesiredStore(abc.ABC):
 
     driver: str
     lock_path: str  # a local file: serializes this host's changes and reconciles
+    shared = False  # many hosts read this desired state: each realizes only its own part of it
 
     @classmethod
     @abc.abstractmethod

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+import threading
 import uuid
 
 from vtap_core.errors import NotFound, ValidationError
@@ -73,6 +74,25 @@ def parse_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
     return scheme.lower() == "etcds", endpoints, prefix
 
 
+def _error_text(exc) -> str:
+    """etcd's own words from a refused gateway call (its JSON body), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.detail_text)["error"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc)
+
+
+def _refused(client, exc) -> Exception:
+    where = f"etcd store at {client.host}:{client.port}"
+    detail = _error_text(exc)
+    settings = "VTAP_STORE_USER / VTAP_STORE_PASSWORD or [store] user and password in the config file"
+    if "authentication failed" in detail:
+        return ValidationError("store user/password", f"{where} refused them ({detail.removeprefix('etcdserver: ')}); they come from {settings}")
+    if "user name is empty" in detail:
+        return ValidationError("store user", f"{where} has authentication enabled: set {settings}")
+    return StoreUnavailable(f"{where} refused the request: {detail}")
+
+
 def _check_file(name: str, path) -> str:
     if not isinstance(path, str) or not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValidationError(f"store {name}", f"{path!r} is not a readable file")
@@ -80,6 +100,7 @@ def _check_file(name: str, path) -> str:
 
 
 class EtcdStore(DesiredStore):
+    shared = True
     def __init__(self, endpoints, prefix: str, driver: str, state: str | None = None, tls: bool = False,
                  ca=None, cert=None, key=None, insecure=False, user=None, password=None, timeout=TIMEOUT):
         import etcd3gw
@@ -107,6 +128,11 @@ class EtcdStore(DesiredStore):
         self._ops: list | None = None
         self._watching = 0  # which member watch_desired() streams from
         self._pending_state: dict | None = None  # key -> value this transaction's replace_all() makes true
+        # While watch_desired() runs (an agent), the desired state as its events left it:
+        # key -> (value, TapSession/TapFlow), and the generation's mod_revision. None: read etcd.
+        self._copy: dict | None = None
+        self._copy_guard = 0
+        self._copy_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url, driver, state, settings):
@@ -150,7 +176,12 @@ class EtcdStore(DesiredStore):
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError, exceptions.InternalServerError) as exc:
                 problems.append(f"{client.host}:{client.port}: {type(exc).__name__}")
             except exceptions.Etcd3Exception as exc:
-                raise StoreUnavailable(f"etcd store at {client.host}:{client.port} refused the request: {exc}") from None
+                if "invalid auth token" in _error_text(exc) and i in self._authenticated:
+                    # The token lived its --auth-token-ttl (5 min by default): the next pass asks for a new one.
+                    self._authenticated.discard(i)
+                    problems.append(f"{client.host}:{client.port}: auth token expired")
+                    continue
+                raise _refused(client, exc) from None
         raise StoreUnavailable(f"etcd store unreachable, nothing was changed ({'; '.join(dict.fromkeys(problems))})")
 
     def _authenticate(self, i: int, client):
@@ -172,21 +203,40 @@ class EtcdStore(DesiredStore):
     # reading --------------------------------------------------------------
 
     def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
-        """The whole desired state at one revision; remembered as the guard of the next transaction."""
-        _, kvs = self._range(self._desired())
-        seen = {_unb64(kv["key"]): kv for kv in kvs}
-        generation = seen.pop(self._desired() + "generation", None)
-        self._guard = int(generation["mod_revision"]) if generation else 0
-        self._seen = {k: _unb64(kv.get("value", "")) for k, kv in seen.items()}
-        sessions, flows = [], []
-        for key in sorted(self._seen):
-            data = json.loads(self._seen[key])
-            if key.startswith(self._desired() + "sessions/"):
-                sessions.append(TapSession.from_dict(data))
-            elif key.startswith(self._desired() + "flows/"):
-                flows.append(TapFlow.from_dict(data))
-        flows.sort(key=lambda f: (f.session, f.name))
+        """The whole desired state at one revision; remembered as the guard of the next transaction.
+
+        In an agent, the copy its store watch keeps (no request at all); else one range request.
+        """
+        with self._copy_lock:
+            copy, guard = (dict(self._copy), self._copy_guard) if self._copy is not None else (None, 0)
+        if copy is None:
+            _, kvs = self._range(self._desired())
+            guard, copy = self._parse_all(kvs)
+        self._guard = guard
+        self._seen = {k: value for k, (value, _) in copy.items()}
+        objects = [copy[key][1] for key in sorted(copy)]
+        sessions = [o for o in objects if isinstance(o, TapSession)]
+        flows = sorted((o for o in objects if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
         return sessions, flows
+
+    def _parse_all(self, kvs) -> tuple[int, dict]:
+        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/."""
+        guard, parsed = 0, {}
+        for kv in kvs:
+            key = _unb64(kv["key"])
+            if key == self._desired() + "generation":
+                guard = int(kv["mod_revision"])
+            else:
+                value = _unb64(kv.get("value", ""))
+                parsed[key] = (value, self._parse(key, value))
+        return guard, parsed
+
+    def _parse(self, key: str, value: str):
+        if key.startswith(self._desired() + "sessions/"):
+            return TapSession.from_dict(json.loads(value))
+        if key.startswith(self._desired() + "flows/"):
+            return TapFlow.from_dict(json.loads(value))
+        return None
 
     def sessions(self) -> list[TapSession]:
         return self.snapshot()[0]
@@ -275,7 +325,17 @@ class EtcdStore(DesiredStore):
                 success.append(op)
         if not success:
             return
-        reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
+        try:
+            reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
+        except StoreUnavailable as exc:
+            if "too many operations" in str(exc) or "too large" in str(exc):
+                # One change is one transaction (all or nothing): it is never split, so it must fit.
+                raise StoreUnavailable(
+                    f"this change writes {len(success)} keys ({sum(len(json.dumps(op)) for op in success) // 1024} KiB) in one etcd transaction, "
+                    "more than the etcd server takes (its --max-txn-ops, 128 by default, and --max-request-bytes, 1.5 MiB): "
+                    "nothing was changed; raise those limits on every etcd member or apply the file in parts"
+                ) from None
+            raise
         if not reply.get("succeeded"):
             if guarded:
                 self._guard = None
@@ -313,34 +373,82 @@ class EtcdStore(DesiredStore):
         return [json.loads(_unb64(kv["value"])) for kv in kvs]
 
     def watch_desired(self, stop):
-        """Yields after every change of this driver's desired state, resuming from the last revision seen.
+        """Yields after every change of this driver's desired state: [(old, new)] sessions and flows
+        (None where there is none), or None for "anything may have changed".
 
-        Each watch request lives about a second (so `stop` is noticed) and starts where the last ended.
-        When etcd is away it yields nothing and tries again with backoff; when that revision was
-        compacted, it yields once (the caller re-lists everything) and watches from now.
+        It keeps a copy of the desired state from one range and then the watch's events, which
+        snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
+        many flows the fleet has. It yields None once the copy is read (at the start and after
+        each failure or compaction). Each watch request lives about a second (so `stop` is noticed) and
+        starts where the last ended. When etcd is away the copy is dropped (reads fail as they would
+        without it), it tries again with backoff and yields None; when that revision was compacted,
+        it lists everything again and yields None.
         """
         import requests
 
         revision = None
         delay = 0.5
-        while not stop.is_set():
-            try:
-                if revision is None:
-                    revision, _ = self._range(self._desired())
-                changed, revision = self._watch_once(revision)
-                delay = 0.5
-                if changed:
-                    yield
-            except (StoreUnavailable, requests.RequestException, ValueError):
-                self._watching += 1  # the next member, as _post does for every other request
-                revision = None
-                stop.wait(delay)
-                delay = min(delay * 2, 10)
-                yield  # back or not: the caller's resync decides, and never removes on a failed read
+        try:
+            while not stop.is_set():
+                try:
+                    if revision is None:
+                        revision, kvs = self._range(self._desired())
+                        guard, copy = self._parse_all(kvs)
+                        with self._copy_lock:
+                            self._copy, self._copy_guard = copy, guard
+                        yield None  # read (again): the caller resyncs from the copy
+                    changes, revision = self._watch_once(revision)
+                    delay = 0.5
+                    if changes is True:  # compacted: what happened since is lost; read it all again
+                        self._drop_copy()
+                        revision = None
+                    elif changes:
+                        yield changes
+                except (StoreUnavailable, requests.RequestException, ValueError):
+                    self._drop_copy()
+                    self._watching += 1  # the next member, as _post does for every other request
+                    revision = None
+                    stop.wait(delay)
+                    delay = min(delay * 2, 10)
+        finally:
+            self._drop_copy()
 
-    def _watch_once(self, revision: int, key: str | None = None) -> tuple[bool, int]:
-        """(anything changed, the revision to resume after) from one short watch stream: of one key, or of the desired state."""
+    def _drop_copy(self):
+        with self._copy_lock:
+            self._copy = None
+
+    def _apply_events(self, events) -> list:
+        """Bring the copy (if any) up to these watch events; the (old, new) sessions and flows they changed."""
+        changes = []
+        with self._copy_lock:
+            copy = self._copy
+            for event in events:
+                kv = event["kv"]
+                key = _unb64(kv["key"])
+                if key == self._desired() + "generation":
+                    self._copy_guard = int(kv["mod_revision"])
+                    continue
+                old = copy.get(key) if copy is not None else None
+                new = None
+                if event.get("type") != "DELETE":
+                    value = _unb64(kv.get("value", ""))
+                    new = (value, self._parse(key, value))
+                if copy is not None:
+                    if new is None:
+                        copy.pop(key, None)
+                    else:
+                        copy[key] = new
+                if old or new:
+                    changes.append((old and old[1], new and new[1]))
+        return changes
+
+    def _watch_once(self, revision: int, key: str | None = None) -> tuple[list | bool, int]:
+        """([(old, new)] changed, the revision to resume after) from one short watch stream; True: compacted.
+
+        With `key` (the election's), that one key is watched, the copy is left alone, and any event is True.
+        """
         import requests
+        from etcd3gw import exceptions
 
         start = self._desired()
         request = {"create_request": {"key": _b64(start), "range_end": _b64(start[:-1] + chr(ord(start[-1]) + 1)), "start_revision": revision + 1}}
@@ -348,18 +456,26 @@ class EtcdStore(DesiredStore):
             request = {"create_request": {"key": _b64(key), "start_revision": revision + 1}}
         index = self._watching % len(self._clients)
         client = self._clients[index]
-        self._authenticate(index, client)
+        try:
+            self._authenticate(index, client)
+        except exceptions.Etcd3Exception as exc:
+            raise StoreUnavailable(f"etcd watch at {client.host}:{client.port}: {_error_text(exc)}") from None
         changed = False
         try:
             with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
                 for line in reply.iter_lines():
-                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    message = json.loads(line) if line.strip() else {}
+                    if "error" in message or reply.status_code != 200:
+                        self._authenticated.discard(index)  # an expired token: the next try authenticates again
+                        raise StoreUnavailable(f"etcd watch at {client.host}:{client.port} refused: {message.get('error', reply.status_code)}")
+                    result = message.get("result", {})
                     if int(result.get("compact_revision", 0) or 0):
                         return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
                     if result.get("events"):
-                        changed = True
                         revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
-                        return changed, revision
+                        if key is not None:
+                            return True, revision
+                        return self._apply_events(result["events"]), revision
         except requests.exceptions.ConnectionError as exc:
             if "Read timed out" not in str(exc):
                 raise

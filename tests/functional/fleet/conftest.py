@@ -30,6 +30,7 @@ class Etcd:
         self.client_port, self.peer_port = free_port(), free_port()
         self.cluster = cluster  # the members of a cluster, this one included; None: alone
         self.process = None
+        self.extra = []  # more etcd flags (e.g. --auth-token-ttl), used from the next start()
 
     @property
     def peer(self) -> str:
@@ -52,7 +53,7 @@ class Etcd:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", members, "--initial-cluster-token", f"vtap-{(self.cluster or [self])[0].peer_port}",
             "--log-level", "error", "--logger", "zap",
-        ] + (["--cert-file", self.tls[0], "--key-file", self.tls[1]] if self.tls else [])
+        ] + (["--cert-file", self.tls[0], "--key-file", self.tls[1]] if self.tls else []) + self.extra
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(self.data_dir + ".log", "ab"))
         if wait:
             self.wait_healthy()

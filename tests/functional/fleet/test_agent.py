@@ -66,13 +66,13 @@ def test_agent_registers_follows_changes_made_elsewhere_and_dies_with_its_lease(
         listed = wait_for(lambda: [h for h in hosts() if h["last_reconcile"]])
         assert [(h["host"], h["driver"]) for h in listed] == [("host-a", "linux")]
         assert vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=admin_state, env=admin).returncode == 0
-        assert vtap("flow", "add", "web", "--interface", "eth0", "--direction", "in", state=admin_state, env=admin).returncode == 0
+        assert vtap("flow", "add", "web", "--interface", "eth0", "--host", "host-a", "--direction", "in", state=admin_state, env=admin).returncode == 0
         # Long before the agent's 120 s resync: the store's watch woke it.
         assert len(wait_for(lambda: mirrors_on(machines["host-a"]))) == 1
         assert vtap("session", "delete", "web", state=admin_state, env=admin).returncode == 0
         assert wait_for(lambda: not mirrors_on(machines["host-a"]))
         assert vtap("session", "create", "db", "--to", "vxlan://192.0.2.2?vni=6", state=admin_state, env=admin).returncode == 0
-        assert vtap("flow", "add", "db", "--interface", "eth0", state=admin_state, env=admin).returncode == 0
+        assert vtap("flow", "add", "db", "--interface", "eth0", "--host", "host-a", state=admin_state, env=admin).returncode == 0
         assert len(wait_for(lambda: mirrors_on(machines["host-a"]))) == 1
     finally:
         agent.send_signal(signal.SIGKILL)
@@ -109,7 +109,7 @@ def test_three_member_cluster_losing_its_leader_and_a_member_restart_lose_no_tap
     agent = start_agent(url, machines["host-a"], str(tmp_path / "a/state.db"))
     try:
         assert vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=admin_state, env=admin).returncode == 0
-        assert vtap("flow", "add", "web", "--interface", "eth0", state=admin_state, env=admin).returncode == 0
+        assert vtap("flow", "add", "web", "--interface", "eth0", "--host", "host-a", state=admin_state, env=admin).returncode == 0
         assert len(wait_for(lambda: mirrors_on(machines["host-a"]))) == 1
         old = wait_for(lambda: leader(etcd_cluster))
         old.kill()  # kill -9 of the leader
@@ -117,7 +117,7 @@ def test_three_member_cluster_losing_its_leader_and_a_member_restart_lose_no_tap
         assert wait_for(lambda: leader(survivors), seconds=20)
         made = vtap("session", "create", "db", "--to", "vxlan://192.0.2.2?vni=6", state=admin_state, env=admin)
         assert made.returncode == 0, made.stderr
-        assert vtap("flow", "add", "db", "--interface", "eth0", state=admin_state, env=admin).returncode == 0
+        assert vtap("flow", "add", "db", "--interface", "eth0", "--host", "host-a", state=admin_state, env=admin).returncode == 0
         assert len(wait_for(lambda: len(mirrors_on(machines["host-a"])) == 2 and mirrors_on(machines["host-a"]), seconds=20)) == 2
         old.start()  # the member comes back with its data and catches up
         time.sleep(2)
@@ -141,7 +141,7 @@ def test_status_on_any_machine_shows_what_each_host_observed_and_stale_hosts(etc
         return {row["host"]: row for row in rows if row.get("host") == "host-a"}
 
     assert vtap("session", "create", "web", "--to", "vxlan://192.0.2.1?vni=5", state=admin_state, env=admin).returncode == 0
-    assert vtap("flow", "add", "web", "--interface", "eth0", "--direction", "in", state=admin_state, env=admin).returncode == 0
+    assert vtap("flow", "add", "web", "--interface", "eth0", "--host", "host-a", "--direction", "in", state=admin_state, env=admin).returncode == 0
     host_a = machines["host-a"]
     for command in (["link", "add", "uplink", "type", "veth", "peer", "name", "uplinkpeer"], ["addr", "add", "192.0.2.10/24", "dev", "uplink"],
                     ["link", "set", "uplink", "up"], ["link", "set", "uplinkpeer", "up"]):
