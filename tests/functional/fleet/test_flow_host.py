@@ -34,6 +34,8 @@ def fleet():
     names = {role: f"vtapf-{uuid.uuid4().hex[:8]}" for role in ("host-a", "host-b", "admin")}
     for role, name in names.items():
         subprocess.run(["ip", "netns", "add", name], check=True)
+        # No IPv6 router solicitations or MLD reports from the links coming up: only the test's frames are counted.
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
         if role == "admin":
             continue
         ip(name, "link", "add", "eth0", "type", "veth", "peer", "name", "wire0")
