@@ -567,24 +567,20 @@ class TcDataplane:
 
     def _filter_marks(self, ifindex: int, hook: str, parent: str | None = None) -> list[bytes]:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
+        return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
+
+    def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
         try:
-            replies = self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
+            return self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
         except NetlinkFailure as exc:
             if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 return []  # no clsact (or no device): no filters
             raise
-        return [mark for reply in replies if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
     def _filters(self, ifindex: int, hook: str, parent: str | None = None) -> list[TcFilter]:
         """Every filter on a device's hook, or on its root qdisc `parent` (vtap's have a mark). One dump."""
-        try:
-            replies = self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
-        except NetlinkFailure as exc:
-            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-                return []  # no clsact (or no device): no filters
-            raise
         out = []
-        for reply in replies:
+        for reply in self._filter_dump(ifindex, hook, parent):
             prio, handle, mirred = tcnl.read_filter(*reply)
             if not handle:
                 continue  # the per-priority header entry, not a filter

@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 
+from fleetlib import mirrors_on, wait_for
+
 IS_ROOT = os.geteuid() == 0
 
 
@@ -28,22 +30,6 @@ def machines():
     finally:
         for name in names.values():
             subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def mirrors_on(netns: str) -> list:
-    out = subprocess.run(["tc", "-n", netns, "-j", "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True)
-    filters = json.loads(out.stdout or "[]") if out.returncode == 0 else []
-    return [a.get("to_dev") for f in filters if "options" in f for a in f["options"].get("actions", [])]
-
-
-def wait_for(predicate, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return predicate()
 
 
 def start_agent(url, netns, state):

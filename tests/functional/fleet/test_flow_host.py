@@ -5,10 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
+
+from fleetlib import mirrors_on, wait_for
 
 IS_ROOT = os.geteuid() == 0
 FRAMES = 25
@@ -51,25 +52,9 @@ def fleet():
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def mirrors_on(netns: str) -> list:
-    out = subprocess.run(["tc", "-n", netns, "-j", "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True)
-    filters = json.loads(out.stdout or "[]") if out.returncode == 0 else []
-    return [a.get("to_dev") for f in filters if "options" in f for a in f["options"].get("actions", [])]
-
-
 def rx_packets(netns: str, device: str) -> int:
     out = subprocess.run(["ip", "-n", netns, "-j", "-s", "link", "show", "dev", device], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)[0]["stats64"]["rx"]["packets"]
-
-
-def wait_for(predicate, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return predicate()
 
 
 def start_agent(url, host, netns, state):

@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from fleetlib import mirrors_on, wait_for
+
 IS_ROOT = os.geteuid() == 0
 
 
@@ -34,22 +36,6 @@ def etcd_auth(etcd):
     gateway(etcd, "/auth/user/grant", {"user": "root", "role": "root"})
     gateway(etcd, "/auth/enable", {})
     return etcd, password
-
-
-def mirrors_on(netns: str) -> list:
-    out = subprocess.run(["tc", "-n", netns, "-j", "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True)
-    filters = json.loads(out.stdout or "[]") if out.returncode == 0 else []
-    return [a.get("to_dev") for f in filters if "options" in f for a in f["options"].get("actions", [])]
-
-
-def wait_for(predicate, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return predicate()
 
 
 def test_wrong_or_missing_credentials_are_one_line_exit_2_and_change_nothing(etcd_auth, vtap, netns, tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fleetlib import wait_for
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vsphere"))
 from vcsim_simulator import Simulator, available  # noqa: E402
 
@@ -120,16 +122,6 @@ class Fleet:
             host, pid = agent[agent.index("(") + 1:-1].split("; pid ")
             rows.append((row["time"], host, int(pid), row["vspanSessions"]))
         return rows
-
-
-def wait_for(predicate, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return predicate()
 
 
 @pytest.fixture
