@@ -102,7 +102,8 @@ def test_an_agent_reconciles_only_for_changes_it_realizes(etcd, netns, tmp_path)
         deadline = time.monotonic() + 5
         while len(reconciles) == started and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(reconciles) == started + 1
+        # Its own flow wakes it (once, or twice: the VXLAN device it then makes is a netlink event here too).
+        assert started + 1 <= len(reconciles) <= started + 2
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and {r.flow: r.state for r in client.status()}.get("web-b") not in ("active", "degraded"):
             time.sleep(0.1)  # that reconcile is under way

@@ -156,9 +156,10 @@ def test_tapped_vm_migrates_back_and_forth_between_agents_sharing_only_etcd(libv
     assert {dict(b["spec"])["device"] for b in catalog["bindings"].values()} == set(host_devices(dom)), catalog
     assert set(catalog["qdiscs"]) <= set(host_devices(dom)), catalog
     for name in hosts:
-        # The VM being on the other host is normal in a fleet: said once, not at every status report.
+        # The VM being on the other host is normal in a fleet: its flow is not planned there (Client._here),
+        # and a line about it comes once at the most, never at every status report.
         said = (tmp_path / f"agent-{name}.log").read_text().count("not realizable now")
-        assert 1 <= said <= 2, f"agent {name} said 'not realizable now' {said} times"
+        assert said <= 2, f"agent {name} said 'not realizable now' {said} times"
     for m in moves:
         assert m["sent"] >= 15, m
         assert (m["missed"], m["extra"]) == (0, 0), m
