@@ -36,7 +36,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import benchlib  # noqa: E402
+from etcd_member import Etcd  # noqa: E402
 
 PREFIX = f"vtfb{os.getpid() % 100000}"
 
@@ -56,35 +58,6 @@ def domain_xml(host: int, i: int, device: str) -> str:
 
 def node_xml(host: int | None, vms: int) -> str:
     return "<node>" + ("".join(domain_xml(host, i, f"vm{i}") for i in range(vms)) if host is not None else "") + "</node>"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_etcd(work: str, also: str):
-    """One etcd member on loopback and on `also` (the address the separate agent process reaches it at)."""
-    port, peer = free_port(), free_port()
-    command = ["etcd", "--name", "b0", "--data-dir", os.path.join(work, "etcd"),
-               "--listen-client-urls", f"http://127.0.0.1:{port},http://{also}:{port}", "--advertise-client-urls", f"http://127.0.0.1:{port}",
-               "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-               "--initial-cluster", f"b0=http://127.0.0.1:{peer}", "--max-txn-ops", "50000", "--max-request-bytes", str(32 << 20),
-               "--log-level", "error", "--logger", "zap"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "etcd.log"), "ab"))
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return process, port
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("etcd did not start")
 
 
 def share_libvirt_connections():
@@ -191,14 +164,17 @@ def main() -> int:
         benchlib.run("ip", "link", "set", f"{PREFIX}e", "up")
         benchlib.run("ip", "-n", rss_ns, "addr", "add", f"{net}.2/30", "dev", "up0")
         benchlib.run("ip", "-n", rss_ns, "link", "set", "up0", "up")
-        etcd, port = start_etcd(work, f"{net}.1")
+        # One member on loopback and on the veth the separate agent process reaches it through.
+        etcd = Etcd(os.path.join(work, "etcd"), listen_also=f"{net}.1")
+        etcd.extra = ["--max-txn-ops", "50000", "--max-request-bytes", str(32 << 20)]
+        etcd.start()
+        port = etcd.client_port
         if args.agent_only:
             return run_agent_only(args, env, work, port, rss_ns, f"{net}.1:{port}")
         return run(args, env, work, port, namespaces, rss_ns, f"{net}.1:{port}")
     finally:
         if etcd is not None:
             etcd.kill()
-            etcd.wait()
         benchlib.run("ip", "link", "del", f"{PREFIX}e", check=False)
         benchlib.delete_netns(*namespaces)
         shutil.rmtree(work, ignore_errors=True)

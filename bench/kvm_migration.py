@@ -35,8 +35,9 @@ from pathlib import Path
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "functional", "kvm"))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # initramfs.py, which kvm_lab uses
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # initramfs.py (kvm_lab uses it), etcd_member.py
 import benchlib  # noqa: E402
+from etcd_member import Etcd  # noqa: E402
 import fleet_lab  # noqa: E402
 import kvm_lab  # noqa: E402
 
@@ -78,7 +79,8 @@ def main() -> int:
         dom = hosts[0].connect().defineXML(kvm_lab.domain_xml("vtapmig", uuid, [MAC], bridge, "10.238.0.10", "10.238.0.1", work))
         dom.create()
         if args.store == "etcd":
-            etcd = fleet_lab.EtcdMember(work / "etcd").start()
+            etcd = Etcd(work / "etcd")
+            etcd.start()
             store = etcd.url("vtap/bench")
             first = fleet_lab.vtap_command(work / hosts[0].name / "vtap", hosts[0].uri)  # made on host a, as its admin would
             admin_env = fleet_lab.vtap_env(store, hosts[0].name)
@@ -152,7 +154,7 @@ def main() -> int:
             follower.send_signal(signal.SIGTERM)
             follower.wait(20)
         if etcd is not None:
-            etcd.stop()
+            etcd.kill()
         for host in hosts:
             host.close()
         for name in (bridge, peer, monitor):

@@ -16,43 +16,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "vsphere"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import benchlib  # noqa: E402
+from etcd_member import Etcd  # noqa: E402
 from vcenter import Vcenter  # noqa: E402
 from vcsim_simulator import Simulator  # noqa: E402
 
 PREFIX = "vtap/bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_etcd(data_dir: str):
-    port, peer = free_port(), free_port()
-    command = ["etcd", "--data-dir", data_dir, "--listen-client-urls", f"http://127.0.0.1:{port}",
-               "--advertise-client-urls", f"http://127.0.0.1:{port}", "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-               "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}",
-               "--log-level", "error", "--logger", "zap"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return process, f"etcd://127.0.0.1:{port}/{PREFIX}"
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("etcd did not start")
 
 
 def wait_for(predicate, seconds=30.0, step=0.05):
@@ -79,7 +57,9 @@ def main():
 
     rounds = args.kills + args.terms
     tmp = tempfile.mkdtemp(prefix="vtap-bench-election-")
-    etcd, url = start_etcd(os.path.join(tmp, "etcd"))
+    etcd = Etcd(os.path.join(tmp, "etcd"))
+    etcd.start()
+    url = etcd.url(PREFIX)
     followers = {}
     try:
         with Simulator(hosts=3, vms=rounds + 3) as sim:
@@ -148,7 +128,6 @@ def main():
                 process.kill()
                 process.wait()
         etcd.kill()
-        etcd.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
     def summary(kind):

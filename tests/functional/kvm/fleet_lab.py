@@ -1,68 +1,19 @@
-"""A fleet for the kvm tests and benchmarks: one etcd member, and `vtap agent` per libvirt host.
+"""A fleet for the kvm tests and benchmarks: `vtap agent` per libvirt host, sharing one etcd member (tests/etcd_member.py).
 
 Each agent is one "host" of the fleet: its own libvirtd, its own state dir
 (the dataplane's catalog and locks), and nothing shared with the others but
-etcd. (tests/functional/fleet has the richer etcd fixtures; this is the
-least the kvm tests need, importable from bench/ too.)
+etcd. Importable from bench/ too.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class EtcdMember:
-    """etcd (Debian's etcd-server) alone, in a data dir of its own, on loopback ports."""
-
-    def __init__(self, data_dir: Path):
-        self.data_dir = Path(data_dir)
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.process = None
-
-    def url(self, prefix: str) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}/{prefix}"
-
-    def start(self, timeout: float = 30.0) -> "EtcdMember":
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        self.process = subprocess.Popen(
-            ["etcd", "--name", "m0", "--data-dir", str(self.data_dir),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"m0={peer}", "--log-level", "error", "--logger", "zap"],
-            stdout=subprocess.DEVNULL, stderr=open(f"{self.data_dir}.log", "ab"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{client}/health", timeout=1).read()
-                return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"etcd exited: see {self.data_dir}.log")
-                time.sleep(0.1)
-        raise RuntimeError(f"etcd did not become healthy in {timeout}s")
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-
-def etcd_available() -> bool:
-    return shutil.which("etcd") is not None
 
 
 def vtap_env(store: str, host: str) -> dict:

@@ -13,6 +13,7 @@ nothing of the VM any more.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -21,6 +22,8 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: run scripts/setup --test")
 pytest.importorskip("etcd3gw", reason="needs etcd3gw (scripts/setup installs it)")
+
+from etcd_member import Etcd  # tests/etcd_member.py (tests/ is on the path: tests/conftest.py)
 
 from . import fleet_lab
 from . import kvm_lab as lab
@@ -31,11 +34,12 @@ MIGRATE = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.
 
 @pytest.fixture
 def etcd(tmp_path):
-    if not fleet_lab.etcd_available():
+    if shutil.which("etcd") is None:
         pytest.skip("needs etcd (Debian etcd-server; scripts/setup --test installs it)")
-    member = fleet_lab.EtcdMember(tmp_path / "etcd").start()
+    member = Etcd(tmp_path / "etcd")
+    member.start()
     yield member
-    member.stop()
+    member.kill()
 
 
 @pytest.fixture

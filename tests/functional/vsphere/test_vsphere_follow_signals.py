@@ -10,15 +10,8 @@ import time
 
 import pytest
 
+from follow_stop import sigterm_while_backing_off, wait_for  # tests/follow_stop.py
 from vcsim_simulator import Simulator, available
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_follow_ends_on_sigterm_after_vcenter_was_killed(tmp_path):
@@ -36,19 +29,15 @@ def test_follow_ends_on_sigterm_after_vcenter_was_killed(tmp_path):
         try:
             wait_for(lambda: "following driver vsphere" in log_path.read_text(), 30, "the follower to start")
             time.sleep(2)  # resyncs against the live simulator
-            os.killpg(sim.process.pid, signal.SIGKILL)
-            sim.process.wait()
-            wait_for(lambda: "reconcile everything failed" in log_path.read_text(), 30, "a resync to fail against the dead simulator")
-            failures = log_path.read_text().count("reconcile everything failed")
-            wait_for(lambda: log_path.read_text().count("reconcile everything failed") > failures, 30, "the next resync to fail too")
-            time.sleep(1.5)  # the resync after that is now backing off between its retries
-            before = log_path.read_text()
-            follower.send_signal(signal.SIGTERM)
-            code = follower.wait(5)
+
+            def kill_simulator():
+                os.killpg(sim.process.pid, signal.SIGKILL)
+                sim.process.wait()
+
+            code, after = sigterm_while_backing_off(follower, log_path, kill_simulator, "simulator")
         finally:
             if follower.poll() is None:
                 follower.kill()
                 follower.wait()
-    after = log_path.read_text()[len(before):].splitlines()
     assert code == 0, after
     assert len(after) == 1 and after[0].endswith("vtap follow: stopped"), after
