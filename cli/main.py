@@ -360,7 +360,7 @@ def cmd_follow(args, ctx):
     from vtap_core.follow import Follower
     from vtap_core.leader import election_for, reconcile_elected, run_elected
     from vtap_core.redact import RedactingFilter
-    from vtap_core.stores.etcd import host_name
+    from vtap_core.store import host_name
 
     if args.interval <= 0:
         raise_usage("interval", f"{args.interval} must be more than 0 seconds")

@@ -38,7 +38,7 @@ from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, member_
 from vtap_core.redact import check_url_settings, redact
 from vtap_core.safefile import open_private, write_private
 from vtap_core.stores import Conflict, open_store
-from vtap_core.stores.etcd import host_name
+from vtap_core.store import host_name
 
 CONFLICT_RETRIES = 20
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}

@@ -20,6 +20,7 @@ import datetime as dt
 import getpass
 import json
 import os
+import socket
 import sqlite3
 import urllib.parse
 
@@ -286,6 +287,11 @@ def _why_read_only(path: str) -> str:
     if os.access(path, os.W_OK) and os.access(os.path.dirname(path), os.W_OK):
         return ""
     return f"store {path} is read-only here (its file or folder cannot be written): listings, status and audit work, changes do not"
+
+
+def host_name() -> str:
+    """This machine's identity in the fleet (audit rows, hosts, agents): VTAP_HOST, else the host name."""
+    return os.environ.get("VTAP_HOST") or socket.gethostname()
 
 
 def current_user() -> str:

@@ -43,7 +43,7 @@ def parse_url(url: str):
 def user_agent() -> str:
     from importlib.metadata import version
 
-    from vtap_core.stores.etcd import host_name
+    from vtap_core.store import host_name
 
     return f"vtap/{version('vtap')} ({host_name()}; pid {os.getpid()})"
 

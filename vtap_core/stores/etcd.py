@@ -26,14 +26,13 @@ import datetime as dt
 import json
 import os
 import re
-import socket
 import threading
 import uuid
 
 from vtap_core.errors import NotFound, ValidationError
 from vtap_core.model import TapFlow, TapSession
 from vtap_core.safefile import private_dirs
-from vtap_core.store import current_user, default_path
+from vtap_core.store import current_user, default_path, host_name
 from vtap_core.stores import URL_FORMS, Conflict, DesiredStore, StoreUnavailable
 
 PREFIX_RULE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -47,11 +46,6 @@ def _b64(text: str | bytes) -> str:
 
 def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
-
-
-def host_name() -> str:
-    """This machine's identity in the fleet: VTAP_HOST, else the host name."""
-    return os.environ.get("VTAP_HOST") or socket.gethostname()
 
 
 def parse_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
