@@ -49,6 +49,26 @@ def link_counters(device: str, netns: str | None = None) -> dict:
     return {"rx": stats["rx"]["packets"], "tx": stats["tx"]["packets"], "rx_dropped": stats["rx"]["dropped"], "tx_dropped": stats["tx"]["dropped"]}
 
 
+def pinned(cpu: str, *command) -> list[str]:
+    """The command on one CPU at a higher priority (a capture measured apart from the sender)."""
+    return ["taskset", "-c", cpu, "nice", "-n", "-10", *command]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def frames_in(path: str) -> int:
+    """Packets in a pcap/pcapng file (capinfos); 0 when there is no file."""
+    if not os.path.exists(path):
+        return 0
+    out = run("capinfos", "-c", "-M", path, check=False).stdout
+    return int(out.split("Number of packets:")[1].split()[0]) if "Number of packets:" in out else 0
+
+
 def percentile(values, p):
     """The nearest-rank p-th percentile."""
     ordered = sorted(values)

@@ -43,23 +43,6 @@ TARGETS = {"completeness": ">= dumpcap's at every rate", "cpu_per_frame": "<= 1.
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def pinned(cpu: str, *command) -> list[str]:
-    return ["taskset", "-c", cpu, "nice", "-n", "-10", *command]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def frames_in(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    out = benchlib.run("capinfos", "-c", "-M", path, check=False).stdout
-    return int(out.split("Number of packets:")[1].split()[0]) if "Number of packets:" in out else 0
-
-
 class Lab:
     def __init__(self, workdir: str):
         tag = f"vtapbcap{os.getpid()}"
@@ -87,14 +70,14 @@ class Lab:
         return benchlib.link_counters("src0", self.b)["rx"]
 
     def send(self, rate: int, seconds: float, size: int) -> tuple[int, float]:
-        out = benchlib.run(*pinned(SENDER_CPU, "ip", "netns", "exec", self.c, self.sender, "peer0", str(rate), str(seconds), str(size))).stdout
+        out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.c, self.sender, "peer0", str(rate), str(seconds), str(size))).stdout
         sent, elapsed = out.split()
         return int(sent), float(elapsed)
 
     def iperf3(self, seconds: float) -> float:
         import json
 
-        out = benchlib.run(*pinned(SENDER_CPU, "ip", "netns", "exec", self.c, "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J"), check=False).stdout
+        out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.c, "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J"), check=False).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -124,13 +107,13 @@ class Capture:
             benchlib.run("renice", "-n", "-10", "-p", str(self.pid))
         else:
             command = ["tcpdump", "-i", "mon0", "-n", "-w", self.path] if self.tool == "tcpdump" else ["dumpcap", "-i", "mon0", "-q", "-w", self.path]
-            self.process = subprocess.Popen(pinned(CAPTURE_CPU, "ip", "netns", "exec", self.lab.b, *command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self.process = subprocess.Popen(benchlib.pinned(CAPTURE_CPU, "ip", "netns", "exec", self.lab.b, *command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             line = self.process.stderr.readline()  # "listening on mon0 ..." / "Capturing on 'mon0'"
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.tool} did not start: {line}")
             self.pid = self._tool_pid()
             time.sleep(0.5)
-        self.cpu_at_start = cpu_seconds(self.pid)
+        self.cpu_at_start = benchlib.cpu_seconds(self.pid)
         return self
 
     def _tool_pid(self) -> int:
@@ -138,7 +121,7 @@ class Capture:
         return self.process.pid
 
     def cpu_used(self) -> float | None:
-        return None if self.pid is None else cpu_seconds(self.pid) - self.cpu_at_start
+        return None if self.pid is None else benchlib.cpu_seconds(self.pid) - self.cpu_at_start
 
     def __exit__(self, *exc):
         if self.tool == "no-tap":
@@ -165,7 +148,7 @@ def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, secon
         cpu = capture.cpu_used()
     row = {"tool": tool, "rate": rate, "sent": sent, "through_source": through, "pps": through / elapsed, "gbps": gbps}
     if tool in READERS:
-        frames = frames_in(capture.path)
+        frames = benchlib.frames_in(capture.path)
         os.unlink(capture.path)
         row.update(frames=frames, completeness=frames / through if through else None, cpu_seconds=cpu, cpu_us_per_frame=1e6 * cpu / frames if frames else None, dropped_in_status=capture.dropped_in_status)
     return row

@@ -47,21 +47,6 @@ VTAP = os.path.join(os.path.dirname(sys.executable), "vtap")
 DUMPCAP_FILTER = {"erspan": "ip proto 47", "gre": "ip proto 47", "vxlan": f"udp dst port {VXLAN_PORT}"}
 
 
-def pinned(cpu: str, *command) -> list[str]:
-    return ["taskset", "-c", cpu, "nice", "-n", "-10", *command]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def frames_in(path: str) -> int:
-    out = benchlib.run("capinfos", "-c", "-M", path, check=False).stdout
-    return int(out.split("Number of packets:")[1].split()[0]) if "Number of packets:" in out else 0
-
-
 def checksummed(ip: bytes) -> bytes:
     total = sum(struct.unpack("!10H", ip))
     total = (total & 0xFFFF) + (total >> 16)
@@ -103,7 +88,7 @@ class Lab:
         return benchlib.link_counters("r0", self.netns)["rx"]
 
     def send(self, frame_file: str, rate: int, seconds: float) -> tuple[int, float]:
-        out = benchlib.run(*pinned(SENDER_CPU, "ip", "netns", "exec", self.netns, self.sender, "s0", str(rate), str(seconds), "@" + frame_file)).stdout
+        out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.netns, self.sender, "s0", str(rate), str(seconds), "@" + frame_file)).stdout
         sent, elapsed = out.split()
         return int(sent), float(elapsed)
 
@@ -128,7 +113,7 @@ def start_tool(lab: Lab, tool: str, tunnel: str, path: str):
         command = [VTAP, "capture", "--listen", f"{tunnel}://{ADDR}" + (f":{VXLAN_PORT}" if tunnel == "vxlan" else ""), "-w", path]
     else:
         command = ["dumpcap", "-i", "r0", "-f", DUMPCAP_FILTER[tunnel], "-q", "-w", path]
-    process = subprocess.Popen(pinned(TOOL_CPU, "ip", "netns", "exec", lab.netns, *command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(benchlib.pinned(TOOL_CPU, "ip", "netns", "exec", lab.netns, *command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 15
     while not os.path.exists(path) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # both create the file once they read
@@ -143,13 +128,13 @@ def run_one(lab: Lab, tunnel: str, tool: str, rate: int, seconds: float, frame_f
     holder = lab.holder(tunnel) if tool != "vtap" else None
     process = start_tool(lab, tool, tunnel, path) if tool != "none" else None
     try:
-        cpu_at_start = cpu_seconds(process.pid) if process else 0.0
+        cpu_at_start = benchlib.cpu_seconds(process.pid) if process else 0.0
         load = os.getloadavg()[0]
         before = lab.rx()
         sent, elapsed = lab.send(frame_file, rate, seconds)
         time.sleep(SETTLE)
         through = lab.rx() - before
-        cpu = cpu_seconds(process.pid) - cpu_at_start if process else None
+        cpu = benchlib.cpu_seconds(process.pid) - cpu_at_start if process else None
     finally:
         if process is not None:
             process.send_signal(signal.SIGINT)
@@ -158,7 +143,7 @@ def run_one(lab: Lab, tunnel: str, tool: str, rate: int, seconds: float, frame_f
             holder.close()
     row = {"tunnel": tunnel, "tool": tool, "rate": rate, "sent": sent, "through": through, "pps": round(through / elapsed), "loadavg": round(load, 2)}
     if process is not None:
-        frames = frames_in(path)
+        frames = benchlib.frames_in(path)
         os.unlink(path)
         row.update(frames=frames, completeness=frames / through if through else None, cpu_seconds=round(cpu, 3), cpu_us_per_frame=round(1e6 * cpu / frames, 2) if frames else None)
         if tool == "vtap":
