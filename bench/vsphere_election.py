@@ -25,8 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "vsphere"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "functional", "fleet"))
 import benchlib  # noqa: E402
 from etcd_member import Etcd  # noqa: E402
+from fleetlib import desire  # noqa: E402
 from vcenter import Vcenter  # noqa: E402
 from vcsim_simulator import Simulator  # noqa: E402
 
@@ -52,8 +54,7 @@ def main():
     args = parser.parse_args()
     if shutil.which("etcd") is None:
         sys.exit("needs etcd (scripts/setup --test installs etcd-server)")
-    from vtap_core.model import TapFlow, TapSession
-    from vtap_core.stores import Conflict, open_store
+    from vtap_core.stores import open_store
 
     rounds = args.kills + args.terms
     tmp = tempfile.mkdtemp(prefix="vtap-bench-election-")
@@ -79,19 +80,6 @@ def main():
                 followers[host] = subprocess.Popen(command, env=env(host), stdout=subprocess.DEVNULL,
                                                    stderr=open(os.path.join(tmp, f"{host}.log"), "ab"))
 
-            def desire(session=None, flow=None):
-                while True:
-                    sessions, flows = store.snapshot()
-                    sessions += [TapSession.from_dict(session)] if session else []
-                    flows += [TapFlow.from_dict(flow)] if flow else []
-                    try:
-                        with store.transaction():
-                            store.replace_all(sessions, flows)
-                            store.record("bench", {"flow": flow, "session": session})
-                        return
-                    except Conflict:
-                        continue
-
             def mirrored():
                 found = vc.sessions().get("vtap:web")
                 ports = (found.sourcePortTransmitted, found.sourcePortReceived) if found else ()
@@ -103,8 +91,8 @@ def main():
 
             for i in range(args.followers):
                 start(f"f{i + 1}")
-            desire(session={"name": "web", "to": f"vm:{vms[-1]}"})
-            desire(flow={"name": "web-0", "session": "web", "vm": vms[0], "direction": "both"})
+            desire(store, session={"name": "web", "to": f"vm:{vms[-1]}"}, command="bench")
+            desire(store, flow={"name": "web-0", "session": "web", "vm": vms[0], "direction": "both"}, command="bench")
             wait_for(lambda: vc.port_key(vc.vm(0)) in mirrored())
             results = []
             for n in range(1, rounds + 1):
@@ -114,7 +102,7 @@ def main():
                 followers[old["host"]].send_signal(how)
                 t0 = time.monotonic()
                 followers[old["host"]].wait()
-                desire(flow={"name": f"web-{n}", "session": "web", "vm": vms[n], "direction": "out"})
+                desire(store, flow={"name": f"web-{n}", "session": "web", "vm": vms[n], "direction": "out"}, command="bench")
                 new = wait_for(lambda: (lambda found: found if found and found["host"] != old["host"] else None)(leader()), step=0.02)
                 elected = time.monotonic() - t0
                 wait_for(lambda: vc.port_key(vc.vm(n)) in mirrored(), step=0.02)

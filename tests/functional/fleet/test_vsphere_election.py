@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetlib import wait_for
+from fleetlib import desire, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vsphere"))
 from vcsim_simulator import Simulator, available  # noqa: E402
@@ -24,8 +24,7 @@ pytest.importorskip("pyVmomi", reason="pyvmomi missing: run scripts/setup --test
 from vcenter import Vcenter  # noqa: E402
 
 from vtap_core.leader import AUDIT_COMMAND, NotLeader  # noqa: E402
-from vtap_core.model import TapFlow, TapSession  # noqa: E402
-from vtap_core.stores import Conflict, open_store  # noqa: E402
+from vtap_core.stores import open_store  # noqa: E402
 
 PREFIX = "vtap/vc"
 
@@ -86,19 +85,7 @@ class Fleet:
 
     def desire(self, session=None, flow=None):
         """A change of the desired state only (as another machine's admin tool writes it): the leader must realize it."""
-        store = self.store()
-        for _ in range(10):
-            sessions, flows = store.snapshot()
-            sessions += [TapSession.from_dict(session)] if session else []
-            flows += [TapFlow.from_dict(flow)] if flow else []
-            try:
-                with store.transaction():
-                    store.replace_all(sessions, flows)
-                    store.record("test: desire", {"session": session, "flow": flow})
-                return
-            except Conflict:
-                continue
-        raise AssertionError("could not write the desired state")
+        desire(self.store(), session, flow)
 
     def tap_web(self):
         """Session web: VM0 mirrored to the monitoring VM5, in the store only."""
