@@ -1,0 +1,88 @@
+"""`vtap session/flow ...` against one vCenter with an etcd store, beside (or without) an elected follower.
+
+A command run from an admin machine must never be a second applier: while a follower leads, it
+only writes the store and reports what the leader made of it; while no one leads, it is elected for
+the command, applies fenced and resigns. Real etcd, the real simulator (its request log names the
+process behind every vspan change), the CLI as a separate process.
+"""
+
+import threading
+
+from fleetlib import wait_for
+from test_vsphere_election import PREFIX, fleet, leader_of, sim  # noqa: F401 (fixtures)
+
+from vtap_core.leader import AUDIT_COMMAND
+
+
+def senders(fleet):
+    return {host for _, host, _, _ in fleet.requests()}
+
+
+def test_with_a_leader_running_a_cli_change_is_applied_by_the_leader_alone(fleet):
+    vc = fleet.vc
+    follower = fleet.start("f1")
+    assert leader_of(fleet) == "f1"
+    monitor, source = vc.vm(5).config.instanceUuid, vc.vm(0).config.instanceUuid
+
+    created = fleet.vtap("session", "create", "web", "--to", f"vm:{monitor}")
+    assert (created.returncode, created.stdout) == (0, "session web created; the elected follower on f1 applies it\n"), created.stderr
+    added = fleet.vtap("flow", "add", "web", "--vm", source, "--name", "web-1")
+    assert (added.returncode, added.stdout) == (0, "flow web-1 added to session web; applied by the elected follower on f1: web-1 active\n"), added.stderr
+    assert fleet.mirrored_ports() == {vc.port_key(vc.vm(0))}  # read back from the simulator
+    # Every vspan change came from the leader's process; the CLI made none.
+    assert [(host, pid) for _, host, pid, _ in fleet.requests()] == [("f1", follower.pid)]
+    rows = [r for r in fleet.store().audit() if r["command"] == AUDIT_COMMAND]
+    assert rows and {r["change"]["leader"] for r in rows} == {"f1"}
+    assert [r["host"] for r in fleet.store().leaders()] == ["f1"]
+
+    status = fleet.vtap("-o", "json", "status")
+    assert status.returncode == 0, status.stderr
+    assert '"host": "f1"' in status.stdout and "stale" not in status.stdout  # the leader's report, live
+
+    deleted = fleet.vtap("flow", "delete", "web-1")
+    assert (deleted.returncode, deleted.stdout) == (0, "flow web-1 deleted; removed by the elected follower on f1\n"), deleted.stderr
+    assert fleet.mirrored_ports() == set()
+    assert senders(fleet) == {"f1"}
+
+
+def test_a_change_the_leader_has_not_reported_is_stored_and_left_to_it(fleet):
+    """A leader that does not answer in time (here: one that never reports): the command says so and exits 0."""
+    vc = fleet.vc
+    store = fleet.store()
+    rival = store.election(fleet.sim.url, "busy", 60)
+    assert rival.campaign(threading.Event())
+    try:
+        created = fleet.vtap("session", "create", "web", "--to", f"vm:{vc.vm(5).config.instanceUuid}")
+        assert created.returncode == 0, created.stderr
+        added = fleet.vtap("--wait", "1", "flow", "add", "web", "--vm", vc.vm(0).config.instanceUuid, "--name", "web-1")
+        assert (added.returncode, added.stdout) == (
+            0, "flow web-1 added to session web; stored: the elected follower on busy will apply it (no report of it within 1 s; `vtap status` shows its report)\n"), added.stderr
+        assert [f.name for f in fleet.store().flows()] == ["web-1"]
+        assert fleet.mirrored_ports() == set() and fleet.requests() == []  # vCenter untouched
+        bad = fleet.vtap("--wait", "-1", "flow", "delete", "web-1")
+        assert (bad.returncode, bad.stderr) == (2, "vtap: wait: -1 must be 0 to 3600 seconds\n")
+        assert [f.name for f in fleet.store().flows()] == ["web-1"]
+    finally:
+        rival.resign()
+
+
+def test_with_no_leader_the_cli_applies_fenced_and_resigns(fleet):
+    vc = fleet.vc
+    created = fleet.vtap("session", "create", "web", "--to", f"vm:{vc.vm(5).config.instanceUuid}")
+    assert created.returncode == 0, created.stderr
+    added = fleet.vtap("flow", "add", "web", "--vm", vc.vm(0).config.instanceUuid, "--name", "web-1")
+    assert (added.returncode, added.stdout) == (0, "flow web-1 added to session web (1 platform objects added, 0 removed)\n"), added.stderr
+    assert fleet.mirrored_ports() == {vc.port_key(vc.vm(0))}
+    assert senders(fleet) == {"admin"}
+    fenced = [r for r in fleet.store().audit() if r["command"] == AUDIT_COMMAND]
+    assert [r["change"]["leader"] for r in fenced] == ["admin"], fenced  # the apply's fence row, under the CLI's term
+    assert fleet.store().leaders() == [] and fleet.etcd.keys(f"{PREFIX}/leaders") == {}  # leadership given up
+
+    # A follower started now leads, and the next command leaves the work to it.
+    fleet.start("f1")
+    assert leader_of(fleet) == "f1"
+    deleted = fleet.vtap("flow", "delete", "web-1")
+    assert deleted.returncode == 0 and "by the elected follower on f1" in deleted.stdout, (deleted.stdout, deleted.stderr)
+    assert wait_for(lambda: fleet.mirrored_ports() == set())
+    assert [host for _, host, _, _ in fleet.requests()][-1] == "f1"
+    assert [host for _, host, _, _ in fleet.requests()].count("admin") == 1
