@@ -11,6 +11,7 @@ import threading
 from fleetlib import wait_for
 from test_vsphere_election import PREFIX, fleet, leader_of, sim  # noqa: F401 (fixtures)
 
+from vtap_core.client import Client
 from vtap_core.leader import AUDIT_COMMAND
 
 
@@ -59,6 +60,11 @@ def test_a_change_the_leader_has_not_reported_is_stored_and_left_to_it(fleet):
             0, "flow web-1 added to session web; stored: the elected follower on busy will apply it (no report of it within 1 s; `vtap status` shows its report)\n"), added.stderr
         assert [f.name for f in fleet.store().flows()] == ["web-1"]
         assert fleet.mirrored_ports() == set() and fleet.requests() == []  # vCenter untouched
+        # The SDK's reconcile leaves it to the leader too: nothing done here.
+        with Client(driver="vsphere", state=str(fleet.tmp / "sdk" / "state.db"), store=fleet.url, host="sdk",
+                    url=fleet.sim.url, user=fleet.sim.user, password=fleet.sim.password) as sdk:
+            assert sdk.reconcile().empty
+        assert fleet.mirrored_ports() == set() and fleet.requests() == []
         bad = fleet.vtap("--wait", "-1", "flow", "delete", "web-1")
         assert (bad.returncode, bad.stderr) == (2, "vtap: wait: -1 must be 0 to 3600 seconds\n")
         assert [f.name for f in fleet.store().flows()] == ["web-1"]
@@ -81,8 +87,9 @@ def test_with_no_leader_the_cli_applies_fenced_and_resigns(fleet):
     # A follower started now leads, and the next command leaves the work to it.
     fleet.start("f1")
     assert leader_of(fleet) == "f1"
-    deleted = fleet.vtap("flow", "delete", "web-1")
-    assert deleted.returncode == 0 and "by the elected follower on f1" in deleted.stdout, (deleted.stdout, deleted.stderr)
+    (fleet.tmp / "taps.yaml").write_text(f"sessions:\n  - name: web\n    to: vm:{vc.vm(5).config.instanceUuid}\n    flows: []\n")
+    applied = fleet.vtap("apply", "-f", str(fleet.tmp / "taps.yaml"))
+    assert (applied.returncode, applied.stdout) == (0, f"applied {fleet.tmp / 'taps.yaml'}; removed by the elected follower on f1\n"), applied.stderr
     assert wait_for(lambda: fleet.mirrored_ports() == set())
     assert [host for _, host, _, _ in fleet.requests()][-1] == "f1"
     assert [host for _, host, _, _ in fleet.requests()].count("admin") == 1
