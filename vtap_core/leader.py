@@ -126,7 +126,7 @@ def applying(client, election=None):
             yield leader
             return
     else:
-        yield {"host": "another follower", "platform": election.platform}
+        yield {"host": None, "platform": election.platform}
         return
     driver, client._driver = client.driver, FencedDriver(client.driver, election)
     done = threading.Event()
@@ -153,22 +153,35 @@ def flow_specs(sessions, flows) -> dict:
 
 def await_report(client, leader: dict, before: tuple, after: tuple, wait: float) -> str:
     """What the elected follower made of a change this process stored: its report of each flow the change
-    touched (made for the flow as it is now, and settled), or, after `wait` seconds, that it will apply it."""
+    touched (made for the flow as it is now, and settled), or, after `wait` seconds, that it will apply it.
+    A leader that dies meanwhile is followed by its successor's report; while no one leads, this process
+    campaigns, and if elected applies the whole desired state itself (fenced, as `follow --once`)."""
     old, new = flow_specs(*before), flow_specs(*after)
     wanted = {name: spec for name, spec in new.items() if old.get(name) != spec}
     gone = set(old) - set(new)
-    who = f"the elected follower on {leader['host']}"
+    host = leader.get("host")
     if not wanted and not gone:
-        return f"{who} applies it"
+        return f"the elected follower on {host} applies it" if host else "an elected follower applies it"
     deadline = time.monotonic() + wait
-    while True:
-        rows = {r["flow"]: r for r in client.store.observed() if r.get("host") == leader["host"]}
+    done = False
+    while not done and time.monotonic() < deadline:
+        try:
+            host = next((r["host"] for r in client.store.leaders() if r.get("platform") == leader["platform"] and r.get("driver") == client.driver_name), None)
+            if host is None:
+                plan = reconcile_elected(client, None)
+                if plan is not None:
+                    return f"no follower leads {leader['platform']} now: applied here ({len(plan.add)} platform objects added, {len(plan.remove)} removed)"
+                continue  # one was elected meanwhile: wait for its report
+            rows = {r["flow"]: r for r in client.store.observed() if r.get("host") == host}
+        except VtapError as exc:  # the change is stored all the same: say so, not that nothing was changed
+            return f"stored: an elected follower applies it (its report cannot be read now: {exc})"
         made = {n: rows[n] for n, spec in wanted.items() if n in rows and rows[n].get("spec") == spec}
         settled = all(r["state"] not in UNSETTLED or r.get("problem") for r in made.values())
-        if (len(made) == len(wanted) and settled and not gone & set(rows)) or time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-    if len(made) < len(wanted) or gone & set(rows) or not settled:
+        done = len(made) == len(wanted) and settled and not gone & set(rows)
+        if not done:
+            time.sleep(0.2)
+    who = f"the elected follower on {host}" if host else "an elected follower"
+    if not done:
         return f"stored: {who} will apply it (no report of it within {wait:g} s; `vtap status` shows its report)"
     if not made:
         return f"removed by {who}"

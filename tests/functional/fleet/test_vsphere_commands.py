@@ -93,3 +93,48 @@ def test_with_no_leader_the_cli_applies_fenced_and_resigns(fleet):
     assert wait_for(lambda: fleet.mirrored_ports() == set())
     assert [host for _, host, _, _ in fleet.requests()][-1] == "f1"
     assert [host for _, host, _, _ in fleet.requests()].count("admin") == 1
+
+
+def test_a_cli_change_right_after_kill_9_of_the_leader_has_one_applier_at_a_time(fleet):
+    """The CLI races the standby for the dead leader's place: whoever wins applies, never both at once."""
+    vc = fleet.vc
+    fleet.start("f1")
+    assert leader_of(fleet) == "f1"
+    fleet.start("f2")
+    assert wait_for(lambda: "standing by" in fleet.log("f2")), fleet.log("f2")
+    created = fleet.vtap("session", "create", "web", "--to", f"vm:{vc.vm(5).config.instanceUuid}")
+    assert created.returncode == 0, created.stderr
+
+    fleet.followers["f1"].kill()  # kill -9
+    fleet.followers["f1"].wait()
+    added = fleet.vtap("flow", "add", "web", "--vm", vc.vm(0).config.instanceUuid, "--name", "web-1")
+    assert added.returncode == 0, added.stderr
+    assert wait_for(lambda: fleet.mirrored_ports() == {vc.port_key(vc.vm(0))}, 15), added.stdout
+    assert wait_for(lambda: [r["host"] for r in fleet.store().leaders()] == ["f2"], 15)
+
+    # Each fenced apply names one applier per term, terms only grow, and the simulator saw the
+    # vspan changes of one process after another, never interleaved.
+    fenced = [r["change"] for r in fleet.store().audit() if r["command"] == AUDIT_COMMAND]
+    assert fenced and [c["term"] for c in fenced] == sorted(c["term"] for c in fenced)
+    assert all(len({c["leader"] for c in fenced if c["term"] == term}) == 1 for term in {c["term"] for c in fenced})
+    sent = [(host, pid) for _, host, pid, _ in fleet.requests()]
+    blocks = [s for i, s in enumerate(sent) if i == 0 or sent[i - 1] != s]
+    assert len(blocks) == len(set(blocks)) and {h for h, _ in blocks} <= {"admin", "f2"}, (sent, added.stdout)
+    print(f"after kill -9: {added.stdout.strip()}; vspan changes by {blocks}")
+
+
+def test_when_the_only_leader_dies_the_waiting_cli_applies_once_its_lease_ends(fleet):
+    vc = fleet.vc
+    follower = fleet.start("f1")
+    assert leader_of(fleet) == "f1"
+    created = fleet.vtap("session", "create", "web", "--to", f"vm:{vc.vm(5).config.instanceUuid}")
+    assert created.returncode == 0, created.stderr
+    follower.kill()  # kill -9: its key stays until etcd ends its lease (5 s)
+    follower.wait()
+    added = fleet.vtap("--wait", "20", "flow", "add", "web", "--vm", vc.vm(0).config.instanceUuid, "--name", "web-1")
+    assert (added.returncode, added.stdout) == (
+        0, f"flow web-1 added to session web; no follower leads {fleet.sim.url} now: applied here (1 platform objects added, 0 removed)\n"), added.stderr
+    assert fleet.mirrored_ports() == {vc.port_key(vc.vm(0))}
+    assert senders(fleet) == {"admin"}
+    assert [r["change"]["leader"] for r in fleet.store().audit() if r["command"] == AUDIT_COMMAND] == ["admin"]
+    assert fleet.store().leaders() == []
