@@ -366,10 +366,11 @@ class Client:
         One host's store has every flow here. In a fleet, a VM flow is another host's while its VM
         is not in this host's inventory, and a session is planned only where it has a flow: its
         target (a port, a tunnel) is made and checked on the hosts that mirror into it, never on
-        an admin machine that has no such device.
+        an admin machine that has no such device. A central manager (vCenter) is the whole platform
+        wherever it is reached from: all of it is here, and checked as on one host.
         """
         flows = [f for f in flows if f.host in (None, self.host)]
-        if self.store.shared:
+        if self.store.shared and not self.driver.describe().features.central_manager:
             if any(f.source.vm for f in flows):
                 self.vms_here = {ref: vm.uuid for vm in self.driver.inventory() for ref in (vm.uuid, vm.name)}
                 flows = [f for f in flows if not f.source.vm or f.source.vm in self.vms_here]

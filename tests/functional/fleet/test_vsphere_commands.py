@@ -65,9 +65,12 @@ def test_a_change_the_leader_has_not_reported_is_stored_and_left_to_it(fleet):
                     url=fleet.sim.url, user=fleet.sim.user, password=fleet.sim.password) as sdk:
             assert sdk.reconcile().empty
         assert fleet.mirrored_ports() == set() and fleet.requests() == []
+        before = fleet.etcd.keys(PREFIX)
         bad = fleet.vtap("--wait", "-1", "flow", "delete", "web-1")
         assert (bad.returncode, bad.stderr) == (2, "vtap: wait: -1 must be 0 to 3600 seconds\n")
-        assert [f.name for f in fleet.store().flows()] == ["web-1"]
+        unknown = fleet.vtap("flow", "add", "web", "--vm", "no-such-vm")
+        assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1, unknown.stderr
+        assert fleet.etcd.keys(PREFIX) == before and fleet.requests() == []  # store and vCenter unchanged
     finally:
         rival.resign()
 
