@@ -75,7 +75,7 @@ def status_rows(client) -> list[dict]:
     reported = client.store.observed()
     if not reported:
         return rows  # one host: exactly what `status` always showed
-    live = {h["host"] for h in client.store.hosts()}
+    live = {h["host"] for h in client.store.hosts() + client.store.leaders()}  # an elected follower reports too
     rows = [{**row, "host": "(here)"} for row in rows]
     rows += [{**row, "state": row["state"] if row["host"] in live else f"stale ({row['state']})"} for row in reported]
     return sorted(rows, key=lambda r: (r["session"], r["flow"], r["host"]))

@@ -75,7 +75,8 @@ class Context:
             settings = config.driver_settings(name)
             self._prompt_for_password(name, settings)
             command = "vtap " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-            self._client = Client(driver=name, state=config.state, command=command, store=config.store, store_settings=config.store_settings(), **settings)
+            self._client = Client(driver=name, state=config.state, command=command, store=config.store, store_settings=config.store_settings(),
+                                  leader_wait=self.args.wait, **settings)
         return self._client
 
     def _prompt_for_password(self, driver, settings):
@@ -112,6 +113,8 @@ def build_parser() -> Parser:
     parser.add_argument("--state", metavar="PATH", help="store file (env VTAP_STATE; default /var/lib/vtap/state.db as root)")
     parser.add_argument("--store", metavar="URL", help="shared store of a fleet: etcd://HOST:PORT[,HOST:PORT...]/PREFIX or etcds://... (env VTAP_STORE; default the --state file)")
     parser.add_argument("--host", metavar="NAME", help="this machine's name in the fleet (env VTAP_HOST; default the host name)")
+    parser.add_argument("--wait", type=float, default=5.0, metavar="S",
+                        help="fleet of a central manager (vsphere on etcd): how long a change waits for the elected follower's report of it (default 5)")
     parser.add_argument("--config", metavar="PATH", help="config file (env VTAP_CONFIG; default /etc/vtap/config.toml as root)")
     parser.add_argument("-o", "--output", choices=FORMATS, default="table", help="listing format")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from vtap_core import reconcile, registry, selectors, yamlfile
+from vtap_core import leader, reconcile, registry, selectors, yamlfile
 from vtap_core.driver import TargetHealth
 from vtap_core.errors import AlreadyExists, NotFound, OperationFailed, Unsupported, ValidationError, VtapError
 from vtap_core.model import Source, TapFlow, TapSession, Target, evolve, member_name, parent_of
@@ -41,6 +41,7 @@ from vtap_core.stores import Conflict, open_store
 from vtap_core.store import host_name
 
 CONFLICT_RETRIES = 20
+LEADER_WAIT = 5.0  # seconds a change waits for the elected follower's report of it (central managers in a fleet)
 SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"}
 FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter", "host"}
 
@@ -82,10 +83,23 @@ class Change:
         return self.message
 
 
+@dataclass
+class Stored(Change):
+    """A change written to the store only: the elected follower (`leader`) applies it."""
+
+    leader: dict
+    before: tuple
+    after: tuple
+
+
 class Client:
     def __init__(self, driver: str = "linux", state: str | None = None, command: str | None = None,
-                 store: str | None = None, store_settings: dict | None = None, host: str | None = None, **settings):
+                 store: str | None = None, store_settings: dict | None = None, host: str | None = None,
+                 leader_wait: float = LEADER_WAIT, **settings):
         self.driver_name = registry.check_driver_name(driver)
+        if not 0 <= leader_wait <= 3600:
+            raise ValidationError("wait", f"{leader_wait:g} must be 0 to 3600 seconds")
+        self.leader_wait = leader_wait
         self.host = host or host_name()  # this machine's name in a fleet: its interface flows are realized here
         self.vms_here: dict | None = None  # in a fleet: {UUID or name: UUID} of this host's VMs, as the last reconcile saw them
         self.settings = {k: v for k, v in settings.items() if v is not None}
@@ -197,7 +211,7 @@ class Client:
             return {"added flow": flow.to_dict()}
 
         change = self._change(f"flow add {session}", mutate, "flow {name} added to session " + session)
-        change.message = change.message.format(name=created["flow"].name)
+        change.message = change.message.replace("{name}", created["flow"].name, 1)
         change.flow = created["flow"]
         return change
 
@@ -244,8 +258,11 @@ class Client:
         return self._change(f"apply {source}" + (" --prune" if prune else ""), mutate, f"applied {source}")
 
     def reconcile(self, scope: str | None = None) -> reconcile.Plan:
+        """Desired vs observed, applied here; an empty plan when an elected follower of this central manager applies instead."""
         self.store.check_writable()  # a store this vtap cannot fully read must not drive the platform
-        with self.lock():
+        with self.lock(), leader.applying(self) as elsewhere:
+            if elsewhere is not None:
+                return reconcile.Plan()
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
             with paused_gc():  # as in status()
@@ -349,10 +366,11 @@ class Client:
         One host's store has every flow here. In a fleet, a VM flow is another host's while its VM
         is not in this host's inventory, and a session is planned only where it has a flow: its
         target (a port, a tunnel) is made and checked on the hosts that mirror into it, never on
-        an admin machine that has no such device.
+        an admin machine that has no such device. A central manager (vCenter) is the whole platform
+        wherever it is reached from: all of it is here, and checked as on one host.
         """
         flows = [f for f in flows if f.host in (None, self.host)]
-        if self.store.shared:
+        if self.store.shared and not self.driver.describe().features.central_manager:
             if any(f.source.vm for f in flows):
                 self.vms_here = {ref: vm.uuid for vm in self.driver.inventory() for ref in (vm.uuid, vm.name)}
                 flows = [f for f in flows if not f.source.vm or f.source.vm in self.vms_here]
@@ -370,7 +388,10 @@ class Client:
         for attempt in range(CONFLICT_RETRIES):
             try:
                 with paused_gc():  # as in status()
-                    return self._change_once(command, mutate, message)
+                    change = self._change_once(command, mutate, message)
+                if isinstance(change, Stored):  # outside the lock: the leader may be a process of this host
+                    return Change(f"{message}; {leader.await_report(self, change.leader, change.before, change.after, self.leader_wait)}", change.plan)
+                return change
             except Conflict:
                 time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # spread the retries of racing writers
         raise OperationFailed(f"{command}: the desired state kept changing under it ({CONFLICT_RETRIES} tries); nothing was changed, try again")
@@ -378,7 +399,7 @@ class Client:
     def _change_once(self, command: str, mutate, message: str) -> Change:
         """Validate, write, reconcile; on failure put store and platform back."""
         self.store.check_writable()
-        with self.lock():
+        with self.lock(), contextlib.ExitStack() as elected:
             self.store.check_identity()
             before_sessions, before_flows = self.store.snapshot()
             sessions = {s.name: s for s in before_sessions}
@@ -387,6 +408,8 @@ class Client:
             touched = _touched_sessions(change, sessions)
             self._validate(sessions, flows, touched, {f.name: f for f in before_flows})
             after = (list(sessions.values()), list(flows.values()))
+            # A central manager's elected follower applies the change itself; else this process does, fenced, until it ends.
+            elsewhere = elected.enter_context(leader.applying(self))
             prepared = None
             try:
                 # Space-dependent writes before the platform is touched: a full disk fails here, changing nothing.
@@ -398,6 +421,8 @@ class Client:
                 raise  # someone else committed first: _change reads again
             except OperationFailed as exc:
                 raise OperationFailed(f"{command} failed, nothing was changed: {exc}") from None
+            if elsewhere is not None:
+                return Stored(message, reconcile.Plan(), elsewhere, (before_sessions, before_flows), after)
             try:
                 plan = self._realize(*after, prepared=prepared)
             except reconcile.FlowsFailed as exc:
@@ -529,7 +554,9 @@ class Client:
         if not self.store.in_audit(name) or not any(belongs(b) for b in self.driver.observe()):
             raise NotFound(f"{kind} {name!r} does not exist")
         self.store.check_writable()
-        with self.lock():
+        with self.lock(), leader.applying(self) as elsewhere:
+            if elsewhere is not None:  # its reconciles remove every orphan
+                return Change(f"{kind} {name} was already deleted; the elected follower on {elsewhere['host']} removes what an interrupted run left", reconcile.Plan())
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
             plan = self._realize(sessions, flows)

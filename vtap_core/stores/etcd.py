@@ -244,6 +244,9 @@ class EtcdStore(DesiredStore):
     def has_session(self, name: str) -> bool:
         return any(s.name == name for s in self.sessions())
 
+    def has_flow(self, name: str) -> bool:
+        return any(f.name == name for f in self.flows())
+
     def flows(self, session: str | None = None) -> list[TapFlow]:
         return [f for f in self.snapshot()[1] if session is None or f.session == session]
 
