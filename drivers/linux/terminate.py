@@ -41,10 +41,9 @@ from urllib.parse import parse_qsl, urlsplit
 from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
-from vtap_drivers.linux.decap import StreamDecap
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.reassembly import Reassembly
 from vtap_drivers.linux.ring import PacketRing, attach_filter
+from vtap_drivers.linux.tunnelblock import BlockReader
 
 IPPROTO_GRE = 47
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -167,20 +166,6 @@ def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
     return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM, block_size=TUNNEL_BLOCK_SIZE, block_count=TUNNEL_BLOCK_COUNT)
 
 
-def _selected(listen: Listen, meta) -> bool:
-    if listen.only is None:
-        return True
-    if listen.scheme == "gre":
-        return meta.tunnel == "gre" and meta.key == listen.only
-    if listen.scheme == "erspan":
-        return meta.tunnel == "erspan" and meta.session_id == listen.only
-    return meta.vni == listen.only
-
-
-# pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress).
-EPB_DIRECTION = {"ingress": 1, "egress": 2}
-
-
 @dataclass
 class Termination:
     kept: int = 0  # inner frames written / re-emitted
@@ -248,13 +233,8 @@ def _stopped_by_signals(stop: threading.Event):
 
 
 def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
-    """The hot loop: as little Python per packet as the job allows."""
-    decap = StreamDecap(vxlan=listen.scheme == "vxlan")
-    joiner = Reassembly()
-    udp = UDP_HEADER if listen.scheme == "vxlan" else 0
-    ipv6 = ":" in listen.address
-    write = writer.write if writer is not None else None
-    minimum = capture.ETHERNET_HEADER
+    """Block by block: tunnelblock.py parses a block and builds its pcapng in one buffer, written at once."""
+    reader = BlockReader(listen, keep_frames=out is not None)
     next_stats = time.monotonic() + STATS_INTERVAL
 
     def should_stop():
@@ -269,32 +249,17 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
         if writer is not None:
             writer.flush()
 
-    every = listen.only is None
-    for block in ring.blocks(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
-        for packet, timestamp, length in block:
-            if length != len(packet):
-                counts.ignored += 1  # cut short: not a frame we can pass on unchanged
-                continue
-            if not ipv6 and (packet[6] & 0x3F or packet[7]):  # an IPv4 fragment: more fragments, or an offset
-                packet = joiner.add(packet)
-                if packet is None:
-                    continue  # more to come
-                if udp and int.from_bytes(packet[22:24], "big") != listen.port:
-                    continue  # joined, it is UDP to another port: not ours
-            header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
-            found = decap(packet[header:])
-            if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
-                counts.ignored += 1
-                continue
-            frame, meta, comment = found
-            if write is not None:
-                write(frame, timestamp, comment=comment, flags=EPB_DIRECTION.get(meta.direction))
-            if out is not None:
-                try:
-                    out.send(frame)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
-                        raise OperationFailed(f"--to {to}: {exc.strerror}") from None
-            counts.kept += 1
-            if counts.kept == count:
-                return
+    for offset in ring.block_offsets(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
+        blocks, kept, ignored, frames = reader.read(ring.map, offset, None if count is None else count - counts.kept)
+        if writer is not None and kept:
+            writer.write_blocks(blocks, kept)
+        for frame in frames or ():
+            try:
+                out.send(frame)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
+                    raise OperationFailed(f"--to {to}: {exc.strerror}") from None
+        counts.kept += kept
+        counts.ignored += ignored
+        if counts.kept == count:
+            return
