@@ -289,3 +289,34 @@ def test_the_ring_counts_what_it_holds_unread_and_keeps_only_the_tunnel(wire):
     finally:
         sender.close()
         ring.close()
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_fragmented_ipv6_tunnel_packets_are_joined_before_decapsulation(wire, tmp_path, tunnel):
+    """Over IPv6 the sender fragments (Fragment extension header): the file holds the whole inner frame,
+    byte for byte, after a small one that came whole. Fragments of UDP to another port are not VXLAN."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+    from scapy.packet import Raw
+
+    netns, mac = wire
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    small = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x0d" * 30))
+    outer6 = IPv6(src="fd00:79::1", dst="fd00:79::2")
+    if tunnel == "erspan":
+        whole = outer6 / Raw(erspan3(5, small))
+        whole.nh = 47
+        packets = [outer6 / IPv6ExtHdrFragment(id=4242, nh=47) / Raw(erspan3(5, big))]
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        whole = outer6 / UDP(sport=5000, dport=4789) / (vxlan + small)
+        packets = [outer6 / IPv6ExtHdrFragment(id=4343) / UDP(sport=5000, dport=4790) / (vxlan + big[:-1] + b"\x00"),  # another port
+                   outer6 / IPv6ExtHdrFragment(id=4242) / UDP(sport=5000, dport=4789) / (vxlan + big)]
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for packet in packets for p in fragment6(packet, 1280)[::-1]]
+    assert len(pieces) == 3 * len(packets) and all(piece[14 + 6] == 44 for piece in pieces)  # each a fragment
+    path = tmp_path / "f6.pcapng"
+    first = bytes(Ether(src="02:00:00:00:00:09", dst=mac) / whole)
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "2"], [first, *pieces], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
