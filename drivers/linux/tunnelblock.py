@@ -23,11 +23,10 @@ new stream, IP options, a fragment, another layout) takes the general path.
 
 from __future__ import annotations
 
-import operator
 import struct
 
 from vtap_drivers.linux.decap import StreamDecap, _gre_layout
-from vtap_drivers.linux.pcapng import EPB_TYPE, OPT_COMMENT, _PADDING, _packet_options, enhanced_packet
+from vtap_drivers.linux.pcapng import EPB_TYPE, OPT_COMMENT, _packet_options, enhanced_packet
 from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly
 
 IPPROTO_GRE, IPPROTO_UDP = 47, 17
@@ -35,12 +34,10 @@ IPV4_HEADER, IPV6_HEADER, UDP_HEADER = 20, 40, 8
 ETHERNET_HEADER = 14
 SHORTEST = IPV6_HEADER + UDP_HEADER + 24  # bytes: a shorter packet takes the general path (a key's reads stay inside it)
 MAX_STREAMS = 4096  # per layout: many streams (or junk) stay bounded
+MAX_SHAPES = 4096  # per stream: frame sizes (and comment lengths)
 
 BLOCK_HEADER = struct.Struct("II")  # num_pkts, offset_to_first_pkt, at 12 in a TPACKET_V3 block
 FRAME_HEADER = struct.Struct("IIIIIIH")  # tpacket3_hdr: next, sec, nsec, snaplen, len, status, mac
-EPB_HEAD = struct.Struct("<7I")  # type, total length, interface, timestamp high, low, captured, original
-EPB_TAIL = struct.Struct("<I")
-COMMENT_HEADS = [struct.Struct(f"<{padding}xHH") for padding in range(4)]  # the frame's padding + the comment option's head
 _WORD = struct.Struct("!I")
 
 
@@ -49,31 +46,48 @@ _WORD = struct.Struct("!I")
 IGNORED, SKIPPED = "ignored", "skipped"
 
 
+# decap.py's comment suffixes for what changes per packet -> how read() writes them (f-strings: quicker than %).
+SUFFIXES = {"%s": None, "%s, sequence %d": "sequence", "%s, timestamp %d": "timestamp", "%s, timestamp %d, sequence %d": "both"}
+
+
 class _Layout:
     """How to read one kind of stream (IP version; GRE flags and protocol, or VXLAN) from the IP header on."""
 
     def __init__(self, ipv6: bool, udp: int, words: int, fixed: tuple, varying: tuple = (), suffix: str = "%s"):
         ip = "!6xB33x" if ipv6 else "!B5xH12x"  # next header | version + header length, fragment field
         self.key = struct.Struct(ip + "".join("I" if i == 0 or i in fixed else "4x" for i in range(words)) if not udp else ip + "8xII").unpack_from
-        ordered = sorted(varying)
+        # The sequence number and timestamp, in the packet's order (sequence first).
         self.varying = struct.Struct(f"!{IPV6_HEADER if ipv6 else IPV4_HEADER}x" + "".join("I" if i in varying else "4x" for i in range(words))).unpack_from if varying else None
-        # The comment names them in another order than the packet holds them (timestamp, then sequence).
-        self.order = operator.itemgetter(*(ordered.index(i) for i in varying)) if list(varying) != ordered else None
-        self.suffix = suffix  # decap's comment % (fixed part, *varying)
+        self.suffix = SUFFIXES[suffix]
         self.streams = {}  # key -> what _entry() made (NOT_SELECTED: another key, session or VNI)
 
 
 def _entry(inner: int, comment: str, flags: int | None, layout: _Layout):
-    """(inner frame offset, options by padding or None, comment format, varying reader, order, after by padding, fixed length)."""
+    """(inner frame offset, shortest packet with a frame, options, comment, varying reader, suffix, EPB shapes).
+
+    options: the whole options as bytes when they are the same for every packet (comment None);
+    else what follows the comment (epb_flags, the end), the comment read per packet (varying).
+    """
     if layout.varying is None:
-        options = _packet_options(comment, flags)
-        return (inner, [_PADDING[padding] + options for padding in range(4)], None, None, None, None, 32 + len(options))
-    after = _packet_options(None, flags)  # epb_flags (if any) and the end of options
-    text = comment.replace("%", "%%") + layout.suffix[2:]  # suffix: "%s, timestamp %d, sequence %d"
-    return (inner, None, text, layout.varying, layout.order, [_PADDING[padding] + after for padding in range(4)], 32 + 4 + len(after))
+        return (inner, inner + ETHERNET_HEADER, _packet_options(comment, flags), None, None, None, {})
+    return (inner, inner + ETHERNET_HEADER, _packet_options(None, flags), comment, layout.varying, layout.suffix, {})
 
 
-NOT_SELECTED = (0, None, None, None, None, None, 0)
+NOT_SELECTED = (0, 1 << 32, None, None, None, None, None)  # every packet is shorter: ignored
+
+
+def _shape(shapes: dict, size: int, comment: int, options: int):
+    """(pack, total length) of an EPB around a size-byte frame with these options (a comment of that many
+    bytes first, if any): one struct for the whole block, remembered in shapes (an entry's) by size and comment."""
+    padding = -size & 3
+    if comment:
+        layout, total = f"<7I{size}s{padding}xHH{comment}s{-comment & 3}x{options}sI", 32 + size + padding + 4 + comment + (-comment & 3) + options
+    else:
+        layout, total = f"<7I{size}s{padding}x{options}sI", 32 + size + padding + options
+    if len(shapes) >= MAX_SHAPES:
+        shapes.clear()
+    shape = shapes[comment << 20 | size] = (struct.Struct(layout).pack, total)
+    return shape
 
 
 class BlockReader:
@@ -93,15 +107,16 @@ class BlockReader:
         self.current = _Layout(self.ipv6, 0, 1, ())  # the layout of the last stream seen: knows none yet
 
     def read(self, ring, offset: int, limit: int | None = None):
-        """The EPBs of the inner frames of the block at offset (at most limit of them), as one bytearray."""
+        """The EPBs of the inner frames of the block at offset (at most limit of them), as one bytes."""
         count, position = BLOCK_HEADER.unpack_from(ring, offset + 12)
         position += offset
-        out = bytearray()
+        parts = []
         frames = [] if self.keep_frames else None
         kept = ignored = 0
-        frame_header, head, tail = FRAME_HEADER.unpack_from, EPB_HEAD.pack, EPB_TAIL.pack
+        frame_header = FRAME_HEADER.unpack_from
         layout = self.current
         key, streams = layout.key, layout.streams.get
+        append = parts.append
         for _ in range(count):
             following, sec, nsec, captured, length, _status, mac = frame_header(ring, position)
             start = position + mac
@@ -118,7 +133,7 @@ class BlockReader:
                         ignored += 1
                     elif found is not SKIPPED:
                         frame, comment, flags = found
-                        out += enhanced_packet(frame, sec * 1_000_000_000 + nsec, comment=comment, flags=flags)
+                        parts.append(enhanced_packet(frame, sec * 1_000_000_000 + nsec, comment=comment, flags=flags))
                         if frames is not None:
                             frames.append(frame)
                         kept += 1
@@ -127,35 +142,33 @@ class BlockReader:
                     continue
                 layout = self.current
                 key, streams = layout.key, layout.streams.get
-            inner, options, text, varying, order, after, fixed_length = entry
-            size = captured - inner
-            if not inner or size < ETHERNET_HEADER:
+            inner, shortest, options, comment, varying, suffix, shapes = entry
+            if captured < shortest:
                 ignored += 1  # another key, session or VNI; or no room for a frame
                 continue
+            size = captured - inner
             timestamp = sec * 1_000_000_000 + nsec
-            padding = -size & 3
             frame = ring[start + inner : start + captured]
-            if options is not None:
-                total = fixed_length + size + padding
-                out += head(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, size, size)
-                out += frame
-                out += options[padding]
+            if varying is None:
+                pack, total = shapes.get(size) or _shape(shapes, size, 0, len(options))
+                append(pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, size, size, frame, options, total))
             else:
-                comment = (text % (varying(ring, start) if order is None else order(varying(ring, start)))).encode()
-                n = len(comment)
-                total = fixed_length + size + padding + n + (-n & 3)
-                out += head(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, size, size)
-                out += frame
-                out += COMMENT_HEADS[padding].pack(OPT_COMMENT, n)
-                out += comment
-                out += after[-n & 3]
-            out += tail(total)
+                if suffix == "both":
+                    sequence, stamp = varying(ring, start)
+                    text = f"{comment}, timestamp {stamp}, sequence {sequence}".encode()
+                elif suffix == "sequence":
+                    text = f"{comment}, sequence {varying(ring, start)[0]}".encode()
+                else:
+                    text = f"{comment}, timestamp {varying(ring, start)[0]}".encode()
+                n = len(text)
+                pack, total = shapes.get(n << 20 | size) or _shape(shapes, size, n, len(options))
+                append(pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, size, size, frame, OPT_COMMENT, n, text, options, total))
             if frames is not None:
                 frames.append(frame)
             kept += 1
             if kept == limit:
                 break
-        return out, kept, ignored, frames
+        return b"".join(parts), kept, ignored, frames
 
     def _find(self, ring, start: int, captured: int):
         """The stream of a packet the current layout does not know: another layout's, or learnt now; None: the general path's."""
@@ -173,7 +186,8 @@ class BlockReader:
             layout = self.layouts.get(head, False)
             if layout is False:
                 gre = _gre_layout(head)
-                layout = self.layouts[head] = None if gre is None else _Layout(self.ipv6, 0, gre.length // 4, (0, *gre.fixed_words), gre.varying_words, gre.suffix)
+                cached = gre is not None and gre.suffix in SUFFIXES
+                layout = self.layouts[head] = _Layout(self.ipv6, 0, gre.length // 4, (0, *gre.fixed_words), gre.varying_words, gre.suffix) if cached else None
             if layout is None:
                 return None
         key = layout.key(ring, start)

@@ -62,8 +62,8 @@ def ipv4(payload, proto=47, options=b"", ident=1):
 
 
 def erspan3(session, sequence, timestamp, egress=True, hwid=17, key=None):
-    flags = 0x1000 | (0x2000 if key is not None else 0)
-    gre = struct.pack("!HH", flags, 0x22EB) + (struct.pack("!I", key) if key is not None else b"") + struct.pack("!I", sequence)
+    flags = (0x1000 if sequence is not None else 0) | (0x2000 if key is not None else 0)
+    gre = struct.pack("!HH", flags, 0x22EB) + (struct.pack("!I", key) if key is not None else b"") + (struct.pack("!I", sequence) if sequence is not None else b"")
     return gre + struct.pack("!HHIHH", 0x2000, session, timestamp, 0, (hwid & 0x3F) << 4 | (0x8 if egress else 0)) + INNER
 
 
@@ -83,7 +83,8 @@ def test_fast_and_general_path_frames_give_the_pcapng_the_writer_gave_before():
         ipv4(erspan3(5, 4, 102), options=b"\x94\x04\x00\x00"),  # IP options (router alert): general path
         ipv4(erspan3(5, 5, 103, key=9)),  # key and type III: a layout not cached, general path
         *(ipv4(gretap(7, INNER + b"\x01" * extra)) for extra in range(4)),  # every padding
-        ipv4(erspan2(6, 7)),
+        ipv4(erspan2(6, 7)),  # a sequence number, no timestamp
+        ipv4(erspan3(6, None, 4242)),  # a timestamp, no sequence number
         ipv4(erspan3(5, 8, 104)),  # back to the first stream
         ipv4(gretap(7)[:-30]),  # shorter than a fast-path key reads: general path
     ]
