@@ -45,6 +45,8 @@ class Reassembly:
         return self._add(key, offset, bytes(packet[header_length:total_length]), fragment & MORE_FRAGMENTS, packet[:20])
 
     def add6(self, packet):
+        if len(packet) < IPV6_HEADER + IPV6_FRAGMENT_HEADER:
+            return None  # no room for its Fragment header: nothing to join
         payload_length, = struct.unpack_from("!H", packet, 4)
         next_header, _reserved, fragment, ident = struct.unpack_from("!BBHI", packet, IPV6_HEADER)
         key = (bytes(packet[8:40]), ident)

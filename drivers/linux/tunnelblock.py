@@ -37,7 +37,7 @@ MAX_STREAMS = 4096  # per layout: many streams (or junk) stay bounded
 MAX_SHAPES = 4096  # per stream: frame sizes (and comment lengths)
 
 BLOCK_HEADER = struct.Struct("II")  # num_pkts, offset_to_first_pkt, at 12 in a TPACKET_V3 block
-FRAME_HEADER = struct.Struct("IIIIIIH")  # tpacket3_hdr: next, sec, nsec, snaplen, len, status, mac
+FRAME_HEADER = struct.Struct("IIIII4xH")  # tpacket3_hdr: next, sec, nsec, snaplen, len, (status), mac
 _WORD = struct.Struct("!I")
 
 
@@ -51,15 +51,26 @@ SUFFIXES = {"%s": None, "%s, sequence %d": "sequence", "%s, timestamp %d": "time
 
 
 class _Layout:
-    """How to read one kind of stream (IP version; GRE flags and protocol, or VXLAN) from the IP header on."""
+    """How to read one kind of stream (IP version; GRE flags and protocol, or VXLAN) from the IP header on:
+    key and varying are struct formats of what follows the IP header ("x" for what they skip)."""
 
-    def __init__(self, ipv6: bool, udp: int, words: int, fixed: tuple, varying: tuple = (), suffix: str = "%s"):
+    def __init__(self, ipv6: bool, key: str, varying: str = "", suffix: str = "%s"):
         ip = "!6xB33x" if ipv6 else "!B5xH12x"  # next header | version + header length, fragment field
-        self.key = struct.Struct(ip + "".join("I" if i == 0 or i in fixed else "4x" for i in range(words)) if not udp else ip + "8xII").unpack_from
-        # The sequence number and timestamp, in the packet's order (sequence first).
-        self.varying = struct.Struct(f"!{IPV6_HEADER if ipv6 else IPV4_HEADER}x" + "".join("I" if i in varying else "4x" for i in range(words))).unpack_from if varying else None
+        self.key = struct.Struct(ip + key).unpack_from
+        self.varying = struct.Struct(f"!{IPV6_HEADER if ipv6 else IPV4_HEADER}x" + varying).unpack_from if varying else None
         self.suffix = SUFFIXES[suffix]
         self.streams = {}  # key -> what _entry() made (NOT_SELECTED: another key, session or VNI)
+
+    @classmethod
+    def gre(cls, ipv6: bool, head: int):
+        """For GRE packets of these flags and protocol (decap.py says which words change per packet), or None."""
+        gre = _gre_layout(head)
+        if gre is None or gre.suffix not in SUFFIXES:
+            return None
+        words = range(gre.length // 4)
+        key = "".join("I" if i == 0 or i in gre.fixed_words else "4x" for i in words)
+        varying = "".join("I" if i in gre.varying_words else "4x" for i in words) if gre.varying_words else ""
+        return cls(ipv6, key, varying, gre.suffix)  # varying: in the packet's order (sequence, then timestamp)
 
 
 def _entry(inner: int, comment: str, flags: int | None, layout: _Layout):
@@ -103,8 +114,8 @@ class BlockReader:
         self.decap = StreamDecap(vxlan=self.vxlan)
         self.joiner = Reassembly()
         self.layouts = {}  # GRE flags + protocol -> _Layout, or None: not cached
-        self.vxlan_layout = _Layout(self.ipv6, UDP_HEADER, 2, (0, 1)) if self.vxlan else None
-        self.current = _Layout(self.ipv6, 0, 1, ())  # the layout of the last stream seen: knows none yet
+        self.vxlan_layout = _Layout(self.ipv6, "8xII") if self.vxlan else None  # the UDP header, the VXLAN header
+        self.current = _Layout(self.ipv6, "I")  # the layout of the last stream seen: knows none yet
 
     def read(self, ring, offset: int, limit: int | None = None):
         """The EPBs of the inner frames of the block at offset (at most limit of them), as one bytes."""
@@ -118,7 +129,7 @@ class BlockReader:
         key, streams = layout.key, layout.streams.get
         append = parts.append
         for _ in range(count):
-            following, sec, nsec, captured, length, _status, mac = frame_header(ring, position)
+            following, sec, nsec, captured, length, mac = frame_header(ring, position)
             start = position + mac
             position += following
             if captured != length:
@@ -185,9 +196,7 @@ class BlockReader:
             head = _WORD.unpack_from(ring, start + self.header)[0]
             layout = self.layouts.get(head, False)
             if layout is False:
-                gre = _gre_layout(head)
-                cached = gre is not None and gre.suffix in SUFFIXES
-                layout = self.layouts[head] = _Layout(self.ipv6, 0, gre.length // 4, (0, *gre.fixed_words), gre.varying_words, gre.suffix) if cached else None
+                layout = self.layouts[head] = _Layout.gre(self.ipv6, head)
             if layout is None:
                 return None
         key = layout.key(ring, start)

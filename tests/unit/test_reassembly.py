@@ -66,3 +66,8 @@ def test_ipv6_interleaved_a_missing_fragment_a_duplicate_and_the_same_id_from_ip
     whole4, pieces4 = whole_and_fragments(ident=3)  # an IPv4 packet with the pending IPv6 one's id
     assert [joiner.add(p) for p in pieces4][-1][20:] == whole4[20:]
     assert joiner.add6(pieces3[1])[40:] == whole_and_fragments6(ident=3)[0][40:]
+
+
+def test_an_ipv6_fragment_too_short_for_its_fragment_header_is_dropped():
+    _, pieces = whole_and_fragments6()
+    assert Reassembly().add6(pieces[0][:44]) is None
