@@ -8,9 +8,10 @@ file in a temporary folder. The figure is the process's CPU time (user +
 system) per frame: what vtap spends, without the kernel's share and
 less sensitive to the machine's load than bench/terminate.py.
 
-    python3 bench/terminate_replay.py [--frames 300000] [--size 64] [--tunnels erspan,gre,vxlan] [--profile TUNNEL]
+    python3 bench/terminate_replay.py [--frames 300000] [--size 64] [--tunnels erspan,gre,vxlan] [--profile TUNNEL] [--label NAME]
 
-Writes results/terminate_replay.json and .txt.
+Writes results/terminate_replay.json and .txt (terminate_replay-NAME.* with
+--label: e.g. the same script run on an older checkout's modules, for comparison).
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def main() -> int:
     parser.add_argument("--tunnels", default="erspan,gre,vxlan")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", help="a tunnel: print cProfile's top functions for it instead")
+    parser.add_argument("--label", help="results/terminate_replay-LABEL.*, and LABEL in the summary's first line")
     args = parser.parse_args()
     env = benchlib.environment()
-    runs, lines = [], [f"vtap capture --listen's reading loop on replayed ring blocks ({args.size}-byte inner frames, {args.frames:,} frames, best of {args.repeats})",
+    label = f" [{args.label}: {os.path.dirname(terminate.__file__)}]" if args.label else ""
+    runs, lines = [], [f"vtap capture --listen's reading loop on replayed ring blocks ({args.size}-byte inner frames, {args.frames:,} frames, best of {args.repeats}){label}",
                        f"{env['date']} commit {env['commit']}, Python {env['python']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}", "",
                        f"{'tunnel':>7} {'us/frame':>9} {'frames kept':>12} {'file bytes':>11} {'load':>5}"]
     with tempfile.TemporaryDirectory(prefix="vtapb-replay-") as workdir:
@@ -130,7 +133,7 @@ def main() -> int:
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
-    benchlib.save("terminate_replay", {"environment": env, "size": args.size, "runs": runs}, text + "\n")
+    benchlib.save("terminate_replay" + (f"-{args.label}" if args.label else ""), {"environment": env, "label": args.label, "size": args.size, "runs": runs}, text + "\n")
     return 0
 
 
