@@ -163,6 +163,8 @@ class _Layout(NamedTuple):
     fixed: object  # words -> the words that are the same for every packet of a stream
     varying: object  # words -> (timestamp, sequence) / (sequence,) / None
     suffix: str  # comment % (fixed part, *varying)
+    fixed_words: tuple  # the indexes fixed() reads, and varying() (tunnelblock.py reads the ring with them)
+    varying_words: tuple
 
 
 def _gre_layout(head: int):
@@ -196,6 +198,8 @@ def _gre_layout(head: int):
         _getter(fixed) or (lambda words: ()),
         _getter(varying),
         suffix,
+        tuple(fixed),
+        tuple(varying),
     )
 
 

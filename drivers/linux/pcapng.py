@@ -188,6 +188,18 @@ class PcapngWriter:
         write(_EPB_TAILS[0 if options else padding].pack(total))
         self.frames += 1
 
+    def write_blocks(self, blocks: bytes, frames: int) -> None:
+        """Enhanced Packet Blocks already built (as write() builds them: tunnelblock.py), written at once.
+
+        For a writer without snaplen or max_size (the blocks are neither cut nor rotated).
+        """
+        if self.snaplen or self.max_size:
+            raise ValueError("write_blocks: the writer cuts frames or rotates files")
+        self.stream.write(blocks)
+        self.size += len(blocks)
+        self.frames += frames
+        self.fresh = False
+
     def flush(self) -> None:
         self.stream.flush()
 

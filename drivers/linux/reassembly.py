@@ -1,16 +1,20 @@
-"""IPv4 reassembly for tunnel packets the ring sees as fragments (RFC 791, the receiver's part).
+"""IPv4 and IPv6 reassembly for tunnel packets the ring sees as fragments (RFC 791, RFC 8200: the receiver's part).
 
 A tunnel sender without DF (a kernel vxlan device, by default) fragments an
-outer packet that is larger than the path MTU. The ring in terminate.py reads
-packets before the IP stack reassembles them, so the fragments of one outer
-packet are joined here:
+outer packet that is larger than the path MTU; over IPv6 the sender always
+does (routers never do), with a Fragment extension header. The ring in
+terminate.py reads packets before the IP stack reassembles them, so the
+fragments of one outer packet are joined here:
 
     joiner = Reassembly()
-    whole = joiner.add(packet)   # an IPv4 fragment (a view is fine) -> the whole packet, or None for now
+    whole = joiner.add(packet)    # an IPv4 fragment (a view is fine) -> the whole packet, or None for now
+    whole = joiner.add6(packet)   # an IPv6 packet whose Fragment header follows the fixed header
 
-The whole packet is the first fragment's header (without options) and the
-joined payload. Overlapping or duplicate fragments spoil the packet (it is
-dropped, as the IP stack would); at most MAX_PENDING packets are waited for,
+The whole IPv4 packet is the first fragment's header (without options) and
+the joined payload; the whole IPv6 packet is the first fragment's fixed
+header, its next header the Fragment header's, and the joined payload.
+Overlapping or duplicate fragments spoil the packet (it is dropped, as the IP
+stack would); at most MAX_PENDING packets (of both versions) are waited for,
 the oldest is given up first; a packet is given up after TIMEOUT seconds.
 """
 
@@ -23,31 +27,47 @@ MAX_PENDING = 1024
 TIMEOUT = 30.0  # seconds, as the kernel's ipfrag_time
 MORE_FRAGMENTS = 0x2000
 OFFSET_MASK = 0x1FFF
+IPV6_HEADER = 40
+IPV6_FRAGMENT_HEADER = 8
+IPPROTO_FRAGMENT = 44  # IPv6 Fragment extension header
 
 
 class Reassembly:
     def __init__(self):
-        self.pending = {}  # (source, destination, id, protocol) -> [started, {offset: payload}, end or None, header]
+        self.pending = {}  # (source, destination, id, protocol) or (source + destination, id) -> [started, {offset: payload}, end or None, header]
         self.given_up = 0  # packets whose fragments did not all arrive
 
     def add(self, packet):
         header_length = (packet[0] & 0x0F) * 4
         total_length, ident, fragment = struct.unpack_from("!HHH", packet, 2)
         key = (bytes(packet[12:20]), ident, packet[9])
-        now = time.monotonic()
+        offset = (fragment & OFFSET_MASK) * 8
+        return self._add(key, offset, bytes(packet[header_length:total_length]), fragment & MORE_FRAGMENTS, packet[:20])
+
+    def add6(self, packet):
+        if len(packet) < IPV6_HEADER + IPV6_FRAGMENT_HEADER:
+            return None  # no room for its Fragment header: nothing to join
+        payload_length, = struct.unpack_from("!H", packet, 4)
+        next_header, _reserved, fragment, ident = struct.unpack_from("!BBHI", packet, IPV6_HEADER)
+        key = (bytes(packet[8:40]), ident)
+        offset = fragment & 0xFFF8  # 13 bits of 8-byte units, as a byte count
+        header = bytearray(packet[:IPV6_HEADER])
+        header[6] = next_header  # what the joined payload is (only the first fragment's counts)
+        return self._add(key, offset, bytes(packet[IPV6_HEADER + IPV6_FRAGMENT_HEADER : IPV6_HEADER + payload_length]), fragment & 1, header)
+
+    def _add(self, key, offset, payload, more, header):
         entry = self.pending.get(key)
         if entry is None:
+            now = time.monotonic()
             self._make_room(now)
             entry = self.pending[key] = [now, {}, None, None]
-        offset = (fragment & OFFSET_MASK) * 8
-        payload = bytes(packet[header_length:total_length])
         if offset in entry[1] or (entry[2] is not None and offset + len(payload) > entry[2]):
             del self.pending[key]  # duplicate or overlapping: spoilt
             return None
         entry[1][offset] = payload
         if offset == 0:
-            entry[3] = bytes(packet[:20])
-        if not fragment & MORE_FRAGMENTS:
+            entry[3] = bytes(header)
+        if not more:
             entry[2] = offset + len(payload)
         return self._joined(key, entry)
 
@@ -65,6 +85,9 @@ class Reassembly:
         del self.pending[key]
         payload = b"".join(parts)
         header = bytearray(entry[3])
+        if header[0] >> 4 == 6:
+            struct.pack_into("!H", header, 4, len(payload))
+            return bytes(header) + payload
         header[0] = 0x45  # no options
         struct.pack_into("!H", header, 2, 20 + len(payload))
         struct.pack_into("!H", header, 6, 0)  # not a fragment (the checksum is left as it was: nobody checks it)
@@ -81,4 +104,3 @@ class Reassembly:
                 break
             del self.pending[key]
             self.given_up += 1
-

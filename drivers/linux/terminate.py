@@ -13,16 +13,18 @@ How packets are read: a memory-mapped TPACKET_V3 ring (ring.py) on a packet
 socket for IPv4 (or IPv6) packets of every device, at the point where the IP
 stack receives them, with a classic BPF program that keeps only the tunnel's
 packets for ADDR (IP protocol 47, or UDP to PORT; not what the host sends,
-not frames for other hosts' MACs). IPv4 fragments are joined (reassembly.py)
+not frames for other hosts' MACs). IPv4 fragments, and IPv6 ones (a
+Fragment header right after the fixed header), are joined (reassembly.py)
 before decapsulation. The kernel copies each
 packet once into the ring and hands over whole blocks: no system call per
 packet, 64 MB of room for bursts, and what the ring had no room for is
-counted (Termination.dropped). A raw socket (protocol 47) or UDP socket
+counted (Termination.dropped). Each block is parsed, and its pcapng built
+and written, at once (tunnelblock.py). A raw socket (protocol 47) or UDP socket
 bound to ADDR[:PORT] stays open beside it, with a filter that drops
 everything: it checks that ADDR is ours and the port free, and its
 presence keeps the kernel from answering with ICMP "protocol unreachable"
-or "port unreachable". IPv6 packets with a fragment (or any extension)
-header before GRE/UDP are not kept.
+or "port unreachable". IPv6 packets with another extension header before
+GRE/UDP (or before the Fragment header) are not kept.
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ from urllib.parse import parse_qsl, urlsplit
 from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
-from vtap_drivers.linux.decap import StreamDecap
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.reassembly import Reassembly
+from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT
 from vtap_drivers.linux.ring import PacketRing, attach_filter
+from vtap_drivers.linux.tunnelblock import BlockReader
 
 IPPROTO_GRE = 47
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
-UDP_HEADER = 8
 IPV6_HEADER = 40
 # Classic BPF instructions, (code, jt, jf, k); jumps count instructions after the next one.
 LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND = 0x20, 0x28, 0x30, 0xB1, 0x48
@@ -130,11 +131,16 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
     # (load, jump, k, drop when the jump's test is true): every test passed -> keep.
     tests = [((LD_W, 0, 0, SKF_AD_PKTTYPE), JGE, PACKET_OTHERHOST, True)]
     if ipv6:
-        tests.append(((LD_B, 0, 0, 6), JEQ, proto, False))
         words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
         if any(words):
             tests += [((LD_W, 0, 0, 24 + 4 * i), JEQ, word, False) for i, word in enumerate(words)]
+        # A fragment's protocol is in its Fragment header (a sender puts it right after the fixed header).
+        tests.append(((LD_B, 0, 0, 6), JEQ, IPPROTO_FRAGMENT, "load next"))
+        tests.append(((LD_B, 0, 0, IPV6_HEADER), None, None, None))
+        tests.append((None, JEQ, proto, False))
         if listen.port is not None:
+            # A fragment is kept whatever its port: joined, it is checked again.
+            tests.append(((LD_B, 0, 0, 6), JEQ, IPPROTO_FRAGMENT, "keep"))
             tests.append(((LD_H, 0, 0, IPV6_HEADER + 2), JEQ, listen.port, False))
     else:
         tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
@@ -147,14 +153,17 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
             tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
             tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
     program = []
-    length = sum(1 if jump is None else 2 for _, jump, _, _ in tests) + 2
+    length = sum((load is not None) + (jump is not None) for load, jump, _, _ in tests) + 2
     for load, jump, k, when_true in tests:
-        program.append(load)
+        if load is not None:  # None: test what the last load left
+            program.append(load)
         if jump is not None:
             to_keep = length - 2 - (len(program) + 1)
             to_drop = to_keep + 1
             if when_true == "keep":
                 program.append((jump, to_keep, 0, k))
+            elif when_true == "load next":  # true: run the next instruction (a load); false: skip it
+                program.append((jump, 0, 1, k))
             else:
                 program.append((jump, to_drop, 0, k) if when_true else (jump, 0, to_drop, k))
     return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
@@ -165,20 +174,6 @@ def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
     # Small blocks, many of them: a block is handed over when full or RETIRE_MS old, so at a modest
     # rate each holds little; 256 of 256 KB still buffer 5 s of a slow stream (64 of 1 MB: 1.3 s).
     return PacketRing(None, netns, program=tunnel_filter(listen), protocol=ETH_P_IPV6 if ipv6 else ETH_P_IP, kind=socket.SOCK_DGRAM, block_size=TUNNEL_BLOCK_SIZE, block_count=TUNNEL_BLOCK_COUNT)
-
-
-def _selected(listen: Listen, meta) -> bool:
-    if listen.only is None:
-        return True
-    if listen.scheme == "gre":
-        return meta.tunnel == "gre" and meta.key == listen.only
-    if listen.scheme == "erspan":
-        return meta.tunnel == "erspan" and meta.session_id == listen.only
-    return meta.vni == listen.only
-
-
-# pcapng epb_flags: bits 0-1 direction, 01 inbound, 10 outbound (only ERSPAN type III says: ingress, egress).
-EPB_DIRECTION = {"ingress": 1, "egress": 2}
 
 
 @dataclass
@@ -248,13 +243,8 @@ def _stopped_by_signals(stop: threading.Event):
 
 
 def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> None:
-    """The hot loop: as little Python per packet as the job allows."""
-    decap = StreamDecap(vxlan=listen.scheme == "vxlan")
-    joiner = Reassembly()
-    udp = UDP_HEADER if listen.scheme == "vxlan" else 0
-    ipv6 = ":" in listen.address
-    write = writer.write if writer is not None else None
-    minimum = capture.ETHERNET_HEADER
+    """Block by block: tunnelblock.py parses a block and builds its pcapng in one buffer, written at once."""
+    reader = BlockReader(listen, keep_frames=out is not None)
     next_stats = time.monotonic() + STATS_INTERVAL
 
     def should_stop():
@@ -269,32 +259,17 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
         if writer is not None:
             writer.flush()
 
-    every = listen.only is None
-    for block in ring.blocks(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
-        for packet, timestamp, length in block:
-            if length != len(packet):
-                counts.ignored += 1  # cut short: not a frame we can pass on unchanged
-                continue
-            if not ipv6 and (packet[6] & 0x3F or packet[7]):  # an IPv4 fragment: more fragments, or an offset
-                packet = joiner.add(packet)
-                if packet is None:
-                    continue  # more to come
-                if udp and int.from_bytes(packet[22:24], "big") != listen.port:
-                    continue  # joined, it is UDP to another port: not ours
-            header = (IPV6_HEADER if ipv6 else (packet[0] & 0x0F) * 4) + udp
-            found = decap(packet[header:])
-            if found is None or len(found[0]) < minimum or not (every or _selected(listen, found[1])):
-                counts.ignored += 1
-                continue
-            frame, meta, comment = found
-            if write is not None:
-                write(frame, timestamp, comment=comment, flags=EPB_DIRECTION.get(meta.direction))
-            if out is not None:
-                try:
-                    out.send(frame)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
-                        raise OperationFailed(f"--to {to}: {exc.strerror}") from None
-            counts.kept += 1
-            if counts.kept == count:
-                return
+    for offset in ring.block_offsets(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
+        blocks, kept, ignored, frames = reader.read(ring.map, offset, None if count is None else count - counts.kept)
+        if writer is not None and kept:
+            writer.write_blocks(blocks, kept)
+        for frame in frames or ():
+            try:
+                out.send(frame)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOBUFS, errno.ENETDOWN, errno.EMSGSIZE):
+                    raise OperationFailed(f"--to {to}: {exc.strerror}") from None
+        counts.kept += kept
+        counts.ignored += ignored
+        if counts.kept == count:
+            return

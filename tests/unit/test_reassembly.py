@@ -32,3 +32,42 @@ def test_interleaved_packets_a_missing_fragment_and_a_duplicate():
     assert [joiner.add(p) for p in pieces3[:-2] + pieces3[-1:]] == [None] * 3  # one missing: nothing yet
     _, pieces4 = whole_and_fragments(ident=4)
     assert [joiner.add(p) for p in (pieces4[0], pieces4[0], *pieces4[1:])] == [None] * 5  # duplicate: spoilt
+
+
+def whole_and_fragments6(size=3000, ident=7, fragsize=1280):
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+
+    udp = UDP(sport=1, dport=4789) / bytes(random.Random(ident).randbytes(size))
+    whole = IPv6(src="fd00::1", dst="fd00::2") / udp
+    pieces = fragment6(IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrFragment(id=ident) / udp, fragsize)
+    return bytes(whole), [bytes(f) for f in pieces]
+
+
+def test_ipv6_fragments_in_any_order_give_the_packet_without_its_fragment_header():
+    whole, pieces = whole_and_fragments6()
+    assert len(pieces) == 3 and all(p[6] == 44 for p in pieces)
+    for order in (pieces, pieces[::-1], pieces[1:] + pieces[:1]):
+        joiner = Reassembly()
+        results = [joiner.add6(memoryview(p)) for p in order]
+        assert results[:-1] == [None] * (len(order) - 1)
+        assert results[-1] == whole and joiner.pending == {}  # next header UDP, payload length of the whole
+
+
+def test_ipv6_interleaved_a_missing_fragment_a_duplicate_and_the_same_id_from_ipv4():
+    first, pieces1 = whole_and_fragments6(ident=1)
+    second, pieces2 = whole_and_fragments6(ident=2)
+    joiner = Reassembly()
+    out = [joiner.add6(p) for pair in zip(pieces1, pieces2) for p in pair]
+    assert [o for o in out if o] == [first, second]
+    _, pieces3 = whole_and_fragments6(ident=3)
+    assert [joiner.add6(p) for p in pieces3[:1] + pieces3[2:]] == [None] * 2  # one missing: nothing yet
+    _, pieces4 = whole_and_fragments6(ident=4)
+    assert [joiner.add6(p) for p in (pieces4[0], pieces4[0], *pieces4[1:])] == [None] * 4  # duplicate: spoilt
+    whole4, pieces4 = whole_and_fragments(ident=3)  # an IPv4 packet with the pending IPv6 one's id
+    assert [joiner.add(p) for p in pieces4][-1][20:] == whole4[20:]
+    assert joiner.add6(pieces3[1])[40:] == whole_and_fragments6(ident=3)[0][40:]
+
+
+def test_an_ipv6_fragment_too_short_for_its_fragment_header_is_dropped():
+    _, pieces = whole_and_fragments6()
+    assert Reassembly().add6(pieces[0][:44]) is None

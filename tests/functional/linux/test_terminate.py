@@ -19,6 +19,7 @@ import uuid
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 from scapy.utils import rdpcap
 
 ETH_P_ALL = 0x0003
@@ -286,6 +287,72 @@ def test_the_ring_counts_what_it_holds_unread_and_keeps_only_the_tunnel(wire):
             sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / IP(src="10.79.0.1", dst=ADDR) / UDP(dport=4789) / inner))
         time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
         assert ring.unread() == 50
+    finally:
+        sender.close()
+        ring.close()
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_fragmented_ipv6_tunnel_packets_are_joined_before_decapsulation(wire, tmp_path, tunnel):
+    """Over IPv6 the sender fragments (Fragment extension header): the file holds the whole inner frame,
+    byte for byte, after a small one that came whole. Fragments of UDP to another port are not VXLAN."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+
+    netns, mac = wire
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    small = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x0d" * 30))
+    outer6 = IPv6(src="fd00:79::1", dst="fd00:79::2")
+    if tunnel == "erspan":
+        whole = outer6 / Raw(erspan3(5, small))
+        whole.nh = 47
+        packets = [outer6 / IPv6ExtHdrFragment(id=4242, nh=47) / Raw(erspan3(5, big))]
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        whole = outer6 / UDP(sport=5000, dport=4789) / (vxlan + small)
+        packets = [outer6 / IPv6ExtHdrFragment(id=4343) / UDP(sport=5000, dport=4790) / (vxlan + big[:-1] + b"\x00"),  # another port
+                   outer6 / IPv6ExtHdrFragment(id=4242) / UDP(sport=5000, dport=4789) / (vxlan + big)]
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for packet in packets for p in fragment6(packet, 1280)[::-1]]
+    assert len(pieces) == 3 * len(packets) and all(piece[14 + 6] == 44 for piece in pieces)  # each a fragment
+    path = tmp_path / "f6.pcapng"
+    first = bytes(Ether(src="02:00:00:00:00:09", dst=mac) / whole)
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "2"], [first, *pieces], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
+
+
+def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
+    """The ring's kernel filter over IPv6: UDP to the port, and fragments of UDP (their port is checked once
+    joined), are queued; UDP to another port, fragments of another protocol, GRE and another address are not."""
+    from pyroute2 import netns as pr_netns
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, fragment6
+
+    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
+
+    netns, mac = wire
+    for address in ("fd00:79::2", "fd00:79::3"):
+        subprocess.run(["ip", "-n", netns, "addr", "add", f"{address}/64", "dev", "r0", "nodad"], check=True)
+    to = IPv6(src="fd00:79::1", dst="fd00:79::2")
+    vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0e" * 30))
+    big = vxlan + bytes(2000)
+    kept = [to / UDP(sport=5, dport=4789) / vxlan, *fragment6(to / IPv6ExtHdrFragment(id=9) / UDP(sport=5, dport=4789) / big, 1280)]
+    dropped = [to / UDP(sport=5, dport=4790) / vxlan,
+               IPv6(src="fd00:79::1", dst="fd00:79::3") / UDP(sport=5, dport=4789) / vxlan,
+               *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280)]
+    gre = to / Raw(b"\x00\x00\x65\x58" + vxlan[8:])
+    gre.nh = 47
+    dropped.append(gre)
+    assert len(kept) == 3
+    ring = open_tunnel_ring(parse_listen("vxlan://[fd00:79::2]"), netns)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        for _ in range(10):
+            for packet in kept + dropped:
+                sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / packet))
+        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
+        assert ring.unread() == 10 * len(kept)
     finally:
         sender.close()
         ring.close()

@@ -1,0 +1,131 @@
+"""tunnelblock.py on ring blocks laid out as the kernel fills them: each frame's pcapng is byte for byte what
+terminate.py wrote before it (decap_gre / decap_vxlan, Meta.comment(), PcapngWriter.write), whether the frame
+took the fast path (a stream already learnt) or the general one (IP options, a layout not cached, fragments)."""
+
+import io
+import struct
+
+from scapy.layers.inet import IP, UDP, fragment
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from vtap_drivers.linux.decap import decap_gre, decap_vxlan
+from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.terminate import parse_listen
+from vtap_drivers.linux.tunnelblock import BlockReader
+
+FRAME_HEADER = struct.Struct("IIIIIIHH")  # tpacket3_hdr up to tp_net
+MAC = 80  # tpacket3_hdr + sockaddr_ll, aligned: where a SOCK_DGRAM packet starts
+FIRST = 48
+T0 = 1_700_000_000_123_456_789
+INNER = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.1.0.1", dst="10.1.0.2") / UDP(sport=5, dport=6) / (b"\x05" * 30))
+
+
+def ring_block(packets, cut=()):
+    """One TPACKET_V3 block, handed over to userspace, holding the IP packets (those in `cut`: snaplen short of len)."""
+    block, position = bytearray(1 << 16), FIRST
+    for number, packet in enumerate(packets):
+        step = (MAC + len(packet) + 15) & ~15
+        seconds, nanoseconds = divmod(T0 + number * 1001, 1_000_000_000)
+        FRAME_HEADER.pack_into(block, position, step, seconds, nanoseconds, len(packet), len(packet) + (number in cut), 1, MAC, MAC)
+        block[position + MAC : position + MAC + len(packet)] = packet
+        position += step
+    struct.pack_into("III", block, 8, 1, len(packets), FIRST)
+    return block
+
+
+def before(packets, selected=lambda meta: True, vxlan=False, numbers=None):
+    """The pcapng blocks of the frames the old reader kept, made as it made them (numbers: their places in the block)."""
+    writer = PcapngWriter(io.BytesIO())
+    start = len(writer.stream.getvalue())
+    for number, packet in zip(numbers or range(len(packets)), packets):
+        header = (40 if packet[0] >> 4 == 6 else (packet[0] & 0x0F) * 4) + (8 if vxlan else 0)
+        found = (decap_vxlan if vxlan else decap_gre)(packet[header:])
+        if found is not None and selected(found[1]):
+            frame, meta = found
+            writer.write(frame, T0 + number * 1001, comment=meta.comment(), flags={"ingress": 1, "egress": 2}.get(meta.direction))
+    return writer.stream.getvalue()[start:]
+
+
+class CountingReader(BlockReader):
+    """Counts the packets that took the general path (the rest took the fast one)."""
+
+    general = 0
+
+    def _general(self, *args):
+        self.general += 1
+        return super()._general(*args)
+
+
+def ipv4(payload, proto=47, options=b"", ident=1):
+    return bytes(IP(src="10.79.0.1", dst="10.79.0.2", proto=proto, id=ident, flags="DF", options=options) / payload)
+
+
+def erspan3(session, sequence, timestamp, egress=True, hwid=17, key=None):
+    flags = (0x1000 if sequence is not None else 0) | (0x2000 if key is not None else 0)
+    gre = struct.pack("!HH", flags, 0x22EB) + (struct.pack("!I", key) if key is not None else b"") + (struct.pack("!I", sequence) if sequence is not None else b"")
+    return gre + struct.pack("!HHIHH", 0x2000, session, timestamp, 0, (hwid & 0x3F) << 4 | (0x8 if egress else 0)) + INNER
+
+
+def gretap(key, inner=INNER):
+    return struct.pack("!HHI", 0x2000, 0x6558, key) + inner
+
+
+def erspan2(session, sequence):
+    return struct.pack("!HHI", 0x1000, 0x88BE, sequence) + struct.pack("!HHI", 0x1000, session, 0) + INNER
+
+
+def test_fast_and_general_path_frames_give_the_pcapng_the_writer_gave_before():
+    packets = [
+        ipv4(erspan3(5, 1, 100)),
+        ipv4(erspan3(5, 2, 99999)),  # the same stream: fast, its sequence and timestamp in the comment
+        ipv4(erspan3(5, 3, 101, egress=False)),  # another stream (ingress): learnt, then fast
+        ipv4(erspan3(5, 4, 102), options=b"\x94\x04\x00\x00"),  # IP options (router alert): general path
+        ipv4(erspan3(5, 5, 103, key=9)),  # key and type III: a layout not cached, general path
+        *(ipv4(gretap(7, INNER + b"\x01" * extra)) for extra in range(4)),  # every padding
+        ipv4(erspan2(6, 7)),  # a sequence number, no timestamp
+        ipv4(erspan3(6, None, 4242)),  # a timestamp, no sequence number
+        ipv4(erspan3(5, 8, 104)),  # back to the first stream
+        ipv4(gretap(7)[:-30]),  # shorter than a fast-path key reads: general path
+    ]
+    reader = CountingReader(parse_listen("erspan://10.79.0.2"))
+    blocks, kept, ignored, frames = reader.read(ring_block(packets), 0)
+    assert (kept, ignored, frames) == (len(packets), 0, None)
+    assert bytes(blocks) == before(packets)
+    assert reader.general == 3  # IP options, the uncached layout, the short one; the rest took the fast path
+
+
+def test_selection_cut_packets_and_junk_are_ignored_fragments_are_joined():
+    joined = IP(src="10.79.0.1", dst="10.79.0.2", proto=47, id=77, flags=0) / erspan3(5, 9, 105, hwid=3) / (b"\x07" * 3000)
+    pieces = [bytes(p) for p in fragment(joined, fragsize=1200)]
+    packets = [
+        ipv4(erspan3(5, 1, 100)),
+        ipv4(erspan3(6, 2, 100)),  # another session: ignored
+        ipv4(erspan3(5, 3, 100)),  # cut short by the snaplen: ignored
+        ipv4(gretap(5)),  # not ERSPAN: ignored
+        ipv4(b"\x00\x00\x08\x00" + bytes(40)),  # IP in GRE: not a frame, ignored
+        *pieces,
+        ipv4(erspan3(6, 4, 100)),
+        ipv4(erspan3(5, 5, 100)),
+    ]
+    reader = CountingReader(parse_listen("erspan://10.79.0.2?id=5"))
+    blocks, kept, ignored, _ = reader.read(ring_block(packets, cut={2}), 0)
+    assert (kept, ignored) == (3, 5)
+    # The joined packet has the time of its last fragment.
+    assert bytes(blocks) == before([packets[0], bytes(joined), packets[-1]], numbers=[0, 4 + len(pieces), len(packets) - 1])
+    assert reader.general == len(pieces) + 1  # the fragments and the IP-in-GRE packet (cached layouts only learn Ethernet)
+
+
+def test_vxlan_and_an_ipv6_underlay_and_a_limit_mid_block():
+    vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+    packets = [bytes(IP(src="10.79.0.1", dst="10.79.0.2", flags="DF") / UDP(sport=9, dport=4789) / (vxlan + INNER[: 60 + extra])) for extra in range(4)]
+    reader = CountingReader(parse_listen("vxlan://10.79.0.2"))
+    blocks, kept, _, _ = reader.read(ring_block(packets), 0)
+    assert kept == 4 and bytes(blocks) == before(packets, vxlan=True) and reader.general == 0
+    blocks, kept, _, _ = reader.read(ring_block(packets), 0, limit=2)
+    assert kept == 2 and bytes(blocks) == before(packets[:2], vxlan=True)
+    six = [bytes(IPv6(src="fd00::1", dst="fd00::2", nh=47) / erspan3(5, n, 100 + n)) for n in range(3)]
+    reader = CountingReader(parse_listen("erspan://[fd00::2]"), keep_frames=True)
+    blocks, kept, _, frames = reader.read(ring_block(six), 0)
+    assert kept == 3 and bytes(blocks) == before(six) and frames == [INNER] * 3 and reader.general == 0
+
