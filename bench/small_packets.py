@@ -25,7 +25,10 @@ Every tap run is paired with a no-tap run right next to it (order alternating);
 ratio = median of the paired ratios, with quartiles. Completeness = copies at
 mon1 / frames through vh1. Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
 
-    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...]   (root)
+    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4]   (root)
+
+--profile: afterwards each scenario runs that many seconds under perf (bench/small_packets_profile.py)
+and the report says where the extra ns per frame go.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset (no-tap is always run)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="then profile each scenario this long (bench/small_packets_profile.py) and append where the ns go")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/small_packets.py needs root (network namespaces, tc, bpf)", file=sys.stderr)
@@ -223,10 +227,20 @@ def main() -> int:
                     row, base = result[name], result["no-tap"]
                     complete = f", {100 * row['completeness']:.2f}% complete" if name in MIRRORING else f", {row['mirrored_packets']} copies"
                     print(f"round {round_number + 1} {name:<18} {row['pps']:>10,.0f} frames/s vs no-tap {base['pps']:>10,.0f} ({row['pps'] / base['pps']:.3f}); per CPU-second {row['per_cpu_second']:>10,.0f} vs {base['per_cpu_second']:>10,.0f} ({row['per_cpu_second'] / base['per_cpu_second']:.3f}){complete}", flush=True)
+            profiles = None
+            if args.profile:
+                import small_packets_profile
+
+                profiles = small_packets_profile.profile_all(topology, client, scenarios, args.profile, workdir)
         summary = summarize(rows)
         text = report(summary, env, args.rounds, args.seconds, loads)
+        if profiles:
+            import small_packets_profile
+
+            text += f"\n\nload average (1 min) at the profile's end {os.getloadavg()[0]:.2f}; {args.profile:g} s per scenario\n" + small_packets_profile.report(profiles)
+            text += "\n\n" + small_packets_profile.findings(profiles, summary["no-tap"]["median_cpu_ns_per_frame"])
         print("\n" + text)
-        benchlib.save("small_packets", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS}, text)
+        benchlib.save("small_packets", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS, "profiles": profiles}, text)
         return 0
     finally:
         topology.destroy()
