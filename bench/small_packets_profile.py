@@ -20,6 +20,7 @@ the instruction that turns them back on (e.g. _raw_spin_unlock_irqrestore).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -133,12 +134,15 @@ def report(profiles: dict) -> str:
     return "\n".join(lines)
 
 
-def findings(profiles: dict, no_tap_ns: float) -> str:
+def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> str:
     """What the profiles say, in figures: where match-nothing's and mirror-all's extra ns go.
 
     no_tap_ns: the sender's CPU ns per frame with no tap (the paired bench's figure), which turns the
     targets into budgets: ratio r allows no_tap_ns * (1/r - 1) extra ns per frame.
+    paired: {scenario: extra CPU ns per frame} of small_packets.py's paired runs, where there are some:
+    differences between whole scenarios are steadier there than between two profiles' totals.
     """
+    paired = paired or {}
     def children(name, sym):
         return profiles[name]["children"].get(sym, 0.0) if name in profiles else None
 
@@ -160,14 +164,32 @@ def findings(profiles: dict, no_tap_ns: float) -> str:
         p = profiles["tcx-match-nothing"]
         empty = f"; tcx-empty's program {profiles['tcx-empty']['programs']:.0f}" if "tcx-empty" in profiles else ""
         lines.append(f"- tcx-match-nothing: the hook costs {children('tcx-match-nothing', 'tc_run'):.0f} ns and the program {p['programs']:.0f} (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}")
+    if "da-empty" in profiles and "tcx-empty" in profiles:
+        also = f" (paired runs: +{paired['da-empty']:.0f} and +{paired['tcx-empty']:.0f} ns/frame over no-tap)" if "da-empty" in paired and "tcx-empty" in paired else ""
+        lines.append(f"- the same empty program (return at once) costs {children('da-empty', 'tc_run'):.0f} ns/frame as a cls_bpf filter on clsact (da-empty; program {profiles['da-empty']['programs']:.0f}) and {children('tcx-empty', 'tc_run') + profiles['tcx-empty']['programs']:.0f} on tcx (tcx-empty){also}: what a tap costs before its filter test is clsact + cls_bpf, not the test")
     if "mirror-all" in profiles:
         lines.append(f"- mirror-all (cls_bpf + mirred): tc path {children('mirror-all', 'tc_run'):.0f} ns/frame, of it mirred {children('mirror-all', 'tcf_mirred_act'):.0f} (skb_clone {children('mirror-all', 'skb_clone'):.0f}, the rest the copy's dev_queue_xmit into mon0: veth_xmit, enqueue to the backlog)")
-    if "mirror-all" in profiles and "mirror-sink" in profiles:
+    if "mirror-all" in paired and "mirror-sink" in paired:
+        lines.append(f"- the target's side: mirror-all costs {paired['mirror-all'] - paired['mirror-sink']:.0f} ns/frame more than mirror-sink in the paired runs (+{paired['mirror-all']:.0f} vs +{paired['mirror-sink']:.0f}), where the copies are dropped at mon0's egress instead of crossing the veth to mon1: the copy's receive at mon1 runs on the sender's CPU too (veth has no queue of its own)")
+    elif "mirror-all" in profiles and "mirror-sink" in profiles:
         receive = children("mirror-all", "process_backlog") - children("mirror-sink", "process_backlog")
         lines.append(f"- the target's side: the receive backlog runs {receive:.0f} ns/frame more with mon1 receiving the copies (mirror-all) than with them dropped at mon0 (mirror-sink): the copy's receive at mon1 runs on the sender's CPU too (veth has no queue of its own)")
     if "tcx-mirror-all" in profiles:
         lines.append(f"- tcx-mirror-all: bpf_clone_redirect {children('tcx-mirror-all', 'bpf_clone_redirect'):.0f} ns/frame, more than mirred's clone + transmit, partly because it makes the original's head writable after cloning it (pskb_expand_head {own('tcx-mirror-all', 'pskb_expand_head'):.0f} ns: a copy of the frame's data); what tcx saves on the hook it spends there")
+    if "da-empty" in profiles and "mirror-all" in profiles:
+        floor, copy = children("da-empty", "tc_run"), children("mirror-all", "tcf_mirred_act")
+        lines.append(f"- so: match-nothing's budget ({no_tap_ns * (1 / 0.98 - 1):.0f} ns) is below what clsact + cls_bpf costs with any program (~{floor:.0f}); only the tcx hook fits it. "
+                     f"mirror-all's ({no_tap_ns * (1 / 0.90 - 1):.0f} ns) is below mirred's clone + transmit alone (~{copy:.0f}), before the target receives the copy: no copy made in this machine's kernel fits it")
     return "\n".join(lines)
+
+
+def _no_tap_ns(profiles: dict) -> float:
+    """No-tap's CPU ns per frame from the last paired run of small_packets.py (steadier than one profile), else this profile's."""
+    try:
+        with open(os.path.join(benchlib.RESULTS, "small_packets.json")) as f:
+            return json.load(f)["summary"]["no-tap"]["median_cpu_ns_per_frame"]
+    except (OSError, KeyError, ValueError):
+        return profiles["no-tap"]["ns_per_frame"]
 
 
 def profile_all(topology, client, scenarios, seconds: float, workdir: str) -> dict:
@@ -177,7 +199,7 @@ def profile_all(topology, client, scenarios, seconds: float, workdir: str) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--scenarios", default="match-nothing,mirror-all,mirror-sink,tcx-empty,tcx-match-nothing,tcx-mirror-all")
+    parser.add_argument("--scenarios", default="match-nothing,mirror-all,mirror-sink,tcx-empty,da-empty,tcx-match-nothing,tcx-mirror-all,tcx-mirror-sink")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/small_packets_profile.py needs root (network namespaces, tc, bpf, perf)", file=sys.stderr)
@@ -194,7 +216,7 @@ def main() -> int:
         with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client:
             topology.send(0.5)  # warm-up
             profiles = profile_all(topology, client, scenarios, args.seconds, workdir)
-        text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, profiles["no-tap"]["ns_per_frame"])
+        text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, _no_tap_ns(profiles))
         print(text)
         benchlib.save("small_packets_profile", {"environment": env, "seconds": args.seconds, "frequency": FREQUENCY, "profiles": profiles}, text)
         return 0
