@@ -214,6 +214,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/small_packets.py needs root (network namespaces, tc, bpf)", file=sys.stderr)
         return 2
+    if args.profile:
+        import small_packets_profile
+
+        if not small_packets_profile.has_perf():
+            return 2
     env = benchlib.environment()
     workdir = tempfile.mkdtemp(prefix="vtapbsp-")
     topology = Topology(workdir)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -192,6 +193,13 @@ def _no_tap_ns(profiles: dict) -> float:
         return profiles["no-tap"]["ns_per_frame"]
 
 
+def has_perf() -> bool:
+    if shutil.which("perf"):
+        return True
+    print("perf is not installed (Debian: apt-get install linux-perf); the profile needs it", file=sys.stderr)
+    return False
+
+
 def profile_all(topology, client, scenarios, seconds: float, workdir: str) -> dict:
     return {name: record(topology, client, name, seconds, workdir) for name in scenarios}
 
@@ -203,6 +211,8 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/small_packets_profile.py needs root (network namespaces, tc, bpf, perf)", file=sys.stderr)
+        return 2
+    if not has_perf():
         return 2
     env = benchlib.environment()
     workdir = tempfile.mkdtemp(prefix="vtapbsp-")
