@@ -26,7 +26,7 @@ Every tap run is paired with a no-tap run right next to it (order alternating);
 ratio = median of the paired ratios, with quartiles. Completeness = copies at
 mon1 / frames through vh1. Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
 
-    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4]   (root)
+    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4] [--name small_packets]   (root)
 
 --profile: afterwards each scenario runs that many seconds under perf (bench/small_packets_profile.py)
 and the report says where the extra ns per frame go.
@@ -209,6 +209,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset (no-tap is always run)")
+    parser.add_argument("--name", default="small_packets", help="results file name (bench/results/NAME.json, .txt)")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="then profile each scenario this long (bench/small_packets_profile.py) and append where the ns go")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -261,7 +262,7 @@ def main() -> int:
             paired = {name: s["extra_cpu_ns_per_frame"] for name, s in summary.items() if name != "no-tap"}
             text += "\n\n" + small_packets_profile.findings(profiles, summary["no-tap"]["median_cpu_ns_per_frame"], paired)
         print("\n" + text)
-        benchlib.save("small_packets", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS, "profiles": profiles, "profile_loadavg_at_end": profile_load}, text)
+        benchlib.save(args.name, {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS, "profiles": profiles, "profile_loadavg_at_end": profile_load}, text)
         return 0
     finally:
         topology.destroy()
