@@ -76,6 +76,7 @@ def record(topology, client, name: str, seconds: float, workdir: str) -> dict:
         "ns_per_frame": total * scale,
         "self": {sym: n * scale for sym, n in own.items()},
         "children": {sym: n * scale for sym, n in with_callees.items() if sym in dict(AREAS)},
+        # Classic BPF's JIT images (cls_bpf from ops) have no kallsyms name: perf shows their address (0xffffffffc...).
         "programs": sum(n for sym, n in own.items() if sym.startswith("bpf_prog_") or sym.startswith("0xffffffffc")) * scale,
         "thunks": sum(n for sym, n in own.items() if sym.startswith(THUNKS)) * scale,
     }
