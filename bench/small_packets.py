@@ -14,7 +14,8 @@ packet. TCP benchmarks hide this cost in 64 KB GSO frames.
     tcx-empty           not vtap: an eBPF program on vh1's tcx hooks that returns at once (the hook's own cost)
     tcx-match-nothing   not vtap: one eBPF program on vh1's tcx hooks, "udp port 7" test + bpf_clone_redirect
     tcx-mirror-all      the same program without the test: every packet cloned to mon0
-    da-match-nothing    that program as a direct-action cls_bpf filter on clsact (no mirred)
+    da-empty            the empty program as a direct-action cls_bpf filter on clsact: what clsact + cls_bpf cost
+    da-match-nothing    the one-step program as a direct-action cls_bpf filter on clsact (no mirred)
     da-mirror-all       likewise, cloning everything
     mirror-sink         as mirror-all (vtap), but an eBPF program on mon0's tcx egress drops every copy
     tcx-mirror-sink     as tcx-mirror-all, likewise  (these two show what the copy costs before the
@@ -25,7 +26,10 @@ Every tap run is paired with a no-tap run right next to it (order alternating);
 ratio = median of the paired ratios, with quartiles. Completeness = copies at
 mon1 / frames through vh1. Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
 
-    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...]   (root)
+    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4] [--name small_packets]   (root)
+
+--profile: afterwards each scenario runs that many seconds under perf (bench/small_packets_profile.py)
+and the report says where the extra ns per frame go.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import benchlib  # noqa: E402
 import datapath  # noqa: E402
 import onestep_bpf  # noqa: E402
 
-SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "tcx-empty", "tcx-match-nothing", "tcx-mirror-all", "da-match-nothing", "da-mirror-all", "mirror-sink", "tcx-mirror-sink")
+SCENARIOS = ("no-tap", "match-nothing", "mirror-all", "tcx-empty", "tcx-match-nothing", "tcx-mirror-all", "da-empty", "da-match-nothing", "da-mirror-all", "mirror-sink", "tcx-mirror-sink")
 MIRRORING = ("mirror-all", "tcx-mirror-all", "da-mirror-all")
 VTAP = ("match-nothing", "mirror-all", "mirror-sink")
 MATCH_NOTHING_PORT = 7  # "udp port 7": the benchmark's frames are not IP
@@ -91,7 +95,7 @@ class Scenario:
             import socket
 
             port = MATCH_NOTHING_PORT if self.name.endswith("match-nothing") else None
-            target = None if self.name == "tcx-empty" else socket.if_nametoindex("mon0")
+            target = None if self.name.endswith("-empty") else socket.if_nametoindex("mon0")
             prog = onestep_bpf.load(onestep_bpf.program(target, port))
             self.fds.append(prog)
             vh1 = socket.if_nametoindex("vh1")
@@ -184,7 +188,20 @@ def report(summary: dict, env: dict, rounds: int, seconds: float, loads: list) -
     if nothing:
         lines.append("\ncopies made by the match-nothing taps (should be 0): " + ", ".join(f"{n} {c}" for n, c in nothing.items()))
     lines.append("tcx-* / da-*: one hand-assembled eBPF program (bench/onestep_bpf.py: filter test + bpf_clone_redirect), not vtap's data path")
+    lines += [verdict(summary, kind) for kind in TARGETS if kind in summary and f"tcx-{kind}" in summary]
     return "\n".join(lines)
+
+
+def verdict(summary: dict, kind: str) -> str:
+    """Which form is faster for a kind of tap, by the quartiles of the per-CPU-second ratios; equal: cls_bpf + mirred stays."""
+    ours, theirs = summary[kind], summary[f"tcx-{kind}"]
+    (low, high), (other_low, other_high) = ours["cpu_ratio_quartiles"], theirs["cpu_ratio_quartiles"]
+    figures = f"{kind} {ours['cpu_ratio_to_no_tap']:.3f} ({low:.3f}..{high:.3f}) vs tcx-{kind} {theirs['cpu_ratio_to_no_tap']:.3f} ({other_low:.3f}..{other_high:.3f})"
+    if other_low > high:
+        return f"{kind}: the one-step tcx program is faster: {figures}"
+    if low > other_high:
+        return f"{kind}: cls_bpf + mirred is faster: {figures}"
+    return f"{kind}: equal within the quartiles, so vtap keeps cls_bpf + mirred: {figures}"
 
 
 def main() -> int:
@@ -192,10 +209,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset (no-tap is always run)")
+    parser.add_argument("--name", default="small_packets", help="results file name (bench/results/NAME.json, .txt)")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="then profile each scenario this long (bench/small_packets_profile.py) and append where the ns go")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/small_packets.py needs root (network namespaces, tc, bpf)", file=sys.stderr)
         return 2
+    if args.profile:
+        import small_packets_profile
+
+        if not small_packets_profile.has_perf():
+            return 2
     env = benchlib.environment()
     workdir = tempfile.mkdtemp(prefix="vtapbsp-")
     topology = Topology(workdir)
@@ -223,10 +247,22 @@ def main() -> int:
                     row, base = result[name], result["no-tap"]
                     complete = f", {100 * row['completeness']:.2f}% complete" if name in MIRRORING else f", {row['mirrored_packets']} copies"
                     print(f"round {round_number + 1} {name:<18} {row['pps']:>10,.0f} frames/s vs no-tap {base['pps']:>10,.0f} ({row['pps'] / base['pps']:.3f}); per CPU-second {row['per_cpu_second']:>10,.0f} vs {base['per_cpu_second']:>10,.0f} ({row['per_cpu_second'] / base['per_cpu_second']:.3f}){complete}", flush=True)
+            profiles = profile_load = None
+            if args.profile:
+                import small_packets_profile
+
+                profiles = small_packets_profile.profile_all(topology, client, scenarios, args.profile, workdir)
         summary = summarize(rows)
         text = report(summary, env, args.rounds, args.seconds, loads)
+        if profiles:
+            import small_packets_profile
+
+            profile_load = os.getloadavg()[0]
+            text += f"\n\nload average (1 min) at the profile's end {profile_load:.2f}; {args.profile:g} s per scenario\n" + small_packets_profile.report(profiles)
+            paired = {name: s["extra_cpu_ns_per_frame"] for name, s in summary.items() if name != "no-tap"}
+            text += "\n\n" + small_packets_profile.findings(profiles, summary["no-tap"]["median_cpu_ns_per_frame"], paired)
         print("\n" + text)
-        benchlib.save("small_packets", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS}, text)
+        benchlib.save(args.name, {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "frame_bytes": FRAME_BYTES, "loadavg_per_round": loads, "summary": summary, "runs": rows, "targets": TARGETS, "profiles": profiles, "profile_loadavg_at_end": profile_load}, text)
         return 0
     finally:
         topology.destroy()

@@ -1,0 +1,240 @@
+"""Where the ns per frame go: kernel profiles of bench/small_packets.py's scenarios.
+
+For each scenario the sender runs for a while under `perf record -g`, which
+follows that process alone (cpu-clock sampling: this VM has no hardware
+counters). Samples are kept for the sender's command only (the kernel's forwarding and mirroring run
+in its context) and turned into CPU ns per forwarded frame:
+samples x sampling period / frames received by e2. Each row's figure is
+absolute, so scenarios compare by subtraction, which is what the report does:
+per kernel function ("self" time) and per area (a function and what it calls,
+perf's "children" time, for a few named entry points), the extra ns/frame of
+a scenario over no-tap.
+
+cpu-clock samples cannot fire where interrupts are off; such time lands on
+the instruction that turns them back on (e.g. _raw_spin_unlock_irqrestore).
+
+    python3 bench/small_packets_profile.py [--seconds 4] [--scenarios match-nothing,mirror-all,...]   (root)
+    python3 bench/small_packets.py --profile ...   (the same, appended to that bench's output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+import small_packets  # noqa: E402
+
+FREQUENCY = 4000  # samples per second of CPU
+SENDER = "capture_sender"
+# Entry points whose "children" time (the function and all it calls) names an area of the path.
+AREAS = (
+    ("tc_run", "tc (clsact): classifiers and actions, all of it"),
+    ("cls_bpf_classify", "  cls_bpf: program run (+ mirred, which it calls)"),
+    ("tcf_mirred_act", "    mirred: clone + transmit of the copy"),
+    ("skb_clone", "      skb_clone"),
+    ("bpf_clone_redirect", "bpf_clone_redirect (tcx-*, da-*): clone + transmit of the copy"),
+    ("process_backlog", "receive backlog (e1->vh1, vh2->e2, the copies at mon1)"),
+    ("br_handle_frame", "bridge"),
+    ("__dev_queue_xmit", "__dev_queue_xmit (all transmits, with the softirqs they run)"),
+    ("veth_xmit", "veth_xmit (e1, vh2, mon0)"),
+)
+THUNKS = ("__x86_indirect_thunk_", "srso_", "retbleed_return_thunk")  # retpolines; AMD's "Safe RET" return thunk
+SHOWN = 14  # functions listed per scenario
+
+
+def record(topology, client, name: str, seconds: float, workdir: str) -> dict:
+    """One scenario's profile: {'frames', 'samples', 'self': {sym: ns/frame}, 'children': {sym: ns/frame}}."""
+    data = os.path.join(workdir, f"perf-{name}.data")
+    with small_packets.Scenario(name, client):
+        time.sleep(0.2)
+        before, vh1 = benchlib.link_counters("e2", topology.c2)["rx"], benchlib.link_counters("vh1")
+        # perf follows the sender (and what runs in its context) wherever it is, and nothing else.
+        benchlib.run("perf", "record", "-q", "-g", "-F", str(FREQUENCY), "-o", data, "--", *small_packets.NICE, "ip", "netns", "exec", topology.c1, topology.sender, "e1", "0", str(seconds), str(small_packets.FRAME_BYTES), topology.e2_mac)
+        time.sleep(0.2)
+        frames = benchlib.link_counters("e2", topology.c2)["rx"] - before
+        vh1_after = benchlib.link_counters("vh1")
+    ns_per_sample = 1e9 / FREQUENCY
+    own, total = _report(data, children=False)
+    with_callees, _ = _report(data, children=True)
+    os.unlink(data)
+    scale = ns_per_sample / frames if frames else 0.0
+    return {
+        "frames": frames,
+        # Which of vh1's hooks the frames cross: its ingress (received) and egress (sent) hook.
+        "vh1_received": vh1_after["rx"] - vh1["rx"],
+        "vh1_sent": vh1_after["tx"] - vh1["tx"],
+        "samples": total,
+        "ns_per_frame": total * scale,
+        "self": {sym: n * scale for sym, n in own.items()},
+        "children": {sym: n * scale for sym, n in with_callees.items() if sym in dict(AREAS)},
+        # Classic BPF's JIT images (cls_bpf from ops) have no kallsyms name: perf shows their address (0xffffffffc...).
+        "programs": sum(n for sym, n in own.items() if sym.startswith("bpf_prog_") or sym.startswith("0xffffffffc")) * scale,
+        "thunks": sum(n for sym, n in own.items() if sym.startswith(THUNKS)) * scale,
+    }
+
+
+def _report(data: str, children: bool) -> tuple[dict, int]:
+    """{symbol: samples} of the sender's samples (its own, or with its callees'), and the sender's total.
+
+    Children counts come as percentages (relative to the sender's samples) and are turned back into samples.
+    """
+    own = _perf_report(data, "--no-children", "sample,sym")
+    found, total = {}, 0
+    for line in own:
+        match = re.match(r"^\s+(\d+)\s+\[[.kKuUgGH]\]\s+(\S+)", line)
+        if match:
+            found[match.group(2)] = found.get(match.group(2), 0) + int(match.group(1))
+            total += int(match.group(1))
+    if not children:
+        return found, total
+    found = {}
+    for line in _perf_report(data, "--children", "overhead_children,sym"):
+        match = re.match(r"^\s+([\d.]+)%\s+\[[.kKuUgGH]\]\s+(\S+)", line)
+        if match:
+            found[match.group(2)] = found.get(match.group(2), 0) + float(match.group(1)) * total / 100
+    return found, total
+
+
+def _perf_report(data: str, mode: str, fields: str) -> list[str]:
+    return benchlib.run("perf", "report", "-i", data, "--stdio", mode, "--comms", SENDER, "--percentage", "relative", "--sort", "sym", "-g", "none", "--percent-limit", "0", "-F", fields, check=False).stdout.splitlines()
+
+
+def report(profiles: dict) -> str:
+    base = profiles.get("no-tap")
+    lines = [
+        f"kernel profile (perf record -g -F {FREQUENCY} of the sender, cpu-clock; samples of {SENDER} only) as CPU ns per forwarded frame",
+        "scenario             frames   ns/frame" + ("   +ns vs no-tap" if base else ""),
+    ]
+    for name, p in profiles.items():
+        extra = f"{p['ns_per_frame'] - base['ns_per_frame']:>+14.0f}" if base else ""
+        lines.append(f"{name:<19}{p['frames']:>9,}{p['ns_per_frame']:>11.0f}{extra}")
+    if base:
+        for name, p in profiles.items():
+            if name == "no-tap":
+                continue
+            lines.append(f"\n{name}: where the extra ns/frame go (vs no-tap)")
+            lines.append("  area (a function and its callees)                          no-tap    this   extra")
+            for sym, label in AREAS:
+                a, b = base["children"].get(sym, 0.0), p["children"].get(sym, 0.0)
+                if a >= 0.5 or b >= 0.5:
+                    lines.append(f"  {label + ' [' + sym + ']':<58}{a:>7.0f}{b:>8.0f}{b - a:>+8.0f}")
+            deltas = sorted(((p["self"].get(s, 0.0) - base["self"].get(s, 0.0), s) for s in set(p["self"]) | set(base["self"])), reverse=True)
+            lines.append(f"  {'BPF programs, JIT images (self) [bpf_prog_*]':<58}{base['programs']:>7.0f}{p['programs']:>8.0f}{p['programs'] - base['programs']:>+8.0f}")
+            lines.append(f"  {'retpoline + Safe RET thunks (self)':<58}{base['thunks']:>7.0f}{p['thunks']:>8.0f}{p['thunks'] - base['thunks']:>+8.0f}")
+            lines.append("  functions (self time), largest increases:")
+            for delta, sym in deltas[:SHOWN]:
+                lines.append(f"    {sym:<52}{base['self'].get(sym, 0.0):>7.1f}{p['self'].get(sym, 0.0):>8.1f}{delta:>+8.1f}")
+    return "\n".join(lines)
+
+
+def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> str:
+    """What the profiles say, in figures: where match-nothing's and mirror-all's extra ns go.
+
+    no_tap_ns: the sender's CPU ns per frame with no tap (the paired bench's figure), which turns the
+    targets into budgets: ratio r allows no_tap_ns * (1/r - 1) extra ns per frame.
+    paired: {scenario: extra CPU ns per frame} of small_packets.py's paired runs, where there are some:
+    differences between whole scenarios are steadier there than between two profiles' totals.
+    """
+    paired = paired or {}
+    def children(name, sym):
+        return profiles[name]["children"].get(sym, 0.0) if name in profiles else None
+
+    def own(name, sym):
+        return profiles[name]["self"].get(sym, 0.0) if name in profiles else None
+
+    lines = [f"findings (from the profile above; budgets from no-tap's {no_tap_ns:.0f} ns/frame: ratio 0.98 allows {no_tap_ns * (1 / 0.98 - 1):.0f} extra ns/frame, 0.90 allows {no_tap_ns * (1 / 0.90 - 1):.0f})"]
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        lines.append(f"- kernel.bpf_stats_enabled = {f.read().strip()} (1 would time every program run)")
+    crossed = [(n, p["vh1_received"], p["vh1_sent"]) for n, p in profiles.items() if n != "no-tap"]
+    if crossed:
+        sent = max(c[2] for c in crossed)
+        lines.append(f"- the frames cross one hook of vh1 only: received {min(c[1] for c in crossed):,}+ per run at its ingress, at most {sent:,} sent through its egress, so a flow of direction both runs one program per frame, not two")
+    if "match-nothing" in profiles:
+        tc, program = children("match-nothing", "tc_run"), profiles["match-nothing"]["programs"]
+        layers = ", ".join(f"{sym} {own('match-nothing', sym):.0f}" for sym in ("tc_run", "tcf_classify", "__tcf_classify.constprop.0", "cls_bpf_classify"))
+        lines.append(f"- match-nothing (cls_bpf): the clsact/tc path costs {tc:.0f} ns/frame, of which the filter program itself (JIT image) {program:.0f}; the rest is tc's layers around it (self ns: {layers}), each a call and a return through this kernel's retpoline and Safe RET (spec_rstack_overflow) thunks ({profiles['match-nothing']['thunks']:.0f} ns in the thunks themselves)")
+    if "tcx-match-nothing" in profiles:
+        p = profiles["tcx-match-nothing"]
+        empty = f"; tcx-empty's program {profiles['tcx-empty']['programs']:.0f}" if "tcx-empty" in profiles else ""
+        lines.append(f"- tcx-match-nothing: the hook costs {children('tcx-match-nothing', 'tc_run'):.0f} ns and the program {p['programs']:.0f} (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}")
+    if "da-empty" in profiles and "tcx-empty" in profiles:
+        also = f" (paired runs: +{paired['da-empty']:.0f} and +{paired['tcx-empty']:.0f} ns/frame over no-tap)" if "da-empty" in paired and "tcx-empty" in paired else ""
+        lines.append(f"- the same empty program (return at once) costs {children('da-empty', 'tc_run'):.0f} ns/frame as a cls_bpf filter on clsact (da-empty; program {profiles['da-empty']['programs']:.0f}) and {children('tcx-empty', 'tc_run') + profiles['tcx-empty']['programs']:.0f} on tcx (tcx-empty){also}: what a tap costs before its filter test is clsact + cls_bpf, not the test")
+    if "mirror-all" in profiles:
+        lines.append(f"- mirror-all (cls_bpf + mirred): tc path {children('mirror-all', 'tc_run'):.0f} ns/frame, of it mirred {children('mirror-all', 'tcf_mirred_act'):.0f} (skb_clone {children('mirror-all', 'skb_clone'):.0f}, the rest the copy's dev_queue_xmit into mon0: veth_xmit, enqueue to the backlog)")
+    if "mirror-all" in paired and "mirror-sink" in paired:
+        lines.append(f"- the target's side: mirror-all costs {paired['mirror-all'] - paired['mirror-sink']:.0f} ns/frame more than mirror-sink in the paired runs (+{paired['mirror-all']:.0f} vs +{paired['mirror-sink']:.0f}), where the copies are dropped at mon0's egress instead of crossing the veth to mon1: the copy's receive at mon1 runs on the sender's CPU too (veth has no queue of its own)")
+    elif "mirror-all" in profiles and "mirror-sink" in profiles:
+        receive = children("mirror-all", "process_backlog") - children("mirror-sink", "process_backlog")
+        lines.append(f"- the target's side: the receive backlog runs {receive:.0f} ns/frame more with mon1 receiving the copies (mirror-all) than with them dropped at mon0 (mirror-sink): the copy's receive at mon1 runs on the sender's CPU too (veth has no queue of its own)")
+    if "tcx-mirror-all" in profiles:
+        lines.append(f"- tcx-mirror-all: bpf_clone_redirect {children('tcx-mirror-all', 'bpf_clone_redirect'):.0f} ns/frame, more than mirred's clone + transmit, partly because it makes the original's head writable after cloning it (pskb_expand_head {own('tcx-mirror-all', 'pskb_expand_head'):.0f} ns: a copy of the frame's data); what tcx saves on the hook it spends there")
+    if "da-empty" in profiles and "mirror-all" in profiles:
+        floor, copy = children("da-empty", "tc_run"), children("mirror-all", "tcf_mirred_act")
+        lines.append(f"- so: match-nothing's budget ({no_tap_ns * (1 / 0.98 - 1):.0f} ns) is below what clsact + cls_bpf costs with any program (~{floor:.0f}); only the tcx hook fits it. "
+                     f"mirror-all's ({no_tap_ns * (1 / 0.90 - 1):.0f} ns) is below mirred's clone + transmit alone (~{copy:.0f}), before the target receives the copy: no copy made in this machine's kernel fits it")
+    return "\n".join(lines)
+
+
+def _no_tap_ns(profiles: dict) -> float:
+    """No-tap's CPU ns per frame from the last paired run of small_packets.py (steadier than one profile), else this profile's."""
+    try:
+        with open(os.path.join(benchlib.RESULTS, "small_packets.json")) as f:
+            return json.load(f)["summary"]["no-tap"]["median_cpu_ns_per_frame"]
+    except (OSError, KeyError, ValueError):
+        return profiles["no-tap"]["ns_per_frame"]
+
+
+def has_perf() -> bool:
+    if shutil.which("perf"):
+        return True
+    print("perf is not installed (Debian: apt-get install linux-perf); the profile needs it", file=sys.stderr)
+    return False
+
+
+def profile_all(topology, client, scenarios, seconds: float, workdir: str) -> dict:
+    return {name: record(topology, client, name, seconds, workdir) for name in scenarios}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--scenarios", default="match-nothing,mirror-all,mirror-sink,tcx-empty,da-empty,tcx-match-nothing,tcx-mirror-all,tcx-mirror-sink")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/small_packets_profile.py needs root (network namespaces, tc, bpf, perf)", file=sys.stderr)
+        return 2
+    if not has_perf():
+        return 2
+    env = benchlib.environment()
+    workdir = tempfile.mkdtemp(prefix="vtapbsp-")
+    topology = small_packets.Topology(workdir)
+    try:
+        topology.build()
+        benchlib.enter_netns(topology.host)
+        from vtap_core.client import Client
+
+        scenarios = ("no-tap",) + tuple(n for n in args.scenarios.split(",") if n and n != "no-tap")
+        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client:
+            topology.send(0.5)  # warm-up
+            profiles = profile_all(topology, client, scenarios, args.seconds, workdir)
+        text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, _no_tap_ns(profiles))
+        print(text)
+        benchlib.save("small_packets_profile", {"environment": env, "seconds": args.seconds, "frequency": FREQUENCY, "profiles": profiles}, text)
+        return 0
+    finally:
+        topology.destroy()
+        subprocess.run(["rm", "-rf", workdir])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
