@@ -569,6 +569,28 @@ class TcDataplane:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
+    def _marks_in_place(self, hooks: dict, places: list) -> dict[tuple, list[bytes]]:
+        """{(ifindex, hook, parent): marks of the wanted filters (hooks[ifindex, hook]) the kernel holds there}.
+
+        vtap adds its filters at FILTER_PRIO with a handle named by the mark
+        (tcnl.handle_for): one get per filter, many per send, finds each. A place
+        where a get does not (a filter moved to another priority, one added before
+        vtap chose handles, one gone) is dumped whole, as every place once was.
+        """
+        asked = [(place, mark) for place in places for mark, binding in hooks[place[:2]].items() if binding.get("parent") == place[2]]
+        bodies = [tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent)) for (ifindex, hook, parent), mark in asked]
+        found: dict[tuple, list[bytes]] = {place: [] for place in places}
+        unsure = set()
+        for index, reply in self.nl.gets(bodies, RTM_GETTFILTER):
+            place, mark = asked[index]
+            if not isinstance(reply, NetlinkFailure) and tcnl.read_filter_mark(*reply) == mark:
+                found[place].append(mark)
+            else:
+                unsure.add(place)
+        for place in unsure:
+            found[place] = self._filter_marks(*place)
+        return found
+
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
         try:
             return self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
@@ -625,13 +647,13 @@ class TcDataplane:
             out = []
             used = set()  # devices holding a vtap filter
             in_place = []
-            for (ifindex, hook), wanted in hooks.items():
-                for parent in {b.get("parent") for b in wanted.values()}:
-                    for mark in self._filter_marks(ifindex, hook, parent):
-                        binding = wanted.get(mark)
-                        if binding is not None and binding.get("parent") == parent:
-                            in_place.append((ifindex, hook, parent, mark, binding))
-                            used.add(ifindex)
+            looked_at = [(ifindex, hook, parent) for (ifindex, hook), wanted in hooks.items() for parent in {b.get("parent") for b in wanted.values()}]
+            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at).items():
+                for mark in marks:
+                    binding = hooks[ifindex, hook].get(mark)
+                    if binding is not None and binding.get("parent") == parent:
+                        in_place.append((ifindex, hook, parent, mark, binding))
+                        used.add(ifindex)
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
             for ifindex, hook, parent, mark, binding in in_place:
                 if mark not in actions:
@@ -889,10 +911,15 @@ class TcDataplane:
                 continue
             present[place].add(mark)
             program = self._program(binding)
-            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent))
+            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent), handle=tcnl.handle_for(mark))
             requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
+        taken = [i for i, failure in enumerate(failures) if failure is not None and failure.code == errno.EEXIST]
+        if taken:  # another filter of ours there has that handle (four bytes of two digests alike): the kernel picks one
+            again = self.nl.requests([(tcnl.without_handle(requests[i][0]), RTM_NEWTFILTER, CREATE) for i in taken])
+            for i, failure in zip(taken, again):
+                failures[i] = failure
         done.extend(b for b, failure in zip(pending, failures) if failure is None)
         for binding, failure in zip(pending, failures):
             if failure is not None:

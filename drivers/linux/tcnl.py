@@ -81,10 +81,20 @@ def format_handle(handle: int) -> str:
     return f"{handle >> 16:x}:"
 
 
-def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes, parent: int | None = None) -> bytes:
+def handle_for(mark: bytes) -> int:
+    """The filter handle vtap asks for when it adds the filter of this mark (a u32 of its digest, never 0).
+
+    Knowing where its filter sits lets observe() get each one by handle (many
+    per send) instead of dumping every hook: a dump is a send and two reads.
+    """
+    return int.from_bytes(mark[-4:], "big") or 1
+
+
+def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes, parent: int | None = None, handle: int = 0) -> bytes:
     """RTM_NEWTFILTER body: bpf(program) -> mirred egress mirror to_ifindex, cookie, continue.
 
     parent: the hook's clsact parent, unless another qdisc is given (the handle of a root qdisc).
+    handle: the filter's handle (0: the kernel picks one).
     """
     parms = MIRRED_PARMS.pack(0, 0, TC_ACT_UNSPEC, 0, 0, TCA_EGRESS_MIRROR, to_ifindex)
     mirred = (
@@ -97,8 +107,13 @@ def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifinde
         + pack_attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(program)))
         + pack_attr(TCA_BPF_OPS, pack_ops(program))
     )
-    header = TCMSG.pack(0, 0, 0, ifindex, 0, parent or HOOK_PARENT[hook], filter_info(prio))
+    header = TCMSG.pack(0, 0, 0, ifindex, handle, parent or HOOK_PARENT[hook], filter_info(prio))
     return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
+
+
+def without_handle(request: bytes) -> bytes:
+    """A mirror_filter_request() with handle 0: the kernel picks one."""
+    return request[:8] + b"\0\0\0\0" + request[12:]
 
 
 def mirred_dump_request() -> bytes:
@@ -123,7 +138,7 @@ def qdisc_query(ifindex: int, parent: int) -> bytes:
 
 
 def filter_query(ifindex: int, hook: str, prio: int = 0, handle: int = 0, parent: int | None = None) -> bytes:
-    """Body of a filter dump (prio 0) or of deleting one filter (prio and handle); parent as in mirror_filter_request."""
+    """Body of a filter dump (prio 0), or of getting or deleting one filter (prio and handle); parent as in mirror_filter_request."""
     parent = parent or HOOK_PARENT[hook]
     if not prio:
         return TCMSG.pack(0, 0, 0, ifindex, 0, parent, 0)
