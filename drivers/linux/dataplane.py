@@ -569,13 +569,14 @@ class TcDataplane:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
-    def _marks_in_place(self, hooks: dict, places: list) -> dict[tuple, list[bytes]]:
+    def _marks_in_place(self, hooks: dict, places: list, qdiscs) -> dict[tuple, list[bytes]]:
         """{(ifindex, hook, parent): marks of the wanted filters (hooks[ifindex, hook]) the kernel holds there}.
 
         vtap adds its filters at FILTER_PRIO with a handle named by the mark
         (tcnl.handle_for): one get per filter, many per send, finds each. A place
         where a get does not (a filter moved to another priority, one added before
-        vtap chose handles, one gone) is dumped whole, as every place once was.
+        vtap chose handles, one gone) is dumped whole, as every place once was,
+        unless qdiscs() (_qdisc_places) shows no qdisc at its hook: nothing to dump.
         """
         asked = [(place, mark) for place in places for mark, binding in hooks[place[:2]].items() if binding.get("parent") == place[2]]
         bodies = [tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent)) for (ifindex, hook, parent), mark in asked]
@@ -587,8 +588,10 @@ class TcDataplane:
                 found[place].append(mark)
             else:
                 unsure.add(place)
-        for place in unsure:
-            found[place] = self._filter_marks(*place)
+        for ifindex, hook, parent in unsure:
+            if parent is None and not qdiscs().get(ifindex, {}).get("hook"):
+                continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
+            found[ifindex, hook, parent] = self._filter_marks(ifindex, hook, parent)
         return found
 
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
@@ -644,11 +647,17 @@ class TcDataplane:
                 every_link = self._links()
                 links.update((link["index"], link) for link in every_link)
             places = None
+
+            def qdiscs():  # _qdisc_places(), read once and only if needed
+                nonlocal places
+                places = self._qdisc_places() if places is None else places
+                return places
+
             out = []
             used = set()  # devices holding a vtap filter
             in_place = []
             looked_at = [(ifindex, hook, parent) for (ifindex, hook), wanted in hooks.items() for parent in {b.get("parent") for b in wanted.values()}]
-            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at).items():
+            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at, qdiscs).items():
                 for mark in marks:
                     binding = hooks[ifindex, hook].get(mark)
                     if binding is not None and binding.get("parent") == parent:
@@ -663,8 +672,7 @@ class TcDataplane:
                 # recreated, the device renamed (names swapped): then the spec shows it.
                 actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
                 if hook == "egress" and parent is None:
-                    places = self._qdisc_places() if places is None else places
-                    if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                    if (qdiscs().get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
                         actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, found.mark, **actual)

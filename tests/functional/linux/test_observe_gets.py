@@ -52,6 +52,20 @@ def test_observe_of_mirrors_in_place_dumps_no_hook(lab, dumps):
     assert reconcile.reconcile(driver, [session], flows).empty
 
 
+def test_observe_of_mirrors_named_but_not_added_yet_dumps_no_hook(lab, dumps):
+    """What apply looks at after prepare() named the marks: devices without a clsact have no filters to dump."""
+    lab.standard()
+    for i in range(DEVICES):
+        lab.veth(f"s{i}", f"p{i}")
+    driver = lab.driver()
+    session = TapSession("web", "port:mon0")
+    flows = [TapFlow(f"f{i}", "web", Source(interface=f"s{i}"), "both") for i in range(DEVICES)]
+    driver.prepare(driver.plan([session], flows))
+    dumps.clear()
+    assert [b for b in driver.observe() if b.get("type") == "mirror"] == []
+    assert RTM_GETTFILTER not in dumps
+
+
 def test_someone_elses_filter_at_vtaps_handle_is_not_vtaps_mirror(lab, dumps):
     driver, session, flows = mirrors(lab, devices=1, direction="in")
     (mirror,) = [b for b in driver.plan([session], flows) if b.get("type") == "mirror"]
