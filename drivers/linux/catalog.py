@@ -78,7 +78,7 @@ def _from_dict(data: dict) -> Binding:
         session=data["session"],
         flow=data.get("flow"),
         vm=data.get("vm"),
-        spec=tuple(map(tuple, data["spec"])),
+        spec=data["spec"] if isinstance(data["spec"], tuple) else tuple(map(tuple, data["spec"])),  # _compact() made most tuples already
         order=data.get("order", 1),
     )
 
@@ -123,6 +123,8 @@ class Catalog:
                 if self._generation and head == GENERATION_HEAD + self._generation:
                     return self
                 f.seek(0)
+                # The old content goes before the new is read: never both in memory at once.
+                self.bindings, self._hooks, self._generation = {}, None, None
                 data = json.load(f)
         except FileNotFoundError:
             data = {}

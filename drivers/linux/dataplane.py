@@ -74,10 +74,12 @@ Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gr
 "pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
-mark (remove + apply). observe() reads one filter dump per (device, hook)
-vtap uses, down to the marks only (which mirrors are in place: a deleted
-filter's action outlives it until the kernel releases it), and one dump of
-mirred actions (counters and targets of those, and orphans the catalog lost).
+mark (remove + apply). A filter is added with a handle named by its mark
+(tcnl.handle_for), so observe() gets each of vtap's filters by handle, a
+window of gets per send, down to the mark only (which mirrors are in place: a
+deleted filter's action outlives it until the kernel releases it); a hook
+where a get does not show the mark is dumped whole. Then one dump of mirred
+actions (counters and targets of those, and orphans the catalog lost).
 A plan of a few devices gets them one by one; of many, one link and one qdisc dump.
 Between processes, apply/remove hold the catalog's flock exclusively and
 observe holds it shared. Marks name their state dir: two stores on one host
@@ -497,10 +499,20 @@ class TcDataplane:
                 return None
             raise
 
-    def _clsact_indexes(self, places: dict | None = None) -> set[int]:
-        """ifindexes of the devices that have a clsact qdisc (one dump, unless `places` has it already)."""
-        places = self._qdisc_places() if places is None else places
-        return {index for index, place in places.items() if (place["hook"] or {}).get("kind") == "clsact"}
+    def _clsact_indexes(self, kinds: dict | None = None) -> set[int]:
+        """ifindexes of the devices that have a clsact qdisc (one dump, unless `kinds` (_hook_kinds) has it already)."""
+        kinds = self._hook_kinds() if kinds is None else kinds
+        return {index for index, kind in kinds.items() if kind == "clsact"}
+
+    def _hook_kinds(self) -> dict[int, str | None]:
+        """{ifindex: kind of the qdisc at the clsact hook (clsact, ingress)} of every device that has one
+        (one qdisc dump, read down to the kind: observe needs no more)."""
+        kinds: dict[int, str | None] = {}
+        for data, start, end in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
+            index, parent, kind = tcnl.read_qdisc_kind(data, start, end)
+            if parent == tcnl.TC_H_CLSACT:
+                kinds[index] = kind
+        return kinds
 
     def _qdisc_places(self) -> dict[int, dict]:
         """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
@@ -569,17 +581,17 @@ class TcDataplane:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
-    def _marks_in_place(self, hooks: dict, places: list, qdiscs) -> dict[tuple, list[bytes]]:
+    def _marks_in_place(self, hooks: dict, places: list, hook_kinds) -> dict[tuple, list[bytes]]:
         """{(ifindex, hook, parent): marks of the wanted filters (hooks[ifindex, hook]) the kernel holds there}.
 
         vtap adds its filters at FILTER_PRIO with a handle named by the mark
         (tcnl.handle_for): one get per filter, many per send, finds each. A place
         where a get does not (a filter moved to another priority, one added before
         vtap chose handles, one gone) is dumped whole, as every place once was,
-        unless qdiscs() (_qdisc_places) shows no qdisc at its hook: nothing to dump.
+        unless hook_kinds() (_hook_kinds) shows no qdisc at its hook: nothing to dump.
         """
         asked = [(place, mark) for place in places for mark, binding in hooks[place[:2]].items() if binding.get("parent") == place[2]]
-        bodies = [tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent)) for (ifindex, hook, parent), mark in asked]
+        bodies = (tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent)) for (ifindex, hook, parent), mark in asked)
         found: dict[tuple, list[bytes]] = {place: [] for place in places}
         unsure = set()
         for index, reply in self.nl.gets(bodies, RTM_GETTFILTER):
@@ -589,7 +601,7 @@ class TcDataplane:
             else:
                 unsure.add(place)
         for ifindex, hook, parent in unsure:
-            if parent is None and not qdiscs().get(ifindex, {}).get("hook"):
+            if parent is None and ifindex not in hook_kinds():
                 continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
             found[ifindex, hook, parent] = self._filter_marks(ifindex, hook, parent)
         return found
@@ -646,18 +658,18 @@ class TcDataplane:
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
                 links.update((link["index"], link) for link in every_link)
-            places = None
+            kinds = None
 
-            def qdiscs():  # _qdisc_places(), read once and only if needed
-                nonlocal places
-                places = self._qdisc_places() if places is None else places
-                return places
+            def hook_kinds():  # _hook_kinds(), read once and only if needed
+                nonlocal kinds
+                kinds = self._hook_kinds() if kinds is None else kinds
+                return kinds
 
             out = []
             used = set()  # devices holding a vtap filter
             in_place = []
             looked_at = [(ifindex, hook, parent) for (ifindex, hook), wanted in hooks.items() for parent in {b.get("parent") for b in wanted.values()}]
-            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at, qdiscs).items():
+            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at, hook_kinds).items():
                 for mark in marks:
                     binding = hooks[ifindex, hook].get(mark)
                     if binding is not None and binding.get("parent") == parent:
@@ -672,7 +684,7 @@ class TcDataplane:
                 # recreated, the device renamed (names swapped): then the spec shows it.
                 actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
                 if hook == "egress" and parent is None:
-                    if (qdiscs().get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                    if hook_kinds().get(ifindex) != "clsact":
                         actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, found.mark, **actual)
@@ -686,19 +698,19 @@ class TcDataplane:
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
             out.extend(self._observe_devices(catalog, every_link))
-            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, places))
+            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, kinds))
             return out
 
-    def _unused_clsacts(self, catalog, used: set, among: set | None = None, places: dict | None = None) -> list[Binding]:
+    def _unused_clsacts(self, catalog, used: set, among: set | None = None, kinds: dict | None = None) -> list[Binding]:
         """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
 
         Only devices without a vtap filter are looked at (and only those `among`, when given),
-        so this costs nothing while mirrors are in place. places: _qdisc_places() if observe read it already.
+        so this costs nothing while mirrors are in place. kinds: _hook_kinds() if observe read it already.
         """
         candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used and (among is None or ifindex in among)}
         if not candidates:
             return []
-        present = self._clsact_indexes(places)
+        present = self._clsact_indexes(kinds)
         out = []
         for device, ifindex in sorted(candidates.items()):
             if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):

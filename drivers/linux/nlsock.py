@@ -177,14 +177,16 @@ class RtnlSocket:
         """Many gets of one type, a window of requests per send: (index in bodies, (buffer, start, end) or
         the NetlinkFailure) of each, as they come. Without NLM_F_ACK each request has one answer: its
         reply or its error. (Dumps cannot be asked for so: the kernel runs one at a time per socket.)"""
-        bodies = list(bodies)
-        for first in range(0, len(bodies), window):
+        bodies = enumerate(bodies)  # framed a window at a time: thousands of requests are never all in memory
+        while True:
             waiting: dict[int, int] = {}  # sequence -> index in bodies
             chunk = []
-            for index in range(first, min(first + window, len(bodies))):
-                sequence, data = self._frame(bodies[index], msg_type, NLM_F_REQUEST)
+            for index, body in itertools.islice(bodies, window):
+                sequence, data = self._frame(body, msg_type, NLM_F_REQUEST)
                 waiting[sequence] = index
                 chunk.append(data)
+            if not chunk:
+                return
             self.sock.send(b"".join(chunk))
             while waiting:
                 data = memoryview(self.sock.recv(RECEIVE_SIZE))
