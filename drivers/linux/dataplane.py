@@ -672,28 +672,28 @@ class TcDataplane:
             for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at, hook_kinds).items():
                 for mark in marks:
                     binding = hooks[ifindex, hook].get(mark)
-                    if binding is not None and binding.get("parent") == parent:
-                        in_place.append((ifindex, hook, parent, mark, binding))
+                    spec = dict(binding.spec) if binding is not None else {}  # read below by name, thousands of times
+                    if binding is not None and spec.get("parent") == parent:
+                        in_place.append((ifindex, hook, parent, mark, binding, spec))
                         used.add(ifindex)
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
-            for ifindex, hook, parent, mark, binding in in_place:
+            for ifindex, hook, parent, mark, binding, spec in in_place:
                 if mark not in actions:
                     continue  # deleted since the filter dump
-                found = TcFilter(0, 0, mark, *actions[mark])
+                to_index, packets, nbytes, refused = actions[mark]
                 # What the filter really mirrors: the target device may have gone or been
                 # recreated, the device renamed (names swapped): then the spec shows it.
-                actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
+                actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or ""}
                 if hook == "egress" and parent is None:
                     if hook_kinds().get(ifindex) != "clsact":
                         actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                if any(binding.get(name) != value for name, value in actual.items()):
-                    binding = _drifted(binding, found.mark, **actual)
+                if any(spec.get(name) != value for name, value in actual.items()):
+                    binding = _drifted(binding, mark, **actual)
                 # At ingress the kernel counts from the network header; count whole frames.
-                nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
-                if (ifindex, found.to_index) not in healths:  # a device's two hooks mirror to one target
-                    healths[ifindex, found.to_index] = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
-                target = healths[ifindex, found.to_index]
-                counters = Counters(found.packets, nbytes, found.refused, target)
+                nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
+                if (ifindex, to_index) not in healths:  # a device's two hooks mirror to one target
+                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index), underlays)
+                counters = Counters(packets, nbytes, refused, healths[ifindex, to_index])
                 out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
