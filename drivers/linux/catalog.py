@@ -110,7 +110,7 @@ class Catalog:
         self._generation = None  # of the file as last read or written
         self._changed = False  # bindings differ from the file's
         self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
-        self._hooks = None  # mirror_hooks(), computed once per content
+        self._hooks = None  # mirrors(), computed once per content
         self._marks: dict = {}  # (key, session, flow, vm, spec) -> mark: apply asks per binding, twice
 
     # ------------------------------------------------------------ file
@@ -226,15 +226,15 @@ class Catalog:
             self._changed, self._hooks = True, None
         return mark
 
-    def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, Binding]]:
-        """{(ifindex, hook): {mark: binding}} of the mirrors named here."""
+    def mirrors(self) -> dict[bytes, tuple[int, str, Binding]]:
+        """{mark: (device ifindex, hook, binding)} of the mirrors named here."""
         if self._hooks is None:
-            hooks: dict = {}
+            found: dict = {}
             for mark, data in self.bindings.items():
                 spec = dict(data["spec"])
                 if spec.get("type") == "mirror" and data.get("ifindex"):
-                    hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = _from_dict(data)
-            self._hooks = hooks
+                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], _from_dict(data))
+            self._hooks = found
         return self._hooks
 
     def entries(self):

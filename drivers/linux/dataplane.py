@@ -581,29 +581,42 @@ class TcDataplane:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
-    def _marks_in_place(self, hooks: dict, places: list, hook_kinds) -> dict[tuple, list[bytes]]:
-        """{(ifindex, hook, parent): marks of the wanted filters (hooks[ifindex, hook]) the kernel holds there}.
+    def _mirrors_in_place(self, mirrors: dict, hook_kinds) -> list[tuple]:
+        """(ifindex, hook, parent, mark, binding) of the mirrors ({mark: (ifindex, hook, binding)}) the kernel holds.
 
         vtap adds its filters at FILTER_PRIO with a handle named by the mark
-        (tcnl.handle_for): one get per filter, many per send, finds each. A place
+        (tcnl.handle_for): one get per filter, many per send, finds each. A hook
         where a get does not (a filter moved to another priority, one added before
-        vtap chose handles, one gone) is dumped whole, as every place once was,
-        unless hook_kinds() (_hook_kinds) shows no qdisc at its hook: nothing to dump.
+        vtap chose handles, one gone) is dumped whole, as every hook once was,
+        unless hook_kinds() (_hook_kinds) shows no qdisc at it: nothing to dump.
         """
-        asked = [(place, mark) for place in places for mark, binding in hooks[place[:2]].items() if binding.get("parent") == place[2]]
-        bodies = (tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent)) for (ifindex, hook, parent), mark in asked)
-        found: dict[tuple, list[bytes]] = {place: [] for place in places}
-        unsure = set()
-        for index, reply in self.nl.gets(bodies, RTM_GETTFILTER):
-            place, mark = asked[index]
+        def where(mark):
+            ifindex, hook, binding = mirrors[mark]
+            return ifindex, hook, binding.get("parent"), binding
+
+        def query(mark):
+            ifindex, hook, parent, _ = where(mark)
+            return tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent))
+
+        asked = list(mirrors)  # marks only: thousands of tuples besides would cost memory
+        found, unsure = [], set()
+        for index, reply in self.nl.gets(map(query, asked), RTM_GETTFILTER):
+            mark = asked[index]
+            ifindex, hook, parent, binding = where(mark)
             if not isinstance(reply, NetlinkFailure) and tcnl.read_filter_mark(*reply) == mark:
-                found[place].append(mark)
+                found.append((ifindex, hook, parent, mark, binding))
             else:
-                unsure.add(place)
+                unsure.add((ifindex, hook, parent))
+        if not unsure:
+            return found
+        found = [entry for entry in found if entry[:3] not in unsure]  # the dump tells for the whole hook
         for ifindex, hook, parent in unsure:
             if parent is None and ifindex not in hook_kinds():
                 continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
-            found[ifindex, hook, parent] = self._filter_marks(ifindex, hook, parent)
+            for mark in self._filter_marks(ifindex, hook, parent):
+                wanted = mirrors.get(mark)
+                if wanted is not None and wanted[:2] == (ifindex, hook) and wanted[2].get("parent") == parent:
+                    found.append((ifindex, hook, parent, mark, wanted[2]))
         return found
 
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
@@ -651,9 +664,11 @@ class TcDataplane:
                 link = link_of(index)
                 return link["name"] if link is not None else None
 
-            hooks = catalog.mirror_hooks()
-            if vm is not None:
-                hooks = {place: wanted for place, wanted in hooks.items() if any(b.vm in (vm, None) for b in wanted.values())}
+            mirrors = catalog.mirrors()
+            if vm is not None:  # the hooks holding a mirror of that VM or of none, whole
+                theirs = {(ifindex, hook) for ifindex, hook, binding in mirrors.values() if binding.vm in (vm, None)}
+                mirrors = {mark: mirror for mark, mirror in mirrors.items() if mirror[:2] in theirs}
+            hooks = {(ifindex, hook) for ifindex, hook, _ in mirrors.values()}
             every_link = None
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
@@ -666,20 +681,13 @@ class TcDataplane:
                 return kinds
 
             out = []
-            used = set()  # devices holding a vtap filter
-            in_place = []
-            looked_at = [(ifindex, hook, parent) for (ifindex, hook), wanted in hooks.items() for parent in {b.get("parent") for b in wanted.values()}]
-            for (ifindex, hook, parent), marks in self._marks_in_place(hooks, looked_at, hook_kinds).items():
-                for mark in marks:
-                    binding = hooks[ifindex, hook].get(mark)
-                    spec = dict(binding.spec) if binding is not None else {}  # read below by name, thousands of times
-                    if binding is not None and spec.get("parent") == parent:
-                        in_place.append((ifindex, hook, parent, mark, binding, spec))
-                        used.add(ifindex)
+            in_place = self._mirrors_in_place(mirrors, hook_kinds)
+            used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
-            for ifindex, hook, parent, mark, binding, spec in in_place:
+            for ifindex, hook, parent, mark, binding in in_place:
                 if mark not in actions:
                     continue  # deleted since the filter dump
+                spec = dict(binding.spec)  # read by name below
                 to_index, packets, nbytes, refused = actions[mark]
                 # What the filter really mirrors: the target device may have gone or been
                 # recreated, the device renamed (names swapped): then the spec shows it.
