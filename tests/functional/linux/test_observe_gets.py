@@ -126,3 +126,12 @@ def test_gets_answer_each_request_with_its_reply_or_its_error(lab):
     for failed in (answers[1], answers[2]):
         assert isinstance(failed, NetlinkFailure) and failed.code in (errno.ENOENT, errno.EINVAL)
     dataplane.close()
+
+
+def test_a_handle_with_its_high_bit_set_is_found_by_its_get(lab, dumps, monkeypatch):
+    monkeypatch.setattr(tcnl, "handle_for", lambda mark: 0xFFFFFFF0)  # half of all marks name such a handle
+    driver, session, flows = mirrors(lab, devices=1, direction="in")
+    assert "handle 0xfffffff0 " in lab.tc("filter", "show", "dev", "s0", "ingress").stdout
+    dumps.clear()
+    assert len([b for b in driver.observe() if b.get("type") == "mirror"]) == 1
+    assert RTM_GETTFILTER not in dumps
