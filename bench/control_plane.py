@@ -216,8 +216,9 @@ def curve(args, env) -> int:
     for size in [int(n) for n in args.curve.split(",")]:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, os.path.abspath(__file__), "--flows", str(size), "--filters", args.filters, "--repeats", str(args.repeats), "--no-tc", "--json-out", out.name]
+            load = os.getloadavg()[0]  # other work on the machine slows the kernel's tc locks: said beside each row
             subprocess.run(command, check=True)
-            rows.append(dict(json.load(open(out.name)), flows=size))
+            rows.append(dict(json.load(open(out.name)), flows=size, loadavg_at_start=load))
     t = CURVE_TARGETS
     lines = [
         f"vtap control plane scaling: N flows (direction both, filters {args.filters}) on N interfaces, one session to port:mon0, through the SDK",
@@ -225,12 +226,12 @@ def curve(args, env) -> int:
         "",
         "wall time (CPU time of the vtap process, user + system, in brackets: less disturbed by other load)",
         "",
-        "   flows             apply            status          flow add   no-op reconcile            delete   peak RSS",
+        "   flows             apply            status          flow add   no-op reconcile            delete   peak RSS   load",
     ]
     for r in rows:
         c = r["cpu_s"]
         figures = "".join(f"{r[k + '_s']:7.2f} ({c[k]:5.2f}) s " for k in ("apply", "status", "flow_add", "noop_reconcile", "delete"))
-        lines.append(f"{r['flows']:8d}   {figures}{r['peak_rss_mib']:6.0f} MiB")
+        lines.append(f"{r['flows']:8d}   {figures}{r['peak_rss_mib']:6.0f} MiB  {r.get('loadavg_at_start', float('nan')):5.2f}")
     lines += ["", "user CPU time alone (vtap's own work; system time above also counts waits on the kernel's locks, which other load lengthens)", ""]
     lines.append("   flows     apply    status  flow add    no-op    delete")
     for r in rows:

@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vtap_core import leader, reconcile, registry, selectors, yamlfile
 from vtap_core.driver import TargetHealth
@@ -46,7 +46,7 @@ SESSION_KEYS = {"name", "to", "snaplen", "sample", "enabled", "backend", "flows"
 FLOW_KEYS = {"name", "vm", "nic", "interface", "select", "direction", "filter", "host"}
 
 
-@dataclass
+@dataclass(slots=True)  # a row per flow: no __dict__ each
 class FlowStatus:
     session: str
     flow: str
@@ -66,7 +66,7 @@ class FlowStatus:
     members: list | None = None  # selector flows: each VM/NIC tapped now, with its own state and counters
 
     def to_dict(self) -> dict:
-        data = dict(self.__dict__)
+        data = {field.name: getattr(self, field.name) for field in fields(self)}
         if self.members is None:
             del data["members"]
         return data

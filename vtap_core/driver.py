@@ -30,7 +30,7 @@ from vtap_core.errors import Unsupported
 from vtap_core.model import VM, TapFlow, TapSession
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TargetHealth:
     """The target side of a mirror, as the platform shows it.
 
@@ -47,7 +47,7 @@ class TargetHealth:
     note: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Counters:
     packets: int = 0
     bytes: int = 0
@@ -57,7 +57,7 @@ class Counters:
     target: TargetHealth | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # tens of thousands of them at a time: no __dict__ each
 class Binding:
     """One thing vtap keeps on a platform.
 

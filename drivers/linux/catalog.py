@@ -78,7 +78,7 @@ def _from_dict(data: dict) -> Binding:
         session=data["session"],
         flow=data.get("flow"),
         vm=data.get("vm"),
-        spec=tuple(map(tuple, data["spec"])),
+        spec=data["spec"] if isinstance(data["spec"], tuple) else tuple(map(tuple, data["spec"])),  # _compact() made most tuples already
         order=data.get("order", 1),
     )
 
@@ -110,7 +110,7 @@ class Catalog:
         self._generation = None  # of the file as last read or written
         self._changed = False  # bindings differ from the file's
         self._saved_qdiscs: dict[str, int] = {}  # qdiscs as the file has them
-        self._hooks = None  # mirror_hooks(), computed once per content
+        self._hooks = None  # mirrors(), computed once per content
         self._marks: dict = {}  # (key, session, flow, vm, spec) -> mark: apply asks per binding, twice
 
     # ------------------------------------------------------------ file
@@ -123,6 +123,8 @@ class Catalog:
                 if self._generation and head == GENERATION_HEAD + self._generation:
                     return self
                 f.seek(0)
+                # The old content goes before the new is read: never both in memory at once.
+                self.bindings, self._hooks, self._generation = {}, None, None
                 data = json.load(f)
         except FileNotFoundError:
             data = {}
@@ -224,15 +226,15 @@ class Catalog:
             self._changed, self._hooks = True, None
         return mark
 
-    def mirror_hooks(self) -> dict[tuple[int, str], dict[bytes, Binding]]:
-        """{(ifindex, hook): {mark: binding}} of the mirrors named here."""
+    def mirrors(self) -> dict[bytes, tuple[int, str, Binding]]:
+        """{mark: (device ifindex, hook, binding)} of the mirrors named here."""
         if self._hooks is None:
-            hooks: dict = {}
+            found: dict = {}
             for mark, data in self.bindings.items():
                 spec = dict(data["spec"])
                 if spec.get("type") == "mirror" and data.get("ifindex"):
-                    hooks.setdefault((data["ifindex"], spec["hook"]), {})[bytes.fromhex(mark)] = _from_dict(data)
-            self._hooks = hooks
+                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], _from_dict(data))
+            self._hooks = found
         return self._hooks
 
     def entries(self):

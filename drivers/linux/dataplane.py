@@ -74,10 +74,12 @@ Binding keys: "tc/[NETNS/]DEVICE/HOOK/SESSION/FLOW", "vxlan/[NETNS/]DEVICE", "gr
 "pcap/[NETNS/]DEVICE" (NETNS/ only when netns is set). The mark in the kernel
 is a digest of key+spec; the catalog (catalog.py, in state_dir) maps it back,
 so observe() returns exactly what plan returned, and a changed spec is a new
-mark (remove + apply). observe() reads one filter dump per (device, hook)
-vtap uses, down to the marks only (which mirrors are in place: a deleted
-filter's action outlives it until the kernel releases it), and one dump of
-mirred actions (counters and targets of those, and orphans the catalog lost).
+mark (remove + apply). A filter is added with a handle named by its mark
+(tcnl.handle_for), so observe() gets each of vtap's filters by handle, a
+window of gets per send, down to the mark only (which mirrors are in place: a
+deleted filter's action outlives it until the kernel releases it); a hook
+where a get does not show the mark is dumped whole. Then one dump of mirred
+actions (counters and targets of those, and orphans the catalog lost).
 A plan of a few devices gets them one by one; of many, one link and one qdisc dump.
 Between processes, apply/remove hold the catalog's flock exclusively and
 observe holds it shared. Marks name their state dir: two stores on one host
@@ -497,10 +499,20 @@ class TcDataplane:
                 return None
             raise
 
-    def _clsact_indexes(self, places: dict | None = None) -> set[int]:
-        """ifindexes of the devices that have a clsact qdisc (one dump, unless `places` has it already)."""
-        places = self._qdisc_places() if places is None else places
-        return {index for index, place in places.items() if (place["hook"] or {}).get("kind") == "clsact"}
+    def _clsact_indexes(self, kinds: dict | None = None) -> set[int]:
+        """ifindexes of the devices that have a clsact qdisc (one dump, unless `kinds` (_hook_kinds) has it already)."""
+        kinds = self._hook_kinds() if kinds is None else kinds
+        return {index for index, kind in kinds.items() if kind == "clsact"}
+
+    def _hook_kinds(self) -> dict[int, str | None]:
+        """{ifindex: kind of the qdisc at the clsact hook (clsact, ingress)} of every device that has one
+        (one qdisc dump, read down to the kind: observe needs no more)."""
+        kinds: dict[int, str | None] = {}
+        for data, start, end in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
+            index, parent, kind = tcnl.read_qdisc_kind(data, start, end)
+            if parent == tcnl.TC_H_CLSACT:
+                kinds[index] = kind
+        return kinds
 
     def _qdisc_places(self) -> dict[int, dict]:
         """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
@@ -569,6 +581,44 @@ class TcDataplane:
         """The marks of the filters on a device's hook (or root qdisc `parent`); one dump, read down to the marks only."""
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
+    def _mirrors_in_place(self, mirrors: dict, hook_kinds) -> list[tuple]:
+        """(ifindex, hook, parent, mark, binding) of the mirrors ({mark: (ifindex, hook, binding)}) the kernel holds.
+
+        vtap adds its filters at FILTER_PRIO with a handle named by the mark
+        (tcnl.handle_for): one get per filter, many per send, finds each. A hook
+        where a get does not (a filter moved to another priority, one added before
+        vtap chose handles, one gone) is dumped whole, as every hook once was,
+        unless hook_kinds() (_hook_kinds) shows no qdisc at it: nothing to dump.
+        """
+        def where(mark):
+            ifindex, hook, binding = mirrors[mark]
+            return ifindex, hook, binding.get("parent"), binding
+
+        def query(mark):
+            ifindex, hook, parent, _ = where(mark)
+            return tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent))
+
+        asked = list(mirrors)  # marks only: thousands of tuples besides would cost memory
+        found, unsure = [], set()
+        for index, reply in self.nl.gets(map(query, asked), RTM_GETTFILTER):
+            mark = asked[index]
+            ifindex, hook, parent, binding = where(mark)
+            if not isinstance(reply, NetlinkFailure) and tcnl.read_filter_mark(*reply) == mark:
+                found.append((ifindex, hook, parent, mark, binding))
+            else:
+                unsure.add((ifindex, hook, parent))
+        if not unsure:
+            return found
+        found = [entry for entry in found if entry[:3] not in unsure]  # the dump tells for the whole hook
+        for ifindex, hook, parent in unsure:
+            if parent is None and ifindex not in hook_kinds():
+                continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
+            for mark in self._filter_marks(ifindex, hook, parent):
+                wanted = mirrors.get(mark)
+                if wanted is not None and wanted[:2] == (ifindex, hook) and wanted[2].get("parent") == parent:
+                    found.append((ifindex, hook, parent, mark, wanted[2]))
+        return found
+
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
         try:
             return self.nl.dump(tcnl.filter_query(ifindex, hook, parent=_parent_number(parent)), RTM_GETTFILTER, DUMP)
@@ -614,61 +664,61 @@ class TcDataplane:
                 link = link_of(index)
                 return link["name"] if link is not None else None
 
-            hooks = catalog.mirror_hooks()
-            if vm is not None:
-                hooks = {place: wanted for place, wanted in hooks.items() if any(b.vm in (vm, None) for b in wanted.values())}
+            mirrors = catalog.mirrors()
+            if vm is not None:  # the hooks holding a mirror of that VM or of none, whole
+                theirs = {(ifindex, hook) for ifindex, hook, binding in mirrors.values() if binding.vm in (vm, None)}
+                mirrors = {mark: mirror for mark, mirror in mirrors.items() if mirror[:2] in theirs}
+            hooks = {(ifindex, hook) for ifindex, hook, _ in mirrors.values()}
             every_link = None
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
                 every_link = self._links()
                 links.update((link["index"], link) for link in every_link)
-            places = None
+            kinds = None
+
+            def hook_kinds():  # _hook_kinds(), read once and only if needed
+                nonlocal kinds
+                kinds = self._hook_kinds() if kinds is None else kinds
+                return kinds
+
             out = []
-            used = set()  # devices holding a vtap filter
-            in_place = []
-            for (ifindex, hook), wanted in hooks.items():
-                for parent in {b.get("parent") for b in wanted.values()}:
-                    for mark in self._filter_marks(ifindex, hook, parent):
-                        binding = wanted.get(mark)
-                        if binding is not None and binding.get("parent") == parent:
-                            in_place.append((ifindex, hook, parent, mark, binding))
-                            used.add(ifindex)
+            in_place = self._mirrors_in_place(mirrors, hook_kinds)
+            used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
             for ifindex, hook, parent, mark, binding in in_place:
                 if mark not in actions:
                     continue  # deleted since the filter dump
-                found = TcFilter(0, 0, mark, *actions[mark])
+                spec = dict(binding.spec)  # read by name below
+                to_index, packets, nbytes, refused = actions[mark]
                 # What the filter really mirrors: the target device may have gone or been
                 # recreated, the device renamed (names swapped): then the spec shows it.
-                actual = {"to": name_of(found.to_index) or "", "device": name_of(ifindex) or ""}
+                actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or ""}
                 if hook == "egress" and parent is None:
-                    places = self._qdisc_places() if places is None else places
-                    if (places.get(ifindex, {}).get("hook") or {}).get("kind") != "clsact":
+                    if hook_kinds().get(ifindex) != "clsact":
                         actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                if any(binding.get(name) != value for name, value in actual.items()):
-                    binding = _drifted(binding, found.mark, **actual)
+                if any(spec.get(name) != value for name, value in actual.items()):
+                    binding = _drifted(binding, mark, **actual)
                 # At ingress the kernel counts from the network header; count whole frames.
-                nbytes = found.bytes + (ETH_HLEN * found.packets if hook == "ingress" and parent is None else 0)
-                if (ifindex, found.to_index) not in healths:  # a device's two hooks mirror to one target
-                    healths[ifindex, found.to_index] = self._target_health(link_of(ifindex), link_of(found.to_index), underlays)
-                target = healths[ifindex, found.to_index]
-                counters = Counters(found.packets, nbytes, found.refused, target)
+                nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
+                if (ifindex, to_index) not in healths:  # a device's two hooks mirror to one target
+                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index), underlays)
+                counters = Counters(packets, nbytes, refused, healths[ifindex, to_index])
                 out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
             out.extend(self._observe_devices(catalog, every_link))
-            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, places))
+            out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, kinds))
             return out
 
-    def _unused_clsacts(self, catalog, used: set, among: set | None = None, places: dict | None = None) -> list[Binding]:
+    def _unused_clsacts(self, catalog, used: set, among: set | None = None, kinds: dict | None = None) -> list[Binding]:
         """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
 
         Only devices without a vtap filter are looked at (and only those `among`, when given),
-        so this costs nothing while mirrors are in place. places: _qdisc_places() if observe read it already.
+        so this costs nothing while mirrors are in place. kinds: _hook_kinds() if observe read it already.
         """
         candidates = {device: ifindex for device, ifindex in catalog.qdiscs.items() if ifindex not in used and (among is None or ifindex in among)}
         if not candidates:
             return []
-        present = self._clsact_indexes(places)
+        present = self._clsact_indexes(kinds)
         out = []
         for device, ifindex in sorted(candidates.items()):
             if ifindex in present and not any(self._filters(ifindex, hook) for hook in HOOKS):
@@ -889,10 +939,15 @@ class TcDataplane:
                 continue
             present[place].add(mark)
             program = self._program(binding)
-            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent))
+            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent), handle=tcnl.handle_for(mark))
             requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
+        taken = [i for i, failure in enumerate(failures) if failure is not None and failure.code == errno.EEXIST]
+        if taken:  # another filter of ours there has that handle (four bytes of two digests alike): the kernel picks one
+            again = self.nl.requests([(tcnl.without_handle(requests[i][0]), RTM_NEWTFILTER, CREATE) for i in taken])
+            for i, failure in zip(taken, again):
+                failures[i] = failure
         done.extend(b for b, failure in zip(pending, failures) if failure is None)
         for binding, failure in zip(pending, failures):
             if failure is not None:

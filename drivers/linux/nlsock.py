@@ -20,6 +20,7 @@ NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11
 NETLINK_CAP_ACK = 10
+NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_MULTI = 2
@@ -31,6 +32,8 @@ SEND_CHUNK = 64 * 1024
 RECEIVE_BUFFER = 8 << 20
 # Dump replies come in skbs of at most 32 KiB (the kernel sizes them by our reads, capped there).
 RECEIVE_SIZE = 64 * 1024
+# Gets asked for in one send (gets()): each answer holds a few KiB of the receive buffer until read.
+GET_WINDOW = 256
 
 
 class NetlinkFailure(Exception):
@@ -169,6 +172,31 @@ class RtnlSocket:
                     raise failure
                 return
             yield data, start, end
+
+    def gets(self, bodies, msg_type: int, window: int = GET_WINDOW):
+        """Many gets of one type, a window of requests per send: (index in bodies, (buffer, start, end) or
+        the NetlinkFailure) of each, as they come. Without NLM_F_ACK each request has one answer: its
+        reply or its error. (Dumps cannot be asked for so: the kernel runs one at a time per socket.)"""
+        bodies = enumerate(bodies)  # framed a window at a time: thousands of requests are never all in memory
+        while True:
+            waiting: dict[int, int] = {}  # sequence -> index in bodies
+            chunk = []
+            for index, body in itertools.islice(bodies, window):
+                sequence, data = self._frame(body, msg_type, NLM_F_REQUEST)
+                waiting[sequence] = index
+                chunk.append(data)
+            if not chunk:
+                return
+            self.sock.send(b"".join(chunk))
+            while waiting:
+                data = memoryview(self.sock.recv(RECEIVE_SIZE))
+                for reply_type, _flags, sequence, start, end in _messages(data):
+                    if sequence not in waiting:
+                        continue  # an ack left over from an earlier get
+                    if reply_type == NLMSG_ERROR:
+                        yield waiting.pop(sequence), _error(data, start, end) or NetlinkFailure(errno.EIO, "acknowledged without a reply")
+                    else:
+                        yield waiting.pop(sequence), (data, start, end)
 
     def get(self, body: bytes, msg_type: int, flags: int) -> tuple[memoryview, int, int]:
         """The one reply (buffer, start, end) to a get request, or raise NetlinkFailure."""

@@ -13,8 +13,10 @@ attributes vtap needs are decoded.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
+import sys
 
 from vtap_drivers.linux.nlsock import ATTR, NLA_TYPE_MASK, attributes, find, pick, string, u32, u64
 
@@ -64,6 +66,12 @@ def pack_ops(program) -> bytes:
     return b"".join(struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF) for code, jt, jf, k in program)
 
 
+@functools.lru_cache(maxsize=1024)
+def _bpf_ops(program) -> bytes:
+    """The TCA_BPF_OPS_LEN and TCA_BPF_OPS attributes of a program: thousands of filters share a few programs."""
+    return pack_attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(program))) + pack_attr(TCA_BPF_OPS, pack_ops(program))
+
+
 def pack_attr(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
@@ -81,10 +89,20 @@ def format_handle(handle: int) -> str:
     return f"{handle >> 16:x}:"
 
 
-def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes, parent: int | None = None) -> bytes:
+def handle_for(mark: bytes) -> int:
+    """The filter handle vtap asks for when it adds the filter of this mark (a u32 of its digest, never 0).
+
+    Knowing where its filter sits lets observe() get each one by handle (many
+    per send) instead of dumping every hook: a dump is a send and two reads.
+    """
+    return int.from_bytes(mark[-4:], "big") or 1
+
+
+def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifindex: int, cookie: bytes, parent: int | None = None, handle: int = 0) -> bytes:
     """RTM_NEWTFILTER body: bpf(program) -> mirred egress mirror to_ifindex, cookie, continue.
 
     parent: the hook's clsact parent, unless another qdisc is given (the handle of a root qdisc).
+    handle: the filter's handle (0: the kernel picks one).
     """
     parms = MIRRED_PARMS.pack(0, 0, TC_ACT_UNSPEC, 0, 0, TCA_EGRESS_MIRROR, to_ifindex)
     mirred = (
@@ -92,13 +110,14 @@ def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifinde
         + pack_attr(TCA_ACT_OPTIONS | NLA_F_NESTED, pack_attr(TCA_MIRRED_PARMS, parms))
         + pack_attr(TCA_ACT_COOKIE, cookie)
     )
-    options = (
-        pack_attr(TCA_BPF_ACT | NLA_F_NESTED, pack_attr(1 | NLA_F_NESTED, mirred))  # the first (and only) action
-        + pack_attr(TCA_BPF_OPS_LEN, struct.pack("=H", len(program)))
-        + pack_attr(TCA_BPF_OPS, pack_ops(program))
-    )
-    header = TCMSG.pack(0, 0, 0, ifindex, 0, parent or HOOK_PARENT[hook], filter_info(prio))
+    options = pack_attr(TCA_BPF_ACT | NLA_F_NESTED, pack_attr(1 | NLA_F_NESTED, mirred)) + _bpf_ops(tuple(program))  # the first (and only) action
+    header = TCMSG.pack(0, 0, 0, ifindex, handle, parent or HOOK_PARENT[hook], filter_info(prio))
     return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
+
+
+def without_handle(request: bytes) -> bytes:
+    """A mirror_filter_request() with handle 0: the kernel picks one."""
+    return request[:8] + b"\0\0\0\0" + request[12:]
 
 
 def mirred_dump_request() -> bytes:
@@ -123,7 +142,7 @@ def qdisc_query(ifindex: int, parent: int) -> bytes:
 
 
 def filter_query(ifindex: int, hook: str, prio: int = 0, handle: int = 0, parent: int | None = None) -> bytes:
-    """Body of a filter dump (prio 0) or of deleting one filter (prio and handle); parent as in mirror_filter_request."""
+    """Body of a filter dump (prio 0), or of getting or deleting one filter (prio and handle); parent as in mirror_filter_request."""
     parent = parent or HOOK_PARENT[hook]
     if not prio:
         return TCMSG.pack(0, 0, 0, ifindex, 0, parent, 0)
@@ -214,6 +233,13 @@ def read_qdisc_place(data, start: int, end: int) -> dict:
     return {"index": index, "handle": handle, "parent": parent, "kind": kind, "blocks": blocks}
 
 
+def read_qdisc_kind(data, start: int, end: int) -> tuple[int, int, str | None]:
+    """(ifindex, parent, kind) of a qdisc reply: read_qdisc_place() without the dict, for a dump of thousands."""
+    _family, _p1, _p2, index, _handle, parent, _info = TCMSG.unpack_from(data, start)
+    span = find(data, start + TCMSG.size, end, TCA_KIND)
+    return index, parent, sys.intern(string(data, span)) if span else None
+
+
 def read_action_cookies(data, start: int, end: int) -> list[bytes]:
     """Cookies of the mirred actions in one RTM_GETACTION dump reply."""
     found = attributes(data, start + TCAMSG_SIZE, end)
@@ -254,7 +280,7 @@ def read_link(data, start: int, end: int) -> dict:
         link["alias"] = string(data, found[IFLA_IFALIAS])
     info = attributes(data, *found[IFLA_LINKINFO]) if IFLA_LINKINFO in found else {}
     if IFLA_INFO_KIND in info:
-        link["kind"] = string(data, info[IFLA_INFO_KIND])
+        link["kind"] = sys.intern(string(data, info[IFLA_INFO_KIND]))  # one "veth" for thousands of links
     if link["kind"] == "vxlan" and IFLA_INFO_DATA in info:
         vx = attributes(data, *info[IFLA_INFO_DATA])
         remote = None
