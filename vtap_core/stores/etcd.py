@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import uuid
+from dataclasses import dataclass
 
 from vtap_core.errors import NotFound, ValidationError
 from vtap_core.model import TapFlow, TapSession
@@ -93,6 +94,18 @@ def _check_file(name: str, path) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class View:
+    """The desired state at one revision, as snapshot() hands it out (copies of the lists)."""
+
+    guard: int  # the generation's mod_revision
+    version: int | None  # the watch copy's version it was made from; None: read from etcd
+    sessions: list
+    flows: list
+    seen: dict  # key -> JSON value
+    objects: dict  # key -> (JSON value, TapSession or TapFlow)
+
+
 class EtcdStore(DesiredStore):
     shared = True
     def __init__(self, endpoints, prefix: str, driver: str, state: str | None = None, tls: bool = False,
@@ -127,6 +140,11 @@ class EtcdStore(DesiredStore):
         self._copy: dict | None = None
         self._copy_guard = 0
         self._copy_lock = threading.Lock()
+        self._copy_version = 0  # bumped whenever the copy changes: the view below is of one version
+        # The last snapshot as lists, kept while the desired state is unchanged (a change or reconcile
+        # over 10,000 flows must not parse, sort and compare all of them again): see _view_of().
+        self._view: View | None = None
+        self._pending_objects: dict = {}  # key -> (value, object) this transaction's replace_all() makes true
 
     @classmethod
     def from_url(cls, url, driver, state, settings):
@@ -191,6 +209,10 @@ class EtcdStore(DesiredStore):
         reply = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
         return int(reply["header"]["revision"]), reply.get("kvs", [])
 
+    def _range_key(self, key: str) -> tuple[int, list[dict]]:
+        reply = self._post("/kv/range", {"key": _b64(key)})
+        return int(reply["header"]["revision"]), reply.get("kvs", [])
+
     def _desired(self) -> str:
         return f"{self.prefix}/desired/{self.driver}/"
 
@@ -199,30 +221,53 @@ class EtcdStore(DesiredStore):
     def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
         """The whole desired state at one revision; remembered as the guard of the next transaction.
 
-        In an agent, the copy its store watch keeps (no request at all); else one range request.
+        In an agent, the copy its store watch keeps (no request at all); else one small request for
+        the generation, and the whole range only when it moved since the last snapshot.
         """
-        with self._copy_lock:
-            copy, guard = (dict(self._copy), self._copy_guard) if self._copy is not None else (None, 0)
-        if copy is None:
-            _, kvs = self._range(self._desired())
-            guard, copy = self._parse_all(kvs)
-        self._guard = guard
-        self._seen = {k: value for k, (value, _) in copy.items()}
-        objects = [copy[key][1] for key in sorted(copy)]
-        sessions = [o for o in objects if isinstance(o, TapSession)]
-        flows = sorted((o for o in objects if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
-        return sessions, flows
+        view = self._current_view()
+        self._guard = view.guard
+        self._seen = view.seen
+        return list(view.sessions), list(view.flows)
 
-    def _parse_all(self, kvs) -> tuple[int, dict]:
-        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/."""
-        guard, parsed = 0, {}
+    def _current_view(self) -> "View":
+        with self._copy_lock:
+            if self._copy is not None:
+                if self._view is None or self._view.version != self._copy_version:
+                    self._view = self._view_of(self._copy_guard, self._copy, self._copy_version)
+                return self._view
+        view = self._view
+        if view is not None and view.version is None:
+            _, kvs = self._range_key(self._desired() + "generation")
+            if kvs and int(kvs[0]["mod_revision"]) == view.guard:
+                return view  # nothing committed since: no need to read and parse every flow again
+        _, kvs = self._range(self._desired())
+        guard, copy = self._parse_all(kvs, view.objects if view is not None else {})
+        self._view = self._view_of(guard, copy, None)
+        return self._view
+
+    @staticmethod
+    def _view_of(guard: int, copy: dict, version: int | None) -> "View":
+        """copy: {key: (value, object)}, as _parse_all and the watch's copy hold it."""
+        objects = dict(copy)
+        ordered = [objects[key][1] for key in sorted(objects)]
+        sessions = [o for o in ordered if isinstance(o, TapSession)]
+        flows = sorted((o for o in ordered if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
+        return View(guard, version, sessions, flows, {key: value for key, (value, _) in objects.items()}, objects)
+
+    def _parse_all(self, kvs, known: dict | None = None) -> tuple[int, dict]:
+        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/.
+
+        known: {key: (value, object)} read before; an unchanged value is not parsed again.
+        """
+        guard, parsed, known = 0, {}, known or {}
         for kv in kvs:
             key = _unb64(kv["key"])
             if key == self._desired() + "generation":
                 guard = int(kv["mod_revision"])
             else:
                 value = _unb64(kv.get("value", ""))
-                parsed[key] = (value, self._parse(key, value))
+                before = known.get(key)
+                parsed[key] = before if before is not None and before[0] == value else (value, self._parse(key, value))
         return guard, parsed
 
     def _parse(self, key: str, value: str):
@@ -265,7 +310,7 @@ class EtcdStore(DesiredStore):
     def transaction(self):
         if self._guard is None:
             self.snapshot()
-        self._ops, self._pending_state = [], None
+        self._ops, self._pending_state, self._pending_objects = [], None, {}
         try:
             yield self
             self._commit(self._ops)
@@ -273,8 +318,17 @@ class EtcdStore(DesiredStore):
             self._ops = None
 
     def replace_all(self, sessions: list[TapSession], flows: list[TapFlow]):
-        wanted = {f"{self._desired()}sessions/{s.name}": json.dumps(s.to_dict(), sort_keys=True) for s in sessions}
-        wanted.update({f"{self._desired()}flows/{f.name}": json.dumps(f.to_dict(), sort_keys=True) for f in flows})
+        read = self._view.objects if self._view is not None and self._view.seen is self._seen else {}
+
+        def value(key, obj):
+            # The very object the snapshot read has the value it was read with: 10,000 flows, one of them new.
+            before = read.get(key)
+            return before[0] if before is not None and before[1] is obj else json.dumps(obj.to_dict(), sort_keys=True)
+
+        objects = {f"{self._desired()}sessions/{s.name}": s for s in sessions}
+        objects.update({f"{self._desired()}flows/{f.name}": f for f in flows})
+        wanted = {key: value(key, obj) for key, obj in objects.items()}
+        self._pending_objects = {key: (wanted[key], obj) for key, obj in objects.items()}
         ops = [{"request_delete_range": {"key": _b64(k)}} for k in self._seen if k not in wanted]
         ops += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in wanted.items() if self._seen.get(k) != v]
         ops.append({"request_put": {"key": _b64(self._desired() + "generation"), "value": _b64(uuid.uuid4().hex)}})
@@ -336,7 +390,10 @@ class EtcdStore(DesiredStore):
             raise Conflict("the desired state changed while this command ran")
         if guarded:
             self._guard = int(reply["header"]["revision"])
-            self._seen = self._pending_state
+            # What this transaction wrote is the desired state at that revision: the next snapshot
+            # here reads it back only if someone else commits in between.
+            self._view = self._view_of(self._guard, self._pending_objects, None)
+            self._seen = self._view.seen
 
     # hosts and watches ----------------------------------------------------
 
@@ -382,24 +439,27 @@ class EtcdStore(DesiredStore):
 
         revision = None
         delay = 0.5
+        known: dict = {}  # the copy dropped last, to parse again only what changed meanwhile
         try:
             while not stop.is_set():
                 try:
                     if revision is None:
                         revision, kvs = self._range(self._desired())
-                        guard, copy = self._parse_all(kvs)
+                        guard, copy = self._parse_all(kvs, known)  # a re-list parses only what changed
+                        known = {}
                         with self._copy_lock:
                             self._copy, self._copy_guard = copy, guard
+                            self._copy_version += 1
                         yield None  # read (again): the caller resyncs from the copy
                     changes, revision = self._watch_once(revision)
                     delay = 0.5
                     if changes is True:  # compacted: what happened since is lost; read it all again
-                        self._drop_copy()
+                        known = self._drop_copy()
                         revision = None
                     elif changes:
                         yield changes
                 except (StoreUnavailable, requests.RequestException, ValueError):
-                    self._drop_copy()
+                    known = self._drop_copy() or known
                     self._watching += 1  # the next member, as _post does for every other request
                     revision = None
                     stop.wait(delay)
@@ -407,15 +467,19 @@ class EtcdStore(DesiredStore):
         finally:
             self._drop_copy()
 
-    def _drop_copy(self):
+    def _drop_copy(self) -> dict:
+        """The copy dropped ({} if none): reads go to etcd until the watch has read everything again."""
         with self._copy_lock:
-            self._copy = None
+            copy, self._copy = self._copy, None
+            self._view = None
+        return copy or {}
 
     def _apply_events(self, events) -> list:
         """Bring the copy (if any) up to these watch events; the (old, new) sessions and flows they changed."""
         changes = []
         with self._copy_lock:
             copy = self._copy
+            self._copy_version += 1
             for event in events:
                 kv = event["kv"]
                 key = _unb64(kv["key"])
