@@ -1,0 +1,84 @@
+"""What one event costs an agent of a large fleet: a VM starting on its host plans that VM's flows,
+not every flow of the host, and its status report is of its own flows, not the fleet's.
+kvm against libvirt's test driver (a node file of its own), tc in a network namespace, etcd."""
+
+import os
+import subprocess
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: run scripts/setup --test")
+
+from vtap_core.client import Client
+
+IS_ROOT = os.geteuid() == 0
+
+
+def vm_uuid(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012d}"
+
+
+def domain_xml(i: int) -> str:
+    return (
+        f"<domain type='test'><name>w{i}</name><uuid>{vm_uuid(i)}</uuid><memory>65536</memory><os><type>hvm</type></os>"
+        f"<devices><interface type='bridge'><mac address='52:54:00:43:00:{i:02x}'/><source bridge='br0'/>"
+        f"<target dev='vm{i}'/></interface></devices></domain>"
+    )
+
+
+@pytest.fixture
+def host(etcd, netns, tmp_path):
+    """Host h1 running VMs w0..w2 (devices vm0..vm2 in its namespace, target mon0); an admin machine."""
+    if not IS_ROOT:
+        pytest.skip("needs root: tc in a network namespace")
+    from vtap_drivers.linux.dataplane import TcDataplane
+
+    batch = "".join(f"link add {d} type ifb\nlink set {d} up\n" for d in ("vm0", "vm1", "vm2", "mon0"))
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], input=batch, text=True, check=True)
+    node = tmp_path / "h1.xml"
+    node.write_text("<node>" + "".join(domain_xml(i) for i in range(3)) + "</node>")
+    url = etcd.url("vtap/work")
+    admin = Client(driver="kvm", state=str(tmp_path / "admin/state.db"), store=url, host="admin", uri="test:///default")
+    client = Client(driver="kvm", state=str(tmp_path / "h1/state.db"), store=url, host="h1", uri=f"test://{node}")
+    client.driver._tc = TcDataplane(netns=netns, state_dir=client.store.state_dir)
+    flows = [{"name": f"w{i}", "vm": vm_uuid(i), "direction": "in"} for i in range(3)]
+    flows.append({"name": "elsewhere", "vm": vm_uuid(99), "direction": "in"})  # a VM another host runs
+    admin.apply_document({"sessions": [{"name": "s", "to": "port:mon0", "flows": flows}]}, source="test")
+    try:
+        yield client, netns
+    finally:
+        client.store.snapshot()
+        with client.store.transaction():
+            client.store.replace_all([], [])
+        client.reconcile()
+        admin.close()
+        client.close()
+
+
+def filtered(netns: str) -> set:
+    """The VM devices with a tc filter on their egress (VM `in`), read back from the kernel."""
+    return {d for d in ("vm0", "vm1", "vm2") if subprocess.run(["tc", "-n", netns, "filter", "show", "dev", d, "egress"], capture_output=True, text=True).stdout.strip()}
+
+
+def test_a_reconcile_about_one_vm_plans_only_that_vms_flows_and_keeps_the_others(host):
+    client, netns = host
+    client.reconcile()
+    assert filtered(netns) == {"vm0", "vm1", "vm2"}
+    planned = []
+    plan = client.driver.plan
+    client.driver.plan = lambda sessions, flows: planned.append(sorted(f.name for f in flows)) or plan(sessions, flows)
+    subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "vm1", "clsact"], check=True)  # vm1's mirror lost
+    result = client.reconcile(vm_uuid(1))
+    assert planned == [["w1"]]  # not w0 and w2: nothing happened to them
+    assert len(result.add) >= 1 and not result.remove
+    assert filtered(netns) == {"vm0", "vm1", "vm2"}  # repaired, and the others left alone
+
+
+def test_an_agents_status_report_has_its_own_flows_only(host):
+    client, _ = host
+    client.reconcile()
+    everything = {r.flow: r for r in client.status()}
+    mine = {r.flow: r for r in client.status_here()}
+    assert everything["elsewhere"].state == "inactive" and "elsewhere" not in mine
+    assert sorted(mine) == ["w0", "w1", "w2"] and all(r.state == "active" for r in mine.values())
+    assert all(mine[f] == everything[f] for f in mine)
