@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import threading
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from vtap_core.stores import URL_FORMS, Conflict, DesiredStore, StoreUnavailable
 PREFIX_RULE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 ENDPOINT_RULE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 TIMEOUT = 5.0
+# Seconds the desired state's watch stream may stay silent before it is made again (a member that
+# went silent is noticed then). A stop cuts it at once: it need not be short for that.
+WATCH_IDLE = 10.0
 
 
 def _b64(text: str | bytes) -> str:
@@ -144,6 +148,7 @@ class EtcdStore(DesiredStore):
         # The last snapshot as lists, kept while the desired state is unchanged (a change or reconcile
         # over 10,000 flows must not parse, sort and compare all of them again): see _view_of().
         self._view: View | None = None
+        self._stream = None  # the socket of the desired state's watch stream being read (_cut_stream_on)
         self._pending_objects: dict = {}  # key -> (value, object) this transaction's replace_all() makes true
 
     @classmethod
@@ -440,6 +445,7 @@ class EtcdStore(DesiredStore):
         revision = None
         delay = 0.5
         known: dict = {}  # the copy dropped last, to parse again only what changed meanwhile
+        threading.Thread(target=self._cut_stream_on, args=(stop,), name="vtap-store-watch-stop", daemon=True).start()
         try:
             while not stop.is_set():
                 try:
@@ -451,7 +457,7 @@ class EtcdStore(DesiredStore):
                             self._copy, self._copy_guard = copy, guard
                             self._copy_version += 1
                         yield None  # read (again): the caller resyncs from the copy
-                    changes, revision = self._watch_once(revision)
+                    changes, revision = self._watch_once(revision, stop=stop)
                     delay = 0.5
                     if changes is True:  # compacted: what happened since is lost; read it all again
                         known = self._drop_copy()
@@ -466,6 +472,14 @@ class EtcdStore(DesiredStore):
                     delay = min(delay * 2, 10)
         finally:
             self._drop_copy()
+
+    def _cut_stream_on(self, stop) -> None:
+        """When stop is set, end the watch stream being read (its thread returns at once, not in WATCH_IDLE s)."""
+        stop.wait()
+        sock = self._stream
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _drop_copy(self) -> dict:
         """The copy dropped ({} if none): reads go to etcd until the watch has read everything again."""
@@ -500,10 +514,12 @@ class EtcdStore(DesiredStore):
                     changes.append((old and old[1], new and new[1]))
         return changes
 
-    def _watch_once(self, revision: int, key: str | None = None) -> tuple[list | bool, int]:
-        """([(old, new)] changed, the revision to resume after) from one short watch stream; True: compacted.
+    def _watch_once(self, revision: int, key: str | None = None, stop=None) -> tuple[list | bool, int]:
+        """([(old, new)] changed, the revision to resume after) from one watch stream; True: compacted.
 
-        With `key` (the election's), that one key is watched, the copy is left alone, and any event is True.
+        With `key` (the election's), that one key is watched, the copy is left alone, and any event is True;
+        its streams live a second, so that its caller notices a stop. With `stop` (the desired state's),
+        a stream lives until its first events or WATCH_IDLE silent seconds, and a stop cuts it.
         """
         import requests
         from etcd3gw import exceptions
@@ -520,7 +536,11 @@ class EtcdStore(DesiredStore):
             raise StoreUnavailable(f"etcd watch at {client.host}:{client.port}: {_error_text(exc)}") from None
         changed = False
         try:
-            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
+            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0 if stop is None else WATCH_IDLE)) as reply:
+                if stop is not None:
+                    self._stream = reply.raw.connection.sock if reply.raw.connection is not None else None
+                    if stop.is_set():  # set before the stream was there to cut
+                        return changed, revision
                 for line in reply.iter_lines():
                     message = json.loads(line) if line.strip() else {}
                     if "error" in message or reply.status_code != 200:
@@ -537,6 +557,12 @@ class EtcdStore(DesiredStore):
         except requests.exceptions.ConnectionError as exc:
             if "Read timed out" not in str(exc):
                 raise
+        except requests.exceptions.ChunkedEncodingError:
+            if stop is None or not stop.is_set():
+                raise  # (else cut by the stop: not a failure)
+        finally:
+            if stop is not None:
+                self._stream = None
         return changed, revision
 
     def report(self, host: str, rows: dict) -> None:
