@@ -435,8 +435,8 @@ class EtcdStore(DesiredStore):
         It keeps a copy of the desired state from one range and then the watch's events, which
         snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
         many flows the fleet has. It yields None once the copy is read (at the start and after
-        each failure or compaction). Each watch request lives about a second (so `stop` is noticed) and
-        starts where the last ended. When etcd is away the copy is dropped (reads fail as they would
+        each failure or compaction). One watch stream carries change after change until it has been
+        silent WATCH_IDLE seconds (a stop cuts it at once); the next starts where it ended. When etcd is away the copy is dropped (reads fail as they would
         without it), it tries again with backoff and yields None; when that revision was compacted,
         it lists everything again and yields None.
         """
@@ -457,13 +457,16 @@ class EtcdStore(DesiredStore):
                             self._copy, self._copy_guard = copy, guard
                             self._copy_version += 1
                         yield None  # read (again): the caller resyncs from the copy
-                    changes, revision = self._watch_once(revision, stop=stop)
-                    delay = 0.5
-                    if changes is True:  # compacted: what happened since is lost; read it all again
-                        known = self._drop_copy()
-                        revision = None
-                    elif changes:
-                        yield changes
+                    for changes, revision in self._watch_stream(revision, stop=stop):
+                        delay = 0.5
+                        if changes is True:  # compacted: what happened since is lost; read it all again
+                            known = self._drop_copy()
+                            revision = None
+                            break
+                        if changes:
+                            yield changes
+                    else:
+                        delay = 0.5  # silent for WATCH_IDLE seconds, or stopped: a stream that worked
                 except (StoreUnavailable, requests.RequestException, ValueError):
                     known = self._drop_copy() or known
                     self._watching += 1  # the next member, as _post does for every other request
@@ -514,12 +517,22 @@ class EtcdStore(DesiredStore):
                     changes.append((old and old[1], new and new[1]))
         return changes
 
-    def _watch_once(self, revision: int, key: str | None = None, stop=None) -> tuple[list | bool, int]:
-        """([(old, new)] changed, the revision to resume after) from one watch stream; True: compacted.
+    def _watch_once(self, revision: int, key: str | None = None) -> tuple[bool, int]:
+        """(whether `key` changed, the revision to resume after) from one watch stream of a second (the
+        election's: its caller notices a stop in between)."""
+        stream = self._watch_stream(revision, key)
+        try:
+            return next(stream, (False, revision))
+        finally:
+            stream.close()
+
+    def _watch_stream(self, revision: int, key: str | None = None, stop=None):
+        """Yields ([(old, new)] changed, the revision to resume after) for each batch of events of one
+        watch stream; (True, revision) and ends when that revision was compacted.
 
         With `key` (the election's), that one key is watched, the copy is left alone, and any event is True;
-        its streams live a second, so that its caller notices a stop. With `stop` (the desired state's),
-        a stream lives until its first events or WATCH_IDLE silent seconds, and a stop cuts it.
+        the stream lives a second. With `stop` (the desired state's), the stream lives until WATCH_IDLE
+        silent seconds (changes keep coming on it: no request per change), and a stop cuts it.
         """
         import requests
         from etcd3gw import exceptions
@@ -534,13 +547,12 @@ class EtcdStore(DesiredStore):
             self._authenticate(index, client)
         except exceptions.Etcd3Exception as exc:
             raise StoreUnavailable(f"etcd watch at {client.host}:{client.port}: {_error_text(exc)}") from None
-        changed = False
         try:
             with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0 if stop is None else WATCH_IDLE)) as reply:
                 if stop is not None:
                     self._stream = reply.raw.connection.sock if reply.raw.connection is not None else None
                     if stop.is_set():  # set before the stream was there to cut
-                        return changed, revision
+                        return
                 for line in reply.iter_lines():
                     message = json.loads(line) if line.strip() else {}
                     if "error" in message or reply.status_code != 200:
@@ -548,12 +560,11 @@ class EtcdStore(DesiredStore):
                         raise StoreUnavailable(f"etcd watch at {client.host}:{client.port} refused: {message.get('error', reply.status_code)}")
                     result = message.get("result", {})
                     if int(result.get("compact_revision", 0) or 0):
-                        return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                        yield True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                        return
                     if result.get("events"):
                         revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
-                        if key is not None:
-                            return True, revision
-                        return self._apply_events(result["events"]), revision
+                        yield (True if key is not None else self._apply_events(result["events"])), revision
         except requests.exceptions.ConnectionError as exc:
             if "Read timed out" not in str(exc):
                 raise
@@ -563,7 +574,6 @@ class EtcdStore(DesiredStore):
         finally:
             if stop is not None:
                 self._stream = None
-        return changed, revision
 
     def report(self, host: str, rows: dict) -> None:
         """Write the rows that differ from what this store last wrote, delete flows no longer reported."""
