@@ -436,9 +436,9 @@ class EtcdStore(DesiredStore):
         snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
         many flows the fleet has. It yields None once the copy is read (at the start and after
         each failure or compaction). One watch stream carries change after change until it has been
-        silent WATCH_IDLE seconds (a stop cuts it at once); the next starts where it ended. When etcd is away the copy is dropped (reads fail as they would
-        without it), it tries again with backoff and yields None; when that revision was compacted,
-        it lists everything again and yields None.
+        silent WATCH_IDLE seconds (a stop cuts it at once); the next starts where it ended. When etcd
+        is away the copy is dropped (reads fail as they would without it), it tries again with backoff
+        and yields None; when that revision was compacted, it lists everything again and yields None.
         """
         import requests
 
