@@ -4,6 +4,8 @@ kvm against libvirt's test driver (a node file of its own), tc in a network name
 
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -55,9 +57,9 @@ def host(etcd, netns, tmp_path):
         client.close()
 
 
-def filtered(netns: str) -> set:
+def filtered(netns: str, devices=("vm0", "vm1", "vm2")) -> set:
     """The VM devices with a tc filter on their egress (VM `in`), read back from the kernel."""
-    return {d for d in ("vm0", "vm1", "vm2") if subprocess.run(["tc", "-n", netns, "filter", "show", "dev", d, "egress"], capture_output=True, text=True).stdout.strip()}
+    return {d for d in devices if subprocess.run(["tc", "-n", netns, "filter", "show", "dev", d, "egress"], capture_output=True, text=True).stdout.strip()}
 
 
 def test_a_reconcile_about_one_vm_plans_only_that_vms_flows_and_keeps_the_others(host):
@@ -82,3 +84,50 @@ def test_an_agents_status_report_has_its_own_flows_only(host):
     assert everything["elsewhere"].state == "inactive" and "elsewhere" not in mine
     assert sorted(mine) == ["w0", "w1", "w2"] and all(r.state == "active" for r in mine.values())
     assert all(mine[f] == everything[f] for f in mine)
+
+
+def test_an_agent_taps_a_vm_started_on_its_host_at_once_without_a_resync(etcd, netns, tmp_path):
+    """The VM's start event is the agent's cue: its flow (desired long before) is realized in seconds,
+    not at the next resync (300 s here)."""
+    if not IS_ROOT:
+        pytest.skip("needs root: tc in a network namespace")
+    from vtap_core.agent import Agent
+    from vtap_drivers.kvm.connection import start_event_loop
+    from vtap_drivers.linux.dataplane import TcDataplane
+
+    start_event_loop()
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], input="link add vm7 type ifb\nlink set vm7 up\nlink add mon0 type ifb\nlink set mon0 up\n", text=True, check=True)
+    url = etcd.url("vtap/start")
+    uri = "test:///default"  # one in-process test driver: the agent's connections and ours see the same domains
+    admin = Client(driver="kvm", state=str(tmp_path / "admin/state.db"), store=url, host="admin", uri=uri)
+    admin.apply_document({"sessions": [{"name": "s", "to": "port:mon0", "flows": [{"name": "w7", "vm": vm_uuid(7), "direction": "in"}]}]}, source="test")
+    client = Client(driver="kvm", state=str(tmp_path / "h1/state.db"), store=url, host="h1", uri=uri)
+    client.driver._tc = TcDataplane(netns=netns, state_dir=client.store.state_dir)
+    agent = Agent(client, "h1", interval=300, ttl=5)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    conn = libvirt.open(uri)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while agent.follower.resyncs < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.follower.resyncs == 1 and filtered(netns, ["vm7"]) == set()  # the VM is not running yet
+        time.sleep(1)
+        conn.createXML(domain_xml(7), 0)
+        started = time.monotonic()
+        while not filtered(netns, ["vm7"]) and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert filtered(netns, ["vm7"]) == {"vm7"}, "the started VM's flow was not realized within 10 s"
+        assert agent.follower.resyncs == 1  # by its start event, not a resync
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        try:
+            conn.lookupByUUIDString(vm_uuid(7)).destroy()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
+        admin.close()
+        client.close()
+
