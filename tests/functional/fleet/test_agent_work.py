@@ -76,6 +76,31 @@ def test_a_reconcile_about_one_vm_plans_only_that_vms_flows_and_keeps_the_others
     assert filtered(netns) == {"vm0", "vm1", "vm2"}  # repaired, and the others left alone
 
 
+def test_a_reconcile_about_one_vm_reads_no_other_vm_while_events_flow(host):
+    """Which VMs run here is known from the last full read and the events since: a VM's start on a
+    host of a hundred VMs must not make its agent read the hundred again (the follower's event watch runs)."""
+    client, netns = host
+    stop = threading.Event()
+    watcher = threading.Thread(target=lambda: [None for _ in client.driver.watch(stop)], daemon=True)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not client.driver.libvirt.listening and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.reconcile()  # a resync: the full read
+        full_reads = []
+        read_all = client.driver._read_all
+        client.driver._read_all = lambda conn: full_reads.append(1) or read_all(conn)
+        subprocess.run(["tc", "-n", netns, "qdisc", "del", "dev", "vm1", "clsact"], check=True)
+        client.driver._memo = None  # (as after an event: the reuse time of the last read is not what is tested)
+        client.reconcile(vm_uuid(1))
+        assert full_reads == []
+        assert filtered(netns) == {"vm0", "vm1", "vm2"}  # and it did its job
+    finally:
+        stop.set()
+        watcher.join(5)
+
+
 def test_an_agents_status_report_has_its_own_flows_only(host):
     client, _ = host
     client.reconcile()
