@@ -251,7 +251,7 @@ class KvmDriver(Driver):
         """The host device copies go to: a port name, a monitoring VM's vnetN, None for tunnels/pcap, False if that VM is down."""
         target = session.target
         if target.kind == "port":
-            if session.backend != "ovs" and target.port not in self.tc.devices():
+            if session.backend != "ovs" and self.tc.ifindex(target.port) is None:  # one look-up, not a dump of every device: plans run per event
                 raise NotFound(f"target: interface {target.port} does not exist on this host")
             return target.port
         if target.kind != "vm":

@@ -156,3 +156,14 @@ def test_an_agent_taps_a_vm_started_on_its_host_at_once_without_a_resync(etcd, n
         admin.close()
         client.close()
 
+
+
+def test_a_port_target_is_looked_up_on_this_host(host):
+    """(Checked with one look-up per plan, not a dump of the host's every device.)"""
+    from vtap_core.errors import NotFound
+    from vtap_core.model import TapSession, Target
+
+    client, _ = host
+    assert client.driver.plan([TapSession("t", Target.parse("port:mon0"))], []) is not None
+    with pytest.raises(NotFound, match="interface nope does not exist on this host"):
+        client.driver.plan([TapSession("t", Target.parse("port:nope"))], [])
