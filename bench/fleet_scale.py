@@ -341,6 +341,7 @@ def run(args, env, work, port, namespaces, rss_ns, rss_endpoint) -> int:
 
     result = {
         **env,
+        "loadavg_at_end": os.getloadavg(),  # other work on the machine shares its cores: say how much
         "hosts_simulated_as": "Agent objects in one process, each with its own etcd client, state dir, libvirt test:/// connection and network namespace",
         "hosts": hosts, "vms_per_host": vms, "flows": len(flows) + changes,
         "agent_interval_s": 300, "agent_counters_every_s": 60,
@@ -361,7 +362,7 @@ def run(args, env, work, port, namespaces, rss_ns, rss_endpoint) -> int:
         json.dump(result, f, indent=2, sort_keys=True)
     lines = [
         f"vtap fleet: {hosts} hosts x {vms} VMs = {hosts * vms} VMs, one flow each, one etcd ({result['date']}, commit {result['commit']}, "
-        f"{result['cpus']} CPUs, load at start {result['loadavg_at_start'][0]:.1f})",
+        f"{result['cpus']} CPUs, load at start {result['loadavg_at_start'][0]:.1f}, at the end {result['loadavg_at_end'][0]:.1f})",
         "hosts: Agent objects sharing this process (own etcd client, state dir, libvirt test:/// connection, network namespace);",
         f"       resync every 300 s, counters every 60 s ({hosts} hosts on {result['cpus']} cores)",
         f"apply {len(flows)} flows (one txn)    {apply_s:6.2f} s",

@@ -138,7 +138,7 @@ class Agent:
             if stop.is_set():
                 return
             try:
-                rows = {r.flow: r.to_dict() for r in self.client.status() if r.state != "inactive" or r.problem}
+                rows = {r.flow: r.to_dict() for r in self.client.status_here() if r.state != "inactive" or r.problem}
             except Exception:
                 continue  # the heartbeat says when the store is away
             now = time.monotonic()

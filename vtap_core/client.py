@@ -266,9 +266,35 @@ class Client:
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
             with paused_gc():  # as in status()
-                plan = reconcile.reconcile(self.driver, *self._here(sessions, flows), scope)
+                with self._focused(scope):  # which VMs run here: only the one the events named is read again
+                    here_sessions, here_flows = self._here(sessions, flows)
+                plan = reconcile.reconcile(self.driver, here_sessions, self._about(scope, here_flows), scope)
             self._record_membership(plan.members, flows)
             return plan
+
+    @contextlib.contextmanager
+    def _focused(self, scope: str | None):
+        """The driver's reads while this runs are about one VM (drivers with focus(); see reconcile.reconcile)."""
+        focus = getattr(self.driver, "focus", None)
+        if scope is None or focus is None:
+            yield
+            return
+        focus(scope)
+        try:
+            yield
+        finally:
+            focus(None)
+
+    def _about(self, scope: str | None, flows: list) -> list:
+        """The flows a reconcile about one VM plans: that VM's, and every selector or interface flow.
+
+        Only for drivers that plan each flow on its own (those with focus(), see reconcile.reconcile),
+        and where the last _here() knows this host's VMs: a VM that starts on a host of a hundred
+        plans its own flows, not the hundred of the others (diff() would not look at them).
+        """
+        if scope is None or self.vms_here is None or getattr(self.driver, "focus", None) is None:
+            return flows
+        return [f for f in flows if not f.source.vm or self.vms_here.get(f.source.vm) == scope]
 
     def flow_members(self, name: str) -> list[selectors.Member]:
         """Who a selector flow taps now and why (`vtap flow show`)."""
@@ -286,7 +312,15 @@ class Client:
         with paused_gc():  # desired and observed bindings of every flow: many objects, no cycles
             return self._status()
 
-    def _status(self) -> list[FlowStatus]:
+    def status_here(self) -> list[FlowStatus]:
+        """status() without the rows of flows only other hosts realize (inactive here): what an agent reports.
+
+        A fleet's 10,000 flows are 100 here: the others' rows cost an agent most of its time.
+        """
+        with paused_gc():
+            return self._status(here_only=True)
+
+    def _status(self, here_only: bool = False) -> list[FlowStatus]:
         sessions = {s.name: s for s in self.store.sessions()}
         flows = self.store.flows()
         problems: list = []
@@ -308,6 +342,8 @@ class Client:
         for binding in observed.values():
             if binding.key not in wanted:
                 orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
+        if here_only:
+            flows = [f for f in flows if f.name in mine or not sessions[f.session].enabled]
         for flow in flows:
             session = sessions[flow.session]
             # The session's own target bindings (a pcap sink) count what was lost for all its flows.

@@ -55,6 +55,7 @@ class KvmDriver(Driver):
         self._known = None  # (event subscription, host, {uuid: VM}): the last full read, kept by events
         self._changed: set = set()  # domains with an event since: read again before _known is used
         self._changes = threading.Lock()  # watch() adds to _changed while a reconcile reads it
+        self._events = 0  # events seen by watch(): a read that one crossed is not kept for the next reconcile
         self._reading = threading.Lock()  # one read at a time: a full read and a re-read must not cross (an agent's status runs beside its follower)
         self._kernel_kinds = None  # {device: IFLA_INFO_KIND}, read once per plan when a NIC's libvirt type leaves its kind open
 
@@ -96,6 +97,7 @@ class KvmDriver(Driver):
         with self._reading:
             with self._changes:
                 changed, self._changed = self._changed, set()
+                events = self._events
             known = self._known
             try:
                 full = not (self._focused() is not None and known is not None and known[0] == self.libvirt.listening != 0)
@@ -108,7 +110,11 @@ class KvmDriver(Driver):
                 with self._changes:
                     self._changed |= changed  # not read: still to be read
                 raise
-            self._memo = (time.monotonic(), vms, full)
+            with self._changes:
+                if self._events == events:
+                    # (else a VM started during this read: the reconcile that event causes must see it,
+                    # not this read, which an agent's status report may have begun before it started)
+                    self._memo = (time.monotonic(), vms, full)
             return vms
 
     def _read_all(self, conn) -> list[VM]:
@@ -245,7 +251,7 @@ class KvmDriver(Driver):
         """The host device copies go to: a port name, a monitoring VM's vnetN, None for tunnels/pcap, False if that VM is down."""
         target = session.target
         if target.kind == "port":
-            if session.backend != "ovs" and target.port not in self.tc.devices():
+            if session.backend != "ovs" and self.tc.ifindex(target.port) is None:  # one look-up, not a dump of every device: plans run per event
                 raise NotFound(f"target: interface {target.port} does not exist on this host")
             return target.port
         if target.kind != "vm":
@@ -367,9 +373,10 @@ class KvmDriver(Driver):
 
     def watch(self, stop: threading.Event):
         for hint in self.libvirt.watch(stop):
-            self._memo = None  # something changed: the reconcile it causes must read it
-            if hint is not None:
-                with self._changes:
+            with self._changes:
+                self._events += 1
+                self._memo = None  # something changed: the reconcile it causes must read it
+                if hint is not None:
                     self._changed.add(hint)
             yield hint
 

@@ -26,8 +26,10 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import threading
 import uuid
+from dataclasses import dataclass
 
 from vtap_core.errors import NotFound, ValidationError
 from vtap_core.model import TapFlow, TapSession
@@ -38,6 +40,9 @@ from vtap_core.stores import URL_FORMS, Conflict, DesiredStore, StoreUnavailable
 PREFIX_RULE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 ENDPOINT_RULE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 TIMEOUT = 5.0
+# Seconds the desired state's watch stream may stay silent before it is made again (a member that
+# went silent is noticed then). A stop cuts it at once: it need not be short for that.
+WATCH_IDLE = 10.0
 
 
 def _b64(text: str | bytes) -> str:
@@ -93,6 +98,18 @@ def _check_file(name: str, path) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class View:
+    """The desired state at one revision, as snapshot() hands it out (copies of the lists)."""
+
+    guard: int  # the generation's mod_revision
+    version: int | None  # the watch copy's version it was made from; None: read from etcd
+    sessions: list
+    flows: list
+    seen: dict  # key -> JSON value
+    objects: dict  # key -> (JSON value, TapSession or TapFlow)
+
+
 class EtcdStore(DesiredStore):
     shared = True
     def __init__(self, endpoints, prefix: str, driver: str, state: str | None = None, tls: bool = False,
@@ -127,6 +144,12 @@ class EtcdStore(DesiredStore):
         self._copy: dict | None = None
         self._copy_guard = 0
         self._copy_lock = threading.Lock()
+        self._copy_version = 0  # bumped whenever the copy changes: the view below is of one version
+        # The last snapshot as lists, kept while the desired state is unchanged (a change or reconcile
+        # over 10,000 flows must not parse, sort and compare all of them again): see _view_of().
+        self._view: View | None = None
+        self._stream = None  # the socket of the desired state's watch stream being read (_cut_stream_on)
+        self._pending_objects: dict = {}  # key -> (value, object) this transaction's replace_all() makes true
 
     @classmethod
     def from_url(cls, url, driver, state, settings):
@@ -191,6 +214,10 @@ class EtcdStore(DesiredStore):
         reply = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
         return int(reply["header"]["revision"]), reply.get("kvs", [])
 
+    def _range_key(self, key: str) -> tuple[int, list[dict]]:
+        reply = self._post("/kv/range", {"key": _b64(key)})
+        return int(reply["header"]["revision"]), reply.get("kvs", [])
+
     def _desired(self) -> str:
         return f"{self.prefix}/desired/{self.driver}/"
 
@@ -199,30 +226,53 @@ class EtcdStore(DesiredStore):
     def snapshot(self) -> tuple[list[TapSession], list[TapFlow]]:
         """The whole desired state at one revision; remembered as the guard of the next transaction.
 
-        In an agent, the copy its store watch keeps (no request at all); else one range request.
+        In an agent, the copy its store watch keeps (no request at all); else one small request for
+        the generation, and the whole range only when it moved since the last snapshot.
         """
-        with self._copy_lock:
-            copy, guard = (dict(self._copy), self._copy_guard) if self._copy is not None else (None, 0)
-        if copy is None:
-            _, kvs = self._range(self._desired())
-            guard, copy = self._parse_all(kvs)
-        self._guard = guard
-        self._seen = {k: value for k, (value, _) in copy.items()}
-        objects = [copy[key][1] for key in sorted(copy)]
-        sessions = [o for o in objects if isinstance(o, TapSession)]
-        flows = sorted((o for o in objects if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
-        return sessions, flows
+        view = self._current_view()
+        self._guard = view.guard
+        self._seen = view.seen
+        return list(view.sessions), list(view.flows)
 
-    def _parse_all(self, kvs) -> tuple[int, dict]:
-        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/."""
-        guard, parsed = 0, {}
+    def _current_view(self) -> "View":
+        with self._copy_lock:
+            if self._copy is not None:
+                if self._view is None or self._view.version != self._copy_version:
+                    self._view = self._view_of(self._copy_guard, self._copy, self._copy_version)
+                return self._view
+        view = self._view
+        if view is not None and view.version is None:
+            _, kvs = self._range_key(self._desired() + "generation")
+            if kvs and int(kvs[0]["mod_revision"]) == view.guard:
+                return view  # nothing committed since: no need to read and parse every flow again
+        _, kvs = self._range(self._desired())
+        guard, copy = self._parse_all(kvs, view.objects if view is not None else {})
+        self._view = self._view_of(guard, copy, None)
+        return self._view
+
+    @staticmethod
+    def _view_of(guard: int, copy: dict, version: int | None) -> "View":
+        """copy: {key: (value, object)}, as _parse_all and the watch's copy hold it."""
+        objects = dict(copy)
+        ordered = [objects[key][1] for key in sorted(objects)]
+        sessions = [o for o in ordered if isinstance(o, TapSession)]
+        flows = sorted((o for o in ordered if isinstance(o, TapFlow)), key=lambda f: (f.session, f.name))
+        return View(guard, version, sessions, flows, {key: value for key, (value, _) in objects.items()}, objects)
+
+    def _parse_all(self, kvs, known: dict | None = None) -> tuple[int, dict]:
+        """(the generation's mod_revision, {key: (value, model object)}) of a range of desired/DRIVER/.
+
+        known: {key: (value, object)} read before; an unchanged value is not parsed again.
+        """
+        guard, parsed, known = 0, {}, known or {}
         for kv in kvs:
             key = _unb64(kv["key"])
             if key == self._desired() + "generation":
                 guard = int(kv["mod_revision"])
             else:
                 value = _unb64(kv.get("value", ""))
-                parsed[key] = (value, self._parse(key, value))
+                before = known.get(key)
+                parsed[key] = before if before is not None and before[0] == value else (value, self._parse(key, value))
         return guard, parsed
 
     def _parse(self, key: str, value: str):
@@ -268,7 +318,7 @@ class EtcdStore(DesiredStore):
     def transaction(self):
         if self._guard is None:
             self.snapshot()
-        self._ops, self._pending_state = [], None
+        self._ops, self._pending_state, self._pending_objects = [], None, {}
         try:
             yield self
             self._commit(self._ops)
@@ -276,8 +326,17 @@ class EtcdStore(DesiredStore):
             self._ops = None
 
     def replace_all(self, sessions: list[TapSession], flows: list[TapFlow]):
-        wanted = {f"{self._desired()}sessions/{s.name}": json.dumps(s.to_dict(), sort_keys=True) for s in sessions}
-        wanted.update({f"{self._desired()}flows/{f.name}": json.dumps(f.to_dict(), sort_keys=True) for f in flows})
+        read = self._view.objects if self._view is not None and self._view.seen is self._seen else {}
+
+        def value(key, obj):
+            # The very object the snapshot read has the value it was read with: 10,000 flows, one of them new.
+            before = read.get(key)
+            return before[0] if before is not None and before[1] is obj else json.dumps(obj.to_dict(), sort_keys=True)
+
+        objects = {f"{self._desired()}sessions/{s.name}": s for s in sessions}
+        objects.update({f"{self._desired()}flows/{f.name}": f for f in flows})
+        wanted = {key: value(key, obj) for key, obj in objects.items()}
+        self._pending_objects = {key: (wanted[key], obj) for key, obj in objects.items()}
         ops = [{"request_delete_range": {"key": _b64(k)}} for k in self._seen if k not in wanted]
         ops += [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in wanted.items() if self._seen.get(k) != v]
         ops.append({"request_put": {"key": _b64(self._desired() + "generation"), "value": _b64(uuid.uuid4().hex)}})
@@ -339,7 +398,10 @@ class EtcdStore(DesiredStore):
             raise Conflict("the desired state changed while this command ran")
         if guarded:
             self._guard = int(reply["header"]["revision"])
-            self._seen = self._pending_state
+            # What this transaction wrote is the desired state at that revision: the next snapshot
+            # here reads it back only if someone else commits in between.
+            self._view = self._view_of(self._guard, self._pending_objects, None)
+            self._seen = self._view.seen
 
     # hosts and watches ----------------------------------------------------
 
@@ -376,33 +438,40 @@ class EtcdStore(DesiredStore):
         It keeps a copy of the desired state from one range and then the watch's events, which
         snapshot() reads while it runs: a change costs an agent no request beyond its watch, however
         many flows the fleet has. It yields None once the copy is read (at the start and after
-        each failure or compaction). Each watch request lives about a second (so `stop` is noticed) and
-        starts where the last ended. When etcd is away the copy is dropped (reads fail as they would
-        without it), it tries again with backoff and yields None; when that revision was compacted,
-        it lists everything again and yields None.
+        each failure or compaction). One watch stream carries change after change until it has been
+        silent WATCH_IDLE seconds (a stop cuts it at once); the next starts where it ended. When etcd
+        is away the copy is dropped (reads fail as they would without it), it tries again with backoff
+        and yields None; when that revision was compacted, it lists everything again and yields None.
         """
         import requests
 
         revision = None
         delay = 0.5
+        known: dict = {}  # the copy dropped last, to parse again only what changed meanwhile
+        threading.Thread(target=self._cut_stream_on, args=(stop,), name="vtap-store-watch-stop", daemon=True).start()
         try:
             while not stop.is_set():
                 try:
                     if revision is None:
                         revision, kvs = self._range(self._desired())
-                        guard, copy = self._parse_all(kvs)
+                        guard, copy = self._parse_all(kvs, known)  # a re-list parses only what changed
+                        known = {}
                         with self._copy_lock:
                             self._copy, self._copy_guard = copy, guard
+                            self._copy_version += 1
                         yield None  # read (again): the caller resyncs from the copy
-                    changes, revision = self._watch_once(revision)
-                    delay = 0.5
-                    if changes is True:  # compacted: what happened since is lost; read it all again
-                        self._drop_copy()
-                        revision = None
-                    elif changes:
-                        yield changes
+                    for changes, revision in self._watch_stream(revision, stop=stop):
+                        delay = 0.5
+                        if changes is True:  # compacted: what happened since is lost; read it all again
+                            known = self._drop_copy()
+                            revision = None
+                            break
+                        if changes:
+                            yield changes
+                    else:
+                        delay = 0.5  # silent for WATCH_IDLE seconds, or stopped: a stream that worked
                 except (StoreUnavailable, requests.RequestException, ValueError):
-                    self._drop_copy()
+                    known = self._drop_copy() or known
                     self._watching += 1  # the next member, as _post does for every other request
                     revision = None
                     stop.wait(delay)
@@ -410,15 +479,27 @@ class EtcdStore(DesiredStore):
         finally:
             self._drop_copy()
 
-    def _drop_copy(self):
+    def _cut_stream_on(self, stop) -> None:
+        """When stop is set, end the watch stream being read (its thread returns at once, not in WATCH_IDLE s)."""
+        stop.wait()
+        sock = self._stream
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _drop_copy(self) -> dict:
+        """The copy dropped ({} if none): reads go to etcd until the watch has read everything again."""
         with self._copy_lock:
-            self._copy = None
+            copy, self._copy = self._copy, None
+            self._view = None
+        return copy or {}
 
     def _apply_events(self, events) -> list:
         """Bring the copy (if any) up to these watch events; the (old, new) sessions and flows they changed."""
         changes = []
         with self._copy_lock:
             copy = self._copy
+            self._copy_version += 1
             for event in events:
                 kv = event["kv"]
                 key = _unb64(kv["key"])
@@ -439,10 +520,22 @@ class EtcdStore(DesiredStore):
                     changes.append((old and old[1], new and new[1]))
         return changes
 
-    def _watch_once(self, revision: int, key: str | None = None) -> tuple[list | bool, int]:
-        """([(old, new)] changed, the revision to resume after) from one short watch stream; True: compacted.
+    def _watch_once(self, revision: int, key: str | None = None) -> tuple[bool, int]:
+        """(whether `key` changed, the revision to resume after) from one watch stream of a second (the
+        election's: its caller notices a stop in between)."""
+        stream = self._watch_stream(revision, key)
+        try:
+            return next(stream, (False, revision))
+        finally:
+            stream.close()
 
-        With `key` (the election's), that one key is watched, the copy is left alone, and any event is True.
+    def _watch_stream(self, revision: int, key: str | None = None, stop=None):
+        """Yields ([(old, new)] changed, the revision to resume after) for each batch of events of one
+        watch stream; (True, revision) and ends when that revision was compacted.
+
+        With `key` (the election's), that one key is watched, the copy is left alone, and any event is True;
+        the stream lives a second. With `stop` (the desired state's), the stream lives until WATCH_IDLE
+        silent seconds (changes keep coming on it: no request per change), and a stop cuts it.
         """
         import requests
         from etcd3gw import exceptions
@@ -457,9 +550,12 @@ class EtcdStore(DesiredStore):
             self._authenticate(index, client)
         except exceptions.Etcd3Exception as exc:
             raise StoreUnavailable(f"etcd watch at {client.host}:{client.port}: {_error_text(exc)}") from None
-        changed = False
         try:
-            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0)) as reply:
+            with client.session.post(client.get_url("/watch"), json=request, stream=True, timeout=(TIMEOUT, 1.0 if stop is None else WATCH_IDLE)) as reply:
+                if stop is not None:
+                    self._stream = reply.raw.connection.sock if reply.raw.connection is not None else None
+                    if stop.is_set():  # set before the stream was there to cut
+                        return
                 for line in reply.iter_lines():
                     message = json.loads(line) if line.strip() else {}
                     if "error" in message or reply.status_code != 200:
@@ -467,16 +563,20 @@ class EtcdStore(DesiredStore):
                         raise StoreUnavailable(f"etcd watch at {client.host}:{client.port} refused: {message.get('error', reply.status_code)}")
                     result = message.get("result", {})
                     if int(result.get("compact_revision", 0) or 0):
-                        return True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                        yield True, int(result["compact_revision"]) - 1  # compacted: re-list, watch from there
+                        return
                     if result.get("events"):
                         revision = max(int(e["kv"]["mod_revision"]) for e in result["events"])
-                        if key is not None:
-                            return True, revision
-                        return self._apply_events(result["events"]), revision
+                        yield (True if key is not None else self._apply_events(result["events"])), revision
         except requests.exceptions.ConnectionError as exc:
             if "Read timed out" not in str(exc):
                 raise
-        return changed, revision
+        except requests.exceptions.ChunkedEncodingError:
+            if stop is None or not stop.is_set():
+                raise  # (else cut by the stop: not a failure)
+        finally:
+            if stop is not None:
+                self._stream = None
 
     def report(self, host: str, rows: dict) -> None:
         """Write the rows that differ from what this store last wrote, delete flows no longer reported."""

@@ -115,3 +115,42 @@ def test_an_agent_reconciles_only_for_changes_it_realizes(etcd, netns, tmp_path)
         admin.delete_session("web")
         admin.close()
         client.close()
+
+
+def test_a_change_reads_the_whole_desired_state_only_when_another_writer_moved_it(etcd, tmp_path, monkeypatch):
+    """An admin's second change over many flows costs one small request (the generation), not a
+    range of every flow parsed again; after another writer's change it re-reads, parsing only what changed."""
+    url = etcd.url("vtap/view")
+    admin, other = open_store(url, "linux", str(tmp_path / "a.db")), open_store(url, "linux", str(tmp_path / "o.db"))
+    web = TapSession("web", "vxlan://192.0.2.1?vni=5")
+    flows = [TapFlow(f"f{i:03d}", "web", Source(interface=f"eth{i}"), host="host-a") for i in range(100)]
+    admin.snapshot()
+    with admin.transaction():
+        admin.replace_all([web], flows)
+    parsed = []
+    from_dict = TapFlow.from_dict
+    monkeypatch.setattr(TapFlow, "from_dict", staticmethod(lambda data: parsed.append(data["name"]) or from_dict(data)))
+    counts, payloads = counting(admin), []
+    post = admin._post
+    admin._post = lambda path, payload: payloads.append(payload) or post(path, payload)
+    assert admin.snapshot() == ([web], flows)
+    assert counts == {"/kv/range": 1} and "range_end" not in payloads[0]  # the generation key alone
+    added = TapFlow("new", "web", Source(interface="eth9"), host="host-a")
+    with admin.transaction():
+        admin.replace_all([web], flows + [added])
+    assert admin.snapshot()[1] == sorted(flows + [added], key=lambda f: f.name) and parsed == []
+    other.snapshot()
+    with other.transaction():
+        other.replace_all([web], flows)  # another machine removes "new"
+    counts.clear()
+    parsed.clear()  # (the other machine's own read)
+    assert admin.snapshot() == ([web], flows)
+    assert counts == {"/kv/range": 2} and parsed == []  # read again, every value as it was: nothing parsed
+    # The view guards a change like a read does: a stale one is refused.
+    other.snapshot()
+    with other.transaction():
+        other.replace_all([web], flows[:1])
+    with pytest.raises(Exception, match="changed while"):
+        with admin.transaction():
+            admin.replace_all([web], flows + [added])
+    assert admin.snapshot()[1] == flows[:1]

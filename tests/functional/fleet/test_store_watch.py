@@ -47,3 +47,50 @@ def test_a_compacted_revision_makes_the_watcher_relist(etcd, tmp_path):
     changed, resume = store._watch_once(1)  # the revision an agent saw before a long outage
     assert changed  # "re-list everything"
     assert resume == revision - 1  # and watch again from the oldest revision etcd still has
+
+
+def test_an_idle_watch_is_one_stream_and_a_stop_ends_it_at_once(etcd, tmp_path):
+    """Agents of a large fleet sit idle most of the time: that must not be a new watch request (and
+    connection) per agent every second; and stopping an agent must not wait for a silent stream to end."""
+    url = etcd.url("vtap/idle")
+    watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
+    streams = []
+    session = watcher._clients[0].session
+    post = session.post
+    session.post = lambda url, *a, **k: (streams.append(url) if url.endswith("/watch") else None) or post(url, *a, **k)
+    stop, woken = threading.Event(), queue.Queue()
+    thread = threading.Thread(target=lambda: [woken.put(c) for c in watcher.watch_desired(stop)], daemon=True)
+    thread.start()
+    try:
+        assert woken.get(timeout=10) is None  # read
+        time.sleep(4)
+        assert len(streams) == 1  # four idle seconds, one watch stream
+        change(writer, "a")
+        assert woken.get(timeout=10)  # it still wakes on a change
+    finally:
+        stopped = time.monotonic()
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - stopped < 1.0
+
+
+def test_changes_keep_coming_on_one_stream(etcd, tmp_path):
+    """A change must not cost each of a hundred agents a new watch request and connection."""
+    url = etcd.url("vtap/stream")
+    watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
+    streams = []
+    session = watcher._clients[0].session
+    post = session.post
+    session.post = lambda url, *a, **k: (streams.append(url) if url.endswith("/watch") else None) or post(url, *a, **k)
+    stop, woken = threading.Event(), queue.Queue()
+    thread = threading.Thread(target=lambda: [woken.put(c) for c in watcher.watch_desired(stop)], daemon=True)
+    thread.start()
+    try:
+        assert woken.get(timeout=10) is None  # read
+        for name in ("a", "b", "c"):
+            change(writer, name)
+            assert [new.name for _, new in woken.get(timeout=5)] == [name]
+        assert len(streams) == 1
+    finally:
+        stop.set()
+        thread.join(timeout=10)

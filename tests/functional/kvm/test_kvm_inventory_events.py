@@ -108,3 +108,29 @@ def test_without_a_live_event_subscription_every_read_is_full(tmp_path):
         conn.lookupByUUIDString(made).undefine()
         conn.close()
         driver.close()
+
+
+def test_a_vm_started_during_a_status_read_is_seen_by_the_reconcile_its_event_causes(following):
+    """An agent's status report reads the inventory beside its follower: a VM that starts while that
+    read runs must not be missing from the reconcile its start event causes (it waited for a resync)."""
+    driver, hints, conn, made = following
+    started = str(uuidlib.uuid4())
+    made.append(started)
+    call = driver.libvirt.call
+
+    def read_then_start(fn):
+        result = call(fn)  # the status report's full read, done before the VM exists
+        conn.defineXML(domain_xml(f"inv-{started[:8]}", started)).create()
+        wait_for(lambda: started in hints, 10, "the start event")  # the follower heard it...
+        return result
+
+    driver.libvirt.call = read_then_start
+    try:
+        assert started not in {v.uuid for v in driver.inventory()}
+    finally:
+        driver.libvirt.call = call
+    driver.focus(started)  # ...and reconciles that VM at once, within the read's reuse time
+    try:
+        assert started in {v.uuid for v in driver.inventory()}
+    finally:
+        driver.focus(None)
