@@ -53,14 +53,7 @@ def test_an_idle_watch_is_one_stream_and_a_stop_ends_it_at_once(etcd, tmp_path):
     """Agents of a large fleet sit idle most of the time: that must not be a new watch request (and
     connection) per agent every second; and stopping an agent must not wait for a silent stream to end."""
     url = etcd.url("vtap/idle")
-    watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
-    streams = []
-    session = watcher._clients[0].session
-    post = session.post
-    session.post = lambda url, *a, **k: (streams.append(url) if url.endswith("/watch") else None) or post(url, *a, **k)
-    stop, woken = threading.Event(), queue.Queue()
-    thread = threading.Thread(target=lambda: [woken.put(c) for c in watcher.watch_desired(stop)], daemon=True)
-    thread.start()
+    writer, streams, stop, woken, thread = _watching(url, tmp_path)
     try:
         assert woken.get(timeout=10) is None  # read
         time.sleep(4)
@@ -77,14 +70,7 @@ def test_an_idle_watch_is_one_stream_and_a_stop_ends_it_at_once(etcd, tmp_path):
 def test_changes_keep_coming_on_one_stream(etcd, tmp_path):
     """A change must not cost each of a hundred agents a new watch request and connection."""
     url = etcd.url("vtap/stream")
-    watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
-    streams = []
-    session = watcher._clients[0].session
-    post = session.post
-    session.post = lambda url, *a, **k: (streams.append(url) if url.endswith("/watch") else None) or post(url, *a, **k)
-    stop, woken = threading.Event(), queue.Queue()
-    thread = threading.Thread(target=lambda: [woken.put(c) for c in watcher.watch_desired(stop)], daemon=True)
-    thread.start()
+    writer, streams, stop, woken, thread = _watching(url, tmp_path)
     try:
         assert woken.get(timeout=10) is None  # read
         for name in ("a", "b", "c"):
@@ -94,3 +80,16 @@ def test_changes_keep_coming_on_one_stream(etcd, tmp_path):
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def _watching(url, tmp_path):
+    """A writer, and a watcher's watch_desired running in a thread: (writer, the watch requests it sent, stop, what woke it, thread)."""
+    watcher, writer = open_store(url, "linux", str(tmp_path / "w.db")), open_store(url, "linux", str(tmp_path / "v.db"))
+    streams = []
+    session = watcher._clients[0].session
+    post = session.post
+    session.post = lambda url, *a, **k: (streams.append(url) if url.endswith("/watch") else None) or post(url, *a, **k)
+    stop, woken = threading.Event(), queue.Queue()
+    thread = threading.Thread(target=lambda: [woken.put(c) for c in watcher.watch_desired(stop)], daemon=True)
+    thread.start()
+    return writer, streams, stop, woken, thread
