@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "functional", "fleet"))
 import benchlib  # noqa: E402
 from etcd_member import Etcd  # noqa: E402
-from fleetlib import desire  # noqa: E402
+from fleetlib import desire, wait_for as poll  # noqa: E402
 from vcenter import Vcenter  # noqa: E402
 from vcsim_simulator import Simulator  # noqa: E402
 
@@ -36,13 +36,11 @@ PREFIX = "vtap/bench"
 
 
 def wait_for(predicate, seconds=30.0, step=0.05):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise RuntimeError("timed out")
+    """fleetlib's wait_for, but a timeout ends the benchmark."""
+    value = poll(predicate, seconds, step)
+    if not value:
+        raise RuntimeError("timed out")
+    return value
 
 
 def main():
