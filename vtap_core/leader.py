@@ -15,6 +15,7 @@ no one leads, it campaigns once, applies fenced and resigns (`applying`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -121,7 +122,7 @@ def applying(client, election=None):
     for _ in range(3):  # a leader that resigned between our try and our read: try again
         if election.campaign(threading.Event(), wait=False):
             break
-        leader = next((r for r in client.store.leaders() if r.get("platform") == election.platform and r.get("driver") == client.driver_name), None)
+        leader = _leader_of(client, election.platform)
         if leader is not None:
             yield leader
             return
@@ -139,6 +140,11 @@ def applying(client, election=None):
         keeper.join(timeout=10)
         election.resign()
         client._driver = driver
+
+
+def _leader_of(client, platform: str) -> dict | None:
+    """The record of the follower that leads this platform for this client's driver, or None."""
+    return next((r for r in client.store.leaders() if r.get("platform") == platform and r.get("driver") == client.driver_name), None)
 
 
 def flow_spec(session, flow) -> str:
@@ -166,7 +172,7 @@ def await_report(client, leader: dict, before: tuple, after: tuple, wait: float)
     done = False
     while not done and time.monotonic() < deadline:
         try:
-            host = next((r["host"] for r in client.store.leaders() if r.get("platform") == leader["platform"] and r.get("driver") == client.driver_name), None)
+            host = (_leader_of(client, leader["platform"]) or {}).get("host")
             if host is None:
                 plan = reconcile_elected(client, None)
                 if plan is not None:
@@ -187,10 +193,7 @@ def await_report(client, leader: dict, before: tuple, after: tuple, wait: float)
         return f"removed by {who}"
     states = [f"{n} {r['state']}" + (f" ({r['problem']})" if r.get("problem") else "") for n, r in sorted(made.items())]
     if len(states) > 5:
-        counts: dict = {}
-        for r in made.values():
-            counts[r["state"]] = counts.get(r["state"], 0) + 1
-        states = [f"{k} {v}" for k, v in sorted(counts.items())]
+        states = [f"{k} {v}" for k, v in sorted(collections.Counter(r["state"] for r in made.values()).items())]
     return f"applied by {who}: {', '.join(states)}"
 
 
