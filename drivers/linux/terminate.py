@@ -3,9 +3,11 @@
 The end of a mirror path: packets of a GRE, ERSPAN (type I/II/III) or VXLAN
 stream arriving at ADDR are read in userspace (below), decapsulated by decap.py,
 and their inner frames, unchanged, are
-  - written to pcapng (-w FILE), each with a packet comment saying what the
-    tunnel said (ERSPAN session id, type, direction, hardware id, timestamp;
-    GRE key; VNI) and, for ERSPAN type III, the direction in epb_flags; and/or
+  - written to pcapng (-w FILE), with what the tunnel said: one interface
+    per stream, whose description names it (ERSPAN type and session id, type
+    III hardware id; GRE key; VNI), and per frame the type III direction in
+    epb_flags, the GRE sequence number in epb_packetid and the type III
+    timestamp in a packet comment (tunnelblock.py); and/or
   - re-emitted on a local device (--to port:IFNAME), so an IDS that reads an
     interface (Suricata, Zeek, Snort) can sit behind any tunnel.
 
@@ -70,6 +72,7 @@ class Listen:
     address: str
     port: int | None  # vxlan only
     only: int | None  # the key, session id or VNI to keep (None: all)
+    text: str = ""  # as given: the if_name of the pcapng interfaces
 
 
 def parse_listen(text: str) -> Listen:
@@ -91,7 +94,7 @@ def parse_listen(text: str) -> Listen:
     if scheme == "vxlan":
         port = VXLAN_DEFAULT_PORT if port is None else check_int("listen port", port, 1, 65535)
     only = check_int(f"listen {name}", query[0][1], 0, highest) if query else None
-    return Listen(scheme, host, port, only)
+    return Listen(scheme, host, port, only, text)
 
 
 def open_gre_socket(address: str, netns: str | None = None) -> socket.socket:
@@ -211,7 +214,7 @@ def terminate_counted(listen_text: str, path: str | None = None, to: str | None 
         # The socket says whether ADDR is ours and the port free; its filter keeps its queue empty.
         sock = capture.open_vxlan_socket(listen.address, listen.port, netns) if listen.scheme == "vxlan" else open_gre_socket(listen.address, netns)
         attach_filter(sock, [(RET, 0, 0, 0)])
-        writer = PcapngWriter.create(path, if_name=listen_text) if path is not None else None
+        writer = PcapngWriter.create(path, interface=False) if path is not None else None  # tunnelblock.py writes one per stream
         with _stopped_by_signals(stop):
             _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
     except KeyboardInterrupt:
@@ -261,7 +264,7 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
 
     for offset in ring.block_offsets(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
         blocks, kept, ignored, frames = reader.read(ring.map, offset, None if count is None else count - counts.kept)
-        if writer is not None and kept:
+        if writer is not None and blocks:
             writer.write_blocks(blocks, kept)
         for frame in frames or ():
             try:

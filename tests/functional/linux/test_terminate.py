@@ -87,7 +87,7 @@ def tshark(path, *fields):
     return [line.split("|") for line in subprocess.run(args, check=True, capture_output=True, text=True).stdout.splitlines()]
 
 
-def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tmp_path):
+def test_erspan_session_filter_interface_direction_sequence_timestamp_and_a_port_for_an_ids(wire, tmp_path):
     netns, mac = wire
     from pyroute2 import netns as pr_netns
 
@@ -113,10 +113,10 @@ def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tm
     # Only session 5's frames, unchanged, in the file and on the IDS port.
     assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 3
     assert seen == [inner] * 3
-    rows = tshark(path, "frame.protocols", "frame.comment", "frame.packet_flags_direction")
-    assert [row[0] for row in rows] == ["eth:ethertype:ip:udp:data"] * 3
-    assert all("erspan, type III, session id 5, direction egress, hardware id 17, timestamp 4242" in row[1] for row in rows), rows
-    assert {int(row[2], 0) for row in rows} == {2}  # outbound
+    # What the tunnel said: the session on the frame's interface, direction and sequence number in binary fields.
+    rows = tshark(path, "frame.protocols", "frame.interface_name", "frame.interface_description", "frame.packet_flags_direction", "frame.packet_id", "frame.comment")
+    assert [row[:3] for row in rows] == [["eth:ethertype:ip:udp:data", f"erspan://{ADDR}?id=5", "erspan, type III, session id 5, hardware id 17"]] * 3
+    assert [(int(row[3], 0), int(row[4]), row[5]) for row in rows] == [(2, 1, "timestamp 4242")] * 3  # outbound (egress), sequence 1
 
 
 def test_gre_key_filter_and_type_ii(wire, tmp_path):
@@ -128,12 +128,12 @@ def test_gre_key_filter_and_type_ii(wire, tmp_path):
                           [outer(mac, gre(8, inner[:-1] + b"\x08")), outer(mac, gre(7, inner))], tmp_path)
     assert rc == 0, err
     assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 2
-    assert {row[0] for row in tshark(path, "frame.comment")} == {"gre, key 7"}
+    assert tshark(path, "frame.interface_description", "frame.comment", "frame.packet_id") == [["gre, key 7", "", ""]] * 2
     path2 = tmp_path / "e.pcapng"
     rc, err = run_capture(netns, mac, ["--listen", f"erspan://{ADDR}", "-w", str(path2), "--count", "1"], [outer(mac, erspan2(1023, inner))], tmp_path)
     assert rc == 0, err
     assert [bytes(p) for p in rdpcap(str(path2))] == [inner]
-    assert tshark(path2, "frame.comment") == [["erspan, type II, session id 1023, sequence 1"]]
+    assert tshark(path2, "frame.interface_description", "frame.packet_id", "frame.packet_flags_direction") == [["erspan, type II, session id 1023", "1", ""]]
 
 
 @pytest.mark.parametrize(
