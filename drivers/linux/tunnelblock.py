@@ -39,7 +39,7 @@ import struct
 
 from vtap_drivers.linux.decap import decap_gre, decap_vxlan, gre_layout
 from vtap_drivers.linux.pcapng import EPB_PACKETID, EPB_TYPE, OPT_COMMENT, _packet_options, enhanced_packet, interface_description
-from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly
+from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly, upper_layer6
 
 IPPROTO_GRE, IPPROTO_UDP = 47, 17
 IPV4_HEADER, IPV6_HEADER, UDP_HEADER = 20, 40, 8
@@ -234,7 +234,7 @@ class BlockReader:
             return None
         if self.ipv6:
             if ring[start + 6] != self.proto:
-                return None  # an extension header (a fragment): the general path
+                return None  # an extension header (a fragment, hop-by-hop options, ...): the general path
         elif ring[start] != 0x45 or ring[start + 6] & 0x3F or ring[start + 7]:
             return None  # IP options, or a fragment
         if self.vxlan:
@@ -275,13 +275,16 @@ class BlockReader:
         """Any packet, as the reader always did: (inner frame, interface, Meta), IGNORED or SKIPPED (a fragment)."""
         packet = bytes(ring[start : start + captured])
         if self.ipv6:
-            if packet[6] == IPPROTO_FRAGMENT:
-                packet = self.joiner.add6(packet)
+            next_header, header = upper_layer6(packet)  # past hop-by-hop, routing, destination options
+            if next_header == IPPROTO_FRAGMENT:
+                packet = self.joiner.add6(packet, header)
                 if packet is None:
                     return SKIPPED  # more to come
-                if packet[6] != self.proto or (self.udp and int.from_bytes(packet[42:44], "big") != self.port):
+                next_header, header = upper_layer6(packet)
+                if next_header != self.proto or (self.udp and int.from_bytes(packet[header + 2 : header + 4], "big") != self.port):
                     return SKIPPED  # joined, it is not ours: not a tunnel packet at all
-            header = IPV6_HEADER
+            elif next_header != self.proto:
+                return IGNORED
         else:
             if packet[6] & 0x3F or packet[7]:  # an IPv4 fragment: more fragments, or an offset
                 packet = self.joiner.add(packet)

@@ -324,9 +324,10 @@ def test_fragmented_ipv6_tunnel_packets_are_joined_before_decapsulation(wire, tm
 
 def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     """The ring's kernel filter over IPv6: UDP to the port, and fragments of UDP (their port is checked once
-    joined), are queued; UDP to another port, fragments of another protocol, GRE and another address are not."""
+    joined), are queued, also past hop-by-hop, destination options and routing headers; UDP to another port,
+    fragments of another protocol, GRE, another address and more extension headers than it walks are not."""
     from pyroute2 import netns as pr_netns
-    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, fragment6
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
 
     from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
 
@@ -336,14 +337,21 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     to = IPv6(src="fd00:79::1", dst="fd00:79::2")
     vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0e" * 30))
     big = vxlan + bytes(2000)
-    kept = [to / UDP(sport=5, dport=4789) / vxlan, *fragment6(to / IPv6ExtHdrFragment(id=9) / UDP(sport=5, dport=4789) / big, 1280)]
+    chain = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(options=[]) / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    long_option = IPv6ExtHdrDestOpt(autopad=0, options=[Raw(b"\x01\x0c" + bytes(12))])  # 16 bytes: length 1
+    kept = [to / UDP(sport=5, dport=4789) / vxlan, *fragment6(to / IPv6ExtHdrFragment(id=9) / UDP(sport=5, dport=4789) / big, 1280),
+            chain / UDP(sport=5, dport=4789) / vxlan, to / IPv6ExtHdrHopByHop() / long_option / UDP(sport=5, dport=4789) / vxlan,
+            *fragment6(chain / IPv6ExtHdrFragment(id=11) / UDP(sport=5, dport=4789) / big, 1280)]
     dropped = [to / UDP(sport=5, dport=4790) / vxlan,
                IPv6(src="fd00:79::1", dst="fd00:79::3") / UDP(sport=5, dport=4789) / vxlan,
-               *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280)]
+               *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
+               chain / UDP(sport=5, dport=4790) / vxlan,
+               *fragment6(chain / IPv6ExtHdrFragment(id=12) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
+               chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / UDP(sport=5, dport=4789) / vxlan]  # five: more than it walks
     gre = to / Raw(b"\x00\x00\x65\x58" + vxlan[8:])
     gre.nh = 47
     dropped.append(gre)
-    assert len(kept) == 3
+    assert len(kept) == 7
     ring = open_tunnel_ring(parse_listen("vxlan://[fd00:79::2]"), netns)
     sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
     sender.bind(("s0", 0))
@@ -356,3 +364,31 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     finally:
         sender.close()
         ring.close()
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_ipv6_tunnel_packets_with_extension_headers_are_kept_and_joined(wire, tmp_path, tunnel):
+    """Hop-by-hop, destination options and routing headers before the Fragment header (as RFC 8200 orders
+    them), or before GRE/UDP itself: the file holds each inner frame, byte for byte."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
+
+    netns, mac = wire
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    small = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x0d" * 30))
+    chain = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    if tunnel == "erspan":
+        whole = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop(nh=47) / Raw(erspan3(5, small))
+        fragmented = chain / IPv6ExtHdrFragment(id=4242, nh=47) / Raw(erspan3(5, big))
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        whole = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop() / UDP(sport=5000, dport=4789) / (vxlan + small)
+        fragmented = chain / IPv6ExtHdrFragment(id=4242) / UDP(sport=5000, dport=4789) / (vxlan + big)
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for p in fragment6(fragmented, 1280)[::-1]]
+    assert len(pieces) == 3 and all(piece[14 + 6] == 0 for piece in pieces)  # each starts with its hop-by-hop header
+    path = tmp_path / "x6.pcapng"
+    first = bytes(Ether(src="02:00:00:00:00:09", dst=mac) / whole)
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "2"], [first, *pieces], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
