@@ -169,8 +169,8 @@ def _ipv6_filter(listen: Listen, proto: int) -> list[tuple[int, int, int, int]]:
         for i, word in enumerate(words):
             program += [(LD_W, 0, 0, 24 + 4 * i), (JEQ, 0, "drop", word)]
     program += [(LD_B, 0, 0, 6), (LDX_IMM, 0, 0, IPV6_HEADER)]  # A: the next header, X: where it starts
+    *others, last = sorted(EXTENSIONS)
     for n in range(MAX_EXTENSIONS):
-        *others, last = sorted(EXTENSIONS)
         program += [(JEQ, f"skip{n}", 0, code) for code in others] + [(JEQ, 0, "upper", last)]
         program += [
             f"skip{n}",
