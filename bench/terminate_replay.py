@@ -92,7 +92,7 @@ class ReplayRing:
 def replay(tunnel: str, blocks: bytearray, path: str) -> terminate.Termination:
     listen = terminate.parse_listen(f"{tunnel}://10.80.0.2")
     counts = terminate.Termination()
-    with PcapngWriter.create(path, if_name="replay") as writer:
+    with PcapngWriter.create(path, interface=False) as writer:
         terminate._read_ring(listen, ReplayRing(blocks), writer, None, None, counts, threading.Event(), None, None)
     return counts
 

@@ -3,6 +3,7 @@
     decap_gre(payload)    the IP payload of a GRE packet (IP protocol 47):
                           gretap (0x6558), ERSPAN type I/II (0x88BE), type III (0x22EB)
     decap_vxlan(payload)  the UDP payload of a VXLAN packet (RFC 7348)
+    gre_layout(head)      which words of a GRE header name the stream, which change per packet
 
 Each returns (frame, Meta) or None when the bytes are not such a packet (or
 carry something other than an Ethernet frame). Given a memoryview, the frame
@@ -12,7 +13,6 @@ key and sequence), draft-foschiano-erspan (ERSPAN type I/II/III headers).
 
 from __future__ import annotations
 
-import operator
 import struct
 from typing import NamedTuple
 
@@ -20,7 +20,7 @@ GRE_C, GRE_K, GRE_S = 0x8000, 0x2000, 0x1000
 PROTO_TEB = 0x6558  # transparent Ethernet bridging: gretap
 PROTO_ERSPAN = 0x88BE  # type I (no sequence number) and type II
 PROTO_ERSPAN3 = 0x22EB
-COMMENT_LABELS = ("session id ", "direction ", "hardware id ", "timestamp ", "key ", "vni ", "sequence ")
+DESCRIPTION_LABELS = ("session id ", "hardware id ", "key ", "vni ")
 
 
 class Meta(NamedTuple):  # a tuple, not a frozen dataclass: made once per packet, this is 3x quicker
@@ -34,12 +34,16 @@ class Meta(NamedTuple):  # a tuple, not a frozen dataclass: made once per packet
     timestamp: int | None = None  # ERSPAN type III, in the sender's granularity
     sequence: int | None = None  # GRE sequence number
 
-    def comment(self) -> str:
-        """One line for a pcapng packet comment: what the tunnel said about this frame."""
+    def description(self) -> str:
+        """One line naming the stream (what is the same for each of its packets): a pcapng interface's description.
+
+        Direction, timestamp and sequence number change per packet: tunnelblock.py writes them in each
+        frame's epb_flags, comment and epb_packetid.
+        """
         parts = [self.tunnel]
         if self.erspan_version:
             parts.append(("type I", "type II", "type III")[self.erspan_version - 1])
-        for label, value in zip(COMMENT_LABELS, (self.session_id, self.direction, self.hardware_id, self.timestamp, self.key, self.vni, self.sequence)):
+        for label, value in zip(DESCRIPTION_LABELS, (self.session_id, self.hardware_id, self.key, self.vni)):
             if value is not None:
                 parts.append(label + str(value))
         return ", ".join(parts)
@@ -104,77 +108,24 @@ def decap_vxlan(payload: bytes):
     return payload[8:], Meta("vxlan", vni=vni_field >> 8)
 
 
-class StreamDecap:
-    """decap_gre (or decap_vxlan) for the packets of one terminated stream, each with its comment.
+class GreLayout(NamedTuple):
+    """Where the 32-bit words of a GRE (+ ERSPAN) header of given flags and protocol are (tunnelblock.py
+    reads the ring with them): those the same for every packet of a stream, and those that change."""
 
-    Packets of a stream differ only in the GRE checksum and sequence number and the ERSPAN
-    type III timestamp: the rest of the header is parsed once (by decap_gre) and looked up by
-    its other 32-bit words. Calling it returns (frame, Meta without sequence and timestamp,
-    comment) or None.
-    """
-
-    def __init__(self, vxlan: bool = False):
-        self.vxlan = vxlan
-        self.layouts = {}  # GRE flags + protocol -> _Layout, or None: not cached
-        self.known = {}  # (first word, fixed words) -> (inner frame offset, Meta, comment without sequence/timestamp) or None
-
-    def __call__(self, payload):
-        if self.vxlan:
-            layout, key = None, bytes(payload[:8])
-        else:
-            if len(payload) < 4:
-                return None
-            head = _WORD.unpack_from(payload)[0]
-            layout = self.layouts.get(head, False)
-            if layout is False:
-                layout = self.layouts[head] = _gre_layout(head)
-            if layout is None or len(payload) < layout.length:
-                return _with_comment(decap_gre(payload))
-            words = layout.words.unpack_from(payload)
-            key = (head, layout.fixed(words))
-        entry = self.known.get(key, False)
-        if entry is False:
-            entry = self._learn(key, payload)
-        if entry is None:
-            return None
-        inner, meta, comment = entry
-        if layout is not None and layout.varying:
-            comment = layout.suffix % (comment, *layout.varying(words))
-        return payload[inner:], meta, comment
-
-    def _learn(self, key, payload):
-        found = (decap_vxlan if self.vxlan else decap_gre)(payload)
-        entry = None
-        if found is not None:
-            meta = found[1]._replace(sequence=None, timestamp=None)
-            entry = (len(payload) - len(found[0]), meta, meta.comment())
-        if len(self.known) >= 4096:  # many streams (or junk): stay bounded
-            self.known.clear()
-        self.known[key] = entry
-        return entry
-
-
-_WORD = struct.Struct("!I")
-
-
-class _Layout(NamedTuple):
     length: int  # bytes of GRE (+ ERSPAN) header
-    words: struct.Struct  # the header as 32-bit words
-    fixed: object  # words -> the words that are the same for every packet of a stream
-    varying: object  # words -> (timestamp, sequence) / (sequence,) / None
-    suffix: str  # comment % (fixed part, *varying)
-    fixed_words: tuple  # the indexes fixed() reads, and varying() (tunnelblock.py reads the ring with them)
-    varying_words: tuple
+    fixed_words: tuple  # indexes of the words that are the same for every packet of a stream
+    sequence_word: int | None  # the GRE sequence number
+    timestamp_word: int | None  # the ERSPAN type III timestamp
 
 
-def _gre_layout(head: int):
-    """Which 32-bit words of a GRE header with these flags and protocol change per packet; None: not cached."""
+def gre_layout(head: int):
+    """The GreLayout of GRE packets whose first word (flags, protocol) is head; None: not a layout it knows."""
     flags, proto = head >> 16, head & 0xFFFF
     if flags & 0x0007 or proto not in (PROTO_TEB, PROTO_ERSPAN, PROTO_ERSPAN3):
         return None
     count, fixed, sequence, timestamp = 1, [], None, None
     if flags & GRE_C:
-        count += 1  # the checksum: not part of the comment
+        count += 1  # the checksum: changes per packet, says nothing about the stream
     if flags & GRE_K:
         fixed.append(count)
         count += 1
@@ -185,34 +136,7 @@ def _gre_layout(head: int):
         fixed += [count, count + 1]
         count += 2
     elif proto == PROTO_ERSPAN3:
-        if flags & GRE_K:
-            return None  # the comment has the key after the timestamp
         fixed += [count, count + 2]
         timestamp = count + 1
         count += 3
-    varying = [i for i in (timestamp, sequence) if i is not None]
-    suffix = "%s" + (", timestamp %d" if timestamp is not None else "") + (", sequence %d" if sequence is not None else "")
-    return _Layout(
-        4 * count,
-        struct.Struct(f"!{count}I"),
-        _getter(fixed) or (lambda words: ()),
-        _getter(varying),
-        suffix,
-        tuple(fixed),
-        tuple(varying),
-    )
-
-
-def _getter(indexes: list[int]):
-    """words -> a tuple of the words at indexes (itemgetter gives a bare item for one index)."""
-    if len(indexes) == 1:
-        (index,) = indexes
-        return lambda words: (words[index],)
-    return operator.itemgetter(*indexes) if indexes else None
-
-
-def _with_comment(found):
-    if found is None:
-        return None
-    frame, meta = found
-    return frame, meta._replace(sequence=None, timestamp=None), meta.comment()
+    return GreLayout(4 * count, tuple(fixed), sequence, timestamp)

@@ -4,7 +4,9 @@ Follows the pcapng specification (IETF draft-ietf-opsawg-pcapng): a Section
 Header Block, one Interface Description Block (link type, snaplen, if_name,
 if_tsresol = nanoseconds) and one Enhanced Packet Block per frame with its
 captured and original lengths. Frames longer than snaplen are cut to snaplen;
-the original length is kept so readers show the truncation.
+the original length is kept so readers show the truncation. (A terminated
+tunnel writes its own Interface Description Blocks, one per stream:
+tunnelblock.py.)
 
 Everything is written little-endian; readers find the byte order from the
 byte-order magic in the section header.
@@ -28,8 +30,10 @@ LINKTYPE_ETHERNET = 1
 OPT_END = 0
 OPT_COMMENT = 1
 EPB_FLAGS = 2  # bits 0-1: direction, 01 inbound, 10 outbound
+EPB_PACKETID = 5  # 64 bits that identify the packet (a terminated tunnel's GRE sequence number)
 SHB_USERAPPL = 4
 IF_NAME = 2
+IF_DESCRIPTION = 3
 IF_TSRESOL = 9
 TSRESOL_NANOSECONDS = 9  # 10^-9 s per timestamp unit
 
@@ -86,20 +90,26 @@ def section_header(application: str = "vtap") -> bytes:
     return _block(SHB_TYPE, body + _options([(SHB_USERAPPL, application.encode())]))
 
 
-def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None = None, if_name: str | None = None) -> bytes:
+def interface_description(linktype: int = LINKTYPE_ETHERNET, snaplen: int | None = None, if_name: str | None = None, if_description: str | None = None) -> bytes:
     # Snaplen 0 means "no limit" in pcapng.
     options = [(IF_TSRESOL, bytes([TSRESOL_NANOSECONDS]))]
+    if if_description:
+        options.insert(0, (IF_DESCRIPTION, if_description.encode()))
     if if_name:
         options.insert(0, (IF_NAME, if_name.encode()))
     body = struct.pack("<HHI", linktype, 0, snaplen or 0)
     return _block(IDB_TYPE, body + _options(options))
 
 
-def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0, comment: str | None = None, flags: int | None = None) -> bytes:
+def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None = None, snaplen: int | None = None, interface_id: int = 0, comment: str | None = None, flags: int | None = None, packet_id: int | None = None) -> bytes:
     original = len(frame) if original_length is None else original_length
     data = bytes(frame[:snaplen]) if snaplen else bytes(frame)
     header = struct.pack("<IIIII", interface_id, (timestamp_ns >> 32) & 0xFFFFFFFF, timestamp_ns & 0xFFFFFFFF, len(data), original)
-    options = ([(OPT_COMMENT, comment.encode())] if comment else []) + ([(EPB_FLAGS, struct.pack("<I", flags))] if flags is not None else [])
+    options = [(OPT_COMMENT, comment.encode())] if comment else []
+    if packet_id is not None:
+        options.append((EPB_PACKETID, struct.pack("<Q", packet_id)))
+    if flags is not None:
+        options.append((EPB_FLAGS, struct.pack("<I", flags)))
     return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)) + _options(options))
 
 
@@ -108,10 +118,13 @@ class PcapngWriter:
 
     The caller decides when to flush(); close() flushes and closes the stream.
     A writer made by create() with max_size rotates: see rotate().
+    With interface=False it writes no Interface Description Block: the caller
+    writes its own with write_blocks() (tunnelblock.py).
     """
 
-    def __init__(self, stream, snaplen: int | None = None, if_name: str | None = None, linktype: int = LINKTYPE_ETHERNET, path=None, max_size=None, max_files=None, size: int = 0):
+    def __init__(self, stream, snaplen: int | None = None, if_name: str | None = None, linktype: int = LINKTYPE_ETHERNET, path=None, max_size=None, max_files=None, size: int = 0, interface: bool = True):
         self.stream = stream
+        self.interface = interface
         self.snaplen = snaplen
         self.if_name, self.linktype = if_name, linktype
         self.frames = 0
@@ -120,13 +133,13 @@ class PcapngWriter:
         self._start_section()
 
     def _start_section(self) -> None:
-        head = section_header() + interface_description(self.linktype, self.snaplen, self.if_name)
+        head = section_header() + (interface_description(self.linktype, self.snaplen, self.if_name) if self.interface else b"")
         self.stream.write(head)
         self.size += len(head)
         self.fresh = True  # no frame in this file yet: a frame larger than max_size still goes in
 
     @classmethod
-    def create(cls, path: str, snaplen: int | None = None, if_name: str | None = None, append: bool = False, max_size: int | None = None, max_files: int | None = None) -> "PcapngWriter":
+    def create(cls, path: str, snaplen: int | None = None, if_name: str | None = None, append: bool = False, max_size: int | None = None, max_files: int | None = None, interface: bool = True) -> "PcapngWriter":
         """Open `path` for writing (mode 0600: captures hold other people's traffic).
 
         With append=True an existing pcapng file keeps its contents and gets a
@@ -141,7 +154,7 @@ class PcapngWriter:
         except BaseException:
             os.close(fd)
             raise
-        return cls(stream, snaplen=snaplen, if_name=if_name, path=path, max_size=max_size, max_files=max_files, size=size)
+        return cls(stream, snaplen=snaplen, if_name=if_name, path=path, max_size=max_size, max_files=max_files, size=size, interface=interface)
 
     def rotate(self) -> None:
         """Close the file, keep it as PATH.1 (PATH.1 becomes PATH.2, ...; at most max_files in all), start PATH anew.
@@ -189,7 +202,8 @@ class PcapngWriter:
         self.frames += 1
 
     def write_blocks(self, blocks: bytes, frames: int) -> None:
-        """Enhanced Packet Blocks already built (as write() builds them: tunnelblock.py), written at once.
+        """Blocks already built (Enhanced Packet Blocks as write() builds them, Interface Description
+        Blocks as interface_description() does: tunnelblock.py), written at once.
 
         For a writer without snaplen or max_size (the blocks are neither cut nor rotated).
         """

@@ -8,11 +8,13 @@ fragments of one outer packet are joined here:
 
     joiner = Reassembly()
     whole = joiner.add(packet)    # an IPv4 fragment (a view is fine) -> the whole packet, or None for now
-    whole = joiner.add6(packet)   # an IPv6 packet whose Fragment header follows the fixed header
+    whole = joiner.add6(packet, at)   # an IPv6 packet whose Fragment header is at `at` (40: after the fixed header)
+    next_header, at = upper_layer6(packet)  # past hop-by-hop, routing and destination options headers
 
 The whole IPv4 packet is the first fragment's header (without options) and
 the joined payload; the whole IPv6 packet is the first fragment's fixed
-header, its next header the Fragment header's, and the joined payload.
+header, its next header the Fragment header's, and the joined payload (the
+extension headers before the Fragment header are left out).
 Overlapping or duplicate fragments spoil the packet (it is dropped, as the IP
 stack would); at most MAX_PENDING packets (of both versions) are waited for,
 the oldest is given up first; a packet is given up after TIMEOUT seconds.
@@ -30,6 +32,23 @@ OFFSET_MASK = 0x1FFF
 IPV6_HEADER = 40
 IPV6_FRAGMENT_HEADER = 8
 IPPROTO_FRAGMENT = 44  # IPv6 Fragment extension header
+# Extension headers that may come before the Fragment header (RFC 8200 4.1), each (next header, length in
+# 8 octets not counting the first 8, ...): hop-by-hop options, routing, destination options.
+EXTENSIONS = frozenset((0, 43, 60))
+MAX_EXTENSIONS = 4  # walked at most (the kernel filter in terminate.py walks as many)
+
+
+def upper_layer6(packet) -> tuple[int | None, int]:
+    """(next header, its offset) past the extension headers before a Fragment or upper-layer header;
+    (None, 0) when they run past the packet or there are more than MAX_EXTENSIONS."""
+    next_header, at = packet[6], IPV6_HEADER
+    for _ in range(MAX_EXTENSIONS + 1):
+        if next_header not in EXTENSIONS:
+            return next_header, at
+        if at + 8 > len(packet):
+            break
+        next_header, at = packet[at], at + 8 * (packet[at + 1] + 1)
+    return None, 0
 
 
 class Reassembly:
@@ -44,16 +63,16 @@ class Reassembly:
         offset = (fragment & OFFSET_MASK) * 8
         return self._add(key, offset, bytes(packet[header_length:total_length]), fragment & MORE_FRAGMENTS, packet[:20])
 
-    def add6(self, packet):
-        if len(packet) < IPV6_HEADER + IPV6_FRAGMENT_HEADER:
+    def add6(self, packet, at: int = IPV6_HEADER):
+        if len(packet) < at + IPV6_FRAGMENT_HEADER:
             return None  # no room for its Fragment header: nothing to join
         payload_length, = struct.unpack_from("!H", packet, 4)
-        next_header, _reserved, fragment, ident = struct.unpack_from("!BBHI", packet, IPV6_HEADER)
+        next_header, _reserved, fragment, ident = struct.unpack_from("!BBHI", packet, at)
         key = (bytes(packet[8:40]), ident)
         offset = fragment & 0xFFF8  # 13 bits of 8-byte units, as a byte count
         header = bytearray(packet[:IPV6_HEADER])
         header[6] = next_header  # what the joined payload is (only the first fragment's counts)
-        return self._add(key, offset, bytes(packet[IPV6_HEADER + IPV6_FRAGMENT_HEADER : IPV6_HEADER + payload_length]), fragment & 1, header)
+        return self._add(key, offset, bytes(packet[at + IPV6_FRAGMENT_HEADER : IPV6_HEADER + payload_length]), fragment & 1, header)
 
     def _add(self, key, offset, payload, more, header):
         entry = self.pending.get(key)

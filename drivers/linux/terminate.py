@@ -3,9 +3,11 @@
 The end of a mirror path: packets of a GRE, ERSPAN (type I/II/III) or VXLAN
 stream arriving at ADDR are read in userspace (below), decapsulated by decap.py,
 and their inner frames, unchanged, are
-  - written to pcapng (-w FILE), each with a packet comment saying what the
-    tunnel said (ERSPAN session id, type, direction, hardware id, timestamp;
-    GRE key; VNI) and, for ERSPAN type III, the direction in epb_flags; and/or
+  - written to pcapng (-w FILE), with what the tunnel said: one interface
+    per stream, whose description names it (ERSPAN type and session id, type
+    III hardware id; GRE key; VNI), and per frame the type III direction in
+    epb_flags, the GRE sequence number in epb_packetid and the type III
+    timestamp in a packet comment (tunnelblock.py); and/or
   - re-emitted on a local device (--to port:IFNAME), so an IDS that reads an
     interface (Suricata, Zeek, Snort) can sit behind any tunnel.
 
@@ -13,9 +15,10 @@ How packets are read: a memory-mapped TPACKET_V3 ring (ring.py) on a packet
 socket for IPv4 (or IPv6) packets of every device, at the point where the IP
 stack receives them, with a classic BPF program that keeps only the tunnel's
 packets for ADDR (IP protocol 47, or UDP to PORT; not what the host sends,
-not frames for other hosts' MACs). IPv4 fragments, and IPv6 ones (a
-Fragment header right after the fixed header), are joined (reassembly.py)
-before decapsulation. The kernel copies each
+not frames for other hosts' MACs). IPv4 fragments, and IPv6 ones, are
+joined (reassembly.py) before decapsulation; over IPv6 the filter and the
+reader walk up to four hop-by-hop, routing and destination options headers
+before the Fragment header or GRE/UDP. The kernel copies each
 packet once into the ring and hands over whole blocks: no system call per
 packet, 64 MB of room for bursts, and what the ring had no room for is
 counted (Termination.dropped). Each block is parsed, and its pcapng built
@@ -23,8 +26,7 @@ and written, at once (tunnelblock.py). A raw socket (protocol 47) or UDP socket
 bound to ADDR[:PORT] stays open beside it, with a filter that drops
 everything: it checks that ADDR is ours and the port free, and its
 presence keeps the kernel from answering with ICMP "protocol unreachable"
-or "port unreachable". IPv6 packets with another extension header before
-GRE/UDP (or before the Fragment header) are not kept.
+or "port unreachable".
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT
+from vtap_drivers.linux.reassembly import EXTENSIONS, IPPROTO_FRAGMENT, MAX_EXTENSIONS
 from vtap_drivers.linux.ring import PacketRing, attach_filter
 from vtap_drivers.linux.tunnelblock import BlockReader
 
@@ -52,8 +54,9 @@ IPPROTO_GRE = 47
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 IPV6_HEADER = 40
 # Classic BPF instructions, (code, jt, jf, k); jumps count instructions after the next one.
-LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND = 0x20, 0x28, 0x30, 0xB1, 0x48
-JEQ, JGE, JSET, RET = 0x15, 0x35, 0x45, 0x06
+LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND, LD_B_IND = 0x20, 0x28, 0x30, 0xB1, 0x48, 0x50
+LDX_IMM, LDX_MEM, ST, ADD_K, ADD_X, LSH_K = 0x01, 0x61, 0x02, 0x04, 0x0C, 0x64
+JA, JEQ, JGE, JSET, RET = 0x05, 0x15, 0x35, 0x45, 0x06
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4
 PACKET_OTHERHOST = 3  # 3 and up: for another host's MAC, or sent by this one
 KEEP_BYTES = 0x40000  # copy whole packets
@@ -70,6 +73,7 @@ class Listen:
     address: str
     port: int | None  # vxlan only
     only: int | None  # the key, session id or VNI to keep (None: all)
+    text: str = ""  # as given: the if_name of the pcapng interfaces
 
 
 def parse_listen(text: str) -> Listen:
@@ -91,7 +95,7 @@ def parse_listen(text: str) -> Listen:
     if scheme == "vxlan":
         port = VXLAN_DEFAULT_PORT if port is None else check_int("listen port", port, 1, 65535)
     only = check_int(f"listen {name}", query[0][1], 0, highest) if query else None
-    return Listen(scheme, host, port, only)
+    return Listen(scheme, host, port, only, text)
 
 
 def open_gre_socket(address: str, netns: str | None = None) -> socket.socket:
@@ -126,32 +130,20 @@ def open_output_port(target: str, netns: str | None = None) -> socket.socket:
 def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
     """A classic BPF program for a packet socket reading IP packets (SOCK_DGRAM: from the IP header):
     keep the tunnel's packets to listen.address (any address for 0.0.0.0 / ::), drop the rest."""
-    ipv6 = ":" in listen.address
     proto = socket.IPPROTO_UDP if listen.scheme == "vxlan" else IPPROTO_GRE
+    if ":" in listen.address:
+        return _ipv6_filter(listen, proto)
     # (load, jump, k, drop when the jump's test is true): every test passed -> keep.
     tests = [((LD_W, 0, 0, SKF_AD_PKTTYPE), JGE, PACKET_OTHERHOST, True)]
-    if ipv6:
-        words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
-        if any(words):
-            tests += [((LD_W, 0, 0, 24 + 4 * i), JEQ, word, False) for i, word in enumerate(words)]
-        # A fragment's protocol is in its Fragment header (a sender puts it right after the fixed header).
-        tests.append(((LD_B, 0, 0, 6), JEQ, IPPROTO_FRAGMENT, "load next"))
-        tests.append(((LD_B, 0, 0, IPV6_HEADER), None, None, None))
-        tests.append((None, JEQ, proto, False))
-        if listen.port is not None:
-            # A fragment is kept whatever its port: joined, it is checked again.
-            tests.append(((LD_B, 0, 0, 6), JEQ, IPPROTO_FRAGMENT, "keep"))
-            tests.append(((LD_H, 0, 0, IPV6_HEADER + 2), JEQ, listen.port, False))
-    else:
-        tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
-        address = int(ipaddress.IPv4Address(listen.address))
-        if address:
-            tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
-        if listen.port is not None:
-            # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
-            tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, "keep"))
-            tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
-            tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
+    tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
+    address = int(ipaddress.IPv4Address(listen.address))
+    if address:
+        tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
+    if listen.port is not None:
+        # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
+        tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, "keep"))
+        tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
+        tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
     program = []
     length = sum((load is not None) + (jump is not None) for load, jump, _, _ in tests) + 2
     for load, jump, k, when_true in tests:
@@ -162,11 +154,51 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
             to_drop = to_keep + 1
             if when_true == "keep":
                 program.append((jump, to_keep, 0, k))
-            elif when_true == "load next":  # true: run the next instruction (a load); false: skip it
-                program.append((jump, 0, 1, k))
             else:
                 program.append((jump, to_drop, 0, k) if when_true else (jump, 0, to_drop, k))
     return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
+
+
+def _ipv6_filter(listen: Listen, proto: int) -> list[tuple[int, int, int, int]]:
+    """tunnel_filter() for IPv6: past up to MAX_EXTENSIONS hop-by-hop, routing and destination options headers
+    (X: where the next one starts), proto (to the port) is kept, and so is a Fragment header saying proto
+    (whatever the port: joined, it is checked again)."""
+    program = [(LD_W, 0, 0, SKF_AD_PKTTYPE), (JGE, "drop", 0, PACKET_OTHERHOST)]
+    words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
+    if any(words):
+        for i, word in enumerate(words):
+            program += [(LD_W, 0, 0, 24 + 4 * i), (JEQ, 0, "drop", word)]
+    program += [(LD_B, 0, 0, 6), (LDX_IMM, 0, 0, IPV6_HEADER)]  # A: the next header, X: where it starts
+    *others, last = sorted(EXTENSIONS)
+    for n in range(MAX_EXTENSIONS):
+        program += [(JEQ, f"skip{n}", 0, code) for code in others] + [(JEQ, 0, "upper", last)]
+        program += [
+            f"skip{n}",
+            (LD_B_IND, 0, 0, 1), (ADD_K, 0, 0, 1), (LSH_K, 0, 0, 3), (ADD_X, 0, 0, 0), (ST, 0, 0, 0),  # M[0] = X + 8 * (length + 1)
+            (LD_B_IND, 0, 0, 0), (LDX_MEM, 0, 0, 0),
+        ]
+    program += ["upper", (JEQ, "fragment", 0, IPPROTO_FRAGMENT), (JEQ, 0, "drop", proto)]  # still an extension: dropped
+    program += [(LD_H_IND, 0, 0, 2), (JEQ, "keep", "drop", listen.port)] if listen.port is not None else [(JA, 0, 0, "keep")]
+    program += ["fragment", (LD_B_IND, 0, 0, 0), (JEQ, "keep", "drop", proto)]
+    program += ["keep", (RET, 0, 0, KEEP_BYTES), "drop", (RET, 0, 0, 0)]
+    return _assemble(program)
+
+
+def _assemble(program: list) -> list[tuple[int, int, int, int]]:
+    """Instructions and labels (strings) -> instructions whose jumps (jt, jf, or k of JA) name a label resolved
+    to the count of instructions to skip."""
+    places, at = {}, 0
+    for item in program:
+        if isinstance(item, str):
+            places[item] = at
+        else:
+            at += 1
+    out = []
+    for item in program:
+        if not isinstance(item, str):
+            here = len(out) + 1
+            out.append(tuple(places[field] - here if isinstance(field, str) else field for field in item))
+    return out
 
 
 def open_tunnel_ring(listen: Listen, netns: str | None = None) -> PacketRing:
@@ -211,7 +243,7 @@ def terminate_counted(listen_text: str, path: str | None = None, to: str | None 
         # The socket says whether ADDR is ours and the port free; its filter keeps its queue empty.
         sock = capture.open_vxlan_socket(listen.address, listen.port, netns) if listen.scheme == "vxlan" else open_gre_socket(listen.address, netns)
         attach_filter(sock, [(RET, 0, 0, 0)])
-        writer = PcapngWriter.create(path, if_name=listen_text) if path is not None else None
+        writer = PcapngWriter.create(path, interface=False) if path is not None else None  # tunnelblock.py writes one per stream
         with _stopped_by_signals(stop):
             _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline)
     except KeyboardInterrupt:
@@ -261,7 +293,7 @@ def _read_ring(listen, ring, writer, out, to, counts, stop, count, deadline) -> 
 
     for offset in ring.block_offsets(should_stop, on_idle, drain_limit=DRAIN_LIMIT):
         blocks, kept, ignored, frames = reader.read(ring.map, offset, None if count is None else count - counts.kept)
-        if writer is not None and kept:
+        if writer is not None and blocks:
             writer.write_blocks(blocks, kept)
         for frame in frames or ():
             try:

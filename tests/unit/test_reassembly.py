@@ -71,3 +71,21 @@ def test_ipv6_interleaved_a_missing_fragment_a_duplicate_and_the_same_id_from_ip
 def test_an_ipv6_fragment_too_short_for_its_fragment_header_is_dropped():
     _, pieces = whole_and_fragments6()
     assert Reassembly().add6(pieces[0][:44]) is None
+
+
+def test_ipv6_extension_headers_before_the_fragment_header_are_walked():
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
+
+    from vtap_drivers.linux.reassembly import upper_layer6
+
+    udp = UDP(sport=1, dport=4789) / bytes(random.Random(5).randbytes(3000))
+    chain = IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    pieces = [bytes(p) for p in fragment6(chain / IPv6ExtHdrFragment(id=9) / udp, 1280)]
+    assert [upper_layer6(p) for p in pieces] == [(44, 40 + 8 + 8 + 8)] * len(pieces)
+    joiner = Reassembly()
+    results = [joiner.add6(p, 64) for p in pieces[::-1]]
+    assert results[-1] == bytes(IPv6(src="fd00::1", dst="fd00::2") / udp) and joiner.pending == {}
+    assert upper_layer6(bytes(chain / udp)) == (17, 64)
+    assert upper_layer6(bytes(chain)[:50]) == (None, 0)  # cut short inside the chain
+    five = bytes(chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / udp)
+    assert upper_layer6(five) == (None, 0)  # more than it walks

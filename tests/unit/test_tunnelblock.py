@@ -1,8 +1,8 @@
-"""tunnelblock.py on ring blocks laid out as the kernel fills them: each frame's pcapng is byte for byte what
-terminate.py wrote before it (decap_gre / decap_vxlan, Meta.comment(), PcapngWriter.write), whether the frame
-took the fast path (a stream already learnt) or the general one (IP options, a layout not cached, fragments)."""
+"""tunnelblock.py on ring blocks laid out as the kernel fills them: the pcapng is byte for byte what the plain
+decapsulators (decap_gre / decap_vxlan) and pcapng.py's blocks give (one interface per stream description, the
+direction in epb_flags, the sequence number in epb_packetid, the timestamp in a comment), whether the frame took
+the fast path (a stream already learnt) or the general one (IP options, a layout not cached, fragments)."""
 
-import io
 import struct
 
 from scapy.layers.inet import IP, UDP, fragment
@@ -10,7 +10,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from vtap_drivers.linux.decap import decap_gre, decap_vxlan
-from vtap_drivers.linux.pcapng import PcapngWriter
+from vtap_drivers.linux.pcapng import enhanced_packet, interface_description
 from vtap_drivers.linux.terminate import parse_listen
 from vtap_drivers.linux.tunnelblock import BlockReader
 
@@ -34,17 +34,48 @@ def ring_block(packets, cut=()):
     return block
 
 
-def before(packets, selected=lambda meta: True, vxlan=False, numbers=None):
-    """The pcapng blocks of the frames the old reader kept, made as it made them (numbers: their places in the block)."""
-    writer = PcapngWriter(io.BytesIO())
-    start = len(writer.stream.getvalue())
-    for number, packet in zip(numbers or range(len(packets)), packets):
-        header = (40 if packet[0] >> 4 == 6 else (packet[0] & 0x0F) * 4) + (8 if vxlan else 0)
-        found = (decap_vxlan if vxlan else decap_gre)(packet[header:])
-        if found is not None and selected(found[1]):
+class Expected:
+    """The pcapng blocks of the frames kept, made from decap_gre / decap_vxlan (numbers: their places in the block);
+    an interface's IDB before its first frame, once."""
+
+    def __init__(self, listen_text, vxlan=False, selected=lambda meta: True):
+        self.listen_text, self.vxlan, self.selected = listen_text, vxlan, selected
+        self.interfaces = {}
+
+    def blocks(self, packets, numbers=None):
+        out = b""
+        for number, packet in zip(numbers or range(len(packets)), packets):
+            header = (40 if packet[0] >> 4 == 6 else (packet[0] & 0x0F) * 4) + (8 if self.vxlan else 0)
+            found = (decap_vxlan if self.vxlan else decap_gre)(packet[header:])
+            if found is None or not self.selected(found[1]):
+                continue
             frame, meta = found
-            writer.write(frame, T0 + number * 1001, comment=meta.comment(), flags={"ingress": 1, "egress": 2}.get(meta.direction))
-    return writer.stream.getvalue()[start:]
+            if meta.description() not in self.interfaces:
+                self.interfaces[meta.description()] = len(self.interfaces)
+                out += interface_description(if_name=self.listen_text, if_description=meta.description())
+            comment = None if meta.timestamp is None else f"timestamp {meta.timestamp}"
+            flags = {"ingress": 1, "egress": 2}.get(meta.direction)
+            out += enhanced_packet(frame, T0 + number * 1001, interface_id=self.interfaces[meta.description()], comment=comment, flags=flags, packet_id=meta.sequence)
+        return out
+
+
+def before(packets, listen_text, **kwargs):
+    return Expected(listen_text, **kwargs).blocks(packets)
+
+
+def descriptions(blocks):
+    """The if_description of each Interface Description Block in blocks."""
+    found, position = [], 0
+    while position < len(blocks):
+        kind, length = struct.unpack_from("<II", blocks, position)
+        if kind == 1:
+            option = position + 16
+            while struct.unpack_from("<H", blocks, option)[0] != 3:
+                option += 4 + (struct.unpack_from("<H", blocks, option + 2)[0] + 3) // 4 * 4
+            size = struct.unpack_from("<H", blocks, option + 2)[0]
+            found.append(bytes(blocks[option + 4 : option + 4 + size]).decode())
+        position += length
+    return found
 
 
 class CountingReader(BlockReader):
@@ -81,7 +112,14 @@ def test_fast_and_general_path_frames_give_the_pcapng_the_writer_gave_before():
         ipv4(erspan3(5, 2, 99999)),  # the same stream: fast, its sequence and timestamp in the comment
         ipv4(erspan3(5, 3, 101, egress=False)),  # another stream (ingress): learnt, then fast
         ipv4(erspan3(5, 4, 102), options=b"\x94\x04\x00\x00"),  # IP options (router alert): general path
-        ipv4(erspan3(5, 5, 103, key=9)),  # key and type III: a layout not cached, general path
+        ipv4(erspan3(5, 5, 103, key=9)),  # key and type III: another stream (and interface)
+        ipv4(erspan3(5, 6, 103, key=9)),  # the same timestamp again
+        ipv4(struct.pack("!HHIII", 0xB000, 0x6558, 0x1234, 8, 44) + INNER),  # checksum, key, sequence
+        ipv4(struct.pack("!HHIII", 0xB000, 0x6558, 0x4321, 8, 45) + INNER),  # another checksum: the same stream
+        ipv4(struct.pack("!HHIIII", 0x9000, 0x88BE, 0, 46, 0x1000_0006, 0) + INNER),  # checksum, sequence, type II
+        ipv4(struct.pack("!HH", 0x0000, 0x88BE) + INNER),  # type I
+        ipv4(struct.pack("!HHI", 0x1000, 0x22EB, 9) + struct.pack("!HHIHH", 0x2000, 5, 300, 0, 0x119) + bytes(8) + INNER),  # O bit: a subheader
+        ipv4(struct.pack("!HHI", 0x0000, 0x0800, 0) + INNER),  # IP in GRE: no layout, general path, ignored
         *(ipv4(gretap(7, INNER + b"\x01" * extra)) for extra in range(4)),  # every padding
         ipv4(erspan2(6, 7)),  # a sequence number, no timestamp
         ipv4(erspan3(6, None, 4242)),  # a timestamp, no sequence number
@@ -90,9 +128,17 @@ def test_fast_and_general_path_frames_give_the_pcapng_the_writer_gave_before():
     ]
     reader = CountingReader(parse_listen("erspan://10.79.0.2"))
     blocks, kept, ignored, frames = reader.read(ring_block(packets), 0)
-    assert (kept, ignored, frames) == (len(packets), 0, None)
-    assert bytes(blocks) == before(packets)
-    assert reader.general == 3  # IP options, the uncached layout, the short one; the rest took the fast path
+    assert (kept, ignored, frames) == (len(packets) - 1, 1, None)
+    assert bytes(blocks) == before(packets, "erspan://10.79.0.2")
+    assert reader.general == 3  # IP options, IP in GRE, the short one; the rest took the fast path
+    assert descriptions(blocks) == [  # an interface per stream description, in the order first seen
+        "erspan, type III, session id 5, hardware id 17",  # both directions (epb_flags tell them apart), with a GRE key or not
+        "gre, key 8",
+        "erspan, type II, session id 6",
+        "erspan, type I",
+        "gre, key 7",
+        "erspan, type III, session id 6, hardware id 17",
+    ]
 
 
 def test_selection_cut_packets_and_junk_are_ignored_fragments_are_joined():
@@ -112,7 +158,8 @@ def test_selection_cut_packets_and_junk_are_ignored_fragments_are_joined():
     blocks, kept, ignored, _ = reader.read(ring_block(packets, cut={2}), 0)
     assert (kept, ignored) == (3, 5)
     # The joined packet has the time of its last fragment.
-    assert bytes(blocks) == before([packets[0], bytes(joined), packets[-1]], numbers=[0, 4 + len(pieces), len(packets) - 1])
+    expected = Expected("erspan://10.79.0.2?id=5").blocks([packets[0], bytes(joined), packets[-1]], numbers=[0, 4 + len(pieces), len(packets) - 1])
+    assert bytes(blocks) == expected
     assert reader.general == len(pieces) + 1  # the fragments and the IP-in-GRE packet (cached layouts only learn Ethernet)
 
 
@@ -120,12 +167,13 @@ def test_vxlan_and_an_ipv6_underlay_and_a_limit_mid_block():
     vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
     packets = [bytes(IP(src="10.79.0.1", dst="10.79.0.2", flags="DF") / UDP(sport=9, dport=4789) / (vxlan + INNER[: 60 + extra])) for extra in range(4)]
     reader = CountingReader(parse_listen("vxlan://10.79.0.2"))
+    expected = Expected("vxlan://10.79.0.2", vxlan=True)
     blocks, kept, _, _ = reader.read(ring_block(packets), 0)
-    assert kept == 4 and bytes(blocks) == before(packets, vxlan=True) and reader.general == 0
+    assert kept == 4 and bytes(blocks) == expected.blocks(packets) and reader.general == 0
     blocks, kept, _, _ = reader.read(ring_block(packets), 0, limit=2)
-    assert kept == 2 and bytes(blocks) == before(packets[:2], vxlan=True)
+    assert kept == 2 and bytes(blocks) == expected.blocks(packets[:2])  # the interface is already in the file
     six = [bytes(IPv6(src="fd00::1", dst="fd00::2", nh=47) / erspan3(5, n, 100 + n)) for n in range(3)]
     reader = CountingReader(parse_listen("erspan://[fd00::2]"), keep_frames=True)
     blocks, kept, _, frames = reader.read(ring_block(six), 0)
-    assert kept == 3 and bytes(blocks) == before(six) and frames == [INNER] * 3 and reader.general == 0
+    assert kept == 3 and bytes(blocks) == before(six, "erspan://[fd00::2]") and frames == [INNER] * 3 and reader.general == 0
 

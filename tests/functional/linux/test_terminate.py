@@ -87,7 +87,7 @@ def tshark(path, *fields):
     return [line.split("|") for line in subprocess.run(args, check=True, capture_output=True, text=True).stdout.splitlines()]
 
 
-def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tmp_path):
+def test_erspan_session_filter_interface_direction_sequence_timestamp_and_a_port_for_an_ids(wire, tmp_path):
     netns, mac = wire
     from pyroute2 import netns as pr_netns
 
@@ -113,10 +113,10 @@ def test_erspan_session_filter_comments_direction_and_a_port_for_an_ids(wire, tm
     # Only session 5's frames, unchanged, in the file and on the IDS port.
     assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 3
     assert seen == [inner] * 3
-    rows = tshark(path, "frame.protocols", "frame.comment", "frame.packet_flags_direction")
-    assert [row[0] for row in rows] == ["eth:ethertype:ip:udp:data"] * 3
-    assert all("erspan, type III, session id 5, direction egress, hardware id 17, timestamp 4242" in row[1] for row in rows), rows
-    assert {int(row[2], 0) for row in rows} == {2}  # outbound
+    # What the tunnel said: the session on the frame's interface, direction and sequence number in binary fields.
+    rows = tshark(path, "frame.protocols", "frame.interface_name", "frame.interface_description", "frame.packet_flags_direction", "frame.packet_id", "frame.comment")
+    assert [row[:3] for row in rows] == [["eth:ethertype:ip:udp:data", f"erspan://{ADDR}?id=5", "erspan, type III, session id 5, hardware id 17"]] * 3
+    assert [(int(row[3], 0), int(row[4]), row[5]) for row in rows] == [(2, 1, "timestamp 4242")] * 3  # outbound (egress), sequence 1
 
 
 def test_gre_key_filter_and_type_ii(wire, tmp_path):
@@ -128,12 +128,12 @@ def test_gre_key_filter_and_type_ii(wire, tmp_path):
                           [outer(mac, gre(8, inner[:-1] + b"\x08")), outer(mac, gre(7, inner))], tmp_path)
     assert rc == 0, err
     assert [bytes(p) for p in rdpcap(str(path))] == [inner] * 2
-    assert {row[0] for row in tshark(path, "frame.comment")} == {"gre, key 7"}
+    assert tshark(path, "frame.interface_description", "frame.comment", "frame.packet_id") == [["gre, key 7", "", ""]] * 2
     path2 = tmp_path / "e.pcapng"
     rc, err = run_capture(netns, mac, ["--listen", f"erspan://{ADDR}", "-w", str(path2), "--count", "1"], [outer(mac, erspan2(1023, inner))], tmp_path)
     assert rc == 0, err
     assert [bytes(p) for p in rdpcap(str(path2))] == [inner]
-    assert tshark(path2, "frame.comment") == [["erspan, type II, session id 1023, sequence 1"]]
+    assert tshark(path2, "frame.interface_description", "frame.packet_id", "frame.packet_flags_direction") == [["erspan, type II, session id 1023", "1", ""]]
 
 
 @pytest.mark.parametrize(
@@ -324,9 +324,10 @@ def test_fragmented_ipv6_tunnel_packets_are_joined_before_decapsulation(wire, tm
 
 def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     """The ring's kernel filter over IPv6: UDP to the port, and fragments of UDP (their port is checked once
-    joined), are queued; UDP to another port, fragments of another protocol, GRE and another address are not."""
+    joined), are queued, also past hop-by-hop, destination options and routing headers; UDP to another port,
+    fragments of another protocol, GRE, another address and more extension headers than it walks are not."""
     from pyroute2 import netns as pr_netns
-    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, fragment6
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
 
     from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
 
@@ -336,14 +337,21 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     to = IPv6(src="fd00:79::1", dst="fd00:79::2")
     vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0e" * 30))
     big = vxlan + bytes(2000)
-    kept = [to / UDP(sport=5, dport=4789) / vxlan, *fragment6(to / IPv6ExtHdrFragment(id=9) / UDP(sport=5, dport=4789) / big, 1280)]
+    chain = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(options=[]) / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    long_option = IPv6ExtHdrDestOpt(autopad=0, options=[Raw(b"\x01\x0c" + bytes(12))])  # 16 bytes: length 1
+    kept = [to / UDP(sport=5, dport=4789) / vxlan, *fragment6(to / IPv6ExtHdrFragment(id=9) / UDP(sport=5, dport=4789) / big, 1280),
+            chain / UDP(sport=5, dport=4789) / vxlan, to / IPv6ExtHdrHopByHop() / long_option / UDP(sport=5, dport=4789) / vxlan,
+            *fragment6(chain / IPv6ExtHdrFragment(id=11) / UDP(sport=5, dport=4789) / big, 1280)]
     dropped = [to / UDP(sport=5, dport=4790) / vxlan,
                IPv6(src="fd00:79::1", dst="fd00:79::3") / UDP(sport=5, dport=4789) / vxlan,
-               *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280)]
+               *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
+               chain / UDP(sport=5, dport=4790) / vxlan,
+               *fragment6(chain / IPv6ExtHdrFragment(id=12) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
+               chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / UDP(sport=5, dport=4789) / vxlan]  # five: more than it walks
     gre = to / Raw(b"\x00\x00\x65\x58" + vxlan[8:])
     gre.nh = 47
     dropped.append(gre)
-    assert len(kept) == 3
+    assert len(kept) == 7
     ring = open_tunnel_ring(parse_listen("vxlan://[fd00:79::2]"), netns)
     sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
     sender.bind(("s0", 0))
@@ -356,3 +364,31 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     finally:
         sender.close()
         ring.close()
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_ipv6_tunnel_packets_with_extension_headers_are_kept_and_joined(wire, tmp_path, tunnel):
+    """Hop-by-hop, destination options and routing headers before the Fragment header (as RFC 8200 orders
+    them), or before GRE/UDP itself: the file holds each inner frame, byte for byte."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
+
+    netns, mac = wire
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    small = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x0d" * 30))
+    chain = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    if tunnel == "erspan":
+        whole = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop(nh=47) / Raw(erspan3(5, small))
+        fragmented = chain / IPv6ExtHdrFragment(id=4242, nh=47) / Raw(erspan3(5, big))
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        whole = IPv6(src="fd00:79::1", dst="fd00:79::2") / IPv6ExtHdrHopByHop() / UDP(sport=5000, dport=4789) / (vxlan + small)
+        fragmented = chain / IPv6ExtHdrFragment(id=4242) / UDP(sport=5000, dport=4789) / (vxlan + big)
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for p in fragment6(fragmented, 1280)[::-1]]
+    assert len(pieces) == 3 and all(piece[14 + 6] == 0 for piece in pieces)  # each starts with its hop-by-hop header
+    path = tmp_path / "x6.pcapng"
+    first = bytes(Ether(src="02:00:00:00:00:09", dst=mac) / whole)
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "2"], [first, *pieces], tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
