@@ -327,8 +327,9 @@ class Client:
         members: dict = {}
         here_sessions, here_flows = self._here(list(sessions.values()), flows)
         mine = {f.name for f in here_flows}  # another host's flow has no problem here: its host says
-        desired = reconcile.desired_bindings(self.driver, here_sessions, here_flows, problems, members)
-        observed = {b.key: b for b in self.driver.observe()}
+        with reconcile.one_look(self.driver):
+            desired = reconcile.desired_bindings(self.driver, here_sessions, here_flows, problems, members)
+            observed = {b.key: b for b in self.driver.observe()}
         why = {(s, parent_of(f)): text for s, f, text in problems}
         by_flow: dict = {}
         for binding in desired:

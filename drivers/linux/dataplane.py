@@ -256,6 +256,7 @@ class TcDataplane:
         self._nl = None
         self._lock = threading.RLock()
         self._planning = threading.local()  # .view while planning(): one look at the namespace
+        self._looking = threading.local()  # .tables while one_look() is open in this thread
 
     # ------------------------------------------------------------ planning
 
@@ -393,12 +394,52 @@ class TcDataplane:
             yield present
             return
         with self._kernel():
-            indexes = self._link_indexes()
-            self._planning.view = (indexes, self._qdisc_places())
+            if self._look_open():  # observe reads every link in full next: one dump for both
+                indexes = {link["name"]: link["index"] for link in self._once("links", self._brief_links)}
+            else:
+                indexes = self._link_indexes()
+            self._planning.view = (indexes, self._once("qdiscs", self._qdisc_places))
         try:
             yield set(indexes)
         finally:
             self._planning.view = None
+
+    @contextmanager
+    def one_look(self):
+        """While open (in this thread), plan and observe read each namespace table (links, qdiscs) once:
+        `status` and a reconcile plan and observe on one look at the namespace instead of two.
+        apply() and remove() drop what was read: they change it."""
+        if self._look_open():
+            yield  # the outer look holds
+            return
+        self._looking.tables = {}
+        try:
+            yield
+        finally:
+            self._looking.tables = None
+
+    def _look_open(self) -> bool:
+        return getattr(self._looking, "tables", None) is not None
+
+    def _once(self, table: str, read):
+        """read(); inside one_look(), what it gave the first time."""
+        tables = getattr(self._looking, "tables", None)
+        if tables is None:
+            return read()
+        if table not in tables:
+            tables[table] = read()
+        return tables[table]
+
+    @contextmanager
+    def _changing(self):
+        """apply/remove: they read the namespace afresh, and an open look reads it again after them."""
+        was_open = self._look_open()
+        self._looking.tables = None
+        try:
+            yield
+        finally:
+            if was_open:
+                self._looking.tables = {}
 
     def planning_view(self) -> tuple | None:
         """What a plan made inside planning() depends on besides sessions and flows (hashable); None without a view."""
@@ -506,7 +547,13 @@ class TcDataplane:
 
     def _hook_kinds(self) -> dict[int, str | None]:
         """{ifindex: kind of the qdisc at the clsact hook (clsact, ingress)} of every device that has one
-        (one qdisc dump, read down to the kind: observe needs no more)."""
+        (one qdisc dump, read down to the kind: observe needs no more; none if this look has them)."""
+        places = (getattr(self._looking, "tables", None) or {}).get("qdiscs")
+        if places is not None:
+            return {index: place["hook"]["kind"] for index, place in places.items() if place["hook"]}
+        return self._once("kinds", self._read_hook_kinds)
+
+    def _read_hook_kinds(self) -> dict[int, str | None]:
         kinds: dict[int, str | None] = {}
         for data, start, end in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
             index, parent, kind = tcnl.read_qdisc_kind(data, start, end)
@@ -534,6 +581,10 @@ class TcDataplane:
         """Every link, or those of one kind (the kernel filters by kind)."""
         links = [tcnl.read_link(*reply) for reply in self.nl.stream(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
         return [link for link in links if kind is None or link["kind"] == kind]
+
+    def _brief_links(self) -> list[dict]:
+        """Every link, read as tcnl.read_link_brief (name, index, flags, MTU; vtap's own devices whole): one dump."""
+        return [tcnl.read_link_brief(*reply) for reply in self.nl.stream(tcnl.link_query(), RTM_GETLINK, DUMP)]
 
     def ifindex(self, name: str) -> int | None:
         with self._kernel():
@@ -590,23 +641,20 @@ class TcDataplane:
         vtap chose handles, one gone) is dumped whole, as every hook once was,
         unless hook_kinds() (_hook_kinds) shows no qdisc at it: nothing to dump.
         """
-        def where(mark):
-            ifindex, hook, binding = mirrors[mark]
-            return ifindex, hook, binding.get("parent"), binding
+        asked = [(ifindex, hook, binding.get("parent"), mark, binding) for mark, (ifindex, hook, binding) in mirrors.items()]
 
-        def query(mark):
-            ifindex, hook, parent, _ = where(mark)
+        def query(entry):
+            ifindex, hook, parent, mark, _ = entry
             return tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent))
 
-        asked = list(mirrors)  # marks only: thousands of tuples besides would cost memory
         found, unsure = [], set()
+        read_mark = tcnl.read_filter_mark
         for index, reply in self.nl.gets(map(query, asked), RTM_GETTFILTER):
-            mark = asked[index]
-            ifindex, hook, parent, binding = where(mark)
-            if not isinstance(reply, NetlinkFailure) and tcnl.read_filter_mark(*reply) == mark:
-                found.append((ifindex, hook, parent, mark, binding))
+            entry = asked[index]
+            if reply.__class__ is not NetlinkFailure and read_mark(*reply) == entry[3]:
+                found.append(entry)
             else:
-                unsure.add((ifindex, hook, parent))
+                unsure.add(entry[:3])
         if not unsure:
             return found
         found = [entry for entry in found if entry[:3] not in unsure]  # the dump tells for the whole hook
@@ -655,13 +703,16 @@ class TcDataplane:
             underlays: dict[str, tuple | None] = {}
             healths: dict[tuple, object] = {}
 
-            def link_of(index):
-                if index not in links:
-                    links[index] = self._link(index=index) if index else None
-                return links[index]
+            def link_of(index, whole=False):  # whole: with kind and counters (a target's), not brief
+                link = links.get(index, links)
+                if link is links or (whole and link is not None and link.get("brief")):
+                    link = links[index] = self._link(index=index) if index else None
+                return link
 
             def name_of(index):
-                link = link_of(index)
+                link = links.get(index, links)
+                if link is links:
+                    link = link_of(index)
                 return link["name"] if link is not None else None
 
             mirrors = catalog.mirrors()
@@ -671,7 +722,7 @@ class TcDataplane:
             hooks = {(ifindex, hook) for ifindex, hook, _ in mirrors.values()}
             every_link = None
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
-                every_link = self._links()
+                every_link = self._once("links", self._brief_links)
                 links.update((link["index"], link) for link in every_link)
             kinds = None
 
@@ -685,22 +736,22 @@ class TcDataplane:
             used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
             for ifindex, hook, parent, mark, binding in in_place:
-                if mark not in actions:
+                action = actions.get(mark)
+                if action is None:
                     continue  # deleted since the filter dump
-                spec = dict(binding.spec)  # read by name below
-                to_index, packets, nbytes, refused = actions[mark]
+                to_index, packets, nbytes, refused = action
                 # What the filter really mirrors: the target device may have gone or been
                 # recreated, the device renamed (names swapped): then the spec shows it.
                 actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or ""}
                 if hook == "egress" and parent is None:
                     if hook_kinds().get(ifindex) != "clsact":
                         actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                if any(spec.get(name) != value for name, value in actual.items()):
+                if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, mark, **actual)
                 # At ingress the kernel counts from the network header; count whole frames.
                 nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
                 if (ifindex, to_index) not in healths:  # a device's two hooks mirror to one target
-                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index), underlays)
+                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index, whole=True), underlays)
                 counters = Counters(packets, nbytes, refused, healths[ifindex, to_index])
                 out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
             known = catalog.bindings
@@ -841,7 +892,7 @@ class TcDataplane:
         for binding in bindings:
             if binding.get("type") not in ("mirror", "vxlan", "capture", "gre", "erspan"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
-        with self._kernel(), self.catalog.locked() as catalog:
+        with self._changing(), self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
             try:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
@@ -1029,7 +1080,7 @@ class TcDataplane:
 
     def remove(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: -b.order)
-        with self._kernel(), self.catalog.locked() as catalog:
+        with self._changing(), self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
             catalog.save_or_keep()

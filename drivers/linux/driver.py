@@ -111,6 +111,10 @@ class LinuxDriver(Driver):
     def observe(self) -> list[Binding]:
         return self.dataplane.observe()
 
+    def one_look(self):
+        """Plan and observe inside read the namespace's links and qdiscs once (reconcile.one_look)."""
+        return self.dataplane.one_look()
+
     def prepare(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.prepare(bindings)
 
