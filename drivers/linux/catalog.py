@@ -72,15 +72,21 @@ def _to_dict(binding: Binding) -> dict:
     }
 
 
-def _from_dict(data: dict) -> Binding:
+def _from_dict(data: dict, counters=None) -> Binding:
     return Binding(
         key=data["key"],
         session=data["session"],
         flow=data.get("flow"),
         vm=data.get("vm"),
         spec=data["spec"] if isinstance(data["spec"], tuple) else tuple(map(tuple, data["spec"])),  # _compact() made most tuples already
+        counters=counters,
         order=data.get("order", 1),
     )
+
+
+def binding_of(entry: dict, counters=None) -> Binding:
+    """The Binding of an entry of mirrors(), with the counters observe read."""
+    return _from_dict(entry, counters)
 
 
 def _compact(bindings: dict) -> dict:
@@ -226,14 +232,15 @@ class Catalog:
             self._changed, self._hooks = True, None
         return mark
 
-    def mirrors(self) -> dict[bytes, tuple[int, str, Binding]]:
-        """{mark: (device ifindex, hook, binding)} of the mirrors named here."""
+    def mirrors(self) -> dict[bytes, tuple[int, str, str | None, dict]]:
+        """{mark: (device ifindex, hook, parent, entry)} of the mirrors named here (binding_of(entry) is its Binding:
+        observe makes it once, with its counters)."""
         if self._hooks is None:
             found: dict = {}
             for mark, data in self.bindings.items():
                 spec = dict(data["spec"])
                 if spec.get("type") == "mirror" and data.get("ifindex"):
-                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], _from_dict(data))
+                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], spec.get("parent"), data)
             self._hooks = found
         return self._hooks
 

@@ -105,7 +105,7 @@ from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
-from vtap_drivers.linux.catalog import Catalog, mark_from_alias
+from vtap_drivers.linux.catalog import Catalog, binding_of, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 
@@ -446,8 +446,9 @@ class TcDataplane:
         if getattr(self._planning, "view", None) is None:
             return None
         indexes, places = self._planning.view
-        qdiscs = tuple(sorted((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q))
-        return tuple(sorted(indexes.items())), qdiscs
+        # In the order the kernel listed them, not sorted: two looks listed otherwise only cost a plan.
+        qdiscs = tuple((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q)
+        return tuple(indexes.items()), qdiscs
 
     def placement(self, device: str, hook: str) -> str | None:
         """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
@@ -562,14 +563,21 @@ class TcDataplane:
         return kinds
 
     def _qdisc_places(self) -> dict[int, dict]:
-        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
-        places: dict[int, dict] = {}
+        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump).
+
+        Read-only: devices whose qdiscs are alike share one dict of each (10,000 devices
+        with a clsact and a noqueue have a handful, not 30,000 dicts held while status observes).
+        """
+        found: dict[int, list] = {}
+        qdiscs: dict[tuple, dict] = {}
         for reply in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
             qdisc = tcnl.read_qdisc_place(*reply)
-            where = {tcnl.TC_H_CLSACT: "hook", tcnl.TC_H_ROOT: "root"}.get(qdisc["parent"])
-            if where:
-                places.setdefault(qdisc["index"], {"hook": None, "root": None})[where] = qdisc
-        return places
+            where = PLACE_OF_PARENT.get(qdisc["parent"])
+            if where is not None:
+                index = qdisc.pop("index")  # the key of places: a shared dict is every such device's
+                found.setdefault(index, [None, None])[where] = qdiscs.setdefault(tuple(qdisc.values()), qdisc)
+        places: dict[tuple, dict] = {}
+        return {index: places.setdefault((id(hook), id(root)), {"hook": hook, "root": root}) for index, (hook, root) in found.items()}
 
     def _places_of(self, ifindexes: set) -> dict[int, dict]:
         """_qdisc_places() of these devices: gets for a few, one dump for many."""
@@ -633,7 +641,7 @@ class TcDataplane:
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
     def _mirrors_in_place(self, mirrors: dict, hook_kinds) -> list[tuple]:
-        """(ifindex, hook, parent, mark, binding) of the mirrors ({mark: (ifindex, hook, binding)}) the kernel holds.
+        """(ifindex, hook, parent, mark, entry) of the mirrors (catalog.mirrors()) the kernel holds.
 
         vtap adds its filters at FILTER_PRIO with a handle named by the mark
         (tcnl.handle_for): one get per filter, many per send, finds each. A hook
@@ -641,7 +649,7 @@ class TcDataplane:
         vtap chose handles, one gone) is dumped whole, as every hook once was,
         unless hook_kinds() (_hook_kinds) shows no qdisc at it: nothing to dump.
         """
-        asked = [(ifindex, hook, binding.get("parent"), mark, binding) for mark, (ifindex, hook, binding) in mirrors.items()]
+        asked = [(ifindex, hook, parent, mark, entry) for mark, (ifindex, hook, parent, entry) in mirrors.items()]
 
         def query(entry):
             ifindex, hook, parent, mark, _ = entry
@@ -663,8 +671,8 @@ class TcDataplane:
                 continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
             for mark in self._filter_marks(ifindex, hook, parent):
                 wanted = mirrors.get(mark)
-                if wanted is not None and wanted[:2] == (ifindex, hook) and wanted[2].get("parent") == parent:
-                    found.append((ifindex, hook, parent, mark, wanted[2]))
+                if wanted is not None and wanted[:3] == (ifindex, hook, parent):
+                    found.append((ifindex, hook, parent, mark, wanted[3]))
         return found
 
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
@@ -717,9 +725,9 @@ class TcDataplane:
 
             mirrors = catalog.mirrors()
             if vm is not None:  # the hooks holding a mirror of that VM or of none, whole
-                theirs = {(ifindex, hook) for ifindex, hook, binding in mirrors.values() if binding.vm in (vm, None)}
+                theirs = {(ifindex, hook) for ifindex, hook, _, entry in mirrors.values() if entry.get("vm") in (vm, None)}
                 mirrors = {mark: mirror for mark, mirror in mirrors.items() if mirror[:2] in theirs}
-            hooks = {(ifindex, hook) for ifindex, hook, _ in mirrors.values()}
+            hooks = {(ifindex, hook) for ifindex, hook, *_ in mirrors.values()}
             every_link = None
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
                 every_link = self._once("links", self._brief_links)
@@ -735,25 +743,24 @@ class TcDataplane:
             in_place = self._mirrors_in_place(mirrors, hook_kinds)
             used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
-            for ifindex, hook, parent, mark, binding in in_place:
+            for ifindex, hook, parent, mark, entry in in_place:
                 action = actions.get(mark)
                 if action is None:
                     continue  # deleted since the filter dump
                 to_index, packets, nbytes, refused = action
-                # What the filter really mirrors: the target device may have gone or been
-                # recreated, the device renamed (names swapped): then the spec shows it.
-                actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or ""}
-                if hook == "egress" and parent is None:
-                    if hook_kinds().get(ifindex) != "clsact":
-                        actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                if any(binding.get(name) != value for name, value in actual.items()):
-                    binding = _drifted(binding, mark, **actual)
                 # At ingress the kernel counts from the network header; count whole frames.
                 nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
                 if (ifindex, to_index) not in healths:  # a device's two hooks mirror to one target
                     healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index, whole=True), underlays)
-                counters = Counters(packets, nbytes, refused, healths[ifindex, to_index])
-                out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
+                binding = binding_of(entry, Counters(packets, nbytes, refused, healths[ifindex, to_index]))
+                # What the filter really mirrors: the target device may have gone or been
+                # recreated, the device renamed (names swapped): then the spec shows it.
+                to_name, device_name = name_of(to_index) or "", name_of(ifindex) or ""
+                # An ingress qdisc took an egress filter: it sits on its ingress block.
+                moved = hook == "egress" and parent is None and hook_kinds().get(ifindex) != "clsact"
+                if moved or binding.get("to") != to_name or binding.get("device") != device_name:
+                    binding = _drifted(binding, mark, to=to_name, device=device_name, **({"hook": "ingress"} if moved else {}))
+                out.append(binding)
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
             out.extend(self._observe_devices(catalog, every_link))
@@ -1196,6 +1203,9 @@ class TcDataplane:
         except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+PLACE_OF_PARENT = {tcnl.TC_H_CLSACT: 0, tcnl.TC_H_ROOT: 1}  # where a qdisc sits: [hook, root]
 
 
 def _parent_number(parent: str | None) -> int | None:

@@ -188,9 +188,15 @@ class RtnlSocket:
             if not chunk:
                 return
             self.sock.send(b"".join(chunk))
+            recv, unpack = self.sock.recv, HEADER.unpack_from
             while waiting:
-                data = self.sock.recv(RECEIVE_SIZE)
-                for reply_type, _flags, sequence, start, end in _messages(data):
+                data = recv(RECEIVE_SIZE)
+                offset = 0
+                while offset + HEADER.size <= len(data):  # _messages(), written out: a reply a datagram, 20,000 of them
+                    length, reply_type, _flags, sequence, _pid = unpack(data, offset)
+                    if length < HEADER.size:
+                        break
+                    start, end, offset = offset + HEADER.size, offset + length, offset + ((length + 3) & ~3)
                     if sequence not in waiting:
                         continue  # an ack left over from an earlier get
                     if reply_type == NLMSG_ERROR:
