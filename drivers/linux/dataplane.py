@@ -61,6 +61,7 @@ API (all names are device names in this namespace):
                              another hook than planned, vxlan changed) differ in spec;
                              orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
                              a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
+    with dp.one_look():   plans and observe() inside read the links and qdiscs once (this thread's)
     dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
                           fails here, before anything in the kernel changed
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
@@ -80,7 +81,8 @@ window of gets per send, down to the mark only (which mirrors are in place: a
 deleted filter's action outlives it until the kernel releases it); a hook
 where a get does not show the mark is dumped whole. Then one dump of mirred
 actions (counters and targets of those, and orphans the catalog lost).
-A plan of a few devices gets them one by one; of many, one link and one qdisc dump.
+A plan of a few devices gets them one by one; of many, one link and one qdisc dump,
+which observe() reuses inside one_look() (status, a reconcile: one read of each for both).
 Between processes, apply/remove hold the catalog's flock exclusively and
 observe holds it shared. Marks name their state dir: two stores on one host
 never take each other's mirrors for orphans.
@@ -394,7 +396,7 @@ class TcDataplane:
             yield present
             return
         with self._kernel():
-            if self._look_open():  # observe reads every link in full next: one dump for both
+            if self.look_open():  # observe reads every link next: one dump for both
                 indexes = {link["name"]: link["index"] for link in self._once("links", self._brief_links)}
             else:
                 indexes = self._link_indexes()
@@ -409,7 +411,7 @@ class TcDataplane:
         """While open (in this thread), plan and observe read each namespace table (links, qdiscs) once:
         `status` and a reconcile plan and observe on one look at the namespace instead of two.
         apply() and remove() drop what was read: they change it."""
-        if self._look_open():
+        if self.look_open():
             yield  # the outer look holds
             return
         self._looking.tables = {}
@@ -418,7 +420,8 @@ class TcDataplane:
         finally:
             self._looking.tables = None
 
-    def _look_open(self) -> bool:
+    def look_open(self) -> bool:
+        """Whether one_look() is open in this thread."""
         return getattr(self._looking, "tables", None) is not None
 
     def _once(self, table: str, read):
@@ -433,7 +436,7 @@ class TcDataplane:
     @contextmanager
     def _changing(self):
         """apply/remove: they read the namespace afresh, and an open look reads it again after them."""
-        was_open = self._look_open()
+        was_open = self.look_open()
         self._looking.tables = None
         try:
             yield
