@@ -72,14 +72,13 @@ def _to_dict(binding: Binding) -> dict:
     }
 
 
-def _from_dict(data: dict, counters=None) -> Binding:
+def _from_dict(data: dict) -> Binding:
     return Binding(
         key=data["key"],
         session=data["session"],
         flow=data.get("flow"),
         vm=data.get("vm"),
         spec=data["spec"] if isinstance(data["spec"], tuple) else tuple(map(tuple, data["spec"])),  # _compact() made most tuples already
-        counters=counters,
         order=data.get("order", 1),
     )
 

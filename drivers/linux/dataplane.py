@@ -721,9 +721,7 @@ class TcDataplane:
                 return link
 
             def name_of(index):
-                link = links.get(index, links)
-                if link is links:
-                    link = link_of(index)
+                link = link_of(index)
                 return link["name"] if link is not None else None
 
             mirrors = catalog.mirrors()
