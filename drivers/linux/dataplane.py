@@ -574,11 +574,13 @@ class TcDataplane:
         found: dict[int, list] = {}
         qdiscs: dict[tuple, dict] = {}
         for reply in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
-            qdisc = tcnl.read_qdisc_place(*reply)
-            where = PLACE_OF_PARENT.get(qdisc["parent"])
+            index, qdisc = tcnl.read_qdisc(*reply)  # (handle, parent, kind, blocks)
+            where = PLACE_OF_PARENT.get(qdisc[1])
             if where is not None:
-                index = qdisc.pop("index")  # the key of places: a shared dict is every such device's
-                found.setdefault(index, [None, None])[where] = qdiscs.setdefault(tuple(qdisc.values()), qdisc)
+                shared = qdiscs.get(qdisc)  # no "index" in it: a shared dict is every such device's
+                if shared is None:
+                    shared = qdiscs[qdisc] = dict(zip(("handle", "parent", "kind", "blocks"), qdisc))
+                found.setdefault(index, [None, None])[where] = shared
         places: dict[tuple, dict] = {}
         return {index: places.setdefault((id(hook), id(root)), {"hook": hook, "root": root}) for index, (hook, root) in found.items()}
 
