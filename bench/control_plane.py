@@ -6,7 +6,8 @@ In a namespace of its own (N/2 veth pairs = N interfaces, a spare one, and mon0)
                       "tcp port 80" (--filters distinct: "tcp port <1000+i>", a different
                       expression per flow): validate, store, plan, apply (2N tc filters)
     vtap status       desired vs observed for all N flows, by a fresh Client with nothing
-                      compiled in memory (as a new process); and `vtap status` as a process
+                      compiled in memory (as a new process), median of --repeats such runs (other
+                      load on the machine scatters single runs); and `vtap status` as a process
     flow add          one more flow (on the spare interface) into the N existing ones
     no-op reconcile   observe + diff with everything in place (median of several)
     vtap delete       the session and everything it put in the kernel
@@ -117,14 +118,24 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
     with Client(driver="linux", state=state, command="bench") as client:
         apply_s, _ = timed_cpu("apply", lambda: client.apply_document(document))
         print(f"vtap apply of {len(devices)} flows: {apply_s:.2f} s", flush=True)
-    filters._compile.cache_clear()  # nothing compiled in memory: status as a new process would run it
+    status_runs, status_cpu, status_user = [], [], []
+    for _ in range(repeats):
+        filters._compile.cache_clear()  # nothing compiled in memory: status as a new process would run it
+        with Client(driver="linux", state=state, command="bench") as client:
+            seconds, rows = timed_cpu("status", client.status)
+            status_runs.append(seconds)
+            status_cpu.append(CPU["status"])
+            status_user.append(USER["status"])
+            compiled_by_status = filters._compile.cache_info().misses
+        del rows  # one run's rows at a time (peak RSS)
+    status_s = benchlib.median(status_runs)
+    filters._compile.cache_clear()
     with Client(driver="linux", state=state, command="bench") as client:
-        status_s, rows = timed_cpu("status", client.status)
-        compiled_by_status = filters._compile.cache_info().misses
+        rows = client.status()
         active = sum(r.state == "active" for r in rows)
         sample = random.Random(1).sample(devices, min(10, len(devices)))
         sampled_filters = sum(tc_filters_on(d) for d in sample)
-        print(f"vtap status: {status_s:.2f} s, {active}/{len(rows)} flows active, {compiled_by_status} expressions compiled; tc shows {sampled_filters}/{2 * len(sample)} filters on {len(sample)} sampled devices", flush=True)
+        print(f"vtap status: median {status_s:.2f} s over {repeats}, {active}/{len(rows)} flows active, {compiled_by_status} expressions compiled; tc shows {sampled_filters}/{2 * len(sample)} filters on {len(sample)} sampled devices", flush=True)
         cli_s, cli_active = cli_status_s(state)
         print(f"`vtap status` process: {cli_s:.2f} s, {cli_active} flows active", flush=True)
         add_s, _ = timed_cpu("flow_add", lambda: client.add_flow("cp", interface=spare, direction="both", filter=filter_of(len(devices), filters_kind), name="added"))
@@ -145,6 +156,7 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
     return {
         "apply_s": apply_s,
         "status_s": status_s,
+        "status_runs_s": status_runs,
         "status_compiled_expressions": compiled_by_status,
         "cli_status_s": cli_s,
         "cli_status_active": cli_active,
@@ -158,8 +170,8 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
         "noop_reconcile_s": benchlib.median(noop),
         "noop_reconcile_runs_s": noop,
         "noop_reconcile_changes": sum(changes),
-        "cpu_s": dict(CPU, noop_reconcile=benchlib.median(noop_cpu)),
-        "user_cpu_s": dict(USER, noop_reconcile=benchlib.median(noop_user)),
+        "cpu_s": dict(CPU, noop_reconcile=benchlib.median(noop_cpu), status=benchlib.median(status_cpu)),
+        "user_cpu_s": dict(USER, noop_reconcile=benchlib.median(noop_user), status=benchlib.median(status_user)),
         "delete_s": remove_s,
     }
 
@@ -224,7 +236,8 @@ def curve(args, env) -> int:
         f"vtap control plane scaling: N flows (direction both, filters {args.filters}) on N interfaces, one session to port:mon0, through the SDK",
         f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
         "",
-        "wall time (CPU time of the vtap process, user + system, in brackets: less disturbed by other load)",
+        "wall time (CPU time of the vtap process, user + system, in brackets: less disturbed by other load);",
+        f"status (a fresh Client each run) and no-op reconcile: medians of {args.repeats} runs",
         "",
         "   flows             apply            status          flow add   no-op reconcile            delete   peak RSS   load",
     ]
@@ -254,7 +267,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=1000)
     parser.add_argument("--filters", choices=("same", "distinct"), default="same", help="one expression for all flows, or one per flow")
-    parser.add_argument("--repeats", type=int, default=5, help="no-op reconciles to time")
+    parser.add_argument("--repeats", type=int, default=5, help="status runs and no-op reconciles to time (medians)")
     parser.add_argument("--tc-sample", type=int, default=500, metavar="DEVICES", help="time the tc-per-object baseline on at most this many devices, scaled up")
     parser.add_argument("--no-tc", action="store_true", help="vtap only")
     parser.add_argument("--curve", metavar="SIZES", help="comma-separated flow counts: vtap only, one process per size")

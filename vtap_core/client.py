@@ -327,8 +327,9 @@ class Client:
         members: dict = {}
         here_sessions, here_flows = self._here(list(sessions.values()), flows)
         mine = {f.name for f in here_flows}  # another host's flow has no problem here: its host says
-        desired = reconcile.desired_bindings(self.driver, here_sessions, here_flows, problems, members)
-        observed = {b.key: b for b in self.driver.observe()}
+        with reconcile.one_look(self.driver):
+            desired = reconcile.desired_bindings(self.driver, here_sessions, here_flows, problems, members)
+            observed = {b.key: b for b in self.driver.observe()}
         why = {(s, parent_of(f)): text for s, f, text in problems}
         by_flow: dict = {}
         for binding in desired:
@@ -344,10 +345,11 @@ class Client:
                 orphans.setdefault((binding.session, binding.flow or "-"), []).append(binding)
         if here_only:
             flows = [f for f in flows if f.name in mine or not sessions[f.session].enabled]
+        # The session's own target bindings (a pcap sink) count what was lost for all its flows.
+        capture_dropped = {name: sum(observed[b.key].counters.dropped for b in by_flow.get((name, None), []) if b.key in observed and observed[b.key].counters is not None) for name in sessions}
+        target_text = {name: str(session.target) for name, session in sessions.items()}
         for flow in flows:
             session = sessions[flow.session]
-            # The session's own target bindings (a pcap sink) count what was lost for all its flows.
-            targets = [observed[b.key] for b in by_flow.get((flow.session, None), []) if b.key in observed]
             row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed)
             if flow.source.select is not None:
                 member_rows = [
@@ -364,11 +366,11 @@ class Client:
                     flow=flow.name,
                     source=str(flow.source),
                     direction=flow.direction.value,
-                    target=str(session.target),
+                    target=target_text[flow.session],
                     problem="; ".join(p for p in (problem, *trouble) if p),
                     members=member_rows if flow.source.select is not None else None,
                     **row,
-                    capture_dropped=sum(b.counters.dropped for b in targets if b.counters is not None),
+                    capture_dropped=capture_dropped[flow.session],
                 )
             )
         rows.extend(_orphan_row(session, flow, found) for (session, flow), found in sorted(orphans.items()))
@@ -615,7 +617,11 @@ COUNTS = ("desired", "observed", "packets", "bytes", "dropped", "target_tx_dropp
 
 def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
     """state, desired, observed, counters and target-side trouble of one flow's bindings."""
-    present = [observed[b.key] for b in mine if b.key in observed and observed[b.key].spec == b.spec]
+    present = []
+    for binding in mine:
+        seen = observed.get(binding.key)
+        if seen is not None and seen.spec == binding.spec:
+            present.append(seen)
     counters = [b.counters for b in present if b.counters is not None]
     if not session.enabled:
         state = "disabled"
@@ -793,8 +799,11 @@ def _no_unknown_keys(where: str, mapping: dict, allowed: set):
 
 def _target_side(counters) -> tuple[int, TargetHealth, list[str]]:
     """(copies dropped, the flow's target devices with their counters summed, problem texts)."""
-    targets = {c.target.device: c.target for c in counters if c.target is not None}  # one per device, however many hooks
-    dropped = sum(c.dropped for c in counters)
+    targets, dropped = {}, 0
+    for counter in counters:
+        dropped += counter.dropped
+        if counter.target is not None:
+            targets[counter.target.device] = counter.target  # one per device, however many hooks
     device = ", ".join(sorted(targets))
     cut = "; ".join(dict.fromkeys(t.cut for t in targets.values() if t.cut))
     notes = list(dict.fromkeys(t.note for t in targets.values() if t.note))

@@ -8,6 +8,7 @@ crashed run, a deleted session) is removed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -55,6 +56,13 @@ def diff(desired: list[Binding], observed: list[Binding], scope: str | None = No
             plan.keep.append(seen)
     plan.remove.extend(b for key, b in found.items() if key not in wanted)
     return plan
+
+
+def one_look(driver: Driver):
+    """Optional driver hook `one_look()`: a context in which the driver reads each platform table once,
+    so a plan and the observe after it (status, reconcile) share one read instead of two."""
+    look = getattr(driver, "one_look", None)
+    return look() if look is not None else contextlib.nullcontext()
 
 
 def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None, members: dict | None = None, scope: str | None = None) -> list[Binding]:
@@ -161,10 +169,11 @@ def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], 
         focus(scope)
     try:
         narrow = scope if focus is not None else None
-        if desired is None:
-            desired = (desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), problems, members)
-        bindings, problems, members = desired
-        plan = diff(bindings, driver.observe(), scope)
+        with one_look(driver):
+            if desired is None:
+                desired = (desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), problems, members)
+            bindings, problems, members = desired
+            plan = diff(bindings, driver.observe(), scope)
     finally:
         if focus is not None:
             focus(None)

@@ -83,6 +83,13 @@ def _from_dict(data: dict) -> Binding:
     )
 
 
+def binding_of(entry: dict, counters=None) -> Binding:
+    """The Binding of an entry of mirrors(), with the counters observe read (_from_dict, positionally: 20,000 a status)."""
+    spec = entry["spec"]
+    spec = spec if isinstance(spec, tuple) else tuple(map(tuple, spec))
+    return Binding(entry["key"], entry["session"], entry.get("flow"), entry.get("vm"), spec, counters, entry.get("order", 1))
+
+
 def _compact(bindings: dict) -> dict:
     """The entries, each spec a tuple of shared pairs: JSON gives every entry its own copy of
     ["type", "mirror"], ["to", "mon0"]..., which for 20,000 mirrors is tens of MiB."""
@@ -226,14 +233,15 @@ class Catalog:
             self._changed, self._hooks = True, None
         return mark
 
-    def mirrors(self) -> dict[bytes, tuple[int, str, Binding]]:
-        """{mark: (device ifindex, hook, binding)} of the mirrors named here."""
+    def mirrors(self) -> dict[bytes, tuple[int, str, str | None, dict]]:
+        """{mark: (device ifindex, hook, parent, entry)} of the mirrors named here (binding_of(entry) is its Binding:
+        observe makes it once, with its counters)."""
         if self._hooks is None:
             found: dict = {}
             for mark, data in self.bindings.items():
                 spec = dict(data["spec"])
                 if spec.get("type") == "mirror" and data.get("ifindex"):
-                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], _from_dict(data))
+                    found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], spec.get("parent"), data)
             self._hooks = found
         return self._hooks
 

@@ -61,6 +61,7 @@ API (all names are device names in this namespace):
                              another hook than planned, vxlan changed) differ in spec;
                              orphans without a catalog entry come as "unknown/[NETNS/]MARK" keys,
                              a clsact vtap added that holds no filter any more as "clsact/[NETNS/]DEVICE"
+    with dp.one_look():   plans and observe() inside read the links and qdiscs once (this thread's)
     dp.prepare(bindings)  names them in the catalog now (the one file apply writes): a full disk
                           fails here, before anything in the kernel changed
     dp.apply(bindings)    idempotent; one filter per binding; rolls back its own additions on failure
@@ -80,7 +81,8 @@ window of gets per send, down to the mark only (which mirrors are in place: a
 deleted filter's action outlives it until the kernel releases it); a hook
 where a get does not show the mark is dumped whole. Then one dump of mirred
 actions (counters and targets of those, and orphans the catalog lost).
-A plan of a few devices gets them one by one; of many, one link and one qdisc dump.
+A plan of a few devices gets them one by one; of many, one link and one qdisc dump,
+which observe() reuses inside one_look() (status, a reconcile: one read of each for both).
 Between processes, apply/remove hold the catalog's flock exclusively and
 observe holds it shared. Marks name their state dir: two stores on one host
 never take each other's mirrors for orphans.
@@ -105,7 +107,7 @@ from vtap_core.filter_cache import FilterCache
 from vtap_core.filters import compile_filter, with_sampling
 from vtap_core.model import Direction, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
-from vtap_drivers.linux.catalog import Catalog, mark_from_alias
+from vtap_drivers.linux.catalog import Catalog, binding_of, mark_from_alias
 from vtap_drivers.linux.nlsock import NetlinkFailure, RtnlSocket
 from vtap_drivers.linux.targethealth import NO_ROUTE, health as target_health
 
@@ -256,6 +258,7 @@ class TcDataplane:
         self._nl = None
         self._lock = threading.RLock()
         self._planning = threading.local()  # .view while planning(): one look at the namespace
+        self._looking = threading.local()  # .tables while one_look() is open in this thread
 
     # ------------------------------------------------------------ planning
 
@@ -393,20 +396,62 @@ class TcDataplane:
             yield present
             return
         with self._kernel():
-            indexes = self._link_indexes()
-            self._planning.view = (indexes, self._qdisc_places())
+            if self.look_open():  # observe reads every link next: one dump for both
+                indexes = {link["name"]: link["index"] for link in self._once("links", self._brief_links)}
+            else:
+                indexes = self._link_indexes()
+            self._planning.view = (indexes, self._once("qdiscs", self._qdisc_places))
         try:
             yield set(indexes)
         finally:
             self._planning.view = None
+
+    @contextmanager
+    def one_look(self):
+        """While open (in this thread), plan and observe read each namespace table (links, qdiscs) once:
+        `status` and a reconcile plan and observe on one look at the namespace instead of two.
+        apply() and remove() drop what was read: they change it."""
+        if self.look_open():
+            yield  # the outer look holds
+            return
+        self._looking.tables = {}
+        try:
+            yield
+        finally:
+            self._looking.tables = None
+
+    def look_open(self) -> bool:
+        """Whether one_look() is open in this thread."""
+        return getattr(self._looking, "tables", None) is not None
+
+    def _once(self, table: str, read):
+        """read(); inside one_look(), what it gave the first time."""
+        tables = getattr(self._looking, "tables", None)
+        if tables is None:
+            return read()
+        if table not in tables:
+            tables[table] = read()
+        return tables[table]
+
+    @contextmanager
+    def _changing(self):
+        """apply/remove: they read the namespace afresh, and an open look reads it again after them."""
+        was_open = self.look_open()
+        self._looking.tables = None
+        try:
+            yield
+        finally:
+            if was_open:
+                self._looking.tables = {}
 
     def planning_view(self) -> tuple | None:
         """What a plan made inside planning() depends on besides sessions and flows (hashable); None without a view."""
         if getattr(self._planning, "view", None) is None:
             return None
         indexes, places = self._planning.view
-        qdiscs = tuple(sorted((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q))
-        return tuple(sorted(indexes.items())), qdiscs
+        # In the order the kernel listed them, not sorted: two looks listed otherwise only cost a plan.
+        qdiscs = tuple((i, w, q["kind"], q["handle"], q["blocks"]) for i, p in places.items() for w, q in p.items() if q)
+        return tuple(indexes.items()), qdiscs
 
     def placement(self, device: str, hook: str) -> str | None:
         """placement() for a device as the kernel has it now (a device not there yet: the clsact hook)."""
@@ -506,7 +551,13 @@ class TcDataplane:
 
     def _hook_kinds(self) -> dict[int, str | None]:
         """{ifindex: kind of the qdisc at the clsact hook (clsact, ingress)} of every device that has one
-        (one qdisc dump, read down to the kind: observe needs no more)."""
+        (one qdisc dump, read down to the kind: observe needs no more; none if this look has them)."""
+        places = (getattr(self._looking, "tables", None) or {}).get("qdiscs")
+        if places is not None:
+            return {index: place["hook"]["kind"] for index, place in places.items() if place["hook"]}
+        return self._once("kinds", self._read_hook_kinds)
+
+    def _read_hook_kinds(self) -> dict[int, str | None]:
         kinds: dict[int, str | None] = {}
         for data, start, end in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
             index, parent, kind = tcnl.read_qdisc_kind(data, start, end)
@@ -515,14 +566,23 @@ class TcDataplane:
         return kinds
 
     def _qdisc_places(self) -> dict[int, dict]:
-        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump)."""
-        places: dict[int, dict] = {}
+        """{ifindex: {"hook": qdisc at ffff:fff1, "root": root qdisc}} of every device (one dump).
+
+        Read-only: devices whose qdiscs are alike share one dict of each (10,000 devices
+        with a clsact and a noqueue have a handful, not 30,000 dicts held while status observes).
+        """
+        found: dict[int, list] = {}
+        qdiscs: dict[tuple, dict] = {}
         for reply in self.nl.stream(tcnl.qdisc_dump_query(), RTM_GETQDISC, DUMP):
-            qdisc = tcnl.read_qdisc_place(*reply)
-            where = {tcnl.TC_H_CLSACT: "hook", tcnl.TC_H_ROOT: "root"}.get(qdisc["parent"])
-            if where:
-                places.setdefault(qdisc["index"], {"hook": None, "root": None})[where] = qdisc
-        return places
+            index, qdisc = tcnl.read_qdisc(*reply)  # (handle, parent, kind, blocks)
+            where = PLACE_OF_PARENT.get(qdisc[1])
+            if where is not None:
+                shared = qdiscs.get(qdisc)  # no "index" in it: a shared dict is every such device's
+                if shared is None:
+                    shared = qdiscs[qdisc] = dict(zip(("handle", "parent", "kind", "blocks"), qdisc))
+                found.setdefault(index, [None, None])[where] = shared
+        places: dict[tuple, dict] = {}
+        return {index: places.setdefault((id(hook), id(root)), {"hook": hook, "root": root}) for index, (hook, root) in found.items()}
 
     def _places_of(self, ifindexes: set) -> dict[int, dict]:
         """_qdisc_places() of these devices: gets for a few, one dump for many."""
@@ -534,6 +594,10 @@ class TcDataplane:
         """Every link, or those of one kind (the kernel filters by kind)."""
         links = [tcnl.read_link(*reply) for reply in self.nl.stream(tcnl.link_query(kind=kind), RTM_GETLINK, DUMP)]
         return [link for link in links if kind is None or link["kind"] == kind]
+
+    def _brief_links(self) -> list[dict]:
+        """Every link, read as tcnl.read_link_brief (name, index, flags, MTU; vtap's own devices whole): one dump."""
+        return [tcnl.read_link_brief(*reply) for reply in self.nl.stream(tcnl.link_query(), RTM_GETLINK, DUMP)]
 
     def ifindex(self, name: str) -> int | None:
         with self._kernel():
@@ -582,7 +646,7 @@ class TcDataplane:
         return [mark for reply in self._filter_dump(ifindex, hook, parent) if (mark := tcnl.read_filter_mark(*reply)) is not None]
 
     def _mirrors_in_place(self, mirrors: dict, hook_kinds) -> list[tuple]:
-        """(ifindex, hook, parent, mark, binding) of the mirrors ({mark: (ifindex, hook, binding)}) the kernel holds.
+        """(ifindex, hook, parent, mark, entry) of the mirrors (catalog.mirrors()) the kernel holds.
 
         vtap adds its filters at FILTER_PRIO with a handle named by the mark
         (tcnl.handle_for): one get per filter, many per send, finds each. A hook
@@ -590,23 +654,20 @@ class TcDataplane:
         vtap chose handles, one gone) is dumped whole, as every hook once was,
         unless hook_kinds() (_hook_kinds) shows no qdisc at it: nothing to dump.
         """
-        def where(mark):
-            ifindex, hook, binding = mirrors[mark]
-            return ifindex, hook, binding.get("parent"), binding
+        asked = [(ifindex, hook, parent, mark, entry) for mark, (ifindex, hook, parent, entry) in mirrors.items()]
 
-        def query(mark):
-            ifindex, hook, parent, _ = where(mark)
+        def query(entry):
+            ifindex, hook, parent, mark, _ = entry
             return tcnl.filter_query(ifindex, hook, FILTER_PRIO, tcnl.handle_for(mark), parent=_parent_number(parent))
 
-        asked = list(mirrors)  # marks only: thousands of tuples besides would cost memory
         found, unsure = [], set()
+        read_mark = tcnl.read_filter_mark
         for index, reply in self.nl.gets(map(query, asked), RTM_GETTFILTER):
-            mark = asked[index]
-            ifindex, hook, parent, binding = where(mark)
-            if not isinstance(reply, NetlinkFailure) and tcnl.read_filter_mark(*reply) == mark:
-                found.append((ifindex, hook, parent, mark, binding))
+            entry = asked[index]
+            if reply.__class__ is not NetlinkFailure and read_mark(*reply) == entry[3]:
+                found.append(entry)
             else:
-                unsure.add((ifindex, hook, parent))
+                unsure.add(entry[:3])
         if not unsure:
             return found
         found = [entry for entry in found if entry[:3] not in unsure]  # the dump tells for the whole hook
@@ -615,8 +676,8 @@ class TcDataplane:
                 continue  # no clsact (nor ingress qdisc): no filters, as on a device vtap has not touched yet
             for mark in self._filter_marks(ifindex, hook, parent):
                 wanted = mirrors.get(mark)
-                if wanted is not None and wanted[:2] == (ifindex, hook) and wanted[2].get("parent") == parent:
-                    found.append((ifindex, hook, parent, mark, wanted[2]))
+                if wanted is not None and wanted[:3] == (ifindex, hook, parent):
+                    found.append((ifindex, hook, parent, mark, wanted[3]))
         return found
 
     def _filter_dump(self, ifindex: int, hook: str, parent: str | None) -> list:
@@ -655,10 +716,11 @@ class TcDataplane:
             underlays: dict[str, tuple | None] = {}
             healths: dict[tuple, object] = {}
 
-            def link_of(index):
-                if index not in links:
-                    links[index] = self._link(index=index) if index else None
-                return links[index]
+            def link_of(index, whole=False):  # whole: with kind and counters (a target's), not brief
+                link = links.get(index, links)
+                if link is links or (whole and link is not None and link.get("brief")):
+                    link = links[index] = self._link(index=index) if index else None
+                return link
 
             def name_of(index):
                 link = link_of(index)
@@ -666,12 +728,12 @@ class TcDataplane:
 
             mirrors = catalog.mirrors()
             if vm is not None:  # the hooks holding a mirror of that VM or of none, whole
-                theirs = {(ifindex, hook) for ifindex, hook, binding in mirrors.values() if binding.vm in (vm, None)}
+                theirs = {(ifindex, hook) for ifindex, hook, _, entry in mirrors.values() if entry.get("vm") in (vm, None)}
                 mirrors = {mark: mirror for mark, mirror in mirrors.items() if mirror[:2] in theirs}
-            hooks = {(ifindex, hook) for ifindex, hook, _ in mirrors.values()}
+            hooks = {(ifindex, hook) for ifindex, hook, *_ in mirrors.values()}
             every_link = None
             if len(hooks) > FEW_DEVICES:  # many devices: one link dump instead of a get per source and target
-                every_link = self._links()
+                every_link = self._once("links", self._brief_links)
                 links.update((link["index"], link) for link in every_link)
             kinds = None
 
@@ -684,25 +746,24 @@ class TcDataplane:
             in_place = self._mirrors_in_place(mirrors, hook_kinds)
             used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
-            for ifindex, hook, parent, mark, binding in in_place:
-                if mark not in actions:
+            for ifindex, hook, parent, mark, entry in in_place:
+                action = actions.get(mark)
+                if action is None:
                     continue  # deleted since the filter dump
-                spec = dict(binding.spec)  # read by name below
-                to_index, packets, nbytes, refused = actions[mark]
-                # What the filter really mirrors: the target device may have gone or been
-                # recreated, the device renamed (names swapped): then the spec shows it.
-                actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or ""}
-                if hook == "egress" and parent is None:
-                    if hook_kinds().get(ifindex) != "clsact":
-                        actual["hook"] = "ingress"  # an ingress qdisc took it: it sits on its ingress block
-                if any(spec.get(name) != value for name, value in actual.items()):
-                    binding = _drifted(binding, mark, **actual)
+                to_index, packets, nbytes, refused = action
                 # At ingress the kernel counts from the network header; count whole frames.
                 nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
                 if (ifindex, to_index) not in healths:  # a device's two hooks mirror to one target
-                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index), underlays)
-                counters = Counters(packets, nbytes, refused, healths[ifindex, to_index])
-                out.append(Binding(binding.key, binding.session, binding.flow, binding.vm, binding.spec, counters, binding.order))
+                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index, whole=True), underlays)
+                binding = binding_of(entry, Counters(packets, nbytes, refused, healths[ifindex, to_index]))
+                # What the filter really mirrors: the target device may have gone or been
+                # recreated, the device renamed (names swapped): then the spec shows it.
+                to_name, device_name = name_of(to_index) or "", name_of(ifindex) or ""
+                # An ingress qdisc took an egress filter: it sits on its ingress block.
+                moved = hook == "egress" and parent is None and hook_kinds().get(ifindex) != "clsact"
+                if moved or binding.get("to") != to_name or binding.get("device") != device_name:
+                    binding = _drifted(binding, mark, to=to_name, device=device_name, **({"hook": "ingress"} if moved else {}))
+                out.append(binding)
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
             out.extend(self._observe_devices(catalog, every_link))
@@ -841,7 +902,7 @@ class TcDataplane:
         for binding in bindings:
             if binding.get("type") not in ("mirror", "vxlan", "capture", "gre", "erspan"):
                 raise OperationFailed(f"{binding.key}: the tc dataplane cannot apply a {binding.get('type')!r} binding")
-        with self._kernel(), self.catalog.locked() as catalog:
+        with self._changing(), self._kernel(), self.catalog.locked() as catalog:
             done: list[Binding] = []
             try:
                 targets = [b for b in bindings if b.get("type") != "mirror"]
@@ -1029,7 +1090,7 @@ class TcDataplane:
 
     def remove(self, bindings) -> None:
         bindings = sorted(unique(bindings), key=lambda b: -b.order)
-        with self._kernel(), self.catalog.locked() as catalog:
+        with self._changing(), self._kernel(), self.catalog.locked() as catalog:
             self._remove(bindings, catalog)
             self._forget_what_is_gone(catalog)
             catalog.save_or_keep()
@@ -1145,6 +1206,9 @@ class TcDataplane:
         except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+PLACE_OF_PARENT = {tcnl.TC_H_CLSACT: 0, tcnl.TC_H_ROOT: 1}  # where a qdisc sits: [hook, root]
 
 
 def _parent_number(parent: str | None) -> int | None:

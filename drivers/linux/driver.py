@@ -76,7 +76,9 @@ class LinuxDriver(Driver):
             self.check_features(session, members.get(session.name, []))
         devices = {f.source.interface for f in flows if f.source.interface} | {s.target.port for s in sessions if s.target.kind == "port"}
         with self.dataplane.planning(devices) as present:
-            view = self.dataplane.planning_view()  # None for a plan of a few devices: nothing to reuse
+            # None for a plan of a few devices, or in one_look() (status, a reconcile: an observe of the
+            # same moment follows, never a second plan): nothing to reuse, nothing to keep.
+            view = None if self.dataplane.look_open() else self.dataplane.planning_view()
             asked = (sessions, flows, view)
             last = self._last_plan
             if view is not None and last is not None and time.monotonic() - last[0] < PLAN_REUSE_SECONDS and last[1] == asked:
@@ -110,6 +112,10 @@ class LinuxDriver(Driver):
 
     def observe(self) -> list[Binding]:
         return self.dataplane.observe()
+
+    def one_look(self):
+        """Plan and observe inside read the namespace's links and qdiscs once (reconcile.one_look)."""
+        return self.dataplane.one_look()
 
     def prepare(self, bindings: Iterable[Binding]) -> None:
         self.dataplane.prepare(bindings)

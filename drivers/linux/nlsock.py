@@ -151,12 +151,12 @@ class RtnlSocket:
         sequence, data = self._frame(body, msg_type, flags)
         self.sock.send(data)
         while True:
-            data = memoryview(self.sock.recv(RECEIVE_SIZE))
+            data = self.sock.recv(RECEIVE_SIZE)
             for reply_type, _flags, reply_sequence, start, end in _messages(data):
                 if reply_sequence == sequence:  # others are acks left over from earlier gets
                     yield reply_type, data, start, end
 
-    def dump(self, body: bytes, msg_type: int, flags: int) -> list[tuple[memoryview, int, int]]:
+    def dump(self, body: bytes, msg_type: int, flags: int) -> list[tuple[bytes, int, int]]:
         """A dump's replies as (buffer, payload start, payload end), until NLMSG_DONE."""
         return list(self.stream(body, msg_type, flags))
 
@@ -188,9 +188,15 @@ class RtnlSocket:
             if not chunk:
                 return
             self.sock.send(b"".join(chunk))
+            recv, unpack = self.sock.recv, HEADER.unpack_from
             while waiting:
-                data = memoryview(self.sock.recv(RECEIVE_SIZE))
-                for reply_type, _flags, sequence, start, end in _messages(data):
+                data = recv(RECEIVE_SIZE)
+                offset = 0
+                while offset + HEADER.size <= len(data):  # _messages(), written out: a reply a datagram, 20,000 of them
+                    length, reply_type, _flags, sequence, _pid = unpack(data, offset)
+                    if length < HEADER.size:
+                        break
+                    start, end, offset = offset + HEADER.size, offset + length, offset + ((length + 3) & ~3)
                     if sequence not in waiting:
                         continue  # an ack left over from an earlier get
                     if reply_type == NLMSG_ERROR:
@@ -198,7 +204,7 @@ class RtnlSocket:
                     else:
                         yield waiting.pop(sequence), (data, start, end)
 
-    def get(self, body: bytes, msg_type: int, flags: int) -> tuple[memoryview, int, int]:
+    def get(self, body: bytes, msg_type: int, flags: int) -> tuple[bytes, int, int]:
         """The one reply (buffer, start, end) to a get request, or raise NetlinkFailure."""
         for reply_type, data, start, end in self._replies(body, msg_type, flags):
             if reply_type != NLMSG_ERROR:

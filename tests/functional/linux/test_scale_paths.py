@@ -14,6 +14,24 @@ def test_the_names_only_link_dump_sees_every_device_with_its_index(lab):
     assert dataplane._link_indexes() == shown
 
 
+def test_the_brief_link_read_agrees_with_the_whole_one_and_reads_vtaps_own_devices_whole(lab):
+    lab.standard()
+    lab.ip("link", "set", "mon0", "mtu", "1400")
+    lab.ip("link", "set", "src0", "down")
+    lab.veth("vtapx0123456789", "other")
+    lab.ip("link", "set", "vtapx0123456789", "alias", "vtap:" + "00" * 16)
+    dataplane = lab.dataplane()
+    whole = {link["index"]: link for link in dataplane._links()}
+    brief = dataplane._brief_links()
+    assert sorted(link["index"] for link in brief) == sorted(whole)
+    for link in brief:
+        if link["name"] == "vtapx0123456789":
+            assert link == whole[link["index"]]  # kind, alias, counters: observe reads vtap's devices by them
+        else:
+            assert link["brief"] and {k: link[k] for k in ("name", "flags", "mtu")} == {k: whole[link["index"]][k] for k in ("name", "flags", "mtu")}
+    assert {link["name"]: link["mtu"] for link in brief}["mon0"] == 1400
+
+
 def test_status_rows_belong_to_their_own_flows_across_sessions(lab):
     """Bindings are grouped by (session, flow) once: each row counts only its own filters."""
     from vtap_core.client import Client
