@@ -242,6 +242,19 @@ def read_filter_mark(data, start: int, end: int) -> bytes | None:
     return None
 
 
+BPF_KIND_ATTR = struct.pack("=HH", 8, TCA_KIND) + b"bpf\0"  # the first attribute of a bpf filter reply
+COOKIE_ATTR_HEAD = struct.pack("=HH", 4 + COOKIE_BYTES, TCA_ACT_COOKIE)
+
+
+def filter_has_mark(data, start: int, end: int, mark: bytes) -> bool:
+    """read_filter_mark(...) == mark, found faster where it holds (20,000 times a status at 10,000 flows):
+    a bpf filter (its kind first, as the kernel writes it) carrying the mark as a whole cookie attribute
+    (4 bytes of header, 16 of mark: a digest, found nowhere else in a filter). Anything else is walked."""
+    if data.startswith(BPF_KIND_ATTR, start + TCMSG.size) and data.find(COOKIE_ATTR_HEAD + mark, start, end) >= 0 and TCMSG.unpack_from(data, start)[4]:
+        return True
+    return read_filter_mark(data, start, end) == mark
+
+
 def read_qdisc_place(data, start: int, end: int) -> dict:
     """{index, handle, parent, kind, blocks: shared block indexes (ingress, egress), 0 = none} of a qdisc reply."""
     index, (handle, parent, kind, blocks) = read_qdisc(data, start, end)
