@@ -8,6 +8,7 @@ realize a valid object is the driver's question (see driver.py).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import uuid as uuidlib
@@ -50,6 +51,13 @@ def check_text(field_name: str, value) -> str:
     if CONTROL_RE.search(value):
         raise ValidationError(field_name, f"{value!r} holds a control character")
     return value
+
+
+@functools.lru_cache(maxsize=4096)  # thousands of stored flows share a few expressions
+def _filter_text(value: str) -> str | None:
+    """A flow's filter expression, whitespace collapsed (None if blank); raises ValidationError as check_text."""
+    check_text("filter", value)  # libpcap would stop reading at a NUL: a different filter than stored
+    return " ".join(value.split()) or None
 
 
 def query_options(text: str, query: str, field_name: str = "target") -> dict:
@@ -107,6 +115,11 @@ class Direction(str, enum.Enum):
 
     @classmethod
     def parse(cls, value) -> "Direction":
+        if value.__class__ is cls:
+            return value
+        found = cls._value2member_map_.get(value) if value.__class__ is str else None
+        if found is not None:  # the usual case, without Enum's call machinery: a store read parses thousands
+            return found
         try:
             return cls(str(value))
         except ValueError:
@@ -396,9 +409,7 @@ class TapFlow:
         if self.filter is not None:
             if not isinstance(self.filter, str):
                 raise ValidationError("filter", f"{self.filter!r} is not a pcap filter expression")
-            check_text("filter", self.filter)  # libpcap would stop reading at a NUL: a different filter than stored
-            text = " ".join(self.filter.split())
-            object.__setattr__(self, "filter", text or None)
+            object.__setattr__(self, "filter", _filter_text(self.filter))
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "session": self.session}

@@ -208,7 +208,7 @@ class Store:
             rows = self.db.execute("SELECT data FROM flows WHERE driver=? ORDER BY session, name", (self.driver,))
         else:
             rows = self.db.execute("SELECT data FROM flows WHERE driver=? AND session=? ORDER BY name", (self.driver, session))
-        return [TapFlow.from_dict(json.loads(data)) for (data,) in rows]
+        return [TapFlow.from_dict(data) for data in _json_rows([data for (data,) in rows])]
 
     def has_flow(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM flows WHERE driver=? AND name=?", (self.driver, name)).fetchone() is not None
@@ -302,3 +302,18 @@ def current_user() -> str:
         name = str(os.getuid())
     sudo = os.environ.get("SUDO_USER")
     return f"{sudo} (as {name})" if sudo and sudo != name else name
+
+
+def _json_rows(texts: list[str]) -> list:
+    """json.loads() of each text, as one parse: 10,000 flow rows cost one call, not 10,000.
+
+    A row that is not one JSON value (a damaged file) could split or merge items:
+    then each row is parsed alone, and raises as it always did.
+    """
+    try:
+        values = json.loads("[" + ",".join(texts) + "]")
+    except ValueError:
+        values = None
+    if values is None or len(values) != len(texts):
+        return [json.loads(text) for text in texts]
+    return values

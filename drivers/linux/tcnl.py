@@ -56,6 +56,8 @@ TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, 
 TCAMSG_SIZE = 4
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 MIRRED_PARMS = struct.Struct("=IIiiiiI")  # index, capab, action, refcnt, bindcnt, eaction, ifindex
+BASIC_STATS = struct.Struct("=QI")  # struct gnet_stats_basic: bytes, packets (32 bits)
+U64 = struct.Struct("=Q")
 QUEUE_STATS = struct.Struct("=IIIII")  # struct gnet_stats_queue: qlen, backlog, drops, requeues, overlimits
 LINK_STATS64 = struct.Struct("=8Q")  # struct rtnl_link_stats64, first 8: rx/tx packets, rx/tx bytes, rx/tx errors, rx/tx dropped
 
@@ -242,6 +244,19 @@ def read_filter_mark(data, start: int, end: int) -> bytes | None:
     return None
 
 
+BPF_KIND_ATTR = struct.pack("=HH", 8, TCA_KIND) + b"bpf\0"  # the first attribute of a bpf filter reply
+COOKIE_ATTR_HEAD = struct.pack("=HH", 4 + COOKIE_BYTES, TCA_ACT_COOKIE)
+
+
+def filter_has_mark(data, start: int, end: int, mark: bytes) -> bool:
+    """read_filter_mark(...) == mark, found faster where it holds (20,000 times a status at 10,000 flows):
+    a bpf filter (its kind first, as the kernel writes it) carrying the mark as a whole cookie attribute
+    (4 bytes of header, 16 of mark: a digest, found nowhere else in a filter). Anything else is walked."""
+    if data.startswith(BPF_KIND_ATTR, start + TCMSG.size) and data.find(COOKIE_ATTR_HEAD + mark, start, end) >= 0 and TCMSG.unpack_from(data, start)[4]:
+        return True
+    return read_filter_mark(data, start, end) == mark
+
+
 def read_qdisc_place(data, start: int, end: int) -> dict:
     """{index, handle, parent, kind, blocks: shared block indexes (ingress, egress), 0 = none} of a qdisc reply."""
     index, (handle, parent, kind, blocks) = read_qdisc(data, start, end)
@@ -335,14 +350,21 @@ def read_mirred_actions(data, start: int, end: int) -> list[tuple]:
         if not is_mirred or cookie is None or len(cookie) != COOKIE_BYTES or to_index is None:
             continue
         packets = nbytes = refused = 0
-        if stats is not None:
-            found = pick(data, *stats, STATS_ATTRIBUTES)
-            if TCA_STATS_BASIC in found:
-                nbytes, packets = struct.unpack_from("=QI", data, found[TCA_STATS_BASIC][0])
-            if TCA_STATS_PKT64 in found:
-                packets = u64(data, found[TCA_STATS_PKT64])
-            if TCA_STATS_QUEUE in found:
-                refused = QUEUE_STATS.unpack_from(data, found[TCA_STATS_QUEUE][0])[4]
+        if stats is not None:  # pick(STATS_ATTRIBUTES), written out
+            at, stats_end = stats
+            while at + 4 <= stats_end:
+                size, kind = unpack(data, at)
+                if size < 4:
+                    break
+                kind &= NLA_TYPE_MASK
+                if kind == TCA_STATS_BASIC:
+                    nbytes, basic_packets = BASIC_STATS.unpack_from(data, at + 4)
+                    packets = packets or basic_packets  # TCA_STATS_PKT64, when there, holds all 64 bits
+                elif kind == TCA_STATS_PKT64:
+                    packets = U64.unpack_from(data, at + 4)[0]
+                elif kind == TCA_STATS_QUEUE:
+                    refused = QUEUE_STATS.unpack_from(data, at + 4)[4]
+                at += (size + 3) & ~3
         out.append((cookie, to_index, packets, nbytes, refused))
     return out
 
