@@ -90,10 +90,6 @@ def u32(data, span) -> int:
     return struct.unpack_from("=I", data, span[0])[0]
 
 
-def u64(data, span) -> int:
-    return struct.unpack_from("=Q", data, span[0])[0]
-
-
 class RtnlSocket:
     """One NETLINK_ROUTE socket, in `netns` when given (the namespace must exist)."""
 
