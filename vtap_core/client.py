@@ -266,24 +266,11 @@ class Client:
             self.store.check_identity()
             sessions, flows = self.store.snapshot()
             with paused_gc():  # as in status()
-                with self._focused(scope):  # which VMs run here: only the one the events named is read again
+                with reconcile.focused(self.driver, scope):  # which VMs run here: only the one the events named is read again
                     here_sessions, here_flows = self._here(sessions, flows)
                 plan = reconcile.reconcile(self.driver, here_sessions, self._about(scope, here_flows), scope)
             self._record_membership(plan.members, flows)
             return plan
-
-    @contextlib.contextmanager
-    def _focused(self, scope: str | None):
-        """The driver's reads while this runs are about one VM (drivers with focus(); see reconcile.reconcile)."""
-        focus = getattr(self.driver, "focus", None)
-        if scope is None or focus is None:
-            yield
-            return
-        focus(scope)
-        try:
-            yield
-        finally:
-            focus(None)
 
     def _about(self, scope: str | None, flows: list) -> list:
         """The flows a reconcile about one VM plans: that VM's, and every selector or interface flow.

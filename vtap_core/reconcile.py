@@ -65,6 +65,23 @@ def one_look(driver: Driver):
     return look() if look is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def focused(driver: Driver, scope: str | None):
+    """Optional driver hook `focus(vm)`: a driver that can read one VM instead of all (kvm) is told, for
+    this thread, which VM the reads inside are about (None: all). Yields whether the driver has the hook,
+    which also says it plans each flow on its own, so the other VMs' members can be left out (vsphere's
+    flows share their switch's session options: it plans them all)."""
+    focus = getattr(driver, "focus", None)
+    if focus is None:
+        yield False
+        return
+    focus(scope)
+    try:
+        yield True
+    finally:
+        focus(None)
+
+
 def desired_bindings(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], problems: list | None = None, members: dict | None = None, scope: str | None = None) -> list[Binding]:
     """What the driver should have on the platform for these enabled sessions.
 
@@ -161,22 +178,12 @@ def _flow_by_flow_on_failure(step, bindings: list[Binding], failed: list) -> Non
 def reconcile(driver: Driver, sessions: list[TapSession], flows: list[TapFlow], scope: str | None = None, desired: tuple | None = None) -> Plan:
     """desired: (bindings, problems, members) that desired_bindings gave for these sessions and flows,
     when the caller has just computed them (a change plans once, for prepare and reconcile; unscoped)."""
-    # Optional hook: a driver that can read one VM instead of all (kvm) is told which reconcile this is.
-    # It also says the driver plans each flow on its own, so the other VMs' members can be left out
-    # (vsphere's flows share their switch's session options: it plans them all).
-    focus = getattr(driver, "focus", None)
-    if focus is not None:
-        focus(scope)
-    try:
-        narrow = scope if focus is not None else None
-        with one_look(driver):
-            if desired is None:
-                desired = (desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), problems, members)
-            bindings, problems, members = desired
-            plan = diff(bindings, driver.observe(), scope)
-    finally:
-        if focus is not None:
-            focus(None)
+    with focused(driver, scope) as plans_each_flow, one_look(driver):
+        narrow = scope if plans_each_flow else None
+        if desired is None:
+            desired = (desired_bindings(driver, sessions, flows, problems := [], members := {}, narrow), problems, members)
+        bindings, problems, members = desired
+        plan = diff(bindings, driver.observe(), scope)
     plan.problems = problems
     plan.members = members
     execute(driver, plan)
