@@ -133,30 +133,16 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
     proto = socket.IPPROTO_UDP if listen.scheme == "vxlan" else IPPROTO_GRE
     if ":" in listen.address:
         return _ipv6_filter(listen, proto)
-    # (load, jump, k, drop when the jump's test is true): every test passed -> keep.
-    tests = [((LD_W, 0, 0, SKF_AD_PKTTYPE), JGE, PACKET_OTHERHOST, True)]
-    tests.append(((LD_B, 0, 0, 9), JEQ, proto, False))
+    program = [(LD_W, 0, 0, SKF_AD_PKTTYPE), (JGE, "drop", 0, PACKET_OTHERHOST), (LD_B, 0, 0, 9), (JEQ, 0, "drop", proto)]
     address = int(ipaddress.IPv4Address(listen.address))
     if address:
-        tests.append(((LD_W, 0, 0, 16), JEQ, address, False))
+        program += [(LD_W, 0, 0, 16), (JEQ, 0, "drop", address)]
     if listen.port is not None:
         # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
-        tests.append(((LD_H, 0, 0, 6), JSET, 0x3FFF, "keep"))
-        tests.append(((LDX_MSH, 0, 0, 0), None, None, None))  # X = the IP header's length
-        tests.append(((LD_H_IND, 0, 0, 2), JEQ, listen.port, False))
-    program = []
-    length = sum((load is not None) + (jump is not None) for load, jump, _, _ in tests) + 2
-    for load, jump, k, when_true in tests:
-        if load is not None:  # None: test what the last load left
-            program.append(load)
-        if jump is not None:
-            to_keep = length - 2 - (len(program) + 1)
-            to_drop = to_keep + 1
-            if when_true == "keep":
-                program.append((jump, to_keep, 0, k))
-            else:
-                program.append((jump, to_drop, 0, k) if when_true else (jump, 0, to_drop, k))
-    return program + [(RET, 0, 0, KEEP_BYTES), (RET, 0, 0, 0)]
+        program += [(LD_H, 0, 0, 6), (JSET, "keep", 0, 0x3FFF)]
+        program += [(LDX_MSH, 0, 0, 0), (LD_H_IND, 0, 0, 2), (JEQ, 0, "drop", listen.port)]  # X = the IP header's length
+    program += ["keep", (RET, 0, 0, KEEP_BYTES), "drop", (RET, 0, 0, 0)]
+    return _assemble(program)
 
 
 def _ipv6_filter(listen: Listen, proto: int) -> list[tuple[int, int, int, int]]:
