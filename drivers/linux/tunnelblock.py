@@ -39,7 +39,7 @@ import struct
 
 from vtap_drivers.linux.decap import decap_gre, decap_vxlan, gre_layout
 from vtap_drivers.linux.pcapng import EPB_PACKETID, EPB_TYPE, OPT_COMMENT, _packet_options, enhanced_packet, interface_description
-from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly, upper_layer6
+from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly, upper_layer4, upper_layer6
 
 IPPROTO_GRE, IPPROTO_UDP = 47, 17
 IPV4_HEADER, IPV6_HEADER, UDP_HEADER = 20, 40, 8
@@ -68,7 +68,7 @@ class _Layout:
     key and varying are struct formats of what follows the IP header ("x" for what they skip)."""
 
     def __init__(self, ipv6: bool, key: str, varying: str = "", changes: int = 0):
-        ip = "!6xB33x" if ipv6 else "!B5xH12x"  # next header | version + header length, fragment field
+        ip = "!6xB33x" if ipv6 else "!B5xHxB10x"  # next header | version + header length, fragment field, protocol
         self.key = struct.Struct(ip + key).unpack_from
         self.varying = struct.Struct(f"!{IPV6_HEADER if ipv6 else IPV4_HEADER}x" + varying).unpack_from if varying else None
         self.changes = changes  # SEQUENCE | TIMESTAMP: what varying reads
@@ -235,8 +235,8 @@ class BlockReader:
         if self.ipv6:
             if ring[start + 6] != self.proto:
                 return None  # an extension header (a fragment, hop-by-hop options, ...): the general path
-        elif ring[start] != 0x45 or ring[start + 6] & 0x3F or ring[start + 7]:
-            return None  # IP options, or a fragment
+        elif ring[start] != 0x45 or ring[start + 6] & 0x3F or ring[start + 7] or ring[start + 9] != self.proto:
+            return None  # IP options, a fragment, or an Authentication Header
         if self.vxlan:
             layout = self.vxlan_layout
         else:
@@ -275,7 +275,7 @@ class BlockReader:
         """Any packet, as the reader always did: (inner frame, interface, Meta), IGNORED or SKIPPED (a fragment)."""
         packet = bytes(ring[start : start + captured])
         if self.ipv6:
-            next_header, header = upper_layer6(packet)  # past hop-by-hop, routing, destination options
+            next_header, header = upper_layer6(packet)  # past hop-by-hop, routing, destination options, AH
             if next_header == IPPROTO_FRAGMENT:
                 packet = self.joiner.add6(packet, header)
                 if packet is None:
@@ -286,13 +286,14 @@ class BlockReader:
             elif next_header != self.proto:
                 return IGNORED
         else:
-            if packet[6] & 0x3F or packet[7]:  # an IPv4 fragment: more fragments, or an offset
+            fragment = packet[6] & 0x3F or packet[7]  # more fragments, or an offset
+            if fragment:
                 packet = self.joiner.add(packet)
                 if packet is None:
                     return SKIPPED
-                if self.udp and int.from_bytes(packet[22:24], "big") != self.port:
-                    return SKIPPED  # joined, it is UDP to another port: not ours
-            header = (packet[0] & 0x0F) * 4
+            protocol, header = upper_layer4(packet)  # past an Authentication Header
+            if protocol != self.proto or (self.udp and int.from_bytes(packet[header + 2 : header + 4], "big") != self.port):
+                return SKIPPED if fragment else IGNORED  # joined, it is not ours: not a tunnel packet at all
         found = self.decap(packet[header + self.udp :])
         if found is None or len(found[0]) < ETHERNET_HEADER or not self._selected(found[1]):
             return IGNORED

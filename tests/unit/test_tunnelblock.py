@@ -177,3 +177,20 @@ def test_vxlan_and_an_ipv6_underlay_and_a_limit_mid_block():
     blocks, kept, _, frames = reader.read(ring_block(six), 0)
     assert kept == 3 and bytes(blocks) == before(six, "erspan://[fd00::2]") and frames == [INNER] * 3 and reader.general == 0
 
+
+
+def test_packets_under_ah_take_the_general_path_and_are_never_read_as_a_stream_learnt_without_it():
+    """VXLAN under an IPv4 Authentication Header (protocol 51) is read past AH. One whose AH words sit where a
+    learnt stream's key is read (AH sequence = VXLAN flags, ICV = the VNI) is not taken for that stream; ESP is ignored."""
+    vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+    other = INNER[:-1] + b"\x06"
+    plain = [bytes(IP(src="10.79.0.1", dst="10.79.0.2", flags="DF") / UDP(sport=9, dport=4789, chksum=0) / (vxlan + inner)) for inner in (INNER, other)]
+    udp = plain[1][20:]
+    ah = struct.pack("!BBHIII", 17, 4, 0, 0x1234, 0x0800_0000, 42 << 8) + bytes(8)  # 24 bytes
+    under = bytes(IP(src="10.79.0.1", dst="10.79.0.2", proto=51, flags="DF") / (ah + udp))
+    secret = bytes(IP(src="10.79.0.1", dst="10.79.0.2", proto=50, flags="DF") / (struct.pack("!II", 0x1234, 1) + udp))
+    reader = CountingReader(parse_listen("vxlan://10.79.0.2"), keep_frames=True)
+    blocks, kept, ignored, frames = reader.read(ring_block([plain[0], under, secret, plain[0]]), 0)
+    assert (kept, ignored, frames) == (3, 1, [INNER, other, INNER])
+    assert bytes(blocks) == Expected("vxlan://10.79.0.2", vxlan=True).blocks([plain[0], plain[1], plain[0]], numbers=[0, 1, 3])
+    assert reader.general == 2  # AH and ESP
