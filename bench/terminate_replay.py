@@ -8,7 +8,7 @@ file in a temporary folder. The figure is the process's CPU time (user +
 system) per frame: what vtap spends, without the kernel's share and
 less sensitive to the machine's load than bench/terminate.py.
 
-    python3 bench/terminate_replay.py [--frames 300000] [--size 64] [--tunnels erspan,gre,vxlan] [--profile TUNNEL] [--label NAME]
+    python3 bench/terminate_replay.py [--frames 300000] [--size 64] [--tunnels erspan,gre,vxlan,erspan+ah] [--profile TUNNEL] [--label NAME]
 
 Writes results/terminate_replay.json and .txt (terminate_replay-NAME.* with
 --label: e.g. the same script run on an older checkout's modules, for comparison).
@@ -39,7 +39,9 @@ MAC_OFFSET = 80  # tpacket3_hdr + sockaddr_ll, aligned: where the kernel puts a 
 
 
 def tunnel_packet(tunnel: str, size: int, number: int) -> bytes:
-    """The IP packet of one tunnel packet (the ring holds packets from their IP header)."""
+    """The IP packet of one tunnel packet (the ring holds packets from their IP header); TUNNEL+ah: under an
+    IPsec Authentication Header (24 bytes, its sequence number rising)."""
+    tunnel, _, under = tunnel.partition("+")
     inner = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + bytes(max(0, size - 14))
     if tunnel == "erspan":  # ERSPAN type III, session 5, egress, GRE sequence
         payload, proto = struct.pack("!HHI", 0x1000, 0x22EB, number) + struct.pack("!HHIHH", 0x2000, 5, number * 7, 0, 0x8) + inner, 47
@@ -48,6 +50,8 @@ def tunnel_packet(tunnel: str, size: int, number: int) -> bytes:
     else:  # VXLAN, VNI 42
         vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + inner
         payload, proto = struct.pack("!HHHH", 40000, 4789, 8 + len(vxlan), 0) + vxlan, 17
+    if under == "ah":
+        payload, proto = struct.pack("!BBHII", proto, 4, 0, 0x1234, number) + bytes(12) + payload, 51
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), number & 0xFFFF, 0x4000, 64, proto, 0, bytes([10, 80, 0, 1]), bytes([10, 80, 0, 2])) + payload
 
 
@@ -90,7 +94,7 @@ class ReplayRing:
 
 
 def replay(tunnel: str, blocks: bytearray, path: str) -> terminate.Termination:
-    listen = terminate.parse_listen(f"{tunnel}://10.80.0.2")
+    listen = terminate.parse_listen(f"{tunnel.partition('+')[0]}://10.80.0.2")
     counts = terminate.Termination()
     with PcapngWriter.create(path, interface=False) as writer:
         terminate._read_ring(listen, ReplayRing(blocks), writer, None, None, counts, threading.Event(), None, None)
@@ -110,7 +114,7 @@ def main() -> int:
     label = f" [{args.label}: {os.path.dirname(terminate.__file__)}]" if args.label else ""
     runs, lines = [], [f"vtap capture --listen's reading loop on replayed ring blocks ({args.size}-byte inner frames, {args.frames:,} frames, best of {args.repeats}){label}",
                        f"{env['date']} commit {env['commit']}, Python {env['python']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}", "",
-                       f"{'tunnel':>7} {'us/frame':>9} {'frames kept':>12} {'file bytes':>11} {'load':>5}"]
+                       f"{'tunnel':>9} {'us/frame':>9} {'frames kept':>12} {'file bytes':>11} {'load':>5}"]
     with tempfile.TemporaryDirectory(prefix="vtapb-replay-") as workdir:
         path = os.path.join(workdir, "replay.pcapng")
         for tunnel in (args.profile,) if args.profile else args.tunnels.split(","):
@@ -129,7 +133,7 @@ def main() -> int:
             assert counts.kept == args.frames, counts
             run = {"tunnel": tunnel, "frames": args.frames, "cpu_seconds": round(best, 3), "cpu_us_per_frame": round(1e6 * best / args.frames, 3), "file_bytes": os.path.getsize(path), "loadavg": round(os.getloadavg()[0], 2)}
             runs.append(run)
-            lines.append(f"{tunnel:>7} {run['cpu_us_per_frame']:>9.3f} {counts.kept:>12,} {run['file_bytes']:>11,} {run['loadavg']:>5.2f}")
+            lines.append(f"{tunnel:>9} {run['cpu_us_per_frame']:>9.3f} {counts.kept:>12,} {run['file_bytes']:>11,} {run['loadavg']:>5.2f}")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)

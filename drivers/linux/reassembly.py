@@ -9,12 +9,15 @@ fragments of one outer packet are joined here:
     joiner = Reassembly()
     whole = joiner.add(packet)    # an IPv4 fragment (a view is fine) -> the whole packet, or None for now
     whole = joiner.add6(packet, at)   # an IPv6 packet whose Fragment header is at `at` (40: after the fixed header)
-    next_header, at = upper_layer6(packet)  # past hop-by-hop, routing and destination options headers
+    next_header, at = upper_layer6(packet)  # past hop-by-hop, routing, destination options and AH headers
+    protocol, at = upper_layer4(packet)     # past an IPv4 Authentication Header
 
 The whole IPv4 packet is the first fragment's header (without options) and
 the joined payload; the whole IPv6 packet is the first fragment's fixed
 header, its next header the Fragment header's, and the joined payload (the
-extension headers before the Fragment header are left out).
+extension headers before the Fragment header are left out; those after it,
+in the fragmentable part, are the joined payload's first bytes: upper_layer6
+walks them).
 Overlapping or duplicate fragments spoil the packet (it is dropped, as the IP
 stack would); at most MAX_PENDING packets (of both versions) are waited for,
 the oldest is given up first; a packet is given up after TIMEOUT seconds.
@@ -32,23 +35,42 @@ OFFSET_MASK = 0x1FFF
 IPV6_HEADER = 40
 IPV6_FRAGMENT_HEADER = 8
 IPPROTO_FRAGMENT = 44  # IPv6 Fragment extension header
-# Extension headers that may come before the Fragment header (RFC 8200 4.1), each (next header, length in
-# 8 octets not counting the first 8, ...): hop-by-hop options, routing, destination options.
+IPPROTO_AH = 51  # Authentication Header (RFC 4302): (next header, length in 4 octets not counting the first 8, ...)
+# Extension headers walked, each (next header, length in 8 octets not counting the first 8, ...) (RFC 8200 4):
+# hop-by-hop options, routing, destination options.
 EXTENSIONS = frozenset((0, 43, 60))
-MAX_EXTENSIONS = 4  # walked at most (the kernel filter in terminate.py walks as many)
+# Headers walked at most, the Fragment header counted: RFC 8200 4.1's order has six before the upper layer
+# (hop-by-hop, destination options, routing, fragment, AH, destination options). The kernel filter in
+# terminate.py walks as many; a packet with more is dropped, never read from a guessed place.
+MAX_EXTENSIONS = 6
 
 
 def upper_layer6(packet) -> tuple[int | None, int]:
-    """(next header, its offset) past the extension headers before a Fragment or upper-layer header;
+    """(next header, its offset) past the extension and AH headers before a Fragment or upper-layer header;
     (None, 0) when they run past the packet or there are more than MAX_EXTENSIONS."""
     next_header, at = packet[6], IPV6_HEADER
     for _ in range(MAX_EXTENSIONS + 1):
-        if next_header not in EXTENSIONS:
+        if next_header in EXTENSIONS:
+            length = 8 * (packet[at + 1] + 1) if at + 8 <= len(packet) else 0
+        elif next_header == IPPROTO_AH:
+            length = 4 * (packet[at + 1] + 2) if at + 8 <= len(packet) else 0
+        else:
             return next_header, at
-        if at + 8 > len(packet):
+        if not length:
             break
-        next_header, at = packet[at], at + 8 * (packet[at + 1] + 1)
+        next_header, at = packet[at], at + length
     return None, 0
+
+
+def upper_layer4(packet) -> tuple[int | None, int]:
+    """(protocol, its offset) of an IPv4 packet, past an Authentication Header if there is one;
+    (None, 0) when that runs past the packet."""
+    protocol, at = packet[9], (packet[0] & 0x0F) * 4
+    if protocol != IPPROTO_AH:
+        return protocol, at
+    if at + 8 > len(packet):
+        return None, 0
+    return packet[at], at + 4 * (packet[at + 1] + 2)
 
 
 class Reassembly:

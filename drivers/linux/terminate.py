@@ -16,9 +16,11 @@ socket for IPv4 (or IPv6) packets of every device, at the point where the IP
 stack receives them, with a classic BPF program that keeps only the tunnel's
 packets for ADDR (IP protocol 47, or UDP to PORT; not what the host sends,
 not frames for other hosts' MACs). IPv4 fragments, and IPv6 ones, are
-joined (reassembly.py) before decapsulation; over IPv6 the filter and the
-reader walk up to four hop-by-hop, routing and destination options headers
-before the Fragment header or GRE/UDP. The kernel copies each
+joined (reassembly.py) before decapsulation. The filter and the reader walk
+an IPsec Authentication Header (IPv4 and IPv6) and, over IPv6, up to six
+extension headers in all (hop-by-hop, routing, destination options, Fragment,
+AH; in a fragmented packet's first fragment, those after the Fragment header
+too) to GRE/UDP; ESP is encrypted: dropped. The kernel copies each
 packet once into the ring and hands over whole blocks: no system call per
 packet, 64 MB of room for bursts, and what the ring had no room for is
 counted (Termination.dropped). Each block is parsed, and its pcapng built
@@ -46,7 +48,7 @@ from vtap_core.errors import NotFound, OperationFailed, ValidationError
 from vtap_core.model import ERSPAN_ID_MAX, GRE_KEY_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int
 from vtap_drivers.linux import capture
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.reassembly import EXTENSIONS, IPPROTO_FRAGMENT, MAX_EXTENSIONS
+from vtap_drivers.linux.reassembly import EXTENSIONS, IPPROTO_AH, IPPROTO_FRAGMENT, IPV6_FRAGMENT_HEADER, MAX_EXTENSIONS, OFFSET_MASK
 from vtap_drivers.linux.ring import PacketRing, attach_filter
 from vtap_drivers.linux.tunnelblock import BlockReader
 
@@ -54,7 +56,7 @@ IPPROTO_GRE = 47
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 IPV6_HEADER = 40
 # Classic BPF instructions, (code, jt, jf, k); jumps count instructions after the next one.
-LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND, LD_B_IND = 0x20, 0x28, 0x30, 0xB1, 0x48, 0x50
+LD_W, LD_H, LD_B, LDX_MSH, LD_H_IND, LD_B_IND, LD_IMM, LD_MEM = 0x20, 0x28, 0x30, 0xB1, 0x48, 0x50, 0x00, 0x60
 LDX_IMM, LDX_MEM, ST, ADD_K, ADD_X, LSH_K = 0x01, 0x61, 0x02, 0x04, 0x0C, 0x64
 JA, JEQ, JGE, JSET, RET = 0x05, 0x15, 0x35, 0x45, 0x06
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4
@@ -133,39 +135,60 @@ def tunnel_filter(listen: Listen) -> list[tuple[int, int, int, int]]:
     proto = socket.IPPROTO_UDP if listen.scheme == "vxlan" else IPPROTO_GRE
     if ":" in listen.address:
         return _ipv6_filter(listen, proto)
-    program = [(LD_W, 0, 0, SKF_AD_PKTTYPE), (JGE, "drop", 0, PACKET_OTHERHOST), (LD_B, 0, 0, 9), (JEQ, 0, "drop", proto)]
+    program = [(LD_W, 0, 0, SKF_AD_PKTTYPE), (JGE, "drop", 0, PACKET_OTHERHOST)]
     address = int(ipaddress.IPv4Address(listen.address))
     if address:
         program += [(LD_W, 0, 0, 16), (JEQ, 0, "drop", address)]
+    upper = "keep" if listen.port is None else "upper"
+    program += [(LD_B, 0, 0, 9), (JEQ, upper, 0, proto), (JEQ, 0, "drop", IPPROTO_AH)]
+    # Under an Authentication Header: a fragment past the first has no upper-layer header, it is kept (joined,
+    # it is checked again); any other packet is walked past it (X = the IP header's length).
+    program += [(LD_H, 0, 0, 6), (JSET, "keep", 0, OFFSET_MASK), (LDX_MSH, 0, 0, 0), *_length(2, 2), *NEXT_HEADER, (JEQ, 0, "drop", proto)]
     if listen.port is not None:
+        program += [(JA, 0, 0, "port"), "upper", (LDX_MSH, 0, 0, 0), "port"]  # X: where the UDP header starts
         # A fragment (more fragments, or an offset) is kept whatever its port: joined, it is checked again.
-        program += [(LD_H, 0, 0, 6), (JSET, "keep", 0, 0x3FFF)]
-        program += [(LDX_MSH, 0, 0, 0), (LD_H_IND, 0, 0, 2), (JEQ, 0, "drop", listen.port)]  # X = the IP header's length
+        program += [(LD_H, 0, 0, 6), (JSET, "keep", 0, 0x3FFF), (LD_H_IND, 0, 0, 2), (JEQ, "keep", "drop", listen.port)]
     program += ["keep", (RET, 0, 0, KEEP_BYTES), "drop", (RET, 0, 0, 0)]
     return _assemble(program)
 
 
+def _length(extra: int, shift: int) -> list:
+    """A = the length of the header at X, (its length byte + extra) << shift: 1, 3 for IPv6 extension headers
+    (8 octets, the first 8 not counted), 2, 2 for AH (4 octets, the first 8 not counted)."""
+    return [(LD_B_IND, 0, 0, 1), (ADD_K, 0, 0, extra), (LSH_K, 0, 0, shift)]
+
+
+# From the header at X, A bytes long: A = its next header code, X = where that starts (M[0] on the way).
+NEXT_HEADER = [(ADD_X, 0, 0, 0), (ST, 0, 0, 0), (LD_B_IND, 0, 0, 0), (LDX_MEM, 0, 0, 0)]
+
+
 def _ipv6_filter(listen: Listen, proto: int) -> list[tuple[int, int, int, int]]:
-    """tunnel_filter() for IPv6: past up to MAX_EXTENSIONS hop-by-hop, routing and destination options headers
-    (X: where the next one starts), proto (to the port) is kept, and so is a Fragment header saying proto
-    (whatever the port: joined, it is checked again)."""
+    """tunnel_filter() for IPv6: past up to MAX_EXTENSIONS hop-by-hop, routing, destination options, AH and
+    Fragment headers (X: where the next one starts), proto (to the port) is kept, fragments whatever the port
+    (joined, it is checked again). A fragment past the first has no upper-layer header: kept if its Fragment
+    header says proto or another header walked here. More headers than walked, or ESP: dropped."""
     program = [(LD_W, 0, 0, SKF_AD_PKTTYPE), (JGE, "drop", 0, PACKET_OTHERHOST)]
     words = struct.unpack("!4I", ipaddress.IPv6Address(listen.address).packed)
     if any(words):
         for i, word in enumerate(words):
             program += [(LD_W, 0, 0, 24 + 4 * i), (JEQ, 0, "drop", word)]
+    # M[1]: 1 once past a first fragment's Fragment header (its port is not checked); only when there is a port.
+    first_fragment = [(LD_IMM, 0, 0, 1), (ST, 0, 0, 1)] if listen.port is not None else []
+    program += [(LD_IMM, 0, 0, 0), (ST, 0, 0, 1)] if first_fragment else []
     program += [(LD_B, 0, 0, 6), (LDX_IMM, 0, 0, IPV6_HEADER)]  # A: the next header, X: where it starts
-    *others, last = sorted(EXTENSIONS)
     for n in range(MAX_EXTENSIONS):
-        program += [(JEQ, f"skip{n}", 0, code) for code in others] + [(JEQ, 0, "upper", last)]
-        program += [
-            f"skip{n}",
-            (LD_B_IND, 0, 0, 1), (ADD_K, 0, 0, 1), (LSH_K, 0, 0, 3), (ADD_X, 0, 0, 0), (ST, 0, 0, 0),  # M[0] = X + 8 * (length + 1)
-            (LD_B_IND, 0, 0, 0), (LDX_MEM, 0, 0, 0),
-        ]
-    program += ["upper", (JEQ, "fragment", 0, IPPROTO_FRAGMENT), (JEQ, 0, "drop", proto)]  # still an extension: dropped
-    program += [(LD_H_IND, 0, 0, 2), (JEQ, "keep", "drop", listen.port)] if listen.port is not None else [(JA, 0, 0, "keep")]
-    program += ["fragment", (LD_B_IND, 0, 0, 0), (JEQ, "keep", "drop", proto)]
+        program += [(JEQ, f"options{n}", 0, code) for code in sorted(EXTENSIONS)]
+        program += [(JEQ, f"ah{n}", 0, IPPROTO_AH), (JEQ, 0, "upper", IPPROTO_FRAGMENT)]
+        # The Fragment header: a fragment past the first (an offset, in 8 octets from bit 3) goes to "later".
+        program += [(LD_H_IND, 0, 0, 2), (JSET, "later", 0, 0xFFF8), *first_fragment, (LD_IMM, 0, 0, IPV6_FRAGMENT_HEADER), (JA, 0, 0, f"next{n}")]
+        program += [f"ah{n}", *_length(2, 2), (JA, 0, 0, f"next{n}")]
+        program += [f"options{n}", *_length(1, 3), f"next{n}", *NEXT_HEADER]
+    if listen.port is None:
+        program += ["upper", (JEQ, "keep", "drop", proto)]
+    else:
+        program += ["upper", (JEQ, 0, "drop", proto), (LD_MEM, 0, 0, 1), (JEQ, "keep", 0, 1), (LD_H_IND, 0, 0, 2), (JEQ, "keep", "drop", listen.port)]
+    *walked, last = (proto, *sorted(EXTENSIONS), IPPROTO_AH)
+    program += ["later", (LD_B_IND, 0, 0, 0), *((JEQ, "keep", 0, code) for code in walked), (JEQ, "keep", "drop", last)]
     program += ["keep", (RET, 0, 0, KEEP_BYTES), "drop", (RET, 0, 0, 0)]
     return _assemble(program)
 
@@ -184,6 +207,8 @@ def _assemble(program: list) -> list[tuple[int, int, int, int]]:
         if not isinstance(item, str):
             here = len(out) + 1
             out.append(tuple(places[field] - here if isinstance(field, str) else field for field in item))
+            if not 0 <= out[-1][1] <= 255 or not 0 <= out[-1][2] <= 255:
+                raise ValueError(f"instruction {here - 1}: a conditional jump reaches 255 instructions at most")
     return out
 
 

@@ -27,10 +27,11 @@ for fragments) and what it learnt is kept per stream: where the inner frame
 starts, whether the stream is selected (key, session id, VNI), its interface
 and its fixed options (epb_flags). A stream is found by one
 struct.unpack_from of its fixed fields, read from the IP header on (IP
-version and header length, fragment field or next header, GRE flags and
-protocol, key, ERSPAN words or the VXLAN header): the tuple is the key. A
+version and header length, fragment field, protocol or next header; under
+an IPsec Authentication Header, its next header, length and SPI; GRE flags
+and protocol, key, ERSPAN words or the VXLAN header): the tuple is the key. A
 packet whose key is not known (a new stream, IP options, a fragment,
-another layout) takes the general path.
+IPv6 extension headers, another layout) takes the general path.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import struct
 
 from vtap_drivers.linux.decap import decap_gre, decap_vxlan, gre_layout
 from vtap_drivers.linux.pcapng import EPB_PACKETID, EPB_TYPE, OPT_COMMENT, _packet_options, enhanced_packet, interface_description
-from vtap_drivers.linux.reassembly import IPPROTO_FRAGMENT, Reassembly, upper_layer6
+from vtap_drivers.linux.reassembly import IPPROTO_AH, IPPROTO_FRAGMENT, Reassembly, upper_layer4, upper_layer6
 
 IPPROTO_GRE, IPPROTO_UDP = 47, 17
 IPV4_HEADER, IPV6_HEADER, UDP_HEADER = 20, 40, 8
 ETHERNET_HEADER = 14
 SHORTEST = IPV6_HEADER + UDP_HEADER + 24  # bytes: a shorter packet takes the general path (a key's reads stay inside it)
 MAX_STREAMS = 4096  # per layout: many streams (or junk) stay bounded
+MAX_LAYOUTS = 4096  # GRE headers and AH lengths seen (junk too): bounded as well
 MAX_SHAPES = 4096  # per stream: frame sizes (and comment lengths)
 MAX_INTERFACES = 4096  # stream descriptions remembered; past that, a description seen again gets a new IDB
 
@@ -64,18 +66,23 @@ IGNORED, SKIPPED = "ignored", "skipped"
 
 
 class _Layout:
-    """How to read one kind of stream (IP version; GRE flags and protocol, or VXLAN) from the IP header on:
-    key and varying are struct formats of what follows the IP header ("x" for what they skip)."""
+    """How to read one kind of stream (IP version; an Authentication Header of ah bytes, or none; GRE flags and
+    protocol, or VXLAN) from the IP header on: key and varying are struct formats of what follows the IP header
+    and AH ("x" for what they skip)."""
 
-    def __init__(self, ipv6: bool, key: str, varying: str = "", changes: int = 0):
-        ip = "!6xB33x" if ipv6 else "!B5xH12x"  # next header | version + header length, fragment field
-        self.key = struct.Struct(ip + key).unpack_from
-        self.varying = struct.Struct(f"!{IPV6_HEADER if ipv6 else IPV4_HEADER}x" + varying).unpack_from if varying else None
+    def __init__(self, ipv6: bool, key: str, varying: str = "", changes: int = 0, ah: int = 0):
+        ip = "!6xB33x" if ipv6 else "!B5xHxB10x"  # next header | version + header length, fragment field, protocol
+        under = f"II{ah - 8}x" if ah else ""  # AH: next header, length, SPI; not its sequence number and ICV
+        key = struct.Struct(ip + under + key)
+        self.key = key.unpack_from
+        self.least = max(SHORTEST, key.size)  # a shorter packet takes the general path (the key's reads stay inside it)
+        self.varying = struct.Struct(f"!{(IPV6_HEADER if ipv6 else IPV4_HEADER) + ah}x" + varying).unpack_from if varying else None
+        self.ah = ah
         self.changes = changes  # SEQUENCE | TIMESTAMP: what varying reads
         self.streams = {}  # key -> what _entry() made (NOT_SELECTED: another key, session or VNI)
 
     @classmethod
-    def gre(cls, ipv6: bool, head: int):
+    def gre(cls, ipv6: bool, head: int, ah: int = 0):
         """For GRE packets of these flags and protocol, or None."""
         gre = gre_layout(head)
         if gre is None:
@@ -84,7 +91,7 @@ class _Layout:
         key = "".join("I" if i == 0 or i in gre.fixed_words else "4x" for i in words)
         changing = [i for i in (gre.sequence_word, gre.timestamp_word) if i is not None]  # the sequence comes first
         varying = "".join("I" if i in changing else "4x" for i in range(changing[-1] + 1)) if changing else ""
-        return cls(ipv6, key, varying, (gre.sequence_word is not None) * SEQUENCE | (gre.timestamp_word is not None) * TIMESTAMP)
+        return cls(ipv6, key, varying, (gre.sequence_word is not None) * SEQUENCE | (gre.timestamp_word is not None) * TIMESTAMP, ah)
 
 
 def _entry(inner: int, interface: int, flags: int | None, layout: _Layout):
@@ -133,8 +140,7 @@ class BlockReader:
         self.keep_frames = keep_frames
         self.decap = decap_vxlan if self.vxlan else decap_gre
         self.joiner = Reassembly()
-        self.layouts = {}  # GRE flags + protocol -> _Layout, or None: not cached
-        self.vxlan_layout = _Layout(self.ipv6, "8xII") if self.vxlan else None  # the UDP header, the VXLAN header
+        self.layouts = {}  # (AH length or 0, GRE flags + protocol or 0 for VXLAN) -> _Layout, or None: not cached
         self.current = _Layout(self.ipv6, "I")  # the layout of the last stream seen: knows none yet
         self.interfaces = {}  # stream description -> interface id
         self.next_interface = 0
@@ -150,7 +156,7 @@ class BlockReader:
         kept = ignored = 0
         frame_header = FRAME_HEADER.unpack_from
         layout = self.current
-        key, streams = layout.key, layout.streams.get
+        key, streams, least = layout.key, layout.streams.get, layout.least
         stamp, note, n = self.last_note  # ERSPAN timestamps repeat (Linux counts in 100 us): the last one's comment
         append = parts.append
         for _ in range(count):
@@ -160,7 +166,7 @@ class BlockReader:
             if captured != length:
                 ignored += 1  # cut short: not a frame we can pass on unchanged
                 continue
-            entry = streams(key(ring, start)) if captured >= SHORTEST else None
+            entry = streams(key(ring, start)) if captured >= least else None
             if entry is None:
                 entry = self._find(ring, start, captured)
                 if entry is None:
@@ -180,7 +186,7 @@ class BlockReader:
                             break
                     continue
                 layout = self.current
-                key, streams = layout.key, layout.streams.get
+                key, streams, least = layout.key, layout.streams.get, layout.least
                 parts += self.new_interfaces  # the IDB of a stream just learnt
                 self.new_interfaces.clear()
             inner, shortest, interface, options, varying, changes, shapes = entry
@@ -233,19 +239,27 @@ class BlockReader:
         if captured < SHORTEST:
             return None
         if self.ipv6:
-            if ring[start + 6] != self.proto:
-                return None  # an extension header (a fragment, hop-by-hop options, ...): the general path
+            protocol = ring[start + 6]
         elif ring[start] != 0x45 or ring[start + 6] & 0x3F or ring[start + 7]:
             return None  # IP options, or a fragment
-        if self.vxlan:
-            layout = self.vxlan_layout
         else:
-            head = _WORD.unpack_from(ring, start + self.header)[0]
-            layout = self.layouts.get(head, False)
-            if layout is False:
-                layout = self.layouts[head] = _Layout.gre(self.ipv6, head)
-            if layout is None:
-                return None
+            protocol = ring[start + 9]
+        at, ah = start + self.header, 0
+        if protocol == IPPROTO_AH:
+            ah = 4 * (ring[at + 1] + 2)
+            protocol = ring[at]
+            if captured < SHORTEST + ah:
+                return None  # too short to read past it here
+        if protocol != self.proto:
+            return None  # an extension header (a fragment, hop-by-hop options, ...), ESP: the general path
+        head = 0 if self.vxlan else _WORD.unpack_from(ring, at + ah)[0]
+        layout = self.layouts.get((ah, head), False)
+        if layout is False:
+            if len(self.layouts) >= MAX_LAYOUTS:
+                self.layouts.clear()
+            layout = self.layouts[ah, head] = _Layout(self.ipv6, "8xII", ah=ah) if self.vxlan else _Layout.gre(self.ipv6, head, ah)  # VXLAN: the UDP header, the VXLAN header
+        if layout is None or captured < layout.least:
+            return None
         key = layout.key(ring, start)
         entry = layout.streams.get(key)
         if entry is None:
@@ -259,7 +273,7 @@ class BlockReader:
         return entry
 
     def _learn(self, layout: _Layout, ring, start: int, captured: int):
-        tunnel = self.header + self.udp
+        tunnel = self.header + layout.ah + self.udp
         payload = bytes(ring[start + tunnel : start + captured])
         found = self.decap(payload)
         if found is None:
@@ -275,7 +289,7 @@ class BlockReader:
         """Any packet, as the reader always did: (inner frame, interface, Meta), IGNORED or SKIPPED (a fragment)."""
         packet = bytes(ring[start : start + captured])
         if self.ipv6:
-            next_header, header = upper_layer6(packet)  # past hop-by-hop, routing, destination options
+            next_header, header = upper_layer6(packet)  # past hop-by-hop, routing, destination options, AH
             if next_header == IPPROTO_FRAGMENT:
                 packet = self.joiner.add6(packet, header)
                 if packet is None:
@@ -286,13 +300,14 @@ class BlockReader:
             elif next_header != self.proto:
                 return IGNORED
         else:
-            if packet[6] & 0x3F or packet[7]:  # an IPv4 fragment: more fragments, or an offset
+            fragment = packet[6] & 0x3F or packet[7]  # more fragments, or an offset
+            if fragment:
                 packet = self.joiner.add(packet)
                 if packet is None:
                     return SKIPPED
-                if self.udp and int.from_bytes(packet[22:24], "big") != self.port:
-                    return SKIPPED  # joined, it is UDP to another port: not ours
-            header = (packet[0] & 0x0F) * 4
+            protocol, header = upper_layer4(packet)  # past an Authentication Header
+            if protocol != self.proto or (self.udp and int.from_bytes(packet[header + 2 : header + 4], "big") != self.port):
+                return SKIPPED if fragment else IGNORED  # joined, it is not ours: not a tunnel packet at all
         found = self.decap(packet[header + self.udp :])
         if found is None or len(found[0]) < ETHERNET_HEADER or not self._selected(found[1]):
             return IGNORED

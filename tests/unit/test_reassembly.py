@@ -1,6 +1,7 @@
 """IPv4 reassembly of fragmented tunnel packets, on fragments scapy cuts (the functional test sends them for real)."""
 
 import random
+import struct
 
 from scapy.layers.inet import IP, UDP, fragment
 
@@ -87,5 +88,35 @@ def test_ipv6_extension_headers_before_the_fragment_header_are_walked():
     assert results[-1] == bytes(IPv6(src="fd00::1", dst="fd00::2") / udp) and joiner.pending == {}
     assert upper_layer6(bytes(chain / udp)) == (17, 64)
     assert upper_layer6(bytes(chain)[:50]) == (None, 0)  # cut short inside the chain
-    five = bytes(chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / udp)
-    assert upper_layer6(five) == (None, 0)  # more than it walks
+    seven = bytes(chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / udp)
+    assert upper_layer6(seven) == (None, 0)  # more than it walks
+    assert upper_layer6(bytes(chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / udp)) == (17, 88)  # six: the most
+
+
+def authentication_header(next_header, payload=b""):
+    """RFC 4302: 24 bytes (a 12-byte ICV), its length field 4 (in 4 octets, less 2): not IPv6's 8-octet unit."""
+    return struct.pack("!BBHII", next_header, 4, 0, 0x1234, 1) + bytes(12) + payload
+
+
+def test_ah_and_the_headers_after_the_fragment_header_are_walked():
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, fragment6
+    from scapy.packet import Raw
+
+    from vtap_drivers.linux.reassembly import upper_layer4, upper_layer6
+
+    udp = bytes(UDP(sport=1, dport=4789) / bytes(random.Random(6).randbytes(3000)))
+    assert upper_layer6(bytes(IPv6(nh=51) / Raw(authentication_header(17, udp)))) == (17, 64)
+    assert upper_layer4(bytes(IP(proto=51) / Raw(authentication_header(17, udp)))) == (17, 44)
+    assert upper_layer4(bytes(IP(proto=17) / udp)) == (17, 20)
+    # AH and destination options after the Fragment header: in the first fragment; joined, they lead the payload.
+    fragmentable = authentication_header(60, bytes(IPv6ExtHdrDestOpt(nh=17)) + udp)
+    pieces = [bytes(p) for p in fragment6(IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(id=3, nh=51) / Raw(fragmentable), 1280)]
+    assert len(pieces) == 3 and [upper_layer6(p) for p in pieces] == [(44, 48)] * 3
+    joiner = Reassembly()
+    joined = [joiner.add6(p, 48) for p in pieces[::-1]][-1]
+    assert upper_layer6(joined) == (17, 40 + 24 + 8) and joined[72:] == udp
+    # ESP is not walked (what follows its header is encrypted); a header cut short ends the walk.
+    assert upper_layer6(bytes(IPv6(nh=50) / Raw(bytes(8) + udp))) == (50, 40)
+    assert upper_layer4(bytes(IP(proto=50) / Raw(bytes(8) + udp))) == (50, 20)
+    assert upper_layer6(bytes(IPv6(nh=51) / Raw(authentication_header(17)[:6]))) == (None, 0)
+    assert upper_layer4(bytes(IP(proto=51) / Raw(authentication_header(17)[:6]))) == (None, 0)

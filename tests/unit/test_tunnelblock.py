@@ -177,3 +177,41 @@ def test_vxlan_and_an_ipv6_underlay_and_a_limit_mid_block():
     blocks, kept, _, frames = reader.read(ring_block(six), 0)
     assert kept == 3 and bytes(blocks) == before(six, "erspan://[fd00::2]") and frames == [INNER] * 3 and reader.general == 0
 
+
+
+def authentication_header(next_header, payload, icv=12, sequence=1):
+    """RFC 4302: next header, length (in 4 octets, less 2), reserved, SPI, sequence number, ICV."""
+    return struct.pack("!BBHII", next_header, (12 + icv) // 4 - 2, 0, 0x1234, sequence) + bytes(range(icv)) + payload
+
+
+def test_packets_under_ah_are_read_past_it_on_the_fast_path():
+    """ERSPAN under an Authentication Header (IPv4 protocol 51, IPv6 next header 51), AH of two lengths, its
+    sequence number rising: the pcapng the same packets without AH give, every one on the fast path."""
+    plain = [ipv4(erspan3(5, n, 100 + n)) for n in range(5)]
+    icvs = (12, 12, 16, 16, 12)
+    under = [ipv4(authentication_header(47, erspan3(5, n, 100 + n), icv, n), proto=51) for n, icv in enumerate(icvs)]
+    reader = CountingReader(parse_listen("erspan://10.79.0.2"))
+    blocks, kept, ignored, _ = reader.read(ring_block(under), 0)
+    assert (kept, ignored, reader.general) == (5, 0, 0) and bytes(blocks) == before(plain, "erspan://10.79.0.2")
+    plain6 = [bytes(IPv6(src="fd00::1", dst="fd00::2", nh=47) / erspan3(5, n, 100 + n)) for n in range(5)]
+    under6 = [bytes(IPv6(src="fd00::1", dst="fd00::2", nh=51) / authentication_header(47, erspan3(5, n, 100 + n), icv + 4 * (icv == 16), n)) for n, icv in enumerate(icvs)]
+    reader = CountingReader(parse_listen("erspan://[fd00::2]"))
+    blocks, kept, ignored, _ = reader.read(ring_block(under6), 0)
+    assert (kept, ignored, reader.general) == (5, 0, 0) and bytes(blocks) == before(plain6, "erspan://[fd00::2]")
+
+
+def test_a_packet_under_ah_is_never_read_as_a_stream_learnt_without_it_and_esp_is_ignored():
+    """VXLAN under AH whose words sit where a learnt plain stream's key is read (AH sequence = VXLAN flags, ICV =
+    the VNI) is read past AH, not as that stream; ESP (encrypted) is ignored."""
+    vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+    other = INNER[:-1] + b"\x06"
+    plain = [bytes(IP(src="10.79.0.1", dst="10.79.0.2", flags="DF") / UDP(sport=9, dport=4789, chksum=0) / (vxlan + inner)) for inner in (INNER, other)]
+    udp = plain[1][20:]
+    ah = struct.pack("!BBHIII", 17, 4, 0, 0x1234, 0x0800_0000, 42 << 8) + bytes(8)  # 24 bytes
+    under = bytes(IP(src="10.79.0.1", dst="10.79.0.2", proto=51, flags="DF") / (ah + udp))
+    secret = bytes(IP(src="10.79.0.1", dst="10.79.0.2", proto=50, flags="DF") / (struct.pack("!II", 0x1234, 1) + udp))
+    reader = CountingReader(parse_listen("vxlan://10.79.0.2"), keep_frames=True)
+    blocks, kept, ignored, frames = reader.read(ring_block([plain[0], under, secret, plain[0]]), 0)
+    assert (kept, ignored, frames) == (3, 1, [INNER, other, INNER])
+    assert bytes(blocks) == Expected("vxlan://10.79.0.2", vxlan=True).blocks([plain[0], plain[1], plain[0]], numbers=[0, 1, 3])
+    assert reader.general == 1  # ESP

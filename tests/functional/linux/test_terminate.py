@@ -347,7 +347,7 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
                *fragment6(to / IPv6ExtHdrFragment(id=10) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
                chain / UDP(sport=5, dport=4790) / vxlan,
                *fragment6(chain / IPv6ExtHdrFragment(id=12) / ICMPv6EchoRequest(data=bytes(2000)), 1280),
-               chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / UDP(sport=5, dport=4789) / vxlan]  # five: more than it walks
+               chain / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / UDP(sport=5, dport=4789) / vxlan]  # seven: more than it walks
     gre = to / Raw(b"\x00\x00\x65\x58" + vxlan[8:])
     gre.nh = 47
     dropped.append(gre)
@@ -392,3 +392,140 @@ def test_ipv6_tunnel_packets_with_extension_headers_are_kept_and_joined(wire, tm
     rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "2"], [first, *pieces], tmp_path)
     assert rc == 0, err
     assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
+
+
+def ah(next_header, payload):
+    """An IPsec Authentication Header (RFC 4302) of 24 bytes (a 12-byte ICV: its length field says 4) before payload."""
+    return struct.pack("!BBHII", next_header, 4, 0, 0x1234, 1) + bytes(range(12)) + payload
+
+
+def esp(payload):
+    """An ESP packet (RFC 4303) as NULL encryption makes it: the payload in clear right after SPI and sequence."""
+    return struct.pack("!II", 0x1234, 1) + payload + b"\x01\x02\x02\x2f" + bytes(12)  # padding, its length, next header, ICV
+
+
+def ip_payload(layer, payload, protocol):
+    packet = layer / Raw(payload)
+    if packet.version == 4:
+        packet.proto = protocol
+    else:
+        packet.nh = protocol
+    return packet
+
+
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_ipv6_first_fragments_with_headers_after_the_fragment_header_are_kept_and_joined(wire, tmp_path, tunnel):
+    """Headers in the fragmentable part, after the Fragment header (AH, destination options, routing): only the first
+    fragment has them; the ring walks it to GRE/UDP, keeps the others as fragments, and the file holds the inner
+    frame byte for byte. ERSPAN comes after six headers, RFC 8200's order in full (the most walked)."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
+
+    netns, mac = wire
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+    marker = uuid.uuid4().hex.encode()
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    to = IPv6(src="fd00:79::1", dst="fd00:79::2")
+    if tunnel == "erspan":
+        after = ah(60, bytes(IPv6ExtHdrDestOpt(nh=47)) + erspan3(5, big))
+        fragmented = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0) / IPv6ExtHdrFragment(id=4242, nh=51) / Raw(after)
+    else:
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8)
+        fragmented = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(id=4242) / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0) / UDP(sport=5000, dport=4789) / (vxlan + big)
+    pieces = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for p in fragment6(fragmented, 1280)[::-1]]
+    at = 14 + len(fragmented) - len(fragmented[IPv6ExtHdrFragment])  # where the Fragment header is
+    assert len(pieces) == 3 and {piece[at] for piece in pieces} == {51 if tunnel == "erspan" else 60}  # the Fragment header says AH / options
+    path = tmp_path / "a6.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", f"{tunnel}://[fd00:79::2]", "-w", str(path), "--count", "1"], pieces, tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [big]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
+def test_tunnel_packets_under_an_authentication_header_are_read_and_esp_is_not(wire, tmp_path, tunnel, version):
+    """IPsec AH (IPv4 protocol 51, IPv6 next header 51) before GRE/UDP, on a whole packet and on a fragmented one:
+    the file holds each inner frame byte for byte. ESP cannot be read (encrypted): its packets, sent first, even with
+    the tunnel packet in clear after the ESP header (NULL encryption), are never taken for the tunnel's."""
+    from scapy.layers.inet import fragment
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+
+    netns, mac = wire
+    marker = uuid.uuid4().hex.encode()
+    small = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + b"\x0d" * 30))
+    big = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (marker + bytes(range(256)) * 12))
+    hidden = small[:-1] + b"\x0e"
+
+    def tunnel_packet(inner):
+        if tunnel == "erspan":
+            return 47, erspan3(5, inner)
+        vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + inner
+        return 17, struct.pack("!HHHH", 5000, 4789, 8 + len(vxlan), 0) + vxlan
+
+    if version == 4:
+        to, listen = IP(src="10.79.0.1", dst=ADDR), f"{tunnel}://{ADDR}"
+        whole = ip_payload(to, ah(*tunnel_packet(small)), 51)
+        pieces = fragment(ip_payload(IP(src="10.79.0.1", dst=ADDR, id=4242, flags=0), ah(*tunnel_packet(big)), 51), fragsize=1200)
+    else:
+        subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+        to, listen = IPv6(src="fd00:79::1", dst="fd00:79::2"), f"{tunnel}://[fd00:79::2]"
+        whole = ip_payload(to, ah(*tunnel_packet(small)), 51)
+        pieces = fragment6(to / IPv6ExtHdrFragment(id=4242, nh=51) / Raw(ah(*tunnel_packet(big))), 1280)
+    secret = ip_payload(to, esp(tunnel_packet(hidden)[1]), 50)
+    frames = [bytes(Ether(src="02:00:00:00:00:09", dst=mac) / p) for p in (secret, whole, *pieces[::-1])]
+    assert len(frames) == 5
+    path = tmp_path / "ah.pcapng"
+    rc, err = run_capture(netns, mac, ["--listen", listen, "-w", str(path), "--count", "2"], frames, tmp_path)
+    assert rc == 0, err
+    assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_the_ring_walks_ah_and_the_fragmentable_part_within_its_bound(wire, version):
+    """The ring's kernel filter (vxlan://: the port is checked past what it walks): UDP to the port under AH, and
+    fragments whose first one reaches UDP past AH or destination options after the Fragment header, are queued;
+    fragments past the first are queued as they come (no upper-layer header to check). ESP, UDP to another port
+    under AH, two AH (IPv4), more headers than it walks, a chain cut short and the first fragment of something
+    else are not."""
+    from pyroute2 import netns as pr_netns
+    from scapy.layers.inet import ICMP, TCP, fragment
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
+
+    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
+
+    netns, mac = wire
+    vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0e" * 30))
+
+    def udp(port, payload=vxlan):
+        return struct.pack("!HHHH", 5, port, 8 + len(payload), 0) + payload
+
+    if version == 4:
+        to, listen = IP(src="10.79.0.1", dst=ADDR), f"vxlan://{ADDR}"
+        first, *later = fragment(ip_payload(IP(src="10.79.0.1", dst=ADDR, id=9, flags=0), ah(17, udp(4789, vxlan + bytes(2000))), 51), fragsize=1200)
+        other_first, *other_later = fragment(ip_payload(IP(src="10.79.0.1", dst=ADDR, id=10, flags=0), ah(1, bytes(ICMP() / bytes(2000))), 51), fragsize=1200)
+        kept = [ip_payload(to, ah(17, udp(4789)), 51), first, *later, *other_later]
+        dropped = [ip_payload(to, ah(17, udp(4790)), 51), ip_payload(to, esp(udp(4789)), 50), ip_payload(to, ah(51, ah(17, udp(4789))), 51),
+                   ip_payload(to, ah(6, bytes(TCP(dport=4789))), 51), ip_payload(to, ah(17, b""), 51), ip_payload(to, b"\x11\x04", 51), other_first]
+    else:
+        subprocess.run(["ip", "-n", netns, "addr", "add", "fd00:79::2/64", "dev", "r0", "nodad"], check=True)
+        to, listen = IPv6(src="fd00:79::1", dst="fd00:79::2"), "vxlan://[fd00:79::2]"
+        six = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0) / IPv6ExtHdrFragment(id=9, nh=51) / Raw(ah(60, bytes(IPv6ExtHdrDestOpt(nh=17)) + udp(4789, vxlan + bytes(2000))))
+        first, *later = fragment6(to / IPv6ExtHdrFragment(id=10) / IPv6ExtHdrDestOpt() / UDP(sport=5, dport=4789) / (vxlan + bytes(2000)), 1280)
+        other_first, *other_later = fragment6(to / IPv6ExtHdrFragment(id=11) / IPv6ExtHdrDestOpt() / ICMPv6EchoRequest(data=bytes(2000)), 1280)
+        seven = to / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(addresses=[], segleft=0) / IPv6ExtHdrFragment(id=12, nh=51) / Raw(ah(60, bytes(IPv6ExtHdrDestOpt(nh=60)) + bytes(IPv6ExtHdrDestOpt(nh=17)) + udp(4789, vxlan + bytes(2000))))
+        seven_first, *seven_later = fragment6(seven, 1280)
+        kept = [ip_payload(to, ah(17, udp(4789)), 51), *fragment6(six, 1280), first, *later, *other_later, *seven_later]
+        dropped = [ip_payload(to, ah(17, udp(4790)), 51), ip_payload(to, esp(udp(4789)), 50), seven_first,
+                   ip_payload(to, b"\x11\x04", 51), to / IPv6ExtHdrHopByHop(nh=60) / Raw(b"\x11\xff" + bytes(6) + udp(4789)), other_first]
+    assert len(kept) == (4 if version == 4 else 7)
+    ring = open_tunnel_ring(parse_listen(listen), netns)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        for _ in range(10):
+            for packet in kept + dropped:
+                sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / packet))
+        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
+        assert ring.unread() == 10 * len(kept)
+    finally:
+        sender.close()
+        ring.close()
