@@ -388,6 +388,7 @@ def main() -> int:
 
         if not small_packets_profile.has_perf():
             return 2
+        small_packets_profile.small_packets.use_data_cpu(args.cpu)  # that module's copy of this one (run as __main__)
     env = benchlib.environment()
     workdir = tempfile.mkdtemp(prefix="vtapbsp-")
     topology = Topology(workdir)

@@ -20,6 +20,7 @@ the instruction that turns them back on (e.g. _raw_spin_unlock_irqrestore).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import cpu_isolation  # noqa: E402
 import small_packets  # noqa: E402
 
 FREQUENCY = 4000  # samples per second of CPU
@@ -209,7 +211,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--scenarios", default="match-nothing,mirror-all,mirror-sink,tcx-empty,da-empty,tcx-match-nothing,tcx-mirror-all,tcx-mirror-sink")
+    parser.add_argument("--cpu", type=int, default=int(small_packets.DATA_CPU), help="the data CPU (as small_packets.py)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="leave other tasks and IRQs on the data CPU")
     args = parser.parse_args()
+    small_packets.use_data_cpu(args.cpu)
     if os.geteuid() != 0:
         print("bench/small_packets_profile.py needs root (network namespaces, tc, bpf, perf)", file=sys.stderr)
         return 2
@@ -224,7 +229,8 @@ def main() -> int:
         from vtap_core.client import Client
 
         scenarios = ("no-tap",) + tuple(n for n in args.scenarios.split(",") if n and n != "no-tap")
-        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client:
+        isolation = cpu_isolation.Isolated(args.cpu) if args.isolate else contextlib.nullcontext()
+        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client, isolation:
             topology.send(0.5)  # warm-up
             profiles = profile_all(topology, client, scenarios, args.seconds, workdir)
         text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, _no_tap_ns(profiles))
