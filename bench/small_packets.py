@@ -5,8 +5,8 @@ mon0 -> mon1 in M counts the copies). A C sender (capture_sender.c, built with
 cc) sends 64-byte frames (unicast to e2, EtherType 0x88b5) out of e1 as fast as
 it goes; the bridge forwards them to e2. Figure: frames/s received by e2. The
 sender, and with it the kernel's forwarding and mirroring (they run in its
-context), is pinned to one CPU at nice -10, so the rate measures CPU cost per
-packet. TCP benchmarks hide this cost in 64 KB GSO frames.
+context), is pinned to one CPU (the data CPU) at nice -10, so the rate measures
+CPU cost per packet. TCP benchmarks hide this cost in 64 KB GSO frames.
 
     no-tap              nothing mirrored
     match-nothing       a vtap flow on vh1 (both directions) whose filter matches nothing ("udp port 7")
@@ -22,12 +22,34 @@ packet. TCP benchmarks hide this cost in 64 KB GSO frames.
                         target's receiver: mon1's receive processing also runs on this CPU; this
                         kernel has no dummy driver)
 
-Every tap run is paired with a no-tap run right next to it (order alternating);
-ratio = median of the paired ratios, with quartiles. Completeness = copies at
-mon1 / frames through vh1. Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
+    no-tap-again        no tap either: the control. Paired with no-tap as a tap is, it must read 1.00;
+                        its quartiles are how precise the rig is
 
-    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4] [--name small_packets]   (root)
+How the figures are made precise (this VM shares its host; the rate of the very same path moves by
+10-15 % from one 0.1 s to the next):
+- The data CPU is the sender's alone (bench/cpu_isolation.py): every task and IRQ that may move is
+  moved off it for the run and put back afterwards (also on Ctrl-C, SIGTERM, an exception); vtap's
+  control plane, RCU callbacks of removed filters and other helpers' work run on the other CPU.
+- One sender sends throughout; the scenarios change under it (a process per run starts each time
+  from other memory, and its start is measured too). After each change the rig waits --settle
+  seconds, then reads 0.1 s windows: the CPU ns of the sender and of the data CPU's ksoftirqd
+  (/proc/PID/schedstat: softirq work that leaves the sender's context still counts) against the
+  frames e2 received (netlink).
+- A window counts only when the sender + ksoftirqd ran >= 99 % of it: nothing else ran on the data
+  CPU (another benchmark pinned there, say). A visit needs half its windows, else the pair is
+  measured again (--retries).
+- A visit's figure is the upper quartile of its windows: a burst on the host only ever slows a
+  window, so the upper quartile is the path's own speed; the median follows how many windows a
+  burst hit. Each tap visit is paired with a no-tap visit right next to it (order alternating);
+  ratio = median of the paired ratios, with quartiles.
+Steal time (/proc/stat) and cpufreq (none in this VM) are reported. Completeness = copies at mon1 /
+frames through vh1, counted exactly once per mirroring scenario with a sender that stops
+(measure()). Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
 
+    python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4] [--name small_packets]
+        [--cpu N] [--settle 0.5] [--retries 6] [--no-isolate] [--fresh-sender]   (root)
+
+--fresh-sender: the method before the windows (a sender per run, whole-run figures), to compare.
 --profile: afterwards each scenario runs that many seconds under perf (bench/small_packets_profile.py)
 and the report says where the extra ns per frame go.
 """
