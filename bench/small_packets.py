@@ -32,7 +32,7 @@ How the figures are made precise (this VM shares its host; the rate of the very 
   control plane, RCU callbacks of removed filters and other helpers' work run on the other CPU.
 - One sender sends throughout; the scenarios change under it (a process per run starts each time
   from other memory, and its start is measured too). After each change the rig waits --settle
-  seconds, then reads 0.1 s windows: the CPU ns of the sender and of the data CPU's ksoftirqd
+  seconds, then reads 0.05 s windows: the CPU ns of the sender and of the data CPU's ksoftirqd
   (/proc/PID/schedstat: softirq work that leaves the sender's context still counts) against the
   frames e2 received (netlink).
 - A window counts only when the sender + ksoftirqd ran >= 99 % of it: nothing else ran on the data
@@ -83,7 +83,7 @@ DATA_CPU = datapath.DATA_CPU
 NICE = datapath.NICE
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARM_UP = 0.1  # seconds sent, unmeasured, before each measured run
-WINDOW = 0.1  # seconds: a visit's figures come from windows this long
+WINDOW = 0.05  # seconds: a visit's figures come from windows this long
 MIN_EXCLUSIVE = 0.5  # a visit counts when at least this share of its windows were exclusive
 EXCLUSIVE = 0.99  # a run counts when sender + ksoftirqd had the data CPU this much of the sending loop's time
 CLONE_NEWNET = 0x40000000
@@ -243,7 +243,7 @@ class Sender:
             raise RuntimeError(f"capture_sender exited with {self.process.returncode}")
         windows, before = [], self.snapshot()
         for _ in range(max(1, round(seconds / WINDOW))):
-            time.sleep(WINDOW)
+            time.sleep(WINDOW)  # (the sleep's wake-up runs on the other CPU: this process is not on the data CPU)
             after = self.snapshot()
             wall, cpu, frames = after[0] - before[0], (after[1] - before[1]) / 1e9, after[2] - before[2]
             windows.append({"frames": frames, "wall_seconds": wall, "cpu_seconds": cpu, "per_cpu_second": frames / cpu if cpu else 0.0, "pps": frames / wall, "share": cpu / wall})
@@ -398,10 +398,12 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=int(DATA_CPU), help=f"the data CPU: sender, forwarding and mirroring run there (default {DATA_CPU}, as bench/datapath.py)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="leave other tasks and IRQs on the data CPU (by default they move off it for the run and come back after)")
     parser.add_argument("--settle", type=float, default=0.5, metavar="SECONDS", help="wait after each tap change before measuring (default 0.5)")
+    parser.add_argument("--window", type=float, default=WINDOW, metavar="SECONDS", help=f"length of a visit's windows (default {WINDOW:g})")
     parser.add_argument("--fresh-sender", action="store_true", help="a new sender process per measured run, whole-run figures (the method before the windows; to compare)")
-    parser.add_argument("--retries", type=int, default=6, help="times a pair is measured again when the data CPU was not the sender's alone in one of its runs (default 6)")
+    parser.add_argument("--retries", type=int, default=6, help="times a pair is measured again when the data CPU was not the sender's alone in one of its visits (default 6; 0: every pair counts, as before)")
     args = parser.parse_args()
     use_data_cpu(args.cpu)
+    globals()["WINDOW"] = args.window
     if os.geteuid() != 0:
         print("bench/small_packets.py needs root (network namespaces, tc, bpf)", file=sys.stderr)
         return 2
@@ -447,7 +449,7 @@ def main() -> int:
                             else:
                                 result = {n: visit(sender, topology, client, n, args.seconds, args.settle) for n in pair}
                             shared = [n for n in pair if not result[n]["exclusive"]]
-                            if not shared:
+                            if not shared or not args.retries:
                                 break
                             redone[name] += 1
                             shares = ", ".join(f"{n} {result[n].get('exclusive_windows', 0)} of {result[n].get('windows', 1)}" for n in shared)
