@@ -373,7 +373,24 @@ def report(summary: dict, env: dict, rounds: int, seconds: float, loads: list, r
         lines.append("\ncopies made by the match-nothing taps (should be 0): " + ", ".join(f"{n} {c}" for n, c in nothing.items()))
     lines.append("tcx-* / da-*: one hand-assembled eBPF program (bench/onestep_bpf.py: filter test + bpf_clone_redirect), not vtap's data path")
     lines += [verdict(summary, kind) for kind in TARGETS if kind in summary and f"tcx-{kind}" in summary]
+    lines += targets(summary)
     return "\n".join(lines)
+
+
+def targets(summary: dict) -> list[str]:
+    """By how much each form misses (or meets) its target: in ratio, and in CPU ns per frame against the budget."""
+    base = summary["no-tap"]["median_cpu_ns_per_frame"]
+    lines = [f"targets (per CPU-s ratio; the budget is the extra ns/frame the target allows over no-tap's {base:.0f}):"]
+    for kind, target in TARGETS.items():
+        budget = base * (1 / target - 1)
+        for name in (kind, f"tcx-{kind}", f"da-{kind}"):
+            if name in summary:
+                s = summary[name]
+                low, high = s["cpu_ratio_quartiles"] or (s["cpu_ratio_to_no_tap"],) * 2
+                gap = target - s["cpu_ratio_to_no_tap"]
+                state = f"missed by {gap:.3f}" if gap > 0 else f"met by {-gap:.3f}"
+                lines.append(f"  {name:<18} {s['cpu_ratio_to_no_tap']:.3f} ({low:.3f}..{high:.3f}) vs >= {target:.2f}: {state}; +{s['extra_cpu_ns_per_frame']:.0f} ns/frame against a budget of {budget:.0f}")
+    return lines
 
 
 def verdict(summary: dict, kind: str) -> str:
@@ -436,7 +453,7 @@ def main() -> int:
             steal, started = cpu_isolation.cpu_ticks(int(DATA_CPU))["steal"], time.monotonic()
             topology.send(0.5)  # warm-up
             taps = scenarios[1:]
-            sender = Sender(topology)
+            sender = None if args.fresh_sender else Sender(topology)
             try:
                 for round_number in range(args.rounds):
                     loads.append(os.getloadavg()[0])
@@ -465,24 +482,25 @@ def main() -> int:
                         row, base = result[name], result["no-tap"]
                         complete = f", {100 * row['completeness']:.2f}% complete" if name in MIRRORING else f", {row['mirrored_packets']} copies"
                         print(f"round {round_number + 1} {name:<18} {row['pps']:>10,.0f} frames/s vs no-tap {base['pps']:>10,.0f} ({row['pps'] / base['pps']:.3f}); per CPU-second {row['per_cpu_second']:>10,.0f} vs {base['per_cpu_second']:>10,.0f} ({row['per_cpu_second'] / base['per_cpu_second']:.3f}){complete}", flush=True)
+                rig.update(steal_seconds=cpu_isolation.cpu_ticks(int(DATA_CPU))["steal"] - steal, seconds=time.monotonic() - started)
+                profiles = profile_load = None
+                if args.profile:
+                    import small_packets_profile
+
+                    profiles = small_packets_profile.profile_all(topology, client, tuple(n for n in scenarios if n != "no-tap-again"), args.profile, workdir, None if args.fresh_sender else sender, args.settle)
+                    profile_load = os.getloadavg()[0]
             finally:
-                sender.close()
-            rig.update(steal_seconds=cpu_isolation.cpu_ticks(int(DATA_CPU))["steal"] - steal, seconds=time.monotonic() - started)
+                if sender:
+                    sender.close()
             # Completeness, exactly: a sender that stops, then every copy counted (the visits read counters while frames flow).
             for name in scenarios:
                 if name in MIRRORING:
                     checks[name] = measure(topology, client, name, 0.5, args.settle)
-            profiles = profile_load = None
-            if args.profile:
-                import small_packets_profile
-
-                profiles = small_packets_profile.profile_all(topology, client, tuple(n for n in scenarios if n != "no-tap-again"), args.profile, workdir)
         summary = summarize(rows, checks, redone)
         text = report(summary, env, args.rounds, args.seconds, loads, rig)
         if profiles:
             import small_packets_profile
 
-            profile_load = os.getloadavg()[0]
             text += f"\n\nload average (1 min) at the profile's end {profile_load:.2f}; {args.profile:g} s per scenario\n" + small_packets_profile.report(profiles)
             paired = {name: s["extra_cpu_ns_per_frame"] for name, s in summary.items() if name != "no-tap"}
             text += "\n\n" + small_packets_profile.findings(profiles, summary["no-tap"]["median_cpu_ns_per_frame"], paired)
