@@ -31,23 +31,23 @@ How the figures are made precise (this VM shares its host; the rate of the very 
   moved off it for the run and put back afterwards (also on Ctrl-C, SIGTERM, an exception); vtap's
   control plane, RCU callbacks of removed filters and other helpers' work run on the other CPU.
 - One sender sends throughout; the scenarios change under it (a process per run starts each time
-  from other memory, and its start is measured too). After each change the rig waits --settle
-  seconds, then reads 0.05 s windows: the CPU ns of the sender and of the data CPU's ksoftirqd
-  (/proc/PID/schedstat: softirq work that leaves the sender's context still counts) against the
-  frames e2 received (netlink).
+  from other memory, and its start is measured too). A pair is no-tap and a scenario taking turns
+  (A B A B A B, --alternations), so that a burst on the host lasting a second or two hits both
+  sides. After each change the rig waits --settle seconds, then reads 0.05 s windows: the CPU ns
+  of the sender and of the data CPU's ksoftirqd (/proc/PID/schedstat: softirq work that leaves
+  the sender's context still counts) against the frames e2 received (netlink).
 - A window counts only when the sender + ksoftirqd ran >= 99 % of it: nothing else ran on the data
-  CPU (another benchmark pinned there, say). A visit needs half its windows, else the pair is
-  measured again (--retries).
-- A visit's figure is the upper quartile of its windows: a burst on the host only ever slows a
+  CPU (another benchmark pinned there, say). Each side of a pair needs half its windows, else the
+  pair is measured again (--retries).
+- A side's figure is the upper quartile of its windows: a burst on the host only ever slows a
   window, so the upper quartile is the path's own speed; the median follows how many windows a
-  burst hit. Each tap visit is paired with a no-tap visit right next to it (order alternating);
-  ratio = median of the paired ratios, with quartiles.
+  burst hit. Ratio = median of the paired ratios, with quartiles (pair order alternating).
 Steal time (/proc/stat) and cpufreq (none in this VM) are reported. Completeness = copies at mon1 /
 frames through vh1, counted exactly once per mirroring scenario with a sender that stops
 (measure()). Targets (vtap's): match-nothing >= 0.98, mirror-all >= 0.90.
 
     python3 bench/small_packets.py [--rounds 12] [--seconds 1.5] [--scenarios ...] [--profile 4] [--name small_packets]
-        [--cpu N] [--settle 0.5] [--retries 6] [--no-isolate] [--fresh-sender]   (root)
+        [--cpu N] [--settle 0.3] [--alternations 3] [--window 0.05] [--retries 6] [--no-isolate] [--fresh-sender]   (root)
 
 --fresh-sender: the method before the windows (a sender per run, whole-run figures), to compare.
 --profile: afterwards each scenario runs that many seconds under perf (bench/small_packets_profile.py)
@@ -252,24 +252,30 @@ class Sender:
 
 
 def visit(sender: Sender, topology: Topology, client, name: str, seconds: float, settle: float) -> dict:
-    """One scenario in place for `seconds` under the running sender; its figures are the 75th percentile
-    of its exclusive windows (those where nothing else ran on the data CPU): what the host's other
-    tenants slow down, they only slow down, so the upper quartile is the path's own speed, steadier
-    than the median (which follows how many windows a burst on the host hit)."""
+    """One scenario in place for `seconds` under the running sender: its windows and vh1's / mon1's counts."""
     with Scenario(name, client):
         # After a tap change: RCU frees the old filters, the control plane's work (on the other CPU) drains.
         time.sleep(settle)
         src0, mon0 = benchlib.link_counters("vh1"), benchlib.link_counters("mon1", topology.mon)
         windows = sender.visit(seconds)
         src1, mon1 = benchlib.link_counters("vh1"), benchlib.link_counters("mon1", topology.mon)
+    return {"windows": windows, "source_packets": src1["rx"] - src0["rx"], "mirrored_packets": mon1["rx"] - mon0["rx"]}
+
+
+def figures(visits: list[dict]) -> dict:
+    """A scenario's figures from its visits in one pair: the upper quartile of the exclusive windows
+    (those where nothing else ran on the data CPU). What the host's other tenants do only ever slows
+    a window down, so the upper quartile is the path's own speed, steadier than the median (which
+    follows how many windows a burst on the host hit)."""
+    windows = [w for v in visits for w in v["windows"]]
     kept = [w for w in windows if w["share"] >= EXCLUSIVE]
     upper = (lambda values: statistics.quantiles(values, n=4)[2]) if len(kept) >= 2 else benchlib.median
-    source, mirrored = src1["rx"] - src0["rx"], mon1["rx"] - mon0["rx"]
+    source, mirrored = sum(v["source_packets"] for v in visits), sum(v["mirrored_packets"] for v in visits)
     return {
-        "windows": len(windows), "exclusive_windows": len(kept), "exclusive": len(kept) >= MIN_EXCLUSIVE * len(windows),
+        "visits": len(visits), "windows": len(windows), "exclusive_windows": len(kept), "exclusive": len(kept) >= MIN_EXCLUSIVE * len(windows),
         "pps": upper([w["pps"] for w in kept]) if kept else None, "per_cpu_second": upper([w["per_cpu_second"] for w in kept]) if kept else None,
         "median_pps": benchlib.median(w["pps"] for w in kept), "median_per_cpu_second": benchlib.median(w["per_cpu_second"] for w in kept),
-        "sent_pps": None, "share": benchlib.median(w["share"] for w in windows), "source_packets": source, "mirrored_packets": mirrored,
+        "share": benchlib.median(w["share"] for w in windows), "source_packets": source, "mirrored_packets": mirrored,
         # approximate: read while frames flow (the copies of the last ms before the reading count in the next visit)
         "completeness": mirrored / source if source else None,
     }
@@ -341,17 +347,18 @@ def report(summary: dict, env: dict, rounds: int, seconds: float, loads: list, r
     rig = rig or {}
     lines = [
         f"vtap small packets: {FRAME_BYTES}-byte frames c1 -> c2 over veth + bridge as fast as a C sender goes, tap on vh1 (both directions), all on one CPU",
-        f"{rounds} rounds; in each, every scenario is put in place for {seconds:g} s next to a no-tap visit (order alternating), one sender sending throughout; {env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs",
+        f"{rounds} rounds; in each, every scenario is paired with no-tap: {seconds:g} s of each" + (f", in {rig['alternations']} turns of {seconds / rig['alternations']:g} s taken alternately (A B A B ...)" if rig.get("alternations", 1) > 1 else "")
+        + f", pair order alternating; one sender sending throughout; {env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs",
         f"load average (1 min) at start {env['loadavg_at_start'][0]:.2f}, per round {' '.join(f'{x:.2f}' for x in loads)}",
     ]
     if rig:
         lines += [
             f"data CPU {rig['cpu']}: " + (f"{rig['threads_moved']} threads and {rig['irqs_moved']} IRQs moved off it for the run, then back" if rig["isolated"] else "not isolated (--no-isolate)")
             + f"; steal time on it {rig['steal_seconds']:.2f} s in {rig['seconds']:.0f} s; cpufreq: {rig['cpufreq']}",
-            f"a visit: {rig['settle']:g} s to settle after the tap change, then {WINDOW:g} s windows; a window counts when the sender + ksoftirqd/{rig['cpu']} ran >= {EXCLUSIVE:.0%} of it",
-            f"(nothing else on the data CPU), {sum(s['exclusive_windows'] for s in summary.values()):,} of {sum(s['windows'] for s in summary.values()):,} did; a visit counts with >= {MIN_EXCLUSIVE:.0%} of its windows, else the pair is measured again"
+            f"a turn: {rig['settle']:g} s to settle after the tap change, then {WINDOW:g} s windows; a window counts when the sender + ksoftirqd/{rig['cpu']} ran >= {EXCLUSIVE:.0%} of it",
+            f"(nothing else on the data CPU), {sum(s['exclusive_windows'] for s in summary.values()):,} of {sum(s['windows'] for s in summary.values()):,} did; a pair counts when each side has >= {MIN_EXCLUSIVE:.0%} of its windows, else it is measured again"
             + f" ({sum(s['pairs_redone'] for s in summary.values())} pairs were)",
-            "a visit's figure: the upper quartile of its windows (the host's other tenants only ever slow a window down); ratio = median of the paired ratios (quartiles)",
+            "a side's figure: the upper quartile of its windows (the host's other tenants only ever slow a window down); ratio = median of the paired ratios (quartiles)",
         ]
     lines += [
         "",
@@ -414,7 +421,8 @@ def main() -> int:
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="then profile each scenario this long (bench/small_packets_profile.py) and append where the ns go")
     parser.add_argument("--cpu", type=int, default=int(DATA_CPU), help=f"the data CPU: sender, forwarding and mirroring run there (default {DATA_CPU}, as bench/datapath.py)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="leave other tasks and IRQs on the data CPU (by default they move off it for the run and come back after)")
-    parser.add_argument("--settle", type=float, default=0.5, metavar="SECONDS", help="wait after each tap change before measuring (default 0.5)")
+    parser.add_argument("--alternations", type=int, default=3, help="a pair's --seconds split into this many visits of each, alternating (default 3)")
+    parser.add_argument("--settle", type=float, default=0.3, metavar="SECONDS", help="wait after each tap change before measuring (default 0.3)")
     parser.add_argument("--window", type=float, default=WINDOW, metavar="SECONDS", help=f"length of a visit's windows (default {WINDOW:g})")
     parser.add_argument("--fresh-sender", action="store_true", help="a new sender process per measured run, whole-run figures (the method before the windows; to compare)")
     parser.add_argument("--retries", type=int, default=6, help="times a pair is measured again when the data CPU was not the sender's alone in one of its visits (default 6; 0: every pair counts, as before)")
@@ -449,7 +457,7 @@ def main() -> int:
             if isolated:
                 print(f"data CPU {DATA_CPU}: {len(isolated.tasks)} threads and {isolated.moved_irqs} IRQs moved off it for the run", flush=True)
             rig = {"cpu": int(DATA_CPU), "isolated": bool(isolated), "threads_moved": len(isolated.tasks) if isolated else 0, "irqs_moved": isolated.moved_irqs if isolated else 0,
-                   "settle": args.settle, "cpufreq": cpufreq(int(DATA_CPU))}
+                   "settle": args.settle, "alternations": 1 if args.fresh_sender else args.alternations, "cpufreq": cpufreq(int(DATA_CPU))}
             steal, started = cpu_isolation.cpu_ticks(int(DATA_CPU))["steal"], time.monotonic()
             topology.send(0.5)  # warm-up
             taps = scenarios[1:]
@@ -463,8 +471,12 @@ def main() -> int:
                         for attempt in range(args.retries + 1):
                             if args.fresh_sender:  # as before: a sender of its own per measured run
                                 result = {n: measure(topology, client, n, args.seconds, args.settle) for n in pair}
-                            else:
-                                result = {n: visit(sender, topology, client, n, args.seconds, args.settle) for n in pair}
+                            else:  # A B A B ...: a burst on the host that lasts a second or two hits both
+                                visits = {n: [] for n in pair}
+                                for _ in range(args.alternations):
+                                    for n in pair:
+                                        visits[n].append(visit(sender, topology, client, n, args.seconds / args.alternations, args.settle))
+                                result = {n: figures(visits[n]) for n in pair}
                             shared = [n for n in pair if not result[n]["exclusive"]]
                             if not shared or not args.retries:
                                 break
