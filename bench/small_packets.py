@@ -282,6 +282,7 @@ def figures(visits: list[dict]) -> dict:
 
 
 def measure(topology: Topology, client, name: str, seconds: float, settle: float = 0.2) -> dict:
+    """One run of a sender of its own with the scenario in place (--fresh-sender; the exact completeness check)."""
     with Scenario(name, client):
         # After a tap change: RCU frees the old filters, the control plane's work drains; then a short send
         # warms the path (caches, slabs) so that the measured run starts where the previous one was.
@@ -304,11 +305,6 @@ def cpufreq(cpu: int) -> str:
         return "none in this VM (the host sets the clock; a burst there shows as slow windows)"
     with open(path) as f:
         return f"{int(f.read()) / 1000:.0f} MHz at the start"
-
-
-def share(run: dict) -> float:
-    """How much of the sending loop's time the sender (with the data CPU's ksoftirqd) had the data CPU."""
-    return (run["cpu_seconds"] + run["ksoftirqd_seconds"]) / run["seconds"]
 
 
 def summarize(rows: dict, checks: dict | None = None, redone: dict | None = None) -> dict:
