@@ -187,7 +187,7 @@ def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> st
     if "tcx-match-nothing" in profiles:
         p = profiles["tcx-match-nothing"]
         empty = f"; tcx-empty's program {profiles['tcx-empty']['programs']:.0f}" if "tcx-empty" in profiles else ""
-        lines.append(f"- tcx-match-nothing: the hook costs {children('tcx-match-nothing', 'tc_run'):.0f} ns and the program {p['programs']:.0f} (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}")
+        lines.append(f"- tcx-match-nothing: the program costs {p['programs']:.0f} ns (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}; tcx's hook checks have no function of their own (inlined, see below)")
     if "da-empty" in profiles and "tcx-empty" in profiles:
         also = f" (paired runs: +{paired['da-empty']:.0f} and +{paired['tcx-empty']:.0f} ns/frame over no-tap)" if "da-empty" in paired and "tcx-empty" in paired else ""
         lines.append(f"- the same empty program (return at once) costs {children('da-empty', 'tc_run'):.0f} ns/frame as a cls_bpf filter on clsact (da-empty; program {profiles['da-empty']['programs']:.0f}) and {children('tcx-empty', 'tc_run') + profiles['tcx-empty']['programs']:.0f} on tcx (tcx-empty){also}: what a tap costs before its filter test is clsact + cls_bpf, not the test")
@@ -216,9 +216,11 @@ def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> st
     if "da-empty" in profiles and "mirror-all" in profiles:
         floor, copy = children("da-empty", "tc_run"), children("mirror-all", "tcf_mirred_act")
         match_budget, mirror_budget = no_tap_ns * (1 / 0.98 - 1), no_tap_ns * (1 / 0.90 - 1)
-        hook = "above" if floor > match_budget else "within"
-        lines.append(f"- so: match-nothing's budget ({match_budget:.0f} ns) is {hook} what clsact + cls_bpf cost with an empty program (~{floor:.0f}, profile); "
+        lines.append(f"- so: match-nothing's budget ({match_budget:.0f} ns) is {'below' if floor > match_budget else 'above'} what clsact + cls_bpf cost with an empty program (~{floor:.0f}, profile); "
                      f"mirror-all's ({mirror_budget:.0f} ns) is {'below' if copy > mirror_budget else 'above'} mirred's clone + transmit alone (~{copy:.0f}), before the target receives the copy")
+        if "tcx-empty" in paired and "mirror-sink" in paired:
+            lines.append(f"- and in the paired runs: an empty program on tcx costs +{paired['tcx-empty']:.0f} ns/frame ({'over' if paired['tcx-empty'] > match_budget else 'within'} the {match_budget:.0f} ns budget of 0.98); "
+                         f"a copy dropped before the target's receive costs +{paired['mirror-sink']:.0f} ({'over' if paired['mirror-sink'] > mirror_budget else 'within'} the {mirror_budget:.0f} ns of 0.90)")
     return "\n".join(lines)
 
 
