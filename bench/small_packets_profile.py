@@ -4,7 +4,10 @@ For each scenario the sender runs for a while under `perf record -g`, which
 follows that process alone (cpu-clock sampling: this VM has no hardware
 counters). Samples are kept for the sender's command only (the kernel's forwarding and mirroring run
 in its context) and turned into CPU ns per forwarded frame:
-samples x sampling period / frames received by e2. Each row's figure is
+samples x sampling period / frames received by e2. Under small_packets.py (one sender throughout)
+perf attaches to that sender, each scenario's profile is paired with a no-tap profile taken right
+next to it, and a function's ns/frame = its share of the samples x the sender's CPU ns per frame
+(/proc/PID/schedstat over the same time). Each row's figure is
 absolute, so scenarios compare by subtraction, which is what the report does:
 per kernel function ("self" time) and per area (a function and what it calls,
 perf's "children" time, for a few named entry points), the extra ns/frame of
@@ -20,6 +23,7 @@ the instruction that turns them back on (e.g. _raw_spin_unlock_irqrestore).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import cpu_isolation  # noqa: E402
 import small_packets  # noqa: E402
 
 FREQUENCY = 4000  # samples per second of CPU
@@ -51,22 +56,38 @@ THUNKS = ("__x86_indirect_thunk_", "srso_", "retbleed_return_thunk")  # retpolin
 SHOWN = 14  # functions listed per scenario
 
 
-def record(topology, client, name: str, seconds: float, workdir: str) -> dict:
-    """One scenario's profile: {'frames', 'samples', 'self': {sym: ns/frame}, 'children': {sym: ns/frame}}."""
+def record(topology, client, name: str, seconds: float, workdir: str, sender=None, settle: float = 0.5) -> dict:
+    """One scenario's profile: {'frames', 'samples', 'self': {sym: ns/frame}, 'children': {sym: ns/frame}}.
+
+    sender: small_packets.Sender, already sending: perf attaches to it for `seconds` while the scenario
+    is in place (the same process for every scenario, as the paired figures); else a sender of its own.
+    """
     data = os.path.join(workdir, f"perf-{name}.data")
     with small_packets.Scenario(name, client):
-        time.sleep(0.2)
-        before, vh1 = benchlib.link_counters("e2", topology.c2)["rx"], benchlib.link_counters("vh1")
-        # perf follows the sender (and what runs in its context) wherever it is, and nothing else.
-        benchlib.run("perf", "record", "-q", "-g", "-F", str(FREQUENCY), "-o", data, "--", *small_packets.NICE, "ip", "netns", "exec", topology.c1, topology.sender, "e1", "0", str(seconds), str(small_packets.FRAME_BYTES), topology.e2_mac)
-        time.sleep(0.2)
-        frames = benchlib.link_counters("e2", topology.c2)["rx"] - before
+        time.sleep(settle if sender else 0.2)
+        vh1 = benchlib.link_counters("vh1")
+        cpu_ns = None
+        if sender:
+            before = sender.snapshot()
+            benchlib.run("perf", "record", "-q", "-g", "-F", str(FREQUENCY), "-o", data, "-p", str(sender.process.pid), "--", "sleep", str(seconds))
+            after = sender.snapshot()
+            # perf samples only part of this (it starts and stops inside it): the samples give the shares,
+            # the sender's CPU ns per frame over the whole of it gives the scale.
+            frames, cpu_ns = after[2] - before[2], after[1] - before[1]
+        else:
+            before = benchlib.link_counters("e2", topology.c2)["rx"]
+            # perf follows the sender (and what runs in its context) wherever it is, and nothing else.
+            benchlib.run("perf", "record", "-q", "-g", "-F", str(FREQUENCY), "-o", data, "--", *small_packets.NICE, "ip", "netns", "exec", topology.c1, topology.sender, "e1", "0", str(seconds), str(small_packets.FRAME_BYTES), topology.e2_mac)
+            time.sleep(0.2)
+            frames = benchlib.link_counters("e2", topology.c2)["rx"] - before
         vh1_after = benchlib.link_counters("vh1")
     ns_per_sample = 1e9 / FREQUENCY
     own, total = _report(data, children=False)
     with_callees, _ = _report(data, children=True)
     os.unlink(data)
     scale = ns_per_sample / frames if frames else 0.0
+    if cpu_ns is not None and frames and total:
+        scale = cpu_ns / frames / total
     return {
         "frames": frames,
         # Which of vh1's hooks the frames cross: its ingress (received) and egress (sent) hook.
@@ -115,13 +136,14 @@ def report(profiles: dict) -> str:
         "scenario             frames   ns/frame" + ("   +ns vs no-tap" if base else ""),
     ]
     for name, p in profiles.items():
-        extra = f"{p['ns_per_frame'] - base['ns_per_frame']:>+14.0f}" if base else ""
+        extra = f"{p['ns_per_frame'] - p.get('paired_no_tap', base)['ns_per_frame']:>+14.0f}" if base else ""
         lines.append(f"{name:<19}{p['frames']:>9,}{p['ns_per_frame']:>11.0f}{extra}")
     if base:
         for name, p in profiles.items():
             if name == "no-tap":
                 continue
-            lines.append(f"\n{name}: where the extra ns/frame go (vs no-tap)")
+            base = p.get("paired_no_tap", profiles["no-tap"])
+            lines.append(f"\n{name}: where the extra ns/frame go (vs " + ("the no-tap profile taken next to it)" if "paired_no_tap" in p else "no-tap)"))
             lines.append("  area (a function and its callees)                          no-tap    this   extra")
             for sym, label in AREAS:
                 a, b = base["children"].get(sym, 0.0), p["children"].get(sym, 0.0)
@@ -165,10 +187,21 @@ def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> st
     if "tcx-match-nothing" in profiles:
         p = profiles["tcx-match-nothing"]
         empty = f"; tcx-empty's program {profiles['tcx-empty']['programs']:.0f}" if "tcx-empty" in profiles else ""
-        lines.append(f"- tcx-match-nothing: the hook costs {children('tcx-match-nothing', 'tc_run'):.0f} ns and the program {p['programs']:.0f} (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}")
+        lines.append(f"- tcx-match-nothing: the program costs {p['programs']:.0f} ns (its LD_ABS loads are helper calls in eBPF; classic BPF's are inlined){empty}; tcx's hook checks have no function of their own (inlined, see below)")
     if "da-empty" in profiles and "tcx-empty" in profiles:
         also = f" (paired runs: +{paired['da-empty']:.0f} and +{paired['tcx-empty']:.0f} ns/frame over no-tap)" if "da-empty" in paired and "tcx-empty" in paired else ""
         lines.append(f"- the same empty program (return at once) costs {children('da-empty', 'tc_run'):.0f} ns/frame as a cls_bpf filter on clsact (da-empty; program {profiles['da-empty']['programs']:.0f}) and {children('tcx-empty', 'tc_run') + profiles['tcx-empty']['programs']:.0f} on tcx (tcx-empty){also}: what a tap costs before its filter test is clsact + cls_bpf, not the test")
+    for name in ("match-nothing", "tcx-empty", "tcx-match-nothing", "da-empty"):
+        if name in profiles and name in paired:
+            p = profiles[name]
+            base = p.get("paired_no_tap", profiles.get("no-tap"))
+            def grew(sym):
+                return p["self"].get(sym, 0.0) - base["self"].get(sym, 0.0)
+            hook = children(name, "tc_run") + p["programs"]
+            inline = grew("__netif_receive_skb_core.constprop.0") + grew("__dev_queue_xmit")
+            lines.append(f"- {name}: +{paired[name]:.0f} ns/frame in the paired runs; the profile finds tc_run + the program {hook:.0f} and {inline:+.0f} in the own time of "
+                         f"__netif_receive_skb_core + __dev_queue_xmit (the hook checks are inlined there; vs the no-tap profile next to it); the other {paired[name] - hook - inline:.0f} in no one place "
+                         "(a profile's total moves by more than that from run to run: the paired runs measure the total, the profile where it goes)")
     if "mirror-all" in profiles:
         lines.append(f"- mirror-all (cls_bpf + mirred): tc path {children('mirror-all', 'tc_run'):.0f} ns/frame, of it mirred {children('mirror-all', 'tcf_mirred_act'):.0f} (skb_clone {children('mirror-all', 'skb_clone'):.0f}, the rest the copy's dev_queue_xmit into mon0: veth_xmit, enqueue to the backlog)")
     if "mirror-all" in paired and "mirror-sink" in paired:
@@ -177,11 +210,17 @@ def findings(profiles: dict, no_tap_ns: float, paired: dict | None = None) -> st
         receive = children("mirror-all", "process_backlog") - children("mirror-sink", "process_backlog")
         lines.append(f"- the target's side: the receive backlog runs {receive:.0f} ns/frame more with mon1 receiving the copies (mirror-all) than with them dropped at mon0 (mirror-sink): the copy's receive at mon1 runs on the sender's CPU too (veth has no queue of its own)")
     if "tcx-mirror-all" in profiles:
-        lines.append(f"- tcx-mirror-all: bpf_clone_redirect {children('tcx-mirror-all', 'bpf_clone_redirect'):.0f} ns/frame, more than mirred's clone + transmit, partly because it makes the original's head writable after cloning it (pskb_expand_head {own('tcx-mirror-all', 'pskb_expand_head'):.0f} ns: a copy of the frame's data); what tcx saves on the hook it spends there")
+        redirect, mirred = children("tcx-mirror-all", "bpf_clone_redirect"), children("mirror-all", "tcf_mirred_act")
+        than = "" if mirred is None else (f", {'more' if redirect > mirred else 'less'} than mirred's clone + transmit ({mirred:.0f})")
+        lines.append(f"- tcx-mirror-all: bpf_clone_redirect {redirect:.0f} ns/frame{than}; it also makes the original's head writable after cloning it (pskb_expand_head {own('tcx-mirror-all', 'pskb_expand_head'):.0f} ns: a copy of the frame's data), which mirred does not")
     if "da-empty" in profiles and "mirror-all" in profiles:
         floor, copy = children("da-empty", "tc_run"), children("mirror-all", "tcf_mirred_act")
-        lines.append(f"- so: match-nothing's budget ({no_tap_ns * (1 / 0.98 - 1):.0f} ns) is below what clsact + cls_bpf costs with any program (~{floor:.0f}); only the tcx hook fits it. "
-                     f"mirror-all's ({no_tap_ns * (1 / 0.90 - 1):.0f} ns) is below mirred's clone + transmit alone (~{copy:.0f}), before the target receives the copy: no copy made in this machine's kernel fits it")
+        match_budget, mirror_budget = no_tap_ns * (1 / 0.98 - 1), no_tap_ns * (1 / 0.90 - 1)
+        lines.append(f"- so: match-nothing's budget ({match_budget:.0f} ns) is {'below' if floor > match_budget else 'above'} what clsact + cls_bpf cost with an empty program (~{floor:.0f}, profile); "
+                     f"mirror-all's ({mirror_budget:.0f} ns) is {'below' if copy > mirror_budget else 'above'} mirred's clone + transmit alone (~{copy:.0f}), before the target receives the copy")
+        if "tcx-empty" in paired and "mirror-sink" in paired:
+            lines.append(f"- and in the paired runs: an empty program on tcx costs +{paired['tcx-empty']:.0f} ns/frame ({'over' if paired['tcx-empty'] > match_budget else 'within'} the {match_budget:.0f} ns budget of 0.98); "
+                         f"a copy dropped before the target's receive costs +{paired['mirror-sink']:.0f} ({'over' if paired['mirror-sink'] > mirror_budget else 'within'} the {mirror_budget:.0f} ns of 0.90)")
     return "\n".join(lines)
 
 
@@ -201,15 +240,28 @@ def has_perf() -> bool:
     return False
 
 
-def profile_all(topology, client, scenarios, seconds: float, workdir: str) -> dict:
-    return {name: record(topology, client, name, seconds, workdir) for name in scenarios}
+def profile_all(topology, client, scenarios, seconds: float, workdir: str, sender=None, settle: float = 0.5) -> dict:
+    """{scenario: profile}; with a running sender each scenario's profile is paired with a no-tap
+    profile taken right next to it ('paired_no_tap'), which the report subtracts."""
+    if sender is None:
+        return {name: record(topology, client, name, seconds, workdir) for name in scenarios}
+    profiles = {}
+    for index, name in enumerate(n for n in scenarios if n != "no-tap"):
+        pair = ("no-tap", name) if index % 2 == 0 else (name, "no-tap")
+        taken = {n: record(topology, client, n, seconds, workdir, sender, settle) for n in pair}
+        profiles[name] = {**taken[name], "paired_no_tap": taken["no-tap"]}
+        profiles.setdefault("no-tap", taken["no-tap"])
+    return {"no-tap": profiles.pop("no-tap"), **profiles} if "no-tap" in profiles else profiles
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--scenarios", default="match-nothing,mirror-all,mirror-sink,tcx-empty,da-empty,tcx-match-nothing,tcx-mirror-all,tcx-mirror-sink")
+    parser.add_argument("--cpu", type=int, default=int(small_packets.DATA_CPU), help="the data CPU (as small_packets.py)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="leave other tasks and IRQs on the data CPU")
     args = parser.parse_args()
+    small_packets.use_data_cpu(args.cpu)
     if os.geteuid() != 0:
         print("bench/small_packets_profile.py needs root (network namespaces, tc, bpf, perf)", file=sys.stderr)
         return 2
@@ -224,7 +276,8 @@ def main() -> int:
         from vtap_core.client import Client
 
         scenarios = ("no-tap",) + tuple(n for n in args.scenarios.split(",") if n and n != "no-tap")
-        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client:
+        isolation = cpu_isolation.Isolated(args.cpu) if args.isolate else contextlib.nullcontext()
+        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client, isolation:
             topology.send(0.5)  # warm-up
             profiles = profile_all(topology, client, scenarios, args.seconds, workdir)
         text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, _no_tap_ns(profiles))
