@@ -61,6 +61,9 @@ def _corpus():
         eth / IP(src="10.3.3.3", dst="10.4.4.4", frag=10, proto=6) / Raw(b"y" * 40),
         eth / IP(src="10.5.5.5", dst="10.6.6.6", ttl=63) / TCP(dport=2000) / Raw(b"z" * 1100),
         eth / IP(src="10.7.7.7", dst="10.8.8.8") / GRE() / IP() / UDP(),
+        eth / IP(src="10.7.7.7", dst="10.8.8.8", ttl=65, tos=0x10) / TCP(sport=60000, dport=7),
+        eth / IP(src="10.7.7.7", dst="10.8.8.8", ttl=40) / TCP(sport=60001, dport=8),
+        eth / IP(src="10.7.7.7", dst="10.8.8.8", ttl=24) / TCP(sport=60002, dport=9),
         Ether(src=MAC_A, dst="01:00:5e:00:00:05") / IP(src="10.1.1.1", dst="224.0.0.5") / UDP(dport=520),
         Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="10.1.1.1", pdst="10.1.1.2"),
         eth / IPv6(src="fe80::1", dst="fe80::2") / TCP(sport=5555, dport=80, flags="S"),
@@ -76,8 +79,9 @@ def _corpus():
     ]
     frames = [bytes(frame) for frame in frames]
     # TEST_RUN refuses an IPv4 frame shorter than its IP header (IPv6: 40 bytes); cut after those.
-    truncated = [frames[0][:34], frames[0][:40], frames[0][:47], frames[13][:54], frames[13][:60], frames[17][:18],
-                 frames[17][:30], frames[17][:40], frames[12][:20], frames[3][:38], frames[22][:14]]
+    tcp4, udp4, arp, tcp6, tagged, other = frames[0], frames[3], frames[15], frames[16], frames[20], frames[25]
+    truncated = [tcp4[:34], tcp4[:40], tcp4[:47], tcp6[:54], tcp6[:60], tagged[:18], tagged[:30], tagged[:40],
+                 arp[:20], udp4[:38], other[:14]]
     return frames + truncated
 
 
