@@ -159,3 +159,31 @@ def test_a_verifier_refusal_carries_the_log():
     bad = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])  # exit without setting r0
     with pytest.raises(OSError, match="(?s)verifier: .*R0"):
         bpfsys.load_program(bad, "vtap_bad")
+
+
+def _ancillary_equals(offset: int, value: int):
+    """A hand-written classic program: match when ancillary value `offset` equals `value`."""
+    return [(0x28, 0, 0, (filters.SKF_AD_OFF + offset) & 0xFFFFFFFF), (0x15, 0, 1, value), (0x06, 0, 0, 1), (0x06, 0, 0, 0)]
+
+
+# (ancillary offset, frame, its value in a TEST_RUN skb: built on this namespace's "lo", tag kept in the frame)
+ANCILLARY_CASES = [
+    ("protocol is host order", 0, CORPUS[0], 0x0800),
+    ("protocol ipv6", 0, CORPUS[16], 0x86DD),
+    ("protocol of a tagged frame", 0, CORPUS[20], 0x8100),
+    ("pkttype otherhost", 4, CORPUS[0], 3),
+    ("pkttype host (lo's address)", 4, bytes(Ether(src=MAC_A, dst="00:00:00:00:00:00") / IP() / UDP()), 0),
+    ("pkttype multicast", 4, CORPUS[14], 2),
+    ("ifindex of lo", 8, CORPUS[0], 1),
+    ("no tag in metadata", 48, CORPUS[20], 0),
+    ("no tci", 44, CORPUS[20], 0),
+    ("no tpid", 60, CORPUS[20], 0),
+]
+
+
+@pytest.mark.parametrize("what, offset, frame, value", ANCILLARY_CASES, ids=[case[0] for case in ANCILLARY_CASES])
+def test_ancillary_loads_read_the_skb(what, offset, frame, value):
+    with tcxprog.load_mirror(_ancillary_equals(offset, value), NO_SUCH_IFINDEX, "anc") as mirror:
+        assert _kernel_matches(mirror, frame)
+    with tcxprog.load_mirror(_ancillary_equals(offset, value + 1), NO_SUCH_IFINDEX, "anc") as mirror:
+        assert not _kernel_matches(mirror, frame)
