@@ -39,7 +39,8 @@ EXPRESSIONS = [
     "icmp6", "icmp", "arp", "ip proto 47", "ip[0] & 0xf != 5", "net 10.0.0.0/8", "src net 192.168.0.0/16",
     "portrange 1000-2000", "tcp dst portrange 1000-2000", "ip[2:2] * 3 > 1000", "ip[2:2] / 4 = 15",
     "ip[2:2] % 7 = 3", "ip[2:2] / ip[8] > 5", "ip[2:2] % (ip[8] - 64) = 0", "(ip[2:2] + ip[8]) & 0xff = 0x40",
-    "ip[1] ^ 0xff != 0xff", "ip[2:2] << 1 > 200", "tcp[0:2] >> (ip[8] - 30) != 0", "host fe80::1",
+    "ip[1] ^ 0xff != 0xff", "ip[2:2] << 1 > 200", "tcp[0:2] >> (ip[8] - 30) != 0",
+    "ip[2:2] << (ip[8] - 30) != 0", "ip[2:2] / ip[8] = 0", "ip[2:2] % (ip[8] - 64) != 1", "host fe80::1",
     "ip6 dst host 2001:db8::2", "ip host 10.1.2.3", "udp src port 123", "ip and ip[6:2] & 0x1fff != 0",
     "tcp[13] = 2", "not ip", "ip multicast", "ip6 multicast", "udp[8:4] = 0xdeadbeef", "",
 ]
