@@ -207,14 +207,21 @@ class TcxQuery(NamedTuple):
 
 def query_tcx(ifindex: int, hook: str, capacity: int = 64) -> TcxQuery:
     """The programs on a device's tcx hook, in the order they run, with their links."""
-    prog_ids = (ctypes.c_uint32 * capacity)()
-    link_ids = (ctypes.c_uint32 * capacity)()
-    attr = struct.pack("=IIIIQIIQQQQ", ifindex, TCX_HOOKS[hook], 0, 0, _address(prog_ids), capacity, 0, 0, _address(link_ids), 0, 0)
-    _, buffer = bpf(PROG_QUERY, attr)
-    count = struct.unpack_from("=I", buffer.raw, 24)[0]
-    revision = struct.unpack_from("=Q", buffer.raw, 56)[0]
-    count = min(count, capacity)
-    return TcxQuery(tuple(prog_ids[:count]), tuple(link_ids[:count]), revision)
+    while True:
+        prog_ids = (ctypes.c_uint32 * capacity)()
+        link_ids = (ctypes.c_uint32 * capacity)()
+        attr = struct.pack("=IIIIQIIQQQQ", ifindex, TCX_HOOKS[hook], 0, 0, _address(prog_ids), capacity, 0, 0, _address(link_ids), 0, 0)
+        buffer = ctypes.create_string_buffer(attr, ATTR_SIZE)
+        try:
+            bpf(PROG_QUERY, buffer)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            capacity = struct.unpack_from("=I", buffer.raw, 24)[0]  # ENOSPC: the kernel wrote the real count
+            continue
+        count = struct.unpack_from("=I", buffer.raw, 24)[0]
+        revision = struct.unpack_from("=Q", buffer.raw, 56)[0]
+        return TcxQuery(tuple(prog_ids[:count]), tuple(link_ids[:count]), revision)
 
 
 # ---------------------------------------------------------------- ids, info

@@ -228,7 +228,7 @@ def _load(asm: _Asm, code: int, k: int, register: int) -> None:
     elif register == A and mode in (M_ABS, M_IND) and size in SIZE_BYTES:
         _packet_load(asm, k, SIZE_BYTES[size], indexed=mode == M_IND)
         asm(MOV32_X, A, R0)
-    elif register == X and mode == M_MSH and size == 0x10 and k < 0x80000000:
+    elif register == X and mode == M_MSH and size == 0x10:
         _packet_load(asm, k, 1, indexed=False)
         asm(MOV32_X, X, R0)
         asm(ALU32_K | 0x50, X, imm=0x0F)  # X = (P[k] & 0xf) << 2: an IPv4 header's length
@@ -239,12 +239,12 @@ def _load(asm: _Asm, code: int, k: int, register: int) -> None:
 
 def _packet_load(asm: _Asm, k: int, size: int, indexed: bool) -> None:
     """r0 = `size` bytes of the packet at k (or X + k), in host order; "no match" if out of the packet."""
+    if k >= 0x80000000:  # SKF_NET_OFF / SKF_LL_OFF relative loads; libpcap never emits them
+        raise Untranslatable(f"classic packet load at {_s32(k):#x}")
     if indexed:
         asm(MOV32_X, R2, X)
         asm(ALU32_K | ADD, R2, imm=k)  # u32, as classic BPF: a wrapped offset fails the load
     else:
-        if k >= 0x80000000:
-            raise Untranslatable(f"classic packet load at {k:#x}")
         asm(MOV32_K, R2, imm=k)
     asm(MOV64_X, R1, CTX)
     asm(MOV64_X, R3, FP)

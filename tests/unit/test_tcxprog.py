@@ -47,6 +47,8 @@ def test_clone_target_and_flags():
     ([(LD_W_ABS, 0, 0, SKF_AD + 36), (RET_K, 0, 0, 1)], "ancillary"),  # SKF_AD_CPU
     ([(LD_W_ABS, 0, 0, SKF_AD + 12), (RET_K, 0, 0, 1)], "ancillary"),  # SKF_AD_NLATTR
     ([(LD_B_ABS, 0, 0, 0xFFF00000 + 9), (RET_K, 0, 0, 1)], "ancillary"),  # SKF_NET_OFF + 9
+    ([(LD_H_IND, 0, 0, 0xFFF00000), (RET_K, 0, 0, 1)], "packet load"),  # SKF_NET_OFF relative to X
+    ([(0xB1, 0, 0, 0xFFF00000), (RET_K, 0, 0, 1)], "packet load"),  # X = 4 * (P[SKF_NET_OFF] & 0xf)
     ([(0x07 | 0x40, 0, 0, 0), (RET_K, 0, 0, 1)], "opcode"),  # an unknown MISC
     ([(0x04 | 0x30, 0, 0, 0), (RET_K, 0, 0, 1)], "division"),  # A /= 0
     ([(0x04 | 0x60, 0, 0, 40), (RET_K, 0, 0, 1)], "shift"),  # A <<= 40

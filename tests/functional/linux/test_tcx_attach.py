@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import struct
+import subprocess
 import uuid
 
 import pytest
@@ -62,6 +63,7 @@ def test_mirror_copies_matching_frames_and_lets_later_programs_run(inside, tmp_p
             hook = bpfsys.query_tcx(src0, "ingress")
             assert hook.prog_ids == (mirror_id, watcher_id)
             assert hook.link_ids == (bpfsys.link_info(link).id, bpfsys.link_info(watcher_link).id)
+            assert bpfsys.query_tcx(src0, "ingress", capacity=1) == hook  # asks again with room for all
 
             sock = lab.packet_socket("mon1")
             try:
@@ -128,3 +130,21 @@ def test_egress_hook_and_copy_into_target_ingress(inside):
                 sock.close()
             assert mirror.read_counters()["packets"] == 4
         assert bpfsys.query_tcx(src0, "egress").prog_ids == ()  # closing the link's only fd detached it
+
+
+def test_bpffs_is_mounted_where_asked(tmp_path):
+    """ensure_bpffs mounts bpffs (mount(2)) on a directory that has none, private to root; pins work there."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounts bpffs")
+    where = str(tmp_path / "bpf")
+    bpfsys.ensure_bpffs(where)
+    try:
+        assert oct(os.stat(where).st_mode & 0o777) == "0o700"
+        with tcxprog.load_mirror(filters.compile_filter("", live=False), NO_SUCH_IFINDEX, "pin") as mirror:
+            bpfsys.pin(mirror.prog, f"{where}/prog")
+        with bpfsys.get_pinned(f"{where}/prog") as prog:
+            assert bpfsys.prog_info(prog).name == "vtap_pin"
+        bpfsys.ensure_bpffs(where)  # already there: nothing stacked on top
+        assert sum(line.split()[1] == where for line in open("/proc/self/mounts")) == 1
+    finally:
+        subprocess.run(["umount", where], check=False)
