@@ -47,7 +47,10 @@ class TcxUnsupported(OSError):
 
 
 class BpfFd:
-    """An fd of a bpf object, closed on exit from a with block (or by close())."""
+    """An fd of a bpf object, closed on exit from a with block, by close(), or when garbage-collected.
+
+    So a link nobody pinned detaches once its BpfFd is gone: pin what must outlive the process.
+    """
 
     def __init__(self, fd: int):
         self.fd = fd
