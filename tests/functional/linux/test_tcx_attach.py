@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -112,6 +113,20 @@ def test_mirror_copies_matching_frames_and_lets_later_programs_run(inside, tmp_p
     with pytest.raises(OSError) as gone:
         bpfsys.get_pinned(pin_path)
     assert gone.value.errno == errno.ENOENT
+    assert _freed(lambda: bpfsys.prog_by_id(mirror_id)), "the program outlived its last link, pin and fd"
+    assert _freed(lambda: bpfsys.map_by_id(info.map_ids[0])), "the counters map outlived its program"
+
+
+def _freed(open_by_id, within: float = 5.0) -> bool:
+    """Whether the object's id stops resolving (the kernel frees bpf objects after an RCU grace period)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            open_by_id().close()
+        except OSError as error:
+            return error.errno == errno.ENOENT
+        time.sleep(0.05)
+    return False
 
 
 def test_egress_hook_and_copy_into_target_ingress(inside):
@@ -148,3 +163,21 @@ def test_bpffs_is_mounted_where_asked(tmp_path):
         assert sum(line.split()[1] == where for line in open("/proc/self/mounts")) == 1
     finally:
         subprocess.run(["umount", where], check=False)
+
+
+def test_a_vanished_target_counts_clone_failures_and_traffic_flows_on(inside):
+    """The target device is deleted under a live program: clones fail (counted), frames still reach src0."""
+    lab = inside
+    src0, mon0 = socket.if_nametoindex("src0"), socket.if_nametoindex("mon0")
+    marker = new_marker()
+    with tcxprog.load_mirror(filters.compile_filter("udp port 9"), mon0, "gone") as mirror, \
+            bpfsys.attach_tcx(mirror.prog, src0, "ingress"):
+        lab.ip("link", "del", "mon0")
+        sock = lab.packet_socket("src0")
+        try:
+            lab.send("peer0", frames(marker, None, 3))
+            assert len(receive(sock, marker)) == 3
+        finally:
+            sock.close()
+        assert mirror.read_counters()["clone_failures"] == 3
+        assert mirror.read_counters()["packets"] == 3
