@@ -214,6 +214,26 @@ class PcapngWriter:
         self.frames += frames
         self.fresh = False
 
+    def write_epbs(self, blocks: bytes, frames: int) -> None:
+        """Enhanced Packet Blocks as write() makes them, already cut to snaplen (sinkblock.py), written at once;
+        with max_size, the file is rotated between them just where write() would rotate it."""
+        if not self.max_size or self.size + len(blocks) <= self.max_size:
+            self.stream.write(blocks)
+            self.size += len(blocks)
+            self.frames += frames
+            self.fresh = self.fresh and not frames
+            return
+        view, position = memoryview(blocks), 0
+        while position < len(blocks):
+            total = int.from_bytes(view[position + 4 : position + 8], "little")
+            if self.size + total > self.max_size and not self.fresh:
+                self.rotate()
+            self.stream.write(view[position : position + total])
+            self.size += total
+            self.fresh = False
+            self.frames += 1
+            position += total
+
     def flush(self) -> None:
         self.stream.flush()
 
