@@ -81,7 +81,7 @@ def test_snaplen_cuts_tagged_frames_too_and_keeps_their_length_on_the_wire(tmp_p
 
 
 def test_a_block_larger_than_max_size_is_rotated_where_write_rotates(tmp_path):
-    wire = [bytes([i]) * 1000 for i in range(100)]
+    wire = [bytes([i]) * 3000 for i in range(40)]  # large frames: written from the ring, without a copy
     (tmp_path / "write").mkdir()
     (tmp_path / "blocks").mkdir()
     written_by_write(tmp_path / "write" / "r.pcapng", wire, max_size=10_000, max_files=3)
