@@ -5,7 +5,7 @@ data path transmits the mirrored frames on a vtap-owned sink device (an ifb);
 the capture process reads them there through a memory-mapped AF_PACKET ring
 (ring.py; never in promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
 what mirred produces), restores 802.1Q tags the kernel kept in metadata, and
-writes them to the pcap target's file.
+writes them to the pcap target's file, a ring block at a time (sinkblock.py).
 
 How a pcap target's capture process lives and ends
 --------------------------------------------------
