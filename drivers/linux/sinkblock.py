@@ -1,4 +1,4 @@
-"""One ring block of a pcap sink's frames -> their pcapng Enhanced Packet Blocks, in one buffer.
+"""One ring block of a pcap sink's frames -> their pcapng Enhanced Packet Blocks, for one write.
 
 The hot loop of a pcap target's capture process (capture.py), with as little
 Python per frame as the job allows: one struct.unpack_from of the frame's
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 
-from vtap_drivers.linux.pcapng import EPB_TYPE, enhanced_packet
+from vtap_drivers.linux.pcapng import _EPB_HEAD, _EPB_TAILS, EPB_TYPE, enhanced_packet
 from vtap_drivers.linux.ring import TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID
 
 BLOCK_HEADER = struct.Struct("II")  # num_pkts, offset_to_first_pkt, at 12 in a TPACKET_V3 block
@@ -30,8 +30,6 @@ VLAN = struct.Struct("IH")  # tp_vlan_tci, tp_vlan_tpid (tpacket_hdr_variant1), 
 VLAN_OFFSET = 32
 MAX_SHAPES = 4096  # frame sizes remembered (at most snaplen of them, 262144 without one)
 LARGE = 2048  # bytes: a frame this long is written from the ring (copying it twice costs more than three parts)
-EPB_HEAD = struct.Struct("<7I")
-EPB_TAILS = [struct.Struct(f"<{padding}xI").pack for padding in range(4)]
 
 
 def _shape(shapes: dict, size: int):
@@ -76,7 +74,7 @@ class SinkBlocks:
                 view = view or memoryview(ring)
                 padding = -captured & 3
                 total = 32 + captured + padding
-                parts += (EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length), view[start : start + captured], EPB_TAILS[padding](total))
+                parts += (_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length), view[start : start + captured], _EPB_TAILS[padding].pack(total))
             position += following
         if small:
             parts.append(b"".join(small))
