@@ -28,15 +28,12 @@ BLOCK_HEADER = struct.Struct("II")  # num_pkts, offset_to_first_pkt, at 12 in a 
 FRAME_HEADER = struct.Struct("IIIIIIH")  # tpacket3_hdr: next, sec, nsec, snaplen, len, status, mac
 VLAN = struct.Struct("IH")  # tp_vlan_tci, tp_vlan_tpid (tpacket_hdr_variant1), at 32
 VLAN_OFFSET = 32
-MAX_SHAPES = 4096  # frame sizes remembered (at most snaplen of them, 262144 without one)
 LARGE = 2048  # bytes: a frame this long is written from the ring (copying it twice costs more than three parts)
 
 
 def _shape(shapes: dict, size: int):
-    """(pack, total length) of an EPB around a size-byte frame, remembered in shapes."""
+    """(pack, total length) of an EPB around a size-byte frame, remembered in shapes (LARGE of them at most)."""
     padding = -size & 3
-    if len(shapes) >= MAX_SHAPES:
-        shapes.clear()
     shape = shapes[size] = (struct.Struct(f"<7I{size}s{padding}xI").pack, 32 + size + padding)
     return shape
 
