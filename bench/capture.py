@@ -74,10 +74,11 @@ class Lab:
         sent, elapsed = out.split()
         return int(sent), float(elapsed)
 
-    def iperf3(self, seconds: float) -> float:
+    def iperf3(self, seconds: float, bitrate: str | None = None) -> float:
         import json
 
-        out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.c, "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J"), check=False).stdout
+        limit = ["-b", bitrate] if bitrate else []
+        out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.c, "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J", *limit), check=False).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -135,11 +136,11 @@ class Capture:
         self.client.delete_session("bench")  # vtap's capture drains its ring and closes the file
 
 
-def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, seconds: float, size: int) -> dict:
+def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, seconds: float, size: int, tcp_bitrate: str | None = None) -> dict:
     with Capture(tool, lab, client, state_dir) as capture:
         before = lab.rx()
         if rate is None:
-            gbps, elapsed, sent = lab.iperf3(seconds), seconds, None
+            gbps, elapsed, sent = lab.iperf3(seconds, tcp_bitrate), seconds, None
         else:
             sent, elapsed = lab.send(rate, seconds, size)
             gbps = None
@@ -179,9 +180,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def report(summary: dict, env: dict, rounds: int, seconds: float, size: int) -> str:
+def report(summary: dict, env: dict, rounds: int, seconds: float, size: int, tcp_bitrate: str | None = None) -> str:
+    tcp = f"TCP: iperf3 at {tcp_bitrate}bit/s" if tcp_bitrate else "TCP: iperf3, as fast as it goes"
     lines = [
-        f"vtap pcap: capture vs tcpdump -w and dumpcap -w on the same mirrored stream ({size}-byte frames; TCP: iperf3)",
+        f"vtap pcap: capture vs tcpdump -w and dumpcap -w on the same mirrored stream ({size}-byte frames; {tcp})",
         f"{rounds} round(s) x {seconds} s per run; medians. {env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
         "rate: frames/s asked of the sender (0 = as fast as it goes); speed: frames/s through the source (Gbit/s for tcp)",
         "",
@@ -207,6 +209,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64, help="frame size in bytes (64..128 in the issue)")
     parser.add_argument("--rates", default=",".join(str(r) for r in RATES))
     parser.add_argument("--no-tcp", action="store_true")
+    parser.add_argument("--tcp-bitrate", help="iperf3 -b (e.g. 4G): the TCP stream at one rate for every tool, so completeness compares on a shared machine")
+    parser.add_argument("--name", default="capture", help="results/NAME.json and .txt")
     parser.add_argument("--tools", default=",".join(TOOLS), help="which of " + ", ".join(TOOLS))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -224,22 +228,22 @@ def main() -> int:
         state_dir = os.path.join(workdir, "state")
         os.makedirs(state_dir)
         server = subprocess.Popen(["ip", "netns", "exec", lab.b, "iperf3", "-s"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rates = [int(r) for r in args.rates.split(",")] + ([] if args.no_tcp else [None])
+        rates = [int(r) for r in args.rates.split(",") if r] + ([] if args.no_tcp else [None])
         with Client(driver="linux", state=os.path.join(state_dir, "vtap.db"), netns=lab.b, command="bench") as client:
             for round_number in range(args.rounds):
                 for rate in rates:
                     chosen = tuple(args.tools.split(","))
                     tools = chosen if round_number % 2 == 0 else chosen[::-1]
                     for tool in tools:
-                        row = run_one(lab, client, state_dir, tool, rate, args.seconds, args.size)
+                        row = run_one(lab, client, state_dir, tool, rate, args.seconds, args.size, args.tcp_bitrate)
                         runs.append(row)
                         speed = f"{row['gbps']:.2f} Gbit/s" if rate is None else f"{row['pps']:,.0f} frames/s"
                         extra = "" if tool not in READERS else f", {100 * (row['completeness'] or 0):.2f}% complete, {row['cpu_us_per_frame'] or 0:.2f} us/frame"
                         print(f"round {round_number + 1} rate {'tcp' if rate is None else rate:>8} {tool:<8} {speed}{extra}", flush=True)
         summary = summarize(runs)
-        text = report(summary, env, args.rounds, args.seconds, args.size)
+        text = report(summary, env, args.rounds, args.seconds, args.size, args.tcp_bitrate)
         print("\n" + text)
-        benchlib.save("capture", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "size": args.size, "summary": summary, "runs": runs, "targets": TARGETS}, text)
+        benchlib.save(args.name, {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "size": args.size, "tcp_bitrate": args.tcp_bitrate, "summary": summary, "runs": runs, "targets": TARGETS}, text)
         return 0
     finally:
         if server is not None:

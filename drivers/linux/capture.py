@@ -5,7 +5,7 @@ data path transmits the mirrored frames on a vtap-owned sink device (an ifb);
 the capture process reads them there through a memory-mapped AF_PACKET ring
 (ring.py; never in promiscuous mode), keeps only frames transmitted on the sink (PACKET_OUTGOING,
 what mirred produces), restores 802.1Q tags the kernel kept in metadata, and
-writes them to the pcap target's file.
+writes them to the pcap target's file, a ring block at a time (sinkblock.py).
 
 How a pcap target's capture process lives and ends
 --------------------------------------------------
@@ -62,6 +62,7 @@ from vtap_core.model import SNAPLEN_MAX, VNI_MAX, VXLAN_DEFAULT_PORT, check_int,
 from vtap_core.safefile import check_capture_path, open_private, private_dirs, write_private
 from vtap_drivers.linux.pcapng import PcapngWriter
 from vtap_drivers.linux.ring import PacketRing
+from vtap_drivers.linux.sinkblock import SinkBlocks
 
 MODULE = "vtap_drivers.linux.capture"
 
@@ -127,13 +128,20 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
         writer.flush()
         housekeeping()
 
+    if count is None:
+        # A block at a time: one buffer of pcapng blocks and one write for all its frames.
+        epbs = SinkBlocks(writer.snaplen)
+        for offset in ring.block_offsets(stop.is_set, idle):
+            writer.write_epbs(*epbs.read(ring.map, offset))
+            housekeeping()
+        return writer.frames
     write = writer.write
     for block in ring.blocks(stop.is_set, idle):
         for frame, timestamp_ns, original in block:
-            if count is not None and writer.frames >= count:
+            if writer.frames >= count:
                 return writer.frames  # the count was asked for: nothing after it, no draining
             write(frame, timestamp_ns, original)
-        if count is not None and writer.frames >= count:
+        if writer.frames >= count:
             return writer.frames
         housekeeping()
     return writer.frames

@@ -26,6 +26,7 @@ EPB_TYPE = 0x00000006
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
 
 LINKTYPE_ETHERNET = 1
+IOV_MAX = 1024  # parts per writev (Linux's UIO_MAXIOV)
 
 OPT_END = 0
 OPT_COMMENT = 1
@@ -111,6 +112,21 @@ def enhanced_packet(frame: bytes, timestamp_ns: int, original_length: int | None
     if flags is not None:
         options.append((EPB_FLAGS, struct.pack("<I", flags)))
     return _block(EPB_TYPE, header + data + b"\0" * _pad(len(data)) + _options(options))
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """os.writev, IOV_MAX parts at a time, until every byte is written."""
+    parts = list(parts)
+    done = 0
+    while done < len(parts):
+        chunk = parts[done : done + IOV_MAX]
+        written = os.writev(fd, chunk)
+        for part in chunk:
+            if written < len(part):
+                parts[done] = memoryview(part)[written:]
+                break
+            written -= len(part)
+            done += 1
 
 
 class PcapngWriter:
@@ -213,6 +229,32 @@ class PcapngWriter:
         self.size += len(blocks)
         self.frames += frames
         self.fresh = False
+
+    def write_epbs(self, parts: list, frames: int) -> None:
+        """Enhanced Packet Blocks as write() makes them, already cut to snaplen, in bytes-like parts (sinkblock.py),
+        written at once; with max_size, the file is rotated between them just where write() would rotate it."""
+        size = sum(map(len, parts))
+        if not self.max_size or self.size + size <= self.max_size:
+            if len(parts) == 1:
+                self.stream.write(parts[0])
+            elif parts:
+                self.stream.flush()  # what is buffered goes first
+                _write_all(self.stream.fileno(), parts)
+            self.size += size
+            self.frames += frames
+            self.fresh = self.fresh and not frames
+            return
+        blocks = b"".join(parts)
+        view, position = memoryview(blocks), 0
+        while position < len(blocks):
+            total = int.from_bytes(view[position + 4 : position + 8], "little")
+            if self.size + total > self.max_size and not self.fresh:
+                self.rotate()
+            self.stream.write(view[position : position + total])
+            self.size += total
+            self.fresh = False
+            self.frames += 1
+            position += total
 
     def flush(self) -> None:
         self.stream.flush()

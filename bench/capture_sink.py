@@ -1,0 +1,127 @@
+"""What a pcap target's sink costs the mirrored traffic, and what another sink would buy.
+
+Same topology as bench/capture.py (a C sender, 64-byte frames as fast as it
+goes, peer0 -> src0; the ingress of src0 is what is captured), but the tc
+filters are written here by hand and one reader, tcpdump -w, reads every
+variant, so only the path from the source to the reader's ring differs:
+
+  no-tap          nothing
+  egress-sink     mirred egress mirror to an ifb with noqueue (vtap's sink today), nothing reading
+  egress-read     the same, tcpdump -Q out on the ifb
+  ingress-sink    mirred ingress mirror to an ifb whose own ingress drops everything (cls_bpf da, after the taps)
+  ingress-read    the same, tcpdump -Q in on the ifb
+  direct-read     no mirror: tcpdump -Q in on src0 itself (a packet socket on the source, as tcpdump -i does)
+
+Per variant: the traffic's frames/s through src0 and its ratio to no-tap, and
+the reader's completeness (frames in its file / frames through src0). The
+sender runs on the last CPU, tcpdump on CPU 0, both at nice -10.
+
+    python3 bench/capture_sink.py [--rounds 3] [--seconds 2]     (root; tcpdump, capinfos, cc)
+
+Writes results/capture_sink.json and .txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import benchlib
+from capture import CAPTURE_CPU, Lab
+
+MATCH_ALL = "1,6 0 0 262144,"  # cBPF: accept the whole frame
+DROP_ALL = "1,6 0 0 2,"  # cBPF in direct-action mode: TC_ACT_SHOT
+VARIANTS = ("no-tap", "egress-sink", "egress-read", "ingress-sink", "ingress-read", "direct-read")
+
+
+def tc(lab: Lab, *words, check=True):
+    return benchlib.run("tc", "-n", lab.b, *words, check=check)
+
+
+def set_variant(lab: Lab, variant: str) -> None:
+    for device in ("src0", "mon0"):
+        tc(lab, "filter", "del", "dev", device, "ingress", check=False)
+    if variant.startswith("egress"):
+        tc(lab, "filter", "add", "dev", "src0", "ingress", "bpf", "bytecode", MATCH_ALL, "action", "mirred", "egress", "mirror", "dev", "mon0")
+    elif variant.startswith("ingress"):
+        tc(lab, "filter", "add", "dev", "mon0", "ingress", "bpf", "da", "bytecode", DROP_ALL)
+        tc(lab, "filter", "add", "dev", "src0", "ingress", "bpf", "bytecode", MATCH_ALL, "action", "mirred", "ingress", "mirror", "dev", "mon0")
+
+
+def run_one(lab: Lab, variant: str, seconds: float) -> dict:
+    set_variant(lab, variant)
+    reader = None
+    path = os.path.join(lab.workdir, "read.pcap")
+    if variant.endswith("-read"):
+        device, direction = ("src0", "in") if variant == "direct-read" else ("mon0", "out" if variant.startswith("egress") else "in")
+        command = benchlib.pinned(CAPTURE_CPU, "ip", "netns", "exec", lab.b, "tcpdump", "-i", device, "-Q", direction, "-n", "-w", path)
+        reader = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        reader.stderr.readline()  # "listening on ..."
+        time.sleep(0.5)
+    before = lab.rx()
+    _sent, elapsed = lab.send(0, seconds, 64)
+    time.sleep(1.2)  # tcpdump hands over what it buffered (1 s timeout)
+    through = lab.rx() - before
+    row = {"variant": variant, "through_source": through, "pps": through / elapsed}
+    if reader is not None:
+        reader.send_signal(signal.SIGINT)
+        reader.wait(timeout=20)
+        frames = benchlib.frames_in(path)
+        os.unlink(path)
+        row.update(frames=frames, completeness=frames / through if through else None)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/capture_sink.py needs root (network namespaces, tc)", file=sys.stderr)
+        return 2
+    env = benchlib.environment()
+    workdir = tempfile.mkdtemp(prefix="vtapbsink-")
+    lab = Lab(workdir)
+    runs = []
+    try:
+        lab.build()
+        tc(lab, "qdisc", "add", "dev", "src0", "clsact")
+        tc(lab, "qdisc", "add", "dev", "mon0", "clsact")
+        for round_number in range(args.rounds):
+            for variant in VARIANTS if round_number % 2 == 0 else VARIANTS[::-1]:
+                row = run_one(lab, variant, args.seconds)
+                runs.append(row)
+                extra = f", {100 * row['completeness']:.2f}% complete" if "completeness" in row else ""
+                print(f"round {round_number + 1} {variant:<13} {row['pps']:,.0f} frames/s{extra}", flush=True)
+    finally:
+        lab.destroy()
+        subprocess.run(["rm", "-rf", workdir])
+    base = benchlib.median([r["pps"] for r in runs if r["variant"] == "no-tap"])
+    summary = {}
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        pps = benchlib.median([r["pps"] for r in mine])
+        summary[variant] = {"pps": pps, "vs_no_tap": pps / base, "completeness": benchlib.median([r.get("completeness") for r in mine])}
+    lines = [
+        "the sink of a pcap target: 64-byte frames as fast as the sender goes, src0's ingress captured, tcpdump -w reading each variant",
+        f"{args.rounds} round(s) x {args.seconds} s; medians. {env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
+        "",
+        f"{'variant':<13} {'frames/s':>10} {'vs no-tap':>9} {'complete':>9}",
+    ]
+    for variant, f in summary.items():
+        complete = "-" if f["completeness"] is None else f"{100 * f['completeness']:.2f}%"
+        lines.append(f"{variant:<13} {f['pps']:>10,.0f} {f['vs_no_tap']:>9.2f} {complete:>9}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    benchlib.save("capture_sink", {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "summary": summary, "runs": runs}, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
