@@ -785,7 +785,7 @@ class TcDataplane:
 
     def _observe_tcx(self, catalog, vm, link_of, name_of, healths, underlays) -> list[Binding]:
         """vtap's tcx mirrors, from their pins: as planned, or drifted (device renamed, target
-        recreated); a defunct link (device gone) is missing; a pin no catalog entry names, an orphan."""
+        recreated); a pin no catalog entry names, or whose link is defunct (device gone), an orphan."""
         from vtap_drivers.linux import tcxmirror
 
         pinned = tcxmirror.pins(self.netns, catalog.owns)
@@ -801,8 +801,11 @@ class TcDataplane:
                 if vm is not None and entry.get("vm") not in (vm, None):
                     continue
                 found = tcxmirror.read(pin)
-                if found is None or not found.ifindex:
-                    continue  # gone meanwhile, or with its device: missing (apply replaces the pin)
+                if found is None:
+                    continue  # removed meanwhile
+                if not found.ifindex:  # its device is gone: the mirror is missing, the pin an orphan to remove
+                    out.append(self._unknown(pin.mark))
+                    continue
                 ifindex, to_index = found.ifindex, pin.to_index
                 if (ifindex, to_index) not in healths:
                     healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index, whole=True), underlays)

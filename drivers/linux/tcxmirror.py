@@ -67,11 +67,24 @@ def why_not(program, parent: str | None) -> str | None:
         return f"an egress filter placed on the root qdisc {parent} (an ingress qdisc holds the clsact hook)"
     if not kernel_has_tcx():
         return f"this kernel ({os.uname().release}) has no tcx hook (Linux >= 6.6)"
+    if not pins_outlive_the_process():
+        return f"no bpffs at {bpfsys.BPFFS} in this mount namespace (as under `ip netns exec`): pins made here would vanish with this process"
     try:
         tcxprog.translate(program, 0, 1)  # the map fd and ifindex are only constants in it
     except tcxprog.Untranslatable as exc:
         return f"the filter cannot be translated to eBPF ({exc})"
     return None
+
+
+def pins_outlive_the_process() -> bool:
+    """Whether a pin made now stays after vtap exits: bpffs is mounted already, or
+    this is the host's mount namespace (where vtap mounts it for good)."""
+    if bpfsys._is_bpffs(bpfsys.BPFFS):
+        return True
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino
+    except OSError:
+        return False
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -51,3 +51,16 @@ def test_datapath_tcx_from_the_environment_status_active(host):
                 tcxmirror.detach(os.path.join(directory, name))
         if os.path.isdir(directory):
             os.rmdir(directory)
+
+
+def test_under_ip_netns_exec_tcx_falls_back_to_cls_bpf_and_copies_still_go(host):
+    """`ip netns exec` mounts a /sys of its own, without bpffs: pins would die with the command."""
+    env = dict(os.environ, VTAP_DATAPATH="tcx")
+    assert host.vtap("session", "create", "s", "--to", "port:mon0", env=env).returncode == 0
+    result = host.vtap("flow", "add", "s", "--interface", "eth0", "--direction", "in", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ip netns exec" in result.stderr  # the log says why
+    assert sum(1 for f in host.filters("eth0", "ingress") if f.get("kind") == "bpf" and "options" in f) == 1
+    assert not os.path.exists(tcxmirror.pin_dir(None)) or not os.listdir(tcxmirror.pin_dir(None))
+    status = host.vtap("-o", "json", "status", env=env)
+    assert {row["state"] for row in json.loads(status.stdout)} == {"active"}, status.stdout

@@ -158,6 +158,23 @@ def test_device_renamed_is_drift(tcx):
     assert drifted.get("device") == "src9"
 
 
+def test_device_gone_the_defunct_pin_is_removed_and_the_mirror_comes_back_with_the_device(tcx):
+    lab = tcx
+    driver = lab.driver(datapath="tcx")
+    session, flow = port_flow("in", "")
+    reconcile.reconcile(driver, [session], [flow])
+    lab.ip("link", "del", "src0")
+    (orphan,) = driver.observe()
+    assert orphan.key.startswith(f"unknown/{lab.netns}/")
+    plan = reconcile.reconcile(driver, [session], [flow])
+    assert plan.problems  # the flow's interface is missing
+    assert pins(lab) == [] and driver.observe() == []
+    lab.veth("src0", "peer0")
+    reconcile.reconcile(driver, [session], [flow])
+    assert len(pins(lab)) == 1
+    assert len(copies_on_mon1(lab, lambda m: lab.send("peer0", udp_frames(m, 9, 3)))) == 3
+
+
 def test_an_orphan_pin_is_found_and_reconcile_removes_it(tcx):
     lab = tcx
     driver = lab.driver(datapath="tcx")
