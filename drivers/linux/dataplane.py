@@ -1072,12 +1072,16 @@ class TcDataplane:
     def _attach_tcx(self, bindings: list[Binding], indexes: dict, catalog: Catalog, done: list) -> None:
         from vtap_drivers.linux import tcxmirror
 
+        present: dict[bytes, list] = {}
+        for pinned in tcxmirror.pins(self.netns, catalog.owns):  # one listdir for the lot
+            present.setdefault(pinned.mark, []).append(pinned)
         with tcxmirror.in_netns(self.netns):
             for binding in bindings:
+                mark = catalog.mark_of(binding)
                 try:
-                    tcxmirror.attach(self.netns, catalog.mark_of(binding), self._program(binding), indexes[binding.get("device")], binding.get("hook"), indexes[binding.get("to")])
+                    tcxmirror.attach(self.netns, mark, self._program(binding), indexes[binding.get("device")], binding.get("hook"), indexes[binding.get("to")], present.get(mark, []))
                 except OSError as exc:
-                    raise OperationFailed(f"{binding.key}: the kernel refused the tcx mirror: {exc.strerror or exc}") from None
+                    raise OperationFailed(f"{binding.key}: cannot put the tcx mirror in place: {exc.strerror or exc}") from None
                 done.append(binding)
 
     @staticmethod

@@ -188,12 +188,13 @@ def read(pinned: Pinned) -> Found | None:
     return Found(info.ifindex, HOOK_OF_ATTACH.get(info.attach_type), figures)
 
 
-def attach(netns: str | None, mark: bytes, program, ifindex: int, hook: str, to_index: int, to_ingress: bool = False) -> None:
-    """Load, attach on the device's hook, pin. A pin of this mark that is not this mirror is replaced."""
+def attach(netns: str | None, mark: bytes, program, ifindex: int, hook: str, to_index: int, present: list[Pinned], to_ingress: bool = False) -> None:
+    """Load, attach on the device's hook, pin. present: the pins of this mark (pins());
+    one that is not this very mirror (another target ifindex, a defunct link) is replaced."""
     directory = pin_dir(netns)
     _private_dir(directory)
     path = os.path.join(directory, f"{mark.hex()}-{to_index}")
-    for old in pins(netns, lambda m: m == mark):
+    for old in present:
         found = read(old)
         if old.path == path and found is not None and found.ifindex == ifindex and found.hook == hook:
             return  # in place already

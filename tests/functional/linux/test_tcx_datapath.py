@@ -17,6 +17,7 @@ from scapy.layers.l2 import Ether
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from test_tc_vxlan import COLLECTOR, collector, datagrams, decapsulate  # noqa: F401 (collector: the fixture)
 from vtap_core import reconcile
+from vtap_core.errors import OperationFailed
 from vtap_core.model import Source, TapFlow, TapSession
 from vtap_drivers.linux import bpfsys, tcxmirror
 
@@ -271,3 +272,21 @@ def test_an_untranslatable_program_stays_on_cls_bpf_and_the_log_says_why_once(tc
     assert [(b.key, b.spec) for b in tc_driver.plan([session], [flow])] == [(mirror.key, mirror.spec)]
     said = [r.getMessage() for r in caplog.records if "cannot be translated" in r.getMessage()]
     assert len(said) == 1 and "using clsact + cls_bpf + mirred" in said[0]
+
+
+def test_a_pin_dir_someone_else_owns_fails_apply_and_leaves_nothing(tcx):
+    lab = tcx
+    directory = tcxmirror.pin_dir(lab.netns)
+    bpfsys.ensure_bpffs()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chown(directory, 65534, 65534)  # planted by another user: vtap pins nothing through it
+    driver = lab.driver(datapath="tcx")
+    session, flow = port_flow("both", "")
+    bindings = driver.plan([session], [flow])
+    with pytest.raises(OperationFailed, match="cannot put the tcx mirror in place: .* is not a directory of this user's"):
+        driver.apply(bindings)
+    os.chown(directory, 0, 0)
+    assert pins(lab) == []
+    assert hook_programs(lab, "src0", "ingress") == [] and hook_programs(lab, "src0", "egress") == []
+    assert "clsact" not in lab.qdiscs("src0")
+    assert [b for b in driver.observe() if b.get("type") == "mirror"] == []
