@@ -13,6 +13,10 @@ device names. What it puts in the kernel, per mirrored device and hook:
          the state dir (two stores never take each other's for orphans), 12 bytes
          of digest of the binding's key and spec
 
+With datapath="tcx" (TcDataplane(..., datapath="tcx")), a mirror the tcx hook can carry is instead
+one eBPF program on the device's tcx hook, pinned in bpffs; its spec says ("datapath", "tcx"), and
+tcxmirror.py does the kernel side (apply, observe from the pins, remove). The rest stays as below.
+
 Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
 clsact would and answers for both clsact parents: the ingress hook uses it, an
 egress filter goes on the device's htb/hfsc/prio root qdisc ("parent" in the
