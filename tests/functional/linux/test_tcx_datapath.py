@@ -290,3 +290,30 @@ def test_a_pin_dir_someone_else_owns_fails_apply_and_leaves_nothing(tcx):
     assert hook_programs(lab, "src0", "ingress") == [] and hook_programs(lab, "src0", "egress") == []
     assert "clsact" not in lab.qdiscs("src0")
     assert [b for b in driver.observe() if b.get("type") == "mirror"] == []
+
+
+def test_pcap_target_records_exactly_the_matching_frames(tcx, tmp_path):
+    from test_capture import read_frames, wait_for
+
+    from vtap_core.client import Client
+    from vtap_drivers.linux.capture import running_captures, stop_capture_process
+
+    lab = tcx
+    path = tmp_path / "web.pcapng"
+    try:
+        with Client(driver="linux", state=os.path.join(lab.state_dir, "vtap.db"), netns=lab.netns, datapath="tcx") as vtap:
+            vtap.create_session("web", to=f"pcap:{path}")
+            vtap.add_flow("web", interface="src0", direction="in", filter="udp port 9")
+            assert len(pins(lab)) == 1 and "clsact" not in lab.qdiscs("src0")
+            marker = new_marker()
+            wanted = udp_frames(marker, 9, 5)
+            lab.send("peer0", wanted + udp_frames(marker, 10, 3))
+            assert wait_for(lambda: len(read_frames(path)) == 5)
+            assert sorted(raw for raw, _ in read_frames(path)) == sorted(wanted)
+            (row,) = vtap.status()
+            assert (row.state, row.packets) == ("active", 5)
+            vtap.delete_session("web")
+            assert pins(lab) == []
+    finally:
+        for name in running_captures(lab.state_dir):
+            stop_capture_process(name, lab.state_dir)
