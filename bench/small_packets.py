@@ -72,10 +72,10 @@ import cpu_isolation  # noqa: E402
 import datapath  # noqa: E402
 import onestep_bpf  # noqa: E402
 
-SCENARIOS = ("no-tap", "no-tap-again", "match-nothing", "mirror-all", "tcx-empty", "tcx-match-nothing", "tcx-mirror-all", "da-empty", "da-match-nothing", "da-mirror-all", "mirror-sink", "tcx-mirror-sink")
+SCENARIOS = ("no-tap", "no-tap-again", "match-nothing", "mirror-all", "vtap-tcx-match-nothing", "vtap-tcx-mirror-all", "tcx-empty", "tcx-match-nothing", "tcx-mirror-all", "da-empty", "da-match-nothing", "da-mirror-all", "mirror-sink", "tcx-mirror-sink")
 CONTROLS = ("no-tap", "no-tap-again")  # no-tap-again: no tap either, paired with no-tap like a tap: must read 1.00
-MIRRORING = ("mirror-all", "tcx-mirror-all", "da-mirror-all")
-VTAP = ("match-nothing", "mirror-all", "mirror-sink")
+MIRRORING = ("mirror-all", "vtap-tcx-mirror-all", "tcx-mirror-all", "da-mirror-all")
+VTAP = ("match-nothing", "mirror-all", "mirror-sink", "vtap-tcx-match-nothing", "vtap-tcx-mirror-all")  # through vtap (vtap-tcx-: datapath=tcx)
 MATCH_NOTHING_PORT = 7  # "udp port 7": the benchmark's frames are not IP
 TARGETS = {"match-nothing": 0.98, "mirror-all": 0.90}
 FRAME_BYTES = 64
@@ -153,17 +153,40 @@ def _on_data_cpu(netns: str) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, int(NICE[-1]))
 
 
+class Clients:
+    """vtap as the scenarios use it: datapath tc (the default), and datapath=tcx for vtap-tcx-*."""
+
+    def __init__(self, workdir: str):
+        from vtap_core.client import Client
+
+        self.tc = Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench")
+        self.tcx = Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench", datapath="tcx")
+
+    def for_scenario(self, name: str):
+        return self.tcx if name.startswith("vtap-tcx-") else self.tc
+
+    def close(self):
+        self.tc.close()
+        self.tcx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class Scenario:
     """One scenario in place on vh1 (namespace H, which this process has entered) for a `with`."""
 
-    def __init__(self, name: str, client):
-        self.name, self.client = name, client
+    def __init__(self, name: str, clients):
+        self.name, self.client = name, clients.for_scenario(name)
         self.fds, self.ipr = [], None
 
     def __enter__(self):
         if self.name in VTAP:
             self.client.create_session("bench", to="port:mon0")
-            self.client.add_flow("bench", interface="vh1", direction="both", filter="udp port 7" if self.name == "match-nothing" else None)
+            self.client.add_flow("bench", interface="vh1", direction="both", filter="udp port 7" if self.name.endswith("match-nothing") else None)
         elif self.name not in CONTROLS:
             import socket
 
@@ -440,8 +463,6 @@ def main() -> int:
     try:
         topology.build()
         benchlib.enter_netns(topology.host)
-        from vtap_core.client import Client
-
         scenarios = tuple(n for n in SCENARIOS if n == "no-tap" or n in args.scenarios.split(","))
         rows = {name: [] for name in scenarios}
         redone = {name: 0 for name in scenarios}
@@ -449,7 +470,7 @@ def main() -> int:
         checks = {}
         loads = []
         isolation = cpu_isolation.Isolated(int(DATA_CPU)) if args.isolate else contextlib.nullcontext()
-        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client, isolation as isolated:
+        with Clients(workdir) as client, isolation as isolated:
             if isolated:
                 print(f"data CPU {DATA_CPU}: {len(isolated.tasks)} threads and {isolated.moved_irqs} IRQs moved off it for the run", flush=True)
             rig = {"cpu": int(DATA_CPU), "isolated": bool(isolated), "threads_moved": len(isolated.tasks) if isolated else 0, "irqs_moved": isolated.moved_irqs if isolated else 0,

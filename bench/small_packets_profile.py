@@ -273,11 +273,9 @@ def main() -> int:
     try:
         topology.build()
         benchlib.enter_netns(topology.host)
-        from vtap_core.client import Client
-
         scenarios = ("no-tap",) + tuple(n for n in args.scenarios.split(",") if n and n != "no-tap")
         isolation = cpu_isolation.Isolated(args.cpu) if args.isolate else contextlib.nullcontext()
-        with Client(driver="linux", state=os.path.join(workdir, "vtap.db"), command="bench") as client, isolation:
+        with small_packets.Clients(workdir) as client, isolation:
             topology.send(0.5)  # warm-up
             profiles = profile_all(topology, client, scenarios, args.seconds, workdir)
         text = f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, load average {env['loadavg_at_start'][0]:.2f}, {args.seconds:g} s per scenario\n" + report(profiles) + "\n\n" + findings(profiles, _no_tap_ns(profiles))

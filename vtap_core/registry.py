@@ -42,6 +42,8 @@ def load_driver(name: str, **settings):
     check_driver_name(name)
 
     def fail(_manager, entrypoint, exc):
+        if isinstance(exc, ValidationError):
+            raise exc  # a bad setting (e.g. datapath): the user's input, exit 2, not a broken driver
         missing = getattr(exc, "name", None)
         why = f"missing Python module {missing!r}" if isinstance(exc, ImportError) and missing else f"{type(exc).__name__}: {exc}"
         raise DriverLoadError(entrypoint.name, why) from exc

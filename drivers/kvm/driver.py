@@ -42,8 +42,11 @@ INVENTORY_REUSE = 1.0
 class KvmDriver(Driver):
     name = "kvm"
 
-    def __init__(self, uri=None, ovsdb=None, state_dir=None, **settings):
+    def __init__(self, uri=None, ovsdb=None, state_dir=None, datapath=None, **settings):
+        from vtap_drivers.linux.tcxmirror import check_datapath
+
         super().__init__(uri=uri, ovsdb=ovsdb, state_dir=state_dir, **settings)
+        self.datapath = check_datapath(datapath)
         self.uri = uri or DEFAULT_URI
         self.state_dir = state_dir
         self.libvirt = Libvirt(self.uri)
@@ -73,7 +76,7 @@ class KvmDriver(Driver):
         if self._tc is None:
             from vtap_drivers.linux.dataplane import TcDataplane
 
-            self._tc = TcDataplane(state_dir=self.state_dir or ".")
+            self._tc = TcDataplane(state_dir=self.state_dir or ".", datapath=self.datapath)
         return self._tc
 
     def describe(self) -> Description:

@@ -234,13 +234,13 @@ class Catalog:
         return mark
 
     def mirrors(self) -> dict[bytes, tuple[int, str, str | None, dict]]:
-        """{mark: (device ifindex, hook, parent, entry)} of the mirrors named here (binding_of(entry) is its Binding:
+        """{mark: (device ifindex, hook, parent, entry)} of the cls_bpf mirrors named here (binding_of(entry) is its Binding:
         observe makes it once, with its counters)."""
         if self._hooks is None:
             found: dict = {}
             for mark, data in self.bindings.items():
                 spec = dict(data["spec"])
-                if spec.get("type") == "mirror" and data.get("ifindex"):
+                if spec.get("type") == "mirror" and data.get("ifindex") and spec.get("datapath") != "tcx":  # tcx: pins, not filters
                     found[bytes.fromhex(mark)] = (data["ifindex"], spec["hook"], spec.get("parent"), data)
             self._hooks = found
         return self._hooks

@@ -13,6 +13,10 @@ device names. What it puts in the kernel, per mirrored device and hook:
          the state dir (two stores never take each other's for orphans), 12 bytes
          of digest of the binding's key and spec
 
+With datapath="tcx" (TcDataplane(..., datapath="tcx")), a mirror the tcx hook can carry is instead
+one eBPF program on the device's tcx hook, pinned in bpffs; its spec says ("datapath", "tcx"), and
+tcxmirror.py does the kernel side (apply, observe from the pins, remove). The rest stays as below.
+
 Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
 clsact would and answers for both clsact parents: the ingress hook uses it, an
 egress filter goes on the device's htb/hfsc/prio root qdisc ("parent" in the
@@ -246,8 +250,10 @@ def program_for(binding: Binding, cache: FilterCache | None = None):
 class TcDataplane:
     """Mirrors in one network namespace through one netlink socket (see module docstring)."""
 
-    def __init__(self, netns: str | None = None, state_dir: str = "."):
+    def __init__(self, netns: str | None = None, state_dir: str = ".", datapath: str = "tc"):
         self.netns = netns
+        self.datapath = datapath  # "tcx": mirrors on the tcx hook where they can be (tcxmirror.py)
+        self._tcx_refusals: dict[tuple, str | None] = {}  # (program, parent) -> why not on tcx
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
         self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
@@ -275,8 +281,22 @@ class TcDataplane:
             tail = shared[what] = tuple(shared.setdefault(pair, pair) for pair in zip(("hook", "to", "filter", "sample", "guard"), what))
         spec = (("type", "mirror"), ("device", device)) + tail + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
-        self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
+        program = self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
+        if self.datapath == "tcx" and self._on_tcx(program, parent):
+            binding = replace(binding, spec=spec + (("datapath", "tcx"),))  # another mark: switching is remove + apply
         return binding
+
+    def _on_tcx(self, program, parent: str | None) -> bool:
+        """Whether a mirror goes on the tcx hook; where it cannot, the log says why (once)."""
+        from vtap_drivers.linux import tcxmirror
+
+        asked = (tuple(map(tuple, program)), parent)
+        if asked not in self._tcx_refusals:
+            self._tcx_refusals[asked] = tcxmirror.why_not(program, parent)
+        why = self._tcx_refusals[asked]
+        if why:
+            tcxmirror.say_once(why)
+        return why is None
 
     def _program(self, binding: Binding, what: tuple | None = None):
         """program_for(binding), once per (filter, guard, sample) in this process: plans ask for it per flow."""
@@ -762,9 +782,44 @@ class TcDataplane:
                 out.append(binding)
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
+            out.extend(self._observe_tcx(catalog, vm, link_of, name_of, healths, underlays))
             out.extend(self._observe_devices(catalog, every_link))
             out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, kinds))
             return out
+
+    def _observe_tcx(self, catalog, vm, link_of, name_of, healths, underlays) -> list[Binding]:
+        """vtap's tcx mirrors, from their pins: as planned, or drifted (device renamed, target
+        recreated); a pin no catalog entry names, or whose link is defunct (device gone), an orphan."""
+        from vtap_drivers.linux import tcxmirror
+
+        pinned = tcxmirror.pins(self.netns, catalog.owns)
+        if not pinned:
+            return []
+        out = []
+        with tcxmirror.in_netns(self.netns):
+            for pin in pinned:
+                entry = catalog.bindings.get(pin.mark.hex())
+                if entry is None:
+                    out.append(self._unknown(pin.mark))
+                    continue
+                if vm is not None and entry.get("vm") not in (vm, None):
+                    continue
+                found = tcxmirror.read(pin)
+                if found is None:
+                    continue  # removed meanwhile
+                if not found.ifindex:  # its device is gone: the mirror is missing, the pin an orphan to remove
+                    out.append(self._unknown(pin.mark))
+                    continue
+                ifindex, to_index = found.ifindex, pin.to_index
+                if (ifindex, to_index) not in healths:
+                    healths[ifindex, to_index] = self._target_health(link_of(ifindex), link_of(to_index, whole=True), underlays)
+                figures = found.counters
+                binding = binding_of(entry, Counters(figures["packets"], figures["bytes"], figures["clone_failures"], healths[ifindex, to_index]))
+                actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or "", "hook": found.hook}
+                if any(binding.get(name) != value for name, value in actual.items()):
+                    binding = _drifted(binding, pin.mark, **actual)
+                out.append(binding)
+        return out
 
     def _unused_clsacts(self, catalog, used: set, among: set | None = None, kinds: dict | None = None) -> list[Binding]:
         """clsact qdiscs vtap added that hold no filter of anyone's (a run killed before it removed them).
@@ -882,6 +937,8 @@ class TcDataplane:
                     catalog.remember(binding)
                 elif binding.get("type") == "mirror" and binding.get("device") in indexes:
                     catalog.remember(binding, indexes[binding.get("device")])
+            on_tcx = {b.get("device") for b in mirrors if b.get("datapath") == "tcx"} - {b.get("device") for b in mirrors if b.get("datapath") != "tcx"}
+            indexes = {device: ifindex for device, ifindex in indexes.items() if device not in on_tcx}  # no clsact for those
             # Devices whose clsact the catalog names already need no look: that stays so either way.
             unsure = {device: ifindex for device, ifindex in indexes.items() if catalog.qdiscs.get(device) != ifindex}
             hooked = {i for i, place in self._places_of(set(unsure.values())).items() if place["hook"]} if unsure else set()
@@ -959,6 +1016,12 @@ class TcDataplane:
                     raise OperationFailed(f"{binding.key}: {what} {name} does not exist{where}")
             catalog.remember(binding, indexes[binding.get("device")])
         catalog.save()  # before the kernel: a crash leaves nothing unnamed
+        on_tcx = [b for b in bindings if b.get("datapath") == "tcx"]
+        if on_tcx:
+            self._attach_tcx(on_tcx, indexes, catalog, done)
+            bindings = [b for b in bindings if b.get("datapath") != "tcx"]
+            if not bindings:
+                return
         places = self._places_of({indexes[b.get("device")] for b in bindings})
         for binding in bindings:
             self._check_placement(binding, places.get(indexes[binding.get("device")], {}))
@@ -1009,6 +1072,21 @@ class TcDataplane:
         for binding, failure in zip(pending, failures):
             if failure is not None:
                 raise OperationFailed(f"{binding.key}: the kernel refused the filter: {failure}")
+
+    def _attach_tcx(self, bindings: list[Binding], indexes: dict, catalog: Catalog, done: list) -> None:
+        from vtap_drivers.linux import tcxmirror
+
+        present: dict[bytes, list] = {}
+        for pinned in tcxmirror.pins(self.netns, catalog.owns):  # one listdir for the lot
+            present.setdefault(pinned.mark, []).append(pinned)
+        with tcxmirror.in_netns(self.netns):
+            for binding in bindings:
+                mark = catalog.mark_of(binding)
+                try:
+                    tcxmirror.attach(self.netns, mark, self._program(binding), indexes[binding.get("device")], binding.get("hook"), indexes[binding.get("to")], present.get(mark, []))
+                except OSError as exc:
+                    raise OperationFailed(f"{binding.key}: cannot put the tcx mirror in place: {exc.strerror or exc}") from None
+                done.append(binding)
 
     @staticmethod
     def _check_placement(binding: Binding, place: dict) -> None:
@@ -1126,6 +1204,12 @@ class TcDataplane:
                 catalog.forget(self._real_mark(binding))
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
+        on_tcx = {self._real_mark(b) for b in bindings if b.get("datapath") == "tcx"}
+        if on_tcx:
+            self._detach_tcx(on_tcx)
+            bindings = [b for b in bindings if b.get("datapath") != "tcx"]
+            if not bindings:
+                return
         indexes = self._indexes({b.get("device") for b in bindings})
         wanted: dict[tuple, set] = {}
         for binding in bindings:
@@ -1175,8 +1259,18 @@ class TcDataplane:
             raise OperationFailed(f"interface {device}: cannot remove vtap's clsact qdisc: {failure}")
         catalog.qdiscs.pop(device, None)
 
+    def _detach_tcx(self, marks: set) -> None:
+        from vtap_drivers.linux import tcxmirror
+
+        with tcxmirror.in_netns(self.netns):
+            try:
+                tcxmirror.remove_marks(self.netns, marks)
+            except OSError as exc:
+                raise OperationFailed(f"cannot remove a vtap tcx mirror: {exc.strerror or exc}") from None
+
     def _remove_unknown_filters(self, marks: set, catalog: Catalog) -> None:
         """Find uncatalogued marks: look at every device's hooks (rare, slow path)."""
+        self._detach_tcx(marks)
         links = self._links()
         places = {(link["index"], hook, None): marks for link in links for hook in HOOKS}
         for ifindex, qdiscs in self._qdisc_places().items():

@@ -7,7 +7,11 @@ VXLAN device vtap creates), pcap:PATH (a sink device and a capture process).
 gre:// and erspan:// need gretap/erspan devices, which this kernel lacks.
 
 Settings: state_dir (always), netns (optional: every device lives in that
-named network namespace; how the tests run).
+named network namespace; how the tests run), datapath (tc, the default:
+clsact + cls_bpf + mirred; tcx: one eBPF program per mirror on the device's
+tcx hook that filters and clones in one step, faster for small packets, on
+Linux >= 6.6 and where the filter translates; elsewhere that mirror stays on
+cls_bpf and the log says why once; tcxmirror.py).
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ PLAN_REUSE_SECONDS = 1.0
 class LinuxDriver(Driver):
     name = "linux"
 
-    def __init__(self, state_dir: str = ".", netns: str | None = None, **options):
+    def __init__(self, state_dir: str = ".", netns: str | None = None, datapath: str | None = None, **options):
+        from vtap_drivers.linux.tcxmirror import check_datapath
+
         super().__init__(state_dir=state_dir, netns=netns, **options)
         self.state_dir = state_dir
         self.netns = netns or None
+        self.datapath = check_datapath(datapath)
         self._dataplane = None
         self._last_plan = None  # (when, (sessions, flows, devices present), bindings)
 
@@ -49,7 +56,7 @@ class LinuxDriver(Driver):
         if self._dataplane is None:
             from vtap_drivers.linux.dataplane import TcDataplane
 
-            self._dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir)
+            self._dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir, datapath=self.datapath)
         return self._dataplane
 
     def describe(self) -> Description:

@@ -20,4 +20,6 @@ SETTINGS = {
     "netns": "VTAP_PROXMOX_NETNS",
     # The desired state every node reads (default /etc/pve/vtap/desired.json on a PVE node); see desired.py.
     "shared_state": "VTAP_PROXMOX_SHARED_STATE",
+    # tc (clsact + cls_bpf + mirred, the default) or tcx (one eBPF program per mirror; drivers/linux/tcxmirror.py).
+    "datapath": "VTAP_DATAPATH",
 }

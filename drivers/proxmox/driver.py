@@ -54,8 +54,11 @@ class ProxmoxDriver(Driver):
     name = "proxmox"
 
     def __init__(self, state_dir=None, url=None, user=None, password=None, token_name=None, token_value=None,
-                 insecure=False, node=None, cafile=None, netns=None, shared_state=None, **other):
+                 insecure=False, node=None, cafile=None, netns=None, shared_state=None, datapath=None, **other):
+        from vtap_drivers.linux.tcxmirror import check_datapath
+
         super().__init__(state_dir=state_dir, url=url, user=user, node=node, insecure=insecure)
+        self.datapath = check_datapath(datapath)
         self.state_dir = state_dir
         self.node = node or local_node_name()
         self.netns = netns_for(netns, self.node)
@@ -89,7 +92,7 @@ class ProxmoxDriver(Driver):
         if self._dataplane is None:
             from vtap_drivers.linux.dataplane import TcDataplane
 
-            self._dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir)
+            self._dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir, datapath=self.datapath)
         return self._dataplane
 
     def refresh(self, force=()) -> set[int]:
