@@ -245,19 +245,17 @@ def _load(asm: _Asm, code: int, k: int, register: int) -> None:
     elif register == A and mode == M_ABS and k >= 0x80000000:
         _ancillary(asm, k)
     elif register == A and mode in (M_ABS, M_IND) and size in SIZE_BYTES:
-        _packet_load(asm, k, SIZE_BYTES[size], indexed=mode == M_IND)
-        asm(MOV32_X, A, R0)
+        _packet_load(asm, A, k, SIZE_BYTES[size], indexed=mode == M_IND)
     elif register == X and mode == M_MSH and size == 0x10:
-        _packet_load(asm, k, 1, indexed=False)
-        asm(MOV32_X, X, R0)
+        _packet_load(asm, X, k, 1, indexed=False)
         asm(ALU32_K | 0x50, X, imm=0x0F)  # X = (P[k] & 0xf) << 2: an IPv4 header's length
         asm(ALU32_K | ALU_LSH, X, imm=2)
     else:
         raise Untranslatable(f"classic load opcode {code:#x} (k={k:#x})")
 
 
-def _packet_load(asm: _Asm, k: int, size: int, indexed: bool) -> None:
-    """r0 = `size` bytes of the packet at k (or X + k), in host order; "no match" if out of the packet.
+def _packet_load(asm: _Asm, register: int, k: int, size: int, indexed: bool) -> None:
+    """register = `size` bytes of the packet at k (or X + k), in host order; "no match" if out of the packet.
 
     Straight from the linear part when the bytes are in it; else the helper,
     out of line. The offset is a u32 as in classic BPF (X + k wraps).
@@ -276,22 +274,22 @@ def _packet_load(asm: _Asm, k: int, size: int, indexed: bool) -> None:
         asm(ALU64_K | ADD, R3, imm=size)
         asm(LDX_W, R4, CTX, SKB_DATA_END)
         asm(JGT_X, R3, R4, off=slow)
-        asm(LDX_BY_SIZE[size], R0, R1, 0)
+        asm(LDX_BY_SIZE[size], register, R1, 0)
     elif k + size <= MAX_PACKET_OFF:
         asm(MOV64_X, R1, DATA)
         asm(ALU64_K | ADD, R1, imm=k + size)
         asm(LDX_W, R4, CTX, SKB_DATA_END)
         asm(JGT_X, R1, R4, off=slow)
         if k <= 0x7FFF:
-            asm(LDX_BY_SIZE[size], R0, DATA, k)
+            asm(LDX_BY_SIZE[size], register, DATA, k)
         else:
             asm(ALU64_K | ADD, R1, imm=-size)
-            asm(LDX_BY_SIZE[size], R0, R1, 0)
+            asm(LDX_BY_SIZE[size], register, R1, 0)
     else:
         asm(JA, off=slow)
     asm.label(resume)
     if size > 1:
-        asm(TO_BE, R0, imm=size * 8)  # packet bytes are big-endian; classic A is a number
+        asm(TO_BE, register, imm=size * 8)  # packet bytes are big-endian; classic A is a number
 
     def emit_slow_path():  # bytes past data_end (or past what the verifier allows): the helper
         asm.label(slow)
@@ -306,7 +304,7 @@ def _packet_load(asm: _Asm, k: int, size: int, indexed: bool) -> None:
         asm(MOV64_K, R4, imm=size)
         asm(CALL, imm=SKB_LOAD_BYTES)
         asm(JNE_K, R0, off="nomatch", imm=0)
-        asm(LDX_BY_SIZE[size], R0, FP, LOAD_BUFFER)
+        asm(LDX_BY_SIZE[size], register, FP, LOAD_BUFFER)
         asm(JA, off=resume)
 
     asm.out_of_line.append(emit_slow_path)
