@@ -55,8 +55,9 @@ class Host:
 
 
 @pytest.fixture
-def host(netns, tmp_path):
+def host(netns, tmp_path, datapath, monkeypatch):
     """eth0 (peer: wire0) as the source, mon0 (peer: monpeer) as the monitor port."""
+    monkeypatch.setenv("VTAP_DATAPATH", datapath)  # every vtap the test runs, Popen ones too
     h = Host(netns, str(tmp_path / "vtap.db"))
     for a, b in (("eth0", "wire0"), ("mon0", "monpeer")):
         h.sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
