@@ -30,17 +30,6 @@ def state_path(tmp_path):
     return str(tmp_path / "vtap.db")
 
 
-# The Linux data path a test runs on. Tests of behaviour (copies arrive, status, drift, faults)
-# take @on_both_datapaths and run once per data path; tests of the tc structures themselves
-# (clsact, cls_bpf, mirred, priorities, handles) stay on tc and say why with @tc_only("...").
-DATAPATHS = ("tc", "tcx")
-on_both_datapaths = pytest.mark.parametrize("datapath", DATAPATHS)
-
-
-def tc_only(reason: str):
-    """Marks a test that checks tc's own structures, which tcx does not have; `reason` says which."""
-    return pytest.mark.tc_only(reason=reason)
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "tc_only(reason): checks tc-specific kernel structures; not run on datapath=tcx")
@@ -48,5 +37,5 @@ def pytest_configure(config):
 
 @pytest.fixture
 def datapath():
-    """tc unless the test is parametrized with @on_both_datapaths."""
+    """tc unless the test is parametrized with datapaths.on_both_datapaths."""
     return "tc"

@@ -164,16 +164,7 @@ def lab(netns, tmp_path, datapath, monkeypatch):
     finally:
         lab.close()
         if datapath == "tcx":
+            from datapaths import remove_pins
+
             remove_pins(netns)
 
-
-def remove_pins(netns: str) -> None:
-    """bpffs outlives the namespace: detach and unpin whatever a tcx test left in its pin dir."""
-    from vtap_drivers.linux import tcxmirror
-
-    directory = tcxmirror.pin_dir(netns)
-    if os.path.isdir(directory):
-        with tcxmirror.in_netns(netns):
-            for name in os.listdir(directory):
-                tcxmirror.detach(os.path.join(directory, name))
-        os.rmdir(directory)

@@ -12,7 +12,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from conftest import on_both_datapaths
+from datapaths import on_both_datapaths
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from vtap_core.model import Source, TapFlow, TapSession
 

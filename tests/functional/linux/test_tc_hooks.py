@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import on_both_datapaths, tc_only
+from datapaths import on_both_datapaths, tc_only
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from vtap_core import reconcile
 from vtap_core.client import Client
