@@ -7,13 +7,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
-from datapaths import on_both_datapaths
 import yaml
 
+from datapaths import on_both_datapaths
 from vtap_core.store import Store
 from vtap_drivers.lab.traffic import Sniffer, send, udp_frame
 

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-from datapaths import on_both_datapaths
 import yaml
 
+from datapaths import on_both_datapaths
 from vtap_drivers.lab.traffic import Sniffer, send, tcp_frame, udp_frame
 
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
