@@ -7,13 +7,18 @@ TCX_NEXT, so the programs after it on the hook (and clsact) still see the packet
 
 Why not the kernel's own classic-to-eBPF conversion: it uses LD_ABS/LD_IND,
 which end the program with 0 when a load falls off the packet; on tcx 0 is
-TCX_PASS and would skip everybody else's programs. Here every packet load is a
-bpf_skb_load_bytes() call (it also reads non-linear skbs); a failed load is "no
-match", as in classic BPF.
+TCX_PASS and would skip everybody else's programs. Here a packet load reads the
+skb's linear part directly (__sk_buff data/data_end, bounds checked in the
+program: the cheap path), and only bytes past data_end (a non-linear skb) go
+through a bpf_skb_load_bytes() call, placed out of line after the program; a
+failed load is "no match", as in classic BPF. At the tcx hook data starts at
+the MAC header on both ingress (tcx_run() pushes it back, as for cls_bpf) and
+egress, so packet offset k is data + k.
 
 Register use: A in r7, X in r8 (callee-saved, so they survive helper calls), the
-skb in r6, the counters' map value in r9. Classic scratch memory M[0..15] is on
-the stack. All arithmetic is 32-bit as in classic BPF.
+skb in r6, the packet's start (data) in r9 until a match, then the counters' map
+value. Classic scratch memory M[0..15] is on the stack; only the slots the
+program reads are zeroed first. All arithmetic is 32-bit as in classic BPF.
 
 Licence: vtap is Apache-2.0, which the kernel does not count as GPL-compatible,
 so only helpers not marked gpl_only are used (map lookup, skb_load_bytes,
@@ -40,9 +45,12 @@ MAP_LOOKUP_ELEM, GET_PRANDOM_U32, CLONE_REDIRECT, SKB_LOAD_BYTES = 1, 7, 13, 26
 # struct __sk_buff offsets.
 SKB_LEN, SKB_PKT_TYPE, SKB_MARK, SKB_QUEUE_MAPPING, SKB_PROTOCOL = 0, 4, 8, 12, 16
 SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO, SKB_IFINDEX = 20, 24, 28, 40
+SKB_DATA, SKB_DATA_END = 76, 80
+MAX_PACKET_OFF = 0xFFFF  # the verifier's limit on a packet pointer's offset: beyond it only the helper reads
 
 R0, R1, R2, R3, R4 = 0, 1, 2, 3, 4
 CTX, A, X, COUNTER_VALUE, FP = 6, 7, 8, 9, 10
+DATA = COUNTER_VALUE  # the packet's start until a match; the map value after
 SCRATCH_SLOTS = 16  # classic M[0..15], u32 each, at FP-4 .. FP-64
 LOAD_BUFFER = -72  # where packet bytes land
 MAP_KEY = -80
@@ -81,7 +89,7 @@ TO_BE = 0xDC
 LDX_W, LDX_H, LDX_B, LDX_DW = 0x61, 0x69, 0x71, 0x79
 STX_W, STX_DW, ST_W = 0x63, 0x7B, 0x62
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
-JA, JEQ_K, JNE_K, JGE_K = 0x05, 0x15, 0x55, 0x35
+JA, JEQ_K, JNE_K, JGE_K, JGT_K, JGT_X = 0x05, 0x15, 0x55, 0x35, 0x25, 0x2D
 JMP32_K, JMP32_X, JNE32_K, JEQ32_K = 0x06, 0x0E, 0x56, 0x16
 CALL, EXIT = 0x85, 0x95
 LDX_BY_SIZE = {4: LDX_W, 2: LDX_H, 1: LDX_B}
@@ -97,6 +105,7 @@ class _Asm:
     def __init__(self):
         self.items = []  # (code, dst, src, off_or_label, imm) or ("label", name)
         self.size = 0
+        self.out_of_line = []  # functions that emit blocks after the main program (slow paths)
 
     def __call__(self, code, dst=0, src=0, off=0, imm=0):
         self.items.append((code, dst, src, off, imm))
@@ -145,14 +154,24 @@ def translate(program, counters_map_fd: int, target_ifindex: int, to_ingress: bo
     asm(MOV64_X, CTX, R1)
     asm(MOV32_K, A, imm=0)
     asm(MOV32_K, X, imm=0)
-    if any(code & 0x07 in (C_LD, C_LDX) and code & 0xE0 == M_MEM for code, *_ in program):
-        for slot in range(SCRATCH_SLOTS):  # the verifier wants stack written before it is read
+    if any(_reads_packet(code) for code, *_ in program):
+        asm(LDX_W, DATA, CTX, SKB_DATA)
+    read_slots = {k for code, _, _, k in program if code & 0x07 in (C_LD, C_LDX) and code & 0xE0 == M_MEM}
+    for slot in sorted(read_slots):  # the verifier wants stack written before it is read
+        if 0 <= slot < SCRATCH_SLOTS:
             asm(ST_W, FP, off=_scratch(slot), imm=0)
     for index, insn in enumerate(program):
         asm.label(("c", index))
         _classic(asm, index, insn, len(program))
     _on_match(asm, counters_map_fd, target_ifindex, BPF_F_INGRESS if to_ingress else 0)
+    for emit in asm.out_of_line:
+        emit()
     return asm.assemble()
+
+
+def _reads_packet(code: int) -> bool:
+    kind, mode = code & 0x07, code & 0xE0
+    return (kind == C_LD and mode in (M_ABS, M_IND)) or (kind == C_LDX and mode == M_MSH)
 
 
 def _scratch(slot: int) -> int:
@@ -226,35 +245,69 @@ def _load(asm: _Asm, code: int, k: int, register: int) -> None:
     elif register == A and mode == M_ABS and k >= 0x80000000:
         _ancillary(asm, k)
     elif register == A and mode in (M_ABS, M_IND) and size in SIZE_BYTES:
-        _packet_load(asm, k, SIZE_BYTES[size], indexed=mode == M_IND)
-        asm(MOV32_X, A, R0)
+        _packet_load(asm, A, k, SIZE_BYTES[size], indexed=mode == M_IND)
     elif register == X and mode == M_MSH and size == 0x10:
-        _packet_load(asm, k, 1, indexed=False)
-        asm(MOV32_X, X, R0)
+        _packet_load(asm, X, k, 1, indexed=False)
         asm(ALU32_K | 0x50, X, imm=0x0F)  # X = (P[k] & 0xf) << 2: an IPv4 header's length
         asm(ALU32_K | ALU_LSH, X, imm=2)
     else:
         raise Untranslatable(f"classic load opcode {code:#x} (k={k:#x})")
 
 
-def _packet_load(asm: _Asm, k: int, size: int, indexed: bool) -> None:
-    """r0 = `size` bytes of the packet at k (or X + k), in host order; "no match" if out of the packet."""
+def _packet_load(asm: _Asm, register: int, k: int, size: int, indexed: bool) -> None:
+    """register = `size` bytes of the packet at k (or X + k), in host order; "no match" if out of the packet.
+
+    Straight from the linear part when the bytes are in it; else the helper,
+    out of line. The offset is a u32 as in classic BPF (X + k wraps).
+    """
     if k >= 0x80000000:  # SKF_NET_OFF / SKF_LL_OFF relative loads; libpcap never emits them
         raise Untranslatable(f"classic packet load at {_s32(k):#x}")
+    slow, resume = ("slow", asm.size), ("resume", asm.size)
     if indexed:
         asm(MOV32_X, R2, X)
-        asm(ALU32_K | ADD, R2, imm=k)  # u32, as classic BPF: a wrapped offset fails the load
+        asm(ALU32_K | ADD, R2, imm=k)
+        # The verifier only adds a bounded scalar to a packet pointer.
+        asm(JGT_K, R2, off=slow, imm=MAX_PACKET_OFF - size)
+        asm(MOV64_X, R1, DATA)
+        asm(ALU64_X | ADD, R1, R2)
+        asm(MOV64_X, R3, R1)
+        asm(ALU64_K | ADD, R3, imm=size)
+        asm(LDX_W, R4, CTX, SKB_DATA_END)
+        asm(JGT_X, R3, R4, off=slow)
+        asm(LDX_BY_SIZE[size], register, R1, 0)
+    elif k + size <= MAX_PACKET_OFF:
+        asm(MOV64_X, R1, DATA)
+        asm(ALU64_K | ADD, R1, imm=k + size)
+        asm(LDX_W, R4, CTX, SKB_DATA_END)
+        asm(JGT_X, R1, R4, off=slow)
+        if k <= 0x7FFF:
+            asm(LDX_BY_SIZE[size], register, DATA, k)
+        else:
+            asm(ALU64_K | ADD, R1, imm=-size)
+            asm(LDX_BY_SIZE[size], register, R1, 0)
     else:
-        asm(MOV32_K, R2, imm=k)
-    asm(MOV64_X, R1, CTX)
-    asm(MOV64_X, R3, FP)
-    asm(ALU64_K | ADD, R3, imm=LOAD_BUFFER)
-    asm(MOV64_K, R4, imm=size)
-    asm(CALL, imm=SKB_LOAD_BYTES)
-    asm(JNE_K, R0, off="nomatch", imm=0)
-    asm(LDX_BY_SIZE[size], R0, FP, LOAD_BUFFER)
+        asm(JA, off=slow)
+    asm.label(resume)
     if size > 1:
-        asm(TO_BE, R0, imm=size * 8)  # packet bytes are big-endian; classic A is a number
+        asm(TO_BE, register, imm=size * 8)  # packet bytes are big-endian; classic A is a number
+
+    def emit_slow_path():  # bytes past data_end (or past what the verifier allows): the helper
+        asm.label(slow)
+        if indexed:
+            asm(MOV32_X, R2, X)
+            asm(ALU32_K | ADD, R2, imm=k)
+        else:
+            asm(MOV32_K, R2, imm=k)
+        asm(MOV64_X, R1, CTX)
+        asm(MOV64_X, R3, FP)
+        asm(ALU64_K | ADD, R3, imm=LOAD_BUFFER)
+        asm(MOV64_K, R4, imm=size)
+        asm(CALL, imm=SKB_LOAD_BYTES)
+        asm(JNE_K, R0, off="nomatch", imm=0)
+        asm(LDX_BY_SIZE[size], register, FP, LOAD_BUFFER)
+        asm(JA, off=resume)
+
+    asm.out_of_line.append(emit_slow_path)
 
 
 def _ancillary(asm: _Asm, k: int) -> None:

@@ -67,3 +67,29 @@ def test_program_names_carry_the_vtap_prefix():
     for bad in ("", "a" * 11, "with-dash", "dot.ted"):
         with pytest.raises(ValueError, match="identifier"):
             tcxprog.program_name(bad)
+
+
+def _calls(code, helper):
+    return [index for index, insn in enumerate(code) if insn == (tcxprog.CALL, 0, 0, 0, helper)]
+
+
+@pytest.mark.parametrize("expression", ["udp port 7", "tcp port 80", "ip[2:2] / ip[8] > 5", "host fe80::1"])
+def test_packet_loads_read_the_linear_part_and_call_the_helper_only_out_of_line(expression):
+    code = translate(filters.compile_filter(expression, live=False))
+    the_exit = next(index for index, (op, *_) in enumerate(code) if op == tcxprog.EXIT)
+    assert (tcxprog.LDX_W, tcxprog.DATA, tcxprog.CTX, tcxprog.SKB_DATA, 0) in code[:the_exit]
+    assert (tcxprog.LDX_W, 4, tcxprog.CTX, tcxprog.SKB_DATA_END, 0) in code[:the_exit]
+    loads = _calls(code, tcxprog.SKB_LOAD_BYTES)
+    assert loads and min(loads) > the_exit  # the fallback sits after the program: no call on the fast path
+
+
+def test_a_program_without_packet_loads_does_not_read_data():
+    code = translate(filters.compile_filter("len <= 100", live=False))
+    assert not [insn for insn in code if insn[0] == tcxprog.LDX_W and insn[3] in (tcxprog.SKB_DATA, tcxprog.SKB_DATA_END)]
+    assert not _calls(code, tcxprog.SKB_LOAD_BYTES)
+
+
+def test_only_the_scratch_slots_read_are_zeroed():
+    program = [(0x02, 0, 0, 3), (0x60, 0, 0, 5), (0x61, 0, 0, 3), (0x16, 0, 0, 0)]  # M[3] = A; A = M[5]; X = M[3]; ret A
+    zeroed = [insn[3] for insn in translate(program) if insn[0] == tcxprog.ST_W and insn[1] == tcxprog.FP]
+    assert sorted(zeroed) == sorted([tcxprog._scratch(3), tcxprog._scratch(5), tcxprog.MAP_KEY])

@@ -188,3 +188,51 @@ def test_ancillary_loads_read_the_skb(what, offset, frame, value):
         assert _kernel_matches(mirror, frame)
     with tcxprog.load_mirror(_ancillary_equals(offset, value + 1), NO_SUCH_IFINDEX, "anc") as mirror:
         assert not _kernel_matches(mirror, frame)
+
+
+LD_W_ABS, LD_H_ABS, LD_B_ABS, LD_W_IND, LD_B_IND, LDX_IMM, LDXB_MSH, RET_K = 0x20, 0x28, 0x30, 0x40, 0x50, 0x01, 0xB1, 0x06
+
+
+def _loaded_then_matches(*loads):
+    """A hand-written classic program: the loads, then "match" (so it matches iff every load is in the packet)."""
+    return [*loads, (RET_K, 0, 0, 1)]
+
+
+# Loads at the edges of what the translation reads directly (the verifier bounds a packet
+# pointer's offset to 0xffff; the load instruction's offset to 0x7fff) and X + k wrapping.
+EDGE_PROGRAMS = {
+    "byte at 0": _loaded_then_matches((LD_B_ABS, 0, 0, 0)),
+    "word at 0x7ffc": _loaded_then_matches((LD_W_ABS, 0, 0, 0x7FFC)),
+    "half at 0x7fff": _loaded_then_matches((LD_H_ABS, 0, 0, 0x7FFF)),
+    "word at 0xfffb": _loaded_then_matches((LD_W_ABS, 0, 0, 0xFFFB)),
+    "byte at 0xffff": _loaded_then_matches((LD_B_ABS, 0, 0, 0xFFFF)),
+    "word at 0x10000": _loaded_then_matches((LD_W_ABS, 0, 0, 0x10000)),
+    "last byte of the 1148-byte frame": _loaded_then_matches((LD_B_ABS, 0, 0, 1147)),
+    "word ending at byte 1148": _loaded_then_matches((LD_W_ABS, 0, 0, 1144)),
+    "word one past it": _loaded_then_matches((LD_W_ABS, 0, 0, 1145)),
+    "x + k in the packet": _loaded_then_matches((LDX_IMM, 0, 0, 1100), (LD_W_IND, 0, 0, 40)),
+    "x + k one past": _loaded_then_matches((LDX_IMM, 0, 0, 1100), (LD_W_IND, 0, 0, 45)),
+    "x beyond 0xffff": _loaded_then_matches((LDX_IMM, 0, 0, 0x10000), (LD_B_IND, 0, 0, 0)),
+    "msh then x + k": _loaded_then_matches((LDXB_MSH, 0, 0, 14), (LD_W_IND, 0, 0, 1100)),
+}
+
+
+@pytest.mark.parametrize("name", EDGE_PROGRAMS)
+def test_load_edges_agree_with_libpcap(name):
+    program = EDGE_PROGRAMS[name]
+    frames = CORPUS + [bytes(Ether(src=MAC_A, dst=MAC_B) / IP() / UDP() / Raw(b"e" * (1148 - 42)))]
+    with tcxprog.load_mirror(program, NO_SUCH_IFINDEX, "edge") as mirror:
+        verdicts = [(_kernel_matches(mirror, frame), _libpcap_matches(program, frame)) for frame in frames]
+    assert all(kernel == pcap for kernel, pcap in verdicts), f"{name}: (kernel, libpcap) per frame: {verdicts}"
+
+
+def test_x_plus_k_wraps_as_a_u32_as_in_the_kernel():
+    """X + k past 2^32 loads at the wrapped offset, as the kernel's classic BPF (the cls_bpf path) does.
+
+    libpcap's interpreter refuses such a load instead; its compiler does not emit one.
+    """
+    program = _loaded_then_matches((LDX_IMM, 0, 0, 0xFFFFFFF4), (LD_W_IND, 0, 0, 16), (0x15, 1, 0, 0x00020200), (RET_K, 0, 0, 0))
+    wrapped_to_4 = [frame for frame in CORPUS if frame[4:8] == bytes.fromhex("00020200")]
+    assert wrapped_to_4 and len(wrapped_to_4) < len(CORPUS)
+    with tcxprog.load_mirror(program, NO_SUCH_IFINDEX, "wrap") as mirror:
+        assert [frame for frame in CORPUS if _kernel_matches(mirror, frame)] == wrapped_to_4
