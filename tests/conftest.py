@@ -28,3 +28,14 @@ def netns():
 def state_path(tmp_path):
     """A store path of its own for each test."""
     return str(tmp_path / "vtap.db")
+
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tc_only(reason): checks tc-specific kernel structures; not run on datapath=tcx")
+
+
+@pytest.fixture
+def datapath():
+    """tc unless the test is parametrized with datapaths.on_both_datapaths."""
+    return "tc"

@@ -96,6 +96,9 @@ def _address(buffer) -> int:
 
 # ---------------------------------------------------------------- programs
 
+LOAD_ATTEMPTS = 5
+
+
 def load_program(instructions: bytes, name: str, license: str = "Apache-2.0") -> BpfFd:
     """Load a SCHED_CLS program; the verifier's log is in the OSError when it refuses."""
     insns = ctypes.create_string_buffer(instructions, len(instructions))
@@ -105,11 +108,16 @@ def load_program(instructions: bytes, name: str, license: str = "Apache-2.0") ->
         "=IIQQIIQII16s", PROG_TYPE_SCHED_CLS, len(instructions) // 8, _address(insns), _address(license_text),
         1, LOG_SIZE, _address(log), 0, 0, _object_name(name),
     )
-    try:
-        fd, _ = bpf(PROG_LOAD, attr)
-    except OSError as error:
-        verifier = log.value.decode(errors="replace").strip()
-        raise OSError(error.errno, f"program load refused: {os.strerror(error.errno)}" + (f"; verifier: {verifier[-3000:]}" if verifier else "")) from None
+    for attempt in range(LOAD_ATTEMPTS):
+        try:
+            fd, _ = bpf(PROG_LOAD, attr)
+            break
+        except OSError as error:
+            # The verifier gives up with EAGAIN when a signal is pending (SIGCHLD, a SIGSTOP/SIGCONT): try again, as libbpf does.
+            if error.errno == errno.EAGAIN and attempt + 1 < LOAD_ATTEMPTS:
+                continue
+            verifier = log.value.decode(errors="replace").strip()
+            raise OSError(error.errno, f"program load refused: {os.strerror(error.errno)}" + (f"; verifier: {verifier[-3000:]}" if verifier else "")) from None
     return BpfFd(fd)
 
 

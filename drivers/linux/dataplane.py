@@ -15,7 +15,9 @@ device names. What it puts in the kernel, per mirrored device and hook:
 
 With datapath="tcx" (TcDataplane(..., datapath="tcx")), a mirror the tcx hook can carry is instead
 one eBPF program on the device's tcx hook, pinned in bpffs; its spec says ("datapath", "tcx"), and
-tcxmirror.py does the kernel side (apply, observe from the pins, remove). The rest stays as below.
+tcxmirror.py does the kernel side (apply, observe from the pins, remove). The tcx hook runs before
+any qdisc, so someone else's ingress/root qdiscs (placement() below) matter only to a mirror that
+falls back to cls_bpf. The rest stays as below.
 
 Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
 clsact would and answers for both clsact parents: the ingress hook uses it, an
@@ -393,8 +395,11 @@ class TcDataplane:
             raise ValidationError("target", f"{session.target} is the mirrored device {device} itself")
         by_hook = {b.get("direction"): b.get("device") for b in out if b.get("direction")}  # ERSPAN type III
         for hook in hooks_for(flow.direction, vm_port=vm_port):
-            parent = self.placement(device, hook)
-            out.append(self.mirror(session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample, vm=vm, guard=guard, parent=parent))
+            args = (session.name, flow.name, device, hook, by_hook.get(hook, to_device), flow.filter, session.sample)
+            binding = self.mirror(*args, vm=vm, guard=guard) if self.datapath == "tcx" else None
+            if binding is None or binding.get("datapath") != "tcx":  # the device's qdiscs matter to cls_bpf only
+                binding = self.mirror(*args, vm=vm, guard=guard, parent=self.placement(device, hook))
+            out.append(binding)
         return out
 
     @contextmanager

@@ -13,16 +13,29 @@ from vtap_core.store import Store
 class Host:
     """One network namespace acting as a host, with the vtap CLI run inside it."""
 
-    def __init__(self, name, state):
+    def __init__(self, name, state, datapath="tc"):
         self.name = name
         self.state = state
+        self.datapath = datapath
+
+    def command(self, *args):
+        """argv of one vtap run on this host; tcx's runs outside `ip netns exec`, whose /sys has no
+        bpffs to keep pins in (VTAP_LINUX_NETNS names the namespace instead)."""
+        vtap = [sys.executable, "-m", "vtap_cli.main", "--state", self.state, *args]
+        return vtap if self.datapath == "tcx" else ["ip", "netns", "exec", self.name, *vtap]
+
+    def pins(self):
+        """The tcx mirrors in the kernel, by pin name (mark and target)."""
+        from vtap_drivers.linux import tcxmirror
+
+        directory = tcxmirror.pin_dir(self.name)
+        return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
     def sh(self, *args, check=True):
         return subprocess.run(["ip", "netns", "exec", self.name, *args], capture_output=True, text=True, check=check)
 
     def vtap(self, *args, **kwargs):
-        command = ["ip", "netns", "exec", self.name, sys.executable, "-m", "vtap_cli.main", "--state", self.state, *args]
-        return subprocess.run(command, capture_output=True, text=True, **kwargs)
+        return subprocess.run(self.command(*args), capture_output=True, text=True, **kwargs)
 
     def vtap_ok(self, *args):
         result = self.vtap(*args)
@@ -44,6 +57,7 @@ class Host:
         for name in links:
             for hook in ("ingress", "egress"):
                 state[f"{name}/{hook}"] = self.filters(name, hook)
+        state["pins"] = self.pins()
         return state
 
     def store(self):
@@ -55,12 +69,21 @@ class Host:
 
 
 @pytest.fixture
-def host(netns, tmp_path):
+def host(netns, tmp_path, datapath, monkeypatch):
     """eth0 (peer: wire0) as the source, mon0 (peer: monpeer) as the monitor port."""
-    h = Host(netns, str(tmp_path / "vtap.db"))
+    monkeypatch.setenv("VTAP_DATAPATH", datapath)  # every vtap the test runs, Popen ones too
+    if datapath == "tcx":
+        monkeypatch.setenv("VTAP_LINUX_NETNS", netns)
+    h = Host(netns, str(tmp_path / "vtap.db"), datapath)
     for a, b in (("eth0", "wire0"), ("mon0", "monpeer")):
         h.sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
         h.sh("ip", "link", "set", a, "up")
         h.sh("ip", "link", "set", b, "up")
     h.sh("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-    return h
+    try:
+        yield h
+    finally:
+        if datapath == "tcx":
+            from datapaths import remove_pins
+
+            remove_pins(netns)

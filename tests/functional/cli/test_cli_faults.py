@@ -7,12 +7,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
+from datapaths import on_both_datapaths
 from vtap_core.store import Store
 from vtap_drivers.lab.traffic import Sniffer, send, udp_frame
 
@@ -24,7 +24,7 @@ MANY = 100
 
 
 def vtap_command(host, *args):
-    return ["ip", "netns", "exec", host.name, sys.executable, "-m", "vtap_cli.main", "--state", host.state, *args]
+    return host.command(*args)
 
 
 def tc_counts(namespace, devices):
@@ -83,7 +83,7 @@ def write_yaml(path, sessions):
 
 def vtap_filters(host, devices):
     """{(device, hook): cookies} of every bpf filter there: which mirrors the kernel holds."""
-    out = {}
+    out = {"pins": host.pins()} if host.datapath == "tcx" else {}  # tcx: a pin's name holds its mark
     for device in devices:
         for hook in ("ingress", "egress"):
             cookies = sorted(a.get("cookie") for f in host.filters(device, hook) if "options" in f for a in f["options"].get("actions", []))
@@ -241,6 +241,7 @@ def copies_delivered(host, sources):
         sniffer.close()
 
 
+@on_both_datapaths
 def test_a_disk_full_before_an_apply_changes_nothing(host, tmpfs, tmp_path):
     sources, first, second = full_disk_lab(host, tmpfs, tmp_path)
     store, kernel = host.store(), vtap_filters(host, sources)
@@ -261,6 +262,7 @@ def test_a_disk_full_before_an_apply_changes_nothing(host, tmpfs, tmp_path):
     assert host.store() == store
 
 
+@on_both_datapaths
 def test_a_disk_filling_up_part_way_through_an_apply_never_costs_the_working_mirrors(host, tmpfs, tmp_path):
     sources, first, second = full_disk_lab(host, tmpfs, tmp_path)
     store_before, kernel_before = host.store(), vtap_filters(host, sources)
@@ -303,6 +305,7 @@ def mirrored(host):
     return kernel
 
 
+@on_both_datapaths
 def test_a_zero_length_store_is_not_an_empty_desired_state(host):
     kernel = mirrored(host)
     os.truncate(host.state, 0)
@@ -392,6 +395,7 @@ def test_a_read_only_store_still_serves_status_and_audit(host, tmpfs):
 # ---------------------------------------------------------------- 10: an absent interface in a session
 
 
+@on_both_datapaths
 def test_an_absent_interface_does_not_block_adding_other_flows(host):
     host.sh("ip", "link", "add", "tmp0", "type", "veth", "peer", "name", "tmp1")
     host.vtap_ok("session", "create", "web", "--to", "port:mon0")

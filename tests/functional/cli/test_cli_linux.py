@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from datapaths import on_both_datapaths
 from vtap_drivers.lab.traffic import Sniffer, send, tcp_frame, udp_frame
 
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -19,6 +21,7 @@ def frames(n, dport, maker=tcp_frame):
     return [maker(A, B, "10.1.0.1", "10.1.0.2", 40000 + i, dport) for i in range(n)]
 
 
+@on_both_datapaths
 def test_filtered_mirror_end_to_end(host):
     out = host.vtap_ok("session", "create", "web", "--to", "port:mon0")
     assert "session web created" in out
@@ -67,6 +70,7 @@ BAD_INPUTS = [
 ]
 
 
+@on_both_datapaths
 def test_bad_input_changes_nothing(host, tmp_path):
     host.vtap_ok("session", "create", "base", "--to", "port:mon0")
     host.vtap_ok("flow", "add", "base", "--interface", "eth0", "--filter", "udp")
@@ -89,6 +93,7 @@ def write_yaml(path, sessions):
     return str(path)
 
 
+@on_both_datapaths
 def test_apply_three_times_is_idempotent(host, tmp_path):
     doc = write_yaml(
         tmp_path / "taps.yaml",
@@ -109,7 +114,12 @@ def test_apply_three_times_is_idempotent(host, tmp_path):
 
 
 def _bpf_count(host, dev, hook):
-    """Installed classifiers (tc -j lists a chain header entry without options as well)."""
+    """Installed classifiers (tc -j lists a chain header entry without options as well); on tcx, the programs on the hook."""
+    if host.datapath == "tcx":
+        from vtap_drivers.linux import bpfsys, tcxmirror
+
+        with tcxmirror.in_netns(host.name):
+            return len(bpfsys.query_tcx(socket.if_nametoindex(dev), hook).prog_ids)
     return sum(1 for f in host.filters(dev, hook) if f.get("kind") == "bpf" and "options" in f)
 
 
@@ -154,6 +164,7 @@ def kill_part_way(command, count, total, started, timeout=60):
         victim.wait()
 
 
+@on_both_datapaths
 def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
     for i in range(100):
         host.sh("ip", "link", "add", f"d{i}", "type", "ifb")  # this kernel has no dummy
@@ -165,11 +176,16 @@ def test_crash_mid_apply_then_apply_again_converges(host, tmp_path):
             {"name": f"f{i}", "interface": f"d{i}", "direction": "in", "filter": f"udp port {1000 + i}"} for i in range(100)
         ]}],
     )
-    command = ["ip", "netns", "exec", host.name, sys.executable, "-m", "vtap_cli.main", "--state", host.state, "apply", "-f", doc]
+    command = host.command("apply", "-f", doc)
     # The dataplane writes its catalog of marks just before it touches the kernel.
-    catalog = os.path.join(os.path.dirname(host.state), "tc-host.json")
-    progress = kill_part_way(command, lambda: kernel_progress(host.name, [f"d{i}" for i in range(100)]), 200, lambda: os.path.exists(catalog))
-    assert 0 < progress < 200, "the kill should land part way (qdiscs and filters)"
+    if host.datapath == "tcx":  # outside `ip netns exec`: the catalog names the namespace; one pin per mirror
+        catalog = os.path.join(os.path.dirname(host.state), f"tc-{host.name}.json")
+        progress = kill_part_way(command, lambda: len(host.pins()), 100, lambda: os.path.exists(catalog))
+        assert 0 < progress < 100, "the kill should land part way (pins)"
+    else:
+        catalog = os.path.join(os.path.dirname(host.state), "tc-host.json")
+        progress = kill_part_way(command, lambda: kernel_progress(host.name, [f"d{i}" for i in range(100)]), 200, lambda: os.path.exists(catalog))
+        assert 0 < progress < 200, "the kill should land part way (qdiscs and filters)"
     host.vtap_ok("apply", "-f", doc)
     assert [_bpf_count(host, f"d{i}", "ingress") for i in range(100)] == [1] * 100
     assert sum(_bpf_count(host, f"d{i}", "egress") for i in range(100)) == 0

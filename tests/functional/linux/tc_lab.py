@@ -14,6 +14,7 @@ and a second conftest module would shadow theirs.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -34,9 +35,10 @@ LONGEST = 10.0  # seconds, whatever else the device sees
 
 
 class Lab:
-    def __init__(self, netns: str, state_dir: str):
+    def __init__(self, netns: str, state_dir: str, datapath: str = "tc"):
         self.netns = netns
         self.state_dir = state_dir
+        self.datapath = datapath  # the data path driver() and dataplane() use (conftest.on_both_datapaths)
         self._drivers = []
 
     # ---------------------------------------------------------------- setup (CLI tools: tests may)
@@ -61,6 +63,7 @@ class Lab:
     def driver(self, **settings):
         from vtap_drivers.linux.driver import LinuxDriver
 
+        settings.setdefault("datapath", self.datapath)
         driver = LinuxDriver(state_dir=self.state_dir, netns=self.netns, **settings)
         self._drivers.append(driver)
         return driver
@@ -68,7 +71,7 @@ class Lab:
     def dataplane(self):
         from vtap_drivers.linux.dataplane import TcDataplane
 
-        dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir)
+        dataplane = TcDataplane(netns=self.netns, state_dir=self.state_dir, datapath=self.datapath)
         self._drivers.append(dataplane)
         return dataplane
 
@@ -82,6 +85,15 @@ class Lab:
         """One line per filter (not per priority header) on a device's hook, as tc shows them."""
         out = self.tc("filter", "show", "dev", device, hook, check=False).stdout
         return [line for line in out.splitlines() if line.startswith("filter") and " handle " in line]
+
+    def mirrors(self, device: str, hook: str) -> int:
+        """How many mirrors are on a device's hook: tc filters, or programs on the tcx hook."""
+        if self.datapath == "tc":
+            return len(self.filter_handles(device, hook))
+        from vtap_drivers.linux import bpfsys, tcxmirror
+
+        with tcxmirror.in_netns(self.netns):
+            return len(bpfsys.query_tcx(socket.if_nametoindex(device), hook).prog_ids)
 
     def qdiscs(self, device: str) -> str:
         return self.tc("qdisc", "show", "dev", device).stdout
@@ -137,11 +149,22 @@ def new_marker() -> bytes:
 
 
 @pytest.fixture
-def lab(netns, tmp_path):
+def lab(netns, tmp_path, datapath, monkeypatch):
+    monkeypatch.setenv("VTAP_DATAPATH", datapath)  # for the vtap commands and child processes a test runs
     subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
-    lab = Lab(netns, str(tmp_path / "state"))
+    lab = Lab(netns, str(tmp_path / "state"), datapath)
     lab.ip("link", "set", "lo", "up")
+    if datapath == "tcx":
+        from vtap_drivers.linux import bpfsys
+
+        if not bpfsys.tcx_supported():
+            pytest.skip(f"this kernel ({os.uname().release}) has no tcx hook")
     try:
         yield lab
     finally:
         lab.close()
+        if datapath == "tcx":
+            from datapaths import remove_pins
+
+            remove_pins(netns)
+

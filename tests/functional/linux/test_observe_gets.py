@@ -9,6 +9,7 @@ with a handle the kernel picked) makes observe dump that hook as before.
 import errno
 import json
 
+from datapaths import tc_only
 from tc_lab import lab  # noqa: F401 (the fixture)
 from test_scale_reads import dumps  # noqa: F401 (the fixture: dumps the dataplane asks for)
 from vtap_core import reconcile
@@ -16,6 +17,8 @@ from vtap_core.model import Source, TapFlow, TapSession
 from vtap_drivers.linux import tcnl
 from vtap_drivers.linux.dataplane import FILTER_PRIO, RTM_GETTFILTER
 from vtap_drivers.linux.nlsock import NetlinkFailure
+
+pytestmark = tc_only("cls_bpf filters got by their handles; tcx mirrors are read from their pins")
 
 DEVICES = 12
 FOREIGN = ("bpf", "bytecode", "1,6 0 0 262144", "action", "mirred", "egress", "mirror", "dev", "mon0", "continue")

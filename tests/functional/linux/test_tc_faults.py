@@ -4,12 +4,14 @@ import os
 
 import pytest
 
+from datapaths import on_both_datapaths, tc_only
 from tc_lab import lab  # noqa: F401 (lab: the fixture)
 from vtap_core import reconcile
 from vtap_core.errors import OperationFailed
 from vtap_core.model import Source, TapFlow, TapSession
 
 
+@on_both_datapaths
 def test_prepare_names_everything_so_apply_writes_nothing(lab):
     lab.standard()
     driver = lab.driver()
@@ -20,10 +22,11 @@ def test_prepare_names_everything_so_apply_writes_nothing(lab):
     assert "clsact" not in lab.qdiscs("src0")  # named, not yet made
     driver.apply(bindings)
     assert (os.stat(path).st_mtime_ns, open(path).read()) == written
-    assert len(lab.filter_handles("src0", "ingress")) == 1 and len(lab.filter_handles("src0", "egress")) == 1
+    assert lab.mirrors("src0", "ingress") == 1 and lab.mirrors("src0", "egress") == 1
     assert reconcile.diff(bindings, driver.observe()).empty
 
 
+@on_both_datapaths
 def test_a_failed_apply_forgets_the_qdiscs_it_did_not_add(lab):
     lab.standard()
     driver = lab.driver()
@@ -39,6 +42,7 @@ def test_a_failed_apply_forgets_the_qdiscs_it_did_not_add(lab):
     assert "clsact" in lab.qdiscs("src0")
 
 
+@tc_only("the clsact qdisc vtap adds for its filters")
 def test_an_empty_clsact_vtap_added_is_an_orphan_until_removed(lab):
     lab.standard()
     driver = lab.driver()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from datapaths import on_both_datapaths, tc_only
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 from vtap_core import reconcile
 from vtap_core.client import Client
@@ -39,7 +40,7 @@ def in_and_out(lab, device="src0", peer="peer0") -> tuple[bytes, bytes, dict]:
 
 
 def client(lab, tmp_path) -> Client:
-    return Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns)
+    return Client(driver="linux", state=str(tmp_path / "vtap.db"), netns=lab.netns, datapath=lab.datapath)
 
 
 def swap_names(lab, a: str, b: str) -> None:
@@ -65,6 +66,7 @@ def pve_rate_limit(lab, device: str, root: str) -> None:
 
 
 @pytest.mark.parametrize("direction, want_in, want_out", [("in", 3, 0), ("out", 0, 4), ("both", 3, 4)])
+@on_both_datapaths
 def test_an_ingress_qdisc_and_an_htb_root_both_directions_reach_the_target(lab, direction, want_in, want_out):
     lab.standard()
     pve_rate_limit(lab, "src0", "htb")
@@ -89,6 +91,7 @@ def test_an_ingress_qdisc_and_an_htb_root_both_directions_reach_the_target(lab, 
     assert "bpf" not in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
 
 
+@tc_only("cls_bpf's place among someone's qdiscs; tcx needs none (test_on_tcx_...)")
 def test_an_ingress_qdisc_and_a_tbf_root_refuse_out_and_mirror_in(lab, tmp_path):
     lab.standard()
     pve_rate_limit(lab, "src0", "tbf")
@@ -108,6 +111,7 @@ def test_an_ingress_qdisc_and_a_tbf_root_refuse_out_and_mirror_in(lab, tmp_path)
     assert got == {received: 3, sent: 0}
 
 
+@tc_only("cls_bpf's place among someone's qdiscs; tcx needs none (test_on_tcx_...)")
 def test_a_qdisc_that_arrives_later_is_a_problem_in_status_not_a_wrong_mirror(lab, tmp_path):
     lab.standard()
     with client(lab, tmp_path) as vtap:
@@ -125,6 +129,27 @@ def test_a_qdisc_that_arrives_later_is_a_problem_in_status_not_a_wrong_mirror(la
     assert got == {received: 0, sent: 0}
 
 
+@pytest.mark.parametrize("datapath", ["tcx"])
+def test_on_tcx_an_ingress_qdisc_and_a_tbf_root_before_or_after_change_no_mirror(lab, tmp_path):
+    """The tcx hook runs before any qdisc: where cls_bpf has no place for egress, tcx mirrors both ways."""
+    lab.standard()
+    lab.veth("src1", "peer1")
+    pve_rate_limit(lab, "src0", "tbf")
+    with client(lab, tmp_path) as vtap:
+        vtap.create_session("web", to="port:mon0")
+        vtap.add_flow("web", interface="src0", direction="both", name="f0")
+        vtap.add_flow("web", interface="src1", direction="out", name="f1")
+        pve_rate_limit(lab, "src1", "tbf")  # and one that arrives later
+        assert [(r.flow, r.state, r.problem) for r in vtap.status()] == [("f0", "active", ""), ("f1", "active", "")]
+        assert vtap.reconcile().empty
+    received, sent, got = in_and_out(lab)
+    assert got == {received: 3, sent: 4}
+    _received, sent, got = in_and_out(lab, "src1", "peer1")
+    assert got[sent] == 4
+    assert "bpf" not in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
+
+
+@tc_only("a cls_bpf filter moved by hand between the clsact hooks")
 def test_a_filter_on_the_ingress_block_that_was_meant_for_egress_is_drift(lab):
     """What vtap before this fix left: an egress mirror that an ingress qdisc put on its ingress block."""
     lab.standard()
@@ -150,6 +175,7 @@ def test_a_filter_on_the_ingress_block_that_was_meant_for_egress_is_drift(lab):
     assert "bpf" not in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
 
 
+@on_both_datapaths
 def test_a_foreign_filter_at_vtaps_priority_is_left_alone_and_mirrors_still_work(lab, tmp_path):
     lab.standard()
     lab.veth("src1", "peer1")
@@ -163,11 +189,13 @@ def test_a_foreign_filter_at_vtaps_priority_is_left_alone_and_mirrors_still_work
         assert vtap.reconcile().empty
     shown = lab.tc("filter", "show", "dev", "src0", "ingress").stdout
     assert "pref 7 u32" in shown  # theirs, where it was
-    assert "pref 6 bpf" in shown  # vtap's, next to it
+    assert "pref 6 bpf" in shown or lab.datapath == "tcx"  # vtap's, next to it (tcx: on the tcx hook)
+    assert lab.datapath == "tc" or lab.mirrors("src0", "ingress") == 1
     first, second = new_marker(), new_marker()
     assert copies(lab, {"peer0": (first, 3), "peer1": (second, 2)}) == {first: 3, second: 2}
 
 
+@tc_only("a clsact hook shared as a block refuses filters; the tcx hook is the device's own")
 def test_one_device_that_fails_leaves_the_others_reconciled(lab, tmp_path):
     lab.standard()
     lab.veth("src1", "peer1")
@@ -195,6 +223,7 @@ def test_one_device_that_fails_leaves_the_others_reconciled(lab, tmp_path):
         assert row.state == "active"
 
 
+@on_both_datapaths
 def test_two_swapped_device_names_are_drift_and_the_flow_follows_the_name(lab, tmp_path):
     lab.standard()
     lab.veth("src1", "peer1")
@@ -214,6 +243,7 @@ def test_two_swapped_device_names_are_drift_and_the_flow_follows_the_name(lab, t
     assert lab.filter_handles("src1", "ingress") == []
 
 
+@on_both_datapaths
 def test_follow_moves_the_mirror_of_a_swap_made_while_it_was_not_running(lab, tmp_path):
     """A follower sees the names only after the swap (a watcher that saw each step would also see
     src0 missing for a moment, which hides the bug): its first resync must move the mirror."""
@@ -232,17 +262,18 @@ def test_follow_moves_the_mirror_of_a_swap_made_while_it_was_not_running(lab, tm
         follower.start()
         try:
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not lab.filter_handles("src0", "ingress"):
+            while time.monotonic() < deadline and not lab.mirrors("src0", "ingress"):
                 time.sleep(0.1)
         finally:
             stop.set()
             follower.join(timeout=15)
-    assert len(lab.filter_handles("src0", "ingress")) == 1
-    assert lab.filter_handles("src1", "ingress") == []
+    assert lab.mirrors("src0", "ingress") == 1
+    assert lab.mirrors("src1", "ingress") == 0
     now_src0, now_src1 = new_marker(), new_marker()
     assert copies(lab, {"peer1": (now_src0, 3), "peer0": (now_src1, 2)}) == {now_src0: 3, now_src1: 0}
 
 
+@on_both_datapaths
 def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, tmp_path):
     import socket
 
@@ -282,6 +313,7 @@ def test_a_session_that_cannot_be_applied_does_not_block_changes_to_others(lab, 
     assert copies(lab, {"peer1": (marker, 2)}) == {marker: 2}
 
 
+@tc_only("asserts the cls_bpf filter's place on the htb root (parent 1:)")
 def test_a_vm_device_with_libvirt_bandwidth_mirrors_what_the_vm_receives_on_the_htb_root(lab):
     """libvirt <bandwidth>: <outbound> is an ingress qdisc on vnetN, <inbound> an htb root. What the
     VM receives is what the host-side device sends (its egress)."""

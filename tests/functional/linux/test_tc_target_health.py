@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from datapaths import on_both_datapaths
 from tc_lab import lab, new_marker, receive  # noqa: F401 (lab: the fixture)
 
 COLLECTOR = "10.78.0.2"
@@ -36,6 +37,7 @@ def frames(marker, payload, n):
     return [b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + marker + b"p" * (payload - len(marker))] * n
 
 
+@on_both_datapaths
 def test_copies_longer_than_the_target_mtu_are_counted_as_dropped_and_the_flow_is_degraded(lab):
     lab.standard()
     for end in ("mon0", "mon1"):
@@ -64,6 +66,7 @@ def test_copies_longer_than_the_target_mtu_are_counted_as_dropped_and_the_flow_i
     copies.close()
 
 
+@on_both_datapaths
 def test_a_target_without_carrier_makes_the_flow_degraded(lab):
     lab.standard()
     vtap(lab, "session", "create", "s", "--to", "port:mon0")
@@ -101,6 +104,7 @@ def underlay(lab):
         pr_netns.remove(name)
 
 
+@on_both_datapaths
 def test_vxlan_copies_larger_than_the_underlay_mtu_arrive_whole_and_status_notes_the_fragments(lab, underlay):
     vtap(lab, "session", "create", "t", "--to", f"vxlan://{COLLECTOR}?vni=77")
     vtap(lab, "flow", "add", "t", "--interface", "src0", "--direction", "in", "--name", "f")
@@ -122,6 +126,7 @@ def test_vxlan_copies_larger_than_the_underlay_mtu_arrive_whole_and_status_notes
     assert "VXLAN underlay u0 MTU 1400 < 1568 bytes" in row["problem"] and "IP fragments" in row["problem"]
 
 
+@on_both_datapaths
 def test_a_vxlan_target_without_a_route_to_its_remote_is_degraded(lab):
     lab.standard()  # no address, no route: 10.79.0.2 is unreachable from this namespace
     vtap(lab, "session", "create", "t", "--to", "vxlan://10.79.0.2?vni=78")
