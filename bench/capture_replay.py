@@ -26,10 +26,11 @@ import threading
 import time
 
 import benchlib
+from replayring import ReplayRing
 
 from vtap_drivers.linux import capture
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.ring import BLOCK_SIZE, PacketRing
+from vtap_drivers.linux.ring import BLOCK_SIZE
 
 FIRST_FRAME = 48  # after the block descriptor
 FRAME_HEADER = struct.Struct("IIIIIIHH")  # tpacket3_hdr up to tp_net
@@ -55,27 +56,9 @@ def ring_blocks(size: int, frames: int) -> bytearray:
     return bytearray().join(blocks)
 
 
-class ReplayRing:
-    """What record_frames asks of a PacketRing, over blocks in memory."""
-
-    def __init__(self, blocks: bytearray):
-        self.map, self.view = blocks, memoryview(blocks)
-        self.block_size, self.block_count = BLOCK_SIZE, len(blocks) // BLOCK_SIZE
-
-    def blocks(self, should_stop, on_idle=None):
-        for offset in self.block_offsets(should_stop, on_idle):
-            yield PacketRing._frames(self, offset)
-
-    def block_offsets(self, should_stop, on_idle=None):
-        return range(0, self.block_count * self.block_size, self.block_size)
-
-    def rebind_if_recreated(self):
-        pass
-
-
 def replay(blocks: bytearray, path: str) -> int:
     with PcapngWriter.create(path, if_name="vtapc0") as writer:
-        return capture.record_frames(ReplayRing(blocks), writer, threading.Event())
+        return capture.record_frames(ReplayRing(blocks, BLOCK_SIZE), writer, threading.Event())
 
 
 def main() -> int:

@@ -27,10 +27,10 @@ import threading
 import time
 
 import benchlib
+from replayring import ReplayRing
 
 from vtap_drivers.linux import terminate
 from vtap_drivers.linux.pcapng import PcapngWriter
-from vtap_drivers.linux.ring import PacketRing
 
 BLOCK_SIZE = terminate.TUNNEL_BLOCK_SIZE
 FIRST_PACKET = 48  # after the block descriptor
@@ -75,29 +75,11 @@ def ring_blocks(packets, block_size: int = BLOCK_SIZE) -> bytearray:
     return bytearray().join(blocks)
 
 
-class ReplayRing:
-    """What terminate.py asks of a PacketRing, over blocks in memory."""
-
-    def __init__(self, blocks: bytearray):
-        self.map, self.view = blocks, memoryview(blocks)
-        self.block_size, self.block_count = BLOCK_SIZE, len(blocks) // BLOCK_SIZE
-
-    def blocks(self, should_stop, on_idle=None, drain_limit=None):
-        for number in range(self.block_count):
-            yield PacketRing._frames(self, number * self.block_size)
-
-    def block_offsets(self, should_stop, on_idle=None, drain_limit=None):
-        return range(0, self.block_count * self.block_size, self.block_size)
-
-    def statistics(self):
-        return 0, 0, 0
-
-
 def replay(tunnel: str, blocks: bytearray, path: str) -> terminate.Termination:
     listen = terminate.parse_listen(f"{tunnel.partition('+')[0]}://10.80.0.2")
     counts = terminate.Termination()
     with PcapngWriter.create(path, interface=False) as writer:
-        terminate._read_ring(listen, ReplayRing(blocks), writer, None, None, counts, threading.Event(), None, None)
+        terminate._read_ring(listen, ReplayRing(blocks, BLOCK_SIZE), writer, None, None, counts, threading.Event(), None, None)
     return counts
 
 
