@@ -322,14 +322,31 @@ def test_fragmented_ipv6_tunnel_packets_are_joined_before_decapsulation(wire, tm
     assert [bytes(p) for p in rdpcap(str(path))] == [small, big]
 
 
+def assert_the_ring_keeps(netns, mac, listen, kept, dropped):
+    """Ten rounds of kept + dropped IP packets sent on s0: the listen URL's ring holds the kept ones only."""
+    from pyroute2 import netns as pr_netns
+
+    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
+
+    ring = open_tunnel_ring(parse_listen(listen), netns)
+    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    sender.bind(("s0", 0))
+    try:
+        for _ in range(10):
+            for packet in kept + dropped:
+                sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / packet))
+        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
+        assert ring.unread() == 10 * len(kept)
+    finally:
+        sender.close()
+        ring.close()
+
+
 def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     """The ring's kernel filter over IPv6: UDP to the port, and fragments of UDP (their port is checked once
     joined), are queued, also past hop-by-hop, destination options and routing headers; UDP to another port,
     fragments of another protocol, GRE, another address and more extension headers than it walks are not."""
-    from pyroute2 import netns as pr_netns
     from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
-
-    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
 
     netns, mac = wire
     for address in ("fd00:79::2", "fd00:79::3"):
@@ -352,18 +369,7 @@ def test_the_ipv6_ring_keeps_tunnel_packets_and_tunnel_fragments_only(wire):
     gre.nh = 47
     dropped.append(gre)
     assert len(kept) == 7
-    ring = open_tunnel_ring(parse_listen("vxlan://[fd00:79::2]"), netns)
-    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
-    sender.bind(("s0", 0))
-    try:
-        for _ in range(10):
-            for packet in kept + dropped:
-                sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / packet))
-        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
-        assert ring.unread() == 10 * len(kept)
-    finally:
-        sender.close()
-        ring.close()
+    assert_the_ring_keeps(netns, mac, "vxlan://[fd00:79::2]", kept, dropped)
 
 
 @pytest.mark.parametrize("tunnel", ["erspan", "vxlan"])
@@ -486,11 +492,8 @@ def test_the_ring_walks_ah_and_the_fragmentable_part_within_its_bound(wire, vers
     fragments past the first are queued as they come (no upper-layer header to check). ESP, UDP to another port
     under AH, two AH (IPv4), more headers than it walks, a chain cut short and the first fragment of something
     else are not."""
-    from pyroute2 import netns as pr_netns
     from scapy.layers.inet import ICMP, TCP, fragment
     from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment6
-
-    from vtap_drivers.linux.terminate import open_tunnel_ring, parse_listen
 
     netns, mac = wire
     vxlan = struct.pack("!B3xI", 0x08, 42 << 8) + bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / (b"\x0e" * 30))
@@ -517,15 +520,4 @@ def test_the_ring_walks_ah_and_the_fragmentable_part_within_its_bound(wire, vers
         dropped = [ip_payload(to, ah(17, udp(4790)), 51), ip_payload(to, esp(udp(4789)), 50), seven_first,
                    ip_payload(to, b"\x11\x04", 51), to / IPv6ExtHdrHopByHop(nh=60) / Raw(b"\x11\xff" + bytes(6) + udp(4789)), other_first]
     assert len(kept) == (4 if version == 4 else 7)
-    ring = open_tunnel_ring(parse_listen(listen), netns)
-    sender = pr_netns.create_socket(netns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
-    sender.bind(("s0", 0))
-    try:
-        for _ in range(10):
-            for packet in kept + dropped:
-                sender.send(bytes(Ether(src="02:00:00:00:00:09", dst=mac) / packet))
-        time.sleep(0.5)  # partly filled blocks are handed over after RETIRE_MS
-        assert ring.unread() == 10 * len(kept)
-    finally:
-        sender.close()
-        ring.close()
+    assert_the_ring_keeps(netns, mac, listen, kept, dropped)
