@@ -660,7 +660,7 @@ def _orphan_row(session: str, flow: str, found: list) -> FlowStatus:
         observed=len(found),
         packets=sum(c.packets for c in counters),
         bytes=sum(c.bytes for c in counters),
-        problem="left by an interrupted vtap run, wanted by nothing in the store: the next vtap change or `vtap follow` removes it",
+        problem="wanted by nothing in the store (left by an interrupted vtap run, or a tcx mirror whose device went away): the next vtap change or `vtap follow` removes it",
     )
 
 
