@@ -45,6 +45,7 @@ FILTER = "tcp port 80"
 TARGETS = {"apply_s": 10.0, "noop_reconcile_s": 1.0}
 DISTINCT_TARGETS = {"apply_s": 10.0, "status_s": 1.0, "flow_add_s": 0.5}
 CURVE_TARGETS = {"flows": 10000, "apply_s": 5.0, "status_s": 1.0, "noop_reconcile_s": 1.5, "peak_rss_mib": 150.0}
+DATAPATH = "tc"  # --datapath
 
 
 def filter_of(index: int, kind: str) -> str:
@@ -115,13 +116,13 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
     flows = [{"name": f"f{i}", "interface": d, "direction": "both", "filter": filter_of(i, filters_kind)} for i, d in enumerate(devices)]
     document = {"sessions": [{"name": "cp", "to": "port:mon0", "flows": flows}]}
     state = os.path.join(workdir, "vtap.db")
-    with Client(driver="linux", state=state, command="bench") as client:
+    with Client(driver="linux", state=state, command="bench", datapath=DATAPATH) as client:
         apply_s, _ = timed_cpu("apply", lambda: client.apply_document(document))
         print(f"vtap apply of {len(devices)} flows: {apply_s:.2f} s", flush=True)
     status_runs, status_cpu, status_user = [], [], []
     for _ in range(repeats):
         filters._compile.cache_clear()  # nothing compiled in memory: status as a new process would run it
-        with Client(driver="linux", state=state, command="bench") as client:
+        with Client(driver="linux", state=state, command="bench", datapath=DATAPATH) as client:
             seconds, rows = timed_cpu("status", client.status)
             status_runs.append(seconds)
             status_cpu.append(CPU["status"])
@@ -130,7 +131,7 @@ def vtap_part(devices: list[str], spare: str, workdir: str, repeats: int, filter
         del rows  # one run's rows at a time (peak RSS)
     status_s = benchlib.median(status_runs)
     filters._compile.cache_clear()
-    with Client(driver="linux", state=state, command="bench") as client:
+    with Client(driver="linux", state=state, command="bench", datapath=DATAPATH) as client:
         rows = client.status()
         active = sum(r.state == "active" for r in rows)
         sample = random.Random(1).sample(devices, min(10, len(devices)))
@@ -227,13 +228,13 @@ def curve(args, env) -> int:
     rows = []
     for size in [int(n) for n in args.curve.split(",")]:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, os.path.abspath(__file__), "--flows", str(size), "--filters", args.filters, "--repeats", str(args.repeats), "--no-tc", "--json-out", out.name]
+            command = [sys.executable, os.path.abspath(__file__), "--flows", str(size), "--filters", args.filters, "--repeats", str(args.repeats), "--datapath", args.datapath, "--no-tc", "--json-out", out.name]
             load = os.getloadavg()[0]  # other work on the machine slows the kernel's tc locks: said beside each row
             subprocess.run(command, check=True)
             rows.append(dict(json.load(open(out.name)), flows=size, loadavg_at_start=load))
     t = CURVE_TARGETS
     lines = [
-        f"vtap control plane scaling: N flows (direction both, filters {args.filters}) on N interfaces, one session to port:mon0, through the SDK",
+        f"vtap control plane scaling: N flows (direction both, filters {args.filters}) on N interfaces, one session to port:mon0, through the SDK, datapath {args.datapath}",
         f"{env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
         "",
         "wall time (CPU time of the vtap process, user + system, in brackets: less disturbed by other load);",
@@ -259,7 +260,8 @@ def curve(args, env) -> int:
         ]
     text = "\n".join(lines)
     print("\n" + text)
-    benchlib.save("control_plane_curve", {"environment": env, "filters": args.filters, "rows": rows, "targets": CURVE_TARGETS}, text)
+    name = "control_plane_curve" + ("_tcx" if args.datapath == "tcx" else "")
+    benchlib.save(name, {"environment": env, "filters": args.filters, "datapath": args.datapath, "rows": rows, "targets": CURVE_TARGETS}, text)
     return 0
 
 
@@ -271,8 +273,11 @@ def main() -> int:
     parser.add_argument("--tc-sample", type=int, default=500, metavar="DEVICES", help="time the tc-per-object baseline on at most this many devices, scaled up")
     parser.add_argument("--no-tc", action="store_true", help="vtap only")
     parser.add_argument("--curve", metavar="SIZES", help="comma-separated flow counts: vtap only, one process per size")
+    parser.add_argument("--datapath", choices=("tc", "tcx"), default="tc", help="vtap's data path (results of tcx: control_plane_curve_tcx)")
     parser.add_argument("--json-out", help=argparse.SUPPRESS)  # one size of a --curve run
     args = parser.parse_args()
+    global DATAPATH
+    DATAPATH = args.datapath
     if os.geteuid() != 0:
         print("bench/control_plane.py needs root (network namespaces, tc)", file=sys.stderr)
         return 2
