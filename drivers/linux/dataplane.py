@@ -255,7 +255,7 @@ class TcDataplane:
     def __init__(self, netns: str | None = None, state_dir: str = ".", datapath: str = "tc"):
         self.netns = netns
         self.datapath = datapath  # "tcx": mirrors on the tcx hook where they can be (tcxmirror.py)
-        self._tcx_refusals: dict[tuple, str | None] = {}  # (program, parent) -> why not on tcx
+        self._tcx_refusals: dict[tuple, str | None] = {}  # program -> why not on tcx
         self.state_dir = os.path.abspath(state_dir)
         self.catalog = Catalog(self.state_dir, netns)
         self.filter_cache = FilterCache(self.state_dir)  # plans compile each expression once, ever
@@ -284,17 +284,18 @@ class TcDataplane:
         spec = (("type", "mirror"), ("device", device)) + tail + ((("parent", parent),) if parent else ())
         binding = Binding(key=f"tc/{self._ns_key}{device}/{hook}/{session}/{flow}", session=session, flow=flow, vm=vm, spec=spec, order=1)
         program = self._program(binding, (filter or "", guard or "", sample or 1))  # refuse a bad expression now, with libpcap's message
-        if self.datapath == "tcx" and self._on_tcx(program, parent):
+        # A mirror placed on a root qdisc (parent) is the cls_bpf fallback _plan asked for.
+        if self.datapath == "tcx" and parent is None and self._on_tcx(program):
             binding = replace(binding, spec=spec + (("datapath", "tcx"),))  # another mark: switching is remove + apply
         return binding
 
-    def _on_tcx(self, program, parent: str | None) -> bool:
+    def _on_tcx(self, program) -> bool:
         """Whether a mirror goes on the tcx hook; where it cannot, the log says why (once)."""
         from vtap_drivers.linux import tcxmirror
 
-        asked = (tuple(map(tuple, program)), parent)
+        asked = tuple(map(tuple, program))
         if asked not in self._tcx_refusals:
-            self._tcx_refusals[asked] = tcxmirror.why_not(program, parent)
+            self._tcx_refusals[asked] = tcxmirror.why_not(program)
         why = self._tcx_refusals[asked]
         if why:
             tcxmirror.say_once(why)

@@ -61,10 +61,9 @@ def kernel_has_tcx() -> bool:
     return _supported[0]
 
 
-def why_not(program, parent: str | None) -> str | None:
-    """Why a mirror with this classic program and placement cannot go on tcx (None: it can)."""
-    if parent:
-        return f"an egress filter placed on the root qdisc {parent} (an ingress qdisc holds the clsact hook)"
+def why_not(program) -> str | None:
+    """Why a mirror with this classic program cannot go on tcx (None: it can). Others' qdiscs do not
+    matter: the tcx hook runs before them."""
     if not kernel_has_tcx():
         return f"this kernel ({os.uname().release}) has no tcx hook (Linux >= 6.6)"
     if not pins_outlive_the_process():

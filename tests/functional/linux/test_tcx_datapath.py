@@ -259,7 +259,7 @@ def test_someone_elses_ingress_qdisc_and_htb_root_leave_both_hooks_on_tcx(tcx):
 def test_an_untranslatable_program_stays_on_cls_bpf_and_the_log_says_why_once(tcx, caplog):
     lab = tcx
     cpu = (0x20, 0, 0, (-0x1000 + 36) & 0xFFFFFFFF)  # classic "A = the CPU" (SKF_AD_CPU): no __sk_buff field for it
-    assert "cannot be translated" in tcxmirror.why_not([cpu, (0x06, 0, 0, 0xFFFF)], None)
+    assert "cannot be translated" in tcxmirror.why_not([cpu, (0x06, 0, 0, 0xFFFF)])
     # libpcap's protochain loops, which the translator refuses: the mirror is planned as datapath=tc plans it.
     session, flow = port_flow("in", "ip6 protochain 17")
     tcx_driver, tc_driver = lab.driver(datapath="tcx"), lab.driver()
