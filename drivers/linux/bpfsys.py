@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import struct
@@ -153,8 +154,10 @@ def create_percpu_array(name: str, value_size: int, entries: int = 1) -> BpfFd:
     return BpfFd(fd)
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """How many values a per-CPU map lookup returns: one per possible CPU, not per online one."""
+    """How many values a per-CPU map lookup returns: one per possible CPU, not per online one
+    (fixed at boot: read once, not per counter read)."""
     with open("/sys/devices/system/cpu/possible") as f:
         text = f.read().strip()
     count = 0
@@ -167,7 +170,7 @@ def possible_cpus() -> int:
 def read_percpu_u64(map_fd: BpfFd, key: int, fields: int) -> list[int]:
     """The `fields` u64 counters of one per-CPU array entry, summed over every possible CPU."""
     cpus = possible_cpus()
-    stride = (fields * 8 + 7) // 8 * 8
+    stride = fields * 8  # each CPU's value, u64 fields: already 8-byte aligned
     key_buffer = ctypes.create_string_buffer(struct.pack("=I", key), 4)
     values = ctypes.create_string_buffer(stride * cpus)
     bpf(MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", map_fd.fileno(), 0, _address(key_buffer), _address(values), 0))
@@ -288,10 +291,6 @@ def link_info(link: BpfFd) -> LinkInfo:
     kind, link_id, prog_id = struct.unpack_from("=III", raw, 0)
     ifindex, attach_type = struct.unpack_from("=II", raw, 16)
     return LinkInfo(link_id, kind, prog_id, ifindex, attach_type)
-
-
-def map_id(map_fd: BpfFd) -> int:
-    return struct.unpack_from("=I", _info(map_fd, 80), 4)[0]
 
 
 # ---------------------------------------------------------------- bpffs pins
