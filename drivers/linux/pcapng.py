@@ -191,6 +191,12 @@ class PcapngWriter:
         self.size = 0
         self._start_section()
 
+    def _make_room(self, total: int) -> None:
+        """Rotate first if a block of total bytes would take the file past max_size (a file without a
+        frame yet takes it anyway: a frame larger than max_size must go somewhere)."""
+        if self.max_size and self.size + total > self.max_size and not self.fresh:
+            self.rotate()
+
     def write(self, frame: bytes, timestamp_ns: int | None = None, original_length: int | None = None, comment: str | None = None, flags: int | None = None) -> None:
         """One Enhanced Packet Block, written without copying the frame (it may be a view into a ring).
 
@@ -205,8 +211,7 @@ class PcapngWriter:
         options = _packet_options(comment, flags) if comment or flags is not None else b""
         padding = -captured & 3
         total = 32 + captured + padding + len(options)
-        if self.max_size and self.size + total > self.max_size and not self.fresh:
-            self.rotate()
+        self._make_room(total)
         self.size += total
         self.fresh = False
         write = self.stream.write
@@ -248,8 +253,7 @@ class PcapngWriter:
         view, position = memoryview(blocks), 0
         while position < len(blocks):
             total = int.from_bytes(view[position + 4 : position + 8], "little")
-            if self.size + total > self.max_size and not self.fresh:
-                self.rotate()
+            self._make_room(total)
             self.stream.write(view[position : position + total])
             self.size += total
             self.fresh = False
