@@ -101,25 +101,38 @@ LOAD_ATTEMPTS = 5
 
 
 def load_program(instructions: bytes, name: str, license: str = "Apache-2.0") -> BpfFd:
-    """Load a SCHED_CLS program; the verifier's log is in the OSError when it refuses."""
+    """Load a SCHED_CLS program; the verifier's log is in the OSError when it refuses.
+
+    Loaded without a log first (as libbpf does): a log buffer makes every load about 5x
+    slower (bench/results/tcx_attach.txt), and only a refusal needs one, so a refused
+    program is loaded once more with the log to say why.
+    """
+    try:
+        return BpfFd(_load(instructions, name, license, None))
+    except OSError as error:
+        log = ctypes.create_string_buffer(LOG_SIZE)
+        try:
+            return BpfFd(_load(instructions, name, license, log))
+        except OSError:
+            verifier = log.value.decode(errors="replace").strip()
+            raise OSError(error.errno, f"program load refused: {os.strerror(error.errno)}" + (f"; verifier: {verifier[-3000:]}" if verifier else "")) from None
+
+
+def _load(instructions: bytes, name: str, license: str, log) -> int:
     insns = ctypes.create_string_buffer(instructions, len(instructions))
     license_text = ctypes.create_string_buffer(license.encode())
-    log = ctypes.create_string_buffer(LOG_SIZE)
+    level, size, address = (1, len(log), _address(log)) if log is not None else (0, 0, 0)
     attr = struct.pack(
         "=IIQQIIQII16s", PROG_TYPE_SCHED_CLS, len(instructions) // 8, _address(insns), _address(license_text),
-        1, LOG_SIZE, _address(log), 0, 0, _object_name(name),
+        level, size, address, 0, 0, _object_name(name),
     )
     for attempt in range(LOAD_ATTEMPTS):
         try:
-            fd, _ = bpf(PROG_LOAD, attr)
-            break
+            return bpf(PROG_LOAD, attr)[0]
         except OSError as error:
             # The verifier gives up with EAGAIN when a signal is pending (SIGCHLD, a SIGSTOP/SIGCONT): try again, as libbpf does.
-            if error.errno == errno.EAGAIN and attempt + 1 < LOAD_ATTEMPTS:
-                continue
-            verifier = log.value.decode(errors="replace").strip()
-            raise OSError(error.errno, f"program load refused: {os.strerror(error.errno)}" + (f"; verifier: {verifier[-3000:]}" if verifier else "")) from None
-    return BpfFd(fd)
+            if error.errno != errno.EAGAIN or attempt + 1 == LOAD_ATTEMPTS:
+                raise
 
 
 def _object_name(name: str) -> bytes:
