@@ -318,11 +318,12 @@ def ensure_bpffs(path: str = BPFFS) -> None:
         raise OSError(error, f"mount bpffs at {path}: {os.strerror(error)}")
 
 
-def _is_bpffs(path: str) -> bool:
-    class StatFs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
-    result = StatFs()
+
+def _is_bpffs(path: str) -> bool:
+    result = _StatFs()
     if _libc.statfs(path.encode(), ctypes.byref(result)) != 0:
         return False
     return result.f_type & 0xFFFFFFFF == BPF_FS_MAGIC
