@@ -105,7 +105,8 @@ def tc_filters_on(device: str) -> int:
 def cli_status_s(state: str) -> tuple[float, int]:
     """`vtap status` as its own process (imports, store, plan, observe): seconds, active flows."""
     command = [os.path.join(os.path.dirname(sys.executable), "vtap"), "--state", state, "-o", "json", "status"]
-    seconds, result = timed(lambda: subprocess.run(command, capture_output=True, text=True, check=True))
+    env = dict(os.environ, VTAP_DATAPATH=DATAPATH)  # the data path the SDK applied with, or it reads tcx mirrors as drift
+    seconds, result = timed(lambda: subprocess.run(command, capture_output=True, text=True, check=True, env=env))
     return seconds, sum(row["state"] == "active" for row in json.loads(result.stdout))
 
 
