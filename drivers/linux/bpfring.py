@@ -127,6 +127,17 @@ def pinned_id(path: str) -> int | None:
         raise
 
 
+def program_maps(link_path: str) -> tuple:
+    """The map ids the program of a pinned tcx link uses (a ring-writing mirror: its counters and its ring)."""
+    try:
+        with bpfsys.get_pinned(link_path) as link:
+            prog_id = bpfsys.link_info(link).prog_id
+        with bpfsys.prog_by_id(prog_id) as prog:
+            return bpfsys.prog_info(prog).map_ids
+    except FileNotFoundError:
+        return ()
+
+
 def remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -150,7 +161,11 @@ class RingReader:
 
     def __init__(self, path: str, snaplen: int | None = None):
         self.path, self.snaplen = path, snaplen
-        self.ring = bpfsys.get_pinned(path)
+        self.records = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.ring = bpfsys.get_pinned(self.path)
         try:
             self.id = map_id(self.ring)
             self.size = struct.unpack_from("=I", bpfsys._info(self.ring, 80), 16)[0]  # bpf_map_info.max_entries
@@ -166,7 +181,6 @@ class RingReader:
         self.pending = None  # the consumer position once what read() gave is written
         self.shapes = {}
         self.tai = tai_offset_ns()
-        self.records = 0
 
     def available(self) -> bool:
         return struct.unpack_from("=Q", self.producer, 0)[0] != struct.unpack_from("=Q", self.consumer, 0)[0]
@@ -227,6 +241,13 @@ class RingReader:
     def recreated(self) -> bool:
         """Whether the pin now names another ring (or none): the sink was made anew."""
         return pinned_id(self.path) != self.id
+
+    def reopen(self) -> None:
+        """Read the ring now pinned at the path from here on (the old one is closed; none there: keep it)."""
+        if pinned_id(self.path) is None:
+            return
+        self.close()
+        self._open()
 
     def refresh_clock(self) -> None:
         self.tai = tai_offset_ns()
