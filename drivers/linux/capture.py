@@ -152,7 +152,7 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
     return writer.frames
 
 
-BPF_RING_BATCH_WAIT = 0.001  # s: after catching up with the BPF ring, gather a batch before looking again
+BPF_RING_BATCH_WAIT = 0.005  # s: after catching up with the BPF ring, gather a batch before looking again
 
 
 def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threading.Event, every_second=None, drain_quiet: float = 0.1, drain_limit: float = 3.0) -> int:
@@ -164,7 +164,7 @@ def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threadin
     at most drain_limit seconds. When the reader has caught up with the BPF
     ring it waits BPF_RING_BATCH_WAIT before looking again: the kernel wakes a
     reader only for the first record after it caught up, so this bounds those
-    wakeups (irq_work) to about a thousand a second, whatever the frame rate.
+    wakeups (irq_work) to about two hundred a second, whatever the frame rate.
     """
     from vtap_drivers.linux.ring import RETIRE_MS
 

@@ -98,3 +98,57 @@ def test_a_full_ring_counts_each_lost_copy_and_keeps_what_it_took(ring_at, tmp_p
         bpfsys.run_on_frame(mirror.prog, sent[0])
         assert mirror.read_counters()["packets"] == 1
     reader.close()
+
+
+def test_no_reserve_fails_while_a_reader_keeps_the_ring_nearly_empty(ring_at):
+    """The reader in another process on another CPU, the program run ~500k times a second: every record
+    fits, so not one may be refused. (A consumer position written byte by byte, as struct.pack_into("=Q")
+    does, made the kernel refuse ~5 in a million with the ring nearly empty.)"""
+    import ctypes
+    import struct
+    import subprocess
+    import sys
+    import time
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs: the reader and the writer side by side")
+    cpus = sorted(os.sched_getaffinity(0))
+    path = ring_at(64 << 20)
+    ring_fd = bpfsys.get_pinned(path)
+    reader_code = f"""
+import os, signal, time
+os.sched_setaffinity(0, {{{cpus[0]}}})
+from vtap_drivers.linux import bpfring
+reader, stop, read = bpfring.RingReader({path!r}), [], 0
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("ready", flush=True)
+while not stop or reader.available():
+    if reader.available():
+        read += reader.read()[1]
+        reader.release()
+    else:
+        time.sleep(0.002)
+print(read, flush=True)
+"""
+    reader = subprocess.Popen([sys.executable, "-c", reader_code], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"
+    frame = udp_frame(9, b"r" * 18)
+    data_in = ctypes.create_string_buffer(frame, len(frame))
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[-1]})
+    try:
+        with tcxprog.load_mirror(filters.compile_filter(""), 0, "ringtest", ring=tcxprog.RingAction(ring_fd.fileno(), None, 1)) as mirror:
+            attr = struct.pack("=IIIIQQII", mirror.prog.fileno(), 0, len(frame), 0, ctypes.addressof(data_in), 0, 100, 0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                bpfsys.bpf(bpfsys.PROG_TEST_RUN, attr)  # 100 runs a call
+                time.sleep(0.0001)
+            counters = mirror.read_counters()
+    finally:
+        os.sched_setaffinity(0, affinity)
+        reader.terminate()
+        read = int(reader.communicate(timeout=10)[0].strip())
+        ring_fd.close()
+    assert counters["packets"] > 100_000
+    assert counters["clone_failures"] == 0
+    assert read == counters["packets"]
