@@ -845,7 +845,7 @@ class TcDataplane:
 
     def _writes_to_sink_ring(self, pin, sink: str, rings: dict) -> bool:
         """Whether a ring-writing mirror's program holds the ring pinned for its sink now (rings: id by sink, cached)."""
-        from vtap_drivers.linux import bpfring, tcxmirror
+        from vtap_drivers.linux import bpfring
 
         if sink not in rings:
             path = self._sink_ring(sink) if sink else None
@@ -1377,7 +1377,6 @@ class TcDataplane:
         except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
-
 
     def _remove_ring(self, sink: str) -> None:
         """Unpin a sink's BPF ring (the mirrors writing to it are gone or go now; their fds free it)."""
