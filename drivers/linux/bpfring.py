@@ -142,6 +142,69 @@ def program_maps(link_path: str) -> tuple:
         return ()
 
 
+class WriterDrops:
+    """Copies the tcx mirrors writing into one ring could not put there (their third counter: ring full),
+    added up since this object was made, also over mirrors removed since. Which mirrors write into the ring
+    is looked up again (their pins' programs) only when the pin folder changed."""
+
+    def __init__(self, ring_path: str, ring_id: int):
+        self.folder, self.ring_id = os.path.dirname(ring_path), ring_id
+        self.counters: dict[int, bpfsys.BpfFd] = {}  # map id -> the counters map of a mirror writing here
+        self.seen: dict[int, int] = {}  # map id -> its count when last read
+        self.total = 0
+        self.stamp = self._stamp()
+        self._find()
+        # What the mirrors there counted before this reader began is not its loss; mirrors found later start at 0.
+        self.seen = {map_id: self._read(counters) or 0 for map_id, counters in self.counters.items()}
+
+    def _stamp(self) -> int | None:
+        try:
+            return os.stat(self.folder).st_mtime_ns
+        except OSError:
+            return None
+
+    def update(self) -> int:
+        stamp = self._stamp()
+        if stamp != self.stamp:
+            self.stamp = stamp
+            self._find()
+        for map_id, counters in self.counters.items():
+            now = self._read(counters)
+            if now is not None:
+                self.total += max(0, now - self.seen.get(map_id, 0))
+                self.seen[map_id] = now
+        return self.total
+
+    @staticmethod
+    def _read(counters) -> int | None:
+        from vtap_drivers.linux import tcxprog
+
+        try:
+            return tcxprog.read_counters(counters)["clone_failures"]
+        except OSError:
+            return None
+
+    def _find(self) -> None:
+        found = {}
+        for name in os.listdir(self.folder) if os.path.isdir(self.folder) else []:
+            if name.startswith(PREFIX):
+                continue
+            try:
+                maps = program_maps(os.path.join(self.folder, name))
+                if self.ring_id in maps[1:]:
+                    found[maps[0]] = self.counters.pop(maps[0], None) or bpfsys.map_by_id(maps[0])
+            except OSError:
+                continue
+        for gone in self.counters.values():
+            gone.close()  # its drops stay in total
+        self.counters = found
+
+    def close(self) -> None:
+        for counters in self.counters.values():
+            counters.close()
+        self.counters = {}
+
+
 def remove(path: str) -> None:
     try:
         os.unlink(path)

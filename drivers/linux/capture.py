@@ -225,14 +225,23 @@ class CaptureCounts:
     def __init__(self, ring: PacketRing, writer: PcapngWriter, state_dir: str, name: str, bpf_ring=None):
         self.ring, self.writer, self.path, self.bpf_ring = ring, writer, _statsfile(state_dir, name), bpf_ring
         self.received = self.dropped = 0
+        self.writer_drops = None
+        if bpf_ring is not None:
+            from vtap_drivers.linux.bpfring import WriterDrops
+
+            self.writer_drops = WriterDrops(bpf_ring.path, bpf_ring.id)
 
     def update(self) -> None:
         received, dropped, _times_full = self.ring.statistics()
         self.received += received
         self.dropped += dropped
         counts = {"frames": self.writer.frames, "received": self.received, "ring_dropped": self.dropped}
-        if self.bpf_ring is not None:  # its ring-full drops are the mirror programs' counts (status)
+        if self.bpf_ring is not None:  # ring full: counted by the mirror programs writing into it
             counts["bpf_ring_frames"] = self.bpf_ring.records
+            if self.writer_drops.ring_id != self.bpf_ring.id:  # the ring was made anew (reopen)
+                self.writer_drops.close()
+                self.writer_drops = type(self.writer_drops)(self.bpf_ring.path, self.bpf_ring.id)
+            counts["bpf_ring_dropped"] = self.writer_drops.update()
         temporary = self.path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -571,12 +580,13 @@ def _run_detached(args, ring, stop, status, bpf_ring=None) -> int:
         counts.update()
         _log(f"{counts.received} frames reached the ring, {counts.dropped} of them dropped by the kernel (ring full)")
         if bpf_ring is not None:
-            _log(f"{bpf_ring.records} frames read from the BPF ring, {bpf_ring.unread()} bytes left unread")
+            _log(f"{bpf_ring.records} frames read from the BPF ring, {counts.writer_drops.total} copies the full ring could not take, {bpf_ring.unread()} bytes left unread")
         return frames
     finally:
         writer.close()
         ring.close()
         if bpf_ring is not None:
+            counts.writer_drops.close()
             bpf_ring.close()
 
 

@@ -153,8 +153,15 @@ def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped_and_every_
             assert f"{row.dropped} copies dropped" in (row.problem or "")
         finally:
             os.kill(pid, signal.SIGCONT)
+        sink = sink_of(lab)
+        assert wait_for(lambda: (capture_counts(lab.state_dir, sink) or {}).get("bpf_ring_dropped") == row.dropped)  # the stats file
+        assert capture_counts(lab.state_dir, sink)["bpf_ring_frames"] == row.packets
+        more = [frame(marker, 100) for _ in range(20)]  # fit in the emptied ring
+        os.kill(pid, signal.SIGSTOP)
+        lab.send("peer0", more)
+        os.kill(pid, signal.SIGCONT)
         vtap.delete_session("full")  # SIGTERM at once: the process drains the ring before it closes the file
-    assert sorted(read_frames(path)) == sorted((f, len(f)) for f in sent[: row.packets])
+    assert sorted(read_frames(path)) == sorted((f, len(f)) for f in sent[: row.packets] + more)
     assert pins(lab) == [] and running_captures(lab.state_dir) == {}
 
 
