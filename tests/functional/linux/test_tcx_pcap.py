@@ -178,3 +178,26 @@ def test_an_orphan_ring_is_found_and_removed(tcx_lab, tmp_path):
 
     reconcile.reconcile(driver, [], [])
     assert pins(lab) == [] and driver.observe() == []
+
+
+def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_copies_back(tcx_lab, tmp_path):
+    lab, path = tcx_lab, tmp_path / "again.pcapng"
+    marker = new_marker()
+    with client(lab) as vtap:
+        vtap.create_session("again", to=f"pcap:{path}")
+        vtap.add_flow("again", interface="src0", direction="in")
+        first = [frame(marker, 90) for _ in range(3)]
+        lab.send("peer0", first)
+        assert wait_for(lambda: len(read_frames(path)) == 3)
+        os.unlink(bpfring.ring_path(tcxmirror.pin_dir(lab.netns), sink_of(lab)))  # the mirror and the capture keep the old ring
+        (row,) = vtap.status()
+        assert row.state != "active"  # its ring is not the one its sink should have: copies may reach no file
+        vtap.reconcile()
+        (row,) = vtap.status()
+        assert row.state == "active"
+        second = [frame(marker, 95) for _ in range(4)]
+        lab.send("peer0", second)
+        assert wait_for(lambda: len(read_frames(path)) == 7)
+        assert sorted(read_frames(path)) == sorted((f, len(f)) for f in first + second)
+        vtap.delete_session("again")
+    assert pins(lab) == [] and running_captures(lab.state_dir) == {}
