@@ -29,10 +29,11 @@ The consumer side follows the ring buffer's mmap layout (kernel/bpf/ringbuf.c):
 page 0 the consumer position (read-write), page 1 the producer position (read
 only), then the data, mapped twice in a row so a record never wraps. On x86 a
 plain load is an acquire and a plain store a release, which is what the
-positions need; but each must be ONE 8-byte access: struct.pack_into("=Q")
-writes byte by byte, and the kernel, reading a half-written consumer position,
-refused reserves with the ring nearly empty (seen: ~1 in 100,000 frames lost).
-So the positions are read through a "Q" memoryview and written through ctypes.
+positions need; but each must be ONE 8-byte access. With the consumer position
+stored through struct.pack_into("=Q") (a standard-size packer, not promised to
+be one store) the kernel refused ~1 in 100,000 reserves with the ring nearly
+empty; stored through ctypes, none (test_tcx_ring.py). So the positions are
+read through a "Q" memoryview and written through ctypes.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def test_a_full_ring_counts_each_lost_copy_and_keeps_what_it_took(ring_at, tmp_p
 
 def test_no_reserve_fails_while_a_reader_keeps_the_ring_nearly_empty(ring_at):
     """The reader in another process on another CPU, the program run ~500k times a second: every record
-    fits, so not one may be refused. (A consumer position written byte by byte, as struct.pack_into("=Q")
-    does, made the kernel refuse ~5 in a million with the ring nearly empty.)"""
+    fits, so not one may be refused. (With the consumer position stored through struct.pack_into("=Q") the
+    kernel refused ~5 in a million with the ring nearly empty.)"""
     import ctypes
     import struct
     import subprocess
