@@ -49,6 +49,7 @@ import time
 
 from vtap_drivers.linux import bpfsys
 from vtap_drivers.linux.pcapng import _EPB_HEAD, _EPB_TAILS, EPB_TYPE, enhanced_packet
+from vtap_drivers.linux.sinkblock import _shape
 
 MAP_TYPE_RINGBUF = 27
 RING_BYTES = 64 << 20  # as ring.py's AF_PACKET ring: 64 MB of kernel memory per pcap session
@@ -337,10 +338,3 @@ class RingReader:
                 except BufferError:
                     pass
         self.ring.close()
-
-
-def _shape(shapes: dict, size: int):
-    padding = -size & 3
-    shape = shapes[size] = (struct.Struct(f"<7I{size}s{padding}xI").pack, 32 + size + padding)
-    return shape
-
