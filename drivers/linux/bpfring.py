@@ -262,9 +262,11 @@ class RingReader:
 
     def read(self, limit: int = 1 << 16) -> tuple[list, int]:
         """(EPBs of up to `limit` records, as bytes-like parts; how many frames). The parts may be views
-        into the ring: write them, then release()."""
+        into the ring: write them, then release(). At most a sixteenth of the ring at a time, so the
+        kernel gets room back while a batch of large frames is written."""
         producer, view = self.producer, self.view
         position, end = self.positions[0][0], self.positions[1][0]
+        end = min(end, position + self.size // 16)  # a record that starts before it is read whole
         mask, base, tai = self.mask, PAGE, self.tai
         parts, small, frames = [], [], 0
         append, head, shapes, snaplen = small.append, HEAD.unpack_from, self.shapes, self.snaplen
