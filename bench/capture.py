@@ -70,7 +70,13 @@ class Lab:
         benchlib.run("tc", "-n", self.b, "qdisc", "replace", "dev", "mon0", "root", "noqueue")
 
     def destroy(self):
+        from vtap_drivers.linux import tcxmirror
+
         benchlib.delete_netns(self.b, self.c)
+        try:
+            os.rmdir(tcxmirror.pin_dir(self.b))  # bpffs outlives the namespace: --datapath tcx left its (empty) pin folder
+        except OSError:
+            pass
 
     def rx(self) -> int:
         return benchlib.link_counters("src0", self.b)["rx"]
