@@ -18,6 +18,12 @@ mirroring, in its context) runs on the last CPU, every capture on CPU 0, both
 at nice -10: the machine is shared, and this keeps others' load from deciding
 which tool wins.
 
+With --datapath tcx every mirror is one eBPF program on the tcx hook: vtap's
+pcap: mirror writes each frame into the sink's BPF ring buffer (no clone),
+the others (mirror, tcpdump, dumpcap: port:mon0) clone with
+bpf_clone_redirect. Per vtap run the IRQ work interrupts of every CPU
+(/proc/interrupts IWI) are counted too: the ring's wakeups of its reader.
+
 Needs root, cc (the sender is built on the fly), tcpdump, dumpcap, capinfos, iperf3.
 """
 
@@ -64,7 +70,13 @@ class Lab:
         benchlib.run("tc", "-n", self.b, "qdisc", "replace", "dev", "mon0", "root", "noqueue")
 
     def destroy(self):
+        from vtap_drivers.linux import tcxmirror
+
         benchlib.delete_netns(self.b, self.c)
+        try:
+            os.rmdir(tcxmirror.pin_dir(self.b))  # bpffs outlives the namespace: --datapath tcx left its (empty) pin folder
+        except OSError:
+            pass
 
     def rx(self) -> int:
         return benchlib.link_counters("src0", self.b)["rx"]
@@ -80,6 +92,15 @@ class Lab:
         limit = ["-b", bitrate] if bitrate else []
         out = benchlib.run(*benchlib.pinned(SENDER_CPU, "ip", "netns", "exec", self.c, "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J", *limit), check=False).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def irq_work_interrupts() -> int:
+    """IRQ work interrupts so far, all CPUs (/proc/interrupts IWI): a BPF ring wakes its reader through irq_work."""
+    with open("/proc/interrupts") as f:
+        for line in f:
+            if line.strip().startswith("IWI:"):
+                return sum(int(part) for part in line.split()[1:] if part.isdigit())
+    return 0
 
 
 class Capture:
@@ -138,7 +159,7 @@ class Capture:
 
 def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, seconds: float, size: int, tcp_bitrate: str | None = None) -> dict:
     with Capture(tool, lab, client, state_dir) as capture:
-        before = lab.rx()
+        before, irq_work = lab.rx(), irq_work_interrupts()
         if rate is None:
             gbps, elapsed, sent = lab.iperf3(seconds, tcp_bitrate), seconds, None
         else:
@@ -147,7 +168,8 @@ def run_one(lab: Lab, client, state_dir: str, tool: str, rate: int | None, secon
         time.sleep(SETTLE)
         through = lab.rx() - before
         cpu = capture.cpu_used()
-    row = {"tool": tool, "rate": rate, "sent": sent, "through_source": through, "pps": through / elapsed, "gbps": gbps}
+        irq_work = irq_work_interrupts() - irq_work
+    row = {"tool": tool, "rate": rate, "sent": sent, "through_source": through, "pps": through / elapsed, "gbps": gbps, "irq_work": irq_work, "load": os.getloadavg()[0]}
     if tool in READERS:
         frames = benchlib.frames_in(capture.path)
         os.unlink(capture.path)
@@ -171,6 +193,7 @@ def summarize(runs: list[dict]) -> dict:
                 "completeness": benchlib.median([r.get("completeness") for r in mine]),
                 "cpu_us_per_frame": benchlib.median([r.get("cpu_us_per_frame") for r in mine]),
                 "dropped_in_status": benchlib.median([r.get("dropped_in_status") for r in mine]),
+                "irq_work_per_frame": benchlib.median([r["irq_work"] / r["through_source"] if r.get("through_source") else None for r in mine]),
             }
         base = figures.get("no-tap", {}).get("gbps" if key == "tcp" else "pps")
         for tool, f in figures.items():
@@ -180,14 +203,17 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def report(summary: dict, env: dict, rounds: int, seconds: float, size: int, tcp_bitrate: str | None = None) -> str:
+def report(summary: dict, env: dict, rounds: int, seconds: float, size: int, tcp_bitrate: str | None = None, datapath: str = "tc", loads: tuple = ()) -> str:
     tcp = f"TCP: iperf3 at {tcp_bitrate}bit/s" if tcp_bitrate else "TCP: iperf3, as fast as it goes"
     lines = [
-        f"vtap pcap: capture vs tcpdump -w and dumpcap -w on the same mirrored stream ({size}-byte frames; {tcp})",
+        f"vtap pcap: capture vs tcpdump -w and dumpcap -w on the same mirrored stream ({size}-byte frames; {tcp}; datapath={datapath})",
         f"{rounds} round(s) x {seconds} s per run; medians. {env['date']} commit {env['commit']}, kernel {env['kernel']}, {env['cpus']} CPUs, load {env['loadavg_at_start'][0]:.2f}",
         "rate: frames/s asked of the sender (0 = as fast as it goes); speed: frames/s through the source (Gbit/s for tcp)",
         "",
-        f"{'rate':>8} {'tool':<8} {'speed':>10} {'vs no-tap':>9} {'complete':>9} {'us/frame':>9} {'dropped':>8}",
+        *([f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}"] if loads else []),
+        "irq_work/frame: IRQ work interrupts (all CPUs) per frame through the source during the run",
+        "",
+        f"{'rate':>8} {'tool':<8} {'speed':>10} {'vs no-tap':>9} {'complete':>9} {'us/frame':>9} {'dropped':>8} {'irq_work/frame':>14}",
     ]
     for key, figures in summary.items():
         for tool, f in figures.items():
@@ -197,7 +223,8 @@ def report(summary: dict, env: dict, rounds: int, seconds: float, size: int, tcp
             cpu = "-" if f["cpu_us_per_frame"] is None else f"{f['cpu_us_per_frame']:.2f}"
             dropped = "-" if f["dropped_in_status"] is None else f"{f['dropped_in_status']:.0f}"
             ratio = "-" if f["traffic_vs_no_tap"] is None else f"{f['traffic_vs_no_tap']:.2f}"
-            lines.append(f"{key:>8} {tool:<8} {speed_text:>10} {ratio:>9} {complete:>9} {cpu:>9} {dropped:>8}")
+            iwi = "-" if f.get("irq_work_per_frame") is None else f"{f['irq_work_per_frame']:.5f}"
+            lines.append(f"{key:>8} {tool:<8} {speed_text:>10} {ratio:>9} {complete:>9} {cpu:>9} {dropped:>8} {iwi:>14}")
     lines += ["", "targets: " + "; ".join(f"{k} {v}" for k, v in TARGETS.items())]
     return "\n".join(lines)
 
@@ -210,7 +237,8 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(str(r) for r in RATES))
     parser.add_argument("--no-tcp", action="store_true")
     parser.add_argument("--tcp-bitrate", help="iperf3 -b (e.g. 4G): the TCP stream at one rate for every tool, so completeness compares on a shared machine")
-    parser.add_argument("--name", default="capture", help="results/NAME.json and .txt")
+    parser.add_argument("--name", help="results/NAME.json and .txt (default capture, or capture_tcx with --datapath tcx)")
+    parser.add_argument("--datapath", choices=("tc", "tcx"), default="tc", help="vtap's data path (tcx: pcap: through a BPF ring buffer, no clone)")
     parser.add_argument("--tools", default=",".join(TOOLS), help="which of " + ", ".join(TOOLS))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -229,7 +257,7 @@ def main() -> int:
         os.makedirs(state_dir)
         server = subprocess.Popen(["ip", "netns", "exec", lab.b, "iperf3", "-s"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rates = [int(r) for r in args.rates.split(",") if r] + ([] if args.no_tcp else [None])
-        with Client(driver="linux", state=os.path.join(state_dir, "vtap.db"), netns=lab.b, command="bench") as client:
+        with Client(driver="linux", state=os.path.join(state_dir, "vtap.db"), netns=lab.b, command="bench", datapath=args.datapath) as client:
             for round_number in range(args.rounds):
                 for rate in rates:
                     chosen = tuple(args.tools.split(","))
@@ -241,9 +269,11 @@ def main() -> int:
                         extra = "" if tool not in READERS else f", {100 * (row['completeness'] or 0):.2f}% complete, {row['cpu_us_per_frame'] or 0:.2f} us/frame"
                         print(f"round {round_number + 1} rate {'tcp' if rate is None else rate:>8} {tool:<8} {speed}{extra}", flush=True)
         summary = summarize(runs)
-        text = report(summary, env, args.rounds, args.seconds, args.size, args.tcp_bitrate)
+        loads = tuple(r["load"] for r in runs)
+        text = report(summary, env, args.rounds, args.seconds, args.size, args.tcp_bitrate, args.datapath, loads)
         print("\n" + text)
-        benchlib.save(args.name, {"environment": env, "rounds": args.rounds, "seconds": args.seconds, "size": args.size, "tcp_bitrate": args.tcp_bitrate, "summary": summary, "runs": runs, "targets": TARGETS}, text)
+        name = args.name or ("capture_tcx" if args.datapath == "tcx" else "capture")
+        benchlib.save(name, {"environment": env, "datapath": args.datapath, "rounds": args.rounds, "seconds": args.seconds, "size": args.size, "tcp_bitrate": args.tcp_bitrate, "summary": summary, "runs": runs, "targets": TARGETS}, text)
         return 0
     finally:
         if server is not None:

@@ -34,6 +34,11 @@ How a pcap target's capture process lives and ends
 * The sink has no queue (noqueue qdisc): a copy goes straight to the ring.
   The ring takes 64 MB of kernel memory per pcap session (ring.py), what the
   socket buffer it replaced could grow to.
+* On datapath=tcx the sink also has a BPF ring buffer (bpfring.py, --ring):
+  mirrors on the tcx hook write their frames there, with no clone and nothing
+  sent on the sink; the process reads both rings into the one file. A ring
+  full there is counted by the mirror programs (their third counter), which
+  `status` shows as dropped.
 
 `capture_vxlan` terminates a VXLAN stream (RFC 7348) on a UDP port and writes
 the inner Ethernet frames unchanged to pcapng: `vtap capture --listen
@@ -147,6 +152,69 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
     return writer.frames
 
 
+BPF_RING_BATCH_WAIT = 0.005  # s: after catching up with the BPF ring, gather a batch before looking again
+
+
+def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threading.Event, every_second=None, drain_quiet: float = 0.1, drain_limit: float = 3.0) -> int:
+    """record_frames() for a sink that also has a BPF ring buffer (bpfring.RingReader): both into one file.
+
+    A BPF ring record is complete when it is there (no block to wait for), so
+    after `stop` both rings are read until neither had anything for
+    drain_quiet seconds (an AF_PACKET block is handed over after RETIRE_MS),
+    at most drain_limit seconds. When the reader has caught up with the BPF
+    ring it waits BPF_RING_BATCH_WAIT before looking again: the kernel wakes a
+    reader only for the first record after it caught up, so this bounds those
+    wakeups (irq_work) to about two hundred a second, whatever the frame rate.
+    """
+    from vtap_drivers.linux.ring import RETIRE_MS
+
+    epbs = SinkBlocks(writer.snaplen)
+    poller = select.poll()
+    poller.register(ring.sock, select.POLLIN | select.POLLERR)
+    poller.register(bpf_ring.ring.fileno(), select.POLLIN)
+    last_check = time.monotonic()
+    drain_until = quiet_until = None
+    while True:
+        now = time.monotonic()
+        if drain_until is None and stop.is_set():
+            drain_until, quiet_until = now + drain_limit, now + drain_quiet
+        if drain_until is not None and now >= drain_until:
+            return writer.frames
+        busy = False
+        offset = ring._ready_block()
+        if offset is not None:
+            writer.write_epbs(*epbs.read(ring.map, offset))
+            ring._release(offset)
+            busy = True
+        if bpf_ring.available():
+            parts, frames = bpf_ring.read()
+            writer.write_epbs(parts, frames)
+            bpf_ring.release()
+            busy = True
+            if not bpf_ring.available() and offset is None:
+                time.sleep(BPF_RING_BATCH_WAIT)
+        if now - last_check >= DEVICE_CHECK_INTERVAL:
+            last_check = now
+            ring.rebind_if_recreated()
+            bpf_ring.refresh_clock()
+            if bpf_ring.recreated() and not bpf_ring.available():  # a new ring pinned under the name: follow it
+                poller.unregister(bpf_ring.ring.fileno())
+                bpf_ring.reopen()
+                poller.register(bpf_ring.ring.fileno(), select.POLLIN)
+            if every_second is not None:
+                every_second()
+        if busy:
+            if drain_until is not None:
+                quiet_until = time.monotonic() + drain_quiet
+            continue
+        if drain_until is not None and now >= quiet_until:
+            return writer.frames
+        writer.flush()
+        for _fd, events in poller.poll(RETIRE_MS * 10 if drain_until is None else RETIRE_MS):
+            if events & select.POLLERR:
+                ring.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # a device going down: not fatal
+
+
 class CaptureCounts:
     """What a capture process has written and what the kernel dropped, kept in STATE_DIR/capture-NAME.stats.
 
@@ -154,15 +222,26 @@ class CaptureCounts:
     is replaced whole each time (status reads it while the capture runs).
     """
 
-    def __init__(self, ring: PacketRing, writer: PcapngWriter, state_dir: str, name: str):
-        self.ring, self.writer, self.path = ring, writer, _statsfile(state_dir, name)
+    def __init__(self, ring: PacketRing, writer: PcapngWriter, state_dir: str, name: str, bpf_ring=None):
+        self.ring, self.writer, self.path, self.bpf_ring = ring, writer, _statsfile(state_dir, name), bpf_ring
         self.received = self.dropped = 0
+        self.writer_drops = None
+        if bpf_ring is not None:
+            from vtap_drivers.linux.bpfring import WriterDrops
+
+            self.writer_drops = WriterDrops(bpf_ring.path, bpf_ring.id)
 
     def update(self) -> None:
         received, dropped, _times_full = self.ring.statistics()
         self.received += received
         self.dropped += dropped
         counts = {"frames": self.writer.frames, "received": self.received, "ring_dropped": self.dropped}
+        if self.bpf_ring is not None:  # ring full: counted by the mirror programs writing into it
+            counts["bpf_ring_frames"] = self.bpf_ring.records
+            if self.writer_drops.ring_id != self.bpf_ring.id:  # the ring was made anew (reopen)
+                self.writer_drops.close()
+                self.writer_drops = type(self.writer_drops)(self.bpf_ring.path, self.bpf_ring.id)
+            counts["bpf_ring_dropped"] = self.writer_drops.update()
         temporary = self.path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -252,6 +331,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, help="rotate the file before it grows beyond this many bytes")
     parser.add_argument("--max-files", type=int, help="with --max-size: keep at most this many files (PATH, PATH.1, ...)")
     parser.add_argument("--netns")
+    parser.add_argument("--ring", help="a pinned BPF ring buffer the sink's tcx mirrors write to (bpfring.py)")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--status-fd", type=int, help="where to say 'ready PID' or 'error: ...' once")
     return parser
@@ -278,7 +358,7 @@ def _is_gone(pid: int) -> bool:
 def running_captures(state_dir: str) -> dict[str, dict]:
     """Capture processes of this state dir, found by their command lines, not only by pidfiles.
 
-    {name: {"pid", "device", "path", "snaplen", "netns"}}; a process whose
+    {name: {"pid", "device", "path", "snaplen", "netns"[, "ring"]}}; a process whose
     pidfile was lost (a crash between start and bookkeeping) is listed too.
     """
     state_dir = os.path.realpath(state_dir)
@@ -299,6 +379,8 @@ def running_captures(state_dir: str) -> dict[str, dict]:
         found[args.name] = {"pid": int(entry), "device": args.device, "path": args.path, "snaplen": args.snaplen, "netns": args.netns}
         if args.max_size is not None:
             found[args.name].update(max_size=args.max_size, max_files=args.max_files)
+        if args.ring is not None:
+            found[args.name]["ring"] = args.ring
     return found
 
 
@@ -316,12 +398,13 @@ class _NameLock:
         os.close(self.fd)
 
 
-def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".", max_size: int | None = None, max_files: int | None = None) -> int:
+def start_capture_process(name: str, device: str, path: str, snaplen: int | None = None, netns: str | None = None, state_dir: str = ".", max_size: int | None = None, max_files: int | None = None, ring: str | None = None) -> int:
     """Start (or keep) the capture process `name`; returns its pid once the file is open.
 
     Already running with the same parameters: nothing changes. Running with
     other parameters: it is stopped and started again. max_size and max_files
-    (both or neither) rotate the file: see PcapngWriter.rotate.
+    (both or neither) rotate the file: see PcapngWriter.rotate. ring: the
+    pinned BPF ring buffer to read too (datapath=tcx).
     """
     check_name("capture name", name)
     path = check_capture_path(path)
@@ -331,17 +414,17 @@ def start_capture_process(name: str, device: str, path: str, snaplen: int | None
     rotation = {}
     if max_size is not None or max_files is not None:
         rotation = {"max_size": check_int("max_size", max_size, 4096, 2**50), "max_files": check_int("max_files", max_files, 1, 10**5)}
-    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns, **rotation}
+    wanted = {"device": device, "path": path, "snaplen": snaplen, "netns": netns, **rotation, **({"ring": ring} if ring else {})}
     with _NameLock(state_dir, name):
         current = running_captures(state_dir).get(name)
         if current is not None:
             if {key: value for key, value in current.items() if key != "pid"} == wanted:
                 return current["pid"]
             _stop(name, state_dir, current["pid"])
-        return _spawn(name, device, path, snaplen, netns, state_dir, rotation)
+        return _spawn(name, device, path, snaplen, netns, state_dir, rotation, ring)
 
 
-def _spawn(name, device, path, snaplen, netns, state_dir, rotation) -> int:
+def _spawn(name, device, path, snaplen, netns, state_dir, rotation, ring=None) -> int:
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", MODULE, "--name", name, "--device", device, "--path", path, "--state-dir", os.path.abspath(state_dir), "--status-fd", str(write_end)]
     if snaplen is not None:
@@ -350,6 +433,8 @@ def _spawn(name, device, path, snaplen, netns, state_dir, rotation) -> int:
         command += ["--netns", netns]
     if rotation:
         command += ["--max-size", str(rotation["max_size"]), "--max-files", str(rotation["max_files"])]
+    if ring:
+        command += ["--ring", ring]
     try:
         with os.fdopen(open_private(_logfile(state_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab") as log:
             starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(write_end,), start_new_session=True, cwd="/")
@@ -441,6 +526,17 @@ def main(argv=None) -> int:
         status.write(f"error: {exc}\n")
         _log(f"failed: {exc}")
         return 1
+    bpf_ring = None
+    if args.ring:
+        from vtap_drivers.linux.bpfring import RingReader
+
+        try:
+            bpf_ring = RingReader(args.ring, args.snaplen)
+        except Exception as exc:
+            ring.close()
+            status.write(f"error: BPF ring {args.ring}: {exc}\n")
+            _log(f"failed: BPF ring {args.ring}: {exc}")
+            return 1
     if os.fork():
         os._exit(0)  # the starter returns; the capture is no child of vtap's and needs no terminal
     stop = threading.Event()
@@ -448,7 +544,7 @@ def main(argv=None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        frames = _run_detached(args, ring, stop, status)
+        frames = _run_detached(args, ring, stop, status, bpf_ring)
     except Exception as exc:  # the log is all anyone will see of a detached process
         _log(f"failed: {exc}")
         return 1
@@ -458,7 +554,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run_detached(args, ring, stop, status) -> int:
+def _run_detached(args, ring, stop, status, bpf_ring=None) -> int:
     # The file is opened here so it exists (with its header) before the starter hears "ready".
     try:
         writer = PcapngWriter.create(args.path, snaplen=args.snaplen, if_name=args.device, append=True, max_size=args.max_size, max_files=args.max_files)
@@ -467,21 +563,31 @@ def _run_detached(args, ring, stop, status) -> int:
         status.write(f"error: {exc}\n")
         status.close()
         ring.close()
+        if bpf_ring is not None:
+            bpf_ring.close()
         raise
     _write_pidfile(args.state_dir, args.name)
     status.write(f"ready {os.getpid()}\n")
     status.close()
     _log(f"capturing {args.device}{' in netns ' + args.netns if args.netns else ''} to {args.path}")
-    counts = CaptureCounts(ring, writer, args.state_dir, args.name)
+    counts = CaptureCounts(ring, writer, args.state_dir, args.name, bpf_ring)
     counts.update()  # zeros now: counts a killed predecessor left are not this process's
     try:
-        frames = record_frames(ring, writer, stop, every_second=counts.update)
+        if bpf_ring is None:
+            frames = record_frames(ring, writer, stop, every_second=counts.update)
+        else:
+            frames = record_sink(ring, bpf_ring, writer, stop, every_second=counts.update)
         counts.update()
         _log(f"{counts.received} frames reached the ring, {counts.dropped} of them dropped by the kernel (ring full)")
+        if bpf_ring is not None:
+            _log(f"{bpf_ring.records} frames read from the BPF ring, {counts.writer_drops.total} copies the full ring could not take, {bpf_ring.unread()} bytes left unread")
         return frames
     finally:
         writer.close()
         ring.close()
+        if bpf_ring is not None:
+            counts.writer_drops.close()
+            bpf_ring.close()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ With datapath="tcx" (TcDataplane(..., datapath="tcx")), a mirror the tcx hook ca
 one eBPF program on the device's tcx hook, pinned in bpffs; its spec says ("datapath", "tcx"), and
 tcxmirror.py does the kernel side (apply, observe from the pins, remove). The tcx hook runs before
 any qdisc, so someone else's ingress/root qdiscs (placement() below) matter only to a mirror that
-falls back to cls_bpf. The rest stays as below.
+falls back to cls_bpf. A tcx mirror to a pcap sink (spec ("sink", "ring")) clones nothing: it writes
+each frame into the sink's BPF ring buffer (bpfring.py), pinned beside the mirrors when the sink is
+applied and read by the capture process with the sink's AF_PACKET ring. The rest stays as below.
 
 Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
 clsact would and answers for both clsact parents: the ingress hook uses it, an
@@ -400,6 +402,8 @@ class TcDataplane:
             binding = self.mirror(*args, vm=vm, guard=guard) if self.datapath == "tcx" else None
             if binding is None or binding.get("datapath") != "tcx":  # the device's qdiscs matter to cls_bpf only
                 binding = self.mirror(*args, vm=vm, guard=guard, parent=self.placement(device, hook))
+            elif session.target.kind == "pcap":  # no clone: the frame goes into the sink's BPF ring
+                binding = replace(binding, spec=binding.spec + (("sink", "ring"), ("snaplen", session.snaplen)))
             out.append(binding)
         return out
 
@@ -788,8 +792,9 @@ class TcDataplane:
                 out.append(binding)
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
-            out.extend(self._observe_tcx(catalog, vm, link_of, name_of, healths, underlays))
-            out.extend(self._observe_devices(catalog, every_link))
+            on_tcx = self._observe_tcx(catalog, vm, link_of, name_of, healths, underlays)
+            out.extend(on_tcx)
+            out.extend(_with_ring_drops(self._observe_devices(catalog, every_link), on_tcx))
             out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, kinds))
             return out
 
@@ -801,7 +806,7 @@ class TcDataplane:
         pinned = tcxmirror.pins(self.netns, catalog.owns)
         if not pinned:
             return []
-        out = []
+        out, rings = [], {}
         with tcxmirror.in_netns(self.netns):
             for pin in pinned:
                 entry = catalog.bindings.get(pin.mark.hex())
@@ -822,9 +827,39 @@ class TcDataplane:
                 figures = found.counters
                 binding = binding_of(entry, Counters(figures["packets"], figures["bytes"], figures["clone_failures"], healths[ifindex, to_index]))
                 actual = {"to": name_of(to_index) or "", "device": name_of(ifindex) or "", "hook": found.hook}
+                if binding.get("sink") == "ring" and not self._writes_to_sink_ring(pin, actual["to"], rings):
+                    actual["to"] = ""  # its ring is not the one the sink's capture reads: the copies reach no file
                 if any(binding.get(name) != value for name, value in actual.items()):
                     binding = _drifted(binding, pin.mark, **actual)
                 out.append(binding)
+        return out
+
+    def _sink_ring(self, device: str) -> str | None:
+        """Where a pcap sink's BPF ring buffer is pinned, when this dataplane gives its sinks one (datapath=tcx
+        on a kernel with tcx, pins that outlive the process); else None."""
+        from vtap_drivers.linux import bpfring, tcxmirror
+
+        if self.datapath != "tcx" or not tcxmirror.kernel_has_tcx() or not tcxmirror.pins_outlive_the_process():
+            return None
+        return bpfring.ring_path(tcxmirror.pin_dir(self.netns), device)
+
+    def _writes_to_sink_ring(self, pin, sink: str, rings: dict) -> bool:
+        """Whether a ring-writing mirror's program holds the ring pinned for its sink now (rings: id by sink, cached)."""
+        from vtap_drivers.linux import bpfring
+
+        if sink not in rings:
+            path = self._sink_ring(sink) if sink else None
+            rings[sink] = bpfring.pinned_id(path) if path else None
+        return rings[sink] is not None and rings[sink] in bpfring.program_maps(pin.path)
+
+    def _orphan_rings(self, sinks: set) -> list[Binding]:
+        """BPF rings pinned for sinks that are gone (a run killed between removing the sink and its ring)."""
+        from vtap_drivers.linux import bpfring, tcxmirror
+
+        out = []
+        for device in bpfring.ring_devices(tcxmirror.pin_dir(self.netns)):
+            if device not in sinks:
+                out.append(Binding(key=f"unknown/{self._ns_key}ring-{device}", session="?", spec=(("type", "ring"), ("device", device)), order=0))
         return out
 
     def _unused_clsacts(self, catalog, used: set, among: set | None = None, kinds: dict | None = None) -> list[Binding]:
@@ -877,12 +912,20 @@ class TcDataplane:
                     if process is None:
                         continue  # the sink without its capture process: apply starts it
                     actual = {"path": process["path"], "snaplen": process["snaplen"], "max_size": process.get("max_size"), "max_files": process.get("max_files")}
-                if any(binding.get(name) != value for name, value in actual.items()):
+                if any(binding.get(name) != value for name, value in actual.items()) or (kind == "ifb" and not self._capture_reads_its_ring(binding.get("device"), process)):
                     binding = _drifted(binding, mark, **actual)
                 if kind == "ifb":
                     binding = replace(binding, counters=self._capture_counters(binding.get("device"), link["index"]))
                 out.append(binding)
+        out.extend(self._orphan_rings({link["name"] for link in by_kind.get("ifb", [])}))
         return out
+
+    def _capture_reads_its_ring(self, device: str, process: dict) -> bool:
+        """The capture reads the BPF ring its sink should have, and that ring is pinned (no ring wanted: reads none)."""
+        from vtap_drivers.linux import bpfring
+
+        wanted = self._sink_ring(device)
+        return process.get("ring") == wanted and (wanted is None or bpfring.pinned_id(wanted) is not None)
 
     def _target_health(self, source: dict | None, target: dict | None, underlays: dict):
         """Can the copies reach the target whole (targethealth.py)? underlays caches the route per VXLAN remote."""
@@ -1089,10 +1132,30 @@ class TcDataplane:
             for binding in bindings:
                 mark = catalog.mark_of(binding)
                 try:
-                    tcxmirror.attach(self.netns, mark, self._program(binding), indexes[binding.get("device")], binding.get("hook"), indexes[binding.get("to")], present.get(mark, []))
+                    with self._ring_action(binding) as ring:
+                        tcxmirror.attach(self.netns, mark, self._program(binding), indexes[binding.get("device")], binding.get("hook"), indexes[binding.get("to")], present.get(mark, []), ring=ring)
                 except OSError as exc:
                     raise OperationFailed(f"{binding.key}: cannot put the tcx mirror in place: {exc.strerror or exc}") from None
                 done.append(binding)
+
+    @contextmanager
+    def _ring_action(self, binding: Binding):
+        """For a mirror to a pcap sink's ring: the RingAction its program needs (the ring open meanwhile); else None."""
+        from vtap_drivers.linux import bpfring, bpfsys, tcxprog
+
+        if binding.get("sink") != "ring":
+            yield None
+            return
+        path = self._sink_ring(binding.get("to"))
+        if path is None:
+            raise OperationFailed(f"{binding.key}: sink {binding.get('to')} has no BPF ring on this data path")
+        try:
+            ring = bpfsys.get_pinned(path)
+        except FileNotFoundError:
+            raise OperationFailed(f"{binding.key}: sink {binding.get('to')} has no BPF ring at {path}; reconcile again") from None
+        direction = bpfring.DIRECTION_IN if binding.get("hook") == "ingress" else bpfring.DIRECTION_OUT
+        with ring:
+            yield tcxprog.RingAction(ring.fileno(), binding.get("snaplen"), direction)
 
     @staticmethod
     def _check_placement(binding: Binding, place: dict) -> None:
@@ -1164,7 +1227,16 @@ class TcDataplane:
         # No queue on the sink: an ifb's default one holds 32 frames and drops the rest silently;
         # without it each copy goes straight to the capture's ring, whose drops are counted.
         self.ipr.tc("replace", kind="noqueue", index=self.ipr.link_lookup(ifname=device)[0], handle=0, parent=TC_H_ROOT)
-        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir, binding.get("max_size"), binding.get("max_files"))
+        ring = self._sink_ring(device)
+        if ring is not None:  # datapath=tcx: mirrors to this sink write here, with no clone (bpfring.py)
+            from vtap_drivers.linux import bpfring, tcxmirror
+
+            try:
+                tcxmirror._private_dir(os.path.dirname(ring))
+                bpfring.ensure(ring)
+            except OSError as exc:
+                raise OperationFailed(f"{binding.key}: cannot make the sink's BPF ring at {ring}: {exc.strerror or exc}") from None
+        start_capture_process(device, device, binding.get("path"), binding.get("snaplen"), self.netns, self.state_dir, binding.get("max_size"), binding.get("max_files"), ring)
 
     # ------------------------------------------------------------ remove
 
@@ -1204,7 +1276,9 @@ class TcDataplane:
             kind = binding.get("type")
             if kind in ("vxlan", "capture", "gre", "erspan") or (kind == "unknown" and binding.get("device")):
                 self._remove_device(binding)
-            if kind == "clsact":
+            if kind == "ring":
+                self._remove_ring(binding.get("device"))
+            elif kind == "clsact":
                 self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
             elif kind != "unknown":
                 catalog.forget(self._real_mark(binding))
@@ -1293,7 +1367,8 @@ class TcDataplane:
         if binding.get("type") == "capture" or name.startswith(SINK_PREFIX):
             from vtap_drivers.linux.capture import stop_capture_process
 
-            stop_capture_process(name, self.state_dir)
+            stop_capture_process(name, self.state_dir)  # it has read what the ring held
+            self._remove_ring(name)
         link = self._link(name=name)
         if link is None or mark_from_alias(link["alias"]) != wanted:
             return  # gone, someone else's, or a newer spec of ours
@@ -1302,6 +1377,12 @@ class TcDataplane:
         except _netlink_error() as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+    def _remove_ring(self, sink: str) -> None:
+        """Unpin a sink's BPF ring (the mirrors writing to it are gone or go now; their fds free it)."""
+        from vtap_drivers.linux import bpfring, tcxmirror
+
+        bpfring.remove(bpfring.ring_path(tcxmirror.pin_dir(self.netns), sink))
 
 
 PLACE_OF_PARENT = {tcnl.TC_H_CLSACT: 0, tcnl.TC_H_ROOT: 1}  # where a qdisc sits: [hook, root]
@@ -1326,6 +1407,18 @@ def missing_tunnel_device(target) -> str | None:
 def _check_local(remote: str, local: str | None) -> None:
     if local and ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
         raise ValidationError("target local", f"{local} and the remote end {remote} are not of one IP family")
+
+
+def _with_ring_drops(devices: list[Binding], mirrors: list[Binding]) -> list[Binding]:
+    """A pcap sink's lost copies include those its tcx mirrors could not write into its full BPF ring
+    (their third counter): the session's capture_dropped counts every copy that missed the file."""
+    lost: dict[str, int] = {}
+    for mirror in mirrors:
+        if mirror.get("sink") == "ring" and mirror.counters is not None:
+            lost[mirror.get("to")] = lost.get(mirror.get("to"), 0) + mirror.counters.dropped
+    if not lost:
+        return devices
+    return [replace(b, counters=replace(b.counters, dropped=b.counters.dropped + lost.get(b.get("device"), 0))) if b.get("type") == "capture" and b.counters is not None else b for b in devices]
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:

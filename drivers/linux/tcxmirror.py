@@ -187,9 +187,10 @@ def read(pinned: Pinned) -> Found | None:
     return Found(info.ifindex, HOOK_OF_ATTACH.get(info.attach_type), figures)
 
 
-def attach(netns: str | None, mark: bytes, program, ifindex: int, hook: str, to_index: int, present: list[Pinned], to_ingress: bool = False) -> None:
+def attach(netns: str | None, mark: bytes, program, ifindex: int, hook: str, to_index: int, present: list[Pinned], to_ingress: bool = False, ring: tcxprog.RingAction | None = None) -> None:
     """Load, attach on the device's hook, pin. present: the pins of this mark (pins());
-    one that is not this very mirror (another target ifindex, a defunct link) is replaced."""
+    one that is not this very mirror (another target ifindex, a defunct link) is replaced.
+    ring: write matches into that BPF ring buffer (a pcap sink's, bpfring.py) instead of cloning."""
     directory = pin_dir(netns)
     _private_dir(directory)
     path = os.path.join(directory, f"{mark.hex()}-{to_index}")
@@ -198,7 +199,7 @@ def attach(netns: str | None, mark: bytes, program, ifindex: int, hook: str, to_
         if old.path == path and found is not None and found.ifindex == ifindex and found.hook == hook:
             return  # in place already
         detach(old.path)
-    with tcxprog.load_mirror(program, to_index, mark.hex()[-10:], to_ingress) as mirror:
+    with tcxprog.load_mirror(program, to_index, mark.hex()[-10:], to_ingress, ring) as mirror:
         link = bpfsys.attach_tcx(mirror.prog, ifindex, hook)
         with link:
             try:

@@ -41,6 +41,7 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9_]{1,10}")  # 15 characters for a kernel obj
 
 # eBPF helpers (enum bpf_func_id); none of them gpl_only.
 MAP_LOOKUP_ELEM, GET_PRANDOM_U32, CLONE_REDIRECT, SKB_LOAD_BYTES = 1, 7, 13, 26
+RINGBUF_RESERVE, RINGBUF_SUBMIT, RINGBUF_DISCARD, KTIME_GET_TAI_NS = 131, 132, 133, 208
 
 # struct __sk_buff offsets.
 SKB_LEN, SKB_PKT_TYPE, SKB_MARK, SKB_QUEUE_MAPPING, SKB_PROTOCOL = 0, 4, 8, 12, 16
@@ -90,9 +91,36 @@ LDX_W, LDX_H, LDX_B, LDX_DW = 0x61, 0x69, 0x71, 0x79
 STX_W, STX_DW, ST_W = 0x63, 0x7B, 0x62
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
 JA, JEQ_K, JNE_K, JGE_K, JGT_K, JGT_X = 0x05, 0x15, 0x55, 0x35, 0x25, 0x2D
+JLT_K, JLE_K = 0xA5, 0xB5
+ALU64_OR_K, ALU64_LSH_K = 0x47, 0x67
 JMP32_K, JMP32_X, JNE32_K, JEQ32_K = 0x06, 0x0E, 0x56, 0x16
 CALL, EXIT = 0x85, 0x95
 LDX_BY_SIZE = {4: LDX_W, 2: LDX_H, 1: LDX_B}
+
+
+class RingAction(NamedTuple):
+    """On a match, write the frame into a BPF ring buffer (bpfring.py) instead of cloning it.
+
+    map_fd: the ring; snaplen: at most this many bytes of the frame; direction:
+    pcapng epb_flags' 1 (inbound: an ingress hook) or 2 (outbound)."""
+
+    map_fd: int
+    snaplen: int | None
+    direction: int
+
+
+RING_SMALLEST = 64  # the smallest record's room for frame bytes; then powers of two up to the snaplen
+RING_LARGEST = 262144
+
+
+def ring_size_classes(snaplen: int | None) -> list[int]:
+    """The frame room of each record size the program reserves (bpf_ringbuf_reserve takes a constant)."""
+    largest = min(snaplen or RING_LARGEST, RING_LARGEST)
+    classes, size = [], RING_SMALLEST
+    while size < largest:
+        classes.append(size)
+        size *= 2
+    return classes + [largest]
 
 
 class Untranslatable(ValueError):
@@ -138,12 +166,13 @@ def _s32(value: int) -> int:
     return value - (1 << 32) if value & 0x80000000 else value
 
 
-def translate(program, counters_map_fd: int, target_ifindex: int, to_ingress: bool = False) -> bytes:
+def translate(program, counters_map_fd: int, target_ifindex: int, to_ingress: bool = False, ring: RingAction | None = None) -> bytes:
     """eBPF instructions for the classic program (a sequence of (code, jt, jf, k)).
 
     On a match: count in the map, clone to target_ifindex (its egress, or its
-    ingress with to_ingress). Always TCX_NEXT. Untranslatable when the program
-    uses an opcode or ancillary load not handled here.
+    ingress with to_ingress); with `ring`, write the frame into that ring buffer
+    instead (target_ifindex is then unused). Always TCX_NEXT. Untranslatable
+    when the program uses an opcode or ancillary load not handled here.
     """
     program = [tuple(insn) for insn in program]
     if not program:
@@ -163,7 +192,10 @@ def translate(program, counters_map_fd: int, target_ifindex: int, to_ingress: bo
     for index, insn in enumerate(program):
         asm.label(("c", index))
         _classic(asm, index, insn, len(program))
-    _on_match(asm, counters_map_fd, target_ifindex, BPF_F_INGRESS if to_ingress else 0)
+    if ring is None:
+        _on_match(asm, counters_map_fd, target_ifindex, BPF_F_INGRESS if to_ingress else 0)
+    else:
+        _on_match_ring(asm, counters_map_fd, ring)
     for emit in asm.out_of_line:
         emit()
     return asm.assemble()
@@ -385,6 +417,87 @@ def _on_match(asm: _Asm, map_fd: int, ifindex: int, flags: int) -> None:
     asm(EXIT)
 
 
+RECORD_HEAD = 32  # bpfring.RECORD_HEAD: time, length, captured, ifindex, vlan tci, vlan proto, flags
+RECORD, CAPTURED = A, X  # after a match the classic registers are free: the record, its captured length
+
+
+def _on_match_ring(asm: _Asm, map_fd: int, ring: RingAction) -> None:
+    """Reserve a record of the smallest size class that holds the captured bytes, fill it (header, then
+    bpf_skb_load_bytes), submit it and count the packet; a reserve that fails (ring full) or a load that
+    fails counts in the third counter. Then TCX_NEXT.
+
+    Submitted with flags 0: the kernel's adaptive wakeup notifies the reader only when it had consumed
+    everything before this record, so a reader that is behind costs no irq_work per frame."""
+    classes = ring_size_classes(ring.snaplen)
+    asm.label("match")
+    asm(ST_W, FP, off=MAP_KEY, imm=0)
+    asm(LD_IMM64, R1, PSEUDO_MAP_FD, imm=map_fd)
+    asm(MOV64_X, R2, FP)
+    asm(ALU64_K | ADD, R2, imm=MAP_KEY)
+    asm(CALL, imm=MAP_LOOKUP_ELEM)
+    asm(MOV64_X, COUNTER_VALUE, R0)
+    asm(LDX_W, CAPTURED, CTX, SKB_LEN)
+    asm(JLE_K, CAPTURED, off="ring_sized", imm=classes[-1])
+    asm(MOV64_K, CAPTURED, imm=classes[-1])
+    asm.label("ring_sized")
+    asm(JLT_K, CAPTURED, off="nomatch", imm=1)  # an empty skb has nothing to write (and the verifier wants a size > 0)
+    for size in classes[:-1]:
+        asm(JLE_K, CAPTURED, off=("ring_class", size), imm=size)
+    for size in reversed(classes):  # the largest first: the chain above falls through to it
+        asm.label(("ring_class", size))
+        asm(LD_IMM64, R1, PSEUDO_MAP_FD, imm=ring.map_fd)
+        asm(MOV64_K, R2, imm=RECORD_HEAD + size)
+        asm(MOV64_K, R3, imm=0)
+        asm(CALL, imm=RINGBUF_RESERVE)
+        asm(JEQ_K, R0, off="ring_full", imm=0)
+        asm(MOV64_X, RECORD, R0)
+        asm(JA, off="ring_fill")
+    asm.label("ring_fill")
+    asm(CALL, imm=KTIME_GET_TAI_NS)
+    asm(STX_DW, RECORD, R0, 0)
+    asm(LDX_W, R1, CTX, SKB_LEN)
+    asm(STX_W, RECORD, R1, 8)
+    asm(STX_W, RECORD, CAPTURED, 12)
+    for field, offset in ((SKB_IFINDEX, 16), (SKB_VLAN_TCI, 20), (SKB_VLAN_PROTO, 24)):
+        asm(LDX_W, R1, CTX, field)
+        asm(STX_W, RECORD, R1, offset)
+    asm(LDX_W, R1, CTX, SKB_VLAN_PRESENT)
+    asm(ALU64_LSH_K, R1, imm=4)
+    asm(ALU64_OR_K, R1, imm=ring.direction)
+    asm(STX_W, RECORD, R1, 28)
+    asm(MOV64_X, R1, CTX)
+    asm(MOV64_K, R2, imm=0)
+    asm(MOV64_X, R3, RECORD)
+    asm(ALU64_K | ADD, R3, imm=RECORD_HEAD)
+    asm(MOV64_X, R4, CAPTURED)
+    asm(CALL, imm=SKB_LOAD_BYTES)
+    asm(JNE_K, R0, off="ring_discard", imm=0)
+    asm(MOV64_X, R1, RECORD)
+    asm(MOV64_K, R2, imm=0)
+    asm(CALL, imm=RINGBUF_SUBMIT)
+    asm(JEQ_K, COUNTER_VALUE, off="nomatch", imm=0)
+    asm(LDX_DW, R1, COUNTER_VALUE, 0)
+    asm(ALU64_K | ADD, R1, imm=1)
+    asm(STX_DW, COUNTER_VALUE, R1, 0)
+    asm(LDX_W, R2, CTX, SKB_LEN)
+    asm(LDX_DW, R1, COUNTER_VALUE, 8)
+    asm(ALU64_X | ADD, R1, R2)
+    asm(STX_DW, COUNTER_VALUE, R1, 8)
+    asm(JA, off="nomatch")
+    asm.label("ring_discard")
+    asm(MOV64_X, R1, RECORD)
+    asm(MOV64_K, R2, imm=0)
+    asm(CALL, imm=RINGBUF_DISCARD)
+    asm.label("ring_full")
+    asm(JEQ_K, COUNTER_VALUE, off="nomatch", imm=0)
+    asm(LDX_DW, R1, COUNTER_VALUE, 16)
+    asm(ALU64_K | ADD, R1, imm=1)
+    asm(STX_DW, COUNTER_VALUE, R1, 16)
+    asm.label("nomatch")  # also the way out after a match
+    asm(MOV64_K, R0, imm=TCX_NEXT)
+    asm(EXIT)
+
+
 def program_name(identifier: str) -> str:
     """vtap_<identifier>: how vtap recognises its own programs on a hook (BPF_PROG_QUERY + info)."""
     if not IDENTIFIER.fullmatch(identifier):
@@ -412,12 +525,12 @@ class MirrorProgram(NamedTuple):
         self.close()
 
 
-def load_mirror(program, target_ifindex: int, identifier: str, to_ingress: bool = False) -> MirrorProgram:
+def load_mirror(program, target_ifindex: int, identifier: str, to_ingress: bool = False, ring: RingAction | None = None) -> MirrorProgram:
     """Translate and load: the program (named vtap_<identifier>) and its own counters map."""
     name = program_name(identifier)
     counters = bpfsys.create_percpu_array(name, 8 * len(COUNTERS))
     try:
-        code = translate(program, counters.fileno(), target_ifindex, to_ingress)
+        code = translate(program, counters.fileno(), target_ifindex, to_ingress, ring)
         prog = bpfsys.load_program(code, name)
     except BaseException:
         counters.close()

@@ -302,7 +302,7 @@ def test_pcap_target_records_exactly_the_matching_frames(tcx, tmp_path):
         with Client(driver="linux", state=os.path.join(lab.state_dir, "vtap.db"), netns=lab.netns, datapath="tcx") as vtap:
             vtap.create_session("web", to=f"pcap:{path}")
             vtap.add_flow("web", interface="src0", direction="in", filter="udp port 9")
-            assert len(pins(lab)) == 1 and "clsact" not in lab.qdiscs("src0")
+            assert [name.startswith("ring-") for name in pins(lab)] == [False, True] and "clsact" not in lab.qdiscs("src0")  # the mirror, the sink's BPF ring
             marker = new_marker()
             wanted = udp_frames(marker, 9, 5)
             lab.send("peer0", wanted + udp_frames(marker, 10, 3))
