@@ -335,13 +335,15 @@ class Client:
         # The session's own target bindings (a pcap sink) count what was lost for all its flows.
         capture_dropped = {name: sum(observed[b.key].counters.dropped for b in by_flow.get((name, None), []) if b.key in observed and observed[b.key].counters is not None) for name in sessions}
         target_text = {name: str(session.target) for name, session in sessions.items()}
+        # A session's own target objects (a tunnel device, a pcap sink) carry the copies of all its flows.
+        targets_trouble = {name: _target_trouble(by_flow.get((name, None), []), observed) for name in sessions}
         for flow in flows:
             session = sessions[flow.session]
-            row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed)
+            row = _flow_state(session, by_flow.get((flow.session, flow.name), []), observed, targets_trouble[flow.session])
             if flow.source.select is not None:
                 member_rows = [
                     {"vm": m.vm, "name": m.vm_name, "nic": m.nic, "host": m.host,
-                     **_flow_state(session, by_flow.get((flow.session, member_name(flow.name, m.vm, m.nic)), []), observed)}
+                     **_flow_state(session, by_flow.get((flow.session, member_name(flow.name, m.vm, m.nic)), []), observed, targets_trouble[flow.session])}
                     for m in members.get(flow.name, [])
                 ]
                 row = _sum_members(session, member_rows)
@@ -602,12 +604,26 @@ class Client:
 COUNTS = ("desired", "observed", "packets", "bytes", "dropped", "target_tx_dropped", "target_tx_errors")
 
 
-def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
-    """state, desired, observed, counters and target-side trouble of one flow's bindings."""
+def _target_trouble(bindings: list, observed: dict) -> list[str]:
+    """Why a session's own target objects do not carry copies now ([] when they do)."""
+    out = []
+    for binding in bindings:
+        seen = observed.get(binding.key)
+        name = binding.get("device") or binding.key
+        if seen is None or seen.spec != binding.spec:
+            out.append(f"target {name} is missing or not as planned (reconcile puts it right)")
+        elif seen.broken:
+            out.append(f"target {name}: {seen.broken}")
+    return out
+
+
+def _flow_state(session: TapSession, mine: list, observed: dict, target_trouble: list = ()) -> dict:
+    """state, desired, observed, counters and target-side trouble of one flow's bindings; target_trouble:
+    what is wrong with the session's own target objects (then the flow's copies reach nothing: not active)."""
     present, counters, packets, nbytes = 0, [], 0, 0  # one pass: 10,000 flows a status
     for binding in mine:
         seen = observed.get(binding.key)
-        if seen is not None and seen.spec == binding.spec:
+        if seen is not None and seen.spec == binding.spec and not seen.broken:
             present += 1
             if seen.counters is not None:
                 counters.append(seen.counters)
@@ -622,6 +638,8 @@ def _flow_state(session: TapSession, mine: list, observed: dict) -> dict:
     else:
         state = "partial" if present else "missing"
     dropped, target, trouble = _target_side(counters)
+    if state in ("active", "partial") and target_trouble:
+        state, trouble = "partial", [*target_trouble, *trouble]
     if state == "active" and target.cut:
         state = "degraded"  # active means delivered: some of these copies cannot be
     return {"state": state, "desired": len(mine), "observed": present, "packets": packets, "bytes": nbytes,

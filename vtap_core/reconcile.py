@@ -52,6 +52,8 @@ def diff(desired: list[Binding], observed: list[Binding], scope: str | None = No
         elif seen.spec != binding.spec:
             plan.remove.append(seen)
             plan.add.append(binding)
+        elif seen.broken:
+            plan.add.append(binding)  # apply mends it in place (replacing it would cut what points at it)
         else:
             plan.keep.append(seen)
     plan.remove.extend(b for key, b in found.items() if key not in wanted)

@@ -898,7 +898,8 @@ class TcDataplane:
                     out.append(self._unknown(mark, link["name"]))
                     continue
                 if not link["flags"] & IFF_UP:
-                    continue  # not working: apply brings it up
+                    out.append(replace(binding, broken="down (apply brings it up)"))
+                    continue
                 if kind == "vxlan":
                     actual = {"remote": link["vxlan"]["remote"], "port": link["vxlan"]["port"], "vni": link["vxlan"]["vni"]}
                     if binding.get("local") or link["vxlan"].get("local"):
@@ -910,7 +911,8 @@ class TcDataplane:
                         captures = running_captures(self.state_dir)
                     process = captures.get(binding.get("device"))
                     if process is None:
-                        continue  # the sink without its capture process: apply starts it
+                        out.append(replace(binding, broken="no capture process writes its copies to the file (apply starts one)"))
+                        continue
                     actual = {"path": process["path"], "snaplen": process["snaplen"], "max_size": process.get("max_size"), "max_files": process.get("max_files")}
                 if any(binding.get(name) != value for name, value in actual.items()) or (kind == "ifb" and not self._capture_reads_its_ring(binding.get("device"), process)):
                     binding = _drifted(binding, mark, **actual)

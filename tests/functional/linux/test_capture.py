@@ -315,3 +315,34 @@ def test_pcap_session_records_exactly_the_mirrored_frames_for_as_long_as_it_live
 
     # Nothing but the copies: no frame the sink sent of its own, none from the disabled time.
     assert read_frames(path) == [(f[:64], len(f)) for f in first + second]
+
+
+def test_a_sink_whose_capture_died_is_shown_mended_in_place_and_deleted_with_its_session(netns, state_dir, tmp_path):
+    # Before, observe skipped such a sink: status did not say why, and a delete left the ifb behind, unseen.
+    veth(netns, "src0", "peer0")
+    peer = packet_socket(netns, "peer0")
+    path = tmp_path / "web.pcapng"
+    with Client(driver="linux", state=str(tmp_path / "state" / "vtap.db"), netns=netns) as vtap:
+        vtap.create_session("web", to=f"pcap:{path}")
+        vtap.add_flow("web", interface="src0", direction="in")
+        sink_before = ip(netns, "-o", "link", "show", "type", "ifb")
+        for _ in range(2):
+            (pid,) = [c["pid"] for c in running_captures(str(tmp_path / "state")).values()]
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: not alive(pid))
+            (row,) = vtap.status()
+            assert row.state == "partial" and "no capture process" in row.problem
+            if sink_before is None:
+                break
+            plan = vtap.reconcile()  # the capture is started again; the sink and the mirror stay as they are
+            assert not plan.remove and [b.get("type") for b in plan.add] == ["capture"]
+            assert ip(netns, "-o", "link", "show", "type", "ifb") == sink_before
+            sent = frames(3, seed=21)
+            for frame in sent:
+                peer.send(frame)
+            assert wait_for(lambda: len(read_frames(path)) == len(sent))
+            assert vtap.status()[0].state == "active"
+            sink_before = None
+        vtap.delete_session("web")
+        assert vtap.driver.observe() == []
+    assert "vtap" not in ip(netns, "-o", "link", "show", "type", "ifb")
