@@ -55,3 +55,32 @@ def test_a_full_ring_counts_each_lost_frame_and_still_continues(ring_at, tmp_pat
     assert counters["packets"] + counters["clone_failures"] == len(sent)
     assert drain_to_file(reader, tmp_path / "full.pcapng") == [(frame, len(frame)) for frame in sent[: counters["packets"]]]
     reader.close()
+
+
+def test_a_kernel_without_act_bpf_refuses_the_filter_whole_and_dumps_no_action(ring_at, netns):
+    """Where act_bpf is missing (this machine's kernel: CONFIG_NET_ACT_BPF unset) the filter add fails with
+    ENOENT and leaves nothing behind: the case where a pcap mirror must stay on mirred."""
+    import errno
+    import subprocess
+
+    from vtap_drivers.linux.dataplane import CREATE, DUMP, RTM_GETACTION, RTM_NEWQDISC, RTM_NEWTFILTER
+    from vtap_drivers.linux.nlsock import RtnlSocket
+
+    subprocess.run(["ip", "-n", netns, "link", "add", "src0", "type", "veth", "peer", "name", "peer0"], check=True)
+    src0 = int(subprocess.run(["ip", "-n", netns, "-o", "link", "show", "src0"], capture_output=True, text=True, check=True).stdout.split(":")[0])
+    nl = RtnlSocket(netns)
+    reader = bpfring.RingReader(ring_at())
+    try:
+        assert nl.requests([(tcnl.qdisc_request(src0), RTM_NEWQDISC, CREATE)]) == [None]
+        with load(reader) as action:
+            request = actring.filter_request(src0, "ingress", 1, actring.MATCH_ALL, action.prog, b"m" * 16, handle=7)
+            (failure,) = nl.requests([(request, RTM_NEWTFILTER, CREATE)])
+        if failure is None:
+            pytest.skip("this kernel has act_bpf: the lane's tests/kernel/test_act_ring.py runs it")
+        assert failure.code == errno.ENOENT and "action module" in failure.text
+        shown = subprocess.run(["tc", "-n", netns, "filter", "show", "dev", "src0", "ingress"], capture_output=True, text=True, check=True).stdout
+        assert shown.strip() == ""
+        assert [a for reply in nl.dump(actring.dump_request(), RTM_GETACTION, DUMP) for a in actring.read_actions(*reply)] == []
+    finally:
+        reader.close()
+        nl.close()
