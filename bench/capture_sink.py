@@ -16,6 +16,7 @@ variant, so only the path from the source to the reader's ring differs:
   da-ring         no clone, no act_bpf (kernels built without it): cls_bpf in direct-action mode running
                   tcxprog's ring-writing program (it returns TC_ACT_UNSPEC: later filters still run), same reader
   tcx-ring        the same program on src0's tcx ingress hook (datapath=tcx's pcap path), same reader
+  da-noop         a direct-action cls_bpf whose program matches nothing: what the tc hook alone costs
 
 Per variant: the traffic's frames/s through src0 and its ratio to no-tap, and
 the reader's completeness (frames in its file / frames through src0). The
@@ -41,8 +42,9 @@ import benchlib
 from capture import CAPTURE_CPU, Lab
 
 MATCH_ALL = "1,6 0 0 262144,"  # cBPF: accept the whole frame
-DROP_ALL = "1,6 0 0 2,"  # cBPF in direct-action mode: TC_ACT_SHOT
-VARIANTS = ("no-tap", "egress-sink", "egress-read", "ingress-sink", "ingress-read", "direct-read", "act-bpf-ring", "da-ring", "tcx-ring")
+DROP_ALL = "1,6 0 0 2,"
+NO_MATCH = ((0x80, 0, 0, 0), (0x15, 0, 1, 0xFFFFFFFF), (0x06, 0, 0, 262144), (0x06, 0, 0, 0))  # len == 2^32-1: never (and not dead code to the verifier)  # cBPF in direct-action mode: TC_ACT_SHOT
+VARIANTS = ("no-tap", "egress-sink", "egress-read", "ingress-sink", "ingress-read", "direct-read", "act-bpf-ring", "da-ring", "tcx-ring", "da-noop")
 RING_READER = """
 import signal, sys, time
 from vtap_drivers.linux import bpfring
@@ -86,8 +88,9 @@ def set_variant(lab: Lab, variant: str) -> None:
     elif variant == "act-bpf-ring":
         # nsenter, not tc -n: that remounts /sys, and the pins are in the bpffs under it
         benchlib.run("nsenter", f"--net=/run/netns/{lab.b}", "tc", "filter", "add", "dev", "src0", "ingress", "bpf", "bytecode", MATCH_ALL, "action", "bpf", "object-pinned", os.path.join(lab.pins, "prog"))
-    elif variant == "da-ring":
-        benchlib.run("nsenter", f"--net=/run/netns/{lab.b}", "tc", "filter", "add", "dev", "src0", "ingress", "bpf", "da", "object-pinned", os.path.join(lab.pins, "cls"))
+    elif variant in ("da-ring", "da-noop"):
+        pin = os.path.join(lab.pins, "cls" if variant == "da-ring" else "noop")
+        benchlib.run("nsenter", f"--net=/run/netns/{lab.b}", "tc", "filter", "add", "dev", "src0", "ingress", "bpf", "da", "object-pinned", pin)
 
 
 def pin_ring_action(lab: Lab) -> None:
@@ -101,6 +104,8 @@ def pin_ring_action(lab: Lab) -> None:
     with bpfsys.get_pinned(os.path.join(lab.pins, "ring")) as ring:
         with tcxprog.load_mirror(actring.MATCH_ALL, 0, "bench", ring=tcxprog.RingAction(ring.fileno(), None, bpfring.DIRECTION_IN)) as cls:
             bpfsys.pin(cls.prog, os.path.join(lab.pins, "cls"))
+        with tcxprog.load_mirror(NO_MATCH, 0, "noop", ring=tcxprog.RingAction(ring.fileno(), None, bpfring.DIRECTION_IN)) as noop:
+            bpfsys.pin(noop.prog, os.path.join(lab.pins, "noop"))
         with actring.load(ring, None, bpfring.DIRECTION_IN) as action:
             bpfsys.pin(action.prog, os.path.join(lab.pins, "prog"))
     probe = benchlib.run("nsenter", f"--net=/run/netns/{lab.b}", "tc", "actions", "add", "action", "bpf", "object-pinned", os.path.join(lab.pins, "prog"), "index", "77", check=False)
