@@ -14,7 +14,8 @@ import statistics
 import subprocess
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# VTAP_BENCH_RESULTS: elsewhere (capture_sink_lane.py's guest sees the checkout read-only)
+RESULTS = os.environ.get("VTAP_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def run(*command, check=True, **kwargs) -> subprocess.CompletedProcess:

@@ -30,6 +30,7 @@ PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 13, 14, 15
 LINK_CREATE, LINK_GET_FD_BY_ID, LINK_DETACH = 28, 30, 34
 
 PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_SCHED_ACT = 4  # tc action "bpf" (act_bpf)
 MAP_TYPE_PERCPU_ARRAY = 6
 TCX_INGRESS, TCX_EGRESS = 46, 47  # enum bpf_attach_type, Linux 6.6+
 TCX_HOOKS = {"ingress": TCX_INGRESS, "egress": TCX_EGRESS}
@@ -100,30 +101,30 @@ def _address(buffer) -> int:
 LOAD_ATTEMPTS = 5
 
 
-def load_program(instructions: bytes, name: str, license: str = "Apache-2.0") -> BpfFd:
-    """Load a SCHED_CLS program; the verifier's log is in the OSError when it refuses.
+def load_program(instructions: bytes, name: str, license: str = "Apache-2.0", prog_type: int = PROG_TYPE_SCHED_CLS) -> BpfFd:
+    """Load a SCHED_CLS (or prog_type) program; the verifier's log is in the OSError when it refuses.
 
     Loaded without a log first (as libbpf does): a log buffer makes every load about 5x
     slower (bench/results/tcx_attach.txt), and only a refusal needs one, so a refused
     program is loaded once more with the log to say why.
     """
     try:
-        return BpfFd(_load(instructions, name, license, None))
+        return BpfFd(_load(instructions, name, license, None, prog_type))
     except OSError as error:
         log = ctypes.create_string_buffer(LOG_SIZE)
         try:
-            return BpfFd(_load(instructions, name, license, log))
+            return BpfFd(_load(instructions, name, license, log, prog_type))
         except OSError:
             verifier = log.value.decode(errors="replace").strip()
             raise OSError(error.errno, f"program load refused: {os.strerror(error.errno)}" + (f"; verifier: {verifier[-3000:]}" if verifier else "")) from None
 
 
-def _load(instructions: bytes, name: str, license: str, log) -> int:
+def _load(instructions: bytes, name: str, license: str, log, prog_type: int = PROG_TYPE_SCHED_CLS) -> int:
     insns = ctypes.create_string_buffer(instructions, len(instructions))
     license_text = ctypes.create_string_buffer(license.encode())
     level, size, address = (1, len(log), _address(log)) if log is not None else (0, 0, 0)
     attr = struct.pack(
-        "=IIQQIIQII16s", PROG_TYPE_SCHED_CLS, len(instructions) // 8, _address(insns), _address(license_text),
+        "=IIQQIIQII16s", prog_type, len(instructions) // 8, _address(insns), _address(license_text),
         level, size, address, 0, 0, _object_name(name),
     )
     for attempt in range(LOAD_ATTEMPTS):
