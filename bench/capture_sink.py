@@ -11,7 +11,7 @@ variant, so only the path from the source to the reader's ring differs:
   ingress-sink    mirred ingress mirror to an ifb whose own ingress drops everything (cls_bpf da, after the taps)
   ingress-read    the same, tcpdump -Q in on the ifb
   direct-read     no mirror: tcpdump -Q in on src0 itself (a packet socket on the source, as tcpdump -i does)
-  act-bpf-ring    no clone: the filter's action is act_bpf (drivers/linux/actring.py) writing each frame into a
+  act-bpf-ring    no clone: the filter's action is act_bpf (bench/actring.py) writing each frame into a
                   BPF ring buffer, read by bpfring.RingReader in a process of its own (on CPU 0, writing the file)
   da-ring         no clone, no act_bpf (kernels built without it): cls_bpf in direct-action mode running
                   tcxprog's ring-writing program (it returns TC_ACT_UNSPEC: later filters still run), same reader
@@ -95,7 +95,8 @@ def set_variant(lab: Lab, variant: str) -> None:
 
 def pin_ring_action(lab: Lab) -> None:
     """The ring and the programs writing into it (act_bpf's, cls_bpf's), pinned where tc and the reader find them."""
-    from vtap_drivers.linux import actring, bpfring, bpfsys, tcxprog
+    import actring
+    from vtap_drivers.linux import bpfring, bpfsys, tcxprog
 
     bpfsys.ensure_bpffs()
     lab.pins = f"/sys/fs/bpf/vtapbsink{os.getpid()}"
