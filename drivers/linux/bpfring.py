@@ -33,7 +33,9 @@ positions need; but each must be ONE 8-byte access. With the consumer position
 stored through struct.pack_into("=Q") (a standard-size packer, not promised to
 be one store) the kernel refused ~1 in 100,000 reserves with the ring nearly
 empty; stored through ctypes, none (test_tcx_ring.py). So the positions are
-read through a "Q" memoryview and written through ctypes.
+read through a "Q" memoryview and written through ctypes. Elsewhere (arm64, ...)
+plain accesses order nothing, and Python has no barrier to add: sinks get no
+ring there (usable_here), and their mirrors clone as on datapath=tc.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import ctypes
 import errno
 import mmap
 import os
+import platform
 import select
 import socket
 import struct
@@ -62,6 +65,11 @@ HEAD = struct.Struct("<I4xQIIIIII")  # the kernel's length word (pg_off skipped)
 DIRECTION_IN, DIRECTION_OUT, VLAN_PRESENT = 1, 2, 1 << 4
 PREFIX = "ring-"
 LARGE = 2048  # as sinkblock.py: a frame this long is written from the mapping, not copied first
+
+
+def usable_here() -> bool:
+    """Whether this machine's plain loads and stores order the ring's positions (x86's TSO does)."""
+    return platform.machine() in ("x86_64", "i386", "i686")
 
 
 def ring_bytes() -> int:

@@ -402,7 +402,7 @@ class TcDataplane:
             binding = self.mirror(*args, vm=vm, guard=guard) if self.datapath == "tcx" else None
             if binding is None or binding.get("datapath") != "tcx":  # the device's qdiscs matter to cls_bpf only
                 binding = self.mirror(*args, vm=vm, guard=guard, parent=self.placement(device, hook))
-            elif session.target.kind == "pcap":  # no clone: the frame goes into the sink's BPF ring
+            elif session.target.kind == "pcap" and self._sinks_have_rings():  # no clone: the frame goes into the sink's BPF ring
                 binding = replace(binding, spec=binding.spec + (("sink", "ring"), ("snaplen", session.snaplen)))
             out.append(binding)
         return out
@@ -834,14 +834,18 @@ class TcDataplane:
                 out.append(binding)
         return out
 
-    def _sink_ring(self, device: str) -> str | None:
-        """Where a pcap sink's BPF ring buffer is pinned, when this dataplane gives its sinks one (datapath=tcx
-        on a kernel with tcx, pins that outlive the process); else None."""
+    def _sinks_have_rings(self) -> bool:
+        """Whether pcap sinks get a BPF ring here: datapath=tcx on a kernel with tcx, pins that outlive
+        the process, and a machine whose plain accesses order the ring's positions (bpfring.usable_here)."""
         from vtap_drivers.linux import bpfring, tcxmirror
 
-        if self.datapath != "tcx" or not tcxmirror.kernel_has_tcx() or not tcxmirror.pins_outlive_the_process():
-            return None
-        return bpfring.ring_path(tcxmirror.pin_dir(self.netns), device)
+        return self.datapath == "tcx" and tcxmirror.kernel_has_tcx() and tcxmirror.pins_outlive_the_process() and bpfring.usable_here()
+
+    def _sink_ring(self, device: str) -> str | None:
+        """Where a pcap sink's BPF ring buffer is pinned, when sinks get one; else None."""
+        from vtap_drivers.linux import bpfring, tcxmirror
+
+        return bpfring.ring_path(tcxmirror.pin_dir(self.netns), device) if self._sinks_have_rings() else None
 
     def _writes_to_sink_ring(self, pin, sink: str, rings: dict) -> bool:
         """Whether a ring-writing mirror's program holds the ring pinned for its sink now (rings: id by sink, cached)."""

@@ -201,3 +201,22 @@ def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_cop
         assert sorted(read_frames(path)) == sorted((f, len(f)) for f in first + second)
         vtap.delete_session("again")
     assert pins(lab) == [] and running_captures(lab.state_dir) == {}
+
+
+def test_where_plain_accesses_order_nothing_sinks_get_no_ring_and_the_mirrors_clone(tcx_lab, tmp_path, monkeypatch):
+    # The reader's positions rely on x86's ordering (bpfring.py): elsewhere the frames take the clone path.
+    monkeypatch.setattr(bpfring.platform, "machine", lambda: "aarch64")
+    lab, path = tcx_lab, tmp_path / "web.pcapng"
+    marker = new_marker()
+    with client(lab) as vtap:
+        vtap.create_session("web", to=f"pcap:{path}")
+        vtap.add_flow("web", interface="src0", direction="in")
+        sink = sink_of(lab)
+        assert not any(name.startswith(bpfring.PREFIX) for name in pins(lab)) and len(mirror_pins(lab)) == 1
+        sent = [frame(marker, size) for size in (60, 500)]
+        lab.send("peer0", sent)
+        assert wait_for(lambda: len(read_frames(path)) == len(sent))
+        assert sink_packets(lab, sink) == 2 * len(sent)  # cloned to the sink, as on datapath=tc (the ifb counts a copy as tx and rx)
+        assert {row.state for row in vtap.status()} == {"active"}
+        vtap.delete_session("web")
+    assert pins(lab) == []
