@@ -385,16 +385,18 @@ def _alu(asm: _Asm, code: int, k: int) -> None:
     asm(ALU32_K | op, A, imm=k)
 
 
-def _on_match(asm: _Asm, map_fd: int, ifindex: int, flags: int) -> None:
-    """Count the packet (packets, bytes), clone it, count a failed clone; then TCX_NEXT."""
-    asm.label("match")
+def _counters_entry(asm: _Asm, map_fd: int) -> None:
+    """COUNTER_VALUE = the counters map's one entry (NULL if the lookup failed: then nothing is counted)."""
     asm(ST_W, FP, off=MAP_KEY, imm=0)
     asm(LD_IMM64, R1, PSEUDO_MAP_FD, imm=map_fd)
     asm(MOV64_X, R2, FP)
     asm(ALU64_K | ADD, R2, imm=MAP_KEY)
     asm(CALL, imm=MAP_LOOKUP_ELEM)
     asm(MOV64_X, COUNTER_VALUE, R0)
-    asm(JEQ_K, COUNTER_VALUE, off="clone", imm=0)
+
+
+def _count_packet(asm: _Asm) -> None:
+    """packets += 1, bytes += skb->len (COUNTER_VALUE is not NULL here)."""
     asm(LDX_DW, R1, COUNTER_VALUE, 0)
     asm(ALU64_K | ADD, R1, imm=1)
     asm(STX_DW, COUNTER_VALUE, R1, 0)
@@ -402,12 +404,10 @@ def _on_match(asm: _Asm, map_fd: int, ifindex: int, flags: int) -> None:
     asm(LDX_DW, R1, COUNTER_VALUE, 8)
     asm(ALU64_X | ADD, R1, R2)
     asm(STX_DW, COUNTER_VALUE, R1, 8)
-    asm.label("clone")
-    asm(MOV64_X, R1, CTX)
-    asm(MOV32_K, R2, imm=ifindex)
-    asm(MOV64_K, R3, imm=flags)
-    asm(CALL, imm=CLONE_REDIRECT)
-    asm(JEQ_K, R0, off="nomatch", imm=0)
+
+
+def _count_failure_and_leave(asm: _Asm) -> None:
+    """The third counter += 1 (a clone or ring write that failed), then "nomatch": TCX_NEXT."""
     asm(JEQ_K, COUNTER_VALUE, off="nomatch", imm=0)
     asm(LDX_DW, R1, COUNTER_VALUE, 16)
     asm(ALU64_K | ADD, R1, imm=1)
@@ -415,6 +415,21 @@ def _on_match(asm: _Asm, map_fd: int, ifindex: int, flags: int) -> None:
     asm.label("nomatch")  # also the way out after a match
     asm(MOV64_K, R0, imm=TCX_NEXT)
     asm(EXIT)
+
+
+def _on_match(asm: _Asm, map_fd: int, ifindex: int, flags: int) -> None:
+    """Count the packet (packets, bytes), clone it, count a failed clone; then TCX_NEXT."""
+    asm.label("match")
+    _counters_entry(asm, map_fd)
+    asm(JEQ_K, COUNTER_VALUE, off="clone", imm=0)
+    _count_packet(asm)
+    asm.label("clone")
+    asm(MOV64_X, R1, CTX)
+    asm(MOV32_K, R2, imm=ifindex)
+    asm(MOV64_K, R3, imm=flags)
+    asm(CALL, imm=CLONE_REDIRECT)
+    asm(JEQ_K, R0, off="nomatch", imm=0)
+    _count_failure_and_leave(asm)
 
 
 RECORD_HEAD = 32  # bpfring.RECORD_HEAD: time, length, captured, ifindex, vlan tci, vlan proto, flags
@@ -430,12 +445,7 @@ def _on_match_ring(asm: _Asm, map_fd: int, ring: RingAction) -> None:
     everything before this record, so a reader that is behind costs no irq_work per frame."""
     classes = ring_size_classes(ring.snaplen)
     asm.label("match")
-    asm(ST_W, FP, off=MAP_KEY, imm=0)
-    asm(LD_IMM64, R1, PSEUDO_MAP_FD, imm=map_fd)
-    asm(MOV64_X, R2, FP)
-    asm(ALU64_K | ADD, R2, imm=MAP_KEY)
-    asm(CALL, imm=MAP_LOOKUP_ELEM)
-    asm(MOV64_X, COUNTER_VALUE, R0)
+    _counters_entry(asm, map_fd)
     asm(LDX_W, CAPTURED, CTX, SKB_LEN)
     asm(JLE_K, CAPTURED, off="ring_sized", imm=classes[-1])
     asm(MOV64_K, CAPTURED, imm=classes[-1])
@@ -476,26 +486,14 @@ def _on_match_ring(asm: _Asm, map_fd: int, ring: RingAction) -> None:
     asm(MOV64_K, R2, imm=0)
     asm(CALL, imm=RINGBUF_SUBMIT)
     asm(JEQ_K, COUNTER_VALUE, off="nomatch", imm=0)
-    asm(LDX_DW, R1, COUNTER_VALUE, 0)
-    asm(ALU64_K | ADD, R1, imm=1)
-    asm(STX_DW, COUNTER_VALUE, R1, 0)
-    asm(LDX_W, R2, CTX, SKB_LEN)
-    asm(LDX_DW, R1, COUNTER_VALUE, 8)
-    asm(ALU64_X | ADD, R1, R2)
-    asm(STX_DW, COUNTER_VALUE, R1, 8)
+    _count_packet(asm)
     asm(JA, off="nomatch")
     asm.label("ring_discard")
     asm(MOV64_X, R1, RECORD)
     asm(MOV64_K, R2, imm=0)
     asm(CALL, imm=RINGBUF_DISCARD)
     asm.label("ring_full")
-    asm(JEQ_K, COUNTER_VALUE, off="nomatch", imm=0)
-    asm(LDX_DW, R1, COUNTER_VALUE, 16)
-    asm(ALU64_K | ADD, R1, imm=1)
-    asm(STX_DW, COUNTER_VALUE, R1, 16)
-    asm.label("nomatch")  # also the way out after a match
-    asm(MOV64_K, R0, imm=TCX_NEXT)
-    asm(EXIT)
+    _count_failure_and_leave(asm)
 
 
 def program_name(identifier: str) -> str:
