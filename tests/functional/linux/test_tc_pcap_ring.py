@@ -216,3 +216,61 @@ def test_killed_mid_apply_the_next_reconcile_finds_and_removes_everything(tc_lab
     assert driver.observe() == []
     assert lab.filter_handles("src0", "ingress") == [] and pins(lab) == [] and running_captures(lab.state_dir) == {}
     assert lab.ip("-o", "link", "show", "type", "ifb").stdout == ""
+
+
+def test_ring_writers_go_where_the_classic_filters_would_an_ingress_qdisc_and_an_htb_root(tc_lab, tmp_path):
+    """Someone's ingress qdisc (police filter at prio 50) and htb root, as Proxmox rate= puts them: the
+    ingress ring writer sits on their ingress qdisc, the egress one on the htb root (parent 1:), and
+    their shaping still carries every frame (the writer's verdict is TC_ACT_UNSPEC: classification goes on)."""
+    from test_tc_hooks import pve_rate_limit
+
+    lab, path = tc_lab, tmp_path / "pve.pcapng"
+    pve_rate_limit(lab, "src0", "htb")
+    marker = new_marker()
+    inbound = [frame(marker, 80 + i) for i in range(3)]
+    outbound = [frame(marker, 90 + i, src=b"\x02\x00\x00\x00\x00\x09") for i in range(4)]
+    driver = lab.driver()
+    session = TapSession("pve", f"pcap:{path}")
+    flows = [TapFlow("f", "pve", Source(interface="src0"), "both")]
+    plan = reconcile.reconcile(driver, [session], flows)
+    assert sorted(b.get("parent") or "" for b in plan.add if b.get("type") == "mirror") == ["", "1:"]
+    assert all(b.get("sink") == "ring" for b in plan.add if b.get("type") == "mirror")
+    assert "direct-action" in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
+    assert "direct-action" in lab.tc("filter", "show", "dev", "src0", "parent", "1:").stdout
+    lab.send("peer0", inbound)
+    lab.send("src0", outbound)
+    assert wait_for(lambda: len(read_frames(path)) == len(inbound) + len(outbound))
+    assert sorted(read_frames(path)) == sorted((f, len(f)) for f in inbound + outbound)
+    assert " 0 pkt" not in lab.tc("-s", "class", "show", "dev", "src0").stdout  # htb still classified what src0 sent
+    assert reconcile.reconcile(driver, [session], flows).empty  # read back as planned
+    reconcile.reconcile(driver, [], [])
+    assert "bpf" not in lab.tc("filter", "show", "dev", "src0", "parent", "1:").stdout
+    assert "bpf" not in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
+    assert "pref 50 u32" in lab.tc("filter", "show", "dev", "src0", "parent", "ffff:").stdout
+    assert pins(lab) == []
+
+
+def test_on_a_kernel_without_bpf_ring_buffers_pcap_mirrors_clone_as_before(tc_lab, tmp_path, monkeypatch):
+    """Linux < 5.8 refuses BPF_MAP_TYPE_RINGBUF (EINVAL): the probe's map create is made to fail so."""
+    from vtap_drivers.linux import ringfilter
+
+    def refused(*args, **kwargs):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(bpfring, "create", refused)
+    monkeypatch.setattr(ringfilter, "_ringbuf", [])
+    lab, path = tc_lab, tmp_path / "old.pcapng"
+    marker = new_marker()
+    with client(lab) as vtap:
+        vtap.create_session("old", to=f"pcap:{path}")
+        vtap.add_flow("old", interface="src0", direction="in")
+        sink = sink_of(lab)
+        assert pins(lab) == [] and ring_filters(lab, "src0", "ingress") == []
+        assert "mirred" in lab.tc("filter", "show", "dev", "src0", "ingress").stdout
+        sent = [frame(marker, size) for size in (60, 500)]
+        lab.send("peer0", sent)
+        assert wait_for(lambda: len(read_frames(path)) == len(sent))
+        assert sink_packets(lab, sink) >= len(sent)  # cloned to the sink (the ring path leaves it at 0)
+        assert {row.state for row in vtap.status()} == {"active"}
+        vtap.delete_session("old")
+    assert lab.filter_handles("src0", "ingress") == []
