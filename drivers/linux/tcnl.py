@@ -5,7 +5,9 @@ then type-length-value attributes): classic ops are an array of struct
 sock_filter {u16 code; u8 jt; u8 jf; u32 k} with their count in
 TCA_BPF_OPS_LEN (u16), which pyroute2's tcmsg plugin declares as a uint32,
 and pyroute2's action map stops before TCA_ACT_COOKIE, where vtap keeps its
-mark. Packing by hand is also what keeps a thousand filters fast.
+mark. Packing by hand is also what keeps a thousand filters fast. The other shape, a pcap
+mirror's ring writer on datapath=tc (ringfilter.py), is a direct-action cls_bpf filter
+running an eBPF program; having no action, it carries the mark in its name ("vtap:" + hex).
 
 Replies are read by nlsock's attribute walker (read_* below): only the few
 attributes vtap needs are decoded.
