@@ -64,6 +64,7 @@ RECORD_HEAD = struct.Struct("<QIIIIII")  # the program's header: see the module 
 HEAD = struct.Struct("<I4xQIIIIII")  # the kernel's length word (pg_off skipped) + RECORD_HEAD
 DIRECTION_IN, DIRECTION_OUT, VLAN_PRESENT = 1, 2, 1 << 4
 PREFIX = "ring-"
+WRITER_PREFIX = "prog-"  # a datapath=tc ring writer's program, pinned as prog-<mark hex> (ringfilter.py)
 LARGE = 2048  # as sinkblock.py: a frame this long is written from the mapping, not copied first
 
 
@@ -142,9 +143,11 @@ def pinned_id(path: str) -> int | None:
 
 
 def program_maps(link_path: str) -> tuple:
-    """The map ids the program of a pinned tcx link uses (a ring-writing mirror: its counters and its ring)."""
+    """The map ids the program of a pinned tcx link (or pinned ring writer) uses (a ring-writing mirror: its counters and its ring)."""
     try:
         with bpfsys.get_pinned(link_path) as link:
+            if os.path.basename(link_path).startswith(WRITER_PREFIX):  # a program (datapath=tc), not a tcx link
+                return bpfsys.prog_info(link).map_ids
             prog_id = bpfsys.link_info(link).prog_id
         with bpfsys.prog_by_id(prog_id) as prog:
             return bpfsys.prog_info(prog).map_ids

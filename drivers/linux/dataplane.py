@@ -20,6 +20,8 @@ any qdisc, so someone else's ingress/root qdiscs (placement() below) matter only
 falls back to cls_bpf. A tcx mirror to a pcap sink (spec ("sink", "ring")) clones nothing: it writes
 each frame into the sink's BPF ring buffer (bpfring.py), pinned beside the mirrors when the sink is
 applied and read by the capture process with the sink's AF_PACKET ring. The rest stays as below.
+On datapath=tc a mirror to such a sink is a direct-action cls_bpf filter running that same ring
+writer, named "vtap:<mark hex>" instead of a cookie (ringfilter.py); same place, prio and handle.
 
 Someone else's `ingress` qdisc (Proxmox rate=, libvirt <bandwidth>) sits where
 clsact would and answers for both clsact parents: the ingress hook uses it, an
@@ -105,7 +107,7 @@ import os
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -402,6 +404,9 @@ class TcDataplane:
             binding = self.mirror(*args, vm=vm, guard=guard) if self.datapath == "tcx" else None
             if binding is None or binding.get("datapath") != "tcx":  # the device's qdiscs matter to cls_bpf only
                 binding = self.mirror(*args, vm=vm, guard=guard, parent=self.placement(device, hook))
+                if self.datapath == "tc" and session.target.kind == "pcap" and self._writes_ring_on_tc(binding, session.snaplen):
+                    # no clone: a direct-action cls_bpf filter writes the frame into the sink's BPF ring (ringfilter.py)
+                    binding = replace(binding, spec=binding.spec + (("sink", "ring"), ("snaplen", session.snaplen)))
             elif session.target.kind == "pcap" and self._sinks_have_rings():  # no clone: the frame goes into the sink's BPF ring
                 binding = replace(binding, spec=binding.spec + (("sink", "ring"), ("snaplen", session.snaplen)))
             out.append(binding)
@@ -772,10 +777,19 @@ class TcDataplane:
             in_place = self._mirrors_in_place(mirrors, hook_kinds)
             used = {ifindex for ifindex, *_ in in_place}
             actions = self._mirred_actions()  # after the filter dumps: each filter they showed has its action listed
+            ring_programs, ring_ids, writers = None, {}, []
             for ifindex, hook, parent, mark, entry in in_place:
                 action = actions.get(mark)
                 if action is None:
-                    continue  # deleted since the filter dump
+                    if not _writes_ring(entry):
+                        continue  # deleted since the filter dump
+                    if ring_programs is None:  # a dump of each hook holding a ring writer: their program ids
+                        ring_programs = self._ring_programs(in_place, actions)
+                    binding = self._observe_ring_writer(ifindex, hook, parent, mark, entry, ring_programs.get(mark), link_of, name_of, hook_kinds, ring_ids)
+                    if binding is not None:
+                        out.append(binding)
+                        writers.append(binding)
+                    continue
                 to_index, packets, nbytes, refused = action
                 # At ingress the kernel counts from the network header; count whole frames.
                 nbytes += ETH_HLEN * packets if hook == "ingress" and parent is None else 0
@@ -792,11 +806,52 @@ class TcDataplane:
                 out.append(binding)
             known = catalog.bindings
             out.extend(self._unknown(mark) for mark in actions if mark.hex() not in known)
+            out.extend(self._unknown(mark) for mark in self._pinned_ring_writers(catalog) if mark.hex() not in known and mark not in actions)
             on_tcx = self._observe_tcx(catalog, vm, link_of, name_of, healths, underlays)
             out.extend(on_tcx)
-            out.extend(_with_ring_drops(self._observe_devices(catalog, every_link), on_tcx))
+            out.extend(_with_ring_drops(self._observe_devices(catalog, every_link), on_tcx + writers))
             out.extend(self._unused_clsacts(catalog, used, None if vm is None else {ifindex for ifindex, _ in hooks}, kinds))
             return out
+
+    def _pinned_ring_writers(self, catalog) -> list[bytes]:
+        """Marks of the datapath=tc ring writers pinned for this store (one listdir): how orphans are found."""
+        from vtap_drivers.linux import ringfilter, tcxmirror
+
+        return ringfilter.pinned_marks(tcxmirror.pin_dir(self.netns), catalog.owns)
+
+    def _ring_programs(self, in_place: list, actions: dict) -> dict[bytes, int]:
+        """{mark: program id} of the datapath=tc ring writers (direct-action cls_bpf: no action) on the hooks holding one."""
+        places = {(ifindex, hook, parent) for ifindex, hook, parent, mark, entry in in_place if mark not in actions and _writes_ring(entry)}
+        found = {}
+        for ifindex, hook, parent in places:
+            for reply in self._filter_dump(ifindex, hook, parent):
+                ring = tcnl.read_ring_filter(*reply)
+                if ring is not None:
+                    found[ring[0]] = ring[1]
+        return found
+
+    def _observe_ring_writer(self, ifindex, hook, parent, mark, entry, prog_id, link_of, name_of, hook_kinds, ring_ids) -> Binding | None:
+        """A datapath=tc ring writer: counters from its program; drifted when it writes into another ring
+        than its sink's pinned one (the copies reach no file) or its device was renamed or its hook moved."""
+        from vtap_drivers.linux import bpfring, ringfilter
+
+        program = ringfilter.read(prog_id) if prog_id else None
+        if program is None:
+            return None  # deleted since the filter dump
+        sink = dict(entry["spec"]).get("to")
+        if sink not in ring_ids:
+            path = self._sink_ring(sink)
+            ring_ids[sink] = bpfring.pinned_id(path) if path else None
+        to_name = sink if ring_ids[sink] is not None and ring_ids[sink] in program.maps[1:] else ""
+        sink_link = self._link(name=sink) if to_name else None
+        health = self._target_health(link_of(ifindex), sink_link, {})
+        figures = program.counters
+        binding = binding_of(entry, Counters(figures["packets"], figures["bytes"], figures["clone_failures"], health))
+        moved = hook == "egress" and parent is None and hook_kinds().get(ifindex) != "clsact"
+        device_name = name_of(ifindex) or ""
+        if moved or to_name != sink or binding.get("device") != device_name:
+            binding = _drifted(binding, mark, to=to_name, device=device_name, **({"hook": "ingress"} if moved else {}))
+        return binding
 
     def _observe_tcx(self, catalog, vm, link_of, name_of, healths, underlays) -> list[Binding]:
         """vtap's tcx mirrors, from their pins: as planned, or drifted (device renamed, target
@@ -835,11 +890,25 @@ class TcDataplane:
         return out
 
     def _sinks_have_rings(self) -> bool:
-        """Whether pcap sinks get a BPF ring here: datapath=tcx on a kernel with tcx, pins that outlive
-        the process, and a machine whose plain accesses order the ring's positions (bpfring.usable_here)."""
-        from vtap_drivers.linux import bpfring, tcxmirror
+        """Whether pcap sinks get a BPF ring here: pins that outlive the process, a machine whose plain
+        accesses order the ring's positions (bpfring.usable_here), and datapath=tcx on a kernel with tcx,
+        or datapath=tc on one with BPF ring buffers (direct-action cls_bpf ring writers, ringfilter.py)."""
+        from vtap_drivers.linux import bpfring, ringfilter, tcxmirror
 
-        return self.datapath == "tcx" and tcxmirror.kernel_has_tcx() and tcxmirror.pins_outlive_the_process() and bpfring.usable_here()
+        if not (tcxmirror.pins_outlive_the_process() and bpfring.usable_here()):
+            return False
+        return tcxmirror.kernel_has_tcx() if self.datapath == "tcx" else ringfilter.kernel_has_ringbuf()
+
+    def _writes_ring_on_tc(self, binding: Binding, snaplen: int | None) -> bool:
+        """Whether a datapath=tc mirror to a pcap sink is a ring writer (translatable, sinks have rings)."""
+        from vtap_drivers.linux import ringfilter
+
+        if not self._sinks_have_rings():
+            return False
+        asked = ("ring", snaplen) + tuple(map(tuple, self._program(binding)))
+        if asked not in self._tcx_refusals:
+            self._tcx_refusals[asked] = None if ringfilter.translates(self._program(binding), snaplen) else "untranslatable"
+        return self._tcx_refusals[asked] is None
 
     def _sink_ring(self, device: str) -> str | None:
         """Where a pcap sink's BPF ring buffer is pinned, when sinks get one; else None."""
@@ -1099,9 +1168,13 @@ class TcDataplane:
                         self._check_placement(binding, {"hook": hook_qdisc, "root": self._qdisc_at(indexes[device], tcnl.TC_H_ROOT)})
             else:
                 raise OperationFailed(f"interface {device}: cannot add a clsact qdisc: {failure}")
+        with ExitStack() as loaded:  # ring writers' programs stay open until the kernel has its filters
+            self._add_filters(bindings, indexes, fresh, catalog, done, loaded)
+
+    def _add_filters(self, bindings: list[Binding], indexes: dict, fresh: set, catalog: Catalog, done: list, loaded: ExitStack) -> None:
         present: dict[tuple, set] = {}
         prios: dict[tuple, int] = {}
-        requests, pending = [], []
+        requests, pending, writers = [], [], {}
         for binding in bindings:
             device, hook, parent = binding.get("device"), binding.get("hook"), binding.get("parent")
             place = (device, hook, parent)
@@ -1114,7 +1187,11 @@ class TcDataplane:
                 continue
             present[place].add(mark)
             program = self._program(binding)
-            request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent), handle=tcnl.handle_for(mark))
+            if binding.get("sink") == "ring":  # direct-action cls_bpf writing into the sink's ring (ringfilter.py)
+                writers[mark] = self._load_ring_writer(binding, mark, loaded)
+                request = tcnl.ring_filter_request(indexes[device], hook, prios[place], writers[mark].fileno(), mark, parent=_parent_number(parent), handle=tcnl.handle_for(mark))
+            else:
+                request = tcnl.mirror_filter_request(indexes[device], hook, prios[place], program, indexes[binding.get("to")], mark, parent=_parent_number(parent), handle=tcnl.handle_for(mark))
             requests.append((request, RTM_NEWTFILTER, CREATE))
             pending.append(binding)
         failures = self.nl.requests(requests)
@@ -1127,6 +1204,30 @@ class TcDataplane:
         for binding, failure in zip(pending, failures):
             if failure is not None:
                 raise OperationFailed(f"{binding.key}: the kernel refused the filter: {failure}")
+        if writers:
+            self._pin_ring_writers(writers)
+
+    def _pin_ring_writers(self, writers: dict) -> None:
+        """Pin the ring writers' programs (ringfilter.py says why), after their filters are in place."""
+        from vtap_drivers.linux import ringfilter, tcxmirror
+
+        directory = tcxmirror.pin_dir(self.netns)
+        try:
+            tcxmirror._private_dir(directory)
+            for mark, prog in writers.items():
+                ringfilter.pin(prog, directory, mark)
+        except OSError as exc:
+            raise OperationFailed(f"cannot pin a ring writer in {directory}: {exc.strerror or exc}") from None
+
+    def _load_ring_writer(self, binding: Binding, mark: bytes, loaded: ExitStack):
+        """Load a datapath=tc ring writer for this mirror (open until `loaded` closes); its program."""
+        from vtap_drivers.linux import tcxprog
+
+        try:
+            ring = loaded.enter_context(self._ring_action(binding))
+            return loaded.enter_context(tcxprog.load_mirror(self._program(binding), 0, mark.hex()[-10:], ring=ring)).prog
+        except OSError as exc:
+            raise OperationFailed(f"{binding.key}: cannot load the filter's ring writer: {exc.strerror or exc}") from None
 
     def _attach_tcx(self, bindings: list[Binding], indexes: dict, catalog: Catalog, done: list) -> None:
         from vtap_drivers.linux import tcxmirror
@@ -1278,6 +1379,7 @@ class TcDataplane:
             self._remove_unknown_filters(unknown_marks, catalog)
         if mirrors or unknown_marks:
             self._wait_released({self._real_mark(b) for b in mirrors} | unknown_marks)
+            self._unpin_ring_writers({self._real_mark(b) for b in mirrors if b.get("sink") == "ring"} | unknown_marks)
         for binding in bindings:
             kind = binding.get("type")
             if kind in ("vxlan", "capture", "gre", "erspan") or (kind == "unknown" and binding.get("device")):
@@ -1288,6 +1390,13 @@ class TcDataplane:
                 self._drop_clsact_if_unused(binding.get("ifindex"), binding.get("device"), catalog)
             elif kind != "unknown":
                 catalog.forget(self._real_mark(binding))
+
+    def _unpin_ring_writers(self, marks: set) -> None:
+        """Drop the pins of these marks' ring writers (datapath=tc), after their filters went."""
+        from vtap_drivers.linux import ringfilter, tcxmirror
+
+        if marks:
+            ringfilter.unpin(tcxmirror.pin_dir(self.netns), marks)
 
     def _remove_mirrors(self, bindings: list[Binding], catalog: Catalog) -> None:
         on_tcx = {self._real_mark(b) for b in bindings if b.get("datapath") == "tcx"}
@@ -1425,6 +1534,11 @@ def _with_ring_drops(devices: list[Binding], mirrors: list[Binding]) -> list[Bin
     if not lost:
         return devices
     return [replace(b, counters=replace(b.counters, dropped=b.counters.dropped + lost.get(b.get("device"), 0))) if b.get("type") == "capture" and b.counters is not None else b for b in devices]
+
+
+def _writes_ring(entry: dict) -> bool:
+    """Whether a catalog entry of a mirror is a ring writer (its spec has ("sink", "ring"))."""
+    return any(pair[0] == "sink" and pair[1] == "ring" for pair in entry["spec"])
 
 
 def _drifted(binding: Binding, mark: bytes, **actual) -> Binding:

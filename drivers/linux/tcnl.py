@@ -5,7 +5,9 @@ then type-length-value attributes): classic ops are an array of struct
 sock_filter {u16 code; u8 jt; u8 jf; u32 k} with their count in
 TCA_BPF_OPS_LEN (u16), which pyroute2's tcmsg plugin declares as a uint32,
 and pyroute2's action map stops before TCA_ACT_COOKIE, where vtap keeps its
-mark. Packing by hand is also what keeps a thousand filters fast.
+mark. Packing by hand is also what keeps a thousand filters fast. The other shape, a pcap
+mirror's ring writer on datapath=tc (ringfilter.py), is a direct-action cls_bpf filter
+running an eBPF program; having no action, it carries the mark in its name ("vtap:" + hex).
 
 Replies are read by nlsock's attribute walker (read_* below): only the few
 attributes vtap needs are decoded.
@@ -34,6 +36,9 @@ NLA_F_NESTED = 0x8000
 # Attribute numbers (linux/rtnetlink.h, pkt_cls.h, tc_act/tc_mirred.h, gen_stats.h, if_link.h).
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_ACT, TCA_BPF_OPS_LEN, TCA_BPF_OPS = 1, 4, 5
+TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_ID = 6, 7, 8, 11
+TCA_BPF_FLAG_ACT_DIRECT = 1
+RING_NAME_PREFIX = "vtap:"  # a direct-action ring filter's TCA_BPF_NAME: "vtap:" + mark hex (it has no action to carry a cookie)
 TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_MIRRED_PARMS = 2
 TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
@@ -120,6 +125,51 @@ def mirror_filter_request(ifindex: int, hook: str, prio: int, program, to_ifinde
     options = pack_attr(TCA_BPF_ACT | NLA_F_NESTED, pack_attr(1 | NLA_F_NESTED, mirred)) + _bpf_ops(tuple(program))  # the first (and only) action
     header = TCMSG.pack(0, 0, 0, ifindex, handle, parent or HOOK_PARENT[hook], filter_info(prio))
     return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
+
+
+def ring_filter_request(ifindex: int, hook: str, prio: int, prog_fd: int, mark: bytes, parent: int | None = None, handle: int = 0) -> bytes:
+    """RTM_NEWTFILTER body: a direct-action cls_bpf filter running an eBPF program (a ring writer, which
+    returns TC_ACT_UNSPEC: the next filter runs), named by the mark (no action, so no cookie)."""
+    options = (
+        pack_attr(TCA_BPF_FD, struct.pack("=I", prog_fd))
+        + pack_attr(TCA_BPF_NAME, ring_filter_name(mark).encode() + b"\0")
+        + pack_attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+    )
+    header = TCMSG.pack(0, 0, 0, ifindex, handle, parent or HOOK_PARENT[hook], filter_info(prio))
+    return header + pack_attr(TCA_KIND, b"bpf\0") + pack_attr(TCA_OPTIONS | NLA_F_NESTED, options)
+
+
+def ring_filter_name(mark: bytes) -> str:
+    return RING_NAME_PREFIX + mark.hex()
+
+
+def mark_of_name(name: bytes) -> bytes | None:
+    """The mark in a ring filter's TCA_BPF_NAME (bytes as the kernel wrote them, NUL-terminated), or None."""
+    text = bytes(name).rstrip(b"\0").decode("ascii", "replace")
+    if not text.startswith(RING_NAME_PREFIX):
+        return None
+    try:
+        mark = bytes.fromhex(text[len(RING_NAME_PREFIX):])
+    except ValueError:
+        return None
+    return mark if len(mark) == COOKIE_BYTES else None
+
+
+def read_ring_filter(data, start: int, end: int) -> tuple[bytes, int] | None:
+    """(mark, program id) of a direct-action ring filter reply (vtap's name on it), else None."""
+    if not TCMSG.unpack_from(data, start)[4]:
+        return None
+    found = attributes(data, start + TCMSG.size, end)
+    if TCA_KIND not in found or string(data, found[TCA_KIND]) != "bpf" or TCA_OPTIONS not in found:
+        return None
+    options = attributes(data, *found[TCA_OPTIONS])
+    if TCA_BPF_NAME not in options:
+        return None
+    mark = mark_of_name(data[options[TCA_BPF_NAME][0] : options[TCA_BPF_NAME][1]])
+    if mark is None:
+        return None
+    prog_id = u32(data, options[TCA_BPF_ID]) if TCA_BPF_ID in options else 0
+    return mark, prog_id
 
 
 def without_handle(request: bytes) -> bytes:
@@ -223,6 +273,9 @@ def read_filter(data, start: int, end: int):
             mirred = read_mirred(data, span)
             if mirred is not None:
                 return info >> 16, handle, mirred
+        mark = mark_of_name(data[options[TCA_BPF_NAME][0] : options[TCA_BPF_NAME][1]]) if TCA_BPF_NAME in options else None
+        if mark is not None:  # a direct-action ring filter: no action, no target ifindex, counters in its program
+            return info >> 16, handle, (mark, 0, 0, 0, 0)
     return info >> 16, handle, None
 
 
@@ -245,6 +298,8 @@ def read_filter_mark(data, start: int, end: int) -> bytes | None:
         kind &= NLA_TYPE_MASK
         if depth == 0 and kind == TCA_KIND:
             is_bpf = data[offset + 4 : offset + length] == b"bpf\0"
+        elif depth == 1 and kind == TCA_BPF_NAME:  # a direct-action ring filter: the mark is its name
+            return mark_of_name(data[offset + 4 : offset + length]) if is_bpf else None
         elif kind == path[depth]:
             if depth == 3:
                 return bytes(data[offset + 4 : offset + length]) if is_bpf and length - 4 == COOKIE_BYTES else None

@@ -93,11 +93,15 @@ def test_a_pcap_sessions_sink_has_no_queue_and_every_lost_copy_is_counted_in_sta
 
             def settled():
                 counts = capture_counts(str(state), sink_name) or {}
-                return counts.get("frames", 0) + counts.get("ring_dropped", 0) == len(sent)
+                # lost in the AF_PACKET ring, or (a mirror writing into the sink's BPF ring) in that ring
+                return counts.get("frames", 0) + counts.get("ring_dropped", 0) + counts.get("bpf_ring_dropped", 0) == len(sent)
 
             assert wait_for(settled, timeout=15)
             (row,) = vtap.status()
-            assert row.packets == len(sent)  # every copy left the mirrored device
+            if "bpf_ring_frames" in capture_counts(str(state), sink_name):  # a ring writer counts what it wrote, and apart what found the ring full
+                assert row.packets + row.dropped == len(sent)
+            else:
+                assert row.packets == len(sent)  # every copy left the mirrored device
             assert row.capture_dropped > 0
             vtap.delete_session("lossy")
             # Nothing is lost silently: what is not in the file is the count status showed.

@@ -10,6 +10,7 @@ to it), the pins in bpffs and the programs on the hooks.
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -116,6 +117,8 @@ def test_a_mirror_that_fell_back_to_cls_bpf_still_lands_in_the_file_beside_the_r
     try:
         ring_bindings = tcx_dp.plan_interface(session, ring_flow)
         (clone_mirror,) = [b for b in tc_dp.plan_interface(session, clone_flow) if b.get("type") == "mirror"]
+        # datapath=tc writes into the ring too where it translates (ringfilter.py): the clone is what it plans where not
+        clone_mirror = replace(clone_mirror, spec=tuple(pair for pair in clone_mirror.spec if pair[0] not in ("sink", "snaplen")))
         assert [b.get("sink") for b in ring_bindings] == [None, "ring"] and clone_mirror.get("datapath") is None
         tcx_dp.apply(ring_bindings)
         tc_dp.apply([clone_mirror])
