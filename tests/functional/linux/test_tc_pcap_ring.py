@@ -3,6 +3,7 @@ each frame into the sink's BPF ring buffer (ringfilter.py), no clone to the ifb 
 
     peer0 -- src0 (mirrored: clsact, vtap's cls_bpf filters)      the session's ifb sink (vtapc...)
 
+Ring full and a ring unpinned behind vtap's back: test_tcx_pcap.py, on both data paths.
 What is checked is what a user sees: the pcapng file (tshark), `status`, the sink's own counters
 from the kernel (0: nothing was cloned to it), the filters `tc -s filter show` lists, the pins.
 """
@@ -111,53 +112,6 @@ def test_a_filter_after_vtaps_on_the_same_hook_still_sees_every_packet(tc_lab, t
         vtap.delete_session("next")
     assert ring_filters(lab, "src0", "ingress") == [] and len(lab.filter_handles("src0", "ingress")) == 1  # theirs stays
     assert pins(lab) == []
-
-
-def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped(tc_lab, tmp_path, monkeypatch):
-    lab, path = tc_lab, tmp_path / "full.pcapng"
-    monkeypatch.setenv(bpfring.RING_BYTES_ENV, str(4 * bpfring.PAGE))
-    marker = new_marker()
-    sent = [frame(marker, 200 + i % 50) for i in range(400)]  # ~100 KB of records for a 16 KB ring
-    with client(lab) as vtap:
-        vtap.create_session("full", to=f"pcap:{path}")
-        vtap.add_flow("full", interface="src0", direction="in")
-        (pid,) = [c["pid"] for c in running_captures(lab.state_dir).values()]
-        os.kill(pid, signal.SIGSTOP)  # the reader stops for real: the ring fills
-        try:
-            lab.send("peer0", sent)
-            (row,) = vtap.status()
-            assert row.packets + row.dropped == len(sent)
-            assert 0 < row.packets < len(sent) and row.capture_dropped == row.dropped
-            assert f"{row.dropped} copies dropped" in (row.problem or "")
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        vtap.delete_session("full")  # the process drains the ring before it closes the file
-    assert sorted(read_frames(path)) == sorted((f, len(f)) for f in sent[: row.packets])
-    assert pins(lab) == [] and running_captures(lab.state_dir) == {}
-
-
-def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_copies_back(tc_lab, tmp_path):
-    lab, path = tc_lab, tmp_path / "again.pcapng"
-    marker = new_marker()
-    with client(lab) as vtap:
-        vtap.create_session("again", to=f"pcap:{path}")
-        vtap.add_flow("again", interface="src0", direction="in")
-        first = [frame(marker, 90) for _ in range(3)]
-        lab.send("peer0", first)
-        assert wait_for(lambda: len(read_frames(path)) == 3)
-        os.unlink(bpfring.ring_path(tcxmirror.pin_dir(lab.netns), sink_of(lab)))  # the filter and the capture keep the old ring
-        (row,) = vtap.status()
-        assert row.state != "active"  # its ring is not the one its sink should have
-        vtap.reconcile()
-        (row,) = vtap.status()
-        assert row.state == "active"
-        assert len(ring_filters(lab, "src0", "ingress")) == 1
-        second = [frame(marker, 95) for _ in range(4)]
-        lab.send("peer0", second)
-        assert wait_for(lambda: len(read_frames(path)) == 7)
-        assert sorted(read_frames(path)) == sorted((f, len(f)) for f in first + second)
-        vtap.delete_session("again")
-    assert pins(lab) == [] and lab.filter_handles("src0", "ingress") == []
 
 
 def test_a_port_target_on_tc_still_clones_with_mirred(tc_lab):

@@ -1,4 +1,6 @@
-"""A pcap: session on datapath=tcx: mirrors write frames into the sink's BPF ring buffer, no clone.
+"""A pcap: session on datapath=tcx: mirrors write frames into the sink's BPF ring buffer, no clone
+(the tests marked @on_both_datapaths run on tc too, whose ring writers are direct-action cls_bpf
+filters: test_tc_pcap_ring.py has the rest of tc's).
 
     peer0 -- src0 (mirrored: its tcx hooks)      the session's ifb sink (vtapc...): sends nothing
 
@@ -14,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 
+from datapaths import on_both_datapaths
 from tc_lab import lab, new_marker  # noqa: F401 (lab: the fixture)
 from test_capture import read_frames, wait_for
 from test_tcx_datapath import hook_programs, pins
@@ -38,10 +41,13 @@ def tcx_lab(lab):
     finally:
         for name in running_captures(lab.state_dir):
             stop_capture_process(name, lab.state_dir)
+        for name in pins(lab):  # tc's ring writers' programs: pinned, with no link to detach
+            if name.startswith(bpfring.WRITER_PREFIX):
+                os.unlink(os.path.join(tcxmirror.pin_dir(lab.netns), name))
 
 
 def client(lab):
-    return Client(driver="linux", state=os.path.join(lab.state_dir, "vtap.db"), netns=lab.netns, datapath="tcx")
+    return Client(driver="linux", state=os.path.join(lab.state_dir, "vtap.db"), netns=lab.netns, datapath=lab.datapath)
 
 
 def frame(marker, size, vlan=None, src=b"\x02\x00\x00\x00\x00\x01"):
@@ -138,6 +144,7 @@ def test_a_mirror_that_fell_back_to_cls_bpf_still_lands_in_the_file_beside_the_r
     assert pins(lab) == [] and running_captures(lab.state_dir) == {}
 
 
+@on_both_datapaths
 def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped_and_every_written_one_is_in_the_file(tcx_lab, tmp_path, monkeypatch):
     lab, path = tcx_lab, tmp_path / "full.pcapng"
     monkeypatch.setenv(bpfring.RING_BYTES_ENV, str(4 * bpfring.PAGE))
@@ -183,6 +190,7 @@ def test_an_orphan_ring_is_found_and_removed(tcx_lab, tmp_path):
     assert pins(lab) == [] and driver.observe() == []
 
 
+@on_both_datapaths
 def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_copies_back(tcx_lab, tmp_path):
     lab, path = tcx_lab, tmp_path / "again.pcapng"
     marker = new_marker()
