@@ -152,7 +152,8 @@ def record_frames(ring: PacketRing, writer: PcapngWriter, stop: threading.Event 
     return writer.frames
 
 
-BPF_RING_BATCH_WAIT = 0.005  # s: after catching up with the BPF ring, gather a batch before looking again
+BPF_RING_BATCH_WAIT = 0.005  # s: after catching up with the BPF ring, gather a batch before looking again,
+BPF_RING_BATCH_BYTES = 128 << 10  # but not more than this: a batch still in the CPU's cache copies twice as fast
 
 
 def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threading.Event, every_second=None, drain_quiet: float = 0.1, drain_limit: float = 3.0) -> int:
@@ -165,6 +166,8 @@ def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threadin
     ring it waits BPF_RING_BATCH_WAIT before looking again: the kernel wakes a
     reader only for the first record after it caught up, so this bounds those
     wakeups (irq_work) to about two hundred a second, whatever the frame rate.
+    It waits less when BPF_RING_BATCH_BYTES would arrive sooner (64 KB frames
+    at 6 Gbit/s: waiting 5 ms doubled the reader's CPU per frame).
     """
     from vtap_drivers.linux.ring import RETIRE_MS
 
@@ -172,7 +175,7 @@ def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threadin
     poller = select.poll()
     poller.register(ring.sock, select.POLLIN | select.POLLERR)
     poller.register(bpf_ring.ring.fileno(), select.POLLIN)
-    last_check = time.monotonic()
+    last_check = last_batch = time.monotonic()
     drain_until = quiet_until = None
     while True:
         now = time.monotonic()
@@ -192,7 +195,9 @@ def record_sink(ring: PacketRing, bpf_ring, writer: PcapngWriter, stop: threadin
             bpf_ring.release()
             busy = True
             if not bpf_ring.available() and offset is None:
-                time.sleep(BPF_RING_BATCH_WAIT)
+                rate = sum(map(len, parts)) / max(now - last_batch, 1e-6)  # bytes/s since the last batch
+                time.sleep(min(BPF_RING_BATCH_WAIT, BPF_RING_BATCH_BYTES / max(rate, 1.0)))
+            last_batch = now
         if now - last_check >= DEVICE_CHECK_INTERVAL:
             last_check = now
             ring.rebind_if_recreated()
