@@ -18,13 +18,11 @@ import textwrap
 
 import pytest
 
-from datapaths import remove_pins
 from tc_lab import lab, new_marker  # noqa: F401 (lab: the fixture)
 from test_capture import read_frames, wait_for
 from test_tcx_datapath import pins
-from test_tcx_pcap import frame, sink_of, sink_packets
+from test_tcx_pcap import client, frame, pcap_lab, sink_of, sink_packets  # noqa: F401 (pcap_lab: the fixture)
 from vtap_core import reconcile
-from vtap_core.client import Client
 from vtap_core.model import Source, TapFlow, TapSession
 from vtap_drivers.linux import bpfring, tcnl, tcxmirror
 from vtap_drivers.linux.capture import running_captures, stop_capture_process
@@ -37,31 +35,13 @@ def datapath():
     return "tc"
 
 
-@pytest.fixture
-def tc_lab(lab):
-    lab.standard()
-    try:
-        yield lab
-    finally:
-        for name in running_captures(lab.state_dir):
-            stop_capture_process(name, lab.state_dir)
-        for name in pins(lab):  # ring writers' programs: no link to detach
-            if name.startswith(bpfring.WRITER_PREFIX):
-                os.unlink(os.path.join(tcxmirror.pin_dir(lab.netns), name))
-        remove_pins(lab.netns)
-
-
-def client(lab):
-    return Client(driver="linux", state=os.path.join(lab.state_dir, "vtap.db"), netns=lab.netns, datapath="tc")
-
-
 def ring_filters(lab, device, hook):
     """vtap's direct-action ring writers on a hook, as `tc filter show` lists them (name vtap:<mark>)."""
     return [line for line in lab.filter_handles(device, hook) if f"{tcnl.RING_NAME_PREFIX}" in line and "direct-action" in line]
 
 
-def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no_clone(tc_lab, tmp_path):
-    lab, path = tc_lab, tmp_path / "web.pcapng"
+def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no_clone(pcap_lab, tmp_path):
+    lab, path = pcap_lab, tmp_path / "web.pcapng"
     marker = new_marker()
     inbound = [frame(marker, size) for size in (60, 150, 200, 201, 1400)] + [frame(marker, 300, vlan=42), frame(marker, 100, vlan=7)]
     outbound = [frame(marker, size, src=b"\x02\x00\x00\x00\x00\x09") for size in (64, 999)]
@@ -95,8 +75,8 @@ def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no
     assert lab.ip("-o", "link", "show", "type", "ifb").stdout == ""
 
 
-def test_a_filter_after_vtaps_on_the_same_hook_still_sees_every_packet(tc_lab, tmp_path):
-    lab, path = tc_lab, tmp_path / "next.pcapng"
+def test_a_filter_after_vtaps_on_the_same_hook_still_sees_every_packet(pcap_lab, tmp_path):
+    lab, path = pcap_lab, tmp_path / "next.pcapng"
     marker = new_marker()
     sent = [frame(marker, 100 + i) for i in range(25)]
     with client(lab) as vtap:
@@ -114,9 +94,9 @@ def test_a_filter_after_vtaps_on_the_same_hook_still_sees_every_packet(tc_lab, t
     assert pins(lab) == []
 
 
-def test_a_port_target_on_tc_still_clones_with_mirred(tc_lab):
+def test_a_port_target_on_tc_still_clones_with_mirred(pcap_lab):
     """Only pcap sinks get ring writers: a port: target keeps cls_bpf + mirred."""
-    lab = tc_lab
+    lab = pcap_lab
     with client(lab) as vtap:
         vtap.create_session("port", to="port:mon0")
         vtap.add_flow("port", interface="src0", direction="in")
@@ -124,8 +104,8 @@ def test_a_port_target_on_tc_still_clones_with_mirred(tc_lab):
         vtap.delete_session("port")
 
 
-def test_orphans_are_found_and_removed_when_the_state_dir_is_lost(tc_lab, tmp_path):
-    lab, path = tc_lab, tmp_path / "lost.pcapng"
+def test_orphans_are_found_and_removed_when_the_state_dir_is_lost(pcap_lab, tmp_path):
+    lab, path = pcap_lab, tmp_path / "lost.pcapng"
     driver = lab.driver()
     session = TapSession("lost", f"pcap:{path}")
     driver.apply(driver.plan([session], [TapFlow("f", "lost", Source(interface="src0"), "both")]))
@@ -157,8 +137,8 @@ KILLED_APPLY = textwrap.dedent(
 )
 
 
-def test_killed_mid_apply_the_next_reconcile_finds_and_removes_everything(tc_lab, tmp_path):
-    lab = tc_lab
+def test_killed_mid_apply_the_next_reconcile_finds_and_removes_everything(pcap_lab, tmp_path):
+    lab = pcap_lab
     result = subprocess.run([sys.executable, "-c", KILLED_APPLY, lab.state_dir, lab.netns, str(tmp_path / "k.pcapng")], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert len(ring_filters(lab, "src0", "ingress")) == 1
@@ -172,13 +152,13 @@ def test_killed_mid_apply_the_next_reconcile_finds_and_removes_everything(tc_lab
     assert lab.ip("-o", "link", "show", "type", "ifb").stdout == ""
 
 
-def test_ring_writers_go_where_the_classic_filters_would_an_ingress_qdisc_and_an_htb_root(tc_lab, tmp_path):
+def test_ring_writers_go_where_the_classic_filters_would_an_ingress_qdisc_and_an_htb_root(pcap_lab, tmp_path):
     """Someone's ingress qdisc (police filter at prio 50) and htb root, as Proxmox rate= puts them: the
     ingress ring writer sits on their ingress qdisc, the egress one on the htb root (parent 1:), and
     their shaping still carries every frame (the writer's verdict is TC_ACT_UNSPEC: classification goes on)."""
     from test_tc_hooks import pve_rate_limit
 
-    lab, path = tc_lab, tmp_path / "pve.pcapng"
+    lab, path = pcap_lab, tmp_path / "pve.pcapng"
     pve_rate_limit(lab, "src0", "htb")
     marker = new_marker()
     inbound = [frame(marker, 80 + i) for i in range(3)]
@@ -204,7 +184,7 @@ def test_ring_writers_go_where_the_classic_filters_would_an_ingress_qdisc_and_an
     assert pins(lab) == []
 
 
-def test_on_a_kernel_without_bpf_ring_buffers_pcap_mirrors_clone_as_before(tc_lab, tmp_path, monkeypatch):
+def test_on_a_kernel_without_bpf_ring_buffers_pcap_mirrors_clone_as_before(pcap_lab, tmp_path, monkeypatch):
     """Linux < 5.8 refuses BPF_MAP_TYPE_RINGBUF (EINVAL): the probe's map create is made to fail so."""
     from vtap_drivers.linux import ringfilter
 
@@ -213,7 +193,7 @@ def test_on_a_kernel_without_bpf_ring_buffers_pcap_mirrors_clone_as_before(tc_la
 
     monkeypatch.setattr(bpfring, "create", refused)
     monkeypatch.setattr(ringfilter, "_ringbuf", [])
-    lab, path = tc_lab, tmp_path / "old.pcapng"
+    lab, path = pcap_lab, tmp_path / "old.pcapng"
     marker = new_marker()
     with client(lab) as vtap:
         vtap.create_session("old", to=f"pcap:{path}")

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 
-from datapaths import on_both_datapaths
+from datapaths import on_both_datapaths, remove_pins
 from tc_lab import lab, new_marker  # noqa: F401 (lab: the fixture)
 from test_capture import read_frames, wait_for
 from test_tcx_datapath import hook_programs, pins
@@ -34,7 +34,8 @@ def datapath():
 
 
 @pytest.fixture
-def tcx_lab(lab):
+def pcap_lab(lab):
+    """The standard lab; afterwards no capture process, and no pin of either data path's (test_tc_pcap_ring.py too)."""
     lab.standard()
     try:
         yield lab
@@ -44,6 +45,7 @@ def tcx_lab(lab):
         for name in pins(lab):  # tc's ring writers' programs: pinned, with no link to detach
             if name.startswith(bpfring.WRITER_PREFIX):
                 os.unlink(os.path.join(tcxmirror.pin_dir(lab.netns), name))
+        remove_pins(lab.netns)
 
 
 def client(lab):
@@ -73,8 +75,8 @@ def mirror_pins(lab):
     return [name for name in pins(lab) if not name.startswith(bpfring.PREFIX)]
 
 
-def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no_clone(tcx_lab, tmp_path):
-    lab, path = tcx_lab, tmp_path / "web.pcapng"
+def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no_clone(pcap_lab, tmp_path):
+    lab, path = pcap_lab, tmp_path / "web.pcapng"
     marker = new_marker()
     inbound = [frame(marker, size) for size in (60, 150, 200, 201, 1400)] + [frame(marker, 300, vlan=42), frame(marker, 100, vlan=7)]
     outbound = [frame(marker, size, src=b"\x02\x00\x00\x00\x00\x09") for size in (64, 999)]
@@ -108,13 +110,13 @@ def test_frames_land_byte_identical_both_directions_vlan_kept_snaplen_cut_and_no
     assert lab.ip("-o", "link", "show", "type", "ifb").stdout == ""
 
 
-def test_a_mirror_that_fell_back_to_cls_bpf_still_lands_in_the_file_beside_the_ring_ones(tcx_lab, tmp_path):
+def test_a_mirror_that_fell_back_to_cls_bpf_still_lands_in_the_file_beside_the_ring_ones(pcap_lab, tmp_path):
     """What a filter the translator refuses leaves: a cls_bpf + mirred mirror to the same sink. No libpcap
     expression both fails translation and passes the kernel's classic checker (protochain's backward jump
     fails both), so the fallback mirror is planned by a datapath=tc dataplane of the same state dir."""
     from vtap_core.model import Source, TapFlow, TapSession
 
-    lab, path = tcx_lab, tmp_path / "mixed.pcapng"
+    lab, path = pcap_lab, tmp_path / "mixed.pcapng"
     marker = new_marker()
     session = TapSession("mix", f"pcap:{path}")
     ring_flow = TapFlow("ring", "mix", Source(interface="src0"), "in", "ether[12:2] = 0x88b5")
@@ -145,8 +147,8 @@ def test_a_mirror_that_fell_back_to_cls_bpf_still_lands_in_the_file_beside_the_r
 
 
 @on_both_datapaths
-def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped_and_every_written_one_is_in_the_file(tcx_lab, tmp_path, monkeypatch):
-    lab, path = tcx_lab, tmp_path / "full.pcapng"
+def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped_and_every_written_one_is_in_the_file(pcap_lab, tmp_path, monkeypatch):
+    lab, path = pcap_lab, tmp_path / "full.pcapng"
     monkeypatch.setenv(bpfring.RING_BYTES_ENV, str(4 * bpfring.PAGE))
     marker = new_marker()
     sent = [frame(marker, 200 + i % 50) for i in range(400)]  # ~100 KB of records for a 16 KB ring
@@ -175,8 +177,8 @@ def test_ring_full_with_the_reader_stopped_every_lost_copy_is_dropped_and_every_
     assert pins(lab) == [] and running_captures(lab.state_dir) == {}
 
 
-def test_an_orphan_ring_is_found_and_removed(tcx_lab, tmp_path):
-    lab = tcx_lab
+def test_an_orphan_ring_is_found_and_removed(pcap_lab, tmp_path):
+    lab = pcap_lab
     directory = tcxmirror.pin_dir(lab.netns)
     tcxmirror._private_dir(directory)
     path = bpfring.ring_path(directory, "vtapcgone")
@@ -191,8 +193,8 @@ def test_an_orphan_ring_is_found_and_removed(tcx_lab, tmp_path):
 
 
 @on_both_datapaths
-def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_copies_back(tcx_lab, tmp_path):
-    lab, path = tcx_lab, tmp_path / "again.pcapng"
+def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_copies_back(pcap_lab, tmp_path):
+    lab, path = pcap_lab, tmp_path / "again.pcapng"
     marker = new_marker()
     with client(lab) as vtap:
         vtap.create_session("again", to=f"pcap:{path}")
@@ -214,10 +216,10 @@ def test_a_ring_unpinned_behind_vtaps_back_is_drift_and_reconcile_brings_the_cop
     assert pins(lab) == [] and running_captures(lab.state_dir) == {}
 
 
-def test_where_plain_accesses_order_nothing_sinks_get_no_ring_and_the_mirrors_clone(tcx_lab, tmp_path, monkeypatch):
+def test_where_plain_accesses_order_nothing_sinks_get_no_ring_and_the_mirrors_clone(pcap_lab, tmp_path, monkeypatch):
     # The reader's positions rely on x86's ordering (bpfring.py): elsewhere the frames take the clone path.
     monkeypatch.setattr(bpfring.platform, "machine", lambda: "aarch64")
-    lab, path = tcx_lab, tmp_path / "web.pcapng"
+    lab, path = pcap_lab, tmp_path / "web.pcapng"
     marker = new_marker()
     with client(lab) as vtap:
         vtap.create_session("web", to=f"pcap:{path}")
