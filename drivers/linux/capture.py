@@ -34,11 +34,11 @@ How a pcap target's capture process lives and ends
 * The sink has no queue (noqueue qdisc): a copy goes straight to the ring.
   The ring takes 64 MB of kernel memory per pcap session (ring.py), what the
   socket buffer it replaced could grow to.
-* On datapath=tcx the sink also has a BPF ring buffer (bpfring.py, --ring):
-  mirrors on the tcx hook write their frames there, with no clone and nothing
-  sent on the sink; the process reads both rings into the one file. A ring
-  full there is counted by the mirror programs (their third counter), which
-  `status` shows as dropped.
+* Where sinks get a BPF ring buffer (bpfring.py, --ring; x86 with ring
+  buffers and bpffs, either data path) mirrors write their frames there, with
+  no clone and nothing sent on the sink; the process reads both rings into
+  the one file. A ring full there is counted by the mirror programs (their
+  third counter), which `status` shows as dropped.
 
 `capture_vxlan` terminates a VXLAN stream (RFC 7348) on a UDP port and writes
 the inner Ethernet frames unchanged to pcapng: `vtap capture --listen
@@ -336,7 +336,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, help="rotate the file before it grows beyond this many bytes")
     parser.add_argument("--max-files", type=int, help="with --max-size: keep at most this many files (PATH, PATH.1, ...)")
     parser.add_argument("--netns")
-    parser.add_argument("--ring", help="a pinned BPF ring buffer the sink's tcx mirrors write to (bpfring.py)")
+    parser.add_argument("--ring", help="a pinned BPF ring buffer the sink's mirrors write to (bpfring.py)")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--status-fd", type=int, help="where to say 'ready PID' or 'error: ...' once")
     return parser
@@ -409,7 +409,7 @@ def start_capture_process(name: str, device: str, path: str, snaplen: int | None
     Already running with the same parameters: nothing changes. Running with
     other parameters: it is stopped and started again. max_size and max_files
     (both or neither) rotate the file: see PcapngWriter.rotate. ring: the
-    pinned BPF ring buffer to read too (datapath=tcx).
+    pinned BPF ring buffer to read too (bpfring.py).
     """
     check_name("capture name", name)
     path = check_capture_path(path)
