@@ -1,7 +1,8 @@
-"""A pcap sink's BPF ring buffer (BPF_MAP_TYPE_RINGBUF): tcx mirrors write frames, the capture reads them.
+"""A pcap sink's BPF ring buffer (BPF_MAP_TYPE_RINGBUF): mirrors write frames, the capture reads them.
 
-On datapath=tcx a mirror whose target is a pcap sink does not clone the packet
-to the sink device: its program (tcxprog.translate with a RingAction) reserves
+A mirror whose target is a pcap sink does not clone the packet to the sink
+device: its program (tcxprog.translate with a RingAction; on the tcx hook, or
+on tc as a direct-action cls_bpf filter, ringfilter.py) reserves
 a record in the sink's ring buffer, fills it and submits it. No skb is made, so
 nothing is transmitted on the sink; the capture process (capture.py) reads the
 records from a shared mapping and writes them as pcapng Enhanced Packet Blocks.
@@ -51,8 +52,8 @@ import struct
 import time
 
 from vtap_drivers.linux import bpfsys
-from vtap_drivers.linux.pcapng import _EPB_HEAD, _EPB_TAILS, EPB_TYPE, enhanced_packet
-from vtap_drivers.linux.sinkblock import _shape
+from vtap_drivers.linux.pcapng import EPB_TYPE
+from vtap_drivers.linux.sinkblock import _shape, large_epb, tagged_epb
 
 MAP_TYPE_RINGBUF = 27
 RING_BYTES = 64 << 20  # as ring.py's AF_PACKET ring: 64 MB of kernel memory per pcap session
@@ -122,20 +123,16 @@ def ensure(path: str) -> None:
 def _map_type(obj: bpfsys.BpfFd) -> int | None:
     """The map type of an fd (None when it is no map)."""
     try:
-        return struct.unpack_from("=I", bpfsys._info(obj, 80), 0)[0]
+        return bpfsys.map_info(obj).type
     except OSError:
         return None
-
-
-def map_id(obj: bpfsys.BpfFd) -> int:
-    return struct.unpack_from("=I", bpfsys._info(obj, 80), 4)[0]
 
 
 def pinned_id(path: str) -> int | None:
     """The id of the map pinned at path, or None when there is none."""
     try:
         with bpfsys.get_pinned(path) as ring:
-            return map_id(ring)
+            return bpfsys.map_info(ring).id
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return None
@@ -156,7 +153,7 @@ def program_maps(link_path: str) -> tuple:
 
 
 class WriterDrops:
-    """Copies the tcx mirrors writing into one ring could not put there (their third counter: ring full),
+    """Copies the mirrors writing into one ring (tcx links, tc ring writers) could not put there (their third counter: ring full),
     added up since this object was made, also over mirrors removed since. Which mirrors write into the ring
     is looked up again (their pins' programs) only when the pin folder changed."""
 
@@ -247,8 +244,8 @@ class RingReader:
     def _open(self) -> None:
         self.ring = bpfsys.get_pinned(self.path)
         try:
-            self.id = map_id(self.ring)
-            self.size = struct.unpack_from("=I", bpfsys._info(self.ring, 80), 16)[0]  # bpf_map_info.max_entries
+            info = bpfsys.map_info(self.ring)
+            self.id, self.size = info.id, info.max_entries
             self.consumer = mmap.mmap(self.ring.fileno(), PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
             self.producer = mmap.mmap(self.ring.fileno(), PAGE + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
         except BaseException:
@@ -293,9 +290,7 @@ class RingReader:
             start = at + HEAD.size
             timestamp = stamp - tai
             if flags & VLAN_PRESENT:
-                tag = struct.pack("!HH", socket.ntohs(proto & 0xFFFF) or 0x8100, tci & 0xFFFF)
-                frame = producer[start : start + 12] + tag + producer[start + 12 : start + captured]
-                append(enhanced_packet(frame, timestamp, length + 4, snaplen))
+                append(tagged_epb(producer, start, captured, length, timestamp, socket.ntohs(proto & 0xFFFF) or 0x8100, tci & 0xFFFF, snaplen))
             elif captured < LARGE:
                 pack, total = shapes.get(captured) or _shape(shapes, captured)
                 append(pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length, producer[start : start + captured], total))
@@ -303,9 +298,7 @@ class RingReader:
                 if small:
                     parts.append(b"".join(small))
                     small.clear()
-                padding = -captured & 3
-                total = 32 + captured + padding
-                parts += (_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length), view[start : start + captured], _EPB_TAILS[padding].pack(total))
+                parts += large_epb(view, start, captured, length, timestamp)
         if small:
             parts.append(b"".join(small))
         self.pending = position

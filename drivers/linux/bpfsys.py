@@ -307,6 +307,18 @@ def link_info(link: BpfFd) -> LinkInfo:
     return LinkInfo(link_id, kind, prog_id, ifindex, attach_type)
 
 
+class MapInfo(NamedTuple):
+    type: int
+    id: int
+    max_entries: int
+
+
+def map_info(obj: BpfFd) -> MapInfo:
+    """type, id and max_entries (a ring buffer's size in bytes) of a map; OSError when obj is no map."""
+    kind, map_id, _key_size, _value_size, max_entries = struct.unpack_from("=IIIII", _info(obj, 80), 0)
+    return MapInfo(kind, map_id, max_entries)
+
+
 # ---------------------------------------------------------------- bpffs pins
 
 def ensure_bpffs(path: str = BPFFS) -> None:

@@ -38,6 +38,20 @@ def _shape(shapes: dict, size: int):
     return shape
 
 
+def tagged_epb(mapping, start: int, captured: int, length: int, timestamp: int, tpid: int, tci: int, snaplen: int | None) -> bytes:
+    """The EPB of a frame as it was on the wire: its 802.1Q tag, which the kernel kept in metadata,
+    back after the two MAC addresses (and cut to snaplen again: the tag adds 4 bytes)."""
+    frame = mapping[start : start + 12] + struct.pack("!HH", tpid, tci) + mapping[start + 12 : start + captured]
+    return enhanced_packet(frame, timestamp, length + 4, snaplen)
+
+
+def large_epb(view: memoryview, start: int, captured: int, length: int, timestamp: int) -> tuple:
+    """The EPB of a large frame as three parts, the frame a view into the mapping: the write copies it once."""
+    padding = -captured & 3
+    total = 32 + captured + padding
+    return _EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length), view[start : start + captured], _EPB_TAILS[padding].pack(total)
+
+
 class SinkBlocks:
     def __init__(self, snaplen: int | None = None):
         self.snaplen = snaplen
@@ -69,9 +83,7 @@ class SinkBlocks:
                     parts.append(b"".join(small))
                     small.clear()
                 view = view or memoryview(ring)
-                padding = -captured & 3
-                total = 32 + captured + padding
-                parts += (_EPB_HEAD.pack(EPB_TYPE, total, 0, timestamp >> 32, timestamp & 0xFFFFFFFF, captured, length), view[start : start + captured], _EPB_TAILS[padding].pack(total))
+                parts += large_epb(view, start, captured, length, timestamp)
             position += following
         if small:
             parts.append(b"".join(small))
@@ -80,6 +92,5 @@ class SinkBlocks:
     def _tagged(self, ring, position, start, captured, length, status, timestamp) -> bytes:
         """The frame as it was on the wire: the tag back after the two MAC addresses (as ring.py's frames)."""
         tci, tpid = VLAN.unpack_from(ring, position + VLAN_OFFSET)
-        tag = struct.pack("!HH", tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100, tci)
-        frame = ring[start : start + 12] + tag + ring[start + 12 : start + captured]
-        return enhanced_packet(frame, timestamp, length + 4, self.snaplen)
+        tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
+        return tagged_epb(ring, start, captured, length, timestamp, tpid, tci, self.snaplen)
